@@ -1,0 +1,44 @@
+"""lmlab: the modern LLM stack written from first principles in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+# Pinned: these versions are known to install and work together (see README).
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "ml-collections==1.1.0",
+    "chex==0.1.92",
+    "tensorflow-datasets==4.9.10",
+    "grain==0.2.18",
+    "array-record==0.8.6",
+    "numpy==2.4.6",
+    "absl-py",
+    "matplotlib",
+]
+
+TEST_REQUIRES = [
+    "pytest",
+    "pytest-xdist",
+    # The CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
+    "torch==2.13.0",
+    "transformers==5.24.0",
+    "safetensors==0.8.0",
+    "hypothesis",
+    # Notebooks run under pytest (`pytest --nbmake colabs/`).
+    "nbmake",
+    "nbclient",
+    "ipykernel",
+]
+
+setup(
+    name="lmlab",
+    version="0.1.0",
+    description="The modern LLM stack written by hand in JAX/Flax, for reading, experiments and sharding ablations.",
+    python_requires=">=3.11",
+    packages=find_packages(include=["models*", "train*", "configs*", "sharding*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": TEST_REQUIRES},
+)
