@@ -1,0 +1,177 @@
+"""Scaled dot-product attention as a pure function, with every mask lmlab needs.
+
+Axis letters: B batch, T query length, S key length, N query heads, K key/value heads,
+G query heads per K/V head (N = K * G), H head dim.
+
+Grouped-query attention (GQA) and multi-query attention (MQA, K = 1) are computed by
+grouping the N query heads into K groups of G that share one K/V head: the query is
+reshaped to [B, T, K, G, H] and contracted against K/V of shape [B, S, K, H]. No copy of
+K or V is ever made (compare `jnp.repeat` in many implementations).
+
+Masks combine by logical AND into one boolean [B, 1, T, S] array (True = may attend):
+- causal: query position >= key position (positions default to 0..T-1 / 0..S-1; pass
+  explicit positions for packed rows or for decoding with a cache);
+- padding: `kv_mask` [B, S], True for real keys;
+- segments: `q_segment_ids` [B, T] == `kv_segment_ids` [B, S], so packed documents never
+  attend across each other;
+- sliding window: query position - key position < window (with causal: the last `window`
+  keys, the query's own included);
+- any extra boolean `mask` broadcastable to [B, N or 1, T, S].
+
+Logits and softmax are computed in float32 whatever the input dtype. A query row with no
+valid key (a padding query, say) gets all-zero weights and a zero output, never NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def make_attention_mask(
+    batch: int,
+    q_len: int,
+    kv_len: int,
+    *,
+    causal: bool = False,
+    q_positions: Array | None = None,
+    kv_positions: Array | None = None,
+    kv_mask: Array | None = None,
+    q_segment_ids: Array | None = None,
+    kv_segment_ids: Array | None = None,
+    sliding_window: int | None = None,
+    mask: Array | None = None,
+) -> Array | None:
+    """Combines the mask kinds into one boolean mask of shape [B, 1 or N, T, S].
+
+    Args:
+      batch, q_len, kv_len: B, T and S.
+      causal: forbid attending to keys at later positions than the query.
+      q_positions: [B, T] or [T] integer positions of the queries (default 0..T-1).
+      kv_positions: [B, S] or [S] integer positions of the keys (default 0..S-1).
+      kv_mask: [B, S] boolean, True for real (non-padding) keys.
+      q_segment_ids: [B, T] document ids of the queries in a packed row.
+      kv_segment_ids: [B, S] document ids of the keys.
+      sliding_window: if set, a query sees only keys with q_pos - k_pos < window
+        (and, when not causal, also k_pos - q_pos < window).
+      mask: extra boolean mask broadcastable to [B, N, T, S].
+
+    Returns:
+      A boolean array broadcastable to [B, N, T, S], or None when nothing is masked.
+    """
+    result = None
+
+    def both(a, b):
+        return b if a is None else jnp.logical_and(a, b)
+
+    if causal or sliding_window is not None:
+        q_pos = jnp.arange(q_len) if q_positions is None else q_positions
+        k_pos = jnp.arange(kv_len) if kv_positions is None else kv_positions
+        q_pos = jnp.broadcast_to(q_pos, (batch, q_len))
+        k_pos = jnp.broadcast_to(k_pos, (batch, kv_len))
+        delta_BTS = q_pos[:, :, None] - k_pos[:, None, :]
+        if causal:
+            result = both(result, delta_BTS >= 0)
+        if sliding_window is not None:
+            if sliding_window < 1:
+                raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+            result = both(result, delta_BTS < sliding_window)
+            if not causal:
+                result = both(result, -delta_BTS < sliding_window)
+        result = result[:, None]
+    if kv_mask is not None:
+        if kv_mask.shape != (batch, kv_len):
+            raise ValueError(f"kv_mask must have shape [B, S] = {(batch, kv_len)}, got {kv_mask.shape}")
+        result = both(result, kv_mask.astype(bool)[:, None, None, :])
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
+    if q_segment_ids is not None:
+        same_BTS = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+        result = both(result, same_BTS[:, None])
+    if mask is not None:
+        result = both(result, mask.astype(bool))
+    return result
+
+
+def dot_product_attention(
+    q_BTNH: Array,
+    k_BSKH: Array,
+    v_BSKH: Array,
+    *,
+    causal: bool = False,
+    q_positions: Array | None = None,
+    kv_positions: Array | None = None,
+    kv_mask: Array | None = None,
+    q_segment_ids: Array | None = None,
+    kv_segment_ids: Array | None = None,
+    sliding_window: int | None = None,
+    mask: Array | None = None,
+    bias: Array | None = None,
+    scale: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    return_weights: bool = False,
+) -> Array | tuple[Array, Array]:
+    """softmax(q k^T * scale + bias, masked) v, with grouped K/V heads.
+
+    Args:
+      q_BTNH: queries [B, T, N, H].
+      k_BSKH: keys [B, S, K, H]; N must be a multiple of K (K = N: multi-head,
+        1 < K < N: grouped-query, K = 1: multi-query).
+      v_BSKH: values [B, S, K, H].
+      causal, q_positions, kv_positions, kv_mask, q_segment_ids, kv_segment_ids,
+        sliding_window, mask: see `make_attention_mask`.
+      bias: optional additive float bias broadcastable to [B, N, T, S].
+      scale: logit scale, default 1/sqrt(H).
+      dropout_rate: dropout on the attention weights (needs `dropout_rng`).
+      dropout_rng: PRNG key for the attention dropout.
+      return_weights: also return the attention weights [B, N, T, S] (float32).
+
+    Returns:
+      The attention output [B, T, N, H] in the dtype of `v`, and the weights if asked.
+    """
+    B, T, N, H = q_BTNH.shape
+    _, S, K, _ = k_BSKH.shape
+    if k_BSKH.shape != v_BSKH.shape:
+        raise ValueError(f"keys {k_BSKH.shape} and values {v_BSKH.shape} must have the same shape")
+    if N % K:
+        raise ValueError(f"num_heads={N} must be a multiple of num_kv_heads={K}")
+    G = N // K
+    scale = H**-0.5 if scale is None else scale
+
+    q_BTKGH = q_BTNH.reshape(B, T, K, G, H)
+    logits_BKGTS = jnp.einsum(
+        "BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32
+    )
+    logits_BNTS = logits_BKGTS.reshape(B, N, T, S) * scale
+    if bias is not None:
+        logits_BNTS = logits_BNTS + bias.astype(jnp.float32)
+
+    mask_BNTS = make_attention_mask(
+        B, T, S, causal=causal, q_positions=q_positions, kv_positions=kv_positions,
+        kv_mask=kv_mask, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        sliding_window=sliding_window, mask=mask,
+    )
+    if mask_BNTS is not None:
+        # A large finite negative, not -inf, so that a fully masked row stays finite;
+        # such rows are zeroed below.
+        logits_BNTS = jnp.where(mask_BNTS, logits_BNTS, jnp.finfo(jnp.float32).min)
+    weights_BNTS = jax.nn.softmax(logits_BNTS, axis=-1)
+    if mask_BNTS is not None:
+        weights_BNTS = jnp.where(mask_BNTS, weights_BNTS, 0.0)
+
+    probs_BNTS = weights_BNTS
+    if dropout_rate > 0.0:
+        if dropout_rng is None:
+            raise ValueError("dropout_rate > 0 needs a dropout_rng")
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BNTS.shape)
+        probs_BNTS = jnp.where(keep, probs_BNTS / (1.0 - dropout_rate), 0.0)
+
+    probs_BKGTS = probs_BNTS.reshape(B, K, G, T, S).astype(v_BSKH.dtype)
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH)
+    out_BTNH = out_BTKGH.reshape(B, T, N, H)
+    if return_weights:
+        return out_BTNH, weights_BNTS
+    return out_BTNH

@@ -1,0 +1,213 @@
+"""Transformer layers: the residual sub-layer, the encoder layer and the decoder layer.
+
+Axis letters: B batch, T target length, S source length, D model width.
+
+Each sub-layer (attention or feed-forward) sits in a residual connection, either
+post-LN as in Vaswani et al. 2017, `x = Norm(x + Dropout(f(x)))`, or pre-LN as in GPT-2
+and most models since, `x = x + Dropout(f(Norm(x)))`.
+
+An `EncoderLayer` with `causal=True` is the decoder-only block of GPT-style models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.layers.feedforward import GATED, MLP_ACTIVATIONS, FeedForward
+from models.layers.multihead import MultiHeadAttention
+from models.layers.norms import NORMS, make_norm
+from models.layers.positional import RopeConfig
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """What a Transformer layer needs to know; shared by every model family.
+
+    Attributes:
+      d_model: D, the residual stream width.
+      num_heads: N, query heads.
+      num_kv_heads: K, key/value heads (None: N; 1: multi-query).
+      head_dim: H (None: D // N).
+      d_ff: F, the feed-forward hidden width.
+      mlp_activation: one of feedforward.MLP_ACTIVATIONS.
+      norm: "layernorm" or "rmsnorm".
+      norm_position: "post" (Vaswani et al.) or "pre" (GPT-2 onwards).
+      norm_eps: the norms' epsilon.
+      dropout_rate: residual and feed-forward dropout.
+      attention_dropout_rate: dropout on attention weights.
+      use_bias: biases in attention and feed-forward projections (and LayerNorm).
+      rope: rotary embeddings in self-attention, if set.
+      sliding_window: local self-attention window, if set.
+      dtype: compute dtype; param_dtype: storage dtype.
+    """
+
+    d_model: int
+    num_heads: int
+    d_ff: int
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    mlp_activation: str = "relu"
+    norm: str = "layernorm"
+    norm_position: str = "post"
+    norm_eps: float = 1e-5
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.0
+    use_bias: bool = True
+    rope: RopeConfig | None = None
+    sliding_window: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def __post_init__(self):
+        kv = self.kv_heads
+        if self.num_heads % kv:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={kv}")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; set head_dim explicitly"
+            )
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ValueError(f"mlp_activation={self.mlp_activation!r}; expected one of {MLP_ACTIVATIONS}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm={self.norm!r}; expected one of {NORMS}")
+        if self.norm_position not in ("pre", "post"):
+            raise ValueError(f"norm_position={self.norm_position!r}; expected 'pre' or 'post'")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    def attention_weights(self) -> int:
+        """Projection weights of one attention sub-layer: q, k, v and output."""
+        D, N, K, H = self.d_model, self.num_heads, self.kv_heads, self.head_size
+        return D * N * H + 2 * D * K * H + N * H * D
+
+    def attention_params(self) -> int:
+        N, K, H = self.num_heads, self.kv_heads, self.head_size
+        return self.attention_weights() + ((N * H + 2 * K * H + self.d_model) if self.use_bias else 0)
+
+    def mlp_weights(self) -> int:
+        n_in = 2 if self.mlp_activation in GATED else 1
+        return (n_in + 1) * self.d_model * self.d_ff
+
+    def mlp_params(self) -> int:
+        n_in = 2 if self.mlp_activation in GATED else 1
+        return self.mlp_weights() + ((n_in * self.d_ff + self.d_model) if self.use_bias else 0)
+
+    def norm_params(self) -> int:
+        return self.d_model * (2 if self.norm == "layernorm" and self.use_bias else 1)
+
+
+class Sublayer(nn.Module):
+    """Residual wrapper: post-LN Norm(x + Drop(f(x))) or pre-LN x + Drop(f(Norm(x)))."""
+
+    config: BlockConfig
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, fn, *, deterministic: bool) -> jax.Array:
+        cfg = self.config
+        norm = make_norm(cfg.norm, epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                         use_bias=cfg.use_bias, name="norm")
+        drop = nn.Dropout(cfg.dropout_rate)
+        if cfg.norm_position == "pre":
+            out = x_BTD + drop(fn(norm(x_BTD)), deterministic=deterministic)
+        else:
+            out = norm(x_BTD + drop(fn(x_BTD), deterministic=deterministic))
+        return nn.with_logical_constraint(out, ("act_batch", "act_seq", "act_embed"))
+
+
+def _attention(cfg: BlockConfig, name: str, *, rope: bool) -> MultiHeadAttention:
+    return MultiHeadAttention(
+        num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, use_bias=cfg.use_bias,
+        dropout_rate=cfg.attention_dropout_rate, rope=cfg.rope if rope else None,
+        sliding_window=cfg.sliding_window if rope else None, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        name=name,
+    )
+
+
+def _feed_forward(cfg: BlockConfig) -> FeedForward:
+    return FeedForward(hidden_dim=cfg.d_ff, activation=cfg.mlp_activation, use_bias=cfg.use_bias,
+                       dropout_rate=cfg.dropout_rate, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="mlp")
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention then feed-forward; bidirectional, or causal for decoder-only models."""
+
+    config: BlockConfig
+    causal: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        deterministic: bool = True,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        padding_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Args: x [B, T, D]; deterministic (no dropout; positional so that remat can mark it
+        static); positions [B, T]; segment_ids [B, T]; padding_mask [B, T] (True = token)."""
+        cfg = self.config
+        attn = _attention(cfg, "self_attention", rope=True)
+        x_BTD = Sublayer(cfg, name="attention_block")(
+            x_BTD,
+            lambda h: attn(h, causal=self.causal, q_positions=positions, kv_mask=padding_mask,
+                           q_segment_ids=segment_ids, kv_segment_ids=segment_ids, deterministic=deterministic),
+            deterministic=deterministic,
+        )
+        mlp = _feed_forward(cfg)
+        return Sublayer(cfg, name="mlp_block")(x_BTD, lambda h: mlp(h, deterministic=deterministic),
+                                               deterministic=deterministic)
+
+
+class DecoderLayer(nn.Module):
+    """Masked self-attention, cross-attention to the encoder output, then feed-forward."""
+
+    config: BlockConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        y_BTD: jax.Array,
+        encoded_BSD: jax.Array,
+        deterministic: bool = True,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        encoder_padding_mask: jax.Array | None = None,
+        encoder_segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Args: y [B, T, D] targets so far; encoded [B, S, D]; masks as in EncoderLayer
+        (encoder_padding_mask [B, S], encoder_segment_ids [B, S] for packed pairs)."""
+        cfg = self.config
+        self_attn = _attention(cfg, "self_attention", rope=True)
+        y_BTD = Sublayer(cfg, name="self_attention_block")(
+            y_BTD,
+            lambda h: self_attn(h, causal=True, q_positions=positions, q_segment_ids=segment_ids,
+                                kv_segment_ids=segment_ids, deterministic=deterministic),
+            deterministic=deterministic,
+        )
+        cross_attn = _attention(cfg, "cross_attention", rope=False)
+        cross_segments = encoder_segment_ids is not None
+        y_BTD = Sublayer(cfg, name="cross_attention_block")(
+            y_BTD,
+            lambda h: cross_attn(h, encoded_BSD, kv_mask=encoder_padding_mask,
+                                 q_segment_ids=segment_ids if cross_segments else None,
+                                 kv_segment_ids=encoder_segment_ids, deterministic=deterministic),
+            deterministic=deterministic,
+        )
+        mlp = _feed_forward(cfg)
+        return Sublayer(cfg, name="mlp_block")(y_BTD, lambda h: mlp(h, deterministic=deterministic),
+                                               deterministic=deterministic)

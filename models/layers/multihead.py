@@ -1,0 +1,131 @@
+"""Multi-head attention module (self and cross) with grouped K/V heads.
+
+Axis letters: B batch, T query length, S key length, D model width, N query heads,
+K key/value heads, H head dim.
+
+Parameters are stored per head, `query` [D, N, H], `key`/`value` [D, K, H],
+`out` [N, H, D], so that the head axes can be sharded by name (Megatron column- and
+row-parallel projections).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.layers.attention import dot_product_attention
+from models.layers.positional import RopeConfig, apply_rope
+
+Dtype = Any
+
+
+def _fan_init(in_axis, out_axis) -> Callable:
+    """Xavier-uniform over the given fan-in and fan-out axes of a multi-axis kernel."""
+    return nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=in_axis, out_axis=out_axis)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head / grouped-query / multi-query attention.
+
+    Attributes:
+      num_heads: N.
+      num_kv_heads: K (default N). N must be a multiple of K.
+      head_dim: H (default D // N).
+      use_bias: biases on the q, k, v and output projections.
+      dropout_rate: dropout on the attention weights.
+      rope: apply rotary embeddings to q and k (self-attention) if set.
+      sliding_window: restrict each query to the last `sliding_window` keys.
+
+    When the `intermediates` collection is mutable, the attention weights [B, N, T, S]
+    are sown there as `attention_weights` (for inspection and plots).
+    """
+
+    num_heads: int
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    use_bias: bool = False
+    dropout_rate: float = 0.0
+    rope: RopeConfig | None = None
+    sliding_window: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _param(self, name, shape, axes, init):
+        return self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype)
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs_q: jax.Array,
+        inputs_kv: jax.Array | None = None,
+        *,
+        causal: bool = False,
+        q_positions: jax.Array | None = None,
+        kv_positions: jax.Array | None = None,
+        kv_mask: jax.Array | None = None,
+        q_segment_ids: jax.Array | None = None,
+        kv_segment_ids: jax.Array | None = None,
+        mask: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """Attends from `inputs_q` [B, T, D] to `inputs_kv` [B, S, D'] (itself if None)."""
+        self_attention = inputs_kv is None
+        x_BTD = inputs_q.astype(self.dtype)
+        y_BSD = x_BTD if self_attention else inputs_kv.astype(self.dtype)
+        B, T, D = x_BTD.shape
+        S = y_BSD.shape[1]
+        N = self.num_heads
+        K = self.num_kv_heads or N
+        H = self.head_dim or D // N
+        if N % K:
+            raise ValueError(f"num_heads={N} must be a multiple of num_kv_heads={K}")
+
+        w_q = self._param("query", (D, N, H), ("embed", "heads", "head_dim"), _fan_init(0, (1, 2)))
+        w_k = self._param("key", (y_BSD.shape[-1], K, H), ("embed", "kv_heads", "head_dim"), _fan_init(0, (1, 2)))
+        w_v = self._param("value", (y_BSD.shape[-1], K, H), ("embed", "kv_heads", "head_dim"), _fan_init(0, (1, 2)))
+        w_o = self._param("out", (N, H, D), ("heads", "head_dim", "embed"), _fan_init((0, 1), 2))
+
+        q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, w_q.astype(self.dtype))
+        k_BSKH = jnp.einsum("BSD,DKH->BSKH", y_BSD, w_k.astype(self.dtype))
+        v_BSKH = jnp.einsum("BSD,DKH->BSKH", y_BSD, w_v.astype(self.dtype))
+        if self.use_bias:
+            zeros = nn.initializers.zeros
+            q_BTNH += self._param("query_bias", (N, H), ("heads", "head_dim"), zeros).astype(self.dtype)
+            k_BSKH += self._param("key_bias", (K, H), ("kv_heads", "head_dim"), zeros).astype(self.dtype)
+            v_BSKH += self._param("value_bias", (K, H), ("kv_heads", "head_dim"), zeros).astype(self.dtype)
+        q_BTNH = nn.with_logical_constraint(q_BTNH, ("act_batch", "act_seq", "act_heads", None))
+        k_BSKH = nn.with_logical_constraint(k_BSKH, ("act_batch", "act_seq", "act_kv_heads", None))
+        v_BSKH = nn.with_logical_constraint(v_BSKH, ("act_batch", "act_seq", "act_kv_heads", None))
+
+        if q_positions is None:
+            q_positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+        if kv_positions is None:
+            kv_positions = q_positions if self_attention else jnp.broadcast_to(jnp.arange(S), (B, S))
+        if self.rope is not None:
+            q_BTNH = apply_rope(q_BTNH, q_positions, self.rope)
+            k_BSKH = apply_rope(k_BSKH, kv_positions, self.rope)
+
+        want_weights = self.is_mutable_collection("intermediates")
+        dropout_rng = None
+        if self.dropout_rate > 0.0 and not deterministic:
+            dropout_rng = self.make_rng("dropout")
+        result = dot_product_attention(
+            q_BTNH, k_BSKH, v_BSKH, causal=causal, q_positions=q_positions, kv_positions=kv_positions,
+            kv_mask=kv_mask, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+            sliding_window=self.sliding_window, mask=mask,
+            dropout_rate=0.0 if deterministic else self.dropout_rate, dropout_rng=dropout_rng,
+            return_weights=want_weights,
+        )
+        if want_weights:
+            out_BTNH, weights_BNTS = result
+            self.sow("intermediates", "attention_weights", weights_BNTS)
+        else:
+            out_BTNH = result
+
+        out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, w_o.astype(self.dtype))
+        if self.use_bias:
+            out_BTD += self._param("out_bias", (D,), ("embed",), nn.initializers.zeros).astype(self.dtype)
+        return out_BTD
