@@ -1,0 +1,180 @@
+"""The tokenizer interface shared by every tokenizer in lmlab, and `load_tokenizer`.
+
+Three formats load behind the one interface:
+  * a directory written by `ByteLevelBPE.save` (it holds `bpe.json`),
+  * a Hugging Face `tokenizer.json` (the file, or a directory holding it),
+  * a SentencePiece `.model` (the file, or a directory holding `tokenizer.model`).
+"""
+
+import abc
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+BPE_FILENAME = "bpe.json"
+HF_FILENAME = "tokenizer.json"
+SPM_FILENAME = "tokenizer.model"
+# Written next to a saved tokenizer.json / tokenizer.model to keep the bos/eos/pad roles,
+# the way Hugging Face keeps them outside tokenizer.json.
+HF_CONFIG_FILENAME = "tokenizer_config.json"
+
+ACCEPTED_FORMATS = (
+    f"a directory saved by ByteLevelBPE.save (holding {BPE_FILENAME}), "
+    f"a Hugging Face {HF_FILENAME} file or a directory holding one, "
+    f"or a SentencePiece .model file or a directory holding {SPM_FILENAME}; "
+    "a 'bpe:', 'hf:' or 'spm:' prefix forces the format"
+)
+_FORMAT_PREFIXES = ("bpe", "hf", "spm")
+
+
+class Tokenizer(abc.ABC):
+    """Text <-> token ids. Implementations must make `decode(encode(text)) == text`
+    where their format allows it (byte-level BPE does for every string)."""
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Number of token ids, special tokens included: ids lie in [0, vocab_size)."""
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Returns the token ids of `text`; no bos/eos is added."""
+
+    @abc.abstractmethod
+    def decode(self, ids: Iterable[int]) -> str:
+        """Returns the text of `ids`; bytes that are not valid UTF-8 become U+FFFD."""
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Returns `[encode(t) for t in texts]`; implementations may do it faster."""
+        return [self.encode(text) for text in texts]
+
+    @property
+    @abc.abstractmethod
+    def bos_id(self) -> int | None:
+        """Id of the beginning-of-sequence token, or None if the vocabulary has none."""
+
+    @property
+    @abc.abstractmethod
+    def eos_id(self) -> int | None:
+        """Id of the end-of-sequence token, or None if the vocabulary has none."""
+
+    @property
+    @abc.abstractmethod
+    def pad_id(self) -> int | None:
+        """Id of the padding token, or None if the vocabulary has none."""
+
+    @abc.abstractmethod
+    def save(self, directory: str | os.PathLike) -> None:
+        """Writes the tokenizer into `directory` (created if needed) so that
+        `load_tokenizer(directory)` gives it back."""
+
+
+def check_ids_in_range(ids: Iterable[int], vocab_size: int) -> list[int]:
+    """Returns `ids` as a list of Python ints; raises ValueError on an id outside the vocabulary."""
+    ids = [int(i) for i in ids]
+    if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+        bad = next(i for i in ids if not 0 <= i < vocab_size)
+        raise ValueError(f"token id {bad} is out of range: ids must lie in [0, {vocab_size})")
+    return ids
+
+
+# Special-token names that usually carry a role, for formats that do not record roles.
+# GPT-2's <|endoftext|> serves as both bos and eos.
+_ROLE_CANDIDATES = {
+    "bos": ("<|endoftext|>", "<|begin_of_text|>", "<s>", "<bos>", "[CLS]"),
+    "eos": ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[SEP]"),
+    "pad": ("<pad>", "<|pad|>", "[PAD]"),
+}
+
+
+def infer_special_roles(special_tokens: Iterable[str]) -> dict[str, str | None]:
+    """Guesses {'bos', 'eos', 'pad'} -> token from well-known special-token names."""
+    present = set(special_tokens)
+    return {role: next((name for name in names if name in present), None) for role, names in _ROLE_CANDIDATES.items()}
+
+
+def read_role_config(directory: Path) -> dict[str, str | None] | None:
+    """Reads bos/eos/pad tokens from `directory/tokenizer_config.json`, or None if absent."""
+    config_path = directory / HF_CONFIG_FILENAME
+    if not config_path.is_file():
+        return None
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    roles = {}
+    for role in ("bos", "eos", "pad"):
+        token = config.get(f"{role}_token")
+        # Hugging Face may store an AddedToken as {"content": ..., ...}.
+        roles[role] = token.get("content") if isinstance(token, dict) else token
+    return roles
+
+
+def write_role_config(directory: Path, roles: dict[str, str | None]) -> None:
+    """Writes bos/eos/pad tokens to `directory/tokenizer_config.json`."""
+    with open(directory / HF_CONFIG_FILENAME, "w", encoding="utf-8") as f:
+        json.dump({f"{role}_token": token for role, token in roles.items()}, f, indent=1)
+
+
+def _split_spec(path_or_spec: str | os.PathLike) -> tuple[str | None, Path]:
+    spec = os.fspath(path_or_spec)
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix in _FORMAT_PREFIXES:
+        return prefix, Path(rest)
+    return None, Path(spec)
+
+
+def _detect_format(path: Path) -> str:
+    if path.is_dir():
+        for filename, kind in ((BPE_FILENAME, "bpe"), (HF_FILENAME, "hf"), (SPM_FILENAME, "spm")):
+            if (path / filename).is_file():
+                return kind
+        models = sorted(path.glob("*.model"))
+        if len(models) == 1:
+            return "spm"
+        found = sorted(p.name for p in path.iterdir())[:10]
+        raise ValueError(f"directory {path} holds no tokenizer (found {found}); expected {ACCEPTED_FORMATS}")
+    if path.suffix == ".model":
+        return "spm"
+    if path.suffix == ".json":
+        try:
+            with open(path, encoding="utf-8") as f:
+                content = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"tokenizer file {path} is not readable JSON ({e}); expected {ACCEPTED_FORMATS}") from e
+        if isinstance(content, dict) and content.get("format") == "lmlab-bpe":
+            return "bpe"
+        if isinstance(content, dict) and "model" in content:
+            return "hf"
+        raise ValueError(
+            f"JSON file {path} is neither an lmlab bpe.json nor a Hugging Face tokenizer.json "
+            f"(no 'format' or 'model' key); expected {ACCEPTED_FORMATS}"
+        )
+    raise ValueError(f"tokenizer file {path} has an unknown format; expected {ACCEPTED_FORMATS}")
+
+
+def load_tokenizer(path_or_spec: str | os.PathLike) -> Tokenizer:
+    """Loads a tokenizer, detecting its format from the path.
+
+    Args:
+      path_or_spec: a path (see the module docstring for the accepted formats), optionally
+        prefixed with 'bpe:', 'hf:' or 'spm:' to force the format.
+
+    Returns:
+      A `Tokenizer`.
+    """
+    kind, path = _split_spec(path_or_spec)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer path {path} does not exist; expected {ACCEPTED_FORMATS}")
+    kind = kind or _detect_format(path)
+    # Imported here: each format pulls in its own library, needed only when used.
+    if kind == "bpe":
+        from data.tokenizer.bpe import ByteLevelBPE
+
+        return ByteLevelBPE.load(path)
+    if kind == "hf":
+        from data.tokenizer.hf_json import HFJsonTokenizer
+
+        return HFJsonTokenizer(path)
+    from data.tokenizer.spm import SentencePieceTokenizer
+
+    return SentencePieceTokenizer(path)

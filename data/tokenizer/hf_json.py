@@ -1,0 +1,100 @@
+"""A Hugging Face `tokenizer.json`, loaded with the `tokenizers` library, behind our interface.
+
+Also `export_bpe`, which writes our byte-level BPE as a tokenizer.json that `tokenizers`
+(and so `transformers`) can load.
+"""
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers
+
+from data.tokenizer.base import (
+    HF_FILENAME,
+    Tokenizer,
+    check_ids_in_range,
+    infer_special_roles,
+    read_role_config,
+    write_role_config,
+)
+from data.tokenizer.bpe import ByteLevelBPE
+
+
+class HFJsonTokenizer(Tokenizer):
+    """Wraps `tokenizers.Tokenizer`. bos/eos/pad come from a `tokenizer_config.json` beside
+    the file if there is one, else from well-known special-token names."""
+
+    def __init__(self, path: str | os.PathLike):
+        """Loads a tokenizer.json.
+
+        Args:
+          path: a tokenizer.json file, or a directory holding one.
+        """
+        path = Path(path)
+        if path.is_dir():
+            path = path / HF_FILENAME
+        try:
+            self._tokenizer = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception.
+            raise ValueError(f"could not load {path} as a Hugging Face tokenizer.json: {e}") from e
+        specials = [t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.special]
+        roles = read_role_config(path.parent) or infer_special_roles(specials)
+        self._roles = roles
+        self._role_ids = {}
+        for role, token in roles.items():
+            token_id = None if token is None else self._tokenizer.token_to_id(token)
+            if token is not None and token_id is None:
+                raise ValueError(f"{path}: {role} token {token!r} is not in the vocabulary")
+            self._role_ids[role] = token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._role_ids["bos"]
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._role_ids["eos"]
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._role_ids["pad"]
+
+    def encode(self, text: str) -> list[int]:
+        # add_special_tokens=False: no template bos/eos, to match the interface.
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = check_ids_in_range(ids, self.vocab_size)
+        return self._tokenizer.decode(ids, skip_special_tokens=False)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._tokenizer.save(str(directory / HF_FILENAME))
+        write_role_config(directory, self._roles)
+
+
+def export_bpe(bpe: ByteLevelBPE, path: str | os.PathLike) -> None:
+    """Writes `bpe` as a Hugging Face tokenizer.json (GPT-2 layout) at `path`.
+
+    `tokenizers` then encodes any text to the same ids as `bpe.encode(text, allowed_special="all")`.
+    """
+    model = models.BPE(vocab=bpe.vocab(), merges=bpe.merges())
+    tokenizer = tokenizers.Tokenizer(model)
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = sorted(bpe.special_tokens, key=bpe.special_tokens.get)
+    tokenizer.add_special_tokens(specials)
+    for token, token_id in bpe.special_tokens.items():
+        if tokenizer.token_to_id(token) != token_id:
+            raise AssertionError(f"special token {token!r} got id {tokenizer.token_to_id(token)}, not {token_id}")
+    tokenizer.save(str(path))
