@@ -1,0 +1,376 @@
+"""Checkpoints of a run: training state, data-iterator state and resolved config.
+
+`Checkpointer` wraps `orbax.checkpoint.CheckpointManager` (orbax 0.12.8) with three
+items per step, `DIR/<step>/{state,data,config}`, and makes resuming robust: a
+latest step that is partial or corrupt is moved aside and the previous one is used.
+
+    with Checkpointer(workdir / "ckpt", save_interval_steps=1000) as ckpt:
+        restored = ckpt.restore(abstract_state)     # None on a fresh run
+        ...
+        ckpt.save(step, state, data_state=it.get_state(), config=config.to_dict())
+
+What orbax does underneath, read from its source and pinned by
+tests/train/test_checkpoint.py:
+- Commit. A save writes into `DIR/<step>.orbax-checkpoint-tmp/` (each item in
+  `<item>.orbax-checkpoint-tmp/` inside it). When every item is written, orbax
+  writes `commit_success.txt` into each item and into the step directory, then
+  renames the directory to `DIR/<step>`. On a local disk the rename is the commit:
+  orbax lists every directory named `<digits>` as a step, and never one carrying
+  the tmp suffix. On GCS, where the step directory has its final name from the
+  start, `commit_success.txt` is the commit. `restore` also requires the marker in
+  the step and in every item directory before it trusts a step.
+- Interrupted saves. A leftover `<step>.orbax-checkpoint-tmp` is not a step (so
+  resuming skips it). Orbax deletes it only when that same step is saved again.
+- Garbage collection (`max_to_keep`). At `save`, orbax picks the steps to drop
+  (the newest `max_to_keep` are kept, counting the new one) and removes them from
+  `all_steps()` at once. It deletes them from disk only in its finalize thread,
+  after the new step's rename has returned. If the background write fails,
+  nothing is deleted. So the last committed checkpoint stays on disk until a
+  newer one is committed.
+- Donation. By default orbax copies every array to host before `save` returns
+  (transfer priority SYNCHRONOUS), so the caller may donate `state` right after.
+- No checksums. Missing or truncated files surface as read errors, but flipped
+  bytes inside an array chunk restore as wrong numbers without any error.
+"""
+
+import dataclasses
+import json
+import logging
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+ITEMS = ("state", "data", "config")
+COMMIT_MARKER = "commit_success.txt"  # orbax: atomicity_types.COMMIT_SUCCESS_FILE
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax: atomicity_types.TMP_DIR_SUFFIX
+CORRUPT_PREFIX = "corrupt.step_"  # no step name: orbax only lists names `<digits>`
+
+
+class CheckpointMismatchError(ValueError):
+    """The saved state's tree, shapes or dtypes differ from `abstract_state`."""
+
+
+class CheckpointUnreadableError(RuntimeError):
+    """No checkpoint that was asked for (or none at all) could be read."""
+
+
+class _Unreadable(Exception):
+    """Internal: one step cannot be read; the message is the reason."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _LeafInfo:
+    label: str  # the leaf's path as `jax.tree_util.keystr` writes it
+    shape: tuple
+    dtype: Any
+
+
+class Checkpointer:
+    """Saves and restores (state, data_state, config) per step under `directory`.
+
+    Args:
+        directory: root directory. Step N lives in `directory/N`.
+        max_to_keep: number of newest checkpoints kept (None keeps all).
+        save_interval_steps: `save` writes only at multiples of this (unless
+            forced, or when a preemption notice has been received).
+        async_save: when True, `save` returns once the arrays are on host. The
+            files are written and committed in a background thread.
+    """
+
+    def __init__(self, directory, *, max_to_keep: int | None = 3,
+                 save_interval_steps: int = 100, async_save: bool = True):
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"max_to_keep={max_to_keep} must be >= 1 or None (keep all); "
+                             "0 would delete each checkpoint right after writing it.")
+        if save_interval_steps < 1:
+            raise ValueError(f"save_interval_steps={save_interval_steps} must be >= 1.")
+        self.directory = epath.Path(directory)
+        policies = ocp.checkpoint_managers
+        options = ocp.CheckpointManagerOptions(
+            # No InitialSavePolicy (orbax's default adds it): step 1 of a fresh run
+            # is not saved unless it falls on the interval.
+            save_decision_policy=policies.AnySavePolicy([
+                policies.FixedIntervalPolicy(save_interval_steps),
+                policies.PreemptionCheckpointingPolicy(),
+            ]),
+            preservation_policy=policies.LatestN(n=max_to_keep),
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers=dict(
+                state=ocp.StandardCheckpointHandler(),
+                data=ocp.JsonCheckpointHandler(),
+                config=ocp.JsonCheckpointHandler(),
+            ),
+        )
+        self._closed = False
+
+    # ----------------------------------------------------------------- saving
+
+    def save(self, step: int, state, *, data_state: Mapping, config: Mapping,
+             force: bool = False) -> bool:
+        """Saves a checkpoint at `step` if the save interval allows it.
+
+        Args:
+            step: training step. An existing step is never overwritten (orbax
+                raises `StepAlreadyExistsError`).
+            state: pytree of jax arrays, possibly sharded.
+            data_state: the data iterator's state, a JSON-serialisable dict.
+            config: the resolved run config, a JSON-serialisable dict (a
+                ConfigDict is converted with `.to_dict()`).
+            force: save even when `step` is off the save interval (or not after
+                the latest step, which orbax otherwise skips).
+
+        Returns:
+            Whether a save was started. With `async_save` it is committed later.
+            Call `wait_until_finished` to wait for it.
+        """
+        if hasattr(config, "to_dict"):
+            config = config.to_dict()
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(_checked_json(data_state, "data_state")),
+            config=ocp.args.JsonSave(_checked_json(config, "config")),
+        )
+        return self._manager.save(step, args=args, force=force)
+
+    # -------------------------------------------------------------- restoring
+
+    def restore(self, abstract_state, step: int | None = None):
+        """Restores a checkpoint into the shapes, dtypes and shardings of `abstract_state`.
+
+        Args:
+            abstract_state: pytree of `jax.ShapeDtypeStruct` with `.sharding` set
+                (e.g. `jax.eval_shape(init)` plus shardings).
+            step: the step to read. None means the latest readable one. An
+                unreadable latest step is moved to `DIR/corrupt.step_N.<time>`,
+                with a warning, once an older step has been read. Nothing is
+                moved when no step can be read.
+
+        Returns:
+            `(step, state, data_state, config)`, or None when `directory` holds
+            no checkpoint.
+
+        Raises:
+            CheckpointMismatchError: the saved tree, shapes or dtypes differ from
+                `abstract_state`. The message names the first differing leaf.
+            CheckpointUnreadableError: no step could be read. The message lists
+                each step tried and why it failed.
+            FileNotFoundError: an explicit `step` does not exist.
+        """
+        self.wait_until_finished()  # a save in flight is not yet a readable step
+        expected = _abstract_leaves(abstract_state)
+        self._manager.reload()
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        self._warn_about_unfinished_saves()
+        if step is not None:
+            if step not in steps:
+                raise FileNotFoundError(
+                    f"no checkpoint at step {step} in {self.directory}; "
+                    f"it holds steps {sorted(steps)}.")
+            try:
+                return (step, *self._restore_step(step, abstract_state, expected))
+            except _Unreadable as e:
+                raise CheckpointUnreadableError(
+                    f"checkpoint at step {step} in {self.directory} is unreadable ({e}).") from None
+        if not steps:
+            return None
+        unreadable = []
+        for candidate in steps:
+            try:
+                restored = self._restore_step(candidate, abstract_state, expected)
+            except _Unreadable as e:
+                unreadable.append((candidate, str(e)))
+                continue
+            for bad_step, reason in unreadable:
+                moved_to = self._move_aside(bad_step)
+                log.warning("checkpoint at step %d in %s is unreadable (%s); using step %d. "
+                            "The bad checkpoint was moved to %s; nothing was deleted.",
+                            bad_step, self.directory, reason, candidate, moved_to)
+            if unreadable:
+                self._manager.reload()
+            return (candidate, *restored)
+        tried = "; ".join(f"step {s}: {reason}" for s, reason in unreadable)
+        raise CheckpointUnreadableError(
+            f"no readable checkpoint in {self.directory}. Tried {tried}. "
+            "Nothing was moved or deleted.")
+
+    def _restore_step(self, step, abstract_state, expected):
+        """Returns (state, data_state, config) of `step` or raises _Unreadable."""
+        step_dir = self.directory / str(step)
+        missing = _missing_parts(step_dir)
+        if missing:
+            raise _Unreadable(missing)
+        try:
+            tree_metadata = self._manager.item_metadata(step)["state"]
+        except Exception as e:  # noqa: BLE001 - any failure here means bad files
+            raise _Unreadable(f"state metadata: {_short(e)}") from e
+        if tree_metadata is None or getattr(tree_metadata, "tree", None) is None:
+            raise _Unreadable("state has no tree metadata (state/_METADATA is missing)")
+        _check_matches(expected, tree_metadata.tree, step, self.directory)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state),
+                data=ocp.args.JsonRestore(),
+                config=ocp.args.JsonRestore(),
+            ))
+        except Exception as e:  # noqa: BLE001 - tensorstore/json raise many kinds
+            raise _Unreadable(_short(e)) from e
+        return restored["state"], restored["data"], restored["config"]
+
+    def _move_aside(self, step: int) -> epath.Path:
+        """Renames `DIR/step` to `DIR/corrupt.step_<step>.<time>` (primary host only)."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = self.directory / f"{CORRUPT_PREFIX}{step}.{stamp}"
+        suffix = 1
+        while target.exists():
+            target = self.directory / f"{CORRUPT_PREFIX}{step}.{stamp}-{suffix}"
+            suffix += 1
+        if jax.process_index() == 0:
+            (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            ocp.multihost.sync_global_processes(f"lmlab_checkpoint_move_aside_{step}")
+        return target
+
+    def _warn_about_unfinished_saves(self):
+        leftovers = sorted(p.name for p in self.directory.iterdir() if TMP_SUFFIX in p.name)
+        if leftovers:
+            log.warning("ignoring unfinished save(s) in %s: %s (left by an interrupted save; "
+                        "saving that step again replaces it).",
+                        self.directory, ", ".join(leftovers))
+
+    # ------------------------------------------------------------ bookkeeping
+
+    def latest_step(self) -> int | None:
+        """The newest step, including a save still in flight."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Steps kept, oldest first, including a save still in flight."""
+        return list(self._manager.all_steps())
+
+    def wait_until_finished(self):
+        """Blocks until a background save is committed; re-raises its error."""
+        self._manager.wait_until_finished()
+
+    def close(self):
+        """Waits for pending saves and releases orbax's threads."""
+        if not self._closed:
+            self._closed = True
+            self._manager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def _checked_json(value, name):
+    """Returns `value` as a dict, or raises TypeError naming what is not JSON."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a JSON-serialisable dict, got {type(value).__name__}.")
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} is not JSON-serialisable: {e}") from None
+    return dict(value)
+
+
+def _missing_parts(step_dir: epath.Path) -> str | None:
+    """Says what makes `step_dir` an incomplete save, or None if it looks whole."""
+    if not (step_dir / COMMIT_MARKER).exists():
+        return f"no commit marker {COMMIT_MARKER}"
+    for item in ITEMS:
+        item_dir = step_dir / item
+        if not item_dir.is_dir():
+            unfinished = sorted(p.name for p in step_dir.iterdir()
+                                if p.name.startswith(item + TMP_SUFFIX))
+            found = f"; found unfinished {unfinished[0]}" if unfinished else ""
+            return f"{item}/ is missing{found}"
+        if not (item_dir / COMMIT_MARKER).exists():
+            return f"no commit marker {item}/{COMMIT_MARKER}"
+    return None
+
+
+def _short(error: BaseException, limit: int = 300) -> str:
+    text = str(error).strip().splitlines()
+    text = text[0] if text else ""
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return f"{type(error).__name__}: {text}"
+
+
+def _normalised_key(path) -> tuple:
+    """A path whose entries compare equal across dicts, namedtuples and sequences.
+
+    Orbax stores namedtuple fields and dataclass attributes as dict keys, so
+    `GetAttrKey('mu')` in the live tree is `DictKey('mu')` in the metadata.
+    """
+    parts = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                parts.append(str(getattr(entry, attr)))
+                break
+        else:
+            parts.append(str(entry))
+    return tuple(parts)
+
+
+def _abstract_leaves(abstract_state) -> dict:
+    """Validates `abstract_state` and returns {normalised path: _LeafInfo}, in tree order."""
+    leaves = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
+        label = jax.tree_util.keystr(path)
+        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+            raise TypeError(f"abstract_state leaf {label} is a {type(leaf).__name__}; "
+                            "expected jax.ShapeDtypeStruct(shape, dtype, sharding=...).")
+        sharding = getattr(leaf, "sharding", None)
+        if sharding is None:
+            raise ValueError(f"abstract_state leaf {label} has no sharding; build it as "
+                             "jax.ShapeDtypeStruct(shape, dtype, sharding=...).")
+        try:
+            sharding.shard_shape(tuple(leaf.shape))
+        except Exception as e:  # noqa: BLE001 - jax raises IndivisibleError and others
+            raise ValueError(f"abstract_state leaf {label}: sharding does not fit shape "
+                             f"{tuple(leaf.shape)}: {_short(e)}") from None
+        leaves[_normalised_key(path)] = _LeafInfo(label, tuple(leaf.shape), np.dtype(leaf.dtype))
+    return leaves
+
+
+def _check_matches(expected: dict, metadata_tree, step, directory):
+    """Raises CheckpointMismatchError at the first leaf that differs."""
+    saved = {}
+    for path, meta in jax.tree_util.tree_flatten_with_path(metadata_tree)[0]:
+        shape = getattr(meta, "shape", None)
+        dtype = getattr(meta, "dtype", None)
+        saved[_normalised_key(path)] = _LeafInfo(
+            jax.tree_util.keystr(path),
+            None if shape is None else tuple(shape),
+            None if dtype is None else np.dtype(dtype))
+    where = f"the checkpoint at step {step} in {directory}"
+    for key, want in expected.items():
+        have = saved.get(key)
+        if have is None:
+            raise CheckpointMismatchError(
+                f"state leaf {want.label} (shape {want.shape} {want.dtype}) is in abstract_state "
+                f"but not in {where}.")
+        if (have.shape, have.dtype) != (want.shape, want.dtype):
+            raise CheckpointMismatchError(
+                f"state leaf {want.label} has shape {have.shape} {have.dtype} in {where}, "
+                f"but abstract_state expects shape {want.shape} {want.dtype}.")
+    for key, have in saved.items():
+        if key not in expected:
+            raise CheckpointMismatchError(
+                f"state leaf {have.label} (shape {have.shape} {have.dtype}) is in {where} "
+                "but not in abstract_state.")
