@@ -83,11 +83,14 @@ class Checkpointer:
             files are written and committed in a background thread.
     """
 
-    def __init__(self, directory, *, max_to_keep: int | None = 3,
-                 save_interval_steps: int = 100, async_save: bool = True):
+    def __init__(
+        self, directory, *, max_to_keep: int | None = 3, save_interval_steps: int = 100, async_save: bool = True
+    ):
         if max_to_keep is not None and max_to_keep < 1:
-            raise ValueError(f"max_to_keep={max_to_keep} must be >= 1 or None (keep all); "
-                             "0 would delete each checkpoint right after writing it.")
+            raise ValueError(
+                f"max_to_keep={max_to_keep} must be >= 1 or None (keep all); "
+                "0 would delete each checkpoint right after writing it."
+            )
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps={save_interval_steps} must be >= 1.")
         self.directory = epath.Path(directory)
@@ -95,10 +98,12 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             # No InitialSavePolicy (orbax's default adds it): step 1 of a fresh run
             # is not saved unless it falls on the interval.
-            save_decision_policy=policies.AnySavePolicy([
-                policies.FixedIntervalPolicy(save_interval_steps),
-                policies.PreemptionCheckpointingPolicy(),
-            ]),
+            save_decision_policy=policies.AnySavePolicy(
+                [
+                    policies.FixedIntervalPolicy(save_interval_steps),
+                    policies.PreemptionCheckpointingPolicy(),
+                ]
+            ),
             preservation_policy=policies.LatestN(n=max_to_keep),
             enable_async_checkpointing=async_save,
             create=True,
@@ -116,8 +121,7 @@ class Checkpointer:
 
     # ----------------------------------------------------------------- saving
 
-    def save(self, step: int, state, *, data_state: Mapping, config: Mapping,
-             force: bool = False) -> bool:
+    def save(self, step: int, state, *, data_state: Mapping, config: Mapping, force: bool = False) -> bool:
         """Saves a checkpoint at `step` if the save interval allows it.
 
         Args:
@@ -175,13 +179,14 @@ class Checkpointer:
         if step is not None:
             if step not in steps:
                 raise FileNotFoundError(
-                    f"no checkpoint at step {step} in {self.directory}; "
-                    f"it holds steps {sorted(steps)}.")
+                    f"no checkpoint at step {step} in {self.directory}; it holds steps {sorted(steps)}."
+                )
             try:
                 return (step, *self._restore_step(step, abstract_state, expected))
             except _Unreadable as e:
                 raise CheckpointUnreadableError(
-                    f"checkpoint at step {step} in {self.directory} is unreadable ({e}).") from None
+                    f"checkpoint at step {step} in {self.directory} is unreadable ({e})."
+                ) from None
         if not steps:
             return None
         unreadable = []
@@ -193,16 +198,22 @@ class Checkpointer:
                 continue
             for bad_step, reason in unreadable:
                 moved_to = self._move_aside(bad_step)
-                log.warning("checkpoint at step %d in %s is unreadable (%s); using step %d. "
-                            "The bad checkpoint was moved to %s; nothing was deleted.",
-                            bad_step, self.directory, reason, candidate, moved_to)
+                log.warning(
+                    "checkpoint at step %d in %s is unreadable (%s); using step %d. "
+                    "The bad checkpoint was moved to %s; nothing was deleted.",
+                    bad_step,
+                    self.directory,
+                    reason,
+                    candidate,
+                    moved_to,
+                )
             if unreadable:
                 self._manager.reload()
             return (candidate, *restored)
         tried = "; ".join(f"step {s}: {reason}" for s, reason in unreadable)
         raise CheckpointUnreadableError(
-            f"no readable checkpoint in {self.directory}. Tried {tried}. "
-            "Nothing was moved or deleted.")
+            f"no readable checkpoint in {self.directory}. Tried {tried}. Nothing was moved or deleted."
+        )
 
     def _restore_step(self, step, abstract_state, expected):
         """Returns (state, data_state, config) of `step` or raises _Unreadable."""
@@ -218,11 +229,14 @@ class Checkpointer:
             raise _Unreadable("state has no tree metadata (state/_METADATA is missing)")
         _check_matches(expected, tree_metadata.tree, step, self.directory)
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=ocp.args.JsonRestore(),
-                config=ocp.args.JsonRestore(),
-            ))
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=ocp.args.JsonRestore(),
+                    config=ocp.args.JsonRestore(),
+                ),
+            )
         except Exception as e:  # noqa: BLE001 - tensorstore/json raise many kinds
             raise _Unreadable(_short(e)) from e
         return restored["state"], restored["data"], restored["config"]
@@ -244,9 +258,12 @@ class Checkpointer:
     def _warn_about_unfinished_saves(self):
         leftovers = sorted(p.name for p in self.directory.iterdir() if TMP_SUFFIX in p.name)
         if leftovers:
-            log.warning("ignoring unfinished save(s) in %s: %s (left by an interrupted save; "
-                        "saving that step again replaces it).",
-                        self.directory, ", ".join(leftovers))
+            log.warning(
+                "ignoring unfinished save(s) in %s: %s (left by an interrupted save; "
+                "saving that step again replaces it).",
+                self.directory,
+                ", ".join(leftovers),
+            )
 
     # ------------------------------------------------------------ bookkeeping
 
@@ -293,8 +310,7 @@ def _missing_parts(step_dir: epath.Path) -> str | None:
     for item in ITEMS:
         item_dir = step_dir / item
         if not item_dir.is_dir():
-            unfinished = sorted(p.name for p in step_dir.iterdir()
-                                if p.name.startswith(item + TMP_SUFFIX))
+            unfinished = sorted(p.name for p in step_dir.iterdir() if p.name.startswith(item + TMP_SUFFIX))
             found = f"; found unfinished {unfinished[0]}" if unfinished else ""
             return f"{item}/ is missing{found}"
         if not (item_dir / COMMIT_MARKER).exists():
@@ -333,17 +349,22 @@ def _abstract_leaves(abstract_state) -> dict:
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]:
         label = jax.tree_util.keystr(path)
         if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
-            raise TypeError(f"abstract_state leaf {label} is a {type(leaf).__name__}; "
-                            "expected jax.ShapeDtypeStruct(shape, dtype, sharding=...).")
+            raise TypeError(
+                f"abstract_state leaf {label} is a {type(leaf).__name__}; "
+                "expected jax.ShapeDtypeStruct(shape, dtype, sharding=...)."
+            )
         sharding = getattr(leaf, "sharding", None)
         if sharding is None:
-            raise ValueError(f"abstract_state leaf {label} has no sharding; build it as "
-                             "jax.ShapeDtypeStruct(shape, dtype, sharding=...).")
+            raise ValueError(
+                f"abstract_state leaf {label} has no sharding; build it as "
+                "jax.ShapeDtypeStruct(shape, dtype, sharding=...)."
+            )
         try:
             sharding.shard_shape(tuple(leaf.shape))
         except Exception as e:  # noqa: BLE001 - jax raises IndivisibleError and others
-            raise ValueError(f"abstract_state leaf {label}: sharding does not fit shape "
-                             f"{tuple(leaf.shape)}: {_short(e)}") from None
+            raise ValueError(
+                f"abstract_state leaf {label}: sharding does not fit shape {tuple(leaf.shape)}: {_short(e)}"
+            ) from None
         leaves[_normalised_key(path)] = _LeafInfo(label, tuple(leaf.shape), np.dtype(leaf.dtype))
     return leaves
 
@@ -357,20 +378,22 @@ def _check_matches(expected: dict, metadata_tree, step, directory):
         saved[_normalised_key(path)] = _LeafInfo(
             jax.tree_util.keystr(path),
             None if shape is None else tuple(shape),
-            None if dtype is None else np.dtype(dtype))
+            None if dtype is None else np.dtype(dtype),
+        )
     where = f"the checkpoint at step {step} in {directory}"
     for key, want in expected.items():
         have = saved.get(key)
         if have is None:
             raise CheckpointMismatchError(
-                f"state leaf {want.label} (shape {want.shape} {want.dtype}) is in abstract_state "
-                f"but not in {where}.")
+                f"state leaf {want.label} (shape {want.shape} {want.dtype}) is in abstract_state but not in {where}."
+            )
         if (have.shape, have.dtype) != (want.shape, want.dtype):
             raise CheckpointMismatchError(
                 f"state leaf {want.label} has shape {have.shape} {have.dtype} in {where}, "
-                f"but abstract_state expects shape {want.shape} {want.dtype}.")
+                f"but abstract_state expects shape {want.shape} {want.dtype}."
+            )
     for key, have in saved.items():
         if key not in expected:
             raise CheckpointMismatchError(
-                f"state leaf {have.label} (shape {have.shape} {have.dtype}) is in {where} "
-                "but not in abstract_state.")
+                f"state leaf {have.label} (shape {have.shape} {have.dtype}) is in {where} but not in abstract_state."
+            )

@@ -22,9 +22,12 @@ from train.checkpoint import (
 )
 
 DATA = {"epoch": 1, "position": 12345, "shards": ["a-0001", "a-0002"], "rng": [0, 7]}
-CONFIG = {"model": {"name": "tiny", "d_model": 16, "dtype": "bfloat16"},
-          "optimizer": {"lr": 3e-4, "betas": [0.9, 0.95], "schedule": None},
-          "seed": 0, "quick": True}
+CONFIG = {
+    "model": {"name": "tiny", "d_model": 16, "dtype": "bfloat16"},
+    "optimizer": {"lr": 3e-4, "betas": [0.9, 0.95], "schedule": None},
+    "seed": 0,
+    "quick": True,
+}
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +58,10 @@ def _small_state(seed):
 
 def _train_state(seed=0):
     """Nested params in f32/bf16/int32 plus an adamw state with non-zero moments."""
-    params = {"dense": {"kernel": _normal(seed, (16, 8)),
-                        "bias": _normal(seed + 1, (8,), jnp.bfloat16)},
-              "token_ids": jnp.arange(12, dtype=jnp.int32).reshape(3, 4)}
+    params = {
+        "dense": {"kernel": _normal(seed, (16, 8)), "bias": _normal(seed + 1, (8,), jnp.bfloat16)},
+        "token_ids": jnp.arange(12, dtype=jnp.int32).reshape(3, 4),
+    }
     tx = optax.adamw(1e-2)
     opt_state = tx.init(params)
     grads = jax.tree.map(lambda p: jnp.ones_like(p), params)
@@ -87,9 +91,11 @@ def test_round_trip_sharded_over_8_devices(tmp_path, mesh):
     rows = NamedSharding(mesh, P("data"))
     cols = NamedSharding(mesh, P(None, "data"))
     replicated = NamedSharding(mesh, P())
-    state = {"a": jax.device_put(jnp.arange(64 * 8, dtype=jnp.float32).reshape(64, 8), rows),
-             "b": jax.device_put(jnp.arange(4 * 16).reshape(4, 16).astype(jnp.bfloat16), cols),
-             "c": jax.device_put(jnp.arange(5, dtype=jnp.int32), replicated)}
+    state = {
+        "a": jax.device_put(jnp.arange(64 * 8, dtype=jnp.float32).reshape(64, 8), rows),
+        "b": jax.device_put(jnp.arange(4 * 16).reshape(4, 16).astype(jnp.bfloat16), cols),
+        "c": jax.device_put(jnp.arange(5, dtype=jnp.int32), replicated),
+    }
     with Checkpointer(tmp_path) as ckpt:
         ckpt.save(100, state, data_state=DATA, config=CONFIG)
         _, restored, _, _ = ckpt.restore(_abstract(state))
@@ -101,8 +107,9 @@ def test_round_trip_sharded_over_8_devices(tmp_path, mesh):
 
 
 def test_restore_into_a_different_sharding(tmp_path, mesh):
-    saved = {"a": jax.device_put(jnp.arange(32 * 16, dtype=jnp.float32).reshape(32, 16),
-                                 NamedSharding(mesh, P("data")))}
+    saved = {
+        "a": jax.device_put(jnp.arange(32 * 16, dtype=jnp.float32).reshape(32, 16), NamedSharding(mesh, P("data")))
+    }
     with Checkpointer(tmp_path) as ckpt:
         ckpt.save(0, saved, data_state=DATA, config=CONFIG)
         for spec in (P(None, "data"), P()):
@@ -208,8 +215,10 @@ def test_corrupt_latest_falls_back_and_is_moved_aside(tmp_path, caplog, corrupti
         ckpt.save(20, new, data_state={"position": 20}, config=CONFIG)
     CORRUPTIONS[corruption](tmp_path / "20")
 
-    with caplog.at_level(logging.WARNING, logger="train.checkpoint"), \
-            Checkpointer(tmp_path, save_interval_steps=10) as ckpt:
+    with (
+        caplog.at_level(logging.WARNING, logger="train.checkpoint"),
+        Checkpointer(tmp_path, save_interval_steps=10) as ckpt,
+    ):
         step, restored, data_state, _ = ckpt.restore(_abstract(old))
         assert (step, data_state) == (10, {"position": 10})
         _assert_trees_equal(restored, old)
@@ -252,8 +261,10 @@ def test_interrupted_save_leftover_is_ignored(tmp_path, caplog):
     (leftover / "commit_success.txt").unlink()
     (leftover / "state").rename(leftover / "state.orbax-checkpoint-tmp")
 
-    with caplog.at_level(logging.WARNING, logger="train.checkpoint"), \
-            Checkpointer(tmp_path, save_interval_steps=10) as ckpt:
+    with (
+        caplog.at_level(logging.WARNING, logger="train.checkpoint"),
+        Checkpointer(tmp_path, save_interval_steps=10) as ckpt,
+    ):
         assert ckpt.latest_step() == 10
         step, restored, _, _ = ckpt.restore(_abstract(old))
         assert step == 10
@@ -275,13 +286,18 @@ def test_no_checkpoint_returns_none(tmp_path):
         assert ckpt.latest_step() is None and ckpt.all_steps() == []
 
 
-@pytest.mark.parametrize("change, expected", [
-    ("shape", r"state leaf \['params'\]\['w'\] has shape \(8, 4\) float32 in the checkpoint "
-              r"at step 0 .* expects shape \(16, 4\) float32"),
-    ("dtype", r"\['params'\]\['w'\] has shape \(8, 4\) float32 .* expects shape \(8, 4\) bfloat16"),
-    ("extra_leaf",
-     r"state leaf \['params'\]\['extra'\] \(shape \(3,\) int32\) is in abstract_state"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (
+            "shape",
+            r"state leaf \['params'\]\['w'\] has shape \(8, 4\) float32 in the checkpoint "
+            r"at step 0 .* expects shape \(16, 4\) float32",
+        ),
+        ("dtype", r"\['params'\]\['w'\] has shape \(8, 4\) float32 .* expects shape \(8, 4\) bfloat16"),
+        ("extra_leaf", r"state leaf \['params'\]\['extra'\] \(shape \(3,\) int32\) is in abstract_state"),
+    ],
+)
 def test_mismatched_abstract_state_names_the_leaf(tmp_path, change, expected):
     state = {"params": {"b": jnp.zeros(4), "w": jnp.ones((8, 4))}}
     abstract = _abstract(state)
