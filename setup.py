@@ -14,9 +14,20 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets==4.9.10",
     "grain==0.2.18",
     "array-record==0.8.6",
+    # tensorflow-datasets imports it for builders defined inside a package (lmlab's data/)
+    # but declares it only for Python < 3.9.
+    "importlib-resources==7.1.0",
     "numpy==2.4.6",
     "absl-py",
     "matplotlib",
+    "tensorboardX==2.6.5",
+    "tqdm",
+    # Tokenizers (data/tokenizer/): GPT-2 pre-tokenization regex (\p{L}), and the loaders for
+    # Hugging Face tokenizer.json and SentencePiece .model files. tokenizers is the version
+    # transformers==5.24.0 requires (>=0.23.1,<0.24).
+    "regex==2026.11.19",
+    "tokenizers==0.23.3",
+    "sentencepiece==0.2.3",
 ]
 
 TEST_REQUIRES = [
@@ -38,7 +49,7 @@ setup(
     version="0.1.0",
     description="The modern LLM stack written by hand in JAX/Flax, for reading, experiments and sharding ablations.",
     python_requires=">=3.11",
-    packages=find_packages(include=["models*", "train*", "configs*", "sharding*"]),
+    packages=find_packages(include=["models*", "train*", "configs*", "sharding*", "data*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
 )
