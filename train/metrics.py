@@ -167,6 +167,8 @@ class Throughput:
         self.peak_flops = peak_flops
         self._tokens = 0
         self._seconds = 0.0
+        self._total_tokens = 0
+        self._total_seconds = 0.0
 
     def add(self, tokens: int, seconds: float) -> None:
         """Records one step (or several) that processed `tokens` in `seconds` of wall time."""
@@ -174,6 +176,8 @@ class Throughput:
             raise ValueError(f"tokens={tokens} and seconds={seconds} must be >= 0.")
         self._tokens += tokens
         self._seconds += seconds
+        self._total_tokens += tokens
+        self._total_seconds += seconds
 
     def report(self) -> dict[str, float]:
         """Returns tokens_per_second, flops_per_second (and mfu) and starts a new window.
@@ -191,3 +195,14 @@ class Throughput:
             result["mfu"] = mfu(tokens_per_second, self.flops_per_token, self.peak_flops)
         self._tokens, self._seconds = 0, 0.0
         return result
+
+    def totals(self) -> dict[str, float]:
+        """Rates over everything added since construction (windows are not reset by this)."""
+        if self._total_seconds <= 0:
+            return {"tokens_per_second": 0.0, "flops_per_second": 0.0, "mfu": 0.0}
+        tokens_per_second = self._total_tokens / self._total_seconds
+        return {
+            "tokens_per_second": tokens_per_second,
+            "flops_per_second": tokens_per_second * self.flops_per_token,
+            "mfu": mfu(tokens_per_second, self.flops_per_token, self.peak_flops) if self.peak_flops else 0.0,
+        }

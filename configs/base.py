@@ -1,0 +1,90 @@
+"""Defaults for every key of a pretraining run. Family files (configs/gpt.py, ...) start here.
+
+    python -m train --config=configs/gpt.py:tiny --workdir=/tmp/run
+
+Every key exists here with its type, so that a misspelt or unknown key, or a value of
+the wrong type, fails at once (see configs/loader.py). 0 or "" means "derive it" where
+a comment says so.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.steps = 1000  # optimizer steps in the whole run
+
+    c.model = ml_collections.ConfigDict(dict(
+        family="gpt",
+        vocab_size=0,  # 0: the tokenizer's vocabulary size
+        num_layers=4,
+        max_len=256,  # context length; must be >= data.seq_len
+        tie_embeddings=True,
+        remat="none",  # none | full | dots_saveable | nothing_saveable
+        dtype="float32",  # compute dtype; "bfloat16" for mixed precision (params stay float32)
+        param_dtype="float32",
+        block=dict(d_model=128, num_heads=4, num_kv_heads=0, head_dim=0, d_ff=512, mlp_activation="gelu_tanh",
+                   norm="layernorm", norm_position="pre", norm_eps=1e-5, dropout_rate=0.0,
+                   attention_dropout_rate=0.0, use_bias=True),
+    ))
+    c.tokenizer = ml_collections.ConfigDict(dict(
+        path="",  # "": train our byte-level BPE on the training split and save it in the workdir
+        vocab_size=4096,  # for a trained BPE
+    ))
+    c.data = ml_collections.ConfigDict(dict(
+        source="embedded",  # embedded | files:PATH[,PATH] | tfds:NAME[:CONFIG]
+        text_key="text",
+        split_paragraphs=False,
+        seq_len=128,
+        batch_size=16,  # global batch, over all devices and processes
+        shuffle_seed=0,
+        data_dir="",  # "": WORKDIR/tfds
+        validation_fraction=0.05,
+        train_split="train",
+        eval_split="validation",
+        worker_count=0,
+    ))
+    c.optimizer = ml_collections.ConfigDict(dict(
+        lr=1e-3,  # peak learning rate
+        b1=0.9, b2=0.95, eps=1e-8,
+        weight_decay=0.1,
+        decay_embeddings=False,
+        grad_clip_norm=1.0,  # 0: no clipping
+        grad_accum_steps=1,  # micro-batches per step; data.batch_size is split among them
+        z_loss=1e-4,
+        label_smoothing=0.0,
+    ))
+    c.schedule = ml_collections.ConfigDict(dict(
+        name="cosine",  # cosine | wsd | constant | rsqrt
+        warmup_steps=100,
+        min_lr_ratio=0.1,
+        decay_fraction=0.2,  # wsd
+        decay_shape="linear",  # wsd: linear | cosine | sqrt
+    ))
+    c.sharding = ml_collections.ConfigDict(dict(
+        strategy="dp",
+        mesh="",  # "": all devices on the data axis
+    ))
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        save_interval_steps=200,
+        max_to_keep=3,
+        async_save=True,
+    ))
+    c.logging = ml_collections.ConfigDict(dict(
+        log_every_steps=10,
+        tensorboard=True,
+        progress_bar=True,
+        peak_flops=0.0,  # FLOP/s for MFU; 0: measure a 2048^2 float32 matmul once
+    ))
+    c.eval = ml_collections.ConfigDict(dict(
+        every_steps=200,  # 0: only at the end
+        max_batches=0,  # 0: the whole validation split
+        num_samples=3,
+        sample_tokens=48,
+        temperature=0.8,
+        prompt="The ",
+    ))
+    return c

@@ -1,0 +1,113 @@
+"""Load a config file with a preset, apply `key=value` overrides, and lock it.
+
+    config = load_config("configs/gpt.py:tiny", ["optimizer.lr=3e-4", "steps=50"])
+
+A key that does not exist, or a value that does not parse as the key's type, raises
+`ConfigError` naming the key and the closest valid keys, before anything runs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+from typing import Iterable
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A bad config file, preset, key or value."""
+
+
+def _flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(_flat_keys(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _parse(key: str, text: str, current: object) -> object:
+    kind = type(current)
+    try:
+        if kind is bool:
+            lowered = text.strip().lower()
+            if lowered not in ("true", "false", "1", "0"):
+                raise ValueError(text)
+            return lowered in ("true", "1")
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        if kind is str:
+            return text
+    except ValueError:
+        raise ConfigError(f"config key `{key}` expects {kind.__name__}, got {text!r}") from None
+    raise ConfigError(f"config key `{key}` holds a {kind.__name__}, which cannot be set from the command line")
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
+    """Sets each `dotted.key=value` in place; values are parsed as the key's current type."""
+    keys = _flat_keys(config)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (for example optimizer.lr=3e-4)")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key.startswith("config."):
+            key = key[len("config."):]
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(f'`{c}`' for c in close)}?" if close else ""
+            raise ConfigError(f"config key `{key}` does not exist{hint}")
+        value = _parse(key, text, keys[key])
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        with node.unlocked():
+            node[leaf] = value
+        keys[key] = value
+    return config
+
+
+def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+    """Reads `FILE.py[:PRESET]` (calls its `get_config(PRESET)`), applies overrides, locks.
+
+    Args:
+      spec: a config file path, optionally followed by `:preset`.
+      overrides: `dotted.key=value` strings (a leading `config.` is allowed).
+
+    Returns:
+      The locked ConfigDict: adding a key later raises too.
+    """
+    path, _, preset = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist (expected FILE.py[:PRESET], e.g. configs/gpt.py:tiny)")
+    module_spec = importlib.util.spec_from_file_location(f"_lmlab_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path!r} has no get_config() function")
+    try:
+        config = module.get_config(preset) if preset else module.get_config()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    config = apply_overrides(config, overrides)
+    config.lock()
+    return config
+
+
+def split_override_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separates `--config.KEY=VALUE` arguments from the others (absl sees the others)."""
+    rest, overrides = [], []
+    for arg in argv:
+        if arg.startswith("--config."):
+            overrides.append(arg[len("--config."):])
+        else:
+            rest.append(arg)
+    return rest, overrides

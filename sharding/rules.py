@@ -1,0 +1,59 @@
+"""Logical-to-mesh axis tables, one per strategy.
+
+Models name logical axes only (`embed`, `heads`, `mlp`, `vocab`, `act_batch`, ...). A
+strategy is a table mapping those names to mesh axes; a name absent from the table is
+replicated. The sharding issue adds the ZeRO, FSDP and Megatron tables beside `dp`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+# Data parallelism: every parameter replicated; the batch split over the data axis.
+DP_RULES: tuple[tuple[str, Any], ...] = (
+    ("act_batch", "data"),
+)
+
+STRATEGIES: dict[str, tuple[tuple[str, Any], ...]] = {
+    "dp": DP_RULES,
+}
+
+
+def rules_for(strategy: str) -> tuple[tuple[str, Any], ...]:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown sharding strategy {strategy!r}; expected one of {tuple(STRATEGIES)}")
+    return STRATEGIES[strategy]
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:
+    """NamedShardings for a tree of `nn.LogicallyPartitioned` (or plain) leaves."""
+    specs = nn.get_partition_spec(boxed_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
+    """Sharding of a [B, T] batch: B over the mesh axes `act_batch` maps to."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(("act_batch", None), rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def check_batch_divisible(batch_size: int, mesh: Mesh, rules) -> None:
+    spec = nn.logical_to_mesh_axes(("act_batch",), rules)[0]
+    axes = (spec,) if isinstance(spec, str) else (spec or ())
+    size = 1
+    for a in axes:
+        size *= mesh.shape[a]
+    if batch_size % size:
+        raise ValueError(f"data.batch_size={batch_size} is not divisible by the {size} devices of mesh axes {axes}")
+
+
+def device_put_batch(batch: dict, sharding: NamedSharding) -> dict:
+    """Places this process's rows of a global batch onto the mesh (multi-process aware)."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -1,0 +1,46 @@
+"""Sampled continuations of a prompt, for a look at what a model has learned.
+
+This recomputes the whole prefix at each new token (no KV cache): it is for a few
+samples at the end of a run. Efficient generation lives in the inference package.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@functools.partial(jax.jit, static_argnames=("model", "prompt_len", "num_tokens", "temperature"))
+def _sample(params, tokens_BL, rng, *, model: nn.Module, prompt_len: int, num_tokens: int, temperature: float):
+    def step(t, tokens_BL):
+        logits_BV = model.apply({"params": params}, tokens_BL)[:, t - 1]
+        if temperature == 0.0:
+            nxt = jnp.argmax(logits_BV, axis=-1)
+        else:
+            nxt = jax.random.categorical(jax.random.fold_in(rng, t), logits_BV / temperature)
+        return tokens_BL.at[:, t].set(nxt.astype(tokens_BL.dtype))
+
+    return jax.lax.fori_loop(prompt_len, prompt_len + num_tokens, step, tokens_BL)
+
+
+def sample_continuations(model: nn.Module, params, tokenizer, prompt: str, *, num_samples: int, num_tokens: int,
+                         temperature: float, max_len: int, seed: int = 0) -> list[str]:
+    """`num_samples` continuations of `prompt`, each `num_tokens` long (fewer if the context ends)."""
+    ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(prompt)
+    ids = ids[-(max_len - 1):]
+    num_tokens = min(num_tokens, max_len - len(ids))
+    tokens = np.zeros((num_samples, len(ids) + num_tokens), np.int32)
+    tokens[:, : len(ids)] = ids
+    out = _sample(params, jnp.asarray(tokens), jax.random.key(seed), model=model, prompt_len=len(ids),
+                  num_tokens=num_tokens, temperature=float(temperature))
+    texts = []
+    for row in np.asarray(out)[:, len(ids):]:
+        row = row.tolist()
+        if tokenizer.eos_id in row:
+            row = row[: row.index(tokenizer.eos_id)]
+        texts.append(prompt + tokenizer.decode(row))
+    return texts
