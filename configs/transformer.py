@@ -34,7 +34,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     ))
     # The synthetic reversal task of train/seq2seq.py.
     c.train = ml_collections.ConfigDict(dict(
-        seed=0, steps=2000, batch_size=64, learning_rate=1e-3, warmup_steps=100, label_smoothing=0.0,
+        seed=0, steps=1000, batch_size=64, learning_rate=1e-3, warmup_steps=100, label_smoothing=0.0,
         min_digits=3, max_digits=10, eval_examples=512, log_every=200,
     ))
     if preset == "big":
