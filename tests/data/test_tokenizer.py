@@ -5,10 +5,8 @@ The corpus is the English text that CPython ships (pydoc topics, ~465 KB).
 """
 
 import json
-import pathlib
 import pickle
 import pydoc_data.topics
-import sys
 
 import pytest
 import sentencepiece
@@ -19,14 +17,11 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 # Under `--import-mode=importlib` the repository root is not importable unless lmlab
 # is pip-installed; let the suite run from a bare checkout too.
-_ROOT = str(pathlib.Path(__file__).resolve().parents[2])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
 
-from data.tokenizer import ByteLevelBPE, Tokenizer, load_tokenizer  # noqa: E402
-from data.tokenizer.bpe import bytes_to_unicode, str_to_token, token_to_str  # noqa: E402
-from data.tokenizer.hf_json import HFJsonTokenizer, export_bpe  # noqa: E402
-from data.tokenizer.spm import SentencePieceTokenizer  # noqa: E402
+from data.tokenizer import ByteLevelBPE, Tokenizer, load_tokenizer
+from data.tokenizer.bpe import bytes_to_unicode, str_to_token, token_to_str
+from data.tokenizer.hf_json import HFJsonTokenizer, export_bpe
+from data.tokenizer.spm import SentencePieceTokenizer
 
 EOT = "<|endoftext|>"
 _CORPUS = "\n\n".join(pydoc_data.topics.topics.values())
