@@ -123,7 +123,8 @@ def run(config: ml_collections.ConfigDict, *, verbose: bool = True) -> dict[str,
 
     key = jax.random.key(t.seed)
     sample = make_examples(rng, 2, t.min_digits, t.max_digits, held_out=False)
-    params = nn.unbox(model.init(key, jnp.asarray(sample[0]), jnp.asarray(sample[1]))["params"])
+    # One jitted init: un-jitted, every random draw compiles on its own (seconds on a CPU).
+    params = nn.unbox(jax.jit(model.init)(key, jnp.asarray(sample[0]), jnp.asarray(sample[1]))["params"])
     schedule = make_schedule("cosine", peak_lr=t.learning_rate, total_steps=t.steps, warmup_steps=t.warmup_steps)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b1=0.9, b2=0.98, weight_decay=0.01))
     state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)

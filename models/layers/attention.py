@@ -8,7 +8,8 @@ grouping the N query heads into K groups of G that share one K/V head: the query
 reshaped to [B, T, K, G, H] and contracted against K/V of shape [B, S, K, H]. No copy of
 K or V is ever made (compare `jnp.repeat` in many implementations).
 
-Masks combine by logical AND into one boolean [B, 1, T, S] array (True = may attend):
+Masks combine by logical AND into one boolean array broadcastable to [B, N, T, S]
+(True = may attend; [B, 1, 1, S] when only padding is given, None when nothing is):
 - causal: query position >= key position (positions default to 0..T-1 / 0..S-1; pass
   explicit positions for packed rows or for decoding with a cache);
 - padding: `kv_mask` [B, S], True for real keys;

@@ -40,7 +40,9 @@ class MultiHeadAttention(nn.Module):
       sliding_window: restrict each query to the last `sliding_window` keys.
 
     When the `intermediates` collection is mutable, the attention weights [B, N, T, S]
-    are sown there as `attention_weights` (for inspection and plots).
+    are sown there as `attention_weights`, a 1-tuple (flax's sow appends), for
+    inspection and plots. In the Transformer they sit at, e.g.,
+    `intermediates['decoder_1']['cross_attention']['attention_weights'][0]`.
     """
 
     num_heads: int
