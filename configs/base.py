@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
         seq_len=128,
         batch_size=16,  # global batch, over all devices and processes
         shuffle_seed=0,
+        shuffle_window=1024,  # packed rows shuffled together (1: documents only)
         data_dir="",  # "": WORKDIR/tfds
         validation_fraction=0.05,
         train_split="train",

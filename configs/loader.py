@@ -50,6 +50,17 @@ def _parse(key: str, text: str, current: object) -> object:
     raise ConfigError(f"config key `{key}` holds a {kind.__name__}, which cannot be set from the command line")
 
 
+def _suggestions(key: str, keys) -> list[str]:
+    """Closest valid keys: siblings with a similar name first, else similar full paths."""
+    parent, _, leaf = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
+    if siblings:
+        close = difflib.get_close_matches(leaf, siblings, n=3, cutoff=0.6)
+        if close:
+            return [siblings[c] for c in close]
+    return difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
     """Sets each `dotted.key=value` in place; values are parsed as the key's current type."""
     keys = _flat_keys(config)
@@ -61,7 +72,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
         if key.startswith("config."):
             key = key[len("config."):]
         if key not in keys:
-            close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+            close = _suggestions(key, keys)
             hint = f"; did you mean {', '.join(f'`{c}`' for c in close)}?" if close else ""
             raise ConfigError(f"config key `{key}` does not exist{hint}")
         value = _parse(key, text, keys[key])

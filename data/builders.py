@@ -265,6 +265,7 @@ def _jsonl_documents(path: str, text: str, text_key: str) -> dict[str, str]:
 def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
     """Writes `builder`'s array_record files if they are not there yet; never downloads."""
     if not builder.is_prepared():
+        tfds.disable_progress_bar()  # a few small files: the bars are only noise
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return builder
 

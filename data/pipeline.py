@@ -1,7 +1,7 @@
 """Grain pipelines for pretraining: documents -> tokens -> packed rows -> per-process batches.
 
     train: source[train] -> shuffle(seed) -> repeat(num_epochs) -> tokenize -> PackedRows
-           -> batch(global batch_size) -> this process's rows
+           -> window shuffle of rows -> batch(global batch_size) -> this process's rows
     eval:  source[validation] -> tokenize -> PackedRows -> batch, last one padded
            -> this process's rows
 
@@ -36,7 +36,10 @@ class DataConfig:
         seq_len: tokens per row.
         batch_size: rows per global batch, over all processes.
         seed: the shuffle seed; each epoch is shuffled differently from it.
-        shuffle: shuffle the training documents (off: source order, for inspection).
+        shuffle: shuffle the training documents, and the packed rows within windows of
+            `shuffle_window` rows, so that a batch mixes documents (off: source order).
+        shuffle_window: rows per shuffle window (a long document fills many rows in a
+            row; without this a batch would be consecutive pieces of one document).
         data_dir: where array_record files are written and read (tfds's default when None).
         validation_fraction: share of bytes held out as validation (embedded, files).
         train_split: the split trained on ('train'; any TFDS split for tfds sources).
@@ -53,6 +56,7 @@ class DataConfig:
     batch_size: int = 8
     seed: int = 0
     shuffle: bool = True
+    shuffle_window: int = 1024
     data_dir: str | None = None
     validation_fraction: float = 0.05
     train_split: str = "train"
@@ -150,7 +154,11 @@ def train_dataset(
     if config.shuffle:
         documents = documents.shuffle(seed=config.seed)
     documents = documents.repeat(config.num_epochs)
-    batches = _packed_rows(config, documents, tokenizer).batch(config.batch_size, drop_remainder=True)
+    packed = _packed_rows(config, documents, tokenizer)
+    if config.shuffle and config.shuffle_window > 1:
+        packed = grain.experimental.WindowShuffleIterDataset(packed, window_size=config.shuffle_window,
+                                                             seed=config.seed)
+    batches = packed.batch(config.batch_size, drop_remainder=True)
     return _finish(config, batches, rows)
 
 

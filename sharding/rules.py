@@ -44,14 +44,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def check_batch_divisible(batch_size: int, mesh: Mesh, rules) -> None:
+def check_batch_divisible(batch_size: int, mesh: Mesh, rules, name: str = "data.batch_size") -> None:
+    """Raises if a batch of `batch_size` rows cannot be split over the batch's mesh axes."""
     spec = nn.logical_to_mesh_axes(("act_batch",), rules)[0]
     axes = (spec,) if isinstance(spec, str) else (spec or ())
     size = 1
     for a in axes:
         size *= mesh.shape[a]
     if batch_size % size:
-        raise ValueError(f"data.batch_size={batch_size} is not divisible by the {size} devices of mesh axes {axes}")
+        raise ValueError(f"{name}={batch_size} is not divisible by the {size} devices of mesh axes {axes}; "
+                         f"use a multiple of {size} or a smaller mesh (sharding.mesh)")
 
 
 def device_put_batch(batch: dict, sharding: NamedSharding) -> dict:

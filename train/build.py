@@ -27,7 +27,7 @@ def data_config(config: ml_collections.ConfigDict, workdir: str) -> pipeline.Dat
     d = config.data
     return pipeline.DataConfig(
         source=d.source, text_key=d.text_key, split_paragraphs=d.split_paragraphs, seq_len=d.seq_len,
-        batch_size=d.batch_size, seed=d.shuffle_seed, data_dir=d.data_dir or os.path.join(workdir, "tfds"),
+        batch_size=d.batch_size, seed=d.shuffle_seed, shuffle_window=d.shuffle_window, data_dir=d.data_dir or os.path.join(workdir, "tfds"),
         validation_fraction=d.validation_fraction, train_split=d.train_split, eval_split=d.eval_split,
         worker_count=d.worker_count,
     )

@@ -13,6 +13,7 @@ same parameters as an uninterrupted one. SIGTERM saves a checkpoint, then stops
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -27,7 +28,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from data import pipeline
 from sharding import mesh as mesh_lib
@@ -105,136 +105,175 @@ def _warn_config_changes(path: str, config: dict) -> None:
     before, after = flat(old), flat(config)
     changed = sorted(k for k in after if before.get(k) != after[k])
     if changed:
-        logging.warning("resuming with a config that differs from the saved one in: %s", ", ".join(changed))
+        logging.getLogger(__name__).warning("resuming with a config that differs from the saved one in: %s", ", ".join(changed))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Pretrains (or resumes) the model of `config` in `workdir`; returns the summary dict."""
+@dataclasses.dataclass
+class Run:
+    """The pieces of one run, built from its config by `setup`."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    is_lead: bool
+    data: pipeline.DataConfig
+    tokenizer: Any
+    model: nn.Module
+    mesh: Any
+    rules: Any
+    batch_sharding: Any
+    abstract_state: Any
+    init_fn: Any
+    step_fn: Any
+    eval_fn: Any
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+    """Builds tokenizer, model, optimizer, mesh and the jitted init, train and eval steps."""
     os.makedirs(workdir, exist_ok=True)
     is_lead = jax.process_index() == 0
-    config_dict = config.to_dict()
     if is_lead:
-        _warn_config_changes(os.path.join(workdir, "config.json"), config_dict)
+        _warn_config_changes(os.path.join(workdir, "config.json"), config.to_dict())
         with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config_dict, f, indent=2)
-
+            json.dump(config.to_dict(), f, indent=2)
     data_cfg = build.data_config(config, workdir)
     tokenizer = build.tokenizer(config, workdir, data_cfg)
     model = build.model(config, tokenizer.vocab_size)
     tx, schedule = build.optimizer(config)
-    if config.data.batch_size % config.optimizer.grad_accum_steps:
+    accum = config.optimizer.grad_accum_steps
+    if config.data.batch_size % accum:
         raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by "
-                         f"optimizer.grad_accum_steps={config.optimizer.grad_accum_steps}")
+                         f"optimizer.grad_accum_steps={accum}")
 
     mesh = mesh_lib.make_mesh(config.sharding.mesh)
     rules = rules_lib.rules_for(config.sharding.strategy)
-    rules_lib.check_batch_divisible(config.data.batch_size // config.optimizer.grad_accum_steps, mesh, rules)
+    rules_lib.check_batch_divisible(
+        config.data.batch_size // accum, mesh, rules,
+        name="data.batch_size" if accum == 1 else "the micro-batch data.batch_size / optimizer.grad_accum_steps")
     batch_sharding = rules_lib.batch_sharding(mesh, rules)
     init_fn, abstract_state = init_train_state(model, tx, mesh, rules, config.data.seq_len, config.seed)
     state_sharding = jax.tree_util.tree_map(lambda a: a.sharding, abstract_state)
     replicated = rules_lib.replicated(mesh)
+    step_fn = jax.jit(
+        functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule, grad_accum_steps=accum,
+                          z_loss=config.optimizer.z_loss, label_smoothing=config.optimizer.label_smoothing),
+        in_shardings=(state_sharding, batch_sharding, replicated),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=(0,),
+    )
+    eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model),
+                      in_shardings=(state_sharding.params, batch_sharding), out_shardings=replicated)
+    return Run(config, workdir, is_lead, data_cfg, tokenizer, model, mesh, rules, batch_sharding, abstract_state,
+               init_fn, step_fn, eval_fn)
 
-    with nn.logical_axis_rules(rules):
-        step_fn = jax.jit(
-            functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule,
-                              grad_accum_steps=config.optimizer.grad_accum_steps,
-                              z_loss=config.optimizer.z_loss, label_smoothing=config.optimizer.label_smoothing),
-            in_shardings=(state_sharding, batch_sharding, replicated),
-            out_shardings=(state_sharding, replicated),
-            donate_argnums=(0,),
-        )
-        eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model),
-                          in_shardings=(state_sharding.params, batch_sharding), out_shardings=replicated)
 
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
-                                save_interval_steps=config.checkpoint.save_interval_steps,
-                                async_save=config.checkpoint.async_save)
-    train_iter = pipeline.train_iterator(data_cfg, tokenizer)
-    restored = checkpointer.restore(abstract_state)
-    if restored is None:
-        state = init_fn(jax.random.key(config.seed))
-        if is_lead:
-            print(f"new run in {workdir}", flush=True)
-    else:
-        _, state, data_state, _ = restored
-        train_iter.set_state(data_state)
-        if is_lead:
-            print(f"resumed from step {int(state.step)} in {workdir}", flush=True)
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Pretrains (or resumes) the model of `config` in `workdir`; returns the summary dict."""
+    r = setup(config, workdir)
+    # Tracing happens at the first call: the mesh and the logical rules must be active
+    # then, or the models' logical sharding constraints are dropped.
+    with jax.set_mesh(r.mesh), nn.logical_axis_rules(r.rules):
+        checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    max_to_keep=config.checkpoint.max_to_keep,
+                                    save_interval_steps=config.checkpoint.save_interval_steps,
+                                    async_save=config.checkpoint.async_save)
+        train_iter = pipeline.train_iterator(r.data, r.tokenizer)
+        restored = checkpointer.restore(r.abstract_state)
+        if restored is None:
+            state = r.init_fn(jax.random.key(config.seed))
+            message = f"new run in {workdir}"
+        else:
+            _, state, data_state, _ = restored
+            train_iter.set_state(data_state)
+            message = f"resumed from step {int(state.step)} in {workdir}"
+        if r.is_lead:
+            print(message, flush=True)
+        eval_batches = pipeline.eval_batches(r.data, r.tokenizer)
+        try:
+            state, throughput, last_metrics = _train_loop(r, state, train_iter, checkpointer, eval_batches)
+        finally:
+            checkpointer.close()
+        final_eval = evaluate(r.eval_fn, state.params, eval_batches, r.batch_sharding)
+    return _finish(r, state, final_eval, throughput, last_metrics)
 
-    gpt_config = model.config
-    train_flops_per_token = 3 * gpt_config.flops_per_token(config.data.seq_len)
-    peak = config.logging.peak_flops or measure_matmul_peak()
-    throughput = Throughput(train_flops_per_token, peak)
-    start_step = int(state.step)
-    writer = MetricsWriter(workdir, config.steps, use_tensorboard=config.logging.tensorboard and is_lead,
-                           progress=config.logging.progress_bar and is_lead) if is_lead else None
-    if is_lead:
-        print(f"model: {gpt_config.num_params() / 1e6:.2f}M parameters, {train_flops_per_token / 1e6:.1f} MFLOP per "
-              f"trained token; vocab {tokenizer.vocab_size}; {jax.device_count()} devices; steps {start_step}->"
-              f"{config.steps}; peak {peak / 1e9:.1f} GFLOP/s", flush=True)
 
+class _MetricsReader:
+    """Reads a step's device metrics (one step late), guards against NaN, logs and times."""
+
+    def __init__(self, r: Run, start_step: int):
+        config = r.config
+        self.config, self.start_step = config, start_step
+        train_flops_per_token = 3 * r.model.config.flops_per_token(config.data.seq_len)
+        # A short measurement (a few seconds); set logging.peak_flops to skip it.
+        peak = config.logging.peak_flops or measure_matmul_peak(repeats=3, matmuls_per_call=2)
+        self.throughput = Throughput(train_flops_per_token, peak)
+        self.tokens_per_step = config.data.batch_size * config.data.seq_len  # padding included: it is computed
+        self.writer = MetricsWriter(r.workdir, config.steps, use_tensorboard=config.logging.tensorboard,
+                                    progress=config.logging.progress_bar) if r.is_lead else None
+        self.last_time, self.last_metrics = time.time(), {}
+        if r.is_lead:
+            print(f"model: {r.model.config.num_params() / 1e6:.2f}M parameters, {train_flops_per_token / 1e6:.1f} "
+                  f"MFLOP per trained token; vocab {r.tokenizer.vocab_size}; {jax.device_count()} devices; steps "
+                  f"{start_step}->{config.steps}; peak {peak / 1e9:.1f} GFLOP/s", flush=True)
+
+    def __call__(self, step: int, device_metrics: dict) -> None:
+        metrics = {k: float(v) for k, v in device_metrics.items()}
+        _check_finite(step, metrics)
+        now = time.time()
+        if step > self.start_step + 1:  # the first step's time is mostly compilation
+            self.throughput.add(self.tokens_per_step, now - self.last_time)
+        self.last_time, self.last_metrics = now, metrics
+        if self.writer and (step % self.config.logging.log_every_steps == 0 or step == self.config.steps):
+            rates = self.throughput.report()
+            self.writer.write(step, {**metrics, "perplexity": math.exp(min(metrics["loss"], 30.0)), **rates})
+
+    def close(self):
+        if self.writer:
+            self.writer.close()
+
+
+def _train_loop(r: Run, state, train_iter, checkpointer: Checkpointer, eval_batches):
+    """Steps from the state's step to config.steps; returns (state, throughput, last metrics)."""
+    config = r.config
+    rng = jax.random.key(config.seed + 1)
+    reader = _MetricsReader(r, int(state.step))
     stop = {"signal": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
-    rng = jax.random.key(config.seed + 1)
-    eval_batches = pipeline.eval_batches(data_cfg, tokenizer)
-    pending = None  # (step, device metrics) of the step whose metrics are not read yet
-    last_time = time.time()
-    last_metrics: dict[str, float] = {}
-
-    tokens_per_step = config.data.batch_size * config.data.seq_len  # padding included: it is computed
-
-    def read(pending_step, device_metrics):
-        nonlocal last_time, last_metrics
-        metrics = {k: float(v) for k, v in device_metrics.items()}
-        _check_finite(pending_step, metrics)
-        now = time.time()
-        if pending_step > start_step + 1:  # the first step's time is mostly compilation
-            throughput.add(tokens_per_step, now - last_time)
-        last_time = now
-        last_metrics = metrics
-        if writer and (pending_step % config.logging.log_every_steps == 0 or pending_step == config.steps):
-            rates = throughput.report()
-            writer.write(pending_step, {**metrics, "perplexity": math.exp(min(metrics["loss"], 30.0)), **rates})
-
+    pending = None  # (step, device metrics) not read yet
     try:
-        for step in range(start_step, config.steps):
-            batch = rules_lib.device_put_batch(next(train_iter), batch_sharding)
-            state, metrics = step_fn(state, batch, rng)
+        for step in range(int(state.step), config.steps):
+            batch = rules_lib.device_put_batch(next(train_iter), r.batch_sharding)
+            state, metrics = r.step_fn(state, batch, rng)
             if pending is not None:
-                read(*pending)  # the previous step's metrics, read while this step runs
-            pending = (step + 1, metrics)
-            done = step + 1
-            must_save = done % config.checkpoint.save_interval_steps == 0 or stop["signal"] or done == config.steps
-            if must_save:
-                read(*pending)
+                reader(*pending)  # the previous step's metrics, read while this step runs
+            pending, done = (step + 1, metrics), step + 1
+            if done % config.checkpoint.save_interval_steps == 0 or stop["signal"] or done == config.steps:
+                reader(*pending)  # never save a step whose loss is not finite
                 pending = None
-                checkpointer.save(done, state, data_state=train_iter.get_state(), config=config_dict, force=True)
+                checkpointer.save(done, state, data_state=train_iter.get_state(), config=config.to_dict(),
+                                  force=True)
+                reader.last_time = time.time()  # tokens/s counts training, not saving
             if config.eval.every_steps and done % config.eval.every_steps == 0 and done != config.steps:
-                ev = evaluate(eval_fn, state.params, eval_batches, batch_sharding, config.eval.max_batches)
-                if writer:
-                    writer.write(done, {"val_loss": ev["loss"]})
+                ev = evaluate(r.eval_fn, state.params, eval_batches, r.batch_sharding, config.eval.max_batches)
+                if reader.writer:
+                    reader.writer.write(done, {"val_loss": ev["loss"]})
+                reader.last_time = time.time()
             if stop["signal"]:
                 checkpointer.wait_until_finished()
-                raise Preempted(f"SIGTERM: saved a checkpoint at step {done} in {workdir}; "
+                raise Preempted(f"SIGTERM: saved a checkpoint at step {done} in {r.workdir}; "
                                 "run the same command to resume")
         if pending is not None:
-            read(*pending)
+            reader(*pending)
         checkpointer.wait_until_finished()
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-        if writer:
-            writer.close()
-        checkpointer.close()
-
-    return _finish(config, workdir, model, state, tokenizer, eval_fn, eval_batches, batch_sharding, data_cfg,
-                   throughput, last_metrics, is_lead)
+        reader.close()
+    return state, reader.throughput, reader.last_metrics
 
 
-def _finish(config, workdir, model, state, tokenizer, eval_fn, eval_batches, batch_sharding, data_cfg,
-            throughput, last_metrics, is_lead) -> dict[str, Any]:
-    """Full validation, bits per byte against xz, samples and summary.json."""
-    ev = evaluate(eval_fn, state.params, eval_batches, batch_sharding)
-    raw = pipeline.validation_text(data_cfg)
+def _finish(r: Run, state, ev: dict[str, float], throughput: Throughput, last_metrics) -> dict[str, Any]:
+    """Bits per byte of the full validation `ev` against xz, samples and summary.json."""
+    config, workdir, model, tokenizer = r.config, r.workdir, r.model, r.tokenizer
+    raw = pipeline.validation_text(r.data)
     summary = {
         "final_step": int(state.step),
         "train_loss": last_metrics.get("loss"),
@@ -253,7 +292,7 @@ def _finish(config, workdir, model, state, tokenizer, eval_fn, eval_batches, bat
                                    temperature=config.eval.temperature, max_len=model.config.max_len,
                                    seed=config.seed)
     summary["samples"] = samples
-    if is_lead:
+    if r.is_lead:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
         print(f"step {summary['final_step']}: val loss {summary['val_loss']:.3f}, "

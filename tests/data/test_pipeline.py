@@ -141,7 +141,8 @@ def test_same_seed_same_batches_other_seed_other_batches(files_config):
 
 
 def test_each_epoch_is_a_new_shuffle_of_all_training_documents(files_config):
-    config = dataclasses.replace(files_config, batch_size=1, num_epochs=2)
+    # Rows not window-shuffled, so that documents read back in order.
+    config = dataclasses.replace(files_config, batch_size=1, num_epochs=2, shuffle_window=1)
     tokenizer = ByteTokenizer()
     rows = list(pipeline.train_dataset(config, tokenizer, process_index=0, process_count=1))
     targets = np.concatenate([row["targets"][row["loss_mask"] == 1] for row in rows])
@@ -150,6 +151,20 @@ def test_each_epoch_is_a_new_shuffle_of_all_training_documents(files_config):
     first, second = texts[: len(documents)], texts[len(documents) :]
     assert sorted(first) == sorted(second) == sorted(documents)
     assert first != second and first != documents
+
+
+def test_row_window_shuffle_reorders_the_same_rows(files_config):
+    """Window shuffling mixes packed rows across documents without losing or repeating any."""
+    tokenizer = ByteTokenizer()
+
+    def rows(window):
+        config = dataclasses.replace(files_config, batch_size=1, num_epochs=1, shuffle_window=window)
+        return [tuple(b["inputs"][0]) + tuple(b["segment_ids"][0])
+                for b in pipeline.train_dataset(config, tokenizer, process_index=0, process_count=1)]
+
+    in_order, shuffled = rows(1), rows(8)
+    assert sorted(in_order) == sorted(shuffled)
+    assert in_order != shuffled
 
 
 def test_resume_from_json_state_continues_the_same_stream(files_config):
