@@ -1,0 +1,193 @@
+"""train_step and eval_step: accumulation == one batch, sharded == one device, float64 NLL, RNG per step."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from models.gpt import GPT, GPTConfig
+from models.layers.blocks import BlockConfig
+from sharding import mesh as mesh_lib
+from sharding import rules as rules_lib
+from train import step as step_lib
+from train.optimizer import make_optimizer
+from train.schedules import make_schedule
+
+B, T, VOCAB = 8, 8, 32
+# Every test compares two runs compiled alike: LLVM -O0 compiles ~3x faster on CPU.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+SCHEDULE = make_schedule("cosine", peak_lr=0.5, total_steps=10, warmup_steps=2)
+# Plain SGD: the update is -lr * grad, so the new params show any error in the gradient
+# (Adam's m / sqrt(v) would hide a wrong scale).
+SGD = optax.sgd(SCHEDULE)
+
+
+def _model(dropout_rate=0.0) -> GPT:
+    block = BlockConfig(d_model=16, num_heads=2, d_ff=32, mlp_activation="gelu_tanh", norm_position="pre",
+                        dropout_rate=dropout_rate, attention_dropout_rate=dropout_rate)
+    return GPT(GPTConfig(vocab_size=VOCAB, block=block, num_layers=1, max_len=T))
+
+
+def _state(model, tx, seed=0) -> step_lib.TrainState:
+    """Random params drawn in numpy (compiling flax's threefry init costs ~15 s on a loaded CPU)."""
+    shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, T), jnp.int32))["params"]))
+    rng = np.random.default_rng(seed)
+    params = jax.tree_util.tree_map(
+        lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape) + (1.0 if len(s.shape) == 1 else 0.0), s.dtype),
+        shapes)
+    return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def _batch(seed=0):
+    """Packed and padded rows; the counted tokens per row are 2,2,8,8,5,3,0,0, so micro-batches
+    of 2 rows count 4, 16, 8 and 0 tokens, and of 4 rows 20 and 8."""
+    rng = np.random.default_rng(seed)
+    counted = [2, 2, 8, 8, 5, 3, 0, 0]
+    loss_mask = (np.arange(T)[None, :] < np.asarray(counted)[:, None]).astype(np.int32)
+    segment_ids = loss_mask.copy()
+    positions = np.broadcast_to(np.arange(T), (B, T)).copy()
+    segment_ids[2], positions[2] = [1, 1, 1, 2, 2, 2, 2, 2], [0, 1, 2, 0, 1, 2, 3, 4]  # two documents
+    targets = rng.integers(0, VOCAB, (B, T))
+    targets[loss_mask == 0] = -1  # padding targets are out of range: they must never be read
+    batch = {"inputs": rng.integers(0, VOCAB, (B, T)), "targets": targets, "segment_ids": segment_ids,
+             "positions": positions, "loss_mask": loss_mask}
+    return {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+
+
+@functools.cache
+def _step_fn(grad_accum_steps=1, dropout_rate=0.0):
+    """One compile per setting, shared by the tests (each is 2-5 s on a loaded CPU)."""
+    return jax.jit(functools.partial(step_lib.train_step, model=_model(dropout_rate), tx=SGD, schedule=SCHEDULE,
+                                     grad_accum_steps=grad_accum_steps, z_loss=1e-3),
+                   compiler_options=FAST_COMPILE)
+
+
+def _at_step(state, step):
+    """`state` as if `step` steps had run: the step and the optimizer's step counters."""
+    opt_state = jax.tree_util.tree_map(lambda x: jnp.full_like(x, step) if x.dtype == jnp.int32 else x,
+                                       state.opt_state)
+    return state.replace(step=jnp.asarray(step, jnp.int32), opt_state=opt_state)
+
+
+def _assert_trees_close(a, b, rtol, atol=0.0):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("grad_accum_steps", [2, 4])
+def test_grad_accumulation_equals_one_batch(grad_accum_steps):
+    state, batch, rng = _at_step(_state(_model(), SGD), 2), _batch(), jax.random.key(0)  # past warmup
+    whole, whole_metrics = _step_fn(1)(state, batch, rng)
+    accum, accum_metrics = _step_fn(grad_accum_steps)(state, batch, rng)
+
+    assert float(whole_metrics["learning_rate"]) > 0
+    for key in ("loss", "z_loss", "accuracy", "grad_norm", "num_tokens", "learning_rate"):
+        np.testing.assert_allclose(accum_metrics[key], whole_metrics[key], rtol=1e-6, err_msg=key)
+    _assert_trees_close(accum.params, whole.params, rtol=1e-6, atol=1e-7)  # |params| ~ 0.3
+    # The updates themselves (-lr * grad), not only the params they are added to.
+    def update(new):
+        return jax.tree_util.tree_map(jnp.subtract, new.params, state.params)
+
+    _assert_trees_close(update(accum), update(whole), rtol=1e-5, atol=1e-7)
+
+
+def test_data_parallel_equals_one_device():
+    assert jax.device_count() == 8, "tests/conftest.py should simulate 8 CPU devices"
+    model, rules = _model(), rules_lib.rules_for("dp")
+    # eps=1e-3, not 1e-8: some gradients are zero in exact arithmetic (a key bias shifts every
+    # logit of a query alike), and Adam would blow their rounding noise up to lr-sized steps.
+    tx = make_optimizer(learning_rate=SCHEDULE, eps=1e-3, weight_decay=0.1, grad_clip_norm=1.0)
+    batches = [_batch(seed) for seed in range(3)]
+
+    def run(mesh):
+        batch_sharding, replicated = rules_lib.batch_sharding(mesh, rules), rules_lib.replicated(mesh)
+        # Tracing inside the mesh and the rules makes the models' logical constraints real ones.
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            step_fn = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx, schedule=SCHEDULE),
+                              in_shardings=(replicated, batch_sharding, replicated),
+                              out_shardings=(replicated, replicated), compiler_options=FAST_COMPILE)
+            state, losses = jax.device_put(_state(model, tx), replicated), []
+            for batch in batches:
+                batch = jax.device_put(batch, batch_sharding)
+                assert batch["inputs"].sharding.shard_shape((B, T)) == (B // mesh.size, T)
+                state, metrics = step_fn(state, batch, jax.random.key(0))
+                losses.append(metrics)
+        return state, losses
+
+    sharded, sharded_metrics = run(mesh_lib.make_mesh("data=-1"))
+    single, single_metrics = run(mesh_lib.make_mesh("data=1", devices=jax.devices()[:1]))
+    assert len(jax.tree_util.tree_leaves(sharded.params)[0].sharding.device_set) == 8
+    for step, (m8, m1) in enumerate(zip(sharded_metrics, single_metrics)):
+        for key in ("loss", "grad_norm", "accuracy", "num_tokens"):
+            np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, err_msg=f"step {step} {key}")
+    _assert_trees_close(sharded.params, single.params, rtol=1e-5, atol=1e-6)
+    _assert_trees_close(sharded.opt_state, single.opt_state, rtol=1e-5, atol=1e-7)
+
+
+def test_eval_nll_sum_matches_float64_numpy():
+    model, batch = _model(), _batch()
+    params = _state(model, SGD).params
+    out = jax.jit(functools.partial(step_lib.eval_step, model=model), compiler_options=FAST_COMPILE)(params, batch)
+    logits = jax.jit(lambda p: model.apply({"params": p}, batch["inputs"], positions=batch["positions"],
+                                           segment_ids=batch["segment_ids"]), compiler_options=FAST_COMPILE)(params)
+
+    logits64 = np.asarray(logits, np.float64)
+    peak = logits64.max(-1, keepdims=True)
+    log_z = np.log(np.exp(logits64 - peak).sum(-1)) + peak[..., 0]
+    counted = np.asarray(batch["loss_mask"]) > 0
+    targets = np.where(counted, np.asarray(batch["targets"]), 0)
+    nll = log_z - np.take_along_axis(logits64, targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(float(out["nll_sum"]), nll[counted].sum(), rtol=1e-6)
+    assert float(out["num_tokens"]) == counted.sum() == 28
+
+
+def test_learning_rate_reported_and_applied_is_schedule_of_step():
+    step_fn, state, batch = _step_fn(1), _state(_model(), SGD), _batch()
+    for s in range(4):
+        new, metrics = step_fn(state, batch, jax.random.key(0))
+        assert int(state.step) == s
+        np.testing.assert_allclose(metrics["learning_rate"], SCHEDULE(s), rtol=1e-7)
+        # With SGD, |update| = lr * |grad|: the rate the optimizer applied is schedule(s) too.
+        update_norm = optax.global_norm(jax.tree_util.tree_map(jnp.subtract, new.params, state.params))
+        np.testing.assert_allclose(update_norm, SCHEDULE(s) * metrics["grad_norm"], rtol=1e-4, atol=1e-7)
+        state = new
+    assert float(SCHEDULE(0)) == 0.0 and float(SCHEDULE(2)) == 0.5  # warmup, then peak
+
+
+def test_masked_target_does_not_change_the_gradient():
+    step_fn, state, batch = _step_fn(1), _at_step(_state(_model(), SGD), 2), _batch()
+    masked = np.asarray(batch["loss_mask"]) == 0
+    rng = np.random.default_rng(1)
+    other = dict(batch, targets=jnp.where(masked, rng.integers(0, VOCAB, (B, T)), batch["targets"]))
+    reference, ref_metrics = step_fn(state, batch, jax.random.key(0))
+    changed, metrics = step_fn(state, other, jax.random.key(0))
+    for key in ("loss", "grad_norm", "accuracy"):
+        assert float(metrics[key]) == float(ref_metrics[key]), key
+    for x, y in zip(jax.tree_util.tree_leaves(changed.params), jax.tree_util.tree_leaves(reference.params)):
+        np.testing.assert_array_equal(x, y)
+    # Control: a counted target does change it.
+    counted = dict(batch, targets=batch["targets"].at[2, 3].set((batch["targets"][2, 3] + 1) % VOCAB))
+    _, counted_metrics = step_fn(state, counted, jax.random.key(0))
+    assert float(counted_metrics["grad_norm"]) != float(ref_metrics["grad_norm"])
+
+
+def test_dropout_mask_depends_on_step_and_is_reproducible():
+    step_fn, state, batch, rng = _step_fn(1, dropout_rate=0.2), _state(_model(0.2), SGD), _batch(), jax.random.key(0)
+    first, first_metrics = step_fn(state, batch, rng)
+    again, again_metrics = step_fn(state, batch, rng)
+    for key in ("loss", "grad_norm"):
+        assert float(first_metrics[key]) == float(again_metrics[key]), key
+    for x, y in zip(jax.tree_util.tree_leaves(first.params), jax.tree_util.tree_leaves(again.params)):
+        np.testing.assert_array_equal(x, y)
+
+    # The same params and batch at the next step number: only the dropout masks differ.
+    _, next_metrics = step_fn(state.replace(step=state.step + 1), batch, rng)
+    assert float(next_metrics["loss"]) != float(first_metrics["loss"])
+    # And the masks do act: the dropout-free loss of these params is different again.
+    _, plain_metrics = _step_fn(1)(state, batch, rng)
+    assert float(plain_metrics["loss"]) not in (float(first_metrics["loss"]), float(next_metrics["loss"]))

@@ -1,0 +1,171 @@
+"""The pretraining loop end to end: learning, resume after SIGKILL, SIGTERM, guards, outputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs.loader import load_config
+from train import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """A data_dir and a trained tokenizer shared by the runs of this module (saves rebuilding)."""
+    root = tmp_path_factory.mktemp("shared")
+    config = load_config(os.path.join(REPO, "configs/gpt.py:tiny"), [f"data.data_dir={root / 'tfds'}"])
+    from train import build
+
+    data_cfg = build.data_config(config, str(root))
+    build.tokenizer(config, str(root), data_cfg)  # trains and saves root/tokenizer
+    return [f"data.data_dir={root / 'tfds'}", f"tokenizer.path={root / 'tokenizer'}"]
+
+
+def _config(shared, *overrides):
+    return load_config(os.path.join(REPO, "configs/gpt.py:tiny"),
+                       [*shared, "logging.progress_bar=false", "logging.peak_flops=1e11", *overrides])
+
+
+def _final_params(workdir, step):
+    tree = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+    return tree["params"]
+
+
+def _assert_trees_equal(a, b):
+    flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+    for (path, x), (_, y) in zip(flat_a, flat_b):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7, err_msg=str(path))
+
+
+def test_tiny_run_learns_and_writes_its_outputs(shared, tmp_path):
+    summary = trainer.run(_config(shared, "steps=40"), str(tmp_path))
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [x["loss"] for x in lines if "loss" in x]
+    assert train_losses[-1] < train_losses[0] - 0.5, train_losses
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("final_step", "val_loss", "val_bits_per_byte", "xz_bits_per_byte", "tokens_per_second", "mfu"):
+        assert key in on_disk and on_disk[key] is not None, key
+    assert on_disk["final_step"] == 40 == summary["final_step"]
+    # bits per byte is the validation NLL re-expressed per byte of raw text.
+    assert on_disk["val_bits_per_byte"] == pytest.approx(
+        on_disk["val_loss"] * on_disk["val_tokens"] / np.log(2) / on_disk["val_bytes"], rel=1e-6)
+    assert 0 < on_disk["mfu"] < 1 and on_disk["tokens_per_second"] > 0
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+    assert json.loads((tmp_path / "config.json").read_text())["steps"] == 40
+    assert len(on_disk["samples"]) == 1 and on_disk["samples"][0].startswith("The ")
+
+
+def test_mixed_precision_remat_and_accumulation_train(shared, tmp_path):
+    """bf16 compute with f32 parameters, full remat and 2 micro-batches: still learns."""
+    summary = trainer.run(_config(shared, "steps=30", "model.dtype=bfloat16", "model.remat=full",
+                                  "optimizer.grad_accum_steps=2", "data.batch_size=16"), str(tmp_path))
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if "loss" in x]
+    assert losses[-1] < losses[0] - 0.5, losses
+    params = _final_params(tmp_path, 30)
+    assert {np.asarray(x).dtype for x in jax.tree_util.tree_leaves(params)} == {np.dtype("float32")}
+    assert np.isfinite(summary["val_loss"])
+
+
+def _cli(workdir, overrides):
+    cmd = [sys.executable, "-m", "train", "--config=configs/gpt.py:tiny", f"--workdir={workdir}"]
+    return cmd + [f"--config.{o}" for o in overrides]
+
+
+def _committed_steps(workdir):
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if os.path.isdir(d) else []
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(shared, tmp_path):
+    steps = 150
+    overrides = [*shared, f"steps={steps}", "checkpoint.save_interval_steps=10", "logging.progress_bar=false",
+                 "logging.peak_flops=1e11"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(killed, overrides), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and not [s for s in _committed_steps(killed) if s >= 20]:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    at_kill = _committed_steps(killed)
+    assert at_kill and max(at_kill) < steps, at_kill
+
+    resumed = subprocess.run(_cli(killed, overrides), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {max(at_kill)}" in resumed.stdout
+
+    reference = tmp_path / "reference"
+    trainer.run(load_config(os.path.join(REPO, "configs/gpt.py:tiny"), overrides), str(reference))
+    _assert_trees_equal(_final_params(killed, steps), _final_params(reference, steps))
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_still_matches(shared, tmp_path):
+    """Resume from a workdir whose newest checkpoint is broken: the previous one is used."""
+    run_dir, reference = tmp_path / "run", tmp_path / "reference"
+    # A constant schedule, so that a 20-step run is the first 20 steps of a 30-step run.
+    fixed = ("checkpoint.save_interval_steps=10", "schedule.name=constant")
+    trainer.run(_config(shared, "steps=20", *fixed), str(run_dir))
+    manifest = run_dir / "checkpoints" / "20" / "state" / "manifest.ocdbt"
+    manifest.write_bytes(manifest.read_bytes()[:10])  # truncated, as by a crash mid-write
+    trainer.run(_config(shared, "steps=30", *fixed), str(run_dir))
+    assert any(x.startswith("corrupt.step_20") for x in os.listdir(run_dir / "checkpoints"))  # kept, moved aside
+    trainer.run(_config(shared, "steps=30", *fixed), str(reference))
+    _assert_trees_equal(_final_params(run_dir, 30), _final_params(reference, 30))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(shared, tmp_path):
+    overrides = [*shared, "steps=100000", "checkpoint.save_interval_steps=1000", "logging.peak_flops=1e11"]
+    proc = subprocess.Popen(_cli(tmp_path, overrides), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (tmp_path / "metrics.jsonl").exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    steps = _committed_steps(tmp_path)
+    assert len(steps) == 1 and 0 < steps[0] < 1000, steps  # saved off-interval, at the SIGTERM
+    assert f"saved a checkpoint at step {steps[0]}" in err
+
+
+def test_nan_guard_stops_without_saving(shared, tmp_path):
+    config = _config(shared, "steps=30", "optimizer.lr=1e8", "optimizer.grad_clip_norm=0.0",
+                     "schedule.warmup_steps=0", "checkpoint.save_interval_steps=1")
+    with pytest.raises(trainer.NonFiniteLoss, match=r"step \d+: .*not finite.*grad_norm="):
+        trainer.run(config, str(tmp_path))
+    saved = _committed_steps(tmp_path)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] if (
+        tmp_path / "metrics.jsonl").exists() else []
+    assert all(np.isfinite(x["loss"]) for x in lines)
+    # Every saved step had finite metrics: the bad step itself was never saved.
+    assert len(saved) < 30
+
+
+def test_bad_data_path_is_a_clear_error(shared, tmp_path):
+    config = _config([shared[1]], "data.source=files:/no/such/file.txt")
+    with pytest.raises(FileNotFoundError, match="/no/such/file.txt"):
+        trainer.run(config, str(tmp_path))
+
+
+def test_cli_reports_a_misspelt_key_without_a_traceback(tmp_path):
+    out = subprocess.run(_cli(tmp_path, ["optimizer.lrr=1e-3"]), cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0
+    assert "config key `optimizer.lrr` does not exist; did you mean `optimizer.lr`?" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "checkpoints").exists()
