@@ -1,0 +1,153 @@
+"""Training throughput and MFU of GPT sizes, against a matmul peak measured in the same run.
+
+Each size is a `configs/gpt.py` preset (plus overrides). Its optimizer and jitted train
+step are built the way `train.trainer.run` builds them (same `train_step`, shardings and
+donation, on a one-device mesh) and fed synthetic batches of the config's shape, so the
+numbers are the trainer's step alone: no data pipeline, metric reads or checkpoints.
+
+    achieved FLOP/s = 3 * flops_per_token(seq_len) * tokens/s   (forward + backward)
+    MFU             = achieved FLOP/s / peak,  peak = train.metrics.measure_matmul_peak()
+
+Run:
+  python benchmarks/train_throughput.py
+  python benchmarks/train_throughput.py --sizes=tiny,mid,default --steps=20   # ~4 s a step for default on 2 CPU cores
+"""
+
+import argparse
+import functools
+import pathlib
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+# Let the script run from a bare checkout, without lmlab pip-installed.
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+from configs.loader import load_config
+from sharding import mesh as mesh_lib
+from sharding import rules as rules_lib
+from train import build
+from train import step as step_lib
+from train.metrics import measure_matmul_peak
+from train.trainer import init_train_state
+
+# name -> (configs/gpt.py preset, overrides). The vocabulary is the preset's BPE size.
+SIZES = {
+    "tiny": ("tiny", []),  # 2 layers x 64, seq 64, batch 8, vocab 512
+    "mid": ("default", ["model.block.d_model=128", "model.block.d_ff=512"]),  # 4 layers x 128, seq 128, batch 16
+    "default": ("default", []),  # 4 layers x 256, seq 128, batch 16, vocab 4096
+    "small": ("small", []),  # GPT-2 small; batch 512 x 1024: an accelerator only
+}
+
+
+def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A [B, T] int32 batch of random tokens: one document per row, every token counted."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
+    ones = np.ones((batch_size, seq_len), np.int32)
+    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy()
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": ones, "positions": positions,
+            "loss_mask": ones}
+
+
+def time_train_step(size: str, steps: int, warmup: int) -> dict[str, float]:
+    """Builds `size` as the trainer would and times `steps` train steps after `warmup` ones.
+
+    Returns:
+      num_params, tokens_per_step, step_seconds (mean over the timed steps),
+      compile_seconds (the first call: compilation and one step), tokens_per_second, flops_per_second.
+    """
+    preset, overrides = SIZES[size]
+    config = load_config(str(_ROOT / "configs" / "gpt.py") + ":" + preset, overrides)
+    model = build.model(config, config.tokenizer.vocab_size)  # no tokenizer: its configured size
+    tx, schedule = build.optimizer(config)
+    mesh = mesh_lib.make_mesh("data=1", jax.devices()[:1])
+    rules = rules_lib.rules_for("dp")
+    batch_sharding = rules_lib.batch_sharding(mesh, rules)
+    init_fn, abstract_state = init_train_state(model, tx, mesh, rules, config.data.seq_len, config.seed)
+    state_sharding = jax.tree_util.tree_map(lambda a: a.sharding, abstract_state)
+    replicated = rules_lib.replicated(mesh)
+    with nn.logical_axis_rules(rules):
+        step_fn = jax.jit(
+            functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule,
+                              grad_accum_steps=config.optimizer.grad_accum_steps,
+                              z_loss=config.optimizer.z_loss, label_smoothing=config.optimizer.label_smoothing),
+            in_shardings=(state_sharding, batch_sharding, replicated),
+            out_shardings=(state_sharding, replicated),
+            donate_argnums=(0,),
+        )
+
+    B, T = config.data.batch_size, config.data.seq_len
+    batch = rules_lib.device_put_batch(synthetic_batch(B, T, model.config.vocab_size), batch_sharding)
+    state = init_fn(jax.random.key(config.seed))
+    rng = jax.random.key(config.seed + 1)
+
+    start = time.perf_counter()
+    state, metrics = step_fn(state, batch, rng)
+    jax.block_until_ready((state, metrics))
+    compile_seconds = time.perf_counter() - start
+    for _ in range(warmup - 1):
+        state, metrics = step_fn(state, batch, rng)
+    jax.block_until_ready((state, metrics))
+
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = step_fn(state, batch, rng)
+    jax.block_until_ready((state, metrics))
+    step_seconds = (time.perf_counter() - start) / steps
+
+    if not np.isfinite(float(metrics["loss"])):
+        raise FloatingPointError(f"size {size!r}: the loss became {float(metrics['loss'])}")
+    tokens_per_second = B * T / step_seconds
+    return {
+        "num_params": model.config.num_params(),
+        "tokens_per_step": B * T,
+        "shape": f"{model.config.num_layers}L x {model.config.block.d_model}, B{B} x T{T}, V{model.config.vocab_size}",
+        "compile_seconds": compile_seconds,
+        "step_seconds": step_seconds,
+        "tokens_per_second": tokens_per_second,
+        "flops_per_second": 3 * model.config.flops_per_token(T) * tokens_per_second,
+    }
+
+
+def main(argv=None) -> dict[str, dict[str, float]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="tiny,mid",
+                        help=f"comma-separated sizes among {', '.join(SIZES)}")
+    parser.add_argument("--steps", type=int, default=10, help="timed train steps per size")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first one compiles)")
+    args = parser.parse_args(argv)
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown:
+        parser.error(f"unknown sizes {unknown}; expected some of {list(SIZES)}")
+    if args.steps < 1 or args.warmup < 1:
+        parser.error(f"--steps={args.steps} and --warmup={args.warmup} must both be >= 1")
+
+    device = jax.devices()[0]
+    peak = measure_matmul_peak()
+    print(f"device: {device.platform} {device.device_kind}; {jax.device_count()} devices (1 used)")
+    print(f"matmul peak (2048^2 float32, measured now): {peak / 1e9:.1f} GFLOP/s")
+    print(f"timed {args.steps} steps per size after {args.warmup} warm-up steps\n")
+
+    header = (f"{'model':8} {'shape':34} {'params':>8} {'tok/step':>8} {'compile':>8} {'step':>9} "
+              f"{'tokens/s':>10} {'GFLOP/s':>8} {'of peak':>7}")
+    print(header)
+    print("-" * len(header))
+    results = {}
+    for size in sizes:
+        r = time_train_step(size, args.steps, args.warmup)
+        results[size] = r
+        print(f"{size:8} {r['shape']:34} {r['num_params'] / 1e6:7.2f}M {r['tokens_per_step']:8d} "
+              f"{r['compile_seconds']:7.1f}s {r['step_seconds'] * 1e3:7.1f}ms {r['tokens_per_second']:10.0f} "
+              f"{r['flops_per_second'] / 1e9:8.1f} {r['flops_per_second'] / peak:7.1%}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
