@@ -36,6 +36,7 @@ tests/train/test_checkpoint.py:
 import dataclasses
 import json
 import logging
+import os
 import time
 from typing import Any, Mapping
 
@@ -93,7 +94,8 @@ class Checkpointer:
             )
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps={save_interval_steps} must be >= 1.")
-        self.directory = epath.Path(directory)
+        # orbax's tensorstore writer needs an absolute path; a relative one fails mid-save.
+        self.directory = epath.Path(os.path.abspath(directory))
         policies = ocp.checkpoint_managers
         options = ocp.CheckpointManagerOptions(
             # No InitialSavePolicy (orbax's default adds it): step 1 of a fresh run

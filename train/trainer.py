@@ -129,6 +129,7 @@ class Run:
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     """Builds tokenizer, model, optimizer, mesh and the jitted init, train and eval steps."""
+    workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     is_lead = jax.process_index() == 0
     if is_lead:
@@ -169,6 +170,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Pretrains (or resumes) the model of `config` in `workdir`; returns the summary dict."""
     r = setup(config, workdir)
+    workdir = r.workdir
     # Tracing happens at the first call: the mesh and the logical rules must be active
     # then, or the models' logical sharding constraints are dropped.
     with jax.set_mesh(r.mesh), nn.logical_axis_rules(r.rules):

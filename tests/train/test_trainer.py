@@ -77,6 +77,13 @@ def test_mixed_precision_remat_and_accumulation_train(shared, tmp_path):
     assert np.isfinite(summary["val_loss"])
 
 
+def test_relative_workdir(shared, tmp_path, monkeypatch):
+    """`python -m train` defaults to ./workdir: a relative path must checkpoint and resume."""
+    monkeypatch.chdir(tmp_path)
+    trainer.run(_config(shared, "steps=10", "checkpoint.save_interval_steps=5"), "rel")
+    assert _committed_steps(tmp_path / "rel") == [5, 10]
+
+
 def _cli(workdir, overrides):
     cmd = [sys.executable, "-m", "train", "--config=configs/gpt.py:tiny", f"--workdir={workdir}"]
     return cmd + [f"--config.{o}" for o in overrides]
