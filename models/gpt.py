@@ -1,8 +1,18 @@
-"""A GPT-2-style decoder-only language model built from the shared layers.
+"""The decoder-only language model of lmlab: GPT-2, LLaMA 2/3, Qwen2 and Qwen3 by config.
 
 Axis letters: B batch, T length, D model width, V vocabulary.
 
-    ids --Embed + learned positions--> L x EncoderLayer(causal, pre-LN) --> Norm --> logits
+    ids --Embed (+ learned positions)--> L x EncoderLayer(causal, pre-LN) --> Norm --> logits
+
+The families differ only by switches of `GPTConfig` and its `BlockConfig`:
+
+    GPT-2   positional="learned", LayerNorm, gelu_tanh MLP, biases, tied embeddings
+    LLaMA   positional="rope" (block.rope), RMSNorm, swiglu, no biases, GQA, untied
+    Qwen2   LLaMA + qkv_bias
+    Qwen3   LLaMA + qk_norm (+ an explicit head_dim)
+
+`llama_config`, `qwen2_config` and `qwen3_config` build those; `models/convert/llama.py`
+reads Hugging Face configs and weights into them.
 
 Packed rows (several documents in one row) pass `segment_ids` and `positions`: tokens
 attend only within their document and positions restart at each document.
@@ -19,9 +29,10 @@ import jax.numpy as jnp
 from models.layers.blocks import BlockConfig, EncoderLayer
 from models.layers.embedding import Embed
 from models.layers.norms import make_norm
-from models.layers.positional import LearnedPositionalEmbedding
+from models.layers.positional import LearnedPositionalEmbedding, RopeConfig
 
 REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable")
+POSITIONALS = ("learned", "rope")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,8 +43,11 @@ class GPTConfig:
       vocab_size: V.
       num_layers: L.
       block: per-layer settings (GPT-2: pre-LN LayerNorm, gelu_tanh MLP, biases).
-      max_len: context length (rows of the learned position table).
-      tie_embeddings: the output projection is the token embedding transposed.
+      max_len: context length (rows of the learned position table, if any).
+      positional: "learned" (a [max_len, D] table added to the embeddings, GPT-2) or
+        "rope" (rotary embeddings in attention from `block.rope`, no table, LLaMA).
+      tie_embeddings: the output projection is the token embedding transposed; if False
+        a separate `lm_head` [D, V].
       remat: "none", "full" (recompute each layer), "dots_saveable" (keep matmul
         outputs, recompute the rest) or "nothing_saveable".
     """
@@ -44,15 +58,24 @@ class GPTConfig:
     max_len: int = 1024
     tie_embeddings: bool = True
     remat: str = "none"
+    positional: str = "learned"
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; expected one of {REMAT_POLICIES}")
+        if self.positional not in POSITIONALS:
+            raise ValueError(f"positional={self.positional!r}; expected one of {POSITIONALS}")
+        if self.positional == "rope" and self.block.rope is None:
+            raise ValueError("positional='rope' needs block.rope set, e.g. BlockConfig(..., rope=RopeConfig())")
+        if self.positional == "learned" and self.block.rope is not None:
+            raise ValueError("block.rope is set but positional='learned'; use positional='rope' (one position "
+                             "scheme per model)")
 
     def num_params(self, *, include_embeddings: bool = True) -> int:
         b, D, V = self.block, self.block.d_model, self.vocab_size
         layers = self.num_layers * (b.attention_params() + b.mlp_params() + 2 * b.norm_params())
-        embeddings = V * D + self.max_len * D + (0 if self.tie_embeddings else V * D)
+        table = self.max_len * D if self.positional == "learned" else 0
+        embeddings = V * D + table + (0 if self.tie_embeddings else V * D)
         return layers + b.norm_params() + (embeddings if include_embeddings else 0)
 
     def flops_per_token(self, seq_len: int) -> int:
@@ -92,8 +115,10 @@ class GPT(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(ids_BT.shape[1]), ids_BT.shape)
         embed = Embed(cfg.vocab_size, b.d_model, dtype=b.dtype, param_dtype=b.param_dtype,
                       embedding_init=nn.initializers.normal(0.02), name="embed")
-        x_BTD = embed(ids_BT) + LearnedPositionalEmbedding(cfg.max_len, b.d_model, b.dtype, b.param_dtype,
-                                                           name="positions")(positions)
+        x_BTD = embed(ids_BT)
+        if cfg.positional == "learned":
+            x_BTD += LearnedPositionalEmbedding(cfg.max_len, b.d_model, b.dtype, b.param_dtype,
+                                                name="positions")(positions)
         x_BTD = nn.Dropout(b.dropout_rate)(x_BTD, deterministic=deterministic)
         x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_seq", "act_embed"))
         padding_BT = None if segment_ids is None else segment_ids != 0
@@ -111,3 +136,56 @@ class GPT(nn.Module):
                                 (b.d_model, cfg.vocab_size), b.param_dtype)
             logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, kernel.astype(b.dtype))
         return nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
+
+
+def llama_config(*, vocab_size: int, d_model: int, num_layers: int, num_heads: int, d_ff: int,
+                 num_kv_heads: int | None = None, head_dim: int | None = None, rope_theta: float = 10000.0,
+                 norm_eps: float = 1e-5, max_len: int = 4096, tie_embeddings: bool = False,
+                 attention_bias: bool = False, mlp_bias: bool = False, sliding_window: int | None = None,
+                 **overrides) -> GPTConfig:
+    """LLaMA 2/3: RoPE (halves rotated), pre-RMSNorm, SwiGLU, no biases, GQA, untied head.
+
+    Args:
+      vocab_size, d_model, num_layers, num_heads, d_ff: V, D, L, N, F.
+      num_kv_heads: K (None: N).
+      head_dim: H (None: D // N).
+      rope_theta: RoPE base (LLaMA 2: 1e4, LLaMA 3: 5e5).
+      norm_eps: RMSNorm epsilon.
+      max_len: context length.
+      tie_embeddings: share the token table with the output projection.
+      attention_bias: biases on q, k, v and the output projection.
+      mlp_bias: biases in the feed-forward projections.
+      sliding_window: local attention window, if any.
+      **overrides: further BlockConfig fields (dtype, param_dtype, qkv_bias, qk_norm, ...),
+        or the GPTConfig field `remat`.
+
+    Returns:
+      The GPTConfig.
+    """
+    remat = overrides.pop("remat", "none")
+    block = {"d_model": d_model, "num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim,
+             "d_ff": d_ff, "mlp_activation": "swiglu", "norm": "rmsnorm", "norm_position": "pre", "norm_eps": norm_eps,
+             "dropout_rate": 0.0, "use_bias": attention_bias, "mlp_bias": mlp_bias,
+             "rope": RopeConfig(theta=rope_theta, interleaved=False), "sliding_window": sliding_window}
+    block.update(overrides)
+    return GPTConfig(vocab_size=vocab_size, block=BlockConfig(**block), num_layers=num_layers, max_len=max_len,
+                     tie_embeddings=tie_embeddings, remat=remat, positional="rope")
+
+
+def qwen2_config(*, rope_theta: float = 1e6, norm_eps: float = 1e-6, **kwargs) -> GPTConfig:
+    """Qwen2 / Qwen2.5: LLaMA with biases on q, k, v (none on the output projection).
+
+    Args: as `llama_config`.
+    """
+    kwargs.setdefault("qkv_bias", True)
+    return llama_config(rope_theta=rope_theta, norm_eps=norm_eps, **kwargs)
+
+
+def qwen3_config(*, rope_theta: float = 1e6, norm_eps: float = 1e-6, **kwargs) -> GPTConfig:
+    """Qwen3: LLaMA with RMSNorm on each query and key head before RoPE; head_dim is
+    usually given explicitly (128, not D // N).
+
+    Args: as `llama_config`.
+    """
+    kwargs.setdefault("qk_norm", True)
+    return llama_config(rope_theta=rope_theta, norm_eps=norm_eps, **kwargs)

@@ -42,7 +42,12 @@ class BlockConfig:
       norm_eps: the norms' epsilon.
       dropout_rate: residual and feed-forward dropout.
       attention_dropout_rate: dropout on attention weights.
-      use_bias: biases in attention and feed-forward projections (and LayerNorm).
+      use_bias: biases in attention and feed-forward projections (and LayerNorm); the
+        default for the three finer switches below.
+      qkv_bias: biases on the q, k, v projections (None: `use_bias`; Qwen2: True).
+      out_bias: bias on the attention output projection (None: `use_bias`).
+      mlp_bias: biases in the feed-forward projections (None: `use_bias`).
+      qk_norm: RMSNorm over the head dim of queries and keys before RoPE (Qwen3).
       rope: rotary embeddings in self-attention, if set.
       sliding_window: local self-attention window, if set.
       dtype: compute dtype; param_dtype: storage dtype.
@@ -60,6 +65,10 @@ class BlockConfig:
     dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.0
     use_bias: bool = True
+    qkv_bias: bool | None = None
+    out_bias: bool | None = None
+    mlp_bias: bool | None = None
+    qk_norm: bool = False
     rope: RopeConfig | None = None
     sliding_window: int | None = None
     dtype: Dtype = jnp.float32
@@ -88,6 +97,18 @@ class BlockConfig:
     def head_size(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
 
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.use_bias if self.qkv_bias is None else self.qkv_bias
+
+    @property
+    def has_out_bias(self) -> bool:
+        return self.use_bias if self.out_bias is None else self.out_bias
+
+    @property
+    def has_mlp_bias(self) -> bool:
+        return self.use_bias if self.mlp_bias is None else self.mlp_bias
+
     def attention_weights(self) -> int:
         """Projection weights of one attention sub-layer: q, k, v and output."""
         D, N, K, H = self.d_model, self.num_heads, self.kv_heads, self.head_size
@@ -95,7 +116,8 @@ class BlockConfig:
 
     def attention_params(self) -> int:
         N, K, H = self.num_heads, self.kv_heads, self.head_size
-        return self.attention_weights() + ((N * H + 2 * K * H + self.d_model) if self.use_bias else 0)
+        biases = (N * H + 2 * K * H if self.has_qkv_bias else 0) + (self.d_model if self.has_out_bias else 0)
+        return self.attention_weights() + biases + (2 * H if self.qk_norm else 0)
 
     def mlp_weights(self) -> int:
         n_in = 2 if self.mlp_activation in GATED else 1
@@ -103,7 +125,7 @@ class BlockConfig:
 
     def mlp_params(self) -> int:
         n_in = 2 if self.mlp_activation in GATED else 1
-        return self.mlp_weights() + ((n_in * self.d_ff + self.d_model) if self.use_bias else 0)
+        return self.mlp_weights() + ((n_in * self.d_ff + self.d_model) if self.has_mlp_bias else 0)
 
     def norm_params(self) -> int:
         return self.d_model * (2 if self.norm == "layernorm" and self.use_bias else 1)
@@ -130,6 +152,7 @@ class Sublayer(nn.Module):
 def _attention(cfg: BlockConfig, name: str, *, rope: bool) -> MultiHeadAttention:
     return MultiHeadAttention(
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, use_bias=cfg.use_bias,
+        qkv_bias=cfg.has_qkv_bias, out_bias=cfg.has_out_bias, qk_norm=cfg.qk_norm, qk_norm_eps=cfg.norm_eps,
         dropout_rate=cfg.attention_dropout_rate, rope=cfg.rope if rope else None,
         sliding_window=cfg.sliding_window if rope else None, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         name=name,
@@ -137,7 +160,7 @@ def _attention(cfg: BlockConfig, name: str, *, rope: bool) -> MultiHeadAttention
 
 
 def _feed_forward(cfg: BlockConfig) -> FeedForward:
-    return FeedForward(hidden_dim=cfg.d_ff, activation=cfg.mlp_activation, use_bias=cfg.use_bias,
+    return FeedForward(hidden_dim=cfg.d_ff, activation=cfg.mlp_activation, use_bias=cfg.has_mlp_bias,
                        dropout_rate=cfg.dropout_rate, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="mlp")
 
 

@@ -10,7 +10,8 @@ row-parallel projections).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -35,6 +36,12 @@ class MultiHeadAttention(nn.Module):
       num_kv_heads: K (default N). N must be a multiple of K.
       head_dim: H (default D // N).
       use_bias: biases on the q, k, v and output projections.
+      qkv_bias: biases on q, k and v only (None: follow `use_bias`); Qwen2 has them, with
+        no output bias.
+      out_bias: bias on the output projection (None: follow `use_bias`).
+      qk_norm: RMSNorm over H of each query and key head before RoPE (Qwen3, OLMo 2),
+        with scales `query_norm` [H] and `key_norm` [H].
+      qk_norm_eps: that norm's epsilon.
       dropout_rate: dropout on the attention weights.
       rope: apply rotary embeddings to q and k (self-attention) if set.
       sliding_window: restrict each query to the last `sliding_window` keys.
@@ -49,6 +56,10 @@ class MultiHeadAttention(nn.Module):
     num_kv_heads: int | None = None
     head_dim: int | None = None
     use_bias: bool = False
+    qkv_bias: bool | None = None
+    out_bias: bool | None = None
+    qk_norm: bool = False
+    qk_norm_eps: float = 1e-6
     dropout_rate: float = 0.0
     rope: RopeConfig | None = None
     sliding_window: int | None = None
@@ -57,6 +68,13 @@ class MultiHeadAttention(nn.Module):
 
     def _param(self, name, shape, axes, init):
         return self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype)
+
+    def _head_rms_norm(self, name: str, x_BTNH: jax.Array) -> jax.Array:
+        """RMSNorm over the head dim with a shared [H] scale; float32 statistics."""
+        scale_H = self._param(name, (x_BTNH.shape[-1],), ("head_dim",), nn.initializers.ones)
+        x32 = x_BTNH.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.qk_norm_eps)
+        return (y * scale_H.astype(jnp.float32)).astype(self.dtype)
 
     @nn.compact
     def __call__(
@@ -93,11 +111,16 @@ class MultiHeadAttention(nn.Module):
         q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, w_q.astype(self.dtype))
         k_BSKH = jnp.einsum("BSD,DKH->BSKH", y_BSD, w_k.astype(self.dtype))
         v_BSKH = jnp.einsum("BSD,DKH->BSKH", y_BSD, w_v.astype(self.dtype))
-        if self.use_bias:
+        qkv_bias = self.use_bias if self.qkv_bias is None else self.qkv_bias
+        out_bias = self.use_bias if self.out_bias is None else self.out_bias
+        if qkv_bias:
             zeros = nn.initializers.zeros
             q_BTNH += self._param("query_bias", (N, H), ("heads", "head_dim"), zeros).astype(self.dtype)
             k_BSKH += self._param("key_bias", (K, H), ("kv_heads", "head_dim"), zeros).astype(self.dtype)
             v_BSKH += self._param("value_bias", (K, H), ("kv_heads", "head_dim"), zeros).astype(self.dtype)
+        if self.qk_norm:
+            q_BTNH = self._head_rms_norm("query_norm", q_BTNH)
+            k_BSKH = self._head_rms_norm("key_norm", k_BSKH)
         q_BTNH = nn.with_logical_constraint(q_BTNH, ("act_batch", "act_seq", "act_heads", None))
         k_BSKH = nn.with_logical_constraint(k_BSKH, ("act_batch", "act_seq", "act_kv_heads", None))
         v_BSKH = nn.with_logical_constraint(v_BSKH, ("act_batch", "act_seq", "act_kv_heads", None))
@@ -128,6 +151,6 @@ class MultiHeadAttention(nn.Module):
             out_BTNH = result
 
         out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, w_o.astype(self.dtype))
-        if self.use_bias:
+        if out_bias:
             out_BTD += self._param("out_bias", (D,), ("embed",), nn.initializers.zeros).astype(self.dtype)
         return out_BTD

@@ -1,0 +1,244 @@
+"""Hugging Face LLaMA / Qwen2 / Qwen3 checkpoints <-> lmlab `GPT` params.
+
+Axis letters: D model width, N query heads, K key/value heads, H head dim, F hidden, V vocab.
+
+torch `nn.Linear` weights are [out, in]; ours are [in, ...out] with the heads split out:
+`q_proj.weight` [N*H, D] -> `query` [D, N, H], `o_proj.weight` [D, N*H] -> `out` [N, H, D].
+The rows of q_proj/k_proj are already in the order that HF's rotate-half RoPE expects,
+and our `RopeConfig(interleaved=False)` rotates the same halves, so no permutation is
+needed (the permutation in HF's convert_llama_weights_to_hf.py is for Meta's originals).
+
+    config = config_from_hf(hf_model.config.to_dict())
+    params = hf_to_params(hf_model.state_dict(), config)
+    logits = GPT(config).apply({"params": params}, ids)
+
+This module needs neither torch nor transformers: state dicts are mappings of name to
+array (torch tensors are read through numpy) and `params_to_hf` returns numpy arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from models.gpt import GPTConfig, llama_config, qwen2_config, qwen3_config
+from models.layers.positional import rope_config_from_hf
+
+ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# Defaults of the transformers config classes, for keys a config.json may omit.
+_DEFAULTS = {
+    "LlamaForCausalLM": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048},
+    "Qwen2ForCausalLM": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768},
+    "Qwen3ForCausalLM": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768},
+}
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _architecture(hf: Mapping[str, Any]) -> str:
+    names = list(hf.get("architectures") or []) + [_MODEL_TYPES.get(hf.get("model_type"), "")]
+    for name in names:
+        if name in ARCHITECTURES:
+            return name
+    raise ValueError(f"unsupported Hugging Face model (architectures={hf.get('architectures')}, "
+                     f"model_type={hf.get('model_type')!r}); expected one of {ARCHITECTURES}")
+
+
+def _rope_theta(hf: Mapping[str, Any], default: float) -> float:
+    """rope_theta from transformers 5's `rope_parameters` or 4.x's top-level keys."""
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    return float(rope.get("rope_theta", hf.get("rope_theta", default)))
+
+
+def _rope(hf: Mapping[str, Any], head_dim: int, default_theta: float):
+    """The RopeConfig (scalings included: linear, dynamic, yarn, llama3) of a HF config."""
+    return rope_config_from_hf({**hf, "rope_theta": _rope_theta(hf, default_theta)}, head_dim)
+
+
+def _sliding_window(hf: Mapping[str, Any]) -> int | None:
+    """One window for every layer, or None; mixed full/sliding layers are not supported."""
+    if not hf.get("use_sliding_window") or not hf.get("sliding_window"):
+        return None
+    L = hf["num_hidden_layers"]
+    types = hf.get("layer_types") or [
+        "sliding_attention" if i >= hf.get("max_window_layers", L) else "full_attention" for i in range(L)]
+    if all(t == "sliding_attention" for t in types):
+        return int(hf["sliding_window"])
+    if all(t == "full_attention" for t in types):
+        return None
+    raise ValueError(f"layer_types={types} mixes full and sliding attention; GPTConfig has one sliding_window "
+                     f"for all layers")
+
+
+def config_from_hf(hf: Mapping[str, Any], **overrides) -> GPTConfig:
+    """The GPTConfig of a Hugging Face LLaMA / Qwen2 / Qwen3 causal LM config.
+
+    Args:
+      hf: the config as a dict (`hf_model.config.to_dict()` or a parsed config.json).
+      **overrides: passed to the preset (dtype, param_dtype, remat, max_len, ...).
+
+    Returns:
+      A GPTConfig whose `GPT` computes the same logits as the Hugging Face model.
+    """
+    arch = _architecture(hf)
+    missing = [k for k in _REQUIRED if k not in hf]
+    if missing:
+        raise ValueError(f"Hugging Face config lacks {missing}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={hf['hidden_act']!r}; only 'silu' (SwiGLU) is converted")
+    defaults = _DEFAULTS[arch]
+    D, N = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or D // N
+    kwargs = {
+        "vocab_size": hf["vocab_size"], "d_model": D, "num_layers": hf["num_hidden_layers"], "num_heads": N,
+        "num_kv_heads": hf.get("num_key_value_heads") or N, "head_dim": None if head_dim * N == D else head_dim,
+        "d_ff": hf["intermediate_size"], "norm_eps": float(hf.get("rms_norm_eps", defaults["rms_norm_eps"])),
+        "rope_theta": _rope_theta(hf, defaults["rope_theta"]),
+        "max_len": hf.get("max_position_embeddings", defaults["max_position_embeddings"]),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+    }
+    if arch == "LlamaForCausalLM":
+        kwargs.update(attention_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)))
+        config = llama_config(**kwargs, **overrides)
+    elif arch == "Qwen2ForCausalLM":  # q, k, v always have biases; o_proj never does
+        config = qwen2_config(**kwargs, sliding_window=_sliding_window(hf), **overrides)
+    else:
+        config = qwen3_config(attention_bias=bool(hf.get("attention_bias", False)),
+                              sliding_window=_sliding_window(hf), **kwargs, **overrides)
+    rope = _rope(hf, head_dim, defaults["rope_theta"])
+    return dataclasses.replace(config, block=dataclasses.replace(config.block, rope=rope))
+
+
+def _layout(config: GPTConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ...], int]]:
+    """(HF name, our param path, our shape, n_in) of every tensor.
+
+    n_in > 0 marks a torch Linear weight: our first n_in axes are its input, the rest its
+    output, so HF = ours.reshape(in, out).T. n_in == 0: the same values, maybe reshaped.
+    """
+    b = config.block
+    D, N, K, H, F, V = b.d_model, b.num_heads, b.kv_heads, b.head_size, b.d_ff, config.vocab_size
+    if config.positional != "rope" or b.norm != "rmsnorm" or b.mlp_activation != "swiglu" or b.norm_position != "pre":
+        raise ValueError("the LLaMA layout needs positional='rope', norm='rmsnorm', mlp_activation='swiglu', "
+                         "norm_position='pre' (see models.gpt.llama_config)")
+    out = [("model.embed_tokens.weight", ("embed", "embedding"), (V, D), 0),
+           ("model.norm.weight", ("final_norm", "scale"), (D,), 0)]
+    if not config.tie_embeddings:
+        out.append(("lm_head.weight", ("lm_head",), (D, V), 1))
+    for i in range(config.num_layers):
+        hf, ours = f"model.layers.{i}.", f"layer_{i}"
+        attn, mlp = "self_attention", "mlp"
+        out += [
+            (hf + "input_layernorm.weight", (ours, "attention_block", "norm", "scale"), (D,), 0),
+            (hf + "post_attention_layernorm.weight", (ours, "mlp_block", "norm", "scale"), (D,), 0),
+            (hf + "self_attn.q_proj.weight", (ours, attn, "query"), (D, N, H), 1),
+            (hf + "self_attn.k_proj.weight", (ours, attn, "key"), (D, K, H), 1),
+            (hf + "self_attn.v_proj.weight", (ours, attn, "value"), (D, K, H), 1),
+            (hf + "self_attn.o_proj.weight", (ours, attn, "out"), (N, H, D), 2),
+            (hf + "mlp.gate_proj.weight", (ours, mlp, "wi_gate"), (D, F), 1),
+            (hf + "mlp.up_proj.weight", (ours, mlp, "wi_up"), (D, F), 1),
+            (hf + "mlp.down_proj.weight", (ours, mlp, "wo"), (F, D), 1),
+        ]
+        if b.has_qkv_bias:
+            out += [(hf + "self_attn.q_proj.bias", (ours, attn, "query_bias"), (N, H), 0),
+                    (hf + "self_attn.k_proj.bias", (ours, attn, "key_bias"), (K, H), 0),
+                    (hf + "self_attn.v_proj.bias", (ours, attn, "value_bias"), (K, H), 0)]
+        if b.has_out_bias:
+            out.append((hf + "self_attn.o_proj.bias", (ours, attn, "out_bias"), (D,), 0))
+        if b.qk_norm:
+            out += [(hf + "self_attn.q_norm.weight", (ours, attn, "query_norm"), (H,), 0),
+                    (hf + "self_attn.k_norm.weight", (ours, attn, "key_norm"), (H,), 0)]
+        if b.has_mlp_bias:
+            out += [(hf + f"mlp.{name}_proj.bias", (ours, mlp, ours_name + "_bias"), (size,), 0)
+                    for name, ours_name, size in (("gate", "wi_gate", F), ("up", "wi_up", F), ("down", "wo", D))]
+    return out
+
+
+def to_numpy(x) -> np.ndarray:
+    """A torch tensor (bfloat16 widened to float32) or array-like as a numpy array."""
+    if hasattr(x, "detach"):  # bfloat16 has no numpy dtype
+        x = x.detach().cpu()
+        x = x.float() if str(x.dtype) == "torch.bfloat16" else x
+        return x.numpy()
+    return np.asarray(x)
+
+
+def check_names(state_dict: Mapping[str, Any], expected: set[str], optional: set[str] = frozenset()) -> None:
+    """Raises ValueError listing every missing and unexpected tensor name."""
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected) - set(optional))
+    if missing or unexpected:
+        raise ValueError(f"state dict does not match the config: missing {missing}, unexpected {unexpected}")
+
+
+def hf_to_params(state_dict: Mapping[str, Any], config: GPTConfig) -> dict:
+    """Our params (stored in `config.block.param_dtype`) from a Hugging Face state dict.
+
+    Args:
+      state_dict: HF name -> torch tensor or array. With tied embeddings `lm_head.weight`
+        may be present (torch's state_dict lists it) or absent (safetensors files).
+      config: from `config_from_hf`.
+
+    Returns:
+      The nested params dict for `GPT(config).apply({"params": params}, ids)`.
+
+    Raises:
+      ValueError: naming every missing, unexpected or misshapen tensor.
+    """
+    layout = _layout(config)
+    optional = {"lm_head.weight"} if config.tie_embeddings else set()
+    check_names(state_dict, {name for name, *_ in layout}, optional)
+    params: dict = {}
+    dtype = config.block.param_dtype
+    for name, path, shape, n_in in layout:
+        array = to_numpy(state_dict[name])
+        hf_shape = (int(np.prod(shape[n_in:])), int(np.prod(shape[:n_in]))) if n_in else None
+        if n_in:
+            if array.shape != hf_shape:
+                raise ValueError(f"{name} has shape {array.shape}; expected {hf_shape}")
+            array = array.T
+        elif array.size != int(np.prod(shape)):
+            raise ValueError(f"{name} has shape {array.shape}; expected {int(np.prod(shape))} values for {shape}")
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = jnp.asarray(array.reshape(shape), dtype)
+    tied_head = state_dict.get("lm_head.weight") if config.tie_embeddings else None
+    if tied_head is not None and not np.array_equal(to_numpy(tied_head),
+                                                    to_numpy(state_dict["model.embed_tokens.weight"])):
+        raise ValueError("lm_head.weight differs from model.embed_tokens.weight but config.tie_embeddings=True; "
+                             "convert with tie_word_embeddings=False")
+    return params
+
+
+def params_to_hf(params: Mapping[str, Any], config: GPTConfig, *, include_tied: bool = True) -> dict[str, np.ndarray]:
+    """A Hugging Face state dict (numpy float32 arrays, HF layouts) from our params.
+
+    Args:
+      params: as from `hf_to_params` or training.
+      config: the model's config.
+      include_tied: with tied embeddings, also emit `lm_head.weight` (what torch's
+        `load_state_dict(strict=True)` wants; safetensors files leave it out).
+
+    Returns:
+      HF name -> array; `torch.from_numpy` each for `load_state_dict`.
+    """
+    sd = {}
+    for name, path, shape, n_in in _layout(config):
+        node = params
+        for key in path:
+            node = node[key]
+        array = np.asarray(node, np.float32)
+        if array.shape != shape:
+            raise ValueError(f"param {'/'.join(path)} has shape {array.shape}; expected {shape}")
+        if n_in:
+            array = array.reshape(int(np.prod(shape[:n_in])), -1).T
+        elif len(shape) == 2 and name.endswith("bias"):
+            array = array.reshape(-1)
+        sd[name] = np.ascontiguousarray(array)
+    if config.tie_embeddings and include_tied:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    return sd
