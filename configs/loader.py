@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import ml_collections
 

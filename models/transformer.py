@@ -13,10 +13,8 @@ Padding is read from `pad_id` in the token ids unless explicit segment ids are g
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from models.layers.blocks import BlockConfig, DecoderLayer, EncoderLayer

@@ -11,7 +11,7 @@ import json
 import os
 import statistics
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp

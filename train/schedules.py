@@ -15,7 +15,7 @@ the decay is exactly the last `decay_fraction` of the run with no rounding.
 """
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

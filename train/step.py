@@ -13,7 +13,8 @@ update as one step on the whole batch, whatever the padding in each micro-batch.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import flax.struct

@@ -8,7 +8,8 @@ Gated:  y = W_o (act(W_gate x) * (W_up x))                   (Shazeer 2020, "GLU
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
