@@ -1,0 +1,183 @@
+"""Hugging Face checkpoints in and out: `load_pretrained(directory)`, `save_pretrained(...)`.
+
+    model, params = hf.load_pretrained("path/to/llama")      # config.json + *.safetensors
+    logits = model.apply({"params": params}, input_ids)      # == transformers' first output
+    hf.save_pretrained(model, params, "out/")               # transformers.from_pretrained("out/")
+
+Supported architectures: BertModel, BertForMaskedLM, GPT2LMHeadModel, LlamaForCausalLM,
+Qwen2ForCausalLM, Qwen3ForCausalLM. Weights come from `model.safetensors` or from the
+shards listed in `model.safetensors.index.json`. The per-family tensor maps live in
+`models/convert/`; this module only reads and writes files and picks the family.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from models.bert import BertConfig, BertForMaskedLM, BertModel
+from models.convert import bert as bert_convert
+from models.convert import gpt2 as gpt2_convert
+from models.convert import llama as llama_convert
+from models.gpt import GPT, GPTConfig
+
+DECODERS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+BERTS = {"BertModel": "base", "BertForMaskedLM": "mlm"}
+SUPPORTED = (*BERTS, "GPT2LMHeadModel", *DECODERS)
+INDEX = "model.safetensors.index.json"
+
+
+def _read_config(directory: str) -> dict[str, Any]:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory!r} has no config.json: expected a Hugging Face model directory")
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_safetensors(directory: str) -> dict[str, np.ndarray]:
+    """All tensors of a model directory: one `model.safetensors` or the shards of its index."""
+    index = os.path.join(directory, INDEX)
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(directory, "model.safetensors")):
+        shards = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{directory!r} has neither model.safetensors nor {INDEX} "
+                                "(PyTorch .bin checkpoints: convert them with transformers' save_pretrained)")
+    tensors: dict[str, np.ndarray] = {}
+    for shard in shards:
+        tensors.update(load_file(os.path.join(directory, shard)))
+    return tensors
+
+
+def _architecture(hf_config: dict[str, Any]) -> str:
+    names = hf_config.get("architectures") or []
+    for name in names:
+        if name in SUPPORTED:
+            return name
+    raise ValueError(f"unsupported architecture {names or hf_config.get('model_type')!r}; "
+                     f"supported: {', '.join(SUPPORTED)}")
+
+
+def load_pretrained(directory: str, **overrides) -> tuple[nn.Module, dict]:
+    """(flax model, params) of a Hugging Face model directory.
+
+    Args:
+      directory: holds config.json and model.safetensors (or sharded safetensors + index).
+      **overrides: config fields for the decoder families (dtype, param_dtype, remat...).
+
+    Returns:
+      The model and its parameters: `model.apply({'params': params}, ids)` returns the
+      transformers model's first output (logits, or BertModel's last hidden state and
+      pooled output).
+    """
+    hf_config = _read_config(directory)
+    arch = _architecture(hf_config)
+    tensors = read_safetensors(directory)
+    if arch in BERTS:
+        config = bert_convert.config_from_hf(hf_config)
+        head = BERTS[arch]
+        model = BertModel(config) if head == "base" else BertForMaskedLM(config)
+        return model, bert_convert.hf_to_params(tensors, config, head)
+    convert = gpt2_convert if arch == "GPT2LMHeadModel" else llama_convert
+    config = convert.config_from_hf(hf_config, **overrides)
+    return GPT(config), convert.hf_to_params(tensors, config)
+
+
+def _rope_parameters(config: GPTConfig) -> dict[str, Any]:
+    rope = config.block.rope
+    out: dict[str, Any] = {"rope_type": rope.scaling, "rope_theta": rope.theta}
+    if rope.scaling != "default":
+        out["factor"] = rope.factor
+    if rope.scaling in ("llama3", "yarn"):
+        out["original_max_position_embeddings"] = rope.original_max_len
+    if rope.scaling == "llama3":
+        out.update(low_freq_factor=rope.low_freq_factor, high_freq_factor=rope.high_freq_factor)
+    if rope.scaling == "yarn":
+        out.update(beta_fast=rope.beta_fast, beta_slow=rope.beta_slow, truncate=rope.truncate)
+        for key in ("mscale", "mscale_all_dim", "attention_factor"):
+            if getattr(rope, key) is not None:
+                out[key] = getattr(rope, key)
+    return out
+
+
+def decoder_architecture(config: GPTConfig) -> str:
+    """Which transformers class computes the same function as this GPTConfig."""
+    b = config.block
+    if config.positional == "learned":
+        return "GPT2LMHeadModel"
+    if b.qk_norm:
+        return "Qwen3ForCausalLM"
+    if b.has_qkv_bias and not b.has_out_bias and not b.has_mlp_bias:
+        return "Qwen2ForCausalLM"
+    return "LlamaForCausalLM"
+
+
+def _decoder_hf_config(config: GPTConfig) -> dict[str, Any]:
+    b, arch = config.block, decoder_architecture(config)
+    if arch == "GPT2LMHeadModel":
+        act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[b.mlp_activation]
+        return {"architectures": [arch], "model_type": "gpt2", "vocab_size": config.vocab_size,
+                "n_embd": b.d_model, "n_head": b.num_heads, "n_layer": config.num_layers, "n_inner": b.d_ff,
+                "n_positions": config.max_len, "activation_function": act, "layer_norm_epsilon": b.norm_eps,
+                "tie_word_embeddings": config.tie_embeddings}
+    out = {"architectures": [arch], "model_type": {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                                                   "Qwen3ForCausalLM": "qwen3"}[arch],
+           "vocab_size": config.vocab_size, "hidden_size": b.d_model, "intermediate_size": b.d_ff,
+           "num_hidden_layers": config.num_layers, "num_attention_heads": b.num_heads,
+           "num_key_value_heads": b.kv_heads, "head_dim": b.head_size, "rms_norm_eps": b.norm_eps,
+           "max_position_embeddings": config.max_len, "tie_word_embeddings": config.tie_embeddings,
+           "hidden_act": "silu", "rope_parameters": _rope_parameters(config)}
+    if arch == "LlamaForCausalLM":
+        out.update(attention_bias=b.has_qkv_bias, mlp_bias=b.has_mlp_bias)
+    if arch == "Qwen3ForCausalLM":
+        out["attention_bias"] = b.has_qkv_bias
+    if arch != "LlamaForCausalLM":
+        out.update(use_sliding_window=b.sliding_window is not None, sliding_window=b.sliding_window,
+                   max_window_layers=0)
+    return out
+
+
+def _bert_hf_config(config: BertConfig, arch: str) -> dict[str, Any]:
+    b = config.block
+    act = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[b.mlp_activation]
+    return {"architectures": [arch], "model_type": "bert", "vocab_size": config.vocab_size,
+            "hidden_size": b.d_model, "num_hidden_layers": config.num_layers, "num_attention_heads": b.num_heads,
+            "intermediate_size": b.d_ff, "hidden_act": act, "max_position_embeddings": config.max_len,
+            "type_vocab_size": config.type_vocab_size, "layer_norm_eps": b.norm_eps, "pad_token_id": config.pad_id}
+
+
+def save_pretrained(model: nn.Module, params, directory: str) -> None:
+    """Writes config.json and model.safetensors that transformers loads to the same outputs.
+
+    Refuses to write into a directory that already holds a config.json or weights, so that
+    nothing saved is overwritten.
+    """
+    os.makedirs(directory, exist_ok=True)
+    existing = [f for f in ("config.json", "model.safetensors", INDEX) if os.path.exists(os.path.join(directory, f))]
+    if existing:
+        raise FileExistsError(f"{directory!r} already holds {existing}; choose an empty directory")
+    params = nn.unbox(params)
+    if isinstance(model, (BertModel, BertForMaskedLM)):
+        arch = "BertModel" if isinstance(model, BertModel) else "BertForMaskedLM"
+        head = BERTS[arch]
+        hf_config = _bert_hf_config(model.config, arch)
+        tensors = bert_convert.params_to_hf(params, model.config, head)
+    elif isinstance(model, GPT):
+        hf_config = _decoder_hf_config(model.config)
+        convert = gpt2_convert if hf_config["architectures"] == ["GPT2LMHeadModel"] else llama_convert
+        tensors = convert.params_to_hf(params, model.config, include_tied=False)
+    else:
+        raise ValueError(f"save_pretrained supports BertModel, BertForMaskedLM and GPT, not {type(model).__name__}")
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+
