@@ -18,17 +18,31 @@ def get_config() -> ml_collections.ConfigDict:
     c.steps = 1000  # optimizer steps in the whole run
 
     c.model = ml_collections.ConfigDict(dict(
-        family="gpt",
+        family="gpt",  # gpt | llama | qwen: all the decoder of models/gpt.py, told apart by the keys below
         vocab_size=0,  # 0: the tokenizer's vocabulary size
         num_layers=4,
         max_len=256,  # context length; must be >= data.seq_len
+        positional="learned",  # learned (a position table, GPT-2) | rope (rotary, LLaMA/Qwen)
+        # rope_* apply only with positional="rope" (models/layers/positional.py RopeConfig).
+        rope_theta=10000.0,  # LLaMA 2: 1e4, LLaMA 3: 5e5, Qwen2/3: 1e6
+        rope_scaling="default",  # default | linear | llama3 | yarn | dynamic
+        rope_factor=1.0,  # context extension factor (all scalings but "default")
+        rope_original_max_len=0,  # pre-training context for llama3/yarn/dynamic; 0: max_len
         tie_embeddings=True,
         remat="none",  # none | full | dots_saveable | nothing_saveable
         dtype="float32",  # compute dtype; "bfloat16" for mixed precision (params stay float32)
         param_dtype="float32",
         block=dict(d_model=128, num_heads=4, num_kv_heads=0, head_dim=0, d_ff=512, mlp_activation="gelu_tanh",
                    norm="layernorm", norm_position="pre", norm_eps=1e-5, dropout_rate=0.0,
-                   attention_dropout_rate=0.0, use_bias=True),
+                   attention_dropout_rate=0.0, use_bias=True,
+                   # The three bias switches are "auto" (follow use_bias) | "true" | "false":
+                   # ConfigDict keeps one type per key, so a bool could not also say "unset".
+                   qkv_bias="auto",  # Qwen2: "true" with use_bias=False
+                   out_bias="auto",
+                   mlp_bias="auto",
+                   qk_norm=False,  # RMSNorm on each query and key head before RoPE (Qwen3)
+                   sliding_window=0,  # local attention over the last N keys; 0: none
+                   ),
     ))
     c.tokenizer = ml_collections.ConfigDict(dict(
         path="",  # "": train our byte-level BPE on the training split and save it in the workdir
