@@ -10,9 +10,12 @@ The families differ only by switches of `GPTConfig` and its `BlockConfig`:
     LLaMA   positional="rope" (block.rope), RMSNorm, swiglu, no biases, GQA, untied
     Qwen2   LLaMA + qkv_bias
     Qwen3   LLaMA + qk_norm (+ an explicit head_dim)
+    Mixtral LLaMA with a mixture of SwiGLU experts (block.moe) in every layer
+    Qwen3-MoE Qwen3 with a mixture of experts in every layer
 
-`llama_config`, `qwen2_config` and `qwen3_config` build those; `models/convert/llama.py`
-reads Hugging Face configs and weights into them.
+`llama_config`, `qwen2_config`, `qwen3_config`, `mixtral_config` and `qwen3_moe_config`
+build those; `models/convert/llama.py` and `models/convert/moe.py` read Hugging Face
+configs and weights into them.
 
 Packed rows (several documents in one row) pass `segment_ids` and `positions`: tokens
 attend only within their document and positions restart at each document.
@@ -28,6 +31,7 @@ import jax.numpy as jnp
 
 from models.layers.blocks import BlockConfig, EncoderLayer
 from models.layers.embedding import Embed
+from models.layers.moe import MoEConfig
 from models.layers.norms import make_norm
 from models.layers.positional import LearnedPositionalEmbedding, RopeConfig
 
@@ -189,3 +193,32 @@ def qwen3_config(*, rope_theta: float = 1e6, norm_eps: float = 1e-6, **kwargs) -
     """
     kwargs.setdefault("qk_norm", True)
     return llama_config(rope_theta=rope_theta, norm_eps=norm_eps, **kwargs)
+
+
+def mixtral_config(*, num_experts: int = 8, num_experts_per_tok: int = 2, rope_theta: float = 1e6,
+                   aux_loss_weight: float = 0.0, capacity_factor: float = 0.0, **kwargs) -> GPTConfig:
+    """Mixtral: LLaMA whose every MLP is a softmax top-k router over `num_experts` SwiGLU
+    experts of width `d_ff`, the k weights renormalised to sum to 1.
+
+    Args:
+      num_experts, num_experts_per_tok: E and k.
+      aux_loss_weight: load-balancing loss weight (HF: router_aux_loss_coef).
+      capacity_factor: 0 = dropless (exact, as HF); > 0 drops tokens beyond capacity.
+      **kwargs: as `llama_config` (d_ff is the expert width).
+    """
+    moe = MoEConfig(num_experts=num_experts, num_experts_per_tok=num_experts_per_tok, expert_d_ff=kwargs["d_ff"],
+                    norm_topk_prob=True, aux_loss_weight=aux_loss_weight, capacity_factor=capacity_factor)
+    return llama_config(rope_theta=rope_theta, moe=moe, **kwargs)
+
+
+def qwen3_moe_config(*, num_experts: int = 128, num_experts_per_tok: int = 8, norm_topk_prob: bool = True,
+                     aux_loss_weight: float = 0.0, capacity_factor: float = 0.0, **kwargs) -> GPTConfig:
+    """Qwen3-MoE: Qwen3 (QK-norm) whose every MLP is a softmax top-k mixture of SwiGLU experts
+    of width `d_ff` (HF's moe_intermediate_size); the k weights are renormalised only if
+    `norm_topk_prob`. Dense layers (HF mlp_only_layers / decoder_sparse_step > 1) are not supported.
+
+    Args: as `mixtral_config`, plus norm_topk_prob; **kwargs as `qwen3_config`.
+    """
+    moe = MoEConfig(num_experts=num_experts, num_experts_per_tok=num_experts_per_tok, expert_d_ff=kwargs["d_ff"],
+                    norm_topk_prob=norm_topk_prob, aux_loss_weight=aux_loss_weight, capacity_factor=capacity_factor)
+    return qwen3_config(moe=moe, **kwargs)

@@ -5,7 +5,7 @@
     hf.save_pretrained(model, params, "out/")               # transformers.from_pretrained("out/")
 
 Supported architectures: BertModel, BertForMaskedLM, GPT2LMHeadModel, LlamaForCausalLM,
-Qwen2ForCausalLM, Qwen3ForCausalLM. Weights come from `model.safetensors` or from the
+Qwen2ForCausalLM, Qwen3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM. Weights come from `model.safetensors` or from the
 shards listed in `model.safetensors.index.json`. The per-family tensor maps live in
 `models/convert/`; this module only reads and writes files and picks the family.
 """
@@ -24,9 +24,10 @@ from models.bert import BertConfig, BertForMaskedLM, BertModel
 from models.convert import bert as bert_convert
 from models.convert import gpt2 as gpt2_convert
 from models.convert import llama as llama_convert
+from models.convert import moe as moe_convert
 from models.gpt import GPT, GPTConfig
 
-DECODERS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+DECODERS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", *moe_convert.ARCHITECTURES)
 BERTS = {"BertModel": "base", "BertForMaskedLM": "mlm"}
 SUPPORTED = (*BERTS, "GPT2LMHeadModel", *DECODERS)
 INDEX = "model.safetensors.index.json"
@@ -86,6 +87,9 @@ def load_pretrained(directory: str, **overrides) -> tuple[nn.Module, dict]:
         head = BERTS[arch]
         model = BertModel(config) if head == "base" else BertForMaskedLM(config)
         return model, bert_convert.hf_to_params(tensors, config, head)
+    if arch in moe_convert.ARCHITECTURES:
+        config = moe_convert.config_from_hf(hf_config, **overrides)
+        return GPT(config), moe_convert.hf_to_params(tensors, config, arch=arch)
     convert = gpt2_convert if arch == "GPT2LMHeadModel" else llama_convert
     config = convert.config_from_hf(hf_config, **overrides)
     return GPT(config), convert.hf_to_params(tensors, config)
@@ -113,6 +117,8 @@ def decoder_architecture(config: GPTConfig) -> str:
     b = config.block
     if config.positional == "learned":
         return "GPT2LMHeadModel"
+    if b.moe is not None:
+        return "Qwen3MoeForCausalLM" if b.qk_norm else "MixtralForCausalLM"
     if b.qk_norm:
         return "Qwen3ForCausalLM"
     if b.has_qkv_bias and not b.has_out_bias and not b.has_mlp_bias:
@@ -128,6 +134,8 @@ def _decoder_hf_config(config: GPTConfig) -> dict[str, Any]:
                 "n_embd": b.d_model, "n_head": b.num_heads, "n_layer": config.num_layers, "n_inner": b.d_ff,
                 "n_positions": config.max_len, "activation_function": act, "layer_norm_epsilon": b.norm_eps,
                 "tie_word_embeddings": config.tie_embeddings}
+    if b.moe is not None:
+        return _moe_hf_config(config, arch)
     out = {"architectures": [arch], "model_type": {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
                                                    "Qwen3ForCausalLM": "qwen3"}[arch],
            "vocab_size": config.vocab_size, "hidden_size": b.d_model, "intermediate_size": b.d_ff,
@@ -142,6 +150,31 @@ def _decoder_hf_config(config: GPTConfig) -> dict[str, Any]:
     if arch != "LlamaForCausalLM":
         out.update(use_sliding_window=b.sliding_window is not None, sliding_window=b.sliding_window,
                    max_window_layers=0)
+    return out
+
+
+def _moe_hf_config(config: GPTConfig, arch: str) -> dict[str, Any]:
+    b, moe = config.block, config.block.moe
+    if moe.score_func != "softmax" or moe.num_shared_experts or moe.routed_scaling_factor != 1.0:
+        raise ValueError(f"{arch} has softmax routing, no shared experts and routed_scaling_factor=1; "
+                         f"got {moe}")
+    if arch == "MixtralForCausalLM" and not moe.norm_topk_prob:
+        raise ValueError("MixtralForCausalLM always renormalises the top-k weights; norm_topk_prob=False has "
+                         "no Mixtral equivalent")
+    out = {"architectures": [arch], "vocab_size": config.vocab_size, "hidden_size": b.d_model,
+           "num_hidden_layers": config.num_layers, "num_attention_heads": b.num_heads,
+           "num_key_value_heads": b.kv_heads, "head_dim": b.head_size, "rms_norm_eps": b.norm_eps,
+           "max_position_embeddings": config.max_len, "tie_word_embeddings": config.tie_embeddings,
+           "hidden_act": "silu", "rope_parameters": _rope_parameters(config),
+           "num_experts_per_tok": moe.num_experts_per_tok, "router_aux_loss_coef": moe.aux_loss_weight,
+           "sliding_window": b.sliding_window}
+    if arch == "MixtralForCausalLM":
+        out.update(model_type="mixtral", intermediate_size=moe.expert_d_ff, num_local_experts=moe.num_experts)
+    else:
+        out.update(model_type="qwen3_moe", intermediate_size=moe.expert_d_ff, moe_intermediate_size=moe.expert_d_ff,
+                   num_experts=moe.num_experts, norm_topk_prob=moe.norm_topk_prob, attention_bias=b.has_qkv_bias,
+                   use_sliding_window=b.sliding_window is not None, max_window_layers=0, mlp_only_layers=[],
+                   decoder_sparse_step=1)
     return out
 
 
@@ -172,7 +205,9 @@ def save_pretrained(model: nn.Module, params, directory: str) -> None:
         tensors = bert_convert.params_to_hf(params, model.config, head)
     elif isinstance(model, GPT):
         hf_config = _decoder_hf_config(model.config)
-        convert = gpt2_convert if hf_config["architectures"] == ["GPT2LMHeadModel"] else llama_convert
+        arch = hf_config["architectures"][0]
+        convert = {"GPT2LMHeadModel": gpt2_convert, **dict.fromkeys(moe_convert.ARCHITECTURES, moe_convert)}.get(
+            arch, llama_convert)
         tensors = convert.params_to_hf(params, model.config, include_tied=False)
     else:
         raise ValueError(f"save_pretrained supports BertModel, BertForMaskedLM and GPT, not {type(model).__name__}")

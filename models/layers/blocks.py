@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from models.layers.feedforward import GATED, MLP_ACTIVATIONS, FeedForward
+from models.layers.moe import MoEConfig, MoEFeedForward
 from models.layers.multihead import MultiHeadAttention
 from models.layers.norms import NORMS, make_norm
 from models.layers.positional import RopeConfig
@@ -50,6 +51,8 @@ class BlockConfig:
       qk_norm: RMSNorm over the head dim of queries and keys before RoPE (Qwen3).
       rope: rotary embeddings in self-attention, if set.
       sliding_window: local self-attention window, if set.
+      moe: if set, the feed-forward sub-layer is a mixture of SwiGLU experts
+        (`models.layers.moe`); `d_ff`, `mlp_activation` and `mlp_bias` are then unused.
       dtype: compute dtype; param_dtype: storage dtype.
     """
 
@@ -71,6 +74,7 @@ class BlockConfig:
     qk_norm: bool = False
     rope: RopeConfig | None = None
     sliding_window: int | None = None
+    moe: MoEConfig | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -120,10 +124,15 @@ class BlockConfig:
         return self.attention_weights() + biases + (2 * H if self.qk_norm else 0)
 
     def mlp_weights(self) -> int:
+        """Feed-forward weights a token multiplies through (MoE: router + its k experts + shared)."""
+        if self.moe is not None:
+            return self.moe.active_weights(self.d_model)
         n_in = 2 if self.mlp_activation in GATED else 1
         return (n_in + 1) * self.d_model * self.d_ff
 
     def mlp_params(self) -> int:
+        if self.moe is not None:
+            return self.moe.params(self.d_model)
         n_in = 2 if self.mlp_activation in GATED else 1
         return self.mlp_weights() + ((n_in * self.d_ff + self.d_model) if self.has_mlp_bias else 0)
 
@@ -159,7 +168,12 @@ def _attention(cfg: BlockConfig, name: str, *, rope: bool) -> MultiHeadAttention
     )
 
 
-def _feed_forward(cfg: BlockConfig) -> FeedForward:
+def _feed_forward(cfg: BlockConfig):
+    """The feed-forward sub-layer as a function of the normed input (MoE drops its statistics,
+    which it sows into the `intermediates` collection)."""
+    if cfg.moe is not None:
+        moe = MoEFeedForward(cfg.moe, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="mlp")
+        return lambda h, deterministic: moe(h, deterministic=deterministic)[0]
     return FeedForward(hidden_dim=cfg.d_ff, activation=cfg.mlp_activation, use_bias=cfg.has_mlp_bias,
                        dropout_rate=cfg.dropout_rate, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="mlp")
 

@@ -1,0 +1,227 @@
+"""Hugging Face Mixtral / Qwen3-MoE checkpoints <-> lmlab `GPT` params (block.moe set).
+
+Axis letters: D model width, E experts, F expert hidden width.
+
+Attention, norms and embeddings map exactly as in `models/convert/llama.py`. The MoE MLP:
+
+    mlp.gate.weight               [E, D]      -> mlp/router  [D, E]
+    mlp.experts.gate_up_proj      [E, 2F, D]  -> mlp/wi_gate [E, D, F] (rows :F), mlp/wi_up (rows F:)
+    mlp.experts.down_proj         [E, D, F]   -> mlp/wo      [E, F, D]
+
+That fused layout is what transformers 5 keeps in memory (`state_dict()`). Checkpoint files
+(and transformers' own `save_pretrained`) may instead hold one tensor per expert:
+Mixtral `block_sparse_moe.gate.weight`, `block_sparse_moe.experts.{e}.w1/w3/w2.weight`
+(gate/up/down), Qwen3-MoE `mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`;
+`hf_to_params` accepts either. `params_to_hf` writes the fused layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from models.convert import llama
+from models.convert.llama import check_names, to_numpy
+from models.gpt import GPTConfig, mixtral_config, qwen3_moe_config
+
+ARCHITECTURES = ("MixtralForCausalLM", "Qwen3MoeForCausalLM")
+_MODEL_TYPES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+_DEFAULTS = {
+    "MixtralForCausalLM": {"rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 4096 * 32},
+    "Qwen3MoeForCausalLM": {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768},
+}
+_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_experts_per_tok")
+_LEGACY = {  # arch -> (module prefix, gate, up, down) of per-expert checkpoints
+    "MixtralForCausalLM": ("block_sparse_moe", "w1", "w3", "w2"),
+    "Qwen3MoeForCausalLM": ("mlp", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+def architecture(hf: Mapping[str, Any]) -> str:
+    """Which of ARCHITECTURES a HF config dict describes."""
+    names = list(hf.get("architectures") or []) + [_MODEL_TYPES.get(hf.get("model_type"), "")]
+    for name in names:
+        if name in ARCHITECTURES:
+            return name
+    raise ValueError(f"unsupported Hugging Face model (architectures={hf.get('architectures')}, "
+                     f"model_type={hf.get('model_type')!r}); expected one of {ARCHITECTURES}")
+
+
+def config_from_hf(hf: Mapping[str, Any], **overrides) -> GPTConfig:
+    """The GPTConfig of a HF Mixtral / Qwen3-MoE config dict.
+
+    Args:
+      hf: `hf_model.config.to_dict()` or a parsed config.json.
+      **overrides: passed to the preset (dtype, param_dtype, remat, capacity_factor, ...).
+
+    Raises:
+      ValueError: for Qwen3-MoE with dense layers (mlp_only_layers, decoder_sparse_step != 1).
+    """
+    arch = architecture(hf)
+    missing = [k for k in _REQUIRED if k not in hf]
+    if missing:
+        raise ValueError(f"Hugging Face config lacks {missing}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={hf['hidden_act']!r}; only 'silu' (SwiGLU experts) is converted")
+    defaults = _DEFAULTS[arch]
+    D, N = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or D // N
+    kwargs = {
+        "vocab_size": hf["vocab_size"], "d_model": D, "num_layers": hf["num_hidden_layers"], "num_heads": N,
+        "num_kv_heads": hf.get("num_key_value_heads") or N, "head_dim": None if head_dim * N == D else head_dim,
+        "norm_eps": float(hf.get("rms_norm_eps", defaults["rms_norm_eps"])),
+        "rope_theta": llama._rope_theta(hf, defaults["rope_theta"]),
+        "max_len": hf.get("max_position_embeddings", defaults["max_position_embeddings"]),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "num_experts_per_tok": hf["num_experts_per_tok"],
+        "aux_loss_weight": float(hf.get("router_aux_loss_coef", 0.0)),
+    }
+    if arch == "MixtralForCausalLM":
+        config = mixtral_config(num_experts=hf.get("num_local_experts", hf.get("num_experts", 8)), d_ff=hf["intermediate_size"],
+                                sliding_window=hf.get("sliding_window"), **kwargs, **overrides)
+    else:
+        if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+            raise ValueError(f"Qwen3-MoE with dense layers (mlp_only_layers={hf.get('mlp_only_layers')}, "
+                             f"decoder_sparse_step={hf.get('decoder_sparse_step')}) is not supported; only "
+                             "mlp_only_layers=[] and decoder_sparse_step=1 (every layer MoE)")
+        # transformers 5 stores Qwen3-MoE's num_experts as num_local_experts (attribute_map)
+        config = qwen3_moe_config(num_experts=hf.get("num_experts", hf.get("num_local_experts", 128)), d_ff=hf["moe_intermediate_size"],
+                                  norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                                  attention_bias=bool(hf.get("attention_bias", False)),
+                                  sliding_window=llama._sliding_window(hf), **kwargs, **overrides)
+    rope = llama._rope(hf, head_dim, defaults["rope_theta"])
+    return dataclasses.replace(config, block=dataclasses.replace(config.block, rope=rope))
+
+
+def _dense_layout(config: GPTConfig):
+    """llama's layout of everything but the MLP tensors."""
+    if config.block.moe is None:
+        raise ValueError("config.block.moe is None; use models.convert.llama for dense models")
+    return [entry for entry in llama._layout(config) if ".mlp." not in entry[0]]
+
+
+def _moe_names(config: GPTConfig, i: int) -> dict[str, str]:
+    hf = f"model.layers.{i}.mlp."
+    return {"router": hf + "gate.weight", "gate_up": hf + "experts.gate_up_proj", "down": hf + "experts.down_proj"}
+
+
+def _fuse_per_expert(state_dict: Mapping[str, Any], config: GPTConfig, arch: str) -> dict[str, Any]:
+    """Replaces per-expert checkpoint tensors (if present) with the fused transformers-5 ones."""
+    prefix, gate, up, down = _LEGACY[arch]
+    sd = dict(state_dict)
+    E = config.block.moe.num_experts
+    for i in range(config.num_layers):
+        old = f"model.layers.{i}.{prefix}."
+        names = _moe_names(config, i)
+        if old + "experts.0." + gate + ".weight" not in sd:
+            continue
+        if prefix != "mlp" and old + "gate.weight" in sd:
+            sd[names["router"]] = sd.pop(old + "gate.weight")
+        gate_up, down_ = [], []
+        for e in range(E):
+            base = f"{old}experts.{e}."
+            g, u, d = (to_numpy(sd.pop(base + n + ".weight")) for n in (gate, up, down))
+            gate_up.append(np.concatenate([g, u], 0))
+            down_.append(d)
+        sd[names["gate_up"]], sd[names["down"]] = np.stack(gate_up), np.stack(down_)
+    return sd
+
+
+def hf_to_params(state_dict: Mapping[str, Any], config: GPTConfig, *, arch: str | None = None) -> dict:
+    """Our params from a HF Mixtral / Qwen3-MoE state dict (fused or per-expert tensors).
+
+    Args:
+      state_dict: HF name -> torch tensor or array.
+      config: from `config_from_hf`.
+      arch: "MixtralForCausalLM" or "Qwen3MoeForCausalLM"; only needed to read per-expert
+        tensors (None: inferred from config.block.qk_norm, which only Qwen3-MoE has).
+
+    Returns:
+      The nested params dict for `GPT(config)`.
+
+    Raises:
+      ValueError: naming every missing, unexpected or misshapen tensor.
+    """
+    arch = arch or ("Qwen3MoeForCausalLM" if config.block.qk_norm else "MixtralForCausalLM")
+    sd = _fuse_per_expert(state_dict, config, arch)
+    moe = config.block.moe
+    D, E, F = config.block.d_model, moe.num_experts, moe.expert_d_ff
+    dense = _dense_layout(config)
+    moe_names = {n for i in range(config.num_layers) for n in _moe_names(config, i).values()}
+    dense_names = {name for name, *_ in dense}
+    optional = {"lm_head.weight"} if config.tie_embeddings else set()
+    check_names(sd, dense_names | moe_names, optional)
+    dtype = config.block.param_dtype
+    params: dict = {}
+    for name, path, shape, n_in in dense:  # as llama.hf_to_params
+        array = to_numpy(sd[name])
+        if n_in:
+            hf_shape = (int(np.prod(shape[n_in:])), int(np.prod(shape[:n_in])))
+            if array.shape != hf_shape:
+                raise ValueError(f"{name} has shape {array.shape}; expected {hf_shape}")
+            array = array.T
+        elif array.size != int(np.prod(shape)):
+            raise ValueError(f"{name} has shape {array.shape}; expected {shape}")
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = jnp.asarray(array.reshape(shape), dtype)
+    tied_head = sd.get("lm_head.weight") if config.tie_embeddings else None
+    if tied_head is not None and not np.array_equal(to_numpy(tied_head), to_numpy(sd["model.embed_tokens.weight"])):
+        raise ValueError("lm_head.weight differs from model.embed_tokens.weight but config.tie_embeddings=True")
+    for i in range(config.num_layers):
+        names = _moe_names(config, i)
+        arrays = {key: to_numpy(sd[name]) for key, name in names.items()}
+        for key, shape in (("router", (E, D)), ("gate_up", (E, 2 * F, D)), ("down", (E, D, F))):
+            if arrays[key].shape != shape:
+                raise ValueError(f"{names[key]} has shape {arrays[key].shape}; expected {shape}")
+        gate_up = arrays["gate_up"].transpose(0, 2, 1)  # [E, D, 2F]
+        params[f"layer_{i}"]["mlp"] = {
+            "router": jnp.asarray(arrays["router"].T, dtype),
+            "wi_gate": jnp.asarray(gate_up[..., :F], dtype),
+            "wi_up": jnp.asarray(gate_up[..., F:], dtype),
+            "wo": jnp.asarray(arrays["down"].transpose(0, 2, 1), dtype),
+        }
+    return params
+
+
+def params_to_hf(params: Mapping[str, Any], config: GPTConfig, *, include_tied: bool = True) -> dict[str, np.ndarray]:
+    """A HF state dict (numpy float32, fused expert tensors) from our params.
+
+    Args:
+      params: as from `hf_to_params` or training.
+      config: the model's config.
+      include_tied: with tied embeddings also emit `lm_head.weight`.
+    """
+    sd = {}
+    for name, path, shape, n_in in _dense_layout(config):  # as llama.params_to_hf
+        node = params
+        for key in path:
+            node = node[key]
+        array = np.asarray(node, np.float32)
+        if array.shape != shape:
+            raise ValueError(f"param {'/'.join(path)} has shape {array.shape}; expected {shape}")
+        if n_in:
+            array = array.reshape(int(np.prod(shape[:n_in])), -1).T
+        elif len(shape) == 2 and name.endswith("bias"):
+            array = array.reshape(-1)
+        sd[name] = np.ascontiguousarray(array)
+    if config.tie_embeddings and include_tied:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    moe = config.block.moe
+    D, E, F = config.block.d_model, moe.num_experts, moe.expert_d_ff
+    for i in range(config.num_layers):
+        names, mlp = _moe_names(config, i), params[f"layer_{i}"]["mlp"]
+        arrays = {k: np.asarray(mlp[k], np.float32) for k in ("router", "wi_gate", "wi_up", "wo")}
+        for key, shape in (("router", (D, E)), ("wi_gate", (E, D, F)), ("wi_up", (E, D, F)), ("wo", (E, F, D))):
+            if arrays[key].shape != shape:
+                raise ValueError(f"param layer_{i}/mlp/{key} has shape {arrays[key].shape}; expected {shape}")
+        sd[names["router"]] = np.ascontiguousarray(arrays["router"].T)
+        sd[names["gate_up"]] = np.ascontiguousarray(
+            np.concatenate([arrays["wi_gate"], arrays["wi_up"]], -1).transpose(0, 2, 1))
+        sd[names["down"]] = np.ascontiguousarray(arrays["wo"].transpose(0, 2, 1))
+    return sd

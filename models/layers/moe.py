@@ -1,0 +1,229 @@
+"""Mixture-of-experts feed-forward: a top-k router over E SwiGLU experts (Mixtral, Qwen3-MoE).
+
+Axis letters: B batch, T length, D model width, F expert hidden width, E experts,
+K experts per token (top-k), C expert capacity, G tokens (G = B * T, flattened).
+
+    scores_GE = softmax(x W_router)  (or sigmoid)        routing in float32
+    top-k of scores; weights renormalised over the k if `norm_topk_prob`, times
+    `routed_scaling_factor`
+    y_g = sum_k weight_gk * Expert_{e_gk}(x_g)   (+ shared experts applied to every token)
+
+Two execution modes:
+
+* dropless (`capacity_factor == 0`): every token reaches all its k experts. Implemented as a
+  dense einsum over ALL E experts masked by the routing weights, so it is exact but costs
+  E / k times the FLOPs of true sparse dispatch. Meant for parity tests and small models.
+* capacity (`capacity_factor > 0`): each expert takes at most
+  C = ceil(capacity_factor * G * K / E) tokens. Slots are assigned choice-major (all tokens'
+  first choices, in token order, then all second choices, ...) by a cumsum over the
+  flattened assignments; assignments beyond C are dropped (their weight is lost, the
+  residual carries the token). Dispatch/combine are one-hot [G, E, C] einsums (GShard).
+
+The module returns `(y_BTD, stats)` and also sows `stats` into the `intermediates`
+collection under the name `router_stats` (read them with `apply(..., mutable=["intermediates"])`;
+`total_aux_loss` sums their weighted losses). Statistics:
+
+    tokens_per_expert [E]  assignments routed to each expert before dropping (sums to G * K)
+    kept_per_expert   [E]  assignments actually computed (== tokens_per_expert if dropless)
+    dropped_fraction  []   dropped assignments / (G * K)
+    aux_loss          []   E * sum_e f_e * P_e, f_e = tokens_per_expert / G, P_e = mean softmax
+                           prob (Switch eq. 4-6 as in HF's load_balancing_loss_func; per layer)
+    router_z_loss     []   mean_g logsumexp(router logits)^2 (ST-MoE)
+    weighted_loss     []   aux_loss_weight * aux_loss + router_z_loss_weight * router_z_loss
+
+Padding tokens are routed like any other token and count in the statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.layers.feedforward import FeedForward
+
+Dtype = Any
+SCORE_FUNCS = ("softmax", "sigmoid")
+# xavier_uniform per expert: fans from the last two axes, the expert axis is a batch axis.
+EXPERT_KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=-2, out_axis=-1,
+                                                      batch_axis=(0,))
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Routed (and optional shared) SwiGLU experts.
+
+    Attributes:
+      num_experts: E.
+      num_experts_per_tok: K, experts per token.
+      expert_d_ff: F, hidden width of each routed expert.
+      score_func: "softmax" (Mixtral, Qwen3-MoE) or "sigmoid" (DeepSeek-V3 style) router scores.
+      norm_topk_prob: renormalise the K selected scores to sum to 1 (Mixtral: always;
+        Qwen3-MoE: config.norm_topk_prob).
+      capacity_factor: 0 = dropless; > 0 = capacity C = ceil(factor * G * K / E) per expert.
+      router_z_loss_weight: weight of the router z-loss in `weighted_loss`.
+      aux_loss_weight: weight of the load-balancing loss in `weighted_loss` (HF: router_aux_loss_coef).
+      num_shared_experts: experts applied to every token (0: none).
+      shared_d_ff: hidden width of each shared expert (None: expert_d_ff).
+      routed_scaling_factor: multiplies the routed experts' weights.
+    """
+
+    num_experts: int
+    num_experts_per_tok: int
+    expert_d_ff: int
+    score_func: str = "softmax"
+    norm_topk_prob: bool = True
+    capacity_factor: float = 0.0
+    router_z_loss_weight: float = 0.0
+    aux_loss_weight: float = 0.0
+    num_shared_experts: int = 0
+    shared_d_ff: int | None = None
+    routed_scaling_factor: float = 1.0
+
+    def __post_init__(self):
+        if self.score_func not in SCORE_FUNCS:
+            raise ValueError(f"score_func={self.score_func!r}; expected one of {SCORE_FUNCS}")
+        if not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts="
+                             f"{self.num_experts}]")
+        if self.capacity_factor < 0:
+            raise ValueError(f"capacity_factor={self.capacity_factor} must be >= 0 (0 = dropless)")
+
+    @property
+    def shared_width(self) -> int:
+        """Total hidden width of the shared experts (they act as one wider SwiGLU MLP)."""
+        return self.num_shared_experts * (self.shared_d_ff or self.expert_d_ff)
+
+    def params(self, d_model: int) -> int:
+        """Stored weights: router, E routed experts, shared experts."""
+        return d_model * self.num_experts + 3 * d_model * (self.num_experts * self.expert_d_ff + self.shared_width)
+
+    def active_weights(self, d_model: int) -> int:
+        """Weights each token multiplies through (router, K routed experts, shared experts)."""
+        return d_model * self.num_experts + 3 * d_model * (self.num_experts_per_tok * self.expert_d_ff
+                                                           + self.shared_width)
+
+    def capacity(self, num_tokens: int) -> int:
+        return max(1, math.ceil(self.capacity_factor * num_tokens * self.num_experts_per_tok / self.num_experts))
+
+
+def route(logits_GE: jax.Array, config: MoEConfig) -> tuple[jax.Array, jax.Array]:
+    """Top-k routing in float32.
+
+    Args:
+      logits_GE: router logits [G, E].
+      config: the MoEConfig.
+
+    Returns:
+      (weights_GK, experts_GK): the weights applied to each chosen expert and their indices.
+    """
+    logits_GE = logits_GE.astype(jnp.float32)
+    scores_GE = jax.nn.softmax(logits_GE, -1) if config.score_func == "softmax" else jax.nn.sigmoid(logits_GE)
+    weights_GK, experts_GK = jax.lax.top_k(scores_GE, config.num_experts_per_tok)
+    if config.norm_topk_prob:
+        weights_GK = weights_GK / jnp.sum(weights_GK, -1, keepdims=True)
+    return weights_GK * config.routed_scaling_factor, experts_GK
+
+
+def _dispatch(experts_GK: jax.Array, weights_GK: jax.Array, E: int, C: int):
+    """Capacity dispatch: one-hot dispatch [G, E, C], combine weights [G, E, C], kept mask [G, K]."""
+    G, K = experts_GK.shape
+    mask_KGE = jax.nn.one_hot(experts_GK.T, E, dtype=jnp.int32)  # choice-major priority
+    position_KGE = jnp.cumsum(mask_KGE.reshape(K * G, E), axis=0).reshape(K, G, E) - 1
+    position_KG = jnp.sum(position_KGE * mask_KGE, -1)
+    kept_KG = position_KG < C
+    slot_KGC = jax.nn.one_hot(jnp.where(kept_KG, position_KG, C), C, dtype=jnp.float32)  # dropped -> zero row
+    dispatch_GEC = jnp.einsum("KGE,KGC->GEC", mask_KGE.astype(jnp.float32), slot_KGC)
+    combine_GEC = jnp.einsum("KGE,KGC,KG->GEC", mask_KGE.astype(jnp.float32), slot_KGC, weights_GK.T)
+    return dispatch_GEC, combine_GEC, kept_KG.T
+
+
+class MoEFeedForward(nn.Module):
+    """Top-k routed SwiGLU experts; returns (y [B, T, D], routing statistics)."""
+
+    config: MoEConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = EXPERT_KERNEL_INIT
+
+    def _expert_param(self, name, shape, axes):
+        return self.param(name, nn.with_logical_partitioning(self.kernel_init, axes), shape,
+                          self.param_dtype).astype(self.dtype)
+
+    @nn.compact
+    def __call__(self, x_BTD: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, dict]:
+        cfg = self.config
+        B, T, D = x_BTD.shape
+        E, F = cfg.num_experts, cfg.expert_d_ff
+        x_GD = x_BTD.reshape(B * T, D).astype(self.dtype)
+        router_DE = self.param("router", nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                      ("embed", "expert")), (D, E), self.param_dtype)
+        logits_GE = jnp.einsum("GD,DE->GE", x_GD.astype(jnp.float32), router_DE.astype(jnp.float32))
+        weights_GK, experts_GK = route(logits_GE, cfg)
+
+        gate_EDF = self._expert_param("wi_gate", (E, D, F), ("expert", "embed", "mlp"))
+        up_EDF = self._expert_param("wi_up", (E, D, F), ("expert", "embed", "mlp"))
+        down_EFD = self._expert_param("wo", (E, F, D), ("expert", "mlp", "embed"))
+        if cfg.capacity_factor == 0:
+            combine_GE = jnp.sum(jax.nn.one_hot(experts_GK, E, dtype=jnp.float32) * weights_GK[..., None], 1)
+            h_GEF = jax.nn.silu(jnp.einsum("GD,EDF->GEF", x_GD, gate_EDF)) * jnp.einsum("GD,EDF->GEF", x_GD, up_EDF)
+            y_GED = jnp.einsum("GEF,EFD->GED", h_GEF, down_EFD)
+            y_GD = jnp.einsum("GED,GE->GD", y_GED, combine_GE.astype(self.dtype))
+            kept_GK = jnp.ones(experts_GK.shape, bool)
+        else:
+            dispatch_GEC, combine_GEC, kept_GK = _dispatch(experts_GK, weights_GK, E, cfg.capacity(B * T))
+            x_ECD = jnp.einsum("GEC,GD->ECD", dispatch_GEC.astype(self.dtype), x_GD)
+            x_ECD = nn.with_logical_constraint(x_ECD, ("expert", None, "act_embed"))
+            h_ECF = jax.nn.silu(jnp.einsum("ECD,EDF->ECF", x_ECD, gate_EDF)) * jnp.einsum("ECD,EDF->ECF", x_ECD,
+                                                                                          up_EDF)
+            y_ECD = jnp.einsum("ECF,EFD->ECD", h_ECF, down_EFD)
+            y_GD = jnp.einsum("GEC,ECD->GD", combine_GEC.astype(self.dtype), y_ECD)
+        if cfg.num_shared_experts:
+            shared = FeedForward(cfg.shared_width, activation="swiglu", use_bias=False, dtype=self.dtype,
+                                 param_dtype=self.param_dtype, name="shared")
+            y_GD = y_GD + shared(x_GD[None], deterministic=deterministic)[0]
+
+        stats = routing_stats(logits_GE, experts_GK, kept_GK, cfg)
+        self.sow("intermediates", "router_stats", stats)
+        return y_GD.reshape(B, T, D), stats
+
+
+def routing_stats(logits_GE: jax.Array, experts_GK: jax.Array, kept_GK: jax.Array, config: MoEConfig) -> dict:
+    """The statistics listed in the module docstring, all float32."""
+    G, E = logits_GE.shape
+    assigned_GKE = jax.nn.one_hot(experts_GK, E, dtype=jnp.float32)
+    tokens_per_expert = jnp.sum(assigned_GKE, (0, 1))
+    kept_per_expert = jnp.sum(assigned_GKE * kept_GK[..., None], (0, 1))
+    probs_E = jnp.mean(jax.nn.softmax(logits_GE.astype(jnp.float32), -1), 0)
+    aux = E * jnp.sum(tokens_per_expert / G * probs_E)
+    z = jnp.mean(jax.nn.logsumexp(logits_GE.astype(jnp.float32), -1) ** 2)
+    return {
+        "tokens_per_expert": tokens_per_expert,
+        "kept_per_expert": kept_per_expert,
+        "dropped_fraction": 1.0 - jnp.sum(kept_per_expert) / (G * experts_GK.shape[1]),
+        "aux_loss": aux,
+        "router_z_loss": z,
+        "weighted_loss": config.aux_loss_weight * aux + config.router_z_loss_weight * z,
+    }
+
+
+def total_aux_loss(intermediates) -> jax.Array:
+    """Sum of `weighted_loss` over every MoE layer's sown `router_stats` (0.0 if none)."""
+    total = jnp.float32(0.0)
+
+    def visit(node):
+        nonlocal total
+        if isinstance(node, dict) or hasattr(node, "items"):
+            for key, value in node.items():
+                if key == "router_stats":
+                    for stats in value:  # sow stores a tuple
+                        total = total + stats["weighted_loss"]
+                else:
+                    visit(value)
+
+    visit(intermediates)
+    return total

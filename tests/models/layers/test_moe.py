@@ -1,0 +1,181 @@
+"""MoEFeedForward against numpy float64 references: routing, dropless and capacity outputs,
+statistics and the load-balancing loss (also against transformers' load_balancing_loss_func)."""
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+from models.gpt import GPT, mixtral_config
+from models.layers.moe import MoEConfig, MoEFeedForward, route, total_aux_loss
+
+B, T, D, E, K, F = 2, 8, 16, 4, 2, 12
+BASE = MoEConfig(num_experts=E, num_experts_per_tok=K, expert_d_ff=F)
+
+
+def _x(seed=0):
+    return np.random.default_rng(seed).normal(size=(B, T, D)).astype(np.float32)
+
+
+def _init(cfg, x):
+    return nn.unbox(MoEFeedForward(cfg).init(jax.random.key(0), jnp.asarray(x))["params"])
+
+
+def _apply(cfg, params, x):
+    return MoEFeedForward(cfg).apply({"params": params}, jnp.asarray(x), mutable=["intermediates"])
+
+
+def _np_route(logits, cfg):
+    logits = logits.astype(np.float64)
+    if cfg.score_func == "softmax":
+        scores = np.exp(logits - logits.max(-1, keepdims=True))
+        scores /= scores.sum(-1, keepdims=True)
+    else:
+        scores = 1 / (1 + np.exp(-logits))
+    experts = np.argsort(-scores, -1, kind="stable")[:, :cfg.num_experts_per_tok]
+    weights = np.take_along_axis(scores, experts, -1)
+    if cfg.norm_topk_prob:
+        weights /= weights.sum(-1, keepdims=True)
+    return weights * cfg.routed_scaling_factor, experts
+
+
+def _np_expert(p, e, x):
+    g, u, w = (np.asarray(p[k], np.float64)[e] for k in ("wi_gate", "wi_up", "wo"))
+    h = x @ g
+    return ((h / (1 + np.exp(-h))) * (x @ u)) @ w
+
+
+def _np_moe(p, x_BTD, cfg, capacity=None):
+    """Per-token loop; with `capacity`, choice-major slots and drops beyond capacity."""
+    x = x_BTD.reshape(-1, D).astype(np.float64)
+    weights, experts = _np_route(x @ np.asarray(p["router"], np.float64), cfg)
+    out = np.zeros_like(x)
+    used = np.zeros(cfg.num_experts, int)
+    kept = np.ones(experts.shape, bool)
+    for k in range(cfg.num_experts_per_tok):
+        for g in range(x.shape[0]):
+            e = experts[g, k]
+            if capacity is not None and used[e] >= capacity:
+                kept[g, k] = False
+                continue
+            used[e] += 1
+            out[g] += weights[g, k] * _np_expert(p, e, x[g])
+    if cfg.num_shared_experts:
+        s = p["shared"]
+        h = x @ np.asarray(s["wi_gate"], np.float64)
+        out += ((h / (1 + np.exp(-h))) * (x @ np.asarray(s["wi_up"], np.float64))) @ np.asarray(s["wo"], np.float64)
+    return out.reshape(x_BTD.shape), experts, kept
+
+
+@pytest.mark.parametrize("cfg", [
+    BASE,
+    dataclasses.replace(BASE, norm_topk_prob=False),
+    dataclasses.replace(BASE, score_func="sigmoid", routed_scaling_factor=2.5),
+    dataclasses.replace(BASE, score_func="sigmoid", norm_topk_prob=False, num_experts_per_tok=3),
+], ids=["softmax_norm", "softmax_raw", "sigmoid_norm_scaled", "sigmoid_raw_k3"])
+def test_route_matches_numpy(cfg):
+    logits = np.random.default_rng(1).normal(size=(20, E)).astype(np.float32) * 3
+    weights, experts = route(jnp.asarray(logits), cfg)
+    want_w, want_e = _np_route(logits, cfg)
+    np.testing.assert_array_equal(experts, want_e)
+    np.testing.assert_allclose(weights, want_w, rtol=1e-6)
+    if cfg.norm_topk_prob:
+        np.testing.assert_allclose(np.sum(weights, -1), cfg.routed_scaling_factor, rtol=1e-6)
+
+
+@pytest.mark.parametrize("cfg", [BASE, dataclasses.replace(BASE, score_func="sigmoid", norm_topk_prob=False),
+                                 dataclasses.replace(BASE, num_shared_experts=2, shared_d_ff=8)],
+                         ids=["softmax", "sigmoid", "shared_experts"])
+def test_dropless_equals_per_token_numpy_loop(cfg):
+    x = _x()
+    params = _init(cfg, x)
+    (y, stats), _ = _apply(cfg, params, x)
+    want, experts, _ = _np_moe(params, x, cfg)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_array_equal(stats["tokens_per_expert"], np.bincount(experts.ravel(), minlength=E))
+    assert float(stats["dropped_fraction"]) == 0.0
+
+
+def test_capacity_drops_exactly_the_tokens_beyond_capacity():
+    cfg = dataclasses.replace(BASE, capacity_factor=0.5)
+    x = _x(seed=3)
+    params = _init(cfg, x)
+    capacity = math.ceil(0.5 * B * T * K / E)
+    assert cfg.capacity(B * T) == capacity
+    (y, stats), _ = _apply(cfg, params, x)
+    want, experts, kept = _np_moe(params, x, cfg, capacity=capacity)
+    assert not kept.all()  # the test must exercise dropping
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assigned = np.bincount(experts.ravel(), minlength=E)
+    kept_counts = np.bincount(experts[kept], minlength=E)
+    np.testing.assert_array_equal(stats["tokens_per_expert"], assigned)
+    np.testing.assert_array_equal(stats["kept_per_expert"], kept_counts)
+    assert np.all(kept_counts <= capacity) and np.all(kept_counts == np.minimum(assigned, capacity))
+    np.testing.assert_allclose(stats["dropped_fraction"], 1 - kept.mean(), rtol=1e-6)
+
+
+def test_large_capacity_drops_nothing_and_equals_dropless():
+    x = _x(seed=4)
+    params = _init(BASE, x)
+    (dropless, _), _ = _apply(BASE, params, x)
+    (capped, stats), _ = _apply(dataclasses.replace(BASE, capacity_factor=E / K), params, x)
+    np.testing.assert_allclose(capped, dropless, rtol=1e-5, atol=1e-6)
+    assert float(stats["dropped_fraction"]) == 0.0
+    np.testing.assert_array_equal(stats["kept_per_expert"], stats["tokens_per_expert"])
+
+
+def test_statistics_and_losses_match_numpy_and_hf_load_balancing_loss():
+    cfg = dataclasses.replace(BASE, aux_loss_weight=0.01, router_z_loss_weight=0.001)
+    x = _x(seed=5)
+    params = _init(cfg, x)
+    (_, stats), state = _apply(cfg, params, x)
+    logits = x.reshape(-1, D).astype(np.float64) @ np.asarray(params["router"], np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    _, experts = _np_route(logits, cfg)
+    f = np.bincount(experts.ravel(), minlength=E) / (B * T)
+    aux = E * np.sum(f * probs.mean(0))
+    z = np.mean((np.log(np.exp(logits).sum(-1))) ** 2)
+    assert float(np.sum(stats["tokens_per_expert"])) == B * T * K
+    np.testing.assert_allclose(stats["aux_loss"], aux, rtol=1e-5)
+    hf_aux = load_balancing_loss_func((torch.tensor(logits, dtype=torch.float32),), E, K)
+    np.testing.assert_allclose(stats["aux_loss"], hf_aux.item(), rtol=1e-5)
+    np.testing.assert_allclose(stats["router_z_loss"], z, rtol=1e-5)
+    np.testing.assert_allclose(stats["weighted_loss"], 0.01 * aux + 0.001 * z, rtol=1e-5)
+    np.testing.assert_allclose(total_aux_loss(state["intermediates"]), stats["weighted_loss"], rtol=1e-6)
+
+
+def test_parameters_carry_logical_axis_names():
+    cfg = dataclasses.replace(BASE, num_shared_experts=1)
+    boxed = MoEFeedForward(cfg).init(jax.random.key(0), jnp.zeros((1, 2, D)))["params"]
+    names = {k: v.names for k, v in boxed.items() if isinstance(v, nn.LogicallyPartitioned)}
+    assert names == {"router": ("embed", "expert"), "wi_gate": ("expert", "embed", "mlp"),
+                     "wi_up": ("expert", "embed", "mlp"), "wo": ("expert", "mlp", "embed")}
+    assert boxed["shared"]["wi_gate"].names == ("embed", "mlp")
+
+
+def test_gpt_with_moe_counts_params_and_sows_per_layer_losses():
+    cfg = mixtral_config(vocab_size=50, d_model=D, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=F,
+                         num_experts=E, num_experts_per_tok=K, aux_loss_weight=0.02)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 50, (B, T)), jnp.int32)
+    variables = GPT(cfg).init(jax.random.key(0), ids)
+    assert cfg.num_params() == sum(leaf.size for leaf in jax.tree_util.tree_leaves(nn.unbox(variables["params"])))
+    dense_flops = dataclasses.replace(cfg.block, moe=None).mlp_weights()
+    assert cfg.block.mlp_weights() == D * E + K * dense_flops  # k experts + router per token
+    _, state = GPT(cfg).apply({"params": variables["params"]}, ids, mutable=["intermediates"])
+    per_layer = [state["intermediates"][f"layer_{i}"]["mlp"]["router_stats"][0] for i in range(2)]
+    np.testing.assert_allclose(total_aux_loss(state["intermediates"]),
+                               sum(s["weighted_loss"] for s in per_layer), rtol=1e-6)
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ValueError, match="score_func"):
+        MoEConfig(num_experts=4, num_experts_per_tok=2, expert_d_ff=8, score_func="relu")
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        MoEConfig(num_experts=4, num_experts_per_tok=5, expert_d_ff=8)
