@@ -103,3 +103,16 @@ def get_config() -> ml_collections.ConfigDict:
         prompt="The ",
     ))
     return c
+
+
+def tiny_run(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The run settings of every family's `tiny` preset: 30 steps of 8 x 64 tokens, for tests."""
+    c.steps = 30
+    c.tokenizer.vocab_size = 512
+    c.data.update(seq_len=64, batch_size=8)
+    c.optimizer.update(lr=3e-3)
+    c.schedule.update(warmup_steps=5)
+    c.checkpoint.update(save_interval_steps=10)
+    c.logging.update(log_every_steps=5)
+    c.eval.update(every_steps=0, max_batches=4, num_samples=1, sample_tokens=16)
+    return c

@@ -35,16 +35,9 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
         c.schedule.update(warmup_steps=60)
         c.eval.update(every_steps=200)
     elif preset == "tiny":
-        c.steps = 30
         c.model.update(num_layers=2, max_len=64)
         c.model.block.update(d_model=64, num_heads=4, d_ff=256)
-        c.tokenizer.vocab_size = 512
-        c.data.update(seq_len=64, batch_size=8)
-        c.optimizer.update(lr=3e-3)
-        c.schedule.update(warmup_steps=5)
-        c.checkpoint.update(save_interval_steps=10)
-        c.logging.update(log_every_steps=5)
-        c.eval.update(every_steps=0, max_batches=4, num_samples=1, sample_tokens=16)
+        base.tiny_run(c)
     elif preset == "small":
         c.steps = 100_000
         c.model.update(num_layers=12, max_len=1024)

@@ -31,17 +31,10 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c = base.get_config()
     _llama(c)
     if preset == "tiny":
-        c.steps = 30
         c.model.update(num_layers=2, max_len=64, rope_theta=500000.0)
         # SwiGLU's three matrices: F ~ 8/3 D keeps the MLP the size of a 4D gelu MLP.
         c.model.block.update(d_model=64, num_heads=4, num_kv_heads=2, d_ff=176, norm_eps=1e-5)
-        c.tokenizer.vocab_size = 512
-        c.data.update(seq_len=64, batch_size=8)
-        c.optimizer.update(lr=3e-3)
-        c.schedule.update(warmup_steps=5)
-        c.checkpoint.update(save_interval_steps=10)
-        c.logging.update(log_every_steps=5)
-        c.eval.update(every_steps=0, max_batches=4, num_samples=1, sample_tokens=16)
+        base.tiny_run(c)
     elif preset == "llama3_8b":
         c.steps = 100_000
         c.model.update(vocab_size=128256, num_layers=32, max_len=8192, rope_theta=500000.0, dtype="bfloat16",

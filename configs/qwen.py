@@ -35,16 +35,9 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     c = base.get_config()
     _qwen3(c)
     if preset == "tiny":
-        c.steps = 30
         c.model.update(num_layers=2, max_len=64, tie_embeddings=True)
         c.model.block.update(d_model=64, num_heads=4, num_kv_heads=2, head_dim=32, d_ff=192)
-        c.tokenizer.vocab_size = 512
-        c.data.update(seq_len=64, batch_size=8)
-        c.optimizer.update(lr=3e-3)
-        c.schedule.update(warmup_steps=5)
-        c.checkpoint.update(save_interval_steps=10)
-        c.logging.update(log_every_steps=5)
-        c.eval.update(every_steps=0, max_batches=4, num_samples=1, sample_tokens=16)
+        base.tiny_run(c)
     elif preset == "qwen3_8b":
         c.steps = 100_000
         c.model.update(vocab_size=151936, num_layers=36, max_len=40960, tie_embeddings=False, dtype="bfloat16",
