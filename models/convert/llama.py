@@ -191,6 +191,14 @@ def hf_to_params(state_dict: Mapping[str, Any], config: GPTConfig) -> dict:
     layout = _layout(config)
     optional = {"lm_head.weight"} if config.tie_embeddings else set()
     check_names(state_dict, {name for name, *_ in layout}, optional)
+    return load_layout(state_dict, layout, config)
+
+
+def load_layout(state_dict: Mapping[str, Any], layout, config: GPTConfig) -> dict:
+    """Our params for the tensors of `layout` (see `_layout`), shapes checked.
+
+    With tied embeddings, a `lm_head.weight` in the state dict must equal the embedding.
+    """
     params: dict = {}
     dtype = config.block.param_dtype
     for name, path, shape, n_in in layout:
@@ -210,7 +218,7 @@ def hf_to_params(state_dict: Mapping[str, Any], config: GPTConfig) -> dict:
     if tied_head is not None and not np.array_equal(to_numpy(tied_head),
                                                     to_numpy(state_dict["model.embed_tokens.weight"])):
         raise ValueError("lm_head.weight differs from model.embed_tokens.weight but config.tie_embeddings=True; "
-                             "convert with tie_word_embeddings=False")
+                         "convert with tie_word_embeddings=False")
     return params
 
 
@@ -226,8 +234,13 @@ def params_to_hf(params: Mapping[str, Any], config: GPTConfig, *, include_tied: 
     Returns:
       HF name -> array; `torch.from_numpy` each for `load_state_dict`.
     """
+    return dump_layout(params, _layout(config), config, include_tied=include_tied)
+
+
+def dump_layout(params: Mapping[str, Any], layout, config: GPTConfig, *, include_tied: bool) -> dict[str, np.ndarray]:
+    """The HF tensors of `layout` (see `_layout`) from our params, shapes checked."""
     sd = {}
-    for name, path, shape, n_in in _layout(config):
+    for name, path, shape, n_in in layout:
         node = params
         for key in path:
             node = node[key]

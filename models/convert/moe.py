@@ -156,23 +156,7 @@ def hf_to_params(state_dict: Mapping[str, Any], config: GPTConfig, *, arch: str 
     optional = {"lm_head.weight"} if config.tie_embeddings else set()
     check_names(sd, dense_names | moe_names, optional)
     dtype = config.block.param_dtype
-    params: dict = {}
-    for name, path, shape, n_in in dense:  # as llama.hf_to_params
-        array = to_numpy(sd[name])
-        if n_in:
-            hf_shape = (int(np.prod(shape[n_in:])), int(np.prod(shape[:n_in])))
-            if array.shape != hf_shape:
-                raise ValueError(f"{name} has shape {array.shape}; expected {hf_shape}")
-            array = array.T
-        elif array.size != int(np.prod(shape)):
-            raise ValueError(f"{name} has shape {array.shape}; expected {shape}")
-        node = params
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = jnp.asarray(array.reshape(shape), dtype)
-    tied_head = sd.get("lm_head.weight") if config.tie_embeddings else None
-    if tied_head is not None and not np.array_equal(to_numpy(tied_head), to_numpy(sd["model.embed_tokens.weight"])):
-        raise ValueError("lm_head.weight differs from model.embed_tokens.weight but config.tie_embeddings=True")
+    params = llama.load_layout(sd, dense, config)
     for i in range(config.num_layers):
         names = _moe_names(config, i)
         arrays = {key: to_numpy(sd[name]) for key, name in names.items()}
@@ -197,21 +181,7 @@ def params_to_hf(params: Mapping[str, Any], config: GPTConfig, *, include_tied: 
       config: the model's config.
       include_tied: with tied embeddings also emit `lm_head.weight`.
     """
-    sd = {}
-    for name, path, shape, n_in in _dense_layout(config):  # as llama.params_to_hf
-        node = params
-        for key in path:
-            node = node[key]
-        array = np.asarray(node, np.float32)
-        if array.shape != shape:
-            raise ValueError(f"param {'/'.join(path)} has shape {array.shape}; expected {shape}")
-        if n_in:
-            array = array.reshape(int(np.prod(shape[:n_in])), -1).T
-        elif len(shape) == 2 and name.endswith("bias"):
-            array = array.reshape(-1)
-        sd[name] = np.ascontiguousarray(array)
-    if config.tie_embeddings and include_tied:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    sd = llama.dump_layout(params, _dense_layout(config), config, include_tied=include_tied)
     moe = config.block.moe
     D, E, F = config.block.d_model, moe.num_experts, moe.expert_d_ff
     for i in range(config.num_layers):
