@@ -74,6 +74,27 @@ def _sliding_window(hf: Mapping[str, Any]) -> int | None:
                      f"for all layers")
 
 
+def preset_kwargs(hf: Mapping[str, Any], defaults: Mapping[str, Any], required) -> tuple[dict, int]:
+    """The preset arguments every LLaMA-style decoder shares (sizes, heads, norm, RoPE base,
+    context, tying) from a HF config dict, and the head dim; checks `required` keys and SiLU."""
+    missing = [k for k in required if k not in hf]
+    if missing:
+        raise ValueError(f"Hugging Face config lacks {missing}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={hf['hidden_act']!r}; only 'silu' (SwiGLU) is converted")
+    D, N = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or D // N
+    kwargs = {
+        "vocab_size": hf["vocab_size"], "d_model": D, "num_layers": hf["num_hidden_layers"], "num_heads": N,
+        "num_kv_heads": hf.get("num_key_value_heads") or N, "head_dim": None if head_dim * N == D else head_dim,
+        "norm_eps": float(hf.get("rms_norm_eps", defaults["rms_norm_eps"])),
+        "rope_theta": _rope_theta(hf, defaults["rope_theta"]),
+        "max_len": hf.get("max_position_embeddings", defaults["max_position_embeddings"]),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+    }
+    return kwargs, head_dim
+
+
 def config_from_hf(hf: Mapping[str, Any], **overrides) -> GPTConfig:
     """The GPTConfig of a Hugging Face LLaMA / Qwen2 / Qwen3 causal LM config.
 
@@ -85,22 +106,9 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> GPTConfig:
       A GPTConfig whose `GPT` computes the same logits as the Hugging Face model.
     """
     arch = _architecture(hf)
-    missing = [k for k in _REQUIRED if k not in hf]
-    if missing:
-        raise ValueError(f"Hugging Face config lacks {missing}")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act={hf['hidden_act']!r}; only 'silu' (SwiGLU) is converted")
     defaults = _DEFAULTS[arch]
-    D, N = hf["hidden_size"], hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or D // N
-    kwargs = {
-        "vocab_size": hf["vocab_size"], "d_model": D, "num_layers": hf["num_hidden_layers"], "num_heads": N,
-        "num_kv_heads": hf.get("num_key_value_heads") or N, "head_dim": None if head_dim * N == D else head_dim,
-        "d_ff": hf["intermediate_size"], "norm_eps": float(hf.get("rms_norm_eps", defaults["rms_norm_eps"])),
-        "rope_theta": _rope_theta(hf, defaults["rope_theta"]),
-        "max_len": hf.get("max_position_embeddings", defaults["max_position_embeddings"]),
-        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-    }
+    kwargs, head_dim = preset_kwargs(hf, defaults, _REQUIRED)
+    kwargs["d_ff"] = hf["intermediate_size"]
     if arch == "LlamaForCausalLM":
         kwargs.update(attention_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)))
         config = llama_config(**kwargs, **overrides)

@@ -62,24 +62,12 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> GPTConfig:
       ValueError: for Qwen3-MoE with dense layers (mlp_only_layers, decoder_sparse_step != 1).
     """
     arch = architecture(hf)
-    missing = [k for k in _REQUIRED if k not in hf]
-    if missing:
-        raise ValueError(f"Hugging Face config lacks {missing}")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act={hf['hidden_act']!r}; only 'silu' (SwiGLU experts) is converted")
     defaults = _DEFAULTS[arch]
-    D, N = hf["hidden_size"], hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or D // N
-    kwargs = {
-        "vocab_size": hf["vocab_size"], "d_model": D, "num_layers": hf["num_hidden_layers"], "num_heads": N,
-        "num_kv_heads": hf.get("num_key_value_heads") or N, "head_dim": None if head_dim * N == D else head_dim,
-        "norm_eps": float(hf.get("rms_norm_eps", defaults["rms_norm_eps"])),
-        "rope_theta": llama._rope_theta(hf, defaults["rope_theta"]),
-        "max_len": hf.get("max_position_embeddings", defaults["max_position_embeddings"]),
-        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+    kwargs, head_dim = llama.preset_kwargs(hf, defaults, _REQUIRED)
+    kwargs.update({
         "num_experts_per_tok": hf["num_experts_per_tok"],
         "aux_loss_weight": float(hf.get("router_aux_loss_coef", 0.0)),
-    }
+    })
     if arch == "MixtralForCausalLM":
         config = mixtral_config(num_experts=hf.get("num_local_experts", hf.get("num_experts", 8)), d_ff=hf["intermediate_size"],
                                 sliding_window=hf.get("sliding_window"), **kwargs, **overrides)
