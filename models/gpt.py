@@ -19,6 +19,12 @@ configs and weights into them.
 
 Packed rows (several documents in one row) pass `segment_ids` and `positions`: tokens
 attend only within their document and positions restart at each document.
+
+Layers run as a Python loop (params `layer_{i}`) or, with `scan_layers=True`, as one
+`nn.scan` per run of identical layers (params stacked on a leading "layers" axis under
+`dense_layers` and `layers`): one layer compiles instead of L, for the same outputs.
+`scan_params` / `unscan_params` convert between the two layouts (checkpoint converters
+work on the per-layer one).
 """
 
 from __future__ import annotations
@@ -54,6 +60,13 @@ class GPTConfig:
         a separate `lm_head` [D, V].
       remat: "none", "full" (recompute each layer), "dots_saveable" (keep matmul
         outputs, recompute the rest) or "nothing_saveable".
+      first_dense_layers: with `block.moe` set, the first this-many layers have a dense
+        MLP of width `block.d_ff` instead of experts (DeepSeek-V3: first_k_dense_replace).
+      scan_layers: run the layers with `nn.scan` (one compiled layer, params stacked on a
+        leading "layers" axis under `dense_layers` / `layers`) instead of a Python loop
+        (params `layer_{i}`); outputs are equal, see `scan_params` / `unscan_params`.
+      mtp_depth: multi-token prediction modules (DeepSeek-V3): module k predicts the token
+        k + 1 places ahead; their logits are sown as `intermediates/mtp_logits`.
     """
 
     vocab_size: int
@@ -63,6 +76,9 @@ class GPTConfig:
     tie_embeddings: bool = True
     remat: str = "none"
     positional: str = "learned"
+    first_dense_layers: int = 0
+    scan_layers: bool = False
+    mtp_depth: int = 0
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
@@ -74,36 +90,129 @@ class GPTConfig:
         if self.positional == "learned" and self.block.rope is not None:
             raise ValueError("block.rope is set but positional='learned'; use positional='rope' (one position "
                              "scheme per model)")
+        if not 0 <= self.first_dense_layers <= self.num_layers:
+            raise ValueError(f"first_dense_layers={self.first_dense_layers} must be in [0, num_layers="
+                             f"{self.num_layers}]")
+        if self.first_dense_layers and self.block.moe is None:
+            raise ValueError("first_dense_layers is set but block.moe is None: every layer is dense already")
+        if self.mtp_depth < 0:
+            raise ValueError(f"mtp_depth={self.mtp_depth} must be >= 0")
 
-    def num_params(self, *, include_embeddings: bool = True) -> int:
+    def layer_block(self, index: int) -> BlockConfig:
+        """The BlockConfig of layer `index` (dense MLP for the first `first_dense_layers`)."""
+        return dataclasses.replace(self.block, moe=None) if index < self.first_dense_layers else self.block
+
+    def _layer_params(self, index: int) -> int:
+        b = self.layer_block(index)
+        return b.attention_params() + b.mlp_params() + 2 * b.norm_params()
+
+    def mtp_params(self) -> int:
+        """Parameters of the multi-token prediction modules (embedding and head are shared)."""
+        b = self.block
+        per_module = 3 * b.norm_params() + 2 * b.d_model * b.d_model + self._layer_params(self.num_layers)
+        return self.mtp_depth * per_module
+
+    def num_params(self, *, include_embeddings: bool = True, include_mtp: bool = True) -> int:
+        """Parameters as stored (tied tables once). DeepSeek-V3's published 671B leaves out
+        its multi-token prediction module: `include_mtp=False`."""
         b, D, V = self.block, self.block.d_model, self.vocab_size
-        layers = self.num_layers * (b.attention_params() + b.mlp_params() + 2 * b.norm_params())
+        layers = sum(self._layer_params(i) for i in range(self.num_layers))
         table = self.max_len * D if self.positional == "learned" else 0
         embeddings = V * D + table + (0 if self.tie_embeddings else V * D)
-        return layers + b.norm_params() + (embeddings if include_embeddings else 0)
+        mtp = self.mtp_params() if include_mtp else 0
+        return layers + b.norm_params() + (embeddings if include_embeddings else 0) + mtp
 
     def flops_per_token(self, seq_len: int) -> int:
         """Forward matmul FLOPs per token at context `seq_len` (2 per multiply-add).
 
         Projections and MLP (2 x weights), attention scores and values over all T keys
-        (4 * N * H * T, as computed with a mask), and the output projection. A training
+        (4 * N * H * T, as computed with a mask), the output projection, and each
+        multi-token prediction module (its projection, layer and output head). A training
         step costs 3x this (forward + backward), which is what MFU uses.
         """
-        b = self.block
-        per_layer = 2 * (b.attention_weights() + b.mlp_weights()) + 4 * b.num_heads * b.head_size * seq_len
-        return self.num_layers * per_layer + 2 * b.d_model * self.vocab_size
+        def layer(b: BlockConfig) -> int:
+            return 2 * (b.attention_weights() + b.mlp_weights()) + 4 * b.num_heads * b.head_size * seq_len
+
+        b, head = self.block, 2 * self.block.d_model * self.vocab_size
+        mtp = self.mtp_depth * (2 * 2 * b.d_model * b.d_model + layer(self.layer_block(self.num_layers)) + head)
+        return sum(layer(self.layer_block(i)) for i in range(self.num_layers)) + head + mtp
 
 
-def _remat_layer(policy: str):
+class _ScanStep(EncoderLayer):
+    """An EncoderLayer with the calling convention of `nn.scan`: positional arguments and
+    a (carry, output) return, so that a stack of them runs as one scanned layer."""
+
+    def __call__(self, x_BTD, deterministic, positions, segment_ids, padding_mask):
+        return super().__call__(x_BTD, deterministic, positions=positions, segment_ids=segment_ids,
+                                padding_mask=padding_mask), None
+
+
+def _layer_class(policy: str, scanned: bool):
+    cls = _ScanStep if scanned else EncoderLayer
     if policy == "none":
-        return EncoderLayer
+        return cls
     jax_policy = {
         "full": None,
         "dots_saveable": jax.checkpoint_policies.dots_saveable,
         "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     }[policy]
     # static_argnums counts `self`: argument 2 is `deterministic`.
-    return nn.remat(EncoderLayer, policy=jax_policy, static_argnums=(2,))
+    return nn.remat(cls, policy=jax_policy, static_argnums=(2,))
+
+
+def layer_groups(config: GPTConfig) -> list[tuple[str, int, int]]:
+    """(scanned name, first layer, stop) of each run of identical layers: the dense first
+    layers (`dense_layers`) and the rest (`layers`); empty runs are left out."""
+    k, L = config.first_dense_layers, config.num_layers
+    return [(name, start, stop) for name, start, stop in (("dense_layers", 0, k), ("layers", k, L)) if stop > start]
+
+
+def scan_params(params: dict, config: GPTConfig) -> dict:
+    """Per-layer params (`layer_{i}`) -> the stacked layout of `scan_layers=True`."""
+    out = {k: v for k, v in params.items() if not k.startswith("layer_")}
+    for name, start, stop in layer_groups(config):
+        out[name] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *(params[f"layer_{i}"]
+                                                                         for i in range(start, stop)))
+    return out
+
+
+def unscan_params(params: dict, config: GPTConfig) -> dict:
+    """The stacked layout of `scan_layers=True` -> per-layer params (`layer_{i}`)."""
+    groups = layer_groups(config)
+    out = {k: v for k, v in params.items() if k not in {name for name, _, _ in groups}}
+    for name, start, stop in groups:
+        for i in range(start, stop):
+            out[f"layer_{i}"] = jax.tree_util.tree_map(lambda x, j=i - start: x[j], params[name])
+    return out
+
+
+class MultiTokenPrediction(nn.Module):
+    """One DeepSeek-V3 multi-token prediction module (DeepSeek-AI 2024, section 2.2).
+
+    From the previous depth's hidden state h [B, T, D] and the embedding of the token
+    `depth` places ahead, e [B, T, D]:
+        h' = Layer(W [RMSNorm(e); RMSNorm(h)]),   logits = OutputHead(Norm(h'))
+    with W [2D, D], a full Transformer layer, and the embedding and output head shared
+    with the main model (passed in). Returns (h', logits).
+    """
+
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, h_BTD, e_BTD, head, deterministic, positions, segment_ids, padding_mask):
+        cfg, b = self.config, self.config.block
+
+        def norm(name):
+            return make_norm(b.norm, epsilon=b.norm_eps, dtype=b.dtype, param_dtype=b.param_dtype,
+                             use_bias=b.use_bias, name=name)
+
+        joined = jnp.concatenate([norm("embed_norm")(e_BTD), norm("hidden_norm")(h_BTD)], -1)
+        proj = self.param("proj", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("mlp", "embed")),
+                          (2 * b.d_model, b.d_model), b.param_dtype)
+        h_BTD = jnp.einsum("BTE,ED->BTD", joined, proj.astype(b.dtype))
+        h_BTD = _layer_class(cfg.remat, False)(cfg.layer_block(cfg.num_layers), causal=True, name="layer")(
+            h_BTD, deterministic, positions=positions, segment_ids=segment_ids, padding_mask=padding_mask)
+        return h_BTD, head(norm("final_norm")(h_BTD))
 
 
 class GPT(nn.Module):
@@ -126,20 +235,42 @@ class GPT(nn.Module):
         x_BTD = nn.Dropout(b.dropout_rate)(x_BTD, deterministic=deterministic)
         x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_seq", "act_embed"))
         padding_BT = None if segment_ids is None else segment_ids != 0
-        layer_cls = _remat_layer(cfg.remat)
-        for i in range(cfg.num_layers):
-            x_BTD = layer_cls(b, causal=True, name=f"layer_{i}")(
-                x_BTD, deterministic, positions=positions, segment_ids=segment_ids, padding_mask=padding_BT)
+        if cfg.scan_layers:
+            for name, start, stop in layer_groups(cfg):
+                stack = nn.scan(_layer_class(cfg.remat, True), variable_axes={"params": 0, "intermediates": 0},
+                                split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * 4,
+                                length=stop - start, metadata_params={nn.PARTITION_NAME: "layers"})
+                x_BTD, _ = stack(cfg.layer_block(start), causal=True, name=name)(
+                    x_BTD, deterministic, positions, segment_ids, padding_BT)
+        else:
+            layer_cls = _layer_class(cfg.remat, False)
+            for i in range(cfg.num_layers):
+                x_BTD = layer_cls(cfg.layer_block(i), causal=True, name=f"layer_{i}")(
+                    x_BTD, deterministic, positions=positions, segment_ids=segment_ids, padding_mask=padding_BT)
+        hidden_BTD = x_BTD
         x_BTD = make_norm(b.norm, epsilon=b.norm_eps, dtype=b.dtype, param_dtype=b.param_dtype,
                           use_bias=b.use_bias, name="final_norm")(x_BTD)
         if cfg.tie_embeddings:
-            logits_BTV = embed.attend(x_BTD)
+            head = embed.attend
         else:
             kernel = self.param("lm_head", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                         ("embed", "vocab")),
                                 (b.d_model, cfg.vocab_size), b.param_dtype)
-            logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, kernel.astype(b.dtype))
-        return nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
+
+            def head(h_BTD):
+                return jnp.einsum("BTD,DV->BTV", h_BTD, kernel.astype(b.dtype))
+
+        def logits(h_BTD):
+            return nn.with_logical_constraint(head(h_BTD).astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
+
+        for depth in range(1, cfg.mtp_depth + 1):
+            # Input i sees token i + depth; past the row's end it sees padding (id 0), whose
+            # predictions the loss masks out.
+            ahead_BT = jnp.pad(ids_BT[:, depth:], ((0, 0), (0, depth)))
+            hidden_BTD, mtp_logits = MultiTokenPrediction(cfg, name=f"mtp_{depth}")(
+                hidden_BTD, embed(ahead_BT), logits, deterministic, positions, segment_ids, padding_BT)
+            self.sow("intermediates", "mtp_logits", mtp_logits)
+        return logits(x_BTD)
 
 
 def llama_config(*, vocab_size: int, d_model: int, num_layers: int, num_heads: int, d_ff: int,
@@ -161,19 +292,20 @@ def llama_config(*, vocab_size: int, d_model: int, num_layers: int, num_heads: i
       mlp_bias: biases in the feed-forward projections.
       sliding_window: local attention window, if any.
       **overrides: further BlockConfig fields (dtype, param_dtype, qkv_bias, qk_norm, ...),
-        or the GPTConfig field `remat`.
+        or the GPTConfig fields remat, scan_layers, mtp_depth, first_dense_layers.
 
     Returns:
       The GPTConfig.
     """
-    remat = overrides.pop("remat", "none")
+    gpt_fields = {k: overrides.pop(k) for k in ("remat", "scan_layers", "mtp_depth", "first_dense_layers")
+                  if k in overrides}
     block = {"d_model": d_model, "num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim,
              "d_ff": d_ff, "mlp_activation": "swiglu", "norm": "rmsnorm", "norm_position": "pre", "norm_eps": norm_eps,
              "dropout_rate": 0.0, "use_bias": attention_bias, "mlp_bias": mlp_bias,
              "rope": RopeConfig(theta=rope_theta, interleaved=False), "sliding_window": sliding_window}
     block.update(overrides)
     return GPTConfig(vocab_size=vocab_size, block=BlockConfig(**block), num_layers=num_layers, max_len=max_len,
-                     tie_embeddings=tie_embeddings, remat=remat, positional="rope")
+                     tie_embeddings=tie_embeddings, positional="rope", **gpt_fields)
 
 
 def qwen2_config(*, rope_theta: float = 1e6, norm_eps: float = 1e-6, **kwargs) -> GPTConfig:

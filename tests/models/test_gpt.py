@@ -1,5 +1,7 @@
 """The GPT decoder against Hugging Face GPT-2 on torch, plus its invariants and counts."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,8 +10,9 @@ import pytest
 import torch
 import transformers
 
-from models.gpt import GPT, GPTConfig
+from models.gpt import GPT, GPTConfig, scan_params, unscan_params
 from models.layers.blocks import BlockConfig
+from models.layers.moe import MoEConfig
 
 D, HEADS, FF, VOCAB, MAX_LEN = 32, 4, 64, 50, 16
 # For the invariant tests (both sides compiled alike): LLVM -O0 compiles ~3x faster on CPU.
@@ -225,3 +228,101 @@ def test_gpt2_matches_hf_torch():
     print(f"\nGPT-2 vs transformers: max |diff| = {np.max(np.abs(ours - theirs)):.3g}, relative to max |logit| "
           f"{rel:.3g}")
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.max(np.abs(theirs)))
+
+
+# --- scanned layers, dense first layers, multi-token prediction -------------------------------------------
+
+def _moe_config(num_layers=3, **kw) -> GPTConfig:
+    moe = MoEConfig(num_experts=4, num_experts_per_tok=2, expert_d_ff=16, aux_loss_weight=0.01)
+    return dataclasses.replace(_config(num_layers=num_layers, mlp_activation="swiglu", norm="rmsnorm",
+                                       use_bias=False, moe=moe), first_dense_layers=1, **kw)
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: dataclasses.replace(_config(num_layers=3), **kw),
+    lambda **kw: _moe_config(**kw),
+    lambda **kw: dataclasses.replace(_config(num_layers=2), remat="full", **kw),
+], ids=["gpt2", "moe_dense_first", "remat_full"])
+def test_scan_layers_equals_python_loop(make):
+    loop_cfg, scan_cfg = make(), make(scan_layers=True)
+    ids = _ids(length=9)
+    params = _init(loop_cfg, ids[:, :-1])
+    stacked = scan_params(params, loop_cfg)
+    # The stacked layout is what scan's own init builds, with "layers" as the leading logical axis.
+    boxed = jax.eval_shape(lambda: GPT(scan_cfg).init(jax.random.key(0), ids[:, :-1])["params"])
+    assert jax.tree_util.tree_structure(nn.unbox(boxed)) == jax.tree_util.tree_structure(stacked)
+    for want, got in zip(jax.tree_util.tree_leaves(nn.unbox(boxed)), jax.tree_util.tree_leaves(stacked)):
+        assert want.shape == got.shape
+    for name in ("dense_layers", "layers"):
+        for leaf in jax.tree_util.tree_leaves(boxed.get(name, {}), is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+            assert leaf.names[0] == "layers", leaf.names
+    assert scan_cfg.num_params() == sum(x.size for x in jax.tree_util.tree_leaves(stacked))
+    chex_equal = jax.tree_util.tree_map(np.array_equal, unscan_params(stacked, loop_cfg), params)
+    assert all(jax.tree_util.tree_leaves(chex_equal))
+
+    loss, grads = _loss_and_grads(loop_cfg, params, ids)
+    scan_loss, scan_grads = _loss_and_grads(scan_cfg, stacked, ids)
+    np.testing.assert_allclose(scan_loss, loss, rtol=1e-6)
+    for g, g_ref in zip(jax.tree_util.tree_leaves(unscan_params(scan_grads, loop_cfg)),
+                        jax.tree_util.tree_leaves(grads)):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_scanned_moe_router_stats_are_stacked_per_layer():
+    loop_cfg, scan_cfg = _moe_config(), _moe_config(scan_layers=True)
+    ids = _ids(length=8)
+    params = _init(loop_cfg, ids)
+
+    def stats(cfg, p):
+        _, state = GPT(cfg).apply({"params": p}, ids, mutable=["intermediates"])
+        return state["intermediates"]
+
+    loop, scanned = stats(loop_cfg, params), stats(scan_cfg, scan_params(params, loop_cfg))
+    per_layer = [loop[f"layer_{i}"]["mlp"]["router_stats"][0]["tokens_per_expert"] for i in (1, 2)]
+    stacked = scanned["layers"]["mlp"]["router_stats"][0]["tokens_per_expert"]
+    assert stacked.shape == (2, 4)
+    np.testing.assert_array_equal(stacked, np.stack(per_layer))
+    assert "router_stats" not in str(jax.tree_util.tree_structure(loop["layer_0"]))  # dense first layer
+
+
+def test_first_dense_layers_have_a_dense_mlp():
+    cfg = _moe_config()
+    params = jax.eval_shape(lambda: nn.unbox(GPT(cfg).init(jax.random.key(0), _ids())["params"]))
+    assert set(params["layer_0"]["mlp"]) == {"wi_gate", "wi_up", "wo"}
+    assert params["layer_0"]["mlp"]["wi_gate"].shape == (D, FF)
+    assert params["layer_1"]["mlp"]["router"].shape == (D, 4)
+    assert cfg.num_params() == sum(x.size for x in jax.tree_util.tree_leaves(params))
+    with pytest.raises(ValueError, match="first_dense_layers"):
+        dataclasses.replace(_config(), first_dense_layers=1)
+
+
+def _mtp_logits(cfg, params, ids):
+    fn = jax.jit(lambda p, x: GPT(cfg).apply({"params": p}, x, mutable=["intermediates"]),
+                 compiler_options=FAST_COMPILE)
+    logits, state = fn(params, ids)
+    return logits, state["intermediates"]["mtp_logits"]
+
+
+@pytest.mark.parametrize("make", [lambda **kw: dataclasses.replace(_config(num_layers=2), **kw), _moe_config],
+                         ids=["dense", "moe"])
+def test_multi_token_prediction_counts_causality_and_main_logits(make):
+    cfg, plain = make(mtp_depth=2), make()
+    T = 10
+    ids = _ids(batch=1, length=T)
+    params = _init(cfg, ids)
+    assert cfg.num_params() == sum(x.size for x in jax.tree_util.tree_leaves(params))
+    mtp_size = sum(x.size for k in ("mtp_1", "mtp_2") for x in jax.tree_util.tree_leaves(params[k]))
+    assert cfg.mtp_params() == mtp_size and cfg.num_params(include_mtp=False) == plain.num_params()
+
+    logits, mtp = _mtp_logits(cfg, params, ids)
+    assert len(mtp) == 2 and all(m.shape == (1, T, VOCAB) for m in mtp)
+    main_only = {k: v for k, v in params.items() if not k.startswith("mtp_")}
+    np.testing.assert_allclose(logits, _apply(plain, FAST_COMPILE)(main_only, ids), rtol=1e-6, atol=1e-6)
+
+    # Depth k at position i reads tokens up to i + k: changing token j moves positions >= j - k only.
+    j = 6
+    changed = ids.at[0, j].set((ids[0, j] + 1) % VOCAB)
+    _, mtp_changed = _mtp_logits(cfg, params, changed)
+    for k, (a, b) in enumerate(zip(mtp, mtp_changed), start=1):
+        moved = np.max(np.abs(np.asarray(a - b)), -1)[0] > 0
+        np.testing.assert_array_equal(moved, np.arange(T) >= j - k, err_msg=f"depth {k}")
