@@ -126,12 +126,12 @@ class GPTConfig:
         """Forward matmul FLOPs per token at context `seq_len` (2 per multiply-add).
 
         Projections and MLP (2 x weights), attention scores and values over all T keys
-        (4 * N * H * T, as computed with a mask), the output projection, and each
+        (4 * N * H * T as computed with a mask; MLA: `BlockConfig.attention_score_flops`), the output projection, and each
         multi-token prediction module (its projection, layer and output head). A training
         step costs 3x this (forward + backward), which is what MFU uses.
         """
         def layer(b: BlockConfig) -> int:
-            return 2 * (b.attention_weights() + b.mlp_weights()) + 4 * b.num_heads * b.head_size * seq_len
+            return 2 * (b.attention_weights() + b.mlp_weights()) + b.attention_score_flops(seq_len)
 
         b, head = self.block, 2 * self.block.d_model * self.vocab_size
         mtp = self.mtp_depth * (2 * 2 * b.d_model * b.d_model + layer(self.layer_block(self.num_layers)) + head)

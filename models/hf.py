@@ -5,9 +5,10 @@
     hf.save_pretrained(model, params, "out/")               # transformers.from_pretrained("out/")
 
 Supported architectures: BertModel, BertForMaskedLM, GPT2LMHeadModel, LlamaForCausalLM,
-Qwen2ForCausalLM, Qwen3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM. Weights come from `model.safetensors` or from the
-shards listed in `model.safetensors.index.json`. The per-family tensor maps live in
-`models/convert/`; this module only reads and writes files and picks the family.
+Qwen2ForCausalLM, Qwen3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM, DeepseekV3ForCausalLM.
+Weights come from `model.safetensors` or from the shards listed in
+`model.safetensors.index.json`. The per-family tensor maps live in `models/convert/`; this
+module only reads and writes files and picks the family.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from safetensors.numpy import load_file, save_file
 
 from models.bert import BertConfig, BertForMaskedLM, BertModel
 from models.convert import bert as bert_convert
+from models.convert import deepseek as deepseek_convert
 from models.convert import gpt2 as gpt2_convert
 from models.convert import llama as llama_convert
 from models.convert import moe as moe_convert
 from models.gpt import GPT, GPTConfig
 
-DECODERS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", *moe_convert.ARCHITECTURES)
+DECODERS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", *moe_convert.ARCHITECTURES,
+            *deepseek_convert.ARCHITECTURES)
 BERTS = {"BertModel": "base", "BertForMaskedLM": "mlm"}
 SUPPORTED = (*BERTS, "GPT2LMHeadModel", *DECODERS)
 INDEX = "model.safetensors.index.json"
@@ -90,6 +93,9 @@ def load_pretrained(directory: str, **overrides) -> tuple[nn.Module, dict]:
     if arch in moe_convert.ARCHITECTURES:
         config = moe_convert.config_from_hf(hf_config, **overrides)
         return GPT(config), moe_convert.hf_to_params(tensors, config, arch=arch)
+    if arch in deepseek_convert.ARCHITECTURES:
+        config = deepseek_convert.config_from_hf(hf_config, **overrides)
+        return GPT(config), deepseek_convert.hf_to_params(tensors, config)
     convert = gpt2_convert if arch == "GPT2LMHeadModel" else llama_convert
     config = convert.config_from_hf(hf_config, **overrides)
     return GPT(config), convert.hf_to_params(tensors, config)
@@ -117,6 +123,8 @@ def decoder_architecture(config: GPTConfig) -> str:
     b = config.block
     if config.positional == "learned":
         return "GPT2LMHeadModel"
+    if b.mla is not None:
+        return "DeepseekV3ForCausalLM"
     if b.moe is not None:
         return "Qwen3MoeForCausalLM" if b.qk_norm else "MixtralForCausalLM"
     if b.qk_norm:
@@ -134,6 +142,8 @@ def _decoder_hf_config(config: GPTConfig) -> dict[str, Any]:
                 "n_embd": b.d_model, "n_head": b.num_heads, "n_layer": config.num_layers, "n_inner": b.d_ff,
                 "n_positions": config.max_len, "activation_function": act, "layer_norm_epsilon": b.norm_eps,
                 "tie_word_embeddings": config.tie_embeddings}
+    if arch == "DeepseekV3ForCausalLM":
+        return _deepseek_hf_config(config)
     if b.moe is not None:
         return _moe_hf_config(config, arch)
     out = {"architectures": [arch], "model_type": {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
@@ -178,6 +188,29 @@ def _moe_hf_config(config: GPTConfig, arch: str) -> dict[str, Any]:
     return out
 
 
+def _deepseek_hf_config(config: GPTConfig) -> dict[str, Any]:
+    """DeepseekV3Config keys. Multi-token prediction modules (mtp_depth) are not written:
+    transformers' DeepseekV3ForCausalLM has none."""
+    b, moe, mla = config.block, config.block.moe, config.block.mla
+    if moe is None or moe.score_func != "sigmoid" or not moe.num_shared_experts or moe.shared_d_ff not in (
+            None, moe.expert_d_ff):
+        raise ValueError("DeepseekV3ForCausalLM has a sigmoid-scored MoE with shared experts as wide as the routed "
+                         f"ones; got {moe}")
+    return {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": config.vocab_size,
+            "hidden_size": b.d_model, "intermediate_size": b.d_ff, "moe_intermediate_size": moe.expert_d_ff,
+            "num_hidden_layers": config.num_layers, "num_attention_heads": b.num_heads,
+            "num_key_value_heads": b.num_heads, "n_shared_experts": moe.num_shared_experts,
+            "n_routed_experts": moe.num_experts, "routed_scaling_factor": moe.routed_scaling_factor,
+            "kv_lora_rank": mla.kv_lora_rank, "q_lora_rank": mla.q_lora_rank,
+            "qk_rope_head_dim": mla.qk_rope_head_dim, "v_head_dim": mla.v_head_dim,
+            "qk_nope_head_dim": mla.qk_nope_head_dim, "n_group": moe.n_group, "topk_group": moe.topk_group,
+            "num_experts_per_tok": moe.num_experts_per_tok, "first_k_dense_replace": config.first_dense_layers,
+            "norm_topk_prob": moe.norm_topk_prob, "hidden_act": "silu", "max_position_embeddings": config.max_len,
+            "rms_norm_eps": b.norm_eps, "tie_word_embeddings": config.tie_embeddings,
+            "rope_parameters": _rope_parameters(config), "rope_interleave": b.rope.interleaved,
+            "attention_bias": b.has_qkv_bias, "num_nextn_predict_layers": 0}
+
+
 def _bert_hf_config(config: BertConfig, arch: str) -> dict[str, Any]:
     b = config.block
     act = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[b.mlp_activation]
@@ -206,8 +239,8 @@ def save_pretrained(model: nn.Module, params, directory: str) -> None:
     elif isinstance(model, GPT):
         hf_config = _decoder_hf_config(model.config)
         arch = hf_config["architectures"][0]
-        convert = {"GPT2LMHeadModel": gpt2_convert, **dict.fromkeys(moe_convert.ARCHITECTURES, moe_convert)}.get(
-            arch, llama_convert)
+        convert = {"GPT2LMHeadModel": gpt2_convert, **dict.fromkeys(moe_convert.ARCHITECTURES, moe_convert),
+                   **dict.fromkeys(deepseek_convert.ARCHITECTURES, deepseek_convert)}.get(arch, llama_convert)
         tensors = convert.params_to_hf(params, model.config, include_tied=False)
     else:
         raise ValueError(f"save_pretrained supports BertModel, BertForMaskedLM and GPT, not {type(model).__name__}")

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from models.layers.feedforward import GATED, MLP_ACTIVATIONS, FeedForward
+from models.layers.mla import MLAConfig, MultiHeadLatentAttention
 from models.layers.moe import MoEConfig, MoEFeedForward
 from models.layers.multihead import MultiHeadAttention
 from models.layers.norms import NORMS, make_norm
@@ -53,6 +54,10 @@ class BlockConfig:
       sliding_window: local self-attention window, if set.
       moe: if set, the feed-forward sub-layer is a mixture of SwiGLU experts
         (`models.layers.moe`); `d_ff`, `mlp_activation` and `mlp_bias` are then unused.
+      mla: if set, self-attention is multi-head latent attention (`models.layers.mla`,
+        DeepSeek-V2/V3) with `num_heads` heads and `rope` on its rotary dims;
+        `num_kv_heads` and `head_dim` are then unused, and its biases (`qkv_bias` and
+        `out_bias`, which must agree) are transformers' `attention_bias`. Decoder-only.
       dtype: compute dtype; param_dtype: storage dtype.
     """
 
@@ -75,6 +80,7 @@ class BlockConfig:
     rope: RopeConfig | None = None
     sliding_window: int | None = None
     moe: MoEConfig | None = None
+    mla: MLAConfig | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -82,7 +88,9 @@ class BlockConfig:
         kv = self.kv_heads
         if self.num_heads % kv:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={kv}")
-        if self.head_dim is None and self.d_model % self.num_heads:
+        if self.mla is not None:
+            self._check_mla()
+        elif self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; set head_dim explicitly"
             )
@@ -92,6 +100,16 @@ class BlockConfig:
             raise ValueError(f"norm={self.norm!r}; expected one of {NORMS}")
         if self.norm_position not in ("pre", "post"):
             raise ValueError(f"norm_position={self.norm_position!r}; expected 'pre' or 'post'")
+
+    def _check_mla(self):
+        for name in ("qk_norm", "sliding_window"):
+            if getattr(self, name):
+                raise ValueError(f"{name}={getattr(self, name)!r} has no meaning with latent attention (mla set)")
+        if self.rope is None:
+            raise ValueError("latent attention (mla set) needs block.rope for its rotary dims")
+        if self.has_qkv_bias != self.has_out_bias:
+            raise ValueError(f"latent attention has one bias switch (HF attention_bias); got qkv_bias="
+                             f"{self.has_qkv_bias}, out_bias={self.has_out_bias}")
 
     @property
     def kv_heads(self) -> int:
@@ -114,14 +132,25 @@ class BlockConfig:
         return self.use_bias if self.mlp_bias is None else self.mlp_bias
 
     def attention_weights(self) -> int:
-        """Projection weights of one attention sub-layer: q, k, v and output."""
+        """Projection weights of one attention sub-layer: q, k, v and output (or MLA's)."""
         D, N, K, H = self.d_model, self.num_heads, self.kv_heads, self.head_size
+        if self.mla is not None:
+            return self.mla.weights(D, N)
         return D * N * H + 2 * D * K * H + N * H * D
 
     def attention_params(self) -> int:
+        if self.mla is not None:
+            return self.mla.params(self.d_model, self.num_heads, use_bias=self.has_qkv_bias)
         N, K, H = self.num_heads, self.kv_heads, self.head_size
         biases = (N * H + 2 * K * H if self.has_qkv_bias else 0) + (self.d_model if self.has_out_bias else 0)
         return self.attention_weights() + biases + (2 * H if self.qk_norm else 0)
+
+    def attention_score_flops(self, seq_len: int) -> int:
+        """Per-token FLOPs of the attention logits and the weighted value sum over seq_len
+        keys (as computed, with a mask): 4 N H T, or MLA's 2 N (P + R) T + 2 N H_v T."""
+        if self.mla is not None:
+            return self.mla.score_flops(self.num_heads, seq_len)
+        return 4 * self.num_heads * self.head_size * seq_len
 
     def mlp_weights(self) -> int:
         """Feed-forward weights a token multiplies through (MoE: router + its k experts + shared)."""
@@ -158,7 +187,18 @@ class Sublayer(nn.Module):
         return nn.with_logical_constraint(out, ("act_batch", "act_seq", "act_embed"))
 
 
-def _attention(cfg: BlockConfig, name: str, *, rope: bool) -> MultiHeadAttention:
+def _attention(cfg: BlockConfig, name: str, *, rope: bool) -> MultiHeadAttention | MultiHeadLatentAttention:
+    if cfg.mla is not None:
+        if not rope:
+            raise ValueError("latent attention (block.mla) is self-attention only; cross-attention needs mla=None")
+        m = cfg.mla
+        # norm_eps stays MLA's 1e-6: transformers builds the latent norms with it, not rms_norm_eps.
+        return MultiHeadLatentAttention(
+            num_heads=cfg.num_heads, q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank,
+            qk_nope_head_dim=m.qk_nope_head_dim, qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim,
+            rope=cfg.rope, use_bias=cfg.has_qkv_bias, dropout_rate=cfg.attention_dropout_rate, dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype, name=name,
+        )
     return MultiHeadAttention(
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, use_bias=cfg.use_bias,
         qkv_bias=cfg.has_qkv_bias, out_bias=cfg.has_out_bias, qk_norm=cfg.qk_norm, qk_norm_eps=cfg.norm_eps,

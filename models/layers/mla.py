@@ -42,6 +42,7 @@ softmax runs in float32 with fully masked rows zeroed, as there.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +55,50 @@ from models.layers.attention import make_attention_mask
 from models.layers.positional import RopeConfig, apply_rope
 
 Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAConfig:
+    """The sizes of multi-head latent attention (the heads N come from the block).
+
+    Attributes:
+      q_lora_rank: L; None or 0 for a plain `query` projection (DeepSeek-V2-Lite).
+      kv_lora_rank: C.
+      qk_nope_head_dim: P.
+      qk_rope_head_dim: R.
+      v_head_dim: H.
+    """
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+    def __post_init__(self):
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"MLAConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE rotates pairs)")
+
+    def weights(self, d_model: int, num_heads: int) -> int:
+        """Projection weights of one attention sub-layer (each multiplies every token once)."""
+        D, N, L, C = d_model, num_heads, self.q_lora_rank, self.kv_lora_rank
+        P, R, H = self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+        query = D * L + L * N * (P + R) if L else D * N * (P + R)
+        return query + D * (C + R) + C * N * (P + H) + N * H * D
+
+    def params(self, d_model: int, num_heads: int, *, use_bias: bool = False) -> int:
+        """`weights` plus the latent RMSNorm scales and (with `use_bias`) the biases."""
+        L, C, R = self.q_lora_rank or 0, self.kv_lora_rank, self.qk_rope_head_dim
+        biases = L + C + R + d_model if use_bias else 0
+        return self.weights(d_model, num_heads) + L + C + biases
+
+    def score_flops(self, num_heads: int, seq_len: int) -> int:
+        """Per-query FLOPs of the logits (P + R dims) and the value sum (H dims) over seq_len keys."""
+        N, Q, H = num_heads, self.qk_nope_head_dim + self.qk_rope_head_dim, self.v_head_dim
+        return 2 * N * Q * seq_len + 2 * N * H * seq_len
 
 
 def _fan_init(in_axis, out_axis) -> Callable:

@@ -1,12 +1,24 @@
-"""Mixture-of-experts feed-forward: a top-k router over E SwiGLU experts (Mixtral, Qwen3-MoE).
+"""Mixture-of-experts feed-forward: a top-k router over E SwiGLU experts (Mixtral, Qwen3-MoE,
+DeepSeek-V3).
 
 Axis letters: B batch, T length, D model width, F expert hidden width, E experts,
-K experts per token (top-k), C expert capacity, G tokens (G = B * T, flattened).
+K experts per token (top-k), C expert capacity, G tokens (G = B * T, flattened),
+M expert groups (n_group), J experts per group (E / M), U groups kept per token (topk_group).
 
     scores_GE = softmax(x W_router)  (or sigmoid)        routing in float32
     top-k of scores; weights renormalised over the k if `norm_topk_prob`, times
     `routed_scaling_factor`
     y_g = sum_k weight_gk * Expert_{e_gk}(x_g)   (+ shared experts applied to every token)
+
+DeepSeek-V3 routing (`route`) adds two things to the choice of the k experts, never to
+their weights, which stay the uncorrected scores:
+
+* a per-expert `score_correction_bias` b_E added to the scores before the top-k (the
+  auxiliary-loss-free balancing of DeepSeek-V3 sec. 2.1.2). It gets no gradient; between
+  steps `update_correction_bias` moves it by +-rate towards balanced loads.
+* group-limited routing (`n_group` > 1): the E experts form M groups of J; a group scores
+  the sum of its two best (bias-corrected) scores, only the `topk_group` best groups stay
+  eligible and the top-k experts are chosen inside them.
 
 Two execution modes:
 
@@ -29,7 +41,14 @@ collection under the name `router_stats` (read them with `apply(..., mutable=["i
     aux_loss          []   E * sum_e f_e * P_e, f_e = tokens_per_expert / G, P_e = mean softmax
                            prob (Switch eq. 4-6 as in HF's load_balancing_loss_func; per layer)
     router_z_loss     []   mean_g logsumexp(router logits)^2 (ST-MoE)
+    seq_aux_loss      []   DeepSeek-V3's sequence-wise balance loss (eq. 17-20), averaged over the
+                           B rows: sum_e f_e P_e per row, f_e = E / (K T) * (row's assignments to
+                           e), P_e = row mean of the scores normalised to sum to 1 over E
     weighted_loss     []   aux_loss_weight * aux_loss + router_z_loss_weight * router_z_loss
+                           + seq_aux_loss_weight * seq_aux_loss
+
+Under `nn.scan` the sown statistics carry a leading layers axis; `total_aux_loss` and
+`update_correction_bias` accept either form.
 
 Padding tokens are routed like any other token and count in the statistics.
 """
@@ -38,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -70,6 +90,16 @@ class MoEConfig:
       num_shared_experts: experts applied to every token (0: none).
       shared_d_ff: hidden width of each shared expert (None: expert_d_ff).
       routed_scaling_factor: multiplies the routed experts' weights.
+      n_group: M, expert groups for group-limited routing (1: none). E must be a multiple
+        of M, with at least 2 experts per group when M > 1 (a group scores its top 2).
+      topk_group: how many groups stay eligible per token (DeepSeek-V3: 4 of 8).
+      score_correction_bias: a per-expert bias [E], param `score_correction_bias` (float32
+        whatever param_dtype, zeros at init), added to the scores for the choice of experts
+        only. It gets no gradient (stop_gradient), so Adam leaves it put; it moves only by
+        `update_correction_bias`. Like transformers' `e_score_correction_bias` buffer it is
+        not counted by `params()`.
+      seq_aux_loss_weight: weight of the sequence-wise balance loss in `weighted_loss`
+        (DeepSeek-V3's alpha, 1e-4 in the paper).
     """
 
     num_experts: int
@@ -83,6 +113,10 @@ class MoEConfig:
     num_shared_experts: int = 0
     shared_d_ff: int | None = None
     routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    score_correction_bias: bool = False
+    seq_aux_loss_weight: float = 0.0
 
     def __post_init__(self):
         if self.score_func not in SCORE_FUNCS:
@@ -92,6 +126,15 @@ class MoEConfig:
                              f"{self.num_experts}]")
         if self.capacity_factor < 0:
             raise ValueError(f"capacity_factor={self.capacity_factor} must be >= 0 (0 = dropless)")
+        E, M = self.num_experts, self.n_group
+        if M < 1 or E % M or (M > 1 and E // M < 2):
+            raise ValueError(f"n_group={M} must divide num_experts={E} into groups of at least 2 experts "
+                             "(a group scores the sum of its top 2)")
+        if not 1 <= self.topk_group <= M:
+            raise ValueError(f"topk_group={self.topk_group} must be in [1, n_group={M}]")
+        if self.num_experts_per_tok > self.topk_group * (E // M):
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} exceeds the {self.topk_group} "
+                             f"eligible groups' {self.topk_group * (E // M)} experts")
 
     @property
     def shared_width(self) -> int:
@@ -99,33 +142,54 @@ class MoEConfig:
         return self.num_shared_experts * (self.shared_d_ff or self.expert_d_ff)
 
     def params(self, d_model: int) -> int:
-        """Stored weights: router, E routed experts, shared experts."""
-        return d_model * self.num_experts + 3 * d_model * (self.num_experts * self.expert_d_ff + self.shared_width)
+        """Stored values: router, E routed experts, shared experts and the correction bias
+        (what `init` creates and a checkpoint holds; transformers keeps the bias as a buffer,
+        outside `model.parameters()`: see `buffer_params`)."""
+        routed = d_model * self.num_experts + 3 * d_model * (self.num_experts * self.expert_d_ff + self.shared_width)
+        return routed + self.buffer_params()
 
     def active_weights(self, d_model: int) -> int:
         """Weights each token multiplies through (router, K routed experts, shared experts)."""
         return d_model * self.num_experts + 3 * d_model * (self.num_experts_per_tok * self.expert_d_ff
                                                            + self.shared_width)
 
+    def buffer_params(self) -> int:
+        """Stored values not trained by gradient: the correction bias [E], if any."""
+        return self.num_experts if self.score_correction_bias else 0
+
     def capacity(self, num_tokens: int) -> int:
         return max(1, math.ceil(self.capacity_factor * num_tokens * self.num_experts_per_tok / self.num_experts))
 
 
-def route(logits_GE: jax.Array, config: MoEConfig) -> tuple[jax.Array, jax.Array]:
-    """Top-k routing in float32.
+def route(logits_GE: jax.Array, config: MoEConfig,
+          correction_bias_E: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Top-k routing in float32, group-limited and bias-corrected as `config` says.
 
     Args:
       logits_GE: router logits [G, E].
       config: the MoEConfig.
+      correction_bias_E: [E] added to the scores for the choice of experts only (None: 0).
 
     Returns:
-      (weights_GK, experts_GK): the weights applied to each chosen expert and their indices.
+      (weights_GK, experts_GK): the weights applied to each chosen expert (from the
+      uncorrected scores) and their indices.
     """
     logits_GE = logits_GE.astype(jnp.float32)
     scores_GE = jax.nn.softmax(logits_GE, -1) if config.score_func == "softmax" else jax.nn.sigmoid(logits_GE)
-    weights_GK, experts_GK = jax.lax.top_k(scores_GE, config.num_experts_per_tok)
+    choice_GE = scores_GE if correction_bias_E is None else scores_GE + correction_bias_E.astype(jnp.float32)
+    if config.n_group > 1:
+        G, E = choice_GE.shape
+        M = config.n_group
+        top2_GM2, _ = jax.lax.top_k(choice_GE.reshape(G, M, E // M), 2)
+        _, groups_GU = jax.lax.top_k(jnp.sum(top2_GM2, -1), config.topk_group)
+        eligible_GM = jnp.any(jax.nn.one_hot(groups_GU, M, dtype=jnp.bool_), 1)
+        eligible_GE = jnp.repeat(eligible_GM, E // M, axis=-1)
+        choice_GE = jnp.where(eligible_GE, choice_GE, -jnp.inf)
+    _, experts_GK = jax.lax.top_k(choice_GE, config.num_experts_per_tok)
+    weights_GK = jnp.take_along_axis(scores_GE, experts_GK, -1)
     if config.norm_topk_prob:
-        weights_GK = weights_GK / jnp.sum(weights_GK, -1, keepdims=True)
+        # + 1e-20 as transformers' DeepSeek-V3 (sigmoid scores may all be ~0); a no-op otherwise.
+        weights_GK = weights_GK / (jnp.sum(weights_GK, -1, keepdims=True) + 1e-20)
     return weights_GK * config.routed_scaling_factor, experts_GK
 
 
@@ -163,7 +227,12 @@ class MoEFeedForward(nn.Module):
         router_DE = self.param("router", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                       ("embed", "expert")), (D, E), self.param_dtype)
         logits_GE = jnp.einsum("GD,DE->GE", x_GD.astype(jnp.float32), router_DE.astype(jnp.float32))
-        weights_GK, experts_GK = route(logits_GE, cfg)
+        bias_E = None
+        if cfg.score_correction_bias:  # float32 storage: updates of ~1e-3 would vanish in bfloat16
+            bias_E = jax.lax.stop_gradient(self.param(
+                "score_correction_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("expert",)), (E,),
+                jnp.float32))
+        weights_GK, experts_GK = route(logits_GE, cfg, bias_E)
 
         gate_EDF = self._expert_param("wi_gate", (E, D, F), ("expert", "embed", "mlp"))
         up_EDF = self._expert_param("wi_up", (E, D, F), ("expert", "embed", "mlp"))
@@ -187,43 +256,144 @@ class MoEFeedForward(nn.Module):
                                  param_dtype=self.param_dtype, name="shared")
             y_GD = y_GD + shared(x_GD[None], deterministic=deterministic)[0]
 
-        stats = routing_stats(logits_GE, experts_GK, kept_GK, cfg)
+        stats = routing_stats(logits_GE, experts_GK, kept_GK, cfg, batch_size=B)
         self.sow("intermediates", "router_stats", stats)
         return y_GD.reshape(B, T, D), stats
 
 
-def routing_stats(logits_GE: jax.Array, experts_GK: jax.Array, kept_GK: jax.Array, config: MoEConfig) -> dict:
-    """The statistics listed in the module docstring, all float32."""
+def routing_stats(logits_GE: jax.Array, experts_GK: jax.Array, kept_GK: jax.Array, config: MoEConfig, *,
+                  batch_size: int = 1) -> dict:
+    """The statistics listed in the module docstring, all float32.
+
+    `batch_size` B splits the G tokens into B rows of G / B for `seq_aux_loss`.
+    """
     G, E = logits_GE.shape
+    K = experts_GK.shape[1]
+    logits_GE = logits_GE.astype(jnp.float32)
     assigned_GKE = jax.nn.one_hot(experts_GK, E, dtype=jnp.float32)
-    tokens_per_expert = jnp.sum(assigned_GKE, (0, 1))
+    assigned_GE = jnp.sum(assigned_GKE, 1)
+    tokens_per_expert = jnp.sum(assigned_GE, 0)
     kept_per_expert = jnp.sum(assigned_GKE * kept_GK[..., None], (0, 1))
-    probs_E = jnp.mean(jax.nn.softmax(logits_GE.astype(jnp.float32), -1), 0)
+    probs_E = jnp.mean(jax.nn.softmax(logits_GE, -1), 0)
     aux = E * jnp.sum(tokens_per_expert / G * probs_E)
-    z = jnp.mean(jax.nn.logsumexp(logits_GE.astype(jnp.float32), -1) ** 2)
+    z = jnp.mean(jax.nn.logsumexp(logits_GE, -1) ** 2)
+
+    B = batch_size
+    T = G // B
+    scores_GE = jax.nn.softmax(logits_GE, -1) if config.score_func == "softmax" else jax.nn.sigmoid(logits_GE)
+    normalised_BTE = (scores_GE / jnp.sum(scores_GE, -1, keepdims=True)).reshape(B, T, E)
+    f_BE = E / (K * T) * jnp.sum(assigned_GE.reshape(B, T, E), 1)
+    seq_aux = jnp.mean(jnp.sum(f_BE * jnp.mean(normalised_BTE, 1), -1))
     return {
         "tokens_per_expert": tokens_per_expert,
         "kept_per_expert": kept_per_expert,
-        "dropped_fraction": 1.0 - jnp.sum(kept_per_expert) / (G * experts_GK.shape[1]),
+        "dropped_fraction": 1.0 - jnp.sum(kept_per_expert) / (G * K),
         "aux_loss": aux,
         "router_z_loss": z,
-        "weighted_loss": config.aux_loss_weight * aux + config.router_z_loss_weight * z,
+        "seq_aux_loss": seq_aux,
+        "weighted_loss": (config.aux_loss_weight * aux + config.router_z_loss_weight * z
+                          + config.seq_aux_loss_weight * seq_aux),
     }
 
 
+def _router_stats(intermediates) -> dict[tuple[str, ...], dict]:
+    """Module path -> the sown `router_stats` of every MoE layer in an intermediates tree."""
+    found = {}
+
+    def visit(node, path):
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                if key == "router_stats":
+                    if len(value) != 1:  # sow appends: one entry per call of the layer
+                        raise ValueError(f"{'/'.join(path)} sowed router_stats {len(value)} times; "
+                                         "expected one apply per intermediates tree")
+                    found[path] = value[0]
+                else:
+                    visit(value, (*path, key))
+
+    visit(intermediates, ())
+    return found
+
+
 def total_aux_loss(intermediates) -> jax.Array:
-    """Sum of `weighted_loss` over every MoE layer's sown `router_stats` (0.0 if none)."""
+    """Sum of `weighted_loss` over every MoE layer's sown `router_stats` (0.0 if none),
+    stacked layers (scan) included."""
     total = jnp.float32(0.0)
 
     def visit(node):
         nonlocal total
-        if isinstance(node, dict) or hasattr(node, "items"):
+        if isinstance(node, Mapping):
             for key, value in node.items():
                 if key == "router_stats":
                     for stats in value:  # sow stores a tuple
-                        total = total + stats["weighted_loss"]
+                        total = total + jnp.sum(stats["weighted_loss"])
                 else:
                     visit(value)
 
     visit(intermediates)
     return total
+
+
+def update_correction_bias(params, intermediates, rate: float):
+    """DeepSeek-V3's auxiliary-loss-free balancing: one step on every `score_correction_bias`.
+
+        b_e += rate * sign(mean_e'(load_e') - load_e),   load = sown tokens_per_expert
+
+    so an overloaded expert's bias drops by `rate` and an underloaded one's rises by `rate`
+    (an exactly average one keeps its bias). Call it once per training step, after the
+    optimizer update, with the intermediates of that step's forward pass
+    (`apply(..., mutable=["intermediates"])`); the loads then count the step's whole batch.
+
+    Args:
+      params: the model params (plain or FrozenDict nesting, boxed or not). A bias is
+        matched to the `router_stats` sown by the module at the same path: per layer
+        (`layer_{i}/mlp`, bias [E], loads [E]) or stacked by `nn.scan` (bias [..., E] and
+        loads [..., E] with the same leading axes).
+      intermediates: the `intermediates` collection of that forward pass.
+      rate: the bias update speed (DeepSeek-V3: 0.001, then 0 for the last 500B tokens).
+
+    Returns:
+      params with every correction bias updated (in float32); everything else is the same
+      objects.
+
+    Raises:
+      ValueError: naming a bias whose module sowed no router_stats.
+    """
+    stats = _router_stats(intermediates)
+    missing = []
+
+    def visit(node, path):
+        if not isinstance(node, Mapping):
+            return node
+        updates = {}
+        for key, value in node.items():
+            if key == "score_correction_bias":
+                if path not in stats:
+                    missing.append("/".join((*path, key)))
+                    continue
+                updates[key] = _bias_step(value, stats[path]["tokens_per_expert"], rate)
+            elif isinstance(value, Mapping):
+                new = visit(value, (*path, key))
+                if new is not value:
+                    updates[key] = new
+        if not updates:
+            return node
+        return node.copy(updates) if hasattr(node, "copy") and not isinstance(node, dict) else {**node, **updates}
+
+    new_params = visit(params, ())
+    if missing:
+        raise ValueError(f"no router_stats were sown for {missing}; pass the intermediates of the same model's "
+                         f"apply(..., mutable=['intermediates']) (found stats for "
+                         f"{['/'.join(p) for p in stats]})")
+    return new_params
+
+
+def _bias_step(bias, tokens_per_expert: jax.Array, rate: float):
+    """One sign step of a (possibly boxed) bias [..., E] from loads [..., E]."""
+    value = bias.unbox() if isinstance(bias, nn.meta.AxisMetadata) else bias
+    load = jnp.asarray(tokens_per_expert, jnp.float32)
+    if load.shape != value.shape:
+        raise ValueError(f"tokens_per_expert has shape {load.shape} but the correction bias {value.shape}")
+    step = rate * jnp.sign(jnp.mean(load, -1, keepdims=True) - load)
+    new = jnp.asarray(value, jnp.float32) + step
+    return bias.replace_boxed(new) if isinstance(bias, nn.meta.AxisMetadata) else new
