@@ -13,6 +13,7 @@ module only reads and writes files and picks the family.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -27,7 +28,7 @@ from models.convert import deepseek as deepseek_convert
 from models.convert import gpt2 as gpt2_convert
 from models.convert import llama as llama_convert
 from models.convert import moe as moe_convert
-from models.gpt import GPT, GPTConfig
+from models.gpt import GPT, GPTConfig, scan_params, unscan_params
 
 DECODERS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", *moe_convert.ARCHITECTURES,
             *deepseek_convert.ARCHITECTURES)
@@ -75,7 +76,8 @@ def load_pretrained(directory: str, **overrides) -> tuple[nn.Module, dict]:
 
     Args:
       directory: holds config.json and model.safetensors (or sharded safetensors + index).
-      **overrides: config fields for the decoder families (dtype, param_dtype, remat...).
+      **overrides: config fields for the decoder families (dtype, param_dtype, remat,
+        scan_layers: the params then come stacked, see `models.gpt.scan_params`).
 
     Returns:
       The model and its parameters: `model.apply({'params': params}, ids)` returns the
@@ -85,11 +87,22 @@ def load_pretrained(directory: str, **overrides) -> tuple[nn.Module, dict]:
     hf_config = _read_config(directory)
     arch = _architecture(hf_config)
     tensors = read_safetensors(directory)
-    if arch in BERTS:
-        config = bert_convert.config_from_hf(hf_config)
-        head = BERTS[arch]
-        model = BertModel(config) if head == "base" else BertForMaskedLM(config)
-        return model, bert_convert.hf_to_params(tensors, config, head)
+    scan = overrides.pop("scan_layers", False)
+    if arch not in BERTS:
+        model, params = _load_decoder(arch, hf_config, tensors, overrides)
+        if not scan:
+            return model, params
+        return GPT(dataclasses.replace(model.config, scan_layers=True)), scan_params(params, model.config)
+    if scan or overrides:
+        raise ValueError(f"{arch} takes no config overrides (got {sorted(overrides) + ['scan_layers'] * scan})")
+    config = bert_convert.config_from_hf(hf_config)
+    head = BERTS[arch]
+    model = BertModel(config) if head == "base" else BertForMaskedLM(config)
+    return model, bert_convert.hf_to_params(tensors, config, head)
+
+
+def _load_decoder(arch: str, hf_config: dict[str, Any], tensors, overrides) -> tuple[GPT, dict]:
+    """A decoder family's model and per-layer params."""
     if arch in moe_convert.ARCHITECTURES:
         config = moe_convert.config_from_hf(hf_config, **overrides)
         return GPT(config), moe_convert.hf_to_params(tensors, config, arch=arch)
@@ -237,11 +250,14 @@ def save_pretrained(model: nn.Module, params, directory: str) -> None:
         hf_config = _bert_hf_config(model.config, arch)
         tensors = bert_convert.params_to_hf(params, model.config, head)
     elif isinstance(model, GPT):
-        hf_config = _decoder_hf_config(model.config)
+        config = model.config
+        if config.scan_layers:  # converters read the per-layer layout
+            params, config = unscan_params(params, config), dataclasses.replace(config, scan_layers=False)
+        hf_config = _decoder_hf_config(config)
         arch = hf_config["architectures"][0]
         convert = {"GPT2LMHeadModel": gpt2_convert, **dict.fromkeys(moe_convert.ARCHITECTURES, moe_convert),
                    **dict.fromkeys(deepseek_convert.ARCHITECTURES, deepseek_convert)}.get(arch, llama_convert)
-        tensors = convert.params_to_hf(params, model.config, include_tied=False)
+        tensors = convert.params_to_hf(params, config, include_tied=False)
     else:
         raise ValueError(f"save_pretrained supports BertModel, BertForMaskedLM and GPT, not {type(model).__name__}")
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}

@@ -105,3 +105,23 @@ def test_save_pretrained_never_overwrites(tmp_path):
     with pytest.raises(FileExistsError, match="already holds"):
         hf.save_pretrained(model, params, str(tmp_path / "out"))
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "GPT2LMHeadModel"])
+def test_scan_layers_load_and_save_hf_torch(arch, tmp_path):
+    """scan_layers=True loads stacked params with the same outputs, and saves back per layer."""
+    reference = _hf_model(arch)
+    reference.save_pretrained(tmp_path / "in", safe_serialization=True)
+    model, params = hf.load_pretrained(str(tmp_path / "in"), scan_layers=True)
+    assert model.config.scan_layers and "layers" in params and "layer_0" not in params
+    expected = _first_output(reference)
+    np.testing.assert_allclose(_ours(model, params), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    hf.save_pretrained(model, params, str(tmp_path / "out"))
+    reloaded = getattr(transformers, arch).from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    np.testing.assert_allclose(_first_output(reloaded), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bert_refuses_decoder_overrides_hf_torch(tmp_path):
+    _hf_model("BertModel").save_pretrained(tmp_path, safe_serialization=True)
+    with pytest.raises(ValueError, match="BertModel takes no config overrides"):
+        hf.load_pretrained(str(tmp_path), scan_layers=True)
