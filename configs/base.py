@@ -18,7 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.steps = 1000  # optimizer steps in the whole run
 
     c.model = ml_collections.ConfigDict(dict(
-        family="gpt",  # gpt | llama | qwen: all the decoder of models/gpt.py, told apart by the keys below
+        family="gpt",  # gpt | llama | qwen | moe | deepseek: the decoder of models/gpt.py, told apart by
+        # the keys below; bert: the encoder of models/bert.py trained as a masked LM
         vocab_size=0,  # 0: the tokenizer's vocabulary size
         num_layers=4,
         max_len=256,  # context length; must be >= data.seq_len
@@ -43,6 +44,40 @@ def get_config() -> ml_collections.ConfigDict:
                    qk_norm=False,  # RMSNorm on each query and key head before RoPE (Qwen3)
                    sliding_window=0,  # local attention over the last N keys; 0: none
                    ),
+        type_vocab_size=2,  # bert only: rows of the token-type (sentence A/B) table
+        # Mixture of experts in the MLP of every layer past model.first_dense_layers
+        # (models/layers/moe.py MoEConfig); family moe | deepseek.
+        moe=dict(num_experts=0,  # 0: a dense MLP (no experts)
+                 num_experts_per_tok=2,  # k, experts each token is routed to
+                 expert_d_ff=0,  # hidden width of each expert; 0: block.d_ff
+                 score_func="softmax",  # softmax (Mixtral, Qwen3-MoE) | sigmoid (DeepSeek-V3)
+                 norm_topk_prob=True,  # renormalise the k chosen weights to sum to 1
+                 capacity_factor=0.0,  # 0: dropless; > 0: each expert takes ceil(f * tokens * k / E)
+                 aux_loss_weight=0.01,  # load-balancing loss (Switch) added to the training loss
+                 router_z_loss_weight=0.0,  # router z-loss (ST-MoE) added to the training loss
+                 seq_aux_loss_weight=0.0,  # DeepSeek-V3's sequence-wise balance loss (its alpha: 1e-4)
+                 num_shared_experts=0,  # experts every token goes through (DeepSeek)
+                 shared_d_ff=0,  # hidden width of each shared expert; 0: expert_d_ff
+                 routed_scaling_factor=1.0,  # multiplies the routed experts' weights (DeepSeek-V3: 2.5)
+                 n_group=1,  # experts split into groups; a token picks topk_group groups, then
+                 topk_group=1,  # its k experts among them (DeepSeek-V3: 8 and 4)
+                 score_correction_bias=False,  # a per-expert bias added to the scores for the top-k
+                 # choice only: DeepSeek-V3's aux-loss-free balancing. After each optimizer step
+                 # it moves by bias_update_rate towards equal load; 0: never updated.
+                 bias_update_rate=0.0,
+                 ),
+        first_dense_layers=0,  # with experts, the first this-many layers keep a dense MLP of block.d_ff
+        # Multi-head latent attention (models/layers/mla.py, DeepSeek-V2/V3) instead of block.num_kv_heads
+        # and head_dim; needs positional="rope" (the rope_* keys apply to its rotary dims).
+        mla=dict(kv_lora_rank=0,  # width of the compressed key/value latent; 0: standard attention
+                 q_lora_rank=0,  # width of the query latent; 0: a full-rank query projection
+                 qk_nope_head_dim=0,  # per-head query/key dims without position
+                 qk_rope_head_dim=0,  # rotary query dims per head (one rotary key shared by all heads)
+                 v_head_dim=0,  # value dims per head
+                 ),
+        mtp_depth=0,  # multi-token prediction modules (DeepSeek-V3): module k predicts token i + k + 1
+        mtp_loss_weight=0.3,  # their mean cross-entropy's weight in the training loss
+        scan_layers=False,  # one compiled layer run by nn.scan (faster compiles for deep models)
     ))
     c.tokenizer = ml_collections.ConfigDict(dict(
         path="",  # "": train our byte-level BPE on the training split and save it in the workdir

@@ -18,7 +18,7 @@ from configs import base
 PRESETS = ("tiny", "llama3_8b")
 
 
-def _llama(c: ml_collections.ConfigDict) -> None:
+def llama_switches(c: ml_collections.ConfigDict) -> None:
     """The switches every LLaMA shares: RoPE (halves rotated), pre-RMSNorm, SwiGLU, no biases, untied."""
     c.model.update(family="llama", positional="rope", tie_embeddings=False)
     c.model.block.update(norm="rmsnorm", norm_position="pre", mlp_activation="swiglu", use_bias=False,
@@ -29,7 +29,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     if preset not in PRESETS:
         raise ValueError(f"unknown llama preset {preset!r}; expected one of {PRESETS}")
     c = base.get_config()
-    _llama(c)
+    llama_switches(c)
     if preset == "tiny":
         c.model.update(num_layers=2, max_len=64, rope_theta=500000.0)
         # SwiGLU's three matrices: F ~ 8/3 D keeps the MLP the size of a 4D gelu MLP.

@@ -22,7 +22,7 @@ from configs import base
 PRESETS = ("tiny", "qwen3_8b")
 
 
-def _qwen3(c: ml_collections.ConfigDict) -> None:
+def qwen3_switches(c: ml_collections.ConfigDict) -> None:
     """Qwen3's switches: LLaMA's (RoPE, pre-RMSNorm, SwiGLU, no biases) plus QK-norm, theta 1e6, eps 1e-6."""
     c.model.update(family="qwen", positional="rope", rope_theta=1e6)
     c.model.block.update(norm="rmsnorm", norm_position="pre", norm_eps=1e-6, mlp_activation="swiglu",
@@ -33,7 +33,7 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
     if preset not in PRESETS:
         raise ValueError(f"unknown qwen preset {preset!r}; expected one of {PRESETS}")
     c = base.get_config()
-    _qwen3(c)
+    qwen3_switches(c)
     if preset == "tiny":
         c.model.update(num_layers=2, max_len=64, tie_embeddings=True)
         c.model.block.update(d_model=64, num_heads=4, num_kv_heads=2, head_dim=32, d_ff=192)

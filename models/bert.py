@@ -15,6 +15,11 @@ convert name by name, see `models/convert/bert.py`):
 
 `attention_mask` [B, T] is 1 for tokens and 0 for padding, as in Hugging Face; padded keys
 are masked out, padded queries are computed (and ignored by the caller).
+
+Packed rows (several documents in one row, as the pretraining pipeline makes them) pass
+`segment_ids` [B, T] (1, 2, ... per document, 0 on padding) and `positions` [B, T]: a token
+attends only to tokens of its own document, and positions restart at each document.
+`segment_ids` are not BERT's token types (sentence A/B), which are `token_type_ids`.
 """
 
 from __future__ import annotations
@@ -128,12 +133,15 @@ class BertModel(nn.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  token_type_ids: jax.Array | None = None, *, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None,
                  deterministic: bool = True) -> tuple[jax.Array, jax.Array | None]:
         """Args:
           input_ids: [B, T] int token ids.
-          attention_mask: [B, T], 1 for tokens and 0 for padding (None: no padding).
-          token_type_ids: [B, T] segment ids (None: all 0).
+          attention_mask: [B, T], 1 for tokens and 0 for padding (None: no padding, or
+            `segment_ids != 0` when segment_ids are given).
+          token_type_ids: [B, T] token types, sentence A / B (None: all 0).
           positions: [B, T] position ids (None: 0..T-1).
+          segment_ids: [B, T] document ids of packed rows (None: one document per row).
           deterministic: no dropout.
 
         Returns:
@@ -150,9 +158,12 @@ class BertModel(nn.Module):
         x_BTD = self.embeddings_norm(x_BTD)
         x_BTD = self.embeddings_dropout(x_BTD, deterministic=deterministic)
         x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_seq", "act_embed"))
-        padding_BT = None if attention_mask is None else attention_mask.astype(bool)
+        if attention_mask is not None:
+            padding_BT = attention_mask.astype(bool)
+        else:
+            padding_BT = None if segment_ids is None else segment_ids != 0
         for layer in self.layers:
-            x_BTD = layer(x_BTD, deterministic, padding_mask=padding_BT)
+            x_BTD = layer(x_BTD, deterministic, segment_ids=segment_ids, padding_mask=padding_BT)
         pooled_BD = jnp.tanh(self.pooler(x_BTD[:, 0])) if self.add_pooler else None
         return x_BTD, pooled_BD
 
@@ -162,16 +173,18 @@ class BertModel(nn.Module):
 
 
 class BertForMaskedLM(nn.Module):
-    """Masked-LM logits [B, T, V] in float32."""
+    """Masked-LM logits [B, T, V] in float32; arguments as `BertModel`."""
 
     config: BertConfig
 
     @nn.compact
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                 token_type_ids: jax.Array | None = None, *, deterministic: bool = True) -> jax.Array:
+                 token_type_ids: jax.Array | None = None, *, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
         cfg, b = self.config, self.config.block
         bert = BertModel(cfg, add_pooler=False, name="bert")
-        x_BTD, _ = bert(input_ids, attention_mask, token_type_ids, deterministic=deterministic)
+        x_BTD, _ = bert(input_ids, attention_mask, token_type_ids, positions=positions, segment_ids=segment_ids,
+                        deterministic=deterministic)
         x_BTD = ACTIVATIONS[b.mlp_activation](_dense(b.d_model, ("embed", None), b, name="transform")(x_BTD))
         x_BTD = LayerNorm(epsilon=b.norm_eps, dtype=b.dtype, param_dtype=b.param_dtype, name="transform_norm")(x_BTD)
         bias_V = self.param("output_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),

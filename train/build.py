@@ -2,6 +2,10 @@
 
 Each function takes the run config (an ml-collections ConfigDict) and returns one narrow
 object, so that a notebook can build any piece alone.
+
+Families: gpt, llama, qwen, moe and deepseek are all the decoder of models/gpt.py (told
+apart by the model keys: MoE, MLA, multi-token prediction), trained on next tokens; bert
+is models/bert.py's `BertForMaskedLM`, trained as a masked LM (`mlm`).
 """
 
 from __future__ import annotations
@@ -15,18 +19,27 @@ import ml_collections
 from configs import base
 from data import pipeline
 from data.tokenizer import ByteLevelBPE, Tokenizer, load_tokenizer
+from models.bert import BertConfig, BertForMaskedLM
 from models.gpt import GPT, POSITIONALS, GPTConfig
 from models.layers.blocks import BlockConfig
+from models.layers.mla import MLAConfig
+from models.layers.moe import MoEConfig
 from models.layers.positional import ROPE_SCALINGS, RopeConfig
+from train.mlm import MLMConfig
 from train.optimizer import make_optimizer
 from train.schedules import make_schedule
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Labels of the one decoder (models/gpt.py); the family differs only by the model keys.
-FAMILIES = ("gpt", "llama", "qwen")
+DECODER_FAMILIES = ("gpt", "llama", "qwen", "moe", "deepseek")
+FAMILIES = (*DECODER_FAMILIES, "bert")
 BIAS_SWITCHES = {"auto": None, "true": True, "false": False}
 # Keys that mean something only with model.positional="rope".
 ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_factor", "rope_original_max_len")
+# Decoder-only keys, which must keep their defaults for bert.
+DECODER_KEYS = ("remat", "scan_layers", "first_dense_layers", "mtp_depth", "moe.num_experts", "mla.kv_lora_rank")
+# The special tokens of a BPE the trainer trains; bert adds the mask token of its objective.
+EOS_TOKEN, MASK_TOKEN = "<|endoftext|>", "[MASK]"
 
 
 def data_config(config: ml_collections.ConfigDict, workdir: str) -> pipeline.DataConfig:
@@ -51,10 +64,22 @@ def tokenizer(config: ml_collections.ConfigDict, workdir: str, data: pipeline.Da
     if os.path.isdir(saved):
         return load_tokenizer(saved)
     texts = pipeline.open_split(data, data.train_split)
+    special = (EOS_TOKEN, MASK_TOKEN) if config.model.family == "bert" else (EOS_TOKEN,)
     logging.info("training a byte-level BPE with vocab %d on %d documents", config.tokenizer.vocab_size, len(texts))
-    bpe = ByteLevelBPE.train(list(texts), config.tokenizer.vocab_size)
+    bpe = ByteLevelBPE.train(list(texts), config.tokenizer.vocab_size, special_tokens=special)
     bpe.save(saved)
     return bpe
+
+
+def mlm(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> MLMConfig | None:
+    """The masked-LM corruption of family bert (None for the next-token families)."""
+    if config.model.family != "bert":
+        return None
+    if tokenizer.mask_id is None:
+        raise ValueError("model.family='bert' trains a masked LM, but the tokenizer has no mask token ([MASK] or "
+                         "<mask>): leave tokenizer.path empty (in a fresh workdir) to train a BPE with one, or give "
+                         "a tokenizer that has one")
+    return MLMConfig(mask_id=tokenizer.mask_id, vocab_size=tokenizer.vocab_size)
 
 
 def _dtype(name: str, key: str):
@@ -71,13 +96,24 @@ def _bias_switch(value: str, key: str) -> bool | None:
     return BIAS_SWITCHES[lowered]
 
 
+def _changed(m: ml_collections.ConfigDict, keys) -> list[str]:
+    """Those of the dotted `keys` of `model` that differ from configs/base.py's defaults."""
+    defaults = base.get_config().model
+
+    def get(c, key):
+        for part in key.split("."):
+            c = c[part]
+        return c
+
+    return [k for k in keys if get(m, k) != get(defaults, k)]
+
+
 def _rope(m: ml_collections.ConfigDict) -> RopeConfig | None:
     """RopeConfig from the model.rope_* keys, or None for learned positions."""
     if m.positional not in POSITIONALS:
         raise ValueError(f"config key `model.positional`={m.positional!r}; expected one of {POSITIONALS}")
     if m.positional != "rope":
-        defaults = base.get_config().model
-        changed = [k for k in ROPE_KEYS if m[k] != defaults[k]]
+        changed = _changed(m, ROPE_KEYS)
         if changed:
             raise ValueError(f"config key `model.{changed[0]}` is set but model.positional={m.positional!r}; "
                              "set model.positional=rope or leave the rope_* keys at their defaults")
@@ -94,6 +130,47 @@ def _rope(m: ml_collections.ConfigDict) -> RopeConfig | None:
                       original_max_len=m.rope_original_max_len or m.max_len)
 
 
+def _moe(m: ml_collections.ConfigDict) -> MoEConfig | None:
+    """MoEConfig from the model.moe keys, or None for a dense MLP (num_experts 0)."""
+    e = m.moe
+    if e.num_experts == 0:
+        changed = _changed(m, [f"moe.{k}" for k in e])
+        if changed:
+            raise ValueError(f"config key `model.{changed[0]}` is set but model.moe.num_experts=0 (a dense MLP); "
+                             "set num_experts for a mixture of experts or leave the moe keys at their defaults")
+        return None
+    if e.num_experts < 0 or e.expert_d_ff < 0 or e.shared_d_ff < 0:
+        raise ValueError(f"config keys `model.moe.num_experts`={e.num_experts}, `expert_d_ff`={e.expert_d_ff}, "
+                         f"`shared_d_ff`={e.shared_d_ff} must be >= 0")
+    if e.bias_update_rate and not e.score_correction_bias:
+        raise ValueError(f"config key `model.moe.bias_update_rate`={e.bias_update_rate} needs "
+                         "model.moe.score_correction_bias=true (the bias it updates)")
+    return MoEConfig(num_experts=e.num_experts, num_experts_per_tok=e.num_experts_per_tok,
+                     expert_d_ff=e.expert_d_ff or m.block.d_ff, score_func=e.score_func,
+                     norm_topk_prob=e.norm_topk_prob, capacity_factor=e.capacity_factor,
+                     router_z_loss_weight=e.router_z_loss_weight, aux_loss_weight=e.aux_loss_weight,
+                     seq_aux_loss_weight=e.seq_aux_loss_weight, num_shared_experts=e.num_shared_experts,
+                     shared_d_ff=e.shared_d_ff or None, routed_scaling_factor=e.routed_scaling_factor,
+                     n_group=e.n_group, topk_group=e.topk_group, score_correction_bias=e.score_correction_bias)
+
+
+def _mla(m: ml_collections.ConfigDict) -> MLAConfig | None:
+    """MLAConfig from the model.mla keys, or None for standard attention (kv_lora_rank 0)."""
+    a = m.mla
+    if a.kv_lora_rank == 0:
+        changed = _changed(m, [f"mla.{k}" for k in a])
+        if changed:
+            raise ValueError(f"config key `model.{changed[0]}` is set but model.mla.kv_lora_rank=0 (standard "
+                             "attention); set kv_lora_rank for latent attention or leave the mla keys at 0")
+        return None
+    if m.positional != "rope":
+        raise ValueError(f"latent attention (model.mla.kv_lora_rank={a.kv_lora_rank}) needs model.positional=rope, "
+                         f"got {m.positional!r}")
+    return MLAConfig(q_lora_rank=a.q_lora_rank or None, kv_lora_rank=a.kv_lora_rank,
+                     qk_nope_head_dim=a.qk_nope_head_dim, qk_rope_head_dim=a.qk_rope_head_dim,
+                     v_head_dim=a.v_head_dim)
+
+
 def _block(m: ml_collections.ConfigDict) -> BlockConfig:
     block = m.block.to_dict()
     block["num_kv_heads"] = block["num_kv_heads"] or None
@@ -104,11 +181,25 @@ def _block(m: ml_collections.ConfigDict) -> BlockConfig:
         raise ValueError(f"config key `model.block.sliding_window`={block['sliding_window']}; "
                          "expected a number of keys, or 0 for none")
     block["sliding_window"] = block["sliding_window"] or None
-    return BlockConfig(**block, rope=_rope(m), dtype=_dtype(m.dtype, "model.dtype"),
+    return BlockConfig(**block, rope=_rope(m), moe=_moe(m), mla=_mla(m), dtype=_dtype(m.dtype, "model.dtype"),
                        param_dtype=_dtype(m.param_dtype, "model.param_dtype"))
 
 
-def model(config: ml_collections.ConfigDict, vocab_size: int) -> GPT:
+def _bert(m: ml_collections.ConfigDict, vocab_size: int) -> BertForMaskedLM:
+    changed = _changed(m, DECODER_KEYS)
+    if changed:
+        raise ValueError(f"config key `model.{changed[0]}` is set but model.family='bert' (an encoder without "
+                         "remat, scan, MoE, MLA or multi-token prediction); leave it at its default")
+    if m.positional != "learned" or not m.tie_embeddings:
+        raise ValueError(f"model.family='bert' has learned positions and a tied decoder; got model.positional="
+                         f"{m.positional!r}, model.tie_embeddings={m.tie_embeddings}")
+    if m.type_vocab_size < 1:
+        raise ValueError(f"config key `model.type_vocab_size`={m.type_vocab_size} must be >= 1")
+    return BertForMaskedLM(BertConfig(vocab_size=vocab_size, block=_block(m), num_layers=m.num_layers,
+                                      max_len=m.max_len, type_vocab_size=m.type_vocab_size))
+
+
+def model(config: ml_collections.ConfigDict, vocab_size: int) -> GPT | BertForMaskedLM:
     """The model of `config.model`; `vocab_size` fills model.vocab_size when that is 0."""
     m = config.model
     if m.family not in FAMILIES:
@@ -117,9 +208,23 @@ def model(config: ml_collections.ConfigDict, vocab_size: int) -> GPT:
         raise ValueError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {vocab_size}")
     if m.max_len < config.data.seq_len:
         raise ValueError(f"model.max_len={m.max_len} must be >= data.seq_len={config.data.seq_len}")
+    if m.family == "bert":
+        return _bert(m, m.vocab_size or vocab_size)
+    if m.family == "moe" and not m.moe.num_experts:
+        raise ValueError("model.family='moe' needs experts: set model.moe.num_experts (0 is a dense MLP)")
+    if m.type_vocab_size != base.get_config().model.type_vocab_size:
+        raise ValueError(f"config key `model.type_vocab_size` is set but model.family={m.family!r}; it is BERT's")
     return GPT(GPTConfig(vocab_size=m.vocab_size or vocab_size, block=_block(m), num_layers=m.num_layers,
                          max_len=m.max_len, tie_embeddings=m.tie_embeddings, remat=m.remat,
-                         positional=m.positional))
+                         positional=m.positional, first_dense_layers=m.first_dense_layers,
+                         scan_layers=m.scan_layers, mtp_depth=m.mtp_depth))
+
+
+def model_size(model: GPT | BertForMaskedLM, seq_len: int) -> tuple[int, int]:
+    """(parameters, forward FLOPs per token at `seq_len`) of the model as trained (BERT: with its MLM head)."""
+    if isinstance(model, BertForMaskedLM):
+        return model.config.num_params("mlm"), model.config.flops_per_token(seq_len, head="mlm")
+    return model.config.num_params(), model.config.flops_per_token(seq_len)
 
 
 def optimizer(config: ml_collections.ConfigDict):

@@ -94,6 +94,72 @@ def cross_entropy(
     return _safe_mean(jnp.sum(per_token_BT), num_tokens), aux
 
 
+def future_targets(
+    targets_BT: jax.Array, mask_BT: jax.Array, segment_ids_BT: jax.Array, shift: int
+) -> tuple[jax.Array, jax.Array]:
+    """The next-token target `shift` places further ahead of each position, and whether it counts.
+
+    Multi-token prediction scores position i's depth-k prediction against targets[i + k];
+    it counts where i + k < T, mask[i + k] is non-zero, and segment_ids[i + k] equals
+    segment_ids[i] (the same packed document).
+
+    Args:
+        targets_BT: [B, T] next-token targets.
+        mask_BT: [B, T] loss mask (non-zero: a real target).
+        segment_ids_BT: [B, T] document ids of packed rows.
+        shift: k >= 0.
+
+    Returns:
+        (targets_BT, counted_BT): the shifted targets (0 past the end) and a bool mask.
+    """
+    pad = ((0, 0), (0, min(shift, targets_BT.shape[1])))
+    ahead_targets_BT = jnp.pad(targets_BT[:, shift:], pad)
+    ahead_mask_BT = jnp.pad(jnp.asarray(mask_BT)[:, shift:], pad)
+    ahead_segments_BT = jnp.pad(segment_ids_BT[:, shift:], pad)
+    return ahead_targets_BT, (ahead_mask_BT != 0) & (ahead_segments_BT == segment_ids_BT)
+
+
+def multi_token_prediction_counts(mask_BT: jax.Array, segment_ids_BT: jax.Array, depth: int) -> jax.Array:
+    """[depth] float32: the counted positions of each depth k = 1..depth (see `future_targets`)."""
+    return jnp.stack([jnp.sum(future_targets(mask_BT, mask_BT, segment_ids_BT, k)[1]).astype(jnp.float32)
+                      for k in range(1, depth + 1)])
+
+
+def multi_token_prediction_loss(
+    mtp_logits: list[jax.Array] | tuple[jax.Array, ...],
+    targets_BT: jax.Array,
+    mask_BT: jax.Array,
+    segment_ids_BT: jax.Array,
+    *,
+    num_tokens: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean over depths of the multi-token-prediction cross-entropy (DeepSeek-V3 eq. 24-25).
+
+    Args:
+        mtp_logits: D arrays [B, T, V]; depth k (1-based) at position i predicts
+            targets[i + k], the token k + 1 places after input i.
+        targets_BT, mask_BT, segment_ids_BT: the batch's next-token targets, loss mask and
+            document ids (see `future_targets`).
+        num_tokens: [D] normaliser of each depth (default: its counted positions here).
+            Gradient accumulation passes the whole batch's counts, so that the
+            micro-batches' losses sum to the whole batch's.
+
+    Returns:
+        (loss, aux): loss = mean_k sum(CE_k over counted positions) / num_tokens[k];
+        aux holds `per_depth` [D] (those terms) and `num_tokens` [D].
+    """
+    depth = len(mtp_logits)
+    if num_tokens is None:
+        num_tokens = multi_token_prediction_counts(mask_BT, segment_ids_BT, depth)
+    per_depth = []
+    for k, logits_BTV in enumerate(mtp_logits, start=1):
+        ahead_BT, counted_BT = future_targets(targets_BT, mask_BT, segment_ids_BT, k)
+        _, aux = cross_entropy(logits_BTV, ahead_BT, mask_BT=counted_BT)
+        per_depth.append(_safe_mean(jnp.sum(aux["per_token"]), num_tokens[k - 1]))
+    per_depth = jnp.stack(per_depth)
+    return jnp.mean(per_depth), {"per_depth": per_depth, "num_tokens": num_tokens}
+
+
 def kl_divergence_per_position(
     p_logits: jax.Array,
     q_logits: jax.Array,

@@ -5,6 +5,10 @@
           step read while this one runs -> checkpoint every save_interval_steps
     end:  full validation (loss, bits per byte, xz baseline), samples, summary.json
 
+BERT (model.family=bert) trains as a masked LM: its validation loss and accuracy are on
+masked positions (the same masks at every evaluation), so there is no bits per byte, xz
+baseline or sampled text.
+
 The same command on the same workdir resumes: parameters, optimizer state, step and the
 data iterator's position all come from the checkpoint, so a resumed run ends with the
 same parameters as an uninterrupted one. SIGTERM saves a checkpoint, then stops
@@ -63,15 +67,18 @@ def init_train_state(model, tx, mesh, rules, seq_len: int, seed: int):
 
 
 def evaluate(eval_fn, params, batches, batch_sharding, max_batches: int = 0) -> dict[str, float]:
-    """Summed NLL and token count over the validation batches (all of them if max_batches == 0)."""
-    nll, tokens = 0.0, 0.0
+    """Summed NLL and token count, mean loss and accuracy over the validation batches (all of
+    them if max_batches == 0). Batch i gets the rng `key(i)` (a masked LM's masks)."""
+    nll, tokens, correct = 0.0, 0.0, 0.0
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
-        out = eval_fn(params, rules_lib.device_put_batch(batch, batch_sharding))
+        out = eval_fn(params, rules_lib.device_put_batch(batch, batch_sharding), jax.random.key(i))
         nll += float(out["nll_sum"])
         tokens += float(out["num_tokens"])
-    return {"nll_sum": nll, "num_tokens": tokens, "loss": nll / max(tokens, 1.0)}
+        correct += float(out["correct_sum"])
+    count = max(tokens, 1.0)
+    return {"nll_sum": nll, "num_tokens": tokens, "loss": nll / count, "accuracy": correct / count}
 
 
 def xz_bits_per_byte(documents: list[str], num_bytes: int) -> float:
@@ -125,6 +132,7 @@ class Run:
     init_fn: Any
     step_fn: Any
     eval_fn: Any
+    mlm: Any  # train.mlm.MLMConfig for a masked LM (BERT), else None
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
@@ -139,6 +147,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     data_cfg = build.data_config(config, workdir)
     tokenizer = build.tokenizer(config, workdir, data_cfg)
     model = build.model(config, tokenizer.vocab_size)
+    mlm = build.mlm(config, tokenizer)
     tx, schedule = build.optimizer(config)
     accum = config.optimizer.grad_accum_steps
     if config.data.batch_size % accum:
@@ -156,15 +165,17 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     replicated = rules_lib.replicated(mesh)
     step_fn = jax.jit(
         functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule, grad_accum_steps=accum,
-                          z_loss=config.optimizer.z_loss, label_smoothing=config.optimizer.label_smoothing),
+                          z_loss=config.optimizer.z_loss, label_smoothing=config.optimizer.label_smoothing,
+                          mlm=mlm, mtp_loss_weight=config.model.mtp_loss_weight,
+                          bias_update_rate=config.model.moe.bias_update_rate),
         in_shardings=(state_sharding, batch_sharding, replicated),
         out_shardings=(state_sharding, replicated),
         donate_argnums=(0,),
     )
-    eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model),
-                      in_shardings=(state_sharding.params, batch_sharding), out_shardings=replicated)
+    eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model, mlm=mlm),
+                      in_shardings=(state_sharding.params, batch_sharding, replicated), out_shardings=replicated)
     return Run(config, workdir, is_lead, data_cfg, tokenizer, model, mesh, rules, batch_sharding, abstract_state,
-               init_fn, step_fn, eval_fn)
+               init_fn, step_fn, eval_fn, mlm)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -204,7 +215,8 @@ class _MetricsReader:
     def __init__(self, r: Run, start_step: int):
         config = r.config
         self.config, self.start_step = config, start_step
-        train_flops_per_token = 3 * r.model.config.flops_per_token(config.data.seq_len)
+        num_params, flops_per_token = build.model_size(r.model, config.data.seq_len)
+        train_flops_per_token = 3 * flops_per_token
         # A short measurement (a few seconds); set logging.peak_flops to skip it.
         peak = config.logging.peak_flops or measure_matmul_peak(repeats=3, matmuls_per_call=2)
         self.throughput = Throughput(train_flops_per_token, peak)
@@ -213,7 +225,7 @@ class _MetricsReader:
                                     progress=config.logging.progress_bar) if r.is_lead else None
         self.last_time, self.last_metrics = time.time(), {}
         if r.is_lead:
-            print(f"model: {r.model.config.num_params() / 1e6:.2f}M parameters, {train_flops_per_token / 1e6:.1f} "
+            print(f"model: {num_params / 1e6:.2f}M parameters, {train_flops_per_token / 1e6:.1f} "
                   f"MFLOP per trained token; vocab {r.tokenizer.vocab_size}; {jax.device_count()} devices; steps "
                   f"{start_step}->{config.steps}; peak {peak / 1e9:.1f} GFLOP/s", flush=True)
 
@@ -257,7 +269,7 @@ def _train_loop(r: Run, state, train_iter, checkpointer: Checkpointer, eval_batc
             if config.eval.every_steps and done % config.eval.every_steps == 0 and done != config.steps:
                 ev = evaluate(r.eval_fn, state.params, eval_batches, r.batch_sharding, config.eval.max_batches)
                 if reader.writer:
-                    reader.writer.write(done, {"val_loss": ev["loss"]})
+                    reader.writer.write(done, {"val_loss": ev["loss"], "val_accuracy": ev["accuracy"]})
                 reader.last_time = time.time()
             if stop["signal"]:
                 checkpointer.wait_until_finished()
@@ -273,33 +285,40 @@ def _train_loop(r: Run, state, train_iter, checkpointer: Checkpointer, eval_batc
 
 
 def _finish(r: Run, state, ev: dict[str, float], throughput: Throughput, last_metrics) -> dict[str, Any]:
-    """Bits per byte of the full validation `ev` against xz, samples and summary.json."""
+    """Bits per byte of the full validation `ev` against xz, samples and summary.json (a
+    masked LM: its masked-token loss and accuracy only)."""
     config, workdir, model, tokenizer = r.config, r.workdir, r.model, r.tokenizer
-    raw = pipeline.validation_text(r.data)
+    totals = throughput.totals()
     summary = {
         "final_step": int(state.step),
         "train_loss": last_metrics.get("loss"),
         "val_loss": ev["loss"],
+        "val_accuracy": ev["accuracy"],
         "val_tokens": int(ev["num_tokens"]),
-        "val_bytes": raw.num_bytes,
-        "val_bits_per_byte": ev["nll_sum"] / math.log(2) / raw.num_bytes,
-        "xz_bits_per_byte": xz_bits_per_byte(raw.documents, raw.num_bytes),
-        "tokens_per_second": throughput.totals()["tokens_per_second"],
-        "flops_per_second": throughput.totals()["flops_per_second"],
-        "mfu": throughput.totals()["mfu"],
-        "num_params": model.config.num_params(),
+        "tokens_per_second": totals["tokens_per_second"],
+        "flops_per_second": totals["flops_per_second"],
+        "mfu": totals["mfu"],
+        "num_params": build.model_size(model, config.data.seq_len)[0],
     }
-    samples = sample_continuations(model, jax.device_get(state.params), tokenizer, config.eval.prompt,
-                                   num_samples=config.eval.num_samples, num_tokens=config.eval.sample_tokens,
-                                   temperature=config.eval.temperature, max_len=model.config.max_len,
-                                   seed=config.seed)
-    summary["samples"] = samples
+    if r.mlm is None:
+        raw = pipeline.validation_text(r.data)
+        summary.update(val_bytes=raw.num_bytes, val_bits_per_byte=ev["nll_sum"] / math.log(2) / raw.num_bytes,
+                       xz_bits_per_byte=xz_bits_per_byte(raw.documents, raw.num_bytes))
+        summary["samples"] = sample_continuations(
+            model, jax.device_get(state.params), tokenizer, config.eval.prompt, num_samples=config.eval.num_samples,
+            num_tokens=config.eval.sample_tokens, temperature=config.eval.temperature, max_len=model.config.max_len,
+            seed=config.seed)
+    elif r.is_lead:
+        print("no samples: a masked LM (model.family=bert) does not generate text", flush=True)
     if r.is_lead:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        print(f"step {summary['final_step']}: val loss {summary['val_loss']:.3f}, "
-              f"{summary['val_bits_per_byte']:.3f} bits/byte (xz -9: {summary['xz_bits_per_byte']:.3f}); "
+        if r.mlm is None:
+            quality = (f"{summary['val_bits_per_byte']:.3f} bits/byte (xz -9: {summary['xz_bits_per_byte']:.3f})")
+        else:
+            quality = f"masked-token accuracy {summary['val_accuracy']:.1%}"
+        print(f"step {summary['final_step']}: val loss {summary['val_loss']:.3f}, {quality}; "
               f"{summary['tokens_per_second']:.0f} tokens/s, MFU {summary['mfu']:.1%}")
-        for text in samples:
+        for text in summary.get("samples", []):
             print("---\n" + text)
     return summary

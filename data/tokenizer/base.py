@@ -64,6 +64,11 @@ class Tokenizer(abc.ABC):
     def pad_id(self) -> int | None:
         """Id of the padding token, or None if the vocabulary has none."""
 
+    @property
+    def mask_id(self) -> int | None:
+        """Id of the mask token of masked-LM training ([MASK], <mask>), or None if there is none."""
+        return None
+
     @abc.abstractmethod
     def save(self, directory: str | os.PathLike) -> None:
         """Writes the tokenizer into `directory` (created if needed) so that
@@ -85,24 +90,25 @@ _ROLE_CANDIDATES = {
     "bos": ("<|endoftext|>", "<|begin_of_text|>", "<s>", "<bos>", "[CLS]"),
     "eos": ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[SEP]"),
     "pad": ("<pad>", "<|pad|>", "[PAD]"),
+    "mask": ("[MASK]", "<mask>"),
 }
 
 
 def infer_special_roles(special_tokens: Iterable[str]) -> dict[str, str | None]:
-    """Guesses {'bos', 'eos', 'pad'} -> token from well-known special-token names."""
+    """Guesses {'bos', 'eos', 'pad', 'mask'} -> token from well-known special-token names."""
     present = set(special_tokens)
     return {role: next((name for name in names if name in present), None) for role, names in _ROLE_CANDIDATES.items()}
 
 
 def read_role_config(directory: Path) -> dict[str, str | None] | None:
-    """Reads bos/eos/pad tokens from `directory/tokenizer_config.json`, or None if absent."""
+    """Reads bos/eos/pad/mask tokens from `directory/tokenizer_config.json`, or None if absent."""
     config_path = directory / HF_CONFIG_FILENAME
     if not config_path.is_file():
         return None
     with open(config_path, encoding="utf-8") as f:
         config = json.load(f)
     roles = {}
-    for role in ("bos", "eos", "pad"):
+    for role in ("bos", "eos", "pad", "mask"):
         token = config.get(f"{role}_token")
         # Hugging Face may store an AddedToken as {"content": ..., ...}.
         roles[role] = token.get("content") if isinstance(token, dict) else token
@@ -110,7 +116,7 @@ def read_role_config(directory: Path) -> dict[str, str | None] | None:
 
 
 def write_role_config(directory: Path, roles: dict[str, str | None]) -> None:
-    """Writes bos/eos/pad tokens to `directory/tokenizer_config.json`."""
+    """Writes bos/eos/pad/mask tokens to `directory/tokenizer_config.json`."""
     with open(directory / HF_CONFIG_FILENAME, "w", encoding="utf-8") as f:
         json.dump({f"{role}_token": token for role, token in roles.items()}, f, indent=1)
 

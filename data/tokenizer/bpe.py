@@ -164,7 +164,7 @@ class ByteLevelBPE(Tokenizer):
           token_bytes: bytes of each ordinary token, indexed by id; must hold all 256 bytes.
           merges: (left id, right id) pairs in priority order; each must produce a token.
           special_tokens: strings given the ids after the ordinary tokens, in order.
-          roles: {'bos', 'eos', 'pad'} -> special token or None; inferred from the names
+          roles: {'bos', 'eos', 'pad', 'mask'} -> special token or None; inferred from the names
             (GPT-2's <|endoftext|> is bos and eos) if not given.
         """
         self._token_bytes = list(token_bytes)
@@ -254,6 +254,10 @@ class ByteLevelBPE(Tokenizer):
     @property
     def pad_id(self) -> int | None:
         return self._role_id("pad")
+
+    @property
+    def mask_id(self) -> int | None:
+        return self._role_id("mask")  # None for a file saved before the mask role existed
 
     def _role_id(self, role: str) -> int | None:
         token = self._roles.get(role)

@@ -23,7 +23,7 @@ from data.tokenizer.bpe import ByteLevelBPE
 
 
 class HFJsonTokenizer(Tokenizer):
-    """Wraps `tokenizers.Tokenizer`. bos/eos/pad come from a `tokenizer_config.json` beside
+    """Wraps `tokenizers.Tokenizer`. bos/eos/pad/mask come from a `tokenizer_config.json` beside
     the file if there is one, else from well-known special-token names."""
 
     def __init__(self, path: str | os.PathLike):
@@ -64,6 +64,10 @@ class HFJsonTokenizer(Tokenizer):
     @property
     def pad_id(self) -> int | None:
         return self._role_ids["pad"]
+
+    @property
+    def mask_id(self) -> int | None:
+        return self._role_ids.get("mask")
 
     def encode(self, text: str) -> list[int]:
         # add_special_tokens=False: no template bos/eos, to match the interface.

@@ -254,6 +254,26 @@ def test_hf_json_roles_come_from_tokenizer_config(hf_json_dir, tmp_path):
     assert tokenizer.eos_id == 0 and tokenizer.bos_id is None
 
 
+def test_mask_token_role_is_inferred_saved_and_exported(small_bpe, tmp_path):
+    """A [MASK] special token (masked-LM training) gets the mask role, kept by save/load and
+    found again by the HF loader; tokenizers without one, and older bpe.json files whose
+    roles predate the mask role, say None."""
+    bpe = ByteLevelBPE.train(TRAIN_TEXT[:20_000], vocab_size=300, special_tokens=(EOT, "[MASK]"))
+    assert bpe.mask_id == bpe.special_tokens["[MASK]"] == 299 and bpe.eos_id == 298
+    assert 299 in bpe.encode("a [MASK] b", allowed_special="all") and 299 not in bpe.encode("a [MASK] b")
+    bpe.save(tmp_path / "bpe")
+    assert load_tokenizer(tmp_path / "bpe").mask_id == 299
+    (tmp_path / "hf").mkdir()
+    export_bpe(bpe, tmp_path / "hf" / "tokenizer.json")
+    assert load_tokenizer(tmp_path / "hf").mask_id == 299
+    assert small_bpe.mask_id is None
+    content = json.loads((tmp_path / "bpe" / "bpe.json").read_text())
+    del content["roles"]["mask"]
+    (tmp_path / "bpe" / "bpe.json").write_text(json.dumps(content))
+    old = load_tokenizer(tmp_path / "bpe")
+    assert old.mask_id is None and old.eos_id == 298
+
+
 # --- SentencePiece ---------------------------------------------------------------------
 
 

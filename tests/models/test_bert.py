@@ -233,3 +233,22 @@ def test_minilm_real_weights_match_hf_torch(monkeypatch):
     similarity = unit @ unit.T
     print(f"cosine(paraphrase) = {similarity[0, 1]:.3f}, cosine(unrelated) = {similarity[0, 3]:.3f}")
     assert similarity[0, 1] > 0.5 > similarity[0, 3]
+
+
+def test_packed_documents_equal_each_document_alone():
+    """segment_ids and positions of a packed row (the pretraining pipeline's): each token sees
+    only its own document, positions restart, so the logits are those of each document run
+    alone; padding (segment 0) does not reach the documents."""
+    config = config_from_hf(_hf_config("mlm").to_dict())
+    model = BertForMaskedLM(config)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    rng = np.random.default_rng(0)
+    first, second = rng.integers(1, VOCAB, 5), rng.integers(1, VOCAB, 4)
+    ids = np.concatenate([first, second, [0, 0, 0]])[None]
+    segment_ids = np.asarray([[1] * 5 + [2] * 4 + [0] * 3])
+    positions = np.asarray([[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 0, 0]])
+    packed = model.apply({"params": params}, jnp.asarray(ids), positions=jnp.asarray(positions),
+                         segment_ids=jnp.asarray(segment_ids))
+    alone = [model.apply({"params": params}, jnp.asarray(doc[None])) for doc in (first, second)]
+    np.testing.assert_allclose(packed[0, :5], alone[0][0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(packed[0, 5:9], alone[1][0], rtol=1e-5, atol=1e-5)

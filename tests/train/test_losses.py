@@ -360,3 +360,58 @@ class JitAgreementTest(chex.TestCase):
                                jnp.asarray(RR))
             np.testing.assert_allclose(loss, want, rtol=1e-6)
             np.testing.assert_allclose(metrics["reward_accuracy"], 0.5)
+
+
+# --- multi-token prediction -------------------------------------------------------------
+
+
+def _packed_rows():
+    """Two rows: documents 1, 2 (a boundary at 3), then document 3; the last 2 slots padding."""
+    segment_ids = np.asarray([[1, 1, 1, 2, 2, 2, 2], [1, 1, 1, 1, 1, 0, 0]], np.int32)
+    loss_mask = (segment_ids > 0).astype(np.int32)
+    rng = np.random.default_rng(3)
+    targets = rng.integers(0, V, size=segment_ids.shape).astype(np.int32)
+    targets[segment_ids == 0] = -1  # padding targets are out of range: never read
+    return targets, loss_mask, segment_ids
+
+
+def test_future_targets_stay_in_the_row_and_the_document():
+    targets, loss_mask, segment_ids = _packed_rows()
+    ahead, counted = losses.future_targets(jnp.asarray(targets), jnp.asarray(loss_mask), jnp.asarray(segment_ids), 2)
+    np.testing.assert_array_equal(ahead[:, :5], targets[:, 2:])
+    # Row 0: positions 0 and 3, 4 see their own document 2 ahead; 1, 2 would cross into
+    # document 2, and 5, 6 run off the row. Row 1: 0-2 see 2-4; 3, 4 see padding.
+    np.testing.assert_array_equal(counted, [[1, 0, 0, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0, 0]])
+    _, same = losses.future_targets(jnp.asarray(targets), jnp.asarray(loss_mask), jnp.asarray(segment_ids), 0)
+    np.testing.assert_array_equal(same, loss_mask)
+
+
+def test_multi_token_prediction_loss_matches_float64_numpy():
+    targets, loss_mask, segment_ids = _packed_rows()
+    rng = np.random.default_rng(4)
+    depth_logits = [(3.0 * rng.standard_normal((2, T, V))).astype(np.float32) for _ in range(2)]
+    loss, aux = losses.multi_token_prediction_loss([jnp.asarray(x) for x in depth_logits], jnp.asarray(targets),
+                                                   jnp.asarray(loss_mask), jnp.asarray(segment_ids))
+    per_depth = []
+    for k, logits in enumerate(depth_logits, start=1):
+        log_p = _np_log_softmax(logits)
+        terms = [-log_p[b, i, targets[b, i + k]] for b in range(2) for i in range(T - k)
+                 if loss_mask[b, i + k] and segment_ids[b, i + k] == segment_ids[b, i]]
+        per_depth.append(np.mean(terms))
+    np.testing.assert_allclose(aux["per_depth"], per_depth, rtol=1e-6)
+    np.testing.assert_allclose(loss, np.mean(per_depth), rtol=1e-6)
+    np.testing.assert_array_equal(aux["num_tokens"], [5 + 4, 3 + 3])  # per row, as counted above
+    assert np.isfinite(np.asarray(jax.grad(lambda x: losses.multi_token_prediction_loss(
+        [x, x], jnp.asarray(targets), jnp.asarray(loss_mask), jnp.asarray(segment_ids))[0])(
+        jnp.asarray(depth_logits[0])))).all()
+
+
+def test_multi_token_prediction_given_counts_sum_over_micro_batches():
+    """Normalised by the whole batch's counts, the rows' losses add up to the batch's loss."""
+    targets, loss_mask, segment_ids = _packed_rows()
+    logits = [jnp.asarray(np.random.default_rng(5).standard_normal((2, T, V)), jnp.float32)]
+    whole, aux = losses.multi_token_prediction_loss(logits, targets, loss_mask, segment_ids)
+    parts = [losses.multi_token_prediction_loss([logits[0][r:r + 1]], targets[r:r + 1], loss_mask[r:r + 1],
+                                                segment_ids[r:r + 1], num_tokens=aux["num_tokens"])[0]
+             for r in range(2)]
+    np.testing.assert_allclose(sum(parts), whole, rtol=1e-6)

@@ -1,5 +1,7 @@
-"""train_step and eval_step: accumulation == one batch, sharded == one device, float64 NLL, RNG per step."""
+"""train_step and eval_step: accumulation == one batch, sharded == one device, float64 NLL, RNG per step;
+the MoE auxiliary losses, correction-bias update and multi-token prediction loss in the step."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -10,9 +12,13 @@ import optax
 import pytest
 
 from models.gpt import GPT, GPTConfig
+from models.layers import moe as moe_lib
 from models.layers.blocks import BlockConfig
+from models.layers.moe import MoEConfig
+from models.layers.positional import RopeConfig
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
+from train import losses
 from train import step as step_lib
 from train.optimizer import make_optimizer
 from train.schedules import make_schedule
@@ -191,3 +197,135 @@ def test_dropout_mask_depends_on_step_and_is_reproducible():
     # And the masks do act: the dropout-free loss of these params is different again.
     _, plain_metrics = _step_fn(1)(state, batch, rng)
     assert float(plain_metrics["loss"]) not in (float(first_metrics["loss"]), float(next_metrics["loss"]))
+
+
+# --- auxiliary losses: mixture of experts, multi-token prediction ------------------------
+
+
+def _moe_model() -> GPT:
+    """One dense layer, then a sigmoid-routed 4-expert top-2 layer with a correction bias."""
+    moe = MoEConfig(num_experts=4, num_experts_per_tok=2, expert_d_ff=16, score_func="sigmoid", aux_loss_weight=0.1,
+                    router_z_loss_weight=0.01, score_correction_bias=True)
+    block = BlockConfig(d_model=16, num_heads=2, d_ff=32, mlp_activation="swiglu", norm="rmsnorm", norm_position="pre",
+                        dropout_rate=0.0, use_bias=False, moe=moe, rope=RopeConfig())
+    return GPT(GPTConfig(vocab_size=VOCAB, block=block, num_layers=2, max_len=T, positional="rope",
+                         first_dense_layers=1))
+
+
+def _mtp_model() -> GPT:
+    return GPT(dataclasses.replace(_model().config, mtp_depth=2))
+
+
+def _moe_state(tx=SGD):
+    """Random params, correction biases at 0 (their init) so that the scores decide routing."""
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.zeros_like(x) if "score_correction_bias" in jax.tree_util.keystr(path) else x,
+        _state(_moe_model(), tx).params)
+    return _at_step(step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)), 2)
+
+
+@functools.cache
+def _aux_step_fn(model_name, grad_accum_steps=1, bias_update_rate=0.0, frozen=False):
+    model = {"moe": _moe_model, "mtp": _mtp_model}[model_name]()
+    tx = optax.sgd(0.0) if frozen else SGD
+    return jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx, schedule=SCHEDULE,
+                                     grad_accum_steps=grad_accum_steps, z_loss=1e-3, mtp_loss_weight=0.5,
+                                     bias_update_rate=bias_update_rate), compiler_options=FAST_COMPILE)
+
+
+def _apply_with_intermediates(model, params, batch):
+    logits, variables = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                                    segment_ids=batch["segment_ids"], mutable=["intermediates"])
+    return logits, variables["intermediates"]
+
+
+def test_moe_aux_losses_enter_the_gradient_and_the_metrics():
+    model, state, batch = _moe_model(), _moe_state(), _batch()
+    new, metrics = _aux_step_fn("moe")(state, batch, jax.random.key(0))
+
+    def loss_fn(params, with_aux):
+        logits, intermediates = _apply_with_intermediates(model, params, batch)
+        _, aux = losses.cross_entropy(logits, batch["targets"], mask_BT=batch["loss_mask"], z_loss=1e-3)
+        ce = jnp.sum(aux["per_token"]) / aux["num_tokens"]
+        return ce + (moe_lib.total_aux_loss(intermediates) if with_aux else 0.0)
+
+    lr = float(SCHEDULE(2))
+    grads = jax.jit(jax.grad(functools.partial(loss_fn, with_aux=True)))(state.params)
+    _assert_trees_close(new.params, jax.tree_util.tree_map(lambda p, g: p - lr * g, state.params, grads),
+                        rtol=1e-4, atol=1e-6)
+    # Control: without the aux losses the router would have moved differently.
+    plain = jax.jit(jax.grad(functools.partial(loss_fn, with_aux=False)))(state.params)
+    router = state.params["layer_1"]["mlp"]["router"] - lr * plain["layer_1"]["mlp"]["router"]
+    assert not np.allclose(new.params["layer_1"]["mlp"]["router"], router, rtol=1e-5, atol=1e-7)
+
+    _, intermediates = _apply_with_intermediates(model, state.params, batch)
+    stats = intermediates["layer_1"]["mlp"]["router_stats"][0]
+    np.testing.assert_allclose(metrics["moe_aux_loss"], stats["weighted_loss"], rtol=1e-5)
+    load = np.asarray(stats["tokens_per_expert"]) / np.mean(np.asarray(stats["tokens_per_expert"]))
+    np.testing.assert_allclose([metrics["moe_load_max"], metrics["moe_load_min"]], [load.max(), load.min()],
+                               rtol=1e-6)
+    assert float(metrics["moe_dropped_fraction"]) == 0.0  # dropless
+    assert "mtp_loss" not in metrics
+
+
+def test_moe_accumulation_counts_each_micro_batch_aux_loss_once_over_a():
+    model, state, batch = _moe_model(), _moe_state(), _batch()
+    _, metrics = _aux_step_fn("moe", grad_accum_steps=2)(state, batch, jax.random.key(0))
+    _, whole = _aux_step_fn("moe")(state, batch, jax.random.key(0))
+    halves = [{k: v[i * 4:(i + 1) * 4] for k, v in batch.items()} for i in range(2)]
+    aux = [moe_lib.total_aux_loss(_apply_with_intermediates(model, state.params, h)[1]) for h in halves]
+    np.testing.assert_allclose(metrics["moe_aux_loss"], np.mean(aux), rtol=1e-5)
+    for key in ("loss", "z_loss", "accuracy", "num_tokens"):  # the token losses are still the whole batch's
+        np.testing.assert_allclose(metrics[key], whole[key], rtol=1e-5, err_msg=key)
+
+
+def test_correction_bias_moves_towards_balanced_loads_after_the_update():
+    model, state, batch = _moe_model(), _moe_state(optax.sgd(0.0)), _batch()
+    step_fn = _aux_step_fn("moe", bias_update_rate=0.05, frozen=True)
+    new, first = step_fn(state, batch, jax.random.key(0))
+    _, intermediates = _apply_with_intermediates(model, state.params, batch)
+    load = np.asarray(intermediates["layer_1"]["mlp"]["router_stats"][0]["tokens_per_expert"])
+    np.testing.assert_allclose(new.params["layer_1"]["mlp"]["score_correction_bias"],
+                               0.05 * np.sign(load.mean() - load), rtol=1e-6)
+    # Everything else is the optimizer's (here: no change at all).
+    for path, x in jax.tree_util.tree_leaves_with_path(new.params):
+        if "score_correction_bias" not in jax.tree_util.keystr(path):
+            np.testing.assert_array_equal(x, _leaf(state.params, path))
+    assert float(first["moe_load_max"]) > 1.2  # unbalanced to start with
+    for _ in range(20):
+        new, metrics = step_fn(new, batch, jax.random.key(0))
+    assert float(metrics["moe_load_max"]) < float(first["moe_load_max"]), (first, metrics)
+
+
+def _leaf(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree
+
+
+@pytest.mark.parametrize("grad_accum_steps", [2, 4])
+def test_multi_token_prediction_loss_is_added_and_accumulates_exactly(grad_accum_steps):
+    model, batch, rng = _mtp_model(), _batch(), jax.random.key(0)
+    state = _at_step(_state(model, SGD), 2)
+    whole, whole_metrics = _aux_step_fn("mtp")(state, batch, rng)
+    accum, accum_metrics = _aux_step_fn("mtp", grad_accum_steps=grad_accum_steps)(state, batch, rng)
+    for key in ("loss", "mtp_loss", "grad_norm", "num_tokens"):
+        np.testing.assert_allclose(accum_metrics[key], whole_metrics[key], rtol=1e-5, err_msg=key)
+    _assert_trees_close(accum.params, whole.params, rtol=1e-5, atol=1e-6)
+
+    _, intermediates = _apply_with_intermediates(model, state.params, batch)
+    mtp, _ = losses.multi_token_prediction_loss(intermediates["mtp_logits"], batch["targets"], batch["loss_mask"],
+                                                batch["segment_ids"])
+    np.testing.assert_allclose(whole_metrics["mtp_loss"], mtp, rtol=1e-5)
+    assert len(intermediates["mtp_logits"]) == 2 and "moe_aux_loss" not in whole_metrics
+
+    def loss_fn(params):  # the update is that of cross-entropy + z-loss + 0.5 * the MTP loss
+        logits, intermediates = _apply_with_intermediates(model, params, batch)
+        _, aux = losses.cross_entropy(logits, batch["targets"], mask_BT=batch["loss_mask"], z_loss=1e-3)
+        mtp, _ = losses.multi_token_prediction_loss(intermediates["mtp_logits"], batch["targets"],
+                                                    batch["loss_mask"], batch["segment_ids"])
+        return jnp.sum(aux["per_token"]) / aux["num_tokens"] + 0.5 * mtp
+
+    grads = jax.jit(jax.grad(loss_fn))(state.params)
+    _assert_trees_close(whole.params, jax.tree_util.tree_map(lambda p, g: p - float(SCHEDULE(2)) * g, state.params,
+                                                             grads), rtol=1e-4, atol=1e-6)
