@@ -25,6 +25,20 @@ Layers run as a Python loop (params `layer_{i}`) or, with `scan_layers=True`, as
 `dense_layers` and `layers`): one layer compiles instead of L, for the same outputs.
 `scan_params` / `unscan_params` convert between the two layouts (checkpoint converters
 work on the per-layer one).
+
+Decoding with a KV cache is the same `apply` with a `cache` collection (the flax
+`decode` pattern, switched on by the collection being mutable rather than by a flag, as
+the `intermediates` collection switches on sowing):
+
+    cache = inference.kv_cache.init_cache(model, batch=B, max_len=S)  # zeros, per layer
+    logits, state = model.apply({"params": p, "cache": cache}, ids_BT, positions=pos_BT,
+                                mutable=["cache"])                    # state["cache"]
+
+Each attention layer writes the T new tokens' keys and values at slots `positions` of
+its row (each row at its own length: prompts of different lengths need no left padding)
+and attends to the whole cache under the causal mask over positions. With
+`scan_layers=True` the cache is stacked on a leading layers axis like the params.
+Multi-token prediction modules do not run while decoding.
 """
 
 from __future__ import annotations
@@ -216,7 +230,11 @@ class MultiTokenPrediction(nn.Module):
 
 
 class GPT(nn.Module):
-    """Decoder-only Transformer; returns float32 logits [B, T, V]."""
+    """Decoder-only Transformer; returns float32 logits [B, T, V].
+
+    With a mutable `cache` collection it decodes with a KV cache (module docstring):
+    `positions` [B, T] are then the tokens' positions and cache slots, default 0..T-1.
+    """
 
     config: GPTConfig
 
@@ -235,9 +253,13 @@ class GPT(nn.Module):
         x_BTD = nn.Dropout(b.dropout_rate)(x_BTD, deterministic=deterministic)
         x_BTD = nn.with_logical_constraint(x_BTD, ("act_batch", "act_seq", "act_embed"))
         padding_BT = None if segment_ids is None else segment_ids != 0
+        decoding = self.is_mutable_collection("cache") and not self.is_initializing()
+        if decoding and segment_ids is not None:
+            raise ValueError("segment_ids (packed rows) cannot be used with a KV cache; decode one sequence per row")
         if cfg.scan_layers:
             for name, start, stop in layer_groups(cfg):
-                stack = nn.scan(_layer_class(cfg.remat, True), variable_axes={"params": 0, "intermediates": 0},
+                stack = nn.scan(_layer_class(cfg.remat, True),
+                                variable_axes={"params": 0, "intermediates": 0, "cache": 0},
                                 split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * 4,
                                 length=stop - start, metadata_params={nn.PARTITION_NAME: "layers"})
                 x_BTD, _ = stack(cfg.layer_block(start), causal=True, name=name)(
@@ -263,7 +285,8 @@ class GPT(nn.Module):
         def logits(h_BTD):
             return nn.with_logical_constraint(head(h_BTD).astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
 
-        for depth in range(1, cfg.mtp_depth + 1):
+        # The multi-token prediction modules are a training signal; decoding uses the main head only.
+        for depth in range(1, (0 if decoding else cfg.mtp_depth) + 1):
             # Input i sees token i + depth; past the row's end it sees padding (id 0), whose
             # predictions the loss masks out.
             ahead_BT = jnp.pad(ids_BT[:, depth:], ((0, 0), (0, depth)))

@@ -21,6 +21,10 @@ Masks combine by logical AND into one boolean array broadcastable to [B, N, T, S
 
 Logits and softmax are computed in float32 whatever the input dtype. A query row with no
 valid key (a padding query, say) gets all-zero weights and a zero output, never NaN.
+
+`write_cache` is the one write of a KV cache (`multihead.py`, `mla.py`): slot s of a
+row holds the key of that row's position s, so the causal mask over positions alone
+hides both the future and the slots not written yet.
 """
 
 from __future__ import annotations
@@ -94,6 +98,30 @@ def make_attention_mask(
     if mask is not None:
         result = both(result, mask.astype(bool))
     return result
+
+
+def write_cache(cache_BS_: Array, new_BT_: Array, positions_BT: Array) -> Array:
+    """Writes new[b, t] into cache[b, positions[b, t]], each row at its own positions.
+
+    A KV cache is preallocated [B, S, ...] (S the longest sequence it will hold) and slot s
+    of a row holds that row's position s. So a prefill writes a whole prompt (positions
+    0..T-1), a decode step one token per row at the row's own length, and prompts of
+    different lengths need no left padding: a right-padded row's padding slots sit past
+    its length, where the causal mask hides them until its own tokens overwrite them.
+
+    Args:
+      cache_BS_: [B, S, ...] the cache buffer (keys, values, or MLA's latents).
+      new_BT_: [B, T, ...] the entries of T consecutive tokens per row.
+      positions_BT: [B, T] integer positions (= slots) of those tokens.
+
+    Returns:
+      The updated cache, in the cache's dtype. Positions >= S are dropped, never clamped
+      onto the last slot (`dynamic_update_slice` would shift the write and corrupt the
+      cache); callers size S to hold every position they write.
+    """
+    B = cache_BS_.shape[0]
+    rows_B1 = jnp.arange(B)[:, None]
+    return cache_BS_.at[rows_B1, positions_BT].set(new_BT_.astype(cache_BS_.dtype), mode="drop")
 
 
 def dot_product_attention(

@@ -51,7 +51,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.layers.attention import make_attention_mask
+from models.layers.attention import make_attention_mask, write_cache
 from models.layers.positional import RopeConfig, apply_rope
 
 Dtype = Any
@@ -193,6 +193,13 @@ class MultiHeadLatentAttention(nn.Module):
       use_bias: biases on query_down, kv_down/key_rope and out (HF `attention_bias`).
       dropout_rate: dropout on the attention weights.
 
+    When the `cache` collection is mutable (`apply(..., mutable=["cache"])`, not at init)
+    and `kv_latent` is not given, it decodes with the compressed cache: `cache/latent`
+    [B, S, C] and `cache/key_rope` [B, S, R] receive x's tokens at slots `q_positions`
+    (`attention.write_cache`) and the queries attend to all S slots under the causal
+    mask over positions. A missing cache is created with S = T;
+    `inference.kv_cache.init_cache` preallocates one.
+
     When the `intermediates` collection is mutable, the attention weights [B, N, T, S]
     are sown as `attention_weights`.
     """
@@ -239,6 +246,24 @@ class MultiHeadLatentAttention(nn.Module):
         if positions_BS is None:
             positions_BS = jnp.broadcast_to(jnp.arange(S), (B, S))
         return self.latent_kv_proj(x_BSD, positions_BS)
+
+    def _update_latent_cache(self, x_BTD: jax.Array, positions_BT: jax.Array,
+                             causal: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Writes x's (c, k_rope) into `cache/latent` [B, S, C] and `cache/key_rope` [B, S, R]
+        at slots `positions_BT`; returns the whole cache and its positions [B, S]."""
+        if not causal:
+            raise ValueError("a latent KV cache needs causal attention: its unwritten slots are hidden by the "
+                             "causal mask over positions")
+        if self.rope.scaling == "dynamic":
+            # latent_kv rotates each call's keys with frequencies sized by that call's length.
+            raise ValueError("dynamic RoPE scaling is not supported with a latent KV cache; use yarn or default")
+        c_BTC, k_rope_BTR = self.latent_kv(x_BTD, positions_BT)
+        cached_c = self.variable("cache", "latent", jnp.zeros, c_BTC.shape, self.dtype)
+        cached_r = self.variable("cache", "key_rope", jnp.zeros, k_rope_BTR.shape, self.dtype)
+        cached_c.value = write_cache(cached_c.value, c_BTC, positions_BT)
+        cached_r.value = write_cache(cached_r.value, k_rope_BTR, positions_BT)
+        B, S = cached_c.value.shape[:2]
+        return cached_c.value, cached_r.value, jnp.broadcast_to(jnp.arange(S), (B, S))  # slot s holds position s
 
     def _param(self, name, shape, axes, init):
         return self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype)
@@ -297,7 +322,9 @@ class MultiHeadLatentAttention(nn.Module):
         q_BTNQ = self._queries(x_BTD)
         q_nope_BTNP = q_BTNQ[..., :P]
         q_rope_BTNR = apply_rope(q_BTNQ[..., P:], q_positions, self.rope)
-        if kv_latent is None:
+        if kv_latent is None and self.is_mutable_collection("cache") and not self.is_initializing():
+            c_BSC, k_rope_BSR, kv_positions = self._update_latent_cache(x_BTD, q_positions, causal)
+        elif kv_latent is None:
             c_BSC, k_rope_BSR = self.latent_kv(x_BTD, q_positions)
             kv_positions = q_positions
         else:

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.layers.attention import dot_product_attention
+from models.layers.attention import dot_product_attention, write_cache
 from models.layers.positional import RopeConfig, apply_rope
 
 Dtype = Any
@@ -45,6 +45,14 @@ class MultiHeadAttention(nn.Module):
       dropout_rate: dropout on the attention weights.
       rope: apply rotary embeddings to q and k (self-attention) if set.
       sliding_window: restrict each query to the last `sliding_window` keys.
+
+    When the `cache` collection is mutable (`apply(..., mutable=["cache"])`, not at
+    init), self-attention decodes with a KV cache: `cache/key` and `cache/value`
+    [B, S, K, H] (keys after QK-norm and RoPE) receive this call's T keys and values at
+    slots `q_positions` (`attention.write_cache`), and the queries attend to all S slots
+    under the causal mask over positions, which also hides the unwritten ones. A missing
+    cache is created with S = T; `inference.kv_cache.init_cache` preallocates one.
+    ("dynamic" RoPE scaling then sizes its frequencies for S, the same for every token.)
 
     When the `intermediates` collection is mutable, the attention weights [B, N, T, S]
     are sown there as `attention_weights`, a 1-tuple (flax's sow appends), for
@@ -129,9 +137,27 @@ class MultiHeadAttention(nn.Module):
             q_positions = jnp.broadcast_to(jnp.arange(T), (B, T))
         if kv_positions is None:
             kv_positions = q_positions if self_attention else jnp.broadcast_to(jnp.arange(S), (B, S))
+        decoding = self_attention and self.is_mutable_collection("cache") and not self.is_initializing()
+        rope_len = None
+        if decoding:
+            if not causal:
+                raise ValueError("a KV cache needs causal self-attention: its unwritten slots are hidden by the "
+                                 "causal mask over positions")
+            # Created on the first call (shaped like this call's keys, see `inference.kv_cache.init_cache`).
+            cached_k = self.variable("cache", "key", jnp.zeros, k_BSKH.shape, self.dtype)
+            cached_v = self.variable("cache", "value", jnp.zeros, v_BSKH.shape, self.dtype)
+            # One length for q and every cached k, so that dynamic RoPE rotates them alike.
+            rope_len = cached_k.value.shape[1]
         if self.rope is not None:
-            q_BTNH = apply_rope(q_BTNH, q_positions, self.rope)
-            k_BSKH = apply_rope(k_BSKH, kv_positions, self.rope)
+            q_BTNH = apply_rope(q_BTNH, q_positions, self.rope, seq_len=rope_len)
+            k_BSKH = apply_rope(k_BSKH, kv_positions, self.rope, seq_len=rope_len)
+        if decoding:
+            # Keys are cached after RoPE and QK-norm: a decode step only rotates its own key.
+            cached_k.value = write_cache(cached_k.value, k_BSKH, q_positions)
+            cached_v.value = write_cache(cached_v.value, v_BSKH, q_positions)
+            k_BSKH, v_BSKH = cached_k.value, cached_v.value
+            S = k_BSKH.shape[1]
+            kv_positions = jnp.broadcast_to(jnp.arange(S), (B, S))  # slot s holds position s
 
         want_weights = self.is_mutable_collection("intermediates")
         dropout_rng = None

@@ -1,0 +1,172 @@
+"""Batched autoregressive generation with a KV cache: prefill once, then one token per step.
+
+Axis letters: B batch (prompts decoded together), T prompt length (the longest prompt),
+S cache length, V vocabulary, N new tokens.
+
+    prompts --right-pad--> prefill [B, T] (writes slots 0..T-1, logits at each row's last token)
+            --> repeat: sample a token per row, write it at the row's own position
+
+Prompts of different lengths are right-padded and each row writes and reads at its own
+positions (`models.layers.attention.write_cache`): position ids match an unpadded run of
+each prompt (and transformers' left-padded batches, whose positions count real tokens
+only), and no row ever attends to padding, which sits past its length under the causal
+mask until the row's own tokens overwrite it.
+
+Two decode loops with the same arithmetic and the same random numbers:
+  * without a callback, `jax.lax.while_loop` inside one `jit`: no host round trip per
+    token, and it stops early once every row has produced a stop token;
+  * with a `callback`, a jitted single step called from Python, whose tokens reach the
+    host after every step (streaming). The step compiles once: every step has the same
+    shapes and the position is data, not a static argument.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from inference.kv_cache import init_cache
+from inference.sampling import SamplingConfig, sample
+from models.gpt import GPT
+
+PAD_ID = 0  # the id padding prompts and finished rows; never read as a token (masked or cut)
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
+    """Raises ValueError naming the first empty prompt or one with ids outside the vocabulary."""
+    if not prompts:
+        raise ValueError("prompts is empty: pass a list of token-id lists")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        if min(p) < 0 or max(p) >= vocab_size:
+            raise ValueError(f"prompt {i} has token ids outside [0, vocab_size={vocab_size})")
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [B, T] right-padded with PAD_ID, lengths [B]) of a list of token-id lists."""
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    ids = np.full((len(prompts), lengths.max()), PAD_ID, np.int32)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = p
+    return ids, lengths
+
+
+def seen_tokens(ids_BT: jax.Array, lengths_B: jax.Array, vocab_size: int) -> jax.Array:
+    """[B, V] bool: the tokens among each row's first `lengths` ids (for the repetition penalty)."""
+    B, T = ids_BT.shape
+    # Padding is sent to column V, past the end, where the scatter drops it.
+    columns_BT = jnp.where(jnp.arange(T) < lengths_B[:, None], ids_BT, vocab_size)
+    return jnp.zeros((B, vocab_size), bool).at[jnp.arange(B)[:, None], columns_BT].set(True, mode="drop")
+
+
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
+def prefill(model: GPT, params, cache, ids_BT: jax.Array, lengths_B: jax.Array):
+    """Writes right-padded prompts into the cache; returns (logits at each row's last token [B, V], cache)."""
+    positions_BT = jnp.broadcast_to(jnp.arange(ids_BT.shape[1]), ids_BT.shape)
+    logits_BTV, state = model.apply({"params": params, "cache": cache}, ids_BT, positions=positions_BT,
+                                    mutable=["cache"])
+    last_BV = jnp.take_along_axis(logits_BTV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    return last_BV, state["cache"]
+
+
+def _decode_step(model: GPT, sampling: SamplingConfig, stop_tokens: tuple[int, ...], params, rng, state):
+    """One token per row: sample from the state's logits, record it, feed it to the model.
+
+    state: step, cache, logits_BV (the next token's logits), tokens_BN (output so far),
+    done_B (row has produced a stop token), seen_BV, positions_B (where the token goes).
+    Finished rows keep running (the shapes are static) but record PAD_ID.
+    """
+    step, cache, logits_BV, tokens_BN, done_B, seen_BV, positions_B = state
+    token_B = sample(logits_BV, sampling, jax.random.fold_in(rng, step), seen_BV)
+    token_B = jnp.where(done_B, PAD_ID, token_B)
+    tokens_BN = tokens_BN.at[:, step].set(token_B)
+    done_B = done_B | jnp.isin(token_B, jnp.asarray(stop_tokens, jnp.int32))
+    seen_BV = seen_BV.at[jnp.arange(token_B.shape[0]), token_B].set(True)
+    logits_B1V, new = model.apply({"params": params, "cache": cache}, token_B[:, None],
+                                  positions=positions_B[:, None], mutable=["cache"])
+    return step + 1, new["cache"], logits_B1V[:, 0], tokens_BN, done_B, seen_BV, positions_B + 1
+
+
+decode_step = jax.jit(_decode_step, static_argnames=("model", "sampling", "stop_tokens"), donate_argnames=("state",))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "sampling", "stop_tokens"), donate_argnames=("state",))
+def decode_loop(model: GPT, sampling: SamplingConfig, stop_tokens: tuple[int, ...], params, rng, state):
+    """`_decode_step` until N tokens or until every row is done, as one `jax.lax.while_loop`."""
+    max_new_tokens = state[3].shape[1]
+
+    def running(s):
+        return (s[0] < max_new_tokens) & ~jnp.all(s[4])
+
+    return jax.lax.while_loop(running, functools.partial(_decode_step, model, sampling, stop_tokens, params, rng),
+                              state)
+
+
+def cut_at_stop(tokens: np.ndarray, stop_tokens: tuple[int, ...]) -> list[int]:
+    """The row's tokens up to and including the first stop token (transformers keeps the eos)."""
+    out = []
+    for t in tokens.tolist():
+        out.append(t)
+        if t in stop_tokens:
+            break
+    return out
+
+
+def generate(model: GPT, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             min_p: float | None = None, repetition_penalty: float | None = None, stop_tokens: Sequence[int] = (),
+             seed: int = 0, callback: Callable[[int, list[int | None]], None] | None = None) -> list[list[int]]:
+    """Continues each prompt by up to `max_new_tokens` tokens, all prompts in one batch.
+
+    Args:
+      model, params: a decoder-only `GPT` and its (unboxed) params.
+      prompts: token-id lists, of different lengths if need be.
+      max_new_tokens: N, the most tokens generated per prompt.
+      temperature, top_k, top_p, min_p, repetition_penalty: see `sampling.SamplingConfig`;
+        temperature 0 is greedy.
+      stop_tokens: ids that end a row (eos); the stop token is included in its output, as
+        transformers' generate returns it.
+      seed: the sampling seed; step i draws with `fold_in(key(seed), i)`, so the output is
+        the same with and without a callback.
+      callback: if given, called after each step as callback(step, tokens) with the new
+        token of each row, None for rows already finished (streaming).
+
+    Returns:
+      The new token ids of each prompt (not the prompt), cut after its first stop token.
+    """
+    cfg = model.config
+    check_prompts(prompts, cfg.vocab_size)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    sampling = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
+    stop_tokens = tuple(int(t) for t in stop_tokens)
+    ids, lengths = pad_prompts(prompts)
+    B, T = ids.shape
+    if lengths.max() + max_new_tokens > cfg.max_len:
+        raise ValueError(f"longest prompt ({lengths.max()}) + max_new_tokens ({max_new_tokens}) exceeds the "
+                         f"model's context length max_len={cfg.max_len}")
+    ids, lengths = jnp.asarray(ids), jnp.asarray(lengths)
+    # The last step also feeds its token to the model (its logits unused): T + N slots.
+    logits_BV, cache = prefill(model, params, init_cache(model, B, T + max_new_tokens), ids, lengths)
+    seen_BV = seen_tokens(ids, lengths, cfg.vocab_size) if sampling.penalises_repetition else jnp.zeros(
+        (B, cfg.vocab_size), bool)
+    state = (jnp.int32(0), cache, logits_BV, jnp.full((B, max_new_tokens), PAD_ID, jnp.int32),
+             jnp.zeros((B,), bool), seen_BV, lengths)
+    rng = jax.random.key(seed)
+    if callback is None:
+        tokens_BN = np.asarray(decode_loop(model, sampling, stop_tokens, params, rng, state)[3])
+    else:
+        for step in range(max_new_tokens):
+            was_done = np.asarray(state[4])
+            state = decode_step(model, sampling, stop_tokens, params, rng, state)
+            new = np.asarray(state[3][:, step])
+            callback(step, [None if d else int(t) for t, d in zip(new, was_done)])
+            if np.asarray(state[4]).all():
+                break
+        tokens_BN = np.asarray(state[3])
+    return [cut_at_stop(row, stop_tokens) for row in tokens_BN]
