@@ -1,8 +1,9 @@
-"""Logical-to-mesh axis tables, one per strategy.
+"""Helpers that map logical axis names to mesh shardings.
 
-Models name logical axes only (`embed`, `heads`, `mlp`, `vocab`, `act_batch`, ...). A
-strategy is a table mapping those names to mesh axes; a name absent from the table is
-replicated. The sharding issue adds the ZeRO, FSDP and Megatron tables beside `dp`.
+Models name logical axes only (`embed`, `heads`, `mlp`, `vocab`, `act_batch`, ...). The
+tables that map them to mesh axes, one per strategy (dp, ZeRO-1/2/3, FSDP, Megatron
+TP/SP, EP), live in `sharding/strategies.py`; `sharding/layout.py` turns them into the
+shardings of a train state and `sharding/step.py` jits the step with them.
 """
 
 from __future__ import annotations
@@ -13,20 +14,14 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-# Data parallelism: every parameter replicated; the batch split over the data axis.
-DP_RULES: tuple[tuple[str, Any], ...] = (
-    ("act_batch", "data"),
-)
-
-STRATEGIES: dict[str, tuple[tuple[str, Any], ...]] = {
-    "dp": DP_RULES,
-}
+from sharding.strategies import get_strategy
 
 
-def rules_for(strategy: str) -> tuple[tuple[str, Any], ...]:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown sharding strategy {strategy!r}; expected one of {tuple(STRATEGIES)}")
-    return STRATEGIES[strategy]
+def rules_for(strategy: str, mesh: Mesh | None = None) -> tuple[tuple[str, Any], ...]:
+    """The logical axis rules to trace a model under for `strategy` (its activation table), for
+    the axes `mesh` has (None: all the strategy's axes); "dp" gives (("act_batch", "data"),).
+    Parameters, gradients and optimizer state are laid out by `sharding.layout.state_layout`."""
+    return get_strategy(strategy).activation_rules(mesh)
 
 
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules) -> Any:

@@ -1,0 +1,113 @@
+"""The train step and its init, jitted with a strategy's shardings.
+
+One init recipe (flax lm1b's `setup_initial_state`):
+
+    jax.eval_shape(init) -> logical names -> strategy checks -> Layout (mesh shardings)
+    -> jax.jit(init, out_shardings=layout.state)
+
+and the step `train.step.train_step`, jitted with `in_shardings` / `out_shardings` from the
+layout and a donated state. Both trace inside `layout.tracing()`, so the models' logical
+activation constraints bind to the mesh whoever calls them. ZeRO-2 and up lay the gradients
+out split before the optimizer (`sharding.layout.constrain_gradients`).
+
+    program = sharding.step.build(model, tx, schedule, strategy=get_strategy("zero3"),
+                                  mesh=make_mesh("data=-1"), seq_len=64, batch_size=8)
+    state = program.init(jax.random.key(0))
+    state, metrics = program.step(state, batch, rng)   # batch placed by program.layout.batch
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from sharding.layout import Layout, constrain_gradients, state_layout
+from sharding.strategies import Strategy, check_applies
+from train import step as step_lib
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedProgram:
+    """What `build` returns.
+
+    Attributes:
+      layout: the shardings of state, gradients and batch.
+      boxed_state: the abstract state with logically partitioned params.
+      abstract_state: ShapeDtypeStructs of the state carrying their shardings (for
+        checkpoint restore and ahead-of-time lowering).
+      init: rng -> the initial state, placed by the layout.
+      step: (state, batch, rng) -> (state, metrics), the state donated.
+    """
+
+    layout: Layout
+    boxed_state: Any
+    abstract_state: Any
+    init: Callable
+    step: Callable
+
+    def abstract_batch(self, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """A [B, T] int32 batch as ShapeDtypeStructs with the batch sharding (for `step.lower`)."""
+        return {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=self.layout.batch)
+                for k in BATCH_KEYS}
+
+
+def build(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable, *, strategy: Strategy,
+          mesh: Mesh, seq_len: int, batch_size: int | None = None, **step_kwargs) -> ShardedProgram:
+    """Checks that `strategy` applies, lays the state out and jits init and step.
+
+    Args:
+      model: the flax model (its params named by logical axes).
+      tx: the optimizer.
+      schedule: the learning-rate schedule (for the step's metrics).
+      strategy: the sharding strategy.
+      mesh: the mesh.
+      seq_len: the training sequence length (shape of the init sample; sequence parallelism).
+      batch_size: the global (micro-)batch, checked against the batch axes if given.
+      **step_kwargs: further static arguments of `train.step.train_step` (grad_accum_steps,
+        z_loss, ...).
+
+    Returns:
+      The ShardedProgram.
+    """
+    init_state = functools.partial(step_lib.init_state, sample_ids_BT=jnp.zeros((1, seq_len), jnp.int32),
+                                   model=model, tx=tx)
+    boxed = jax.eval_shape(init_state, jax.random.key(0))
+    check_applies(strategy, mesh, boxed.params, batch_size=batch_size, seq_len=seq_len)
+    layout = state_layout(strategy, mesh, boxed, tx)
+
+    def init(rng):
+        with layout.tracing():
+            # No constraint at unboxing: out_shardings places each leaf (a parameter never
+            # exists whole on one device under ZeRO-3).
+            return _unbox(init_state(rng))
+
+    step_tx = constrain_gradients(tx, layout.grads) if strategy.zero_stage >= 2 else tx
+
+    def step(state, batch, rng):
+        with layout.tracing():
+            return step_lib.train_step(state, batch, rng, model=model, tx=step_tx, schedule=schedule,
+                                       **step_kwargs)
+
+    abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                      _unbox(boxed), layout.state)
+    return ShardedProgram(
+        layout=layout, boxed_state=boxed, abstract_state=abstract,
+        init=jax.jit(init, out_shardings=layout.state),
+        step=jax.jit(step, in_shardings=(layout.state, layout.batch, layout.replicated),
+                     out_shardings=(layout.state, layout.replicated), donate_argnums=(0,)),
+    )
+
+
+def _unbox(tree):
+    return jax.tree_util.tree_map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
+                                  tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
