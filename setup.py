@@ -52,7 +52,7 @@ setup(
     version="0.1.0",
     description="The modern LLM stack written by hand in JAX/Flax, for reading, experiments and sharding ablations.",
     python_requires=">=3.11",
-    packages=find_packages(include=["models*", "train*", "configs*", "sharding*", "data*"]),
+    packages=find_packages(include=["models*", "train*", "configs*", "sharding*", "data*", "inference*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
 )
