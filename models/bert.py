@@ -30,11 +30,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.layers.blocks import BlockConfig, EncoderLayer
+from models.layers.blocks import BlockConfig
 from models.layers.embedding import Embed
 from models.layers.feedforward import ACTIVATIONS
 from models.layers.norms import LayerNorm
 from models.layers.positional import LearnedPositionalEmbedding
+from models.layers.stack import check_remat, layer_class, scanned_layers, stack_layers, unstack_layers
 
 HEADS = ("base", "mlm", "classification", "qa")
 INIT = nn.initializers.normal(stddev=0.02)  # BERT's initializer_range
@@ -52,6 +53,9 @@ class BertConfig:
       max_len: rows of the learned position table.
       type_vocab_size: rows of the token-type (segment A/B) table.
       pad_id: the padding token id (for callers that build attention masks from ids).
+      remat: "none", "full", "dots_saveable" or "nothing_saveable" (models/layers/stack.py).
+      scan_layers: run the layers as one `nn.scan` (params stacked under `layers`) instead
+        of a loop (`layer_{i}`); same outputs, see `scan_params` / `unscan_params`.
     """
 
     vocab_size: int
@@ -60,8 +64,11 @@ class BertConfig:
     max_len: int = 512
     type_vocab_size: int = 2
     pad_id: int = 0
+    remat: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
+        check_remat(self.remat)
         b = self.block
         if b.norm_position != "post" or b.norm != "layernorm":
             raise ValueError(f"BERT is post-LN with LayerNorm; got norm_position={b.norm_position!r}, "
@@ -104,6 +111,25 @@ class BertConfig:
         return self.num_layers * per_layer + mlm
 
 
+def _layer_groups(config: BertConfig) -> list[tuple[str, int, int]]:
+    return [("layers", 0, config.num_layers)]
+
+
+def scan_params(params: dict, config: BertConfig) -> dict:
+    """Per-layer params (`layer_{i}`, top level or under a head's `bert`) -> the stacked
+    layout of `scan_layers=True`."""
+    if "bert" in params:
+        return {**params, "bert": scan_params(params["bert"], config)}
+    return stack_layers(params, _layer_groups(config))
+
+
+def unscan_params(params: dict, config: BertConfig) -> dict:
+    """The stacked layout of `scan_layers=True` -> per-layer params."""
+    if "bert" in params:
+        return {**params, "bert": unscan_params(params["bert"], config)}
+    return unstack_layers(params, _layer_groups(config))
+
+
 def _dense(features: int, axes: tuple, cfg: BlockConfig, name: str | None = None) -> nn.Dense:
     return nn.Dense(features, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                     kernel_init=nn.with_logical_partitioning(INIT, axes),
@@ -127,7 +153,10 @@ class BertModel(nn.Module):
             (cfg.type_vocab_size, b.d_model), b.param_dtype)
         self.embeddings_norm = LayerNorm(epsilon=b.norm_eps, dtype=b.dtype, param_dtype=b.param_dtype)
         self.embeddings_dropout = nn.Dropout(b.dropout_rate)
-        self.layers = [EncoderLayer(b, name=f"layer_{i}") for i in range(cfg.num_layers)]
+        if cfg.scan_layers:
+            self.layers = scanned_layers(b, length=cfg.num_layers, causal=False, remat=cfg.remat)
+        else:
+            self.layers = [layer_class(cfg.remat)(b, name=f"layer_{i}") for i in range(cfg.num_layers)]
         if self.add_pooler:
             self.pooler = _dense(b.d_model, ("embed", None), b)
 
@@ -162,8 +191,11 @@ class BertModel(nn.Module):
             padding_BT = attention_mask.astype(bool)
         else:
             padding_BT = None if segment_ids is None else segment_ids != 0
-        for layer in self.layers:
-            x_BTD = layer(x_BTD, deterministic, segment_ids=segment_ids, padding_mask=padding_BT)
+        if self.config.scan_layers:
+            x_BTD, _ = self.layers(x_BTD, deterministic, None, segment_ids, padding_BT)
+        else:
+            for layer in self.layers:
+                x_BTD = layer(x_BTD, deterministic, segment_ids=segment_ids, padding_mask=padding_BT)
         pooled_BD = jnp.tanh(self.pooler(x_BTD[:, 0])) if self.add_pooler else None
         return x_BTD, pooled_BD
 

@@ -49,13 +49,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.layers.blocks import BlockConfig, EncoderLayer
+from models.layers.blocks import BlockConfig
 from models.layers.embedding import Embed
 from models.layers.moe import MoEConfig
 from models.layers.norms import make_norm
 from models.layers.positional import LearnedPositionalEmbedding, RopeConfig
+from models.layers.stack import check_remat, layer_class, scanned_layers, stack_layers, unstack_layers
 
-REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable")
 POSITIONALS = ("learned", "rope")
 
 
@@ -95,8 +95,7 @@ class GPTConfig:
     mtp_depth: int = 0
 
     def __post_init__(self):
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={self.remat!r}; expected one of {REMAT_POLICIES}")
+        check_remat(self.remat)
         if self.positional not in POSITIONALS:
             raise ValueError(f"positional={self.positional!r}; expected one of {POSITIONALS}")
         if self.positional == "rope" and self.block.rope is None:
@@ -152,28 +151,6 @@ class GPTConfig:
         return sum(layer(self.layer_block(i)) for i in range(self.num_layers)) + head + mtp
 
 
-class _ScanStep(EncoderLayer):
-    """An EncoderLayer with the calling convention of `nn.scan`: positional arguments and
-    a (carry, output) return, so that a stack of them runs as one scanned layer."""
-
-    def __call__(self, x_BTD, deterministic, positions, segment_ids, padding_mask):
-        return super().__call__(x_BTD, deterministic, positions=positions, segment_ids=segment_ids,
-                                padding_mask=padding_mask), None
-
-
-def _layer_class(policy: str, scanned: bool):
-    cls = _ScanStep if scanned else EncoderLayer
-    if policy == "none":
-        return cls
-    jax_policy = {
-        "full": None,
-        "dots_saveable": jax.checkpoint_policies.dots_saveable,
-        "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    }[policy]
-    # static_argnums counts `self`: argument 2 is `deterministic`.
-    return nn.remat(cls, policy=jax_policy, static_argnums=(2,))
-
-
 def layer_groups(config: GPTConfig) -> list[tuple[str, int, int]]:
     """(scanned name, first layer, stop) of each run of identical layers: the dense first
     layers (`dense_layers`) and the rest (`layers`); empty runs are left out."""
@@ -183,21 +160,12 @@ def layer_groups(config: GPTConfig) -> list[tuple[str, int, int]]:
 
 def scan_params(params: dict, config: GPTConfig) -> dict:
     """Per-layer params (`layer_{i}`) -> the stacked layout of `scan_layers=True`."""
-    out = {k: v for k, v in params.items() if not k.startswith("layer_")}
-    for name, start, stop in layer_groups(config):
-        out[name] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *(params[f"layer_{i}"]
-                                                                         for i in range(start, stop)))
-    return out
+    return stack_layers(params, layer_groups(config))
 
 
 def unscan_params(params: dict, config: GPTConfig) -> dict:
     """The stacked layout of `scan_layers=True` -> per-layer params (`layer_{i}`)."""
-    groups = layer_groups(config)
-    out = {k: v for k, v in params.items() if k not in {name for name, _, _ in groups}}
-    for name, start, stop in groups:
-        for i in range(start, stop):
-            out[f"layer_{i}"] = jax.tree_util.tree_map(lambda x, j=i - start: x[j], params[name])
-    return out
+    return unstack_layers(params, layer_groups(config))
 
 
 class MultiTokenPrediction(nn.Module):
@@ -224,7 +192,7 @@ class MultiTokenPrediction(nn.Module):
         proj = self.param("proj", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("mlp", "embed")),
                           (2 * b.d_model, b.d_model), b.param_dtype)
         h_BTD = jnp.einsum("BTE,ED->BTD", joined, proj.astype(b.dtype))
-        h_BTD = _layer_class(cfg.remat, False)(cfg.layer_block(cfg.num_layers), causal=True, name="layer")(
+        h_BTD = layer_class(cfg.remat)(cfg.layer_block(cfg.num_layers), causal=True, name="layer")(
             h_BTD, deterministic, positions=positions, segment_ids=segment_ids, padding_mask=padding_mask)
         return h_BTD, head(norm("final_norm")(h_BTD))
 
@@ -258,14 +226,11 @@ class GPT(nn.Module):
             raise ValueError("segment_ids (packed rows) cannot be used with a KV cache; decode one sequence per row")
         if cfg.scan_layers:
             for name, start, stop in layer_groups(cfg):
-                stack = nn.scan(_layer_class(cfg.remat, True),
-                                variable_axes={"params": 0, "intermediates": 0, "cache": 0},
-                                split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * 4,
-                                length=stop - start, metadata_params={nn.PARTITION_NAME: "layers"})
-                x_BTD, _ = stack(cfg.layer_block(start), causal=True, name=name)(
-                    x_BTD, deterministic, positions, segment_ids, padding_BT)
+                stack = scanned_layers(cfg.layer_block(start), length=stop - start, causal=True, remat=cfg.remat,
+                                       name=name)
+                x_BTD, _ = stack(x_BTD, deterministic, positions, segment_ids, padding_BT)
         else:
-            layer_cls = _layer_class(cfg.remat, False)
+            layer_cls = layer_class(cfg.remat)
             for i in range(cfg.num_layers):
                 x_BTD = layer_cls(cfg.layer_block(i), causal=True, name=f"layer_{i}")(
                     x_BTD, deterministic, positions=positions, segment_ids=segment_ids, padding_mask=padding_BT)

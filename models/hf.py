@@ -23,6 +23,8 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from models.bert import BertConfig, BertForMaskedLM, BertModel
+from models.bert import scan_params as bert_scan_params
+from models.bert import unscan_params as bert_unscan_params
 from models.convert import bert as bert_convert
 from models.convert import deepseek as deepseek_convert
 from models.convert import gpt2 as gpt2_convert
@@ -76,8 +78,9 @@ def load_pretrained(directory: str, **overrides) -> tuple[nn.Module, dict]:
 
     Args:
       directory: holds config.json and model.safetensors (or sharded safetensors + index).
-      **overrides: config fields for the decoder families (dtype, param_dtype, remat,
-        scan_layers: the params then come stacked, see `models.gpt.scan_params`).
+      **overrides: config fields: for the decoder families dtype, param_dtype, remat,
+        scan_layers (the params then come stacked, see `models.gpt.scan_params`), ...;
+        for BERT remat and scan_layers.
 
     Returns:
       The model and its parameters: `model.apply({'params': params}, ids)` returns the
@@ -93,12 +96,15 @@ def load_pretrained(directory: str, **overrides) -> tuple[nn.Module, dict]:
         if not scan:
             return model, params
         return GPT(dataclasses.replace(model.config, scan_layers=True)), scan_params(params, model.config)
-    if scan or overrides:
-        raise ValueError(f"{arch} takes no config overrides (got {sorted(overrides) + ['scan_layers'] * scan})")
+    unknown = sorted(set(overrides) - {"remat"})
+    if unknown:
+        raise ValueError(f"{arch} takes the overrides remat and scan_layers only; got {unknown}")
     config = bert_convert.config_from_hf(hf_config)
     head = BERTS[arch]
+    params = bert_convert.hf_to_params(tensors, config, head)
+    config = dataclasses.replace(config, remat=overrides.get("remat", "none"), scan_layers=scan)
     model = BertModel(config) if head == "base" else BertForMaskedLM(config)
-    return model, bert_convert.hf_to_params(tensors, config, head)
+    return model, bert_scan_params(params, config) if scan else params
 
 
 def _load_decoder(arch: str, hf_config: dict[str, Any], tensors, overrides) -> tuple[GPT, dict]:
@@ -246,9 +252,11 @@ def save_pretrained(model: nn.Module, params, directory: str) -> None:
     params = nn.unbox(params)
     if isinstance(model, (BertModel, BertForMaskedLM)):
         arch = "BertModel" if isinstance(model, BertModel) else "BertForMaskedLM"
-        head = BERTS[arch]
-        hf_config = _bert_hf_config(model.config, arch)
-        tensors = bert_convert.params_to_hf(params, model.config, head)
+        config = model.config
+        if config.scan_layers:  # converters read the per-layer layout
+            params, config = bert_unscan_params(params, config), dataclasses.replace(config, scan_layers=False)
+        hf_config = _bert_hf_config(config, arch)
+        tensors = bert_convert.params_to_hf(params, config, BERTS[arch])
     elif isinstance(model, GPT):
         config = model.config
         if config.scan_layers:  # converters read the per-layer layout

@@ -252,3 +252,37 @@ def test_packed_documents_equal_each_document_alone():
     alone = [model.apply({"params": params}, jnp.asarray(doc[None])) for doc in (first, second)]
     np.testing.assert_allclose(packed[0, :5], alone[0][0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(packed[0, 5:9], alone[1][0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scan_layers_and_remat_equal_the_loop(remat):
+    """scan_layers (stacked params) and remat give the loop's outputs and gradients, with the
+    padded and two-segment rows of `_batch`; the stacked layout is what scan's init builds."""
+    import dataclasses
+
+    from models.bert import scan_params, unscan_params
+
+    config = config_from_hf(_hf_config("mlm").to_dict())
+    params = hf_to_params(_numpy_state(_random_hf("mlm")), config, "mlm")
+    variant = dataclasses.replace(config, scan_layers=True, remat=remat)
+    stacked = scan_params(params, config)
+    ids, mask, types = (jnp.asarray(a, jnp.int32) for a in _batch())
+    shapes = jax.eval_shape(lambda: nn.unbox(BertForMaskedLM(variant).init(jax.random.key(0), ids)["params"]))
+    assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(stacked)
+    assert stacked["bert"]["layers"]["attention_block"]["norm"]["scale"].shape == (LAYERS, D)
+
+    def loss(model, p):
+        return jnp.sum(jnp.tanh(model.apply({"params": p}, ids, mask, types)))
+
+    fast = {"xla_backend_optimization_level": 0}
+    value, grads = jax.jit(jax.value_and_grad(lambda p: loss(BertForMaskedLM(config), p)),
+                           compiler_options=fast)(params)
+    scan_value, scan_grads = jax.jit(jax.value_and_grad(lambda p: loss(BertForMaskedLM(variant), p)),
+                                     compiler_options=fast)(stacked)
+    np.testing.assert_allclose(scan_value, value, rtol=1e-6)
+    for g, ref in zip(jax.tree_util.tree_leaves(unscan_params(scan_grads, config)), jax.tree_util.tree_leaves(grads)):
+        # float32 rounding of recomputed activations, relative to the leaf's scale (at least 1: the key
+        # bias has an exactly zero gradient, softmax being shift-invariant, computed as noise).
+        np.testing.assert_allclose(g, ref, rtol=1e-5, atol=2e-6 * max(float(np.max(np.abs(ref))), 1.0))
+    with pytest.raises(ValueError, match="remat"):
+        dataclasses.replace(config, remat="sometimes")

@@ -107,13 +107,14 @@ def test_save_pretrained_never_overwrites(tmp_path):
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
 
 
-@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "GPT2LMHeadModel"])
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "GPT2LMHeadModel", "BertForMaskedLM"])
 def test_scan_layers_load_and_save_hf_torch(arch, tmp_path):
     """scan_layers=True loads stacked params with the same outputs, and saves back per layer."""
     reference = _hf_model(arch)
     reference.save_pretrained(tmp_path / "in", safe_serialization=True)
     model, params = hf.load_pretrained(str(tmp_path / "in"), scan_layers=True)
-    assert model.config.scan_layers and "layers" in params and "layer_0" not in params
+    layers = params.get("bert", params)
+    assert model.config.scan_layers and "layers" in layers and "layer_0" not in layers
     expected = _first_output(reference)
     np.testing.assert_allclose(_ours(model, params), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     hf.save_pretrained(model, params, str(tmp_path / "out"))
@@ -123,5 +124,5 @@ def test_scan_layers_load_and_save_hf_torch(arch, tmp_path):
 
 def test_bert_refuses_decoder_overrides_hf_torch(tmp_path):
     _hf_model("BertModel").save_pretrained(tmp_path, safe_serialization=True)
-    with pytest.raises(ValueError, match="BertModel takes no config overrides"):
-        hf.load_pretrained(str(tmp_path), scan_layers=True)
+    with pytest.raises(ValueError, match=r"BertModel takes the overrides remat and scan_layers only; got \['mtp_depth'\]"):
+        hf.load_pretrained(str(tmp_path), mtp_depth=1)
