@@ -91,23 +91,3 @@ def state_layout(strategy: Strategy, mesh: Mesh, boxed_state: Any, tx: optax.Gra
                   batch=NamedSharding(mesh, nn.logical_to_mesh_axes(("act_batch", None), rules)),
                   replicated=replicated)
 
-
-def constrain_gradients(tx: optax.GradientTransformation, grad_shardings: Any) -> optax.GradientTransformation:
-    """`tx` whose incoming gradients are laid out by `grad_shardings` first (ZeRO-2 and up).
-
-    The batch-sharded backward pass leaves each device a partial sum of every gradient.
-    Asking for the sum split over the data axes (not replicated) is what turns DP's
-    all-reduce into ZeRO-2's reduce-scatter: each device receives only the slice of the
-    summed gradient whose optimizer state it holds. The state's structure is unchanged.
-
-    Within one jitted step XLA sees the whole program: under ZeRO-1 the optimizer only reads
-    its slice of each summed gradient too, so the compiler already scatters the gradients
-    and ZeRO-1 and ZeRO-2 compile to the same program (tests/sharding measure it). The
-    constraint matters where a gradient outlives the backward pass, such as a gradient
-    accumulation buffer, which must then be constrained inside the accumulation loop.
-    """
-
-    def update(updates, state, params=None):
-        return tx.update(jax.lax.with_sharding_constraint(updates, grad_shardings), state, params)
-
-    return optax.GradientTransformation(tx.init, update)

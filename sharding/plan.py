@@ -87,13 +87,8 @@ def compile_plan(config, *, strategy: str, mesh: str, device_memory_gb: float, d
     device_mesh = mesh_lib.make_mesh(mesh or chosen.default_mesh, devices)
     model = build.model(config, config.model.vocab_size or config.tokenizer.vocab_size)
     tx, schedule = build.optimizer(config)
-    accum = config.optimizer.grad_accum_steps
     seq_len, batch_size = config.data.seq_len, config.data.batch_size
-    program = sharded.build(model, tx, schedule, strategy=chosen, mesh=device_mesh, seq_len=seq_len,
-                            batch_size=batch_size // accum, grad_accum_steps=accum, z_loss=config.optimizer.z_loss,
-                            label_smoothing=config.optimizer.label_smoothing,
-                            mtp_loss_weight=config.model.mtp_loss_weight,
-                            bias_update_rate=config.model.moe.bias_update_rate)
+    program = sharded.build_for_run(config, model, tx, schedule, strategy=chosen, mesh=device_mesh)
     compiled = program.step.lower(program.abstract_state, program.abstract_batch(batch_size, seq_len),
                                   jax.random.key(0)).compile()
     num_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(program.abstract_state.params))

@@ -7,8 +7,18 @@ One init recipe (flax lm1b's `setup_initial_state`):
 
 and the step `train.step.train_step`, jitted with `in_shardings` / `out_shardings` from the
 layout and a donated state. Both trace inside `layout.tracing()`, so the models' logical
-activation constraints bind to the mesh whoever calls them. ZeRO-2 and up lay the gradients
-out split before the optimizer (`sharding.layout.constrain_gradients`).
+activation constraints bind to the mesh whoever calls them.
+
+ZeRO-2 and up pass `layout.grads` to the step (`grad_shardings`), which constrains the
+gradients to it as soon as they exist. The batch-sharded backward pass leaves each device a
+partial sum of every gradient; asking for the sum split over the data axes (not replicated)
+is what turns DP's all-reduce into ZeRO-2's reduce-scatter: each device receives only the
+slice of the summed gradient whose optimizer state it holds. Within one jitted step XLA sees
+the whole program: under ZeRO-1 the optimizer only reads its slice of each summed gradient
+too, so the compiler scatters the gradients anyway and ZeRO-1 and ZeRO-2 compile to the same
+program (tests/sharding measure it). The constraint matters where a gradient outlives the
+backward pass: the gradient accumulation buffer, which the step constrains inside the
+accumulation loop.
 
     program = sharding.step.build(model, tx, schedule, strategy=get_strategy("zero3"),
                                   mesh=make_mesh("data=-1"), seq_len=64, batch_size=8)
@@ -29,7 +39,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from sharding.layout import Layout, constrain_gradients, state_layout
+from sharding.layout import Layout, state_layout
 from sharding.strategies import Strategy, check_applies
 from train import step as step_lib
 
@@ -91,12 +101,12 @@ def build(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable
             # exists whole on one device under ZeRO-3).
             return _unbox(init_state(rng))
 
-    step_tx = constrain_gradients(tx, layout.grads) if strategy.zero_stage >= 2 else tx
+    grad_shardings = layout.grads if strategy.zero_stage >= 2 else None
 
     def step(state, batch, rng):
         with layout.tracing():
-            return step_lib.train_step(state, batch, rng, model=model, tx=step_tx, schedule=schedule,
-                                       **step_kwargs)
+            return step_lib.train_step(state, batch, rng, model=model, tx=tx, schedule=schedule,
+                                       grad_shardings=grad_shardings, **step_kwargs)
 
     abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                       _unbox(boxed), layout.state)
@@ -106,6 +116,21 @@ def build(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable
         step=jax.jit(step, in_shardings=(layout.state, layout.batch, layout.replicated),
                      out_shardings=(layout.state, layout.replicated), donate_argnums=(0,)),
     )
+
+
+def build_for_run(config, model: nn.Module, tx: optax.GradientTransformation, schedule: Callable, *,
+                  strategy: Strategy, mesh: Mesh, mlm=None) -> ShardedProgram:
+    """`build` with the step settings of a run config (`configs/base.py`): sequence length,
+    micro-batch (data.batch_size / optimizer.grad_accum_steps), z-loss, label smoothing, the
+    multi-token-prediction weight and the MoE correction-bias rate; `mlm` for a masked LM."""
+    accum = config.optimizer.grad_accum_steps
+    if config.data.batch_size % accum:
+        raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by "
+                         f"optimizer.grad_accum_steps={accum}")
+    return build(model, tx, schedule, strategy=strategy, mesh=mesh, seq_len=config.data.seq_len,
+                 batch_size=config.data.batch_size // accum, grad_accum_steps=accum, z_loss=config.optimizer.z_loss,
+                 label_smoothing=config.optimizer.label_smoothing, mlm=mlm,
+                 mtp_loss_weight=config.model.mtp_loss_weight, bias_update_rate=config.model.moe.bias_update_rate)
 
 
 def _unbox(tree):

@@ -148,6 +148,7 @@ def train_step(
     mlm: mlm_lib.MLMConfig | None = None,
     mtp_loss_weight: float = 0.0,
     bias_update_rate: float = 0.0,
+    grad_shardings: Any = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on `batch` (dict of [B, T] int32: inputs, targets, segment_ids,
     positions, loss_mask). Dropout randomness is `fold_in(rng, step)`.
@@ -156,6 +157,9 @@ def train_step(
       mlm: train a masked LM (BERT) on masks drawn from the step's rng; None: next tokens.
       mtp_loss_weight: weight of the multi-token prediction loss, if the model sows one.
       bias_update_rate: step of the MoE correction biases after the update (0: none).
+      grad_shardings: shardings (a tree like the params) the gradients are laid out by as
+        soon as they exist: each micro-batch's, the accumulator's and the summed ones (ZeRO-2
+        and up, see `sharding.step`); None: the compiler chooses.
       The others: see the module docstring.
 
     Returns:
@@ -174,20 +178,29 @@ def train_step(
     loss_and_grads = functools.partial(
         _loss_and_grads, model=model, z_loss=z_loss, label_smoothing=label_smoothing,
         mtp_loss_weight=mtp_loss_weight, accum_steps=grad_accum_steps)
+
+    def lay_out(grads):
+        return grads if grad_shardings is None else jax.lax.with_sharding_constraint(grads, grad_shardings)
+
     if grad_accum_steps == 1:
         grads, stats, router = loss_and_grads(state.params, batch, step_rng, totals)
+        grads = lay_out(grads)
     else:
         micro = jax.tree_util.tree_map(
             lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), batch)
 
         def accumulate(carry, xs):
             index, micro_batch = xs
-            out = loss_and_grads(state.params, micro_batch, jax.random.fold_in(step_rng, index), totals)
-            return jax.tree_util.tree_map(jnp.add, carry, out), None
+            grads, stats, router = loss_and_grads(state.params, micro_batch, jax.random.fold_in(step_rng, index),
+                                                  totals)
+            # Laid out before the sum: under ZeRO-2 each device adds only its slice of the
+            # micro-batch's summed gradient (a reduce-scatter), never a whole gradient.
+            return jax.tree_util.tree_map(jnp.add, carry, (lay_out(grads), stats, router)), None
 
         first = jax.tree_util.tree_map(lambda x: x[0], micro)
         shapes = jax.eval_shape(loss_and_grads, state.params, first, step_rng, totals)
         zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        zeros = (lay_out(zeros[0]), *zeros[1:])
         (grads, stats, router), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
         router = jax.tree_util.tree_map(lambda x: x / grad_accum_steps, router)  # mean loads and fractions
 

@@ -9,9 +9,13 @@ BERT (model.family=bert) trains as a masked LM: its validation loss and accuracy
 masked positions (the same masks at every evaluation), so there is no bits per byte, xz
 baseline or sampled text.
 
+The state, the batches and the jitted steps are laid out by the sharding strategy
+`config.sharding.strategy` on the mesh `config.sharding.mesh` (`sharding.step.build`: dp,
+ZeRO-1/2/3, FSDP, Megatron TP/SP, EP and their composites).
+
 The same command on the same workdir resumes: parameters, optimizer state, step and the
-data iterator's position all come from the checkpoint, so a resumed run ends with the
-same parameters as an uninterrupted one. SIGTERM saves a checkpoint, then stops
+data iterator's position all come from the checkpoint (restored shard by shard into the
+strategy's layout), so a resumed run ends with the same parameters as an uninterrupted one. SIGTERM saves a checkpoint, then stops
 (`Preempted`); a NaN or inf loss or gradient norm stops before anything is saved.
 """
 
@@ -36,6 +40,8 @@ import ml_collections
 from data import pipeline
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
+from sharding import step as sharded_step
+from sharding.strategies import get_strategy
 from train import build
 from train import step as step_lib
 from train.checkpoint import Checkpointer
@@ -56,7 +62,10 @@ def _abstract_with_shardings(abstract, shardings):
 
 
 def init_train_state(model, tx, mesh, rules, seq_len: int, seed: int):
-    """(jitted init placing the state by its logical shardings, abstract state with shardings)."""
+    """(jitted init placing the state by its logical shardings, abstract state with shardings).
+
+    Parameters follow `rules` alone (no ZeRO split); `benchmarks/train_throughput.py` uses it on
+    one device. The trainer lays its state out with `sharding.step.build`."""
     sample = jnp.zeros((1, seq_len), jnp.int32)
     init = functools.partial(step_lib.init_state, sample_ids_BT=sample, model=model, tx=tx)
     boxed = jax.eval_shape(init, jax.random.key(seed))
@@ -136,7 +145,9 @@ class Run:
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
-    """Builds tokenizer, model, optimizer, mesh and the jitted init, train and eval steps."""
+    """Builds tokenizer, model, optimizer, mesh and the jitted init, train and eval steps, laid out
+    by the sharding strategy `config.sharding.strategy` on the mesh `config.sharding.mesh` (empty:
+    the strategy's default mesh; see `sharding.strategies`)."""
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     is_lead = jax.process_index() == 0
@@ -149,63 +160,48 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     model = build.model(config, tokenizer.vocab_size)
     mlm = build.mlm(config, tokenizer)
     tx, schedule = build.optimizer(config)
-    accum = config.optimizer.grad_accum_steps
-    if config.data.batch_size % accum:
-        raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by "
-                         f"optimizer.grad_accum_steps={accum}")
+    strategy = get_strategy(config.sharding.strategy)
+    mesh = mesh_lib.make_mesh(config.sharding.mesh or strategy.default_mesh)
+    program = sharded_step.build_for_run(config, model, tx, schedule, strategy=strategy, mesh=mesh, mlm=mlm)
+    layout = program.layout
 
-    mesh = mesh_lib.make_mesh(config.sharding.mesh)
-    rules = rules_lib.rules_for(config.sharding.strategy)
-    rules_lib.check_batch_divisible(
-        config.data.batch_size // accum, mesh, rules,
-        name="data.batch_size" if accum == 1 else "the micro-batch data.batch_size / optimizer.grad_accum_steps")
-    batch_sharding = rules_lib.batch_sharding(mesh, rules)
-    init_fn, abstract_state = init_train_state(model, tx, mesh, rules, config.data.seq_len, config.seed)
-    state_sharding = jax.tree_util.tree_map(lambda a: a.sharding, abstract_state)
-    replicated = rules_lib.replicated(mesh)
-    step_fn = jax.jit(
-        functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule, grad_accum_steps=accum,
-                          z_loss=config.optimizer.z_loss, label_smoothing=config.optimizer.label_smoothing,
-                          mlm=mlm, mtp_loss_weight=config.model.mtp_loss_weight,
-                          bias_update_rate=config.model.moe.bias_update_rate),
-        in_shardings=(state_sharding, batch_sharding, replicated),
-        out_shardings=(state_sharding, replicated),
-        donate_argnums=(0,),
-    )
-    eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model, mlm=mlm),
-                      in_shardings=(state_sharding.params, batch_sharding, replicated), out_shardings=replicated)
-    return Run(config, workdir, is_lead, data_cfg, tokenizer, model, mesh, rules, batch_sharding, abstract_state,
-               init_fn, step_fn, eval_fn, mlm)
+    def evaluate_batch(params, batch, rng):
+        with layout.tracing():
+            return step_lib.eval_step(params, batch, rng, model=model, mlm=mlm)
+
+    eval_fn = jax.jit(evaluate_batch, in_shardings=(layout.state.params, layout.batch, layout.replicated),
+                      out_shardings=layout.replicated)
+    return Run(config, workdir, is_lead, data_cfg, tokenizer, model, mesh, layout.rules, layout.batch,
+               program.abstract_state, program.init, program.step, eval_fn, mlm)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Pretrains (or resumes) the model of `config` in `workdir`; returns the summary dict."""
     r = setup(config, workdir)
     workdir = r.workdir
-    # Tracing happens at the first call: the mesh and the logical rules must be active
-    # then, or the models' logical sharding constraints are dropped.
-    with jax.set_mesh(r.mesh), nn.logical_axis_rules(r.rules):
-        checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    max_to_keep=config.checkpoint.max_to_keep,
-                                    save_interval_steps=config.checkpoint.save_interval_steps,
-                                    async_save=config.checkpoint.async_save)
-        train_iter = pipeline.train_iterator(r.data, r.tokenizer)
-        restored = checkpointer.restore(r.abstract_state)
-        if restored is None:
-            state = r.init_fn(jax.random.key(config.seed))
-            message = f"new run in {workdir}"
-        else:
-            _, state, data_state, _ = restored
-            train_iter.set_state(data_state)
-            message = f"resumed from step {int(state.step)} in {workdir}"
-        if r.is_lead:
-            print(message, flush=True)
-        eval_batches = pipeline.eval_batches(r.data, r.tokenizer)
-        try:
-            state, throughput, last_metrics = _train_loop(r, state, train_iter, checkpointer, eval_batches)
-        finally:
-            checkpointer.close()
-        final_eval = evaluate(r.eval_fn, state.params, eval_batches, r.batch_sharding)
+    # The jitted steps trace under their layout's mesh and logical rules themselves
+    # (`sharding.step`); the checkpoint restores into the layout's shardings.
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                                max_to_keep=config.checkpoint.max_to_keep,
+                                save_interval_steps=config.checkpoint.save_interval_steps,
+                                async_save=config.checkpoint.async_save)
+    train_iter = pipeline.train_iterator(r.data, r.tokenizer)
+    restored = checkpointer.restore(r.abstract_state)
+    if restored is None:
+        state = r.init_fn(jax.random.key(config.seed))
+        message = f"new run in {workdir}"
+    else:
+        _, state, data_state, _ = restored
+        train_iter.set_state(data_state)
+        message = f"resumed from step {int(state.step)} in {workdir}"
+    if r.is_lead:
+        print(message, flush=True)
+    eval_batches = pipeline.eval_batches(r.data, r.tokenizer)
+    try:
+        state, throughput, last_metrics = _train_loop(r, state, train_iter, checkpointer, eval_batches)
+    finally:
+        checkpointer.close()
+    final_eval = evaluate(r.eval_fn, state.params, eval_batches, r.batch_sharding)
     return _finish(r, state, final_eval, throughput, last_metrics)
 
 

@@ -1,8 +1,10 @@
-"""train_step and eval_step: accumulation == one batch, sharded == one device, float64 NLL, RNG per step;
+"""train_step and eval_step: accumulation == one batch, sharded == one device, split gradients, float64 NLL, RNG per step;
 the MoE auxiliary losses, correction-bias update and multi-token prediction loss in the step."""
 
 import dataclasses
 import functools
+import math
+import re
 
 import flax.linen as nn
 import jax
@@ -10,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from models.gpt import GPT, GPTConfig
 from models.layers import moe as moe_lib
@@ -133,6 +136,46 @@ def test_data_parallel_equals_one_device():
             np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, err_msg=f"step {step} {key}")
     _assert_trees_close(sharded.params, single.params, rtol=1e-5, atol=1e-6)
     _assert_trees_close(sharded.opt_state, single.opt_state, rtol=1e-5, atol=1e-7)
+
+
+def _loop_carry_bytes(compiled) -> int:
+    """Bytes of the state of the compiled step's while loop (the accumulation scan's carry)."""
+    (line,) = [x for x in compiled.as_text().splitlines() if re.search(r"= \(.*\) while\(", x)]
+    arrays = re.findall(r"(f32|s32|u32)\[([\d,]*)\]", line.split(" while(")[0])
+    return sum(4 * math.prod(int(d) for d in dims.split(",") if d) for _, dims in arrays)
+
+
+def test_grad_shardings_split_the_accumulator_and_keep_the_numbers():
+    """ZeRO-2's constraint: with `grad_shardings` the accumulated gradients live split over
+    the 8 devices (a replicated optimizer state would otherwise keep them whole), and the step
+    is the same update."""
+    mesh = mesh_lib.make_mesh("data=8")
+    model, rules = _model(), rules_lib.rules_for("dp")
+    state, batch = _at_step(_state(model, SGD), 2), _batch()
+    replicated, batch_sharding = rules_lib.replicated(mesh), rules_lib.batch_sharding(mesh, rules)
+
+    def split(leaf):  # the first dimension that 8 divides, as ZeRO splits `embed`
+        dims = [i for i, n in enumerate(leaf.shape) if n % 8 == 0]
+        return NamedSharding(mesh, PartitionSpec(*[("data" if i == dims[0] else None) for i in range(leaf.ndim)])
+                             if dims else PartitionSpec())
+
+    grad_shardings = jax.tree_util.tree_map(split, state.params)
+    grad_bytes = sum(4 * x.size for x in jax.tree_util.tree_leaves(state.params))
+    runs = {}
+    for name, shardings in (("whole", None), ("split", grad_shardings)):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            step = jax.jit(functools.partial(step_lib.train_step, model=model, tx=SGD, schedule=SCHEDULE,
+                                             grad_accum_steps=2, z_loss=1e-3, grad_shardings=shardings),
+                           in_shardings=(replicated, batch_sharding, replicated),
+                           out_shardings=(replicated, replicated))
+            compiled = step.lower(state, batch, jax.random.key(0)).compile(FAST_COMPILE)
+        runs[name] = (_loop_carry_bytes(compiled), *compiled(state, jax.device_put(batch, batch_sharding),
+                                                             jax.random.key(0)))
+    assert runs["whole"][0] >= grad_bytes
+    assert runs["split"][0] < runs["whole"][0] - 0.8 * grad_bytes, (runs["split"][0], runs["whole"][0], grad_bytes)
+    for key in ("loss", "grad_norm"):
+        np.testing.assert_allclose(runs["split"][2][key], runs["whole"][2][key], rtol=1e-6, err_msg=key)
+    _assert_trees_close(runs["split"][1].params, runs["whole"][1].params, rtol=1e-6, atol=1e-7)
 
 
 def test_eval_nll_sum_matches_float64_numpy():

@@ -1,4 +1,4 @@
-"""The pretraining loop end to end: learning, resume after SIGKILL, SIGTERM, guards, outputs."""
+"""The pretraining loop end to end: learning, resume after SIGKILL, sharded resume, SIGTERM, guards, outputs."""
 
 import json
 import os
@@ -110,13 +110,45 @@ def test_resume_after_sigkill_equals_uninterrupted_run(shared, tmp_path):
     at_kill = _committed_steps(killed)
     assert at_kill and max(at_kill) < steps, at_kill
 
-    resumed = subprocess.run(_cli(killed, overrides), cwd=REPO, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(_cli(killed, overrides), cwd=REPO, capture_output=True, text=True, timeout=600,
+                             check=False)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from step {max(at_kill)}" in resumed.stdout
 
     reference = tmp_path / "reference"
     trainer.run(load_config(os.path.join(REPO, "configs/gpt.py:tiny"), overrides), str(reference))
     _assert_trees_equal(_final_params(killed, steps), _final_params(reference, steps))
+
+
+@pytest.mark.parametrize("strategy,mesh", [("zero3", "data=8")])
+def test_sharded_resume_equals_uninterrupted_run(shared, tmp_path, capsys, strategy, mesh):
+    """`python -m train --config.sharding.strategy=zero3` for 2 steps, resumed to 4 (the sharded
+    checkpoint restored into the strategy's layout), ends where 4 uninterrupted steps do."""
+    # A constant schedule, so that a 2-step run is the first 2 steps of a 4-step run.
+    fixed = ["checkpoint.save_interval_steps=2", "schedule.name=constant", "schedule.warmup_steps=1",
+             f"sharding.strategy={strategy}", f"sharding.mesh={mesh}", "logging.tensorboard=false",
+             "eval.max_batches=1"]
+    run_dir, reference = tmp_path / "run", tmp_path / "reference"
+    first = subprocess.run(_cli(run_dir, [*shared, "steps=2", "logging.progress_bar=false",
+                                          "logging.peak_flops=1e11", *fixed]),
+                           cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert _committed_steps(run_dir) == [2]
+    resumed = _config(shared, "steps=4", *fixed)
+    r = trainer.setup(resumed, str(run_dir))
+    assert r.mesh.shape == {"data": 8}
+    from train.checkpoint import Checkpointer
+
+    with Checkpointer(os.path.join(run_dir, "checkpoints")) as checkpointer:
+        _, state, _, _ = checkpointer.restore(r.abstract_state)
+    embedding = state.params["embed"]["embedding"]
+    assert embedding.sharding == r.abstract_state.params["embed"]["embedding"].sharding
+    assert embedding.addressable_shards[0].data.shape[1] == embedding.shape[1] // 8  # split along `embed`
+
+    trainer.run(resumed, str(run_dir))
+    assert "resumed from step 2" in capsys.readouterr().out
+    trainer.run(_config(shared, "steps=4", *fixed), str(reference))
+    _assert_trees_equal(_final_params(run_dir, 4), _final_params(reference, 4))
 
 
 def test_corrupt_latest_checkpoint_falls_back_and_still_matches(shared, tmp_path):
@@ -171,7 +203,7 @@ def test_bad_data_path_is_a_clear_error(shared, tmp_path):
 
 def test_cli_reports_a_misspelt_key_without_a_traceback(tmp_path):
     out = subprocess.run(_cli(tmp_path, ["optimizer.lrr=1e-3"]), cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, check=False)
     assert out.returncode != 0
     assert "config key `optimizer.lrr` does not exist; did you mean `optimizer.lr`?" in out.stderr
     assert "Traceback" not in out.stderr
