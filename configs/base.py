@@ -115,8 +115,8 @@ def get_config() -> ml_collections.ConfigDict:
         decay_shape="linear",  # wsd: linear | cosine | sqrt
     ))
     c.sharding = ml_collections.ConfigDict(dict(
-        strategy="dp",
-        mesh="",  # "": all devices on the data axis
+        strategy="dp",  # dp | zero1 | zero2 | zero3 | fsdp | tp | tp_sp | fsdp_tp | ep (sharding/strategies.py)
+        mesh="",  # e.g. "data=2,fsdp=2,tensor=2" (-1: the rest); "": the strategy's default mesh
     ))
     c.checkpoint = ml_collections.ConfigDict(dict(
         save_interval_steps=200,
