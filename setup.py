@@ -22,6 +22,8 @@ INSTALL_REQUIRES = [
     "matplotlib",
     "tensorboardX==2.6.5",
     "tqdm",
+    # jax.export's serialization (inference/export.py) needs it; jax does not declare it.
+    "flatbuffers==25.12.19",
     # Tokenizers (data/tokenizer/): GPT-2 pre-tokenization regex (\p{L}), and the loaders for
     # Hugging Face tokenizer.json and SentencePiece .model files. tokenizers is the version
     # transformers==5.24.0 requires (>=0.23.1,<0.24).
