@@ -170,3 +170,34 @@ def generate(model: GPT, params, prompts: Sequence[Sequence[int]], *, max_new_to
                 break
         tokens_BN = np.asarray(state[3])
     return [cut_at_stop(row, stop_tokens) for row in tokens_BN]
+
+
+def generate_text(model: GPT, params, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
+                  **sampling) -> list[str]:
+    """Text continuations: each prompt encoded after the tokenizer's bos (if it has one),
+    continued until its eos or `max_new_tokens` (fewer if the context ends first), decoded.
+
+    Args:
+      model, params: a decoder-only `GPT` and its params.
+      tokenizer: a `data.tokenizer.Tokenizer` of the model's vocabulary.
+      prompts: texts; an empty one starts from the bos token, or else from the eos token
+        (GPT-2's document separator).
+      max_new_tokens: N.
+      **sampling: temperature, top_k, top_p, min_p, repetition_penalty, seed, callback of
+        `generate`.
+
+    Returns:
+      The new text of each prompt (the eos token left out).
+    """
+    start = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    ids = [start + tokenizer.encode(p) for p in prompts]
+    if any(not p for p in ids) and tokenizer.eos_id is None:
+        raise ValueError("an empty prompt needs a bos or eos token to start from, and the tokenizer has neither")
+    ids = [p if p else [tokenizer.eos_id] for p in ids]
+    room = model.config.max_len - max(len(p) for p in ids)
+    if room < 1:
+        raise ValueError(f"the longest prompt has {max(len(p) for p in ids)} tokens, which fills the model's "
+                         f"context of max_len={model.config.max_len}; shorten it")
+    stop = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
+    out = generate(model, params, ids, max_new_tokens=min(max_new_tokens, room), stop_tokens=stop, **sampling)
+    return [tokenizer.decode([t for t in row if t not in stop]) for row in out]

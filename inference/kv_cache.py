@@ -47,12 +47,13 @@ def init_cache(model: GPT, batch: int, max_len: int) -> dict:
     """
     if not isinstance(model, GPT):
         raise TypeError(f"init_cache needs a decoder-only models.gpt.GPT, got {type(model).__name__}")
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), _cache_shapes(model, batch, max_len))
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes(model, batch, max_len))
 
 
 @functools.lru_cache(maxsize=64)
-def _cache_shapes(model: GPT, batch: int, max_len: int):
-    """The cache's ShapeDtypeStructs (traced once per model and size: flax modules hash by config)."""
+def cache_shapes(model: GPT, batch: int, max_len: int):
+    """The cache's ShapeDtypeStructs for `batch` rows of `max_len` positions (traced once per model and
+    size: flax modules hash by config)."""
 
     def cache_of_a_prefill():
         ids_BS = jnp.zeros((batch, max_len), jnp.int32)

@@ -15,9 +15,12 @@ filters being irrelevant to it, as in transformers' `do_sample=False`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -135,3 +138,54 @@ def sample(logits_BV: Array, config: SamplingConfig, rng: Array, seen_BV: Array 
     if config.greedy:
         return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+
+
+class RowSampling(NamedTuple):
+    """Sampling settings as data, one per row ([B] arrays), for a step that serves rows with
+    different settings and compiles once (`inference/engine.py`). A row's "off" values leave
+    its logits unchanged: top_k = V, top_p = 1, min_p = 0, repetition_penalty = 1."""
+
+    temperature_B: Array
+    top_k_B: Array
+    top_p_B: Array
+    min_p_B: Array
+    repetition_penalty_B: Array
+
+    @classmethod
+    def of(cls, configs: Sequence[SamplingConfig], vocab_size: int) -> RowSampling:
+        """Stacks per-row `SamplingConfig`s as numpy columns (None settings become the off values)."""
+        def column(name, off, dtype):
+            return np.asarray([off if getattr(c, name) is None else getattr(c, name) for c in configs], dtype)
+
+        return cls(column("temperature", 0.0, np.float32),
+                   np.minimum(column("top_k", vocab_size, np.int32), vocab_size),
+                   column("top_p", 1.0, np.float32), column("min_p", 0.0, np.float32),
+                   column("repetition_penalty", 1.0, np.float32))
+
+
+def sample_rows(logits_BV: Array, rows: RowSampling, keys_B: Array, seen_BV: Array) -> Array:
+    """Next tokens [B] with each row's own settings and random key.
+
+    The same filters as `process_logits`, with the settings as [B, 1] arrays; a row
+    draws as `sample` would for that row alone with its key (the same Gumbel noise: a
+    [1, V] draw and a [V] draw from one key are the same numbers).
+
+    Args:
+      logits_BV: [B, V] next-token logits.
+      rows: the settings of each row; temperature 0 rows take the argmax.
+      keys_B: [B] PRNG keys, one per row.
+      seen_BV: [B, V] bool, the tokens already in each row (repetition penalty).
+    """
+    logits_BV = logits_BV.astype(jnp.float32)
+    logits_BV = repetition_penalty(logits_BV, seen_BV, rows.repetition_penalty_B[:, None])
+    greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    temperature_B1 = rows.temperature_B[:, None]
+    logits_BV = logits_BV / jnp.where(temperature_B1 > 0, temperature_B1, 1.0)
+    # top-k with k as data: the k-th largest logit from a full sort (lax.top_k needs a static k).
+    kth_B1 = jnp.take_along_axis(-jnp.sort(-logits_BV, axis=-1), rows.top_k_B[:, None] - 1, axis=-1)
+    logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    top_p_B1 = rows.top_p_B[:, None]
+    logits_BV = jnp.where(top_p_B1 < 1.0, top_p_filter(logits_BV, top_p_B1), logits_BV)
+    logits_BV = min_p_filter(logits_BV, rows.min_p_B[:, None])
+    sampled_B = jax.vmap(lambda key, row_V: jax.random.categorical(key, row_V))(keys_B, logits_BV)
+    return jnp.where(rows.temperature_B > 0, sampled_B.astype(jnp.int32), greedy_B)

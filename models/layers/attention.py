@@ -24,7 +24,10 @@ valid key (a padding query, say) gets all-zero weights and a zero output, never 
 
 `write_cache` is the one write of a KV cache (`multihead.py`, `mla.py`): slot s of a
 row holds the key of that row's position s, so the causal mask over positions alone
-hides both the future and the slots not written yet.
+hides both the future and the slots not written yet. `write_pages` and `gather_pages`
+are the same for a paged cache (`inference/paged.py`): a pool of P blocks of Z positions
+shared by all rows, and a block table [B, M] naming the blocks of each row in order, so
+that position s of row b lives in block table[b, s // Z] at offset s % Z.
 """
 
 from __future__ import annotations
@@ -122,6 +125,40 @@ def write_cache(cache_BS_: Array, new_BT_: Array, positions_BT: Array) -> Array:
     B = cache_BS_.shape[0]
     rows_B1 = jnp.arange(B)[:, None]
     return cache_BS_.at[rows_B1, positions_BT].set(new_BT_.astype(cache_BS_.dtype), mode="drop")
+
+
+def write_pages(pages_PZ_: Array, new_BT_: Array, positions_BT: Array, block_table_BM: Array) -> Array:
+    """Writes new[b, t] at position p = positions[b, t] of row b of a paged cache.
+
+    Args:
+      pages_PZ_: [P, Z, ...] the block pool (P blocks of Z positions).
+      new_BT_: [B, T, ...] the entries of T tokens per row.
+      positions_BT: [B, T] their positions.
+      block_table_BM: [B, M] int, the pool block holding positions m*Z .. (m+1)*Z - 1 of
+        row b. Unallocated entries point at a block nobody reads (`inference.paged`
+        keeps block 0 for that).
+
+    Returns:
+      The updated pool. Positions >= M * Z are dropped, as in `write_cache`.
+    """
+    P, Z = pages_PZ_.shape[:2]
+    M = block_table_BM.shape[1]
+    index_BT = positions_BT // Z
+    blocks_BT = jnp.take_along_axis(block_table_BM, jnp.minimum(index_BT, M - 1), axis=1)
+    blocks_BT = jnp.where(index_BT < M, blocks_BT, P)  # block P does not exist: the write is dropped
+    return pages_PZ_.at[blocks_BT, positions_BT % Z].set(new_BT_.astype(pages_PZ_.dtype), mode="drop")
+
+
+def gather_pages(pages_PZ_: Array, block_table_BM: Array) -> Array:
+    """A contiguous [B, M * Z, ...] view of each row's blocks: slot s holds position s.
+
+    This copies the blocks (a gather), so attention then runs exactly as over a
+    contiguous cache. Serving kernels (vLLM's PagedAttention) read the blocks in place
+    instead; the copy is one layer's worth at a time and keeps this code readable.
+    """
+    B, M = block_table_BM.shape
+    view_BMZ_ = pages_PZ_[block_table_BM]
+    return view_BMZ_.reshape(B, M * pages_PZ_.shape[1], *pages_PZ_.shape[2:])
 
 
 def dot_product_attention(

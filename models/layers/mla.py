@@ -51,7 +51,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.layers.attention import make_attention_mask, write_cache
+from models.layers.attention import gather_pages, make_attention_mask, write_cache, write_pages
 from models.layers.positional import RopeConfig, apply_rope
 
 Dtype = Any
@@ -198,7 +198,9 @@ class MultiHeadLatentAttention(nn.Module):
     [B, S, C] and `cache/key_rope` [B, S, R] receive x's tokens at slots `q_positions`
     (`attention.write_cache`) and the queries attend to all S slots under the causal
     mask over positions. A missing cache is created with S = T;
-    `inference.kv_cache.init_cache` preallocates one.
+    `inference.kv_cache.init_cache` preallocates one. A paged cache (`inference.paged`)
+    holds `latent_pages` [P, Z, C], `key_rope_pages` [P, Z, R] and `block_table` [B, M]
+    instead, written with `attention.write_pages` and read as a gathered view.
 
     When the `intermediates` collection is mutable, the attention weights [B, N, T, S]
     are sown as `attention_weights`.
@@ -258,12 +260,21 @@ class MultiHeadLatentAttention(nn.Module):
             # latent_kv rotates each call's keys with frequencies sized by that call's length.
             raise ValueError("dynamic RoPE scaling is not supported with a latent KV cache; use yarn or default")
         c_BTC, k_rope_BTR = self.latent_kv(x_BTD, positions_BT)
-        cached_c = self.variable("cache", "latent", jnp.zeros, c_BTC.shape, self.dtype)
-        cached_r = self.variable("cache", "key_rope", jnp.zeros, k_rope_BTR.shape, self.dtype)
-        cached_c.value = write_cache(cached_c.value, c_BTC, positions_BT)
-        cached_r.value = write_cache(cached_r.value, k_rope_BTR, positions_BT)
-        B, S = cached_c.value.shape[:2]
-        return cached_c.value, cached_r.value, jnp.broadcast_to(jnp.arange(S), (B, S))  # slot s holds position s
+        if self.has_variable("cache", "block_table"):  # paged (`inference.paged`)
+            table_BM = self.get_variable("cache", "block_table")
+            c_pages = write_pages(self.get_variable("cache", "latent_pages"), c_BTC, positions_BT, table_BM)
+            r_pages = write_pages(self.get_variable("cache", "key_rope_pages"), k_rope_BTR, positions_BT, table_BM)
+            self.put_variable("cache", "latent_pages", c_pages)
+            self.put_variable("cache", "key_rope_pages", r_pages)
+            c_BSC, k_rope_BSR = gather_pages(c_pages, table_BM), gather_pages(r_pages, table_BM)
+        else:
+            cached_c = self.variable("cache", "latent", jnp.zeros, c_BTC.shape, self.dtype)
+            cached_r = self.variable("cache", "key_rope", jnp.zeros, k_rope_BTR.shape, self.dtype)
+            cached_c.value = write_cache(cached_c.value, c_BTC, positions_BT)
+            cached_r.value = write_cache(cached_r.value, k_rope_BTR, positions_BT)
+            c_BSC, k_rope_BSR = cached_c.value, cached_r.value
+        B, S = c_BSC.shape[:2]
+        return c_BSC, k_rope_BSR, jnp.broadcast_to(jnp.arange(S), (B, S))  # slot s holds position s
 
     def _param(self, name, shape, axes, init):
         return self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype)

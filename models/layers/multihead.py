@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.layers.attention import dot_product_attention, write_cache
+from models.layers.attention import dot_product_attention, gather_pages, write_cache, write_pages
 from models.layers.positional import RopeConfig, apply_rope
 
 Dtype = Any
@@ -53,6 +53,10 @@ class MultiHeadAttention(nn.Module):
     under the causal mask over positions, which also hides the unwritten ones. A missing
     cache is created with S = T; `inference.kv_cache.init_cache` preallocates one.
     ("dynamic" RoPE scaling then sizes its frequencies for S, the same for every token.)
+    A paged cache (`inference.paged`) holds `cache/key_pages`, `cache/value_pages`
+    [P, Z, K, H] and `cache/block_table` [B, M] instead: the keys are written into the
+    rows' blocks (`attention.write_pages`) and attention reads a gathered [B, M * Z, K, H]
+    view (`attention.gather_pages`), then runs as with a contiguous cache of S = M * Z.
 
     When the `intermediates` collection is mutable, the attention weights [B, N, T, S]
     are sown there as `attention_weights`, a 1-tuple (flax's sow appends), for
@@ -143,19 +147,31 @@ class MultiHeadAttention(nn.Module):
             if not causal:
                 raise ValueError("a KV cache needs causal self-attention: its unwritten slots are hidden by the "
                                  "causal mask over positions")
-            # Created on the first call (shaped like this call's keys, see `inference.kv_cache.init_cache`).
-            cached_k = self.variable("cache", "key", jnp.zeros, k_BSKH.shape, self.dtype)
-            cached_v = self.variable("cache", "value", jnp.zeros, v_BSKH.shape, self.dtype)
-            # One length for q and every cached k, so that dynamic RoPE rotates them alike.
-            rope_len = cached_k.value.shape[1]
+            paged = self.has_variable("cache", "block_table")
+            if paged:  # a block pool and this call's block tables (`inference.paged`)
+                table_BM = self.get_variable("cache", "block_table")
+                rope_len = table_BM.shape[1] * self.get_variable("cache", "key_pages").shape[1]
+            else:
+                # Created on the first call (shaped like this call's keys, see `inference.kv_cache.init_cache`).
+                cached_k = self.variable("cache", "key", jnp.zeros, k_BSKH.shape, self.dtype)
+                cached_v = self.variable("cache", "value", jnp.zeros, v_BSKH.shape, self.dtype)
+                # One length for q and every cached k, so that dynamic RoPE rotates them alike.
+                rope_len = cached_k.value.shape[1]
         if self.rope is not None:
             q_BTNH = apply_rope(q_BTNH, q_positions, self.rope, seq_len=rope_len)
             k_BSKH = apply_rope(k_BSKH, kv_positions, self.rope, seq_len=rope_len)
         if decoding:
             # Keys are cached after RoPE and QK-norm: a decode step only rotates its own key.
-            cached_k.value = write_cache(cached_k.value, k_BSKH, q_positions)
-            cached_v.value = write_cache(cached_v.value, v_BSKH, q_positions)
-            k_BSKH, v_BSKH = cached_k.value, cached_v.value
+            if paged:
+                k_pages = write_pages(self.get_variable("cache", "key_pages"), k_BSKH, q_positions, table_BM)
+                v_pages = write_pages(self.get_variable("cache", "value_pages"), v_BSKH, q_positions, table_BM)
+                self.put_variable("cache", "key_pages", k_pages)
+                self.put_variable("cache", "value_pages", v_pages)
+                k_BSKH, v_BSKH = gather_pages(k_pages, table_BM), gather_pages(v_pages, table_BM)
+            else:
+                cached_k.value = write_cache(cached_k.value, k_BSKH, q_positions)
+                cached_v.value = write_cache(cached_v.value, v_BSKH, q_positions)
+                k_BSKH, v_BSKH = cached_k.value, cached_v.value
             S = k_BSKH.shape[1]
             kv_positions = jnp.broadcast_to(jnp.arange(S), (B, S))  # slot s holds position s
 

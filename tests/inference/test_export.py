@@ -1,0 +1,91 @@
+"""inference/export.py: serialized prefill and decode, loaded in a fresh process that imports
+only jax and numpy (inference/run_exported.py, copied into the export), give the tokens of
+`generate`; one export serves any batch size and prompt length (symbolic B and T)."""
+
+import ast
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from inference import generate
+from inference.export import LOADER, export_decoder
+from models.deepseek import deepseek_v3_config
+from models.gpt import GPT, llama_config
+
+CONFIGS = {
+    "llama_gqa": llama_config(vocab_size=40, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=48,
+                              max_len=32),
+    "deepseek_v3_mla_moe": deepseek_v3_config(
+        vocab_size=40, d_model=32, num_layers=2, num_heads=4, d_ff=40, moe_d_ff=12, num_experts=4,
+        num_experts_per_tok=2, n_group=2, topk_group=1, first_dense_layers=1, q_lora_rank=16, kv_lora_rank=12,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, max_len=32),
+}
+PROMPTS = [[3, 17, 8, 22], [5], [9, 30, 2, 11, 6, 14, 1]]
+LMLAB_PACKAGES = ("models", "inference", "train", "data", "configs", "sharding", "flax")
+# Runs the copied loader as a script, then fails if any lmlab package (or flax) was imported.
+RUNNER = """
+import json, runpy, sys
+argv, packages = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+sys.argv = argv
+runpy.run_path(argv[0], run_name="__main__")
+imported = sorted({m.split(".")[0] for m in sys.modules} & set(packages))
+assert not imported, f"the loader imported {imported}"
+"""
+
+
+def random_params(cfg, seed=0):
+    shapes = jax.eval_shape(lambda: nn.unbox(GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))))
+    rng = np.random.default_rng(seed)
+
+    def draw(leaf):
+        if leaf.ndim == 1:
+            return jnp.asarray(1.0 + 0.1 * rng.standard_normal(leaf.shape), leaf.dtype)
+        return jnp.asarray(rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[0]), leaf.dtype)
+
+    return jax.tree.map(draw, shapes)["params"]
+
+
+def run_exported(directory, prompts, max_new_tokens, stop_tokens=()):
+    """The loader in a fresh python, from the export directory, without lmlab on the path."""
+    argv = [os.path.join(directory, "run_exported.py"), str(directory), *[f"--prompt_ids={','.join(map(str, p))}"
+                                                                          for p in prompts],
+            f"--max_new_tokens={max_new_tokens}", f"--stop_tokens={','.join(map(str, stop_tokens))}"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(argv), json.dumps(LMLAB_PACKAGES)],
+                            cwd=directory, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("family", CONFIGS)
+def test_exported_greedy_decoding_equals_generate_in_a_fresh_process(family, tmp_path):
+    cfg = CONFIGS[family]
+    model, params = GPT(cfg), random_params(cfg)
+    manifest = export_decoder(model, params, str(tmp_path), max_len=24)
+    sizes = {f: os.path.getsize(tmp_path / f) for f in ("prefill.jax", "decode.jax", "params.npz")}
+    print(f"\n{family}: {manifest}, file sizes {sizes}")
+
+    ours = generate(model, params, PROMPTS, max_new_tokens=10)
+    stop = ours[0][3]
+    assert run_exported(tmp_path, PROMPTS, 10) == ours
+    # Another batch size and prompt length from the same files, with a stop token.
+    assert run_exported(tmp_path, PROMPTS[2:], 12, (stop,)) == generate(model, params, PROMPTS[2:],
+                                                                         max_new_tokens=12, stop_tokens=(stop,))
+    with pytest.raises(FileExistsError):
+        export_decoder(model, params, str(tmp_path))
+
+
+def test_loader_imports_only_the_standard_library_jax_and_numpy():
+    with open(LOADER) as f:
+        tree = ast.parse(f.read())
+    modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for alias in node.names}
+    modules |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert modules <= {"argparse", "json", "os", "jax", "numpy"}, modules
