@@ -28,7 +28,6 @@ import sys
 import tempfile
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,6 +40,7 @@ if str(_ROOT) not in sys.path:
 from inference import generate
 from models import hf
 from models.gpt import GPT, llama_config
+from models.random_params import random_params
 
 PROMPT_LEN = 16
 
@@ -54,19 +54,6 @@ def bench_model(quick: bool) -> GPT:
         cfg = llama_config(vocab_size=4096, d_model=256, num_layers=4, num_heads=8, num_kv_heads=4, d_ff=704,
                            max_len=512)
     return GPT(cfg)
-
-
-def random_params(model: GPT, seed: int = 0) -> dict:
-    """N(0, 1/fan_in) kernels, norm scales near 1, drawn in numpy (no init compile)."""
-    shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))))
-    rng = np.random.default_rng(seed)
-
-    def draw(leaf):
-        if leaf.ndim == 1:
-            return jnp.asarray(1.0 + 0.1 * rng.standard_normal(leaf.shape), leaf.dtype)
-        return jnp.asarray(rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[0]), leaf.dtype)
-
-    return jax.tree.map(draw, shapes)["params"]
 
 
 def recompute_fn(model: GPT, prompt_len: int, num_tokens: int):

@@ -7,9 +7,7 @@ Measured numbers (pool bytes against contiguous preallocation) are printed (run 
 
 import dataclasses
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -18,6 +16,7 @@ from inference import paged as paged_lib
 from inference.engine import Engine, Request, _decode_slots, _prefill_slot
 from models.deepseek import deepseek_v3_config
 from models.gpt import GPT, llama_config, scan_params
+from models.random_params import random_params
 
 CFG = llama_config(vocab_size=40, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=48, max_len=64)
 SAMPLED = {"temperature": 0.8, "top_k": 10, "top_p": 0.9, "min_p": 0.05}
@@ -32,20 +31,8 @@ REQUESTS = [
 ARRIVALS = {0: [0, 1], 2: [2], 3: [3, 4], 9: [5]}  # step -> requests submitted before it
 
 
-def random_params(cfg, seed=0):
-    """N(0, 1/fan_in) kernels and norm scales near 1, drawn in numpy (no init compile)."""
-    shapes = jax.eval_shape(lambda: nn.unbox(GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))))
-    rng = np.random.default_rng(seed)
-
-    def draw(leaf):
-        if leaf.ndim == 1:
-            return jnp.asarray(1.0 + 0.1 * rng.standard_normal(leaf.shape), leaf.dtype)
-        return jnp.asarray(rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[0]), leaf.dtype)
-
-    return jax.tree.map(draw, shapes)["params"]
-
-
-MODEL, PARAMS = GPT(CFG), random_params(CFG)
+MODEL = GPT(CFG)
+PARAMS = random_params(MODEL)
 
 
 def serve(engine: Engine, requests=REQUESTS, arrivals=ARRIVALS) -> list[list[int]]:
@@ -136,7 +123,7 @@ def test_paged_cache_equals_contiguous_cache(family):
                                  num_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
                                  first_dense_layers=1, q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8,
                                  qk_rope_head_dim=4, v_head_dim=8, max_len=32)
-        params = random_params(cfg)
+        params = random_params(GPT(cfg))
     else:
         cfg = dataclasses.replace(CFG, scan_layers=True, remat="full")
         params = scan_params(PARAMS, CFG)

@@ -8,16 +8,13 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from inference import generate
 from inference.export import LOADER, export_decoder
 from models.deepseek import deepseek_v3_config
 from models.gpt import GPT, llama_config
+from models.random_params import random_params
 
 CONFIGS = {
     "llama_gqa": llama_config(vocab_size=40, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=48,
@@ -40,18 +37,6 @@ assert not imported, f"the loader imported {imported}"
 """
 
 
-def random_params(cfg, seed=0):
-    shapes = jax.eval_shape(lambda: nn.unbox(GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))))
-    rng = np.random.default_rng(seed)
-
-    def draw(leaf):
-        if leaf.ndim == 1:
-            return jnp.asarray(1.0 + 0.1 * rng.standard_normal(leaf.shape), leaf.dtype)
-        return jnp.asarray(rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[0]), leaf.dtype)
-
-    return jax.tree.map(draw, shapes)["params"]
-
-
 def run_exported(directory, prompts, max_new_tokens, stop_tokens=()):
     """The loader in a fresh python, from the export directory, without lmlab on the path."""
     argv = [os.path.join(directory, "run_exported.py"), str(directory), *[f"--prompt_ids={','.join(map(str, p))}"
@@ -67,7 +52,8 @@ def run_exported(directory, prompts, max_new_tokens, stop_tokens=()):
 @pytest.mark.parametrize("family", CONFIGS)
 def test_exported_greedy_decoding_equals_generate_in_a_fresh_process(family, tmp_path):
     cfg = CONFIGS[family]
-    model, params = GPT(cfg), random_params(cfg)
+    model = GPT(cfg)
+    params = random_params(model)
     manifest = export_decoder(model, params, str(tmp_path), max_len=24)
     sizes = {f: os.path.getsize(tmp_path / f) for f in ("prefill.jax", "decode.jax", "params.npz")}
     print(f"\n{family}: {manifest}, file sizes {sizes}")

@@ -4,33 +4,18 @@ output, stop tokens end rows, and bad requests are named.
 (transformers' greedy generate is the reference in test_generate_hf.py.)
 """
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from inference import generate
 from models.gpt import GPT, llama_config
+from models.random_params import random_params
 
 CFG = llama_config(vocab_size=40, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=48, max_len=32)
 PROMPTS = [[3, 17, 8, 22], [5], [9, 30, 2, 11, 6, 14, 1]]
 
 
-def _params(cfg, seed=0):
-    """Random params drawn in numpy (no init compile): N(0, 1/fan_in) kernels, norm scales near 1."""
-    shapes = jax.eval_shape(lambda: nn.unbox(GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))))
-    rng = np.random.default_rng(seed)
-
-    def draw(leaf):
-        if leaf.ndim == 1:
-            return jnp.asarray(1.0 + 0.1 * rng.standard_normal(leaf.shape), leaf.dtype)
-        return jnp.asarray(rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[0]), leaf.dtype)
-
-    return jax.tree.map(draw, shapes)["params"]
-
-
-MODEL, PARAMS = GPT(CFG), _params(CFG)
+MODEL = GPT(CFG)
+PARAMS = random_params(MODEL)
 
 
 def test_callback_streams_the_tokens_of_the_while_loop():

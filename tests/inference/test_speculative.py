@@ -7,7 +7,6 @@ The acceptance rates and the p-values are printed (run with `-s`).
 
 import itertools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,21 +16,9 @@ import scipy.stats
 from inference import generate, speculative_generate
 from inference.sampling import SamplingConfig, process_logits
 from models.gpt import GPT, llama_config
+from models.random_params import random_params
 
 PROMPTS = [[3, 7, 8, 2], [5], [9, 10, 2, 11, 6, 4, 1]]
-
-
-def _params(cfg, seed=0, scale=1.0):
-    """Random params drawn in numpy (no init compile): N(0, scale^2/fan_in) kernels, norm scales near 1."""
-    shapes = jax.eval_shape(lambda: nn.unbox(GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))))
-    rng = np.random.default_rng(seed)
-
-    def draw(leaf):
-        if leaf.ndim == 1:
-            return jnp.asarray(1.0 + 0.1 * rng.standard_normal(leaf.shape), leaf.dtype)
-        return jnp.asarray(scale * rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[0]), leaf.dtype)
-
-    return jax.tree.map(draw, shapes)["params"]
 
 
 def _pair(vocab, seed_target=0, seed_draft=1, scale=1.0):
@@ -39,8 +26,8 @@ def _pair(vocab, seed_target=0, seed_draft=1, scale=1.0):
     target_cfg = llama_config(vocab_size=vocab, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=48,
                               max_len=40)
     draft_cfg = llama_config(vocab_size=vocab, d_model=16, num_layers=1, num_heads=2, d_ff=32, max_len=40)
-    return (GPT(target_cfg), _params(target_cfg, seed_target, scale), GPT(draft_cfg),
-            _params(draft_cfg, seed_draft, scale))
+    target, draft = GPT(target_cfg), GPT(draft_cfg)
+    return target, random_params(target, seed_target, scale), draft, random_params(draft, seed_draft, scale)
 
 
 def _noisy_copy(params, sigma, seed):
