@@ -90,7 +90,9 @@ def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
     """Reads `FILE.py[:PRESET]` (calls its `get_config(PRESET)`), applies overrides, locks.
 
     Args:
-      spec: a config file path, optionally followed by `:preset`.
+      spec: a config file path, optionally followed by `:preset`. A `configs/NAME.py` path
+        that does not exist from the current directory is read from the installed
+        `configs` package (so `python -m train` works from any directory).
       overrides: `dotted.key=value` strings (a leading `config.` is allowed).
 
     Returns:
@@ -98,7 +100,13 @@ def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
     """
     path, _, preset = spec.partition(":")
     if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} does not exist (expected FILE.py[:PRESET], e.g. configs/gpt.py:tiny)")
+        # `configs/NAME.py` from outside the checkout: the shipped presets, next to this file.
+        shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.path.relpath(path, "configs"))
+        if os.path.isabs(path) or path.startswith("..") or not path.startswith("configs") or \
+                not os.path.isfile(shipped):
+            raise ConfigError(f"config file {path!r} does not exist (expected FILE.py[:PRESET], e.g. "
+                              "configs/gpt.py:tiny)")
+        path = shipped
     module_spec = importlib.util.spec_from_file_location(f"_lmlab_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)

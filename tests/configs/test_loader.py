@@ -67,3 +67,13 @@ def test_apply_overrides_keeps_unrelated_keys():
     assert after["eval"]["temperature"] == 0.5
     after["eval"]["temperature"] = before["eval"]["temperature"]
     assert after == before
+
+
+def test_shipped_configs_load_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = load_config("configs/gpt.py:tiny", ["steps=3"])
+    assert config.steps == 3
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("configs/nope.py")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("my_configs/gpt.py")
