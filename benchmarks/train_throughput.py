@@ -14,12 +14,10 @@ Run:
 """
 
 import argparse
-import functools
 import pathlib
 import sys
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -31,10 +29,10 @@ if str(_ROOT) not in sys.path:
 from configs.loader import load_config
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
+from sharding import step as sharded_step
+from sharding.strategies import get_strategy
 from train import build
-from train import step as step_lib
 from train.metrics import measure_matmul_peak
-from train.trainer import init_train_state
 
 # name -> (configs/gpt.py preset, overrides). The vocabulary is the preset's BPE size.
 SIZES = {
@@ -67,20 +65,10 @@ def time_train_step(size: str, steps: int, warmup: int) -> dict[str, float]:
     model = build.model(config, config.tokenizer.vocab_size)  # no tokenizer: its configured size
     tx, schedule = build.optimizer(config)
     mesh = mesh_lib.make_mesh("data=1", jax.devices()[:1])
-    rules = rules_lib.rules_for("dp")
-    batch_sharding = rules_lib.batch_sharding(mesh, rules)
-    init_fn, abstract_state = init_train_state(model, tx, mesh, rules, config.data.seq_len, config.seed)
-    state_sharding = jax.tree_util.tree_map(lambda a: a.sharding, abstract_state)
-    replicated = rules_lib.replicated(mesh)
-    with nn.logical_axis_rules(rules):
-        step_fn = jax.jit(
-            functools.partial(step_lib.train_step, model=model, tx=tx, schedule=schedule,
-                              grad_accum_steps=config.optimizer.grad_accum_steps,
-                              z_loss=config.optimizer.z_loss, label_smoothing=config.optimizer.label_smoothing),
-            in_shardings=(state_sharding, batch_sharding, replicated),
-            out_shardings=(state_sharding, replicated),
-            donate_argnums=(0,),
-        )
+    program = sharded_step.build(model, tx, schedule, strategy=get_strategy("dp"), mesh=mesh,
+                                 seq_len=config.data.seq_len, grad_accum_steps=config.optimizer.grad_accum_steps,
+                                 z_loss=config.optimizer.z_loss, label_smoothing=config.optimizer.label_smoothing)
+    init_fn, step_fn, batch_sharding = program.init, program.step, program.layout.batch
 
     B, T = config.data.batch_size, config.data.seq_len
     batch = rules_lib.device_put_batch(synthetic_batch(B, T, model.config.vocab_size), batch_sharding)

@@ -22,7 +22,6 @@ strategy's layout), so a resumed run ends with the same parameters as an uninter
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import lzma
@@ -34,7 +33,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from data import pipeline
@@ -55,24 +53,6 @@ class Preempted(RuntimeError):
 
 class NonFiniteLoss(FloatingPointError):
     """The loss or gradient norm became NaN or inf; nothing was saved for that step."""
-
-
-def _abstract_with_shardings(abstract, shardings):
-    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
-def init_train_state(model, tx, mesh, rules, seq_len: int, seed: int):
-    """(jitted init placing the state by its logical shardings, abstract state with shardings).
-
-    Parameters follow `rules` alone (no ZeRO split); `benchmarks/train_throughput.py` uses it on
-    one device. The trainer lays its state out with `sharding.step.build`."""
-    sample = jnp.zeros((1, seq_len), jnp.int32)
-    init = functools.partial(step_lib.init_state, sample_ids_BT=sample, model=model, tx=tx)
-    boxed = jax.eval_shape(init, jax.random.key(seed))
-    shardings = rules_lib.logical_shardings(boxed, mesh, rules)
-    abstract = nn.unbox(boxed)
-    jitted = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=shardings)
-    return jitted, _abstract_with_shardings(abstract, shardings)
 
 
 def evaluate(eval_fn, params, batches, batch_sharding, max_batches: int = 0) -> dict[str, float]:

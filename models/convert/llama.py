@@ -39,13 +39,19 @@ _DEFAULTS = {
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
-def _architecture(hf: Mapping[str, Any]) -> str:
-    names = list(hf.get("architectures") or []) + [_MODEL_TYPES.get(hf.get("model_type"), "")]
+def match_architecture(hf: Mapping[str, Any], architectures: tuple[str, ...], model_types: Mapping[str, str]) -> str:
+    """Which of `architectures` a HF config dict describes, by its `architectures` list or its
+    `model_type` (mapped through `model_types`)."""
+    names = list(hf.get("architectures") or []) + [model_types.get(hf.get("model_type"), "")]
     for name in names:
-        if name in ARCHITECTURES:
+        if name in architectures:
             return name
     raise ValueError(f"unsupported Hugging Face model (architectures={hf.get('architectures')}, "
-                     f"model_type={hf.get('model_type')!r}); expected one of {ARCHITECTURES}")
+                     f"model_type={hf.get('model_type')!r}); expected one of {architectures}")
+
+
+def _architecture(hf: Mapping[str, Any]) -> str:
+    return match_architecture(hf, ARCHITECTURES, _MODEL_TYPES)
 
 
 def _rope_theta(hf: Mapping[str, Any], default: float) -> float:

@@ -43,12 +43,7 @@ _LEGACY = {  # arch -> (module prefix, gate, up, down) of per-expert checkpoints
 
 def architecture(hf: Mapping[str, Any]) -> str:
     """Which of ARCHITECTURES a HF config dict describes."""
-    names = list(hf.get("architectures") or []) + [_MODEL_TYPES.get(hf.get("model_type"), "")]
-    for name in names:
-        if name in ARCHITECTURES:
-            return name
-    raise ValueError(f"unsupported Hugging Face model (architectures={hf.get('architectures')}, "
-                     f"model_type={hf.get('model_type')!r}); expected one of {ARCHITECTURES}")
+    return llama.match_architecture(hf, ARCHITECTURES, _MODEL_TYPES)
 
 
 def config_from_hf(hf: Mapping[str, Any], **overrides) -> GPTConfig:
