@@ -1,6 +1,7 @@
 """Tokenizers: a hand-written byte-level BPE, and Hugging Face / SentencePiece loaders."""
 
-from data.tokenizer.base import Tokenizer, load_tokenizer
+from data.tokenizer.base import Tokenizer
 from data.tokenizer.bpe import ByteLevelBPE
+from data.tokenizer.load import load_tokenizer
 
 __all__ = ["ByteLevelBPE", "Tokenizer", "load_tokenizer"]

@@ -1,10 +1,5 @@
-"""The tokenizer interface shared by every tokenizer in lmlab, and `load_tokenizer`.
-
-Three formats load behind the one interface:
-  * a directory written by `ByteLevelBPE.save` (it holds `bpe.json`),
-  * a Hugging Face `tokenizer.json` (the file, or a directory holding it),
-  * a SentencePiece `.model` (the file, or a directory holding `tokenizer.model`).
-"""
+"""The tokenizer interface shared by every tokenizer in lmlab (`data.tokenizer.load` picks
+the implementation for a path)."""
 
 import abc
 import json
@@ -18,14 +13,6 @@ SPM_FILENAME = "tokenizer.model"
 # Written next to a saved tokenizer.json / tokenizer.model to keep the bos/eos/pad roles,
 # the way Hugging Face keeps them outside tokenizer.json.
 HF_CONFIG_FILENAME = "tokenizer_config.json"
-
-ACCEPTED_FORMATS = (
-    f"a directory saved by ByteLevelBPE.save (holding {BPE_FILENAME}), "
-    f"a Hugging Face {HF_FILENAME} file or a directory holding one, "
-    f"or a SentencePiece .model file or a directory holding {SPM_FILENAME}; "
-    "a 'bpe:', 'hf:' or 'spm:' prefix forces the format"
-)
-_FORMAT_PREFIXES = ("bpe", "hf", "spm")
 
 
 class Tokenizer(abc.ABC):
@@ -119,68 +106,3 @@ def write_role_config(directory: Path, roles: dict[str, str | None]) -> None:
     """Writes bos/eos/pad/mask tokens to `directory/tokenizer_config.json`."""
     with open(directory / HF_CONFIG_FILENAME, "w", encoding="utf-8") as f:
         json.dump({f"{role}_token": token for role, token in roles.items()}, f, indent=1)
-
-
-def _split_spec(path_or_spec: str | os.PathLike) -> tuple[str | None, Path]:
-    spec = os.fspath(path_or_spec)
-    prefix, sep, rest = spec.partition(":")
-    if sep and prefix in _FORMAT_PREFIXES:
-        return prefix, Path(rest)
-    return None, Path(spec)
-
-
-def _detect_format(path: Path) -> str:
-    if path.is_dir():
-        for filename, kind in ((BPE_FILENAME, "bpe"), (HF_FILENAME, "hf"), (SPM_FILENAME, "spm")):
-            if (path / filename).is_file():
-                return kind
-        models = sorted(path.glob("*.model"))
-        if len(models) == 1:
-            return "spm"
-        found = sorted(p.name for p in path.iterdir())[:10]
-        raise ValueError(f"directory {path} holds no tokenizer (found {found}); expected {ACCEPTED_FORMATS}")
-    if path.suffix == ".model":
-        return "spm"
-    if path.suffix == ".json":
-        try:
-            with open(path, encoding="utf-8") as f:
-                content = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"tokenizer file {path} is not readable JSON ({e}); expected {ACCEPTED_FORMATS}") from e
-        if isinstance(content, dict) and content.get("format") == "lmlab-bpe":
-            return "bpe"
-        if isinstance(content, dict) and "model" in content:
-            return "hf"
-        raise ValueError(
-            f"JSON file {path} is neither an lmlab bpe.json nor a Hugging Face tokenizer.json "
-            f"(no 'format' or 'model' key); expected {ACCEPTED_FORMATS}"
-        )
-    raise ValueError(f"tokenizer file {path} has an unknown format; expected {ACCEPTED_FORMATS}")
-
-
-def load_tokenizer(path_or_spec: str | os.PathLike) -> Tokenizer:
-    """Loads a tokenizer, detecting its format from the path.
-
-    Args:
-      path_or_spec: a path (see the module docstring for the accepted formats), optionally
-        prefixed with 'bpe:', 'hf:' or 'spm:' to force the format.
-
-    Returns:
-      A `Tokenizer`.
-    """
-    kind, path = _split_spec(path_or_spec)
-    if not path.exists():
-        raise FileNotFoundError(f"tokenizer path {path} does not exist; expected {ACCEPTED_FORMATS}")
-    kind = kind or _detect_format(path)
-    # Imported here: each format pulls in its own library, needed only when used.
-    if kind == "bpe":
-        from data.tokenizer.bpe import ByteLevelBPE
-
-        return ByteLevelBPE.load(path)
-    if kind == "hf":
-        from data.tokenizer.hf_json import HFJsonTokenizer
-
-        return HFJsonTokenizer(path)
-    from data.tokenizer.spm import SentencePieceTokenizer
-
-    return SentencePieceTokenizer(path)
