@@ -29,9 +29,9 @@ if str(_ROOT) not in sys.path:
 from configs.loader import load_config
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
-from sharding import step as sharded_step
 from sharding.strategies import get_strategy
 from train import build
+from train import program as program_lib
 from train.metrics import measure_matmul_peak
 
 # name -> (configs/gpt.py preset, overrides). The vocabulary is the preset's BPE size.
@@ -65,9 +65,9 @@ def time_train_step(size: str, steps: int, warmup: int) -> dict[str, float]:
     model = build.model(config, config.tokenizer.vocab_size)  # no tokenizer: its configured size
     tx, schedule = build.optimizer(config)
     mesh = mesh_lib.make_mesh("data=1", jax.devices()[:1])
-    program = sharded_step.build(model, tx, schedule, strategy=get_strategy("dp"), mesh=mesh,
-                                 seq_len=config.data.seq_len, grad_accum_steps=config.optimizer.grad_accum_steps,
-                                 z_loss=config.optimizer.z_loss, label_smoothing=config.optimizer.label_smoothing)
+    program = program_lib.build(model, tx, schedule, strategy=get_strategy("dp"), mesh=mesh,
+                                seq_len=config.data.seq_len, grad_accum_steps=config.optimizer.grad_accum_steps,
+                                z_loss=config.optimizer.z_loss, label_smoothing=config.optimizer.label_smoothing)
     init_fn, step_fn, batch_sharding = program.init, program.step, program.layout.batch
 
     B, T = config.data.batch_size, config.data.seq_len

@@ -100,9 +100,9 @@ def ablate(config, layouts: Sequence[tuple[str, str]], *, steps: int = 3, device
 
     from sharding import analysis
     from sharding import mesh as mesh_lib
-    from sharding import step as sharded
     from sharding.strategies import get_strategy
     from train import build
+    from train import program as program_lib
 
     if config.model.family == "bert":
         raise ValueError("the ablation trains the decoder families' next-token step; model.family='bert' is not "
@@ -121,7 +121,7 @@ def ablate(config, layouts: Sequence[tuple[str, str]], *, steps: int = 3, device
     for strategy_name, mesh_text in layouts:
         strategy = get_strategy(strategy_name)
         mesh = mesh_lib.make_mesh(mesh_text or strategy.default_mesh, devices)
-        program = sharded.build_for_run(config, model, tx, schedule, strategy=strategy, mesh=mesh)
+        program = program_lib.build_for_run(config, model, tx, schedule, strategy=strategy, mesh=mesh)
         began = time.perf_counter()
         compiled = program.step.lower(program.abstract_state, program.abstract_batch(*batch["inputs"].shape),
                                       jax.random.key(1)).compile(compiler_options)

@@ -52,17 +52,17 @@ def train(config, *, strategy: str, mesh: str, steps: int, compiler_options=None
     import jax
 
     from sharding import mesh as mesh_lib
-    from sharding import step as sharded
     from sharding.ablate import random_batch
     from sharding.strategies import get_strategy
     from train import build
+    from train import program as program_lib
 
     chosen = get_strategy(strategy)
     device_mesh = mesh_lib.make_mesh(mesh or chosen.default_mesh)
     vocab = config.model.vocab_size or config.tokenizer.vocab_size
     model = build.model(config, vocab)
     tx, schedule = build.optimizer(config)
-    program = sharded.build_for_run(config, model, tx, schedule, strategy=chosen, mesh=device_mesh)
+    program = program_lib.build_for_run(config, model, tx, schedule, strategy=chosen, mesh=device_mesh)
     global_batch = random_batch(config.data.batch_size, config.data.seq_len, vocab)
     mine = local_rows(program.layout.batch, global_batch)
     batch = {k: jax.make_array_from_process_local_data(program.layout.batch, v, global_batch[k].shape)

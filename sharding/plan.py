@@ -76,9 +76,9 @@ def compile_plan(config, *, strategy: str, mesh: str, device_memory_gb: float, d
 
     from sharding import analysis
     from sharding import mesh as mesh_lib
-    from sharding import step as sharded
     from sharding.strategies import get_strategy
     from train import build
+    from train import program as program_lib
 
     if config.model.family == "bert":
         raise ValueError("the planner compiles the decoder families' next-token step; model.family='bert' is not "
@@ -88,7 +88,7 @@ def compile_plan(config, *, strategy: str, mesh: str, device_memory_gb: float, d
     model = build.model(config, config.model.vocab_size or config.tokenizer.vocab_size)
     tx, schedule = build.optimizer(config)
     seq_len, batch_size = config.data.seq_len, config.data.batch_size
-    program = sharded.build_for_run(config, model, tx, schedule, strategy=chosen, mesh=device_mesh)
+    program = program_lib.build_for_run(config, model, tx, schedule, strategy=chosen, mesh=device_mesh)
     compiled = program.step.lower(program.abstract_state, program.abstract_batch(batch_size, seq_len),
                                   jax.random.key(0)).compile()
     num_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(program.abstract_state.params))

@@ -1,13 +1,15 @@
-"""The train step and its init, jitted with a strategy's shardings.
+"""A train step and its init, given by the caller, jitted with a strategy's shardings.
 
-One init recipe (flax lm1b's `setup_initial_state`):
+The library lays out whatever step it is handed: the language model's (`train.program`
+binds `train.step`'s), or any objective's pure step with the same contract. One init recipe
+(flax lm1b's `setup_initial_state`):
 
-    jax.eval_shape(init) -> logical names -> strategy checks -> Layout (mesh shardings)
-    -> jax.jit(init, out_shardings=layout.state)
+    jax.eval_shape(init_state) -> logical names -> strategy checks -> Layout (mesh shardings)
+    -> jax.jit(init_state, out_shardings=layout.state)
 
-and the step `train.step.train_step`, jitted with `in_shardings` / `out_shardings` from the
-layout and a donated state. Both trace inside `layout.tracing()`, so the models' logical
-activation constraints bind to the mesh whoever calls them.
+and the step, jitted with `in_shardings` / `out_shardings` from the layout and a donated
+state. Both trace inside `layout.tracing()`, so the models' logical activation constraints
+bind to the mesh whoever calls them.
 
 ZeRO-2 and up pass `layout.grads` to the step (`grad_shardings`), which constrains the
 gradients to it as soon as they exist. The batch-sharded backward pass leaves each device a
@@ -20,16 +22,19 @@ program (tests/sharding measure it). The constraint matters where a gradient out
 backward pass: the gradient accumulation buffer, which the step constrains inside the
 accumulation loop.
 
-    program = sharding.step.build(model, tx, schedule, strategy=get_strategy("zero3"),
-                                  mesh=make_mesh("data=-1"), seq_len=64, batch_size=8)
+    program = sharding.step.build(
+        init_state=functools.partial(init_state, sample_ids_BT=ids_1T, model=model, tx=tx),
+        train_step=functools.partial(train_step, model=model, tx=tx, schedule=schedule),
+        tx=tx, strategy=get_strategy("zero3"), mesh=make_mesh("data=-1"), seq_len=64, batch_size=8)
     state = program.init(jax.random.key(0))
     state, metrics = program.step(state, batch, rng)   # batch placed by program.layout.batch
+
+This module imports nothing from `train/` (a test checks it): the dependency runs one way.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +46,6 @@ from jax.sharding import Mesh
 
 from sharding.layout import Layout, state_layout
 from sharding.strategies import Strategy, check_applies
-from train import step as step_lib
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
@@ -71,26 +75,26 @@ class ShardedProgram:
                 for k in BATCH_KEYS}
 
 
-def build(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable, *, strategy: Strategy,
-          mesh: Mesh, seq_len: int, batch_size: int | None = None, **step_kwargs) -> ShardedProgram:
+def build(*, init_state: Callable, train_step: Callable, tx: optax.GradientTransformation, strategy: Strategy,
+          mesh: Mesh, seq_len: int | None = None, batch_size: int | None = None) -> ShardedProgram:
     """Checks that `strategy` applies, lays the state out and jits init and step.
 
     Args:
-      model: the flax model (its params named by logical axes).
-      tx: the optimizer.
-      schedule: the learning-rate schedule (for the step's metrics).
+      init_state: rng -> the initial state, a pytree with `step`, `params` (boxed with logical
+        axis names, as `model.init` returns them) and `opt_state`; static pieces bound with
+        `functools.partial`. Traced, never run eagerly.
+      train_step: the pure step `(state, batch, rng, *, grad_shardings) -> (state, metrics)`,
+        static pieces bound with `functools.partial`. `grad_shardings` is the gradients'
+        layout (a tree like the params) under ZeRO-2 and up, else None.
+      tx: the optimizer whose state is `opt_state` (its moments are laid out like the params).
       strategy: the sharding strategy.
       mesh: the mesh.
-      seq_len: the training sequence length (shape of the init sample; sequence parallelism).
+      seq_len: the training sequence length, checked against sequence parallelism if given.
       batch_size: the global (micro-)batch, checked against the batch axes if given.
-      **step_kwargs: further static arguments of `train.step.train_step` (grad_accum_steps,
-        z_loss, ...).
 
     Returns:
       The ShardedProgram.
     """
-    init_state = functools.partial(step_lib.init_state, sample_ids_BT=jnp.zeros((1, seq_len), jnp.int32),
-                                   model=model, tx=tx)
     boxed = jax.eval_shape(init_state, jax.random.key(0))
     check_applies(strategy, mesh, boxed.params, batch_size=batch_size, seq_len=seq_len)
     layout = state_layout(strategy, mesh, boxed, tx)
@@ -105,8 +109,7 @@ def build(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable
 
     def step(state, batch, rng):
         with layout.tracing():
-            return step_lib.train_step(state, batch, rng, model=model, tx=tx, schedule=schedule,
-                                       grad_shardings=grad_shardings, **step_kwargs)
+            return train_step(state, batch, rng, grad_shardings=grad_shardings)
 
     abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                       _unbox(boxed), layout.state)
@@ -116,21 +119,6 @@ def build(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable
         step=jax.jit(step, in_shardings=(layout.state, layout.batch, layout.replicated),
                      out_shardings=(layout.state, layout.replicated), donate_argnums=(0,)),
     )
-
-
-def build_for_run(config, model: nn.Module, tx: optax.GradientTransformation, schedule: Callable, *,
-                  strategy: Strategy, mesh: Mesh, mlm=None) -> ShardedProgram:
-    """`build` with the step settings of a run config (`configs/base.py`): sequence length,
-    micro-batch (data.batch_size / optimizer.grad_accum_steps), z-loss, label smoothing, the
-    multi-token-prediction weight and the MoE correction-bias rate; `mlm` for a masked LM."""
-    accum = config.optimizer.grad_accum_steps
-    if config.data.batch_size % accum:
-        raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by "
-                         f"optimizer.grad_accum_steps={accum}")
-    return build(model, tx, schedule, strategy=strategy, mesh=mesh, seq_len=config.data.seq_len,
-                 batch_size=config.data.batch_size // accum, grad_accum_steps=accum, z_loss=config.optimizer.z_loss,
-                 label_smoothing=config.optimizer.label_smoothing, mlm=mlm,
-                 mtp_loss_weight=config.model.mtp_loss_weight, bias_update_rate=config.model.moe.bias_update_rate)
 
 
 def _unbox(tree):

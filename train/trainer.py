@@ -38,9 +38,9 @@ import ml_collections
 from data import pipeline
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
-from sharding import step as sharded_step
 from sharding.strategies import get_strategy
 from train import build
+from train import program as program_lib
 from train import step as step_lib
 from train.checkpoint import Checkpointer
 from train.metrics import MetricsWriter, Throughput, measure_matmul_peak
@@ -142,7 +142,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     tx, schedule = build.optimizer(config)
     strategy = get_strategy(config.sharding.strategy)
     mesh = mesh_lib.make_mesh(config.sharding.mesh or strategy.default_mesh)
-    program = sharded_step.build_for_run(config, model, tx, schedule, strategy=strategy, mesh=mesh, mlm=mlm)
+    program = program_lib.build_for_run(config, model, tx, schedule, strategy=strategy, mesh=mesh, mlm=mlm)
     layout = program.layout
 
     def evaluate_batch(params, batch, rng):

@@ -26,6 +26,7 @@ from models.gpt import GPT, llama_config, mixtral_config
 from sharding import mesh as mesh_lib
 from sharding import step as sharded
 from sharding.strategies import get_strategy
+from train import program as program_lib
 from train.optimizer import make_optimizer
 
 BATCH, SEQ, VOCAB, STEPS = 16, 16, 128, 5
@@ -79,10 +80,10 @@ def build(model_name: str, strategy: str, mesh: str = "", num_layers: int = 2) -
     """The sharded program of a tiny model; mesh "data=1" is one device."""
     chosen = get_strategy(strategy)
     devices = jax.devices()[:1] if mesh == "data=1" else None
-    return sharded.build(tiny_model(model_name, num_layers), make_optimizer(learning_rate=3e-3, eps=ADAM_EPS),
-                         lambda step: 3e-3, strategy=chosen,
-                         mesh=mesh_lib.make_mesh(mesh or chosen.default_mesh, devices), seq_len=SEQ,
-                         batch_size=BATCH)
+    return program_lib.build(tiny_model(model_name, num_layers), make_optimizer(learning_rate=3e-3, eps=ADAM_EPS),
+                             lambda step: 3e-3, strategy=chosen,
+                             mesh=mesh_lib.make_mesh(mesh or chosen.default_mesh, devices), seq_len=SEQ,
+                             batch_size=BATCH)
 
 
 def init(program: sharded.ShardedProgram):
