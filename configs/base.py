@@ -127,7 +127,7 @@ def get_config() -> ml_collections.ConfigDict:
         log_every_steps=10,
         tensorboard=True,
         progress_bar=True,
-        peak_flops=0.0,  # FLOP/s for MFU; 0: measure a 2048^2 float32 matmul once
+        peak_flops=0.0,  # FLOP/s of ONE device for MFU; 0: datasheet peak for model.dtype, else measured
     ))
     c.eval = ml_collections.ConfigDict(dict(
         every_steps=200,  # 0: only at the end

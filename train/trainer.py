@@ -43,7 +43,7 @@ from train import build
 from train import program as program_lib
 from train import step as step_lib
 from train.checkpoint import Checkpointer
-from train.metrics import MetricsWriter, Throughput, measure_matmul_peak
+from train.metrics import MetricsWriter, Throughput, peak_flops_per_device
 from train.samples import sample_continuations
 
 
@@ -193,17 +193,21 @@ class _MetricsReader:
         self.config, self.start_step = config, start_step
         num_params, flops_per_token = build.model_size(r.model, config.data.seq_len)
         train_flops_per_token = 3 * flops_per_token
-        # A short measurement (a few seconds); set logging.peak_flops to skip it.
-        peak = config.logging.peak_flops or measure_matmul_peak(repeats=3, matmuls_per_call=2)
-        self.throughput = Throughput(train_flops_per_token, peak)
+        # MFU divides by the peak of every device the step runs on (`train.metrics`): a datasheet
+        # figure for the device kind and compute dtype, else a short measurement (a few seconds;
+        # set logging.peak_flops, per device, to skip it).
+        devices = list(r.mesh.devices.flat)
+        peak, peak_source = peak_flops_per_device(config.logging.peak_flops, config.model.dtype, devices)
+        self.throughput = Throughput(train_flops_per_token, peak_flops_per_device=peak, num_devices=len(devices))
         self.tokens_per_step = config.data.batch_size * config.data.seq_len  # padding included: it is computed
         self.writer = MetricsWriter(r.workdir, config.steps, use_tensorboard=config.logging.tensorboard,
                                     progress=config.logging.progress_bar) if r.is_lead else None
         self.last_time, self.last_metrics = time.time(), {}
         if r.is_lead:
             print(f"model: {num_params / 1e6:.2f}M parameters, {train_flops_per_token / 1e6:.1f} "
-                  f"MFLOP per trained token; vocab {r.tokenizer.vocab_size}; {jax.device_count()} devices; steps "
-                  f"{start_step}->{config.steps}; peak {peak / 1e9:.1f} GFLOP/s", flush=True)
+                  f"MFLOP per trained token; vocab {r.tokenizer.vocab_size}; {len(devices)} devices; steps "
+                  f"{start_step}->{config.steps}; peak {peak / 1e12:.4g} TFLOP/s per device ({peak_source})",
+                  flush=True)
 
     def __call__(self, step: int, device_metrics: dict) -> None:
         metrics = {k: float(v) for k, v in device_metrics.items()}
@@ -274,6 +278,8 @@ def _finish(r: Run, state, ev: dict[str, float], throughput: Throughput, last_me
         "tokens_per_second": totals["tokens_per_second"],
         "flops_per_second": totals["flops_per_second"],
         "mfu": totals["mfu"],
+        "peak_flops_per_device": totals.get("peak_flops_per_device"),
+        "num_devices": totals.get("num_devices"),
         "num_params": build.model_size(model, config.data.seq_len)[0],
     }
     if r.mlm is None:
