@@ -60,6 +60,9 @@ def test_tiny_run_learns_and_writes_its_outputs(shared, tmp_path):
     assert on_disk["val_bits_per_byte"] == pytest.approx(
         on_disk["val_loss"] * on_disk["val_tokens"] / np.log(2) / on_disk["val_bytes"], rel=1e-6)
     assert 0 < on_disk["mfu"] < 1 and on_disk["tokens_per_second"] > 0
+    # MFU is over the peak of all 8 devices (logging.peak_flops is per device).
+    assert on_disk["num_devices"] == 8 and on_disk["peak_flops_per_device"] == 1e11
+    assert on_disk["mfu"] == pytest.approx(on_disk["flops_per_second"] / (8 * 1e11), rel=1e-9)
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
     assert json.loads((tmp_path / "config.json").read_text())["steps"] == 40
     assert len(on_disk["samples"]) == 1 and on_disk["samples"][0].startswith("The ")
