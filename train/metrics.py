@@ -219,7 +219,7 @@ def peak_flops_per_device(configured: float, compute_dtype, devices: Sequence[ja
     else:
         n, per_call = 4096, 10  # long enough for an accelerator to reach its peak
     peak = measure_matmul_peak(n, name, repeats=3, matmuls_per_call=per_call, devices=local)
-    return peak, f"measured, {n}^2 {name} matmul on {len(local)} {kind} devices at once"
+    return peak, f"measured, {n}^2 {name} matmul on {len(local)} {kind} device(s) at once"
 
 
 def mfu(tokens_per_second: float, flops_per_token: float, peak_flops_per_device: float, num_devices: int) -> float:
