@@ -29,8 +29,16 @@ def _sample(params, tokens_BL, rng, *, model: nn.Module, prompt_len: int, num_to
 
 def sample_continuations(model: nn.Module, params, tokenizer, prompt: str, *, num_samples: int, num_tokens: int,
                          temperature: float, max_len: int, seed: int = 0) -> list[str]:
-    """`num_samples` continuations of `prompt`, each `num_tokens` long (fewer if the context ends)."""
+    """`num_samples` continuations of `prompt`, each `num_tokens` long (fewer if the context ends).
+
+    Raises:
+      ValueError: the prompt is empty and the tokenizer has no BOS token, so there is no
+        position to predict the first token from.
+    """
     ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError("the sampling prompt is empty and the tokenizer has no BOS token to start from; "
+                         "set a non-empty prompt (eval.prompt) or use a tokenizer with a BOS token")
     ids = ids[-(max_len - 1):]
     num_tokens = min(num_tokens, max_len - len(ids))
     tokens = np.zeros((num_samples, len(ids) + num_tokens), np.int32)
