@@ -87,7 +87,7 @@ def test_zero3_at_default_eps_and_compile_options_matches_one_device(tiny_run):
     That error is EPS32 * sqrt(N) * (rms gradient) / |g_i| (x4 as above); allowing elements
     down to 1% of their leaf's rms gradient, each leaf's difference stays within
     4 * EPS32 * sqrt(N) * 100 = 6.9e-4 of the norm of its own update (measured on one
-    AVX-512 CPU: 5e-5, the lm_head). A layout error (a missing or doubled reduction) moves
+    AVX-512 CPU: 6.3e-5, an MLP up-projection). A layout error (a missing or doubled reduction) moves
     the steps by O(1) of themselves.
     """
     rounding = 4 * EPS32 * math.sqrt(COUNTED_TOKENS)
