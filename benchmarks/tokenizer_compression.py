@@ -23,7 +23,7 @@ _ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from data.tokenizer.bpe import ByteLevelBPE, token_to_str  # noqa: E402
+from data.tokenizer.bpe import ByteLevelBPE, token_to_str
 
 SPECIAL_TOKENS = ["<|endoftext|>"]
 

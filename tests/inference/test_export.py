@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from inference import generate, run_exported as loader
+from inference import generate
+from inference import run_exported as loader
 from inference.export import LOADER, export_decoder
 from models.deepseek import deepseek_v3_config
 from models.gpt import GPT, llama_config
