@@ -217,7 +217,10 @@ def test_grad_shardings_split_the_accumulator_and_keep_the_numbers():
     assert runs["split"][0] < runs["whole"][0] - 0.8 * grad_bytes, (runs["split"][0], runs["whole"][0], grad_bytes)
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose(runs["split"][2][key], runs["whole"][2][key], rtol=1e-6, err_msg=key)
-    _assert_trees_close(runs["split"][1].params, runs["whole"][1].params, rtol=1e-6, atol=1e-7)
+    # A reduce-scatter sums the gradients in another order than an all-reduce: SGD moves the
+    # parameters by lr times that rounding, and each is rounded within an ulp (as in accumulation).
+    update_rounding = float(SCHEDULE(2)) * _grad_rounding(runs["whole"][2]["grad_norm"], _num_params(state.params))
+    _assert_trees_close(runs["split"][1].params, runs["whole"][1].params, rtol=2 * EPS32, atol=update_rounding)
 
 
 def test_eval_nll_sum_matches_float64_numpy():
