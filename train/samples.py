@@ -27,9 +27,10 @@ def _sample(params, tokens_BL, rng, *, model: nn.Module, prompt_len: int, num_to
     return jax.lax.fori_loop(prompt_len, prompt_len + num_tokens, step, tokens_BL)
 
 
-def sample_continuations(model: nn.Module, params, tokenizer, prompt: str, *, num_samples: int, num_tokens: int,
-                         temperature: float, max_len: int, seed: int = 0) -> list[str]:
-    """`num_samples` continuations of `prompt`, each `num_tokens` long (fewer if the context ends).
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The ids a sample starts from: BOS (if the tokenizer has one) and the encoded prompt.
+
+    Cheap, so a run can call it before training to fail early.
 
     Raises:
       ValueError: the prompt is empty and the tokenizer has no BOS token, so there is no
@@ -39,7 +40,17 @@ def sample_continuations(model: nn.Module, params, tokenizer, prompt: str, *, nu
     if not ids:
         raise ValueError("the sampling prompt is empty and the tokenizer has no BOS token to start from; "
                          "set a non-empty prompt (eval.prompt) or use a tokenizer with a BOS token")
-    ids = ids[-(max_len - 1):]
+    return ids
+
+
+def sample_continuations(model: nn.Module, params, tokenizer, prompt: str, *, num_samples: int, num_tokens: int,
+                         temperature: float, max_len: int, seed: int = 0) -> list[str]:
+    """`num_samples` continuations of `prompt`, each `num_tokens` long (fewer if the context ends).
+
+    Raises:
+      ValueError: from `prompt_ids`, for an empty prompt and no BOS token.
+    """
+    ids = prompt_ids(tokenizer, prompt)[-(max_len - 1):]
     num_tokens = min(num_tokens, max_len - len(ids))
     tokens = np.zeros((num_samples, len(ids) + num_tokens), np.int32)
     tokens[:, : len(ids)] = ids

@@ -8,7 +8,7 @@ import pytest
 from data.tokenizer.bpe import ByteLevelBPE
 from models.gpt import GPT, llama_config
 from models.random_params import random_params
-from train.samples import sample_continuations
+from train.samples import prompt_ids, sample_continuations
 
 # No special tokens: no BOS (as some loaded tokenizers have none) and no EOS.
 TOKENIZER = ByteLevelBPE.train("the cat sat on the mat. " * 20, vocab_size=270, special_tokens=())
@@ -23,6 +23,8 @@ def test_an_empty_prompt_without_bos_is_a_clear_error():
     """Nothing to condition the first token on: the step would read logits at position -1."""
     assert TOKENIZER.bos_id is None
     model = _model()
+    with pytest.raises(ValueError, match=r"prompt is empty and the tokenizer has no BOS token.*eval\.prompt"):
+        prompt_ids(TOKENIZER, "")  # what a run can check before it trains
     with pytest.raises(ValueError, match=r"prompt is empty and the tokenizer has no BOS token.*eval\.prompt"):
         sample_continuations(model, None, TOKENIZER, "", num_samples=1, num_tokens=4, temperature=1.0,
                              max_len=16)

@@ -218,3 +218,16 @@ def test_cli_reports_a_misspelt_key_without_a_traceback(tmp_path):
     assert "config key `optimizer.lrr` does not exist; did you mean `optimizer.lr`?" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_an_empty_sample_prompt_without_bos_fails_before_training(shared, tmp_path):
+    """The run ends with samples; with nothing to start them from it says so before it trains."""
+    from data.tokenizer.bpe import ByteLevelBPE
+
+    no_bos = ByteLevelBPE.train("the cat sat on the mat. " * 50, vocab_size=300, special_tokens=("</s>",))
+    assert no_bos.bos_id is None and no_bos.eos_id is not None
+    no_bos.save(tmp_path / "tokenizer")
+    config = _config(shared, f"tokenizer.path={tmp_path / 'tokenizer'}", "eval.prompt=")
+    with pytest.raises(ValueError, match=r"prompt is empty and the tokenizer has no BOS token.*eval\.prompt"):
+        trainer.run(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
