@@ -6,6 +6,7 @@ compression), training time, and encoding time.
 
 Run:
   python benchmarks/tokenizer_compression.py --vocab_size=4096
+  python benchmarks/tokenizer_compression.py --quick   # vocab 320 on the first 60 KB (the test)
 """
 
 import argparse
@@ -22,14 +23,14 @@ _ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from data.tokenizer.bpe import ByteLevelBPE, token_to_str  # noqa: E402
+from data.tokenizer.bpe import ByteLevelBPE, token_to_str
 
 SPECIAL_TOKENS = ["<|endoftext|>"]
 
 
-def pydoc_corpus(train_fraction: float) -> tuple[str, str]:
-    """Returns (train, held_out) slices of the pydoc topics text."""
-    text = "\n\n".join(pydoc_data.topics.topics.values())
+def pydoc_corpus(train_fraction: float, max_chars: int | None = None) -> tuple[str, str]:
+    """Returns (train, held_out) slices of the pydoc topics text (its first `max_chars`, if given)."""
+    text = "\n\n".join(pydoc_data.topics.topics.values())[:max_chars]
     split = int(train_fraction * len(text))
     return text[:split], text[split:]
 
@@ -55,9 +56,9 @@ def timed(fn, *args):
     return result, time.perf_counter() - start
 
 
-def run(vocab_size: int, train_fraction: float = 0.9) -> dict[str, float]:
+def run(vocab_size: int, train_fraction: float = 0.9, max_chars: int | None = None) -> dict[str, float]:
     """Trains both tokenizers, prints the comparison and returns its numbers."""
-    train_text, held_out = pydoc_corpus(train_fraction)
+    train_text, held_out = pydoc_corpus(train_fraction, max_chars)
     held_out_bytes = len(held_out.encode("utf-8"))
 
     ours, ours_train_s = timed(ByteLevelBPE.train, [train_text], vocab_size, SPECIAL_TOKENS)
@@ -91,15 +92,19 @@ def run(vocab_size: int, train_fraction: float = 0.9) -> dict[str, float]:
     ours_tokens = [token_to_str(ours.token_bytes(i)) for i in ours_ids]
     library_tokens = [library.id_to_token(i) for i in library_ids]
     print(f"identical held-out tokens: {ours_tokens == library_tokens}")
+    numbers["identical_tokens"] = ours_tokens == library_tokens
     return numbers
 
 
-def main() -> None:
+def main(argv=None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab_size", type=int, default=4096, help="vocabulary size of both tokenizers")
     parser.add_argument("--train_fraction", type=float, default=0.9, help="leading share of the text to train on")
-    args = parser.parse_args()
-    run(args.vocab_size, args.train_fraction)
+    parser.add_argument("--quick", action="store_true", help="vocab 320 on the first 60 KB: a check that it runs")
+    args = parser.parse_args(argv)
+    if args.quick:
+        return run(320, args.train_fraction, max_chars=60_000)
+    return run(args.vocab_size, args.train_fraction)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ numbers are the trainer's step alone: no data pipeline, metric reads or checkpoi
 Run:
   python benchmarks/train_throughput.py
   python benchmarks/train_throughput.py --sizes=tiny,default,wide --steps=20   # wide: ~1-4 s a step on 2 CPU cores
+  python benchmarks/train_throughput.py --quick   # the tiny size, 2 steps, a small peak matmul (the test)
 """
 
 import argparse
@@ -109,7 +110,11 @@ def main(argv=None) -> dict[str, dict[str, float]]:
                         help=f"comma-separated sizes among {', '.join(SIZES)}")
     parser.add_argument("--steps", type=int, default=10, help="timed train steps per size")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first one compiles)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the tiny size, 2 timed steps after 1, a 512^2 peak matmul: a check that it runs")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.steps, args.warmup = "tiny", 2, 1
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
@@ -118,9 +123,10 @@ def main(argv=None) -> dict[str, dict[str, float]]:
         parser.error(f"--steps={args.steps} and --warmup={args.warmup} must both be >= 1")
 
     device = jax.devices()[0]
-    peak = measure_matmul_peak()
+    n = 512 if args.quick else 2048
+    peak = measure_matmul_peak(n, repeats=1) if args.quick else measure_matmul_peak(n)
     print(f"device: {device.platform} {device.device_kind}; {jax.device_count()} devices (1 used)")
-    print(f"matmul peak (2048^2 float32, measured now): {peak / 1e9:.1f} GFLOP/s")
+    print(f"matmul peak ({n}^2 float32, measured now): {peak / 1e9:.1f} GFLOP/s")
     print(f"timed {args.steps} steps per size after {args.warmup} warm-up steps\n")
 
     header = (f"{'model':8} {'shape':34} {'params':>8} {'tok/step':>8} {'compile':>8} {'step':>9} "
@@ -130,7 +136,7 @@ def main(argv=None) -> dict[str, dict[str, float]]:
     results = {}
     for size in sizes:
         r = time_train_step(size, args.steps, args.warmup)
-        results[size] = r
+        results[size] = {**r, "peak_flops": peak}
         print(f"{size:8} {r['shape']:34} {r['num_params'] / 1e6:7.2f}M {r['tokens_per_step']:8d} "
               f"{r['compile_seconds']:7.1f}s {r['step_seconds'] * 1e3:7.1f}ms {r['tokens_per_second']:10.0f} "
               f"{r['flops_per_second'] / 1e9:8.1f} {r['flops_per_second'] / peak:7.1%}", flush=True)

@@ -11,8 +11,11 @@ Axis letters: B batch, T prompt length, S cache length, V vocabulary.
     prefill.jax      params, ids [B, T] (right-padded), lengths [B]
                        -> (logits at each row's last prompt token [B, V], cache)
     decode.jax       params, cache, tokens [B], positions [B] -> (logits [B, V], cache)
-    params.npz       the parameters, one array per leaf, named by their path ("a/b/kernel")
-    manifest.json    vocab_size, max_len S, the pad id, the platforms exported for
+    params.npz       the parameters, one array per leaf, named by their path ("a/b/kernel");
+                       a dtype numpy cannot store (bfloat16, float8) as its bit pattern
+                       (unsigned ints of the same width), its name in the manifest
+    manifest.json    vocab_size, max_len S, the pad id, the platforms exported for,
+                       param_dtypes {path: dtype name} of the leaves stored as bits
     run_exported.py  a copy of `inference/run_exported.py`, the greedy loop over the two
 
 Both functions are StableHLO with their input/output pytree structure (nested dicts of
@@ -92,6 +95,22 @@ def flatten_params(params) -> dict[str, np.ndarray]:
     return out
 
 
+def storable_arrays(flat: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The arrays `np.savez` can write and read back, and {path: dtype name} of those stored as bits.
+
+    numpy writes an ml_dtypes array (bfloat16, float8) as raw void bytes ("|V2") that it
+    cannot load again; such leaves are stored as their bit pattern in unsigned ints of the
+    same width, which `run_exported.py` views back as the named dtype, exactly.
+    """
+    arrays, dtypes = {}, {}
+    for key, a in flat.items():
+        if np.dtype(a.dtype.str) != a.dtype:  # not a numpy-native dtype
+            arrays[key], dtypes[key] = a.view(f"u{a.dtype.itemsize}"), a.dtype.name
+        else:
+            arrays[key] = a
+    return arrays, dtypes
+
+
 def export_decoder(model: GPT, params, directory: str, *, max_len: int | None = None,
                    platforms: tuple[str, ...] | None = None) -> dict:
     """Exports prefill and decode of `model` to `directory` (see the module docstring).
@@ -126,9 +145,10 @@ def export_decoder(model: GPT, params, directory: str, *, max_len: int | None = 
     for name, exported in (("prefill.jax", prefill), ("decode.jax", decode)):
         with open(os.path.join(directory, name), "wb") as f:
             f.write(exported.serialize())
-    np.savez(os.path.join(directory, "params.npz"), **flatten_params(params))
+    arrays, param_dtypes = storable_arrays(flatten_params(params))
+    np.savez(os.path.join(directory, "params.npz"), **arrays)
     manifest = {"vocab_size": model.config.vocab_size, "max_len": max_len, "pad_id": PAD_ID,
-                "platforms": list(prefill.platforms)}
+                "platforms": list(prefill.platforms), "param_dtypes": param_dtypes}
     with open(os.path.join(directory, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2)
     shutil.copy(LOADER, os.path.join(directory, "run_exported.py"))

@@ -13,6 +13,7 @@ argmax of each row's logits is fed back at the row's own position.
 import argparse
 import json
 import os
+import sys
 
 import jax
 import numpy as np
@@ -27,13 +28,14 @@ def load(directory: str):
         with open(os.path.join(directory, name), "rb") as f:
             functions.append(jax.export.deserialize(bytearray(f.read())))
     params = {}
+    bits_of = manifest.get("param_dtypes", {})  # leaves stored as bit patterns (bfloat16, float8)
     with np.load(os.path.join(directory, "params.npz")) as arrays:
         for key in arrays.files:  # "a/b/kernel" -> params["a"]["b"]["kernel"]
             *parents, leaf = key.split("/")
             node = params
             for p in parents:
                 node = node.setdefault(p, {})
-            node[leaf] = arrays[key]
+            node[leaf] = arrays[key].view(jax.numpy.dtype(bits_of[key])) if key in bits_of else arrays[key]
     return manifest, functions[0], functions[1], params
 
 
@@ -41,6 +43,11 @@ def greedy(directory: str, prompts: list[list[int]], max_new_tokens: int,
            stop_tokens: tuple[int, ...] = ()) -> list[list[int]]:
     """The new token ids of each prompt (cut after its first stop token)."""
     manifest, prefill, decode, params = load(directory)
+    vocab_size = manifest["vocab_size"]
+    bad = sorted({t for p in prompts for t in p if not 0 <= t < vocab_size})
+    if bad:  # the embedding lookup would clamp or read garbage rather than fail
+        raise ValueError(f"prompt token ids {bad[:5]} are outside the model's vocabulary [0, {vocab_size}); "
+                         f"pass ids of the tokenizer the model was trained with")
     lengths = np.array([len(p) for p in prompts], np.int32)
     if lengths.min() < 1 or lengths.max() + max_new_tokens > manifest["max_len"]:
         raise ValueError(f"prompts of 1..{manifest['max_len'] - max_new_tokens} tokens fit max_new_tokens="
@@ -73,9 +80,12 @@ def main():
     parser.add_argument("--max_new_tokens", type=int, default=20)
     parser.add_argument("--stop_tokens", default="", help="comma-separated ids that end a row")
     args = parser.parse_args()
-    prompts = [[int(t) for t in p.split(",")] for p in args.prompt_ids]
-    stop = tuple(int(t) for t in args.stop_tokens.split(",") if t)
-    print(json.dumps(greedy(args.directory, prompts, args.max_new_tokens, stop)))
+    try:
+        prompts = [[int(t) for t in p.split(",")] for p in args.prompt_ids]
+        stop = tuple(int(t) for t in args.stop_tokens.split(",") if t)
+        print(json.dumps(greedy(args.directory, prompts, args.max_new_tokens, stop)))
+    except ValueError as e:  # bad ids or lengths: one line, no traceback
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -146,12 +147,16 @@ class Strategy:
         zero_axes = _present(self.zero_axes, mesh)
         if zero and zero_axes is not None:
             size = axis_size(mesh, zero_axes)
-            for dim in ZERO_DIMS:
-                if dim in names:
-                    i = list(names).index(dim)
-                    if spec[i] is None and shape[i] % size == 0:
-                        spec[i] = zero_axes
-                        break
+            tried = [dim for dim in ZERO_DIMS if dim in names and spec[list(names).index(dim)] is None]
+            fits = [dim for dim in tried if shape[list(names).index(dim)] % size == 0]
+            if fits:
+                spec[list(names).index(fits[0])] = zero_axes
+            elif tried and size > 1:
+                # A whole copy per device is correct but costs memory the ZeRO formulas do not count.
+                warnings.warn(f"{self.name} keeps a leaf of shape {tuple(shape)} {tuple(names)} whole on "
+                              f"every device: none of its dimensions {tried} divides by mesh axes {zero_axes} of "
+                              f"size {size}; make one a multiple of {size} or use a smaller {zero_axes} axis",
+                              stacklevel=2)
         return PartitionSpec(*spec)
 
 

@@ -27,11 +27,30 @@ def _sample(params, tokens_BL, rng, *, model: nn.Module, prompt_len: int, num_to
     return jax.lax.fori_loop(prompt_len, prompt_len + num_tokens, step, tokens_BL)
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The ids a sample starts from: BOS (if the tokenizer has one) and the encoded prompt.
+
+    Cheap, so a run can call it before training to fail early.
+
+    Raises:
+      ValueError: the prompt is empty and the tokenizer has no BOS token, so there is no
+        position to predict the first token from.
+    """
+    ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError("the sampling prompt is empty and the tokenizer has no BOS token to start from; "
+                         "set a non-empty prompt (eval.prompt) or use a tokenizer with a BOS token")
+    return ids
+
+
 def sample_continuations(model: nn.Module, params, tokenizer, prompt: str, *, num_samples: int, num_tokens: int,
                          temperature: float, max_len: int, seed: int = 0) -> list[str]:
-    """`num_samples` continuations of `prompt`, each `num_tokens` long (fewer if the context ends)."""
-    ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(prompt)
-    ids = ids[-(max_len - 1):]
+    """`num_samples` continuations of `prompt`, each `num_tokens` long (fewer if the context ends).
+
+    Raises:
+      ValueError: from `prompt_ids`, for an empty prompt and no BOS token.
+    """
+    ids = prompt_ids(tokenizer, prompt)[-(max_len - 1):]
     num_tokens = min(num_tokens, max_len - len(ids))
     tokens = np.zeros((num_samples, len(ids) + num_tokens), np.int32)
     tokens[:, : len(ids)] = ids

@@ -44,7 +44,7 @@ from train import program as program_lib
 from train import step as step_lib
 from train.checkpoint import Checkpointer
 from train.metrics import MetricsWriter, Throughput, peak_flops_per_device
-from train.samples import sample_continuations
+from train.samples import prompt_ids, sample_continuations
 
 
 class Preempted(RuntimeError):
@@ -139,6 +139,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     tokenizer = build.tokenizer(config, workdir, data_cfg)
     model = build.model(config, tokenizer.vocab_size)
     mlm = build.mlm(config, tokenizer)
+    if mlm is None:  # the run ends with samples: fail now, not after training, if there is nothing to start from
+        prompt_ids(tokenizer, config.eval.prompt)
     tx, schedule = build.optimizer(config)
     strategy = get_strategy(config.sharding.strategy)
     mesh = mesh_lib.make_mesh(config.sharding.mesh or strategy.default_mesh)

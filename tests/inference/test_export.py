@@ -8,9 +8,13 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from inference import generate
+from inference import run_exported as loader
 from inference.export import LOADER, export_decoder
 from models.deepseek import deepseek_v3_config
 from models.gpt import GPT, llama_config
@@ -74,4 +78,31 @@ def test_loader_imports_only_the_standard_library_jax_and_numpy():
     modules = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                for alias in node.names}
     modules |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert modules <= {"argparse", "json", "os", "jax", "numpy"}, modules
+    assert modules <= {"argparse", "json", "os", "sys", "jax", "numpy"}, modules
+
+
+def test_bfloat16_params_export_and_load_back_exactly(tmp_path):
+    """numpy cannot read back the |V2 bytes it writes for bfloat16: the export stores the bits
+    (uint16) and the manifest the dtype, and the loader restores the same values and tokens."""
+    model = GPT(CONFIGS["llama_gqa"])
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), random_params(model))
+    manifest = export_decoder(model, params, str(tmp_path), max_len=24)
+    assert set(manifest["param_dtypes"].values()) == {"bfloat16"}
+    _, _, _, loaded = loader.load(str(tmp_path))
+    for want, got in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(loaded)):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(got.view(np.uint16), np.asarray(want).view(np.uint16))
+    assert run_exported(tmp_path, PROMPTS, 10) == generate(model, params, PROMPTS, max_new_tokens=10)
+
+
+def test_out_of_range_prompt_ids_are_a_one_line_error(tmp_path):
+    model = GPT(CONFIGS["llama_gqa"])
+    export_decoder(model, random_params(model), str(tmp_path), max_len=24)
+    result = subprocess.run([sys.executable, str(tmp_path / "run_exported.py"), str(tmp_path),
+                             "--prompt_ids=3,40,2", "--prompt_ids=-1"], capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode != 0 and not result.stdout
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: prompt token ids [-1, 40] are outside the model's vocabulary [0, 40); "
+        "pass ids of the tokenizer the model was trained with")
+    assert "Traceback" not in result.stderr

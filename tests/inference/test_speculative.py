@@ -65,12 +65,17 @@ def _exact_joint(model, params, prompt, sampling, vocab) -> np.ndarray:
     logits = model.apply({"params": params}, jnp.asarray(ids, jnp.int32))[:, len(prompt) - 1:]
 
     def probs(logits_BV):
-        return np.asarray(jax.nn.softmax(process_logits(logits_BV, sampling)), np.float64)
+        # The softmax in float64: a float32 one sums to 1 only within ~1e-7, and chi-square
+        # needs expected counts that sum to the number of draws.
+        x_BV = np.asarray(process_logits(logits_BV, sampling), np.float64)
+        e_BV = np.exp(x_BV - x_BV.max(axis=-1, keepdims=True))  # filtered tokens (-inf) give 0
+        return e_BV / e_BV.sum(axis=-1, keepdims=True)
 
     p0 = probs(logits[:1, 0])[0]
     p1 = probs(logits[::vocab, 1])  # rows with t1 = 0 give p(t1 | t0) for each t0
     p2 = probs(logits[:, 2]).reshape(vocab, vocab, vocab)
-    return p0[:, None, None] * p1[:, :, None] * p2
+    joint = p0[:, None, None] * p1[:, :, None] * p2
+    return joint / joint.sum()  # exactly a distribution, up to float64 rounding
 
 
 def test_sampled_speculative_follows_the_target_distribution():
@@ -85,7 +90,7 @@ def test_sampled_speculative_follows_the_target_distribution():
     np.add.at(counts, tuple(np.array(tokens).T), 1)
 
     def p_value(joint):
-        expected = n * joint.ravel()
+        expected = n * joint.ravel()  # float64, sums to n
         # Cells expected under 5 counts are pooled into one, as chi-square needs.
         small = expected < 5
         obs = np.append(counts.ravel()[~small], counts.ravel()[small].sum())

@@ -10,7 +10,8 @@ dispatch of tokens to experts is what expert parallelism turns into all-to-alls.
 
 To keep the suite quick every run starts from the same initial state (one device's init,
 placed by the run's layout; `test_equivalence` checks that the sharded init equals it), and
-steps are compiled for speed, not for fast code (`FAST_COMPILE`).
+steps are compiled for speed, not for fast code (`FAST_COMPILE`). `run(..., defaults=True)`
+trains as users do instead: Adam's default eps and XLA's default compile options.
 """
 
 from __future__ import annotations
@@ -76,11 +77,13 @@ class Run:
 
 
 @functools.cache
-def build(model_name: str, strategy: str, mesh: str = "", num_layers: int = 2) -> sharded.ShardedProgram:
-    """The sharded program of a tiny model; mesh "data=1" is one device."""
+def build(model_name: str, strategy: str, mesh: str = "", num_layers: int = 2,
+          defaults: bool = False) -> sharded.ShardedProgram:
+    """The sharded program of a tiny model; mesh "data=1" is one device; `defaults`: Adam's default eps."""
     chosen = get_strategy(strategy)
     devices = jax.devices()[:1] if mesh == "data=1" else None
-    return program_lib.build(tiny_model(model_name, num_layers), make_optimizer(learning_rate=3e-3, eps=ADAM_EPS),
+    eps = {} if defaults else {"eps": ADAM_EPS}
+    return program_lib.build(tiny_model(model_name, num_layers), make_optimizer(learning_rate=3e-3, **eps),
                              lambda step: 3e-3, strategy=chosen,
                              mesh=mesh_lib.make_mesh(mesh or chosen.default_mesh, devices), seq_len=SEQ,
                              batch_size=BATCH)
@@ -98,11 +101,13 @@ def initial_state(model_name: str, num_layers: int = 2):
 
 
 @functools.cache
-def run(model_name: str, strategy: str, mesh: str = "", num_layers: int = 2, train: bool = True) -> Run:
-    """Trains STEPS steps (or with train=False only compiles); mesh "data=1" is one device."""
-    program = build(model_name, strategy, mesh, num_layers)
+def run(model_name: str, strategy: str, mesh: str = "", num_layers: int = 2, train: bool = True,
+        defaults: bool = False) -> Run:
+    """Trains STEPS steps (or with train=False only compiles); mesh "data=1" is one device;
+    `defaults`: Adam's default eps and XLA's default compile options (not FAST_COMPILE)."""
+    program = build(model_name, strategy, mesh, num_layers, defaults)
     compiled = program.step.lower(program.abstract_state, program.abstract_batch(BATCH, SEQ),
-                                  jax.random.key(1)).compile(FAST_COMPILE)
+                                  jax.random.key(1)).compile(None if defaults else FAST_COMPILE)
     if not train:
         return Run(program, compiled, {}, {}, None, [])
     start = initial_state(model_name, num_layers)

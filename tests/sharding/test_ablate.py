@@ -2,14 +2,21 @@
 tiny LLaMA under a few strategies and writes the documented JSON and the plot."""
 
 import json
+import math
 import os
 import subprocess
 import sys
+
+import numpy as np
 
 from sharding import ablate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STATE_KINDS = {"params", "grads", "opt_state"}
+# A loss is a mean over the batch's 8 x 64 tokens (configs/llama.py:tiny): summed in another
+# order it moves by about 4 * eps32 * sqrt(512) = 1.1e-5 of itself (the random-walk estimate of
+# float32 summation, x4 for its spread; as in tests/sharding/test_equivalence.py).
+LOSS_RTOL = 4 * float(np.finfo(np.float32).eps) * math.sqrt(8 * 64)
 
 
 def test_parse_layouts():
@@ -34,7 +41,7 @@ def test_cli_writes_the_documented_records(tmp_path):
         assert set(r["collectives"]) == set(ablate.KINDS_SHORT)
         assert all({"count", "bytes", "wire_bytes"} <= set(v) for v in r["collectives"].values())
         assert r["step_time_s"] > 0 and len(r["losses"]) == 2
-        assert r["max_abs_loss_diff_vs_dp"] < 1e-5
+        assert r["max_abs_loss_diff_vs_dp"] < LOSS_RTOL * max(r["losses"])
         # Every leaf of the tiny LLaMA splits evenly by 8 under ZeRO: the sharded state is the formula.
         if r["strategy"] != "tp":
             assert r["bytes_per_device"]["params"] == r["analytic_bytes_per_device"]["params"]

@@ -1,6 +1,7 @@
 """The strategy tables: what each splits, and the errors of a strategy that cannot apply."""
 
 import functools
+import warnings
 
 import flax.linen as nn
 import jax
@@ -49,6 +50,20 @@ def test_zero_stages_differ_only_in_what_is_split():
         assert (spec(layout.state.params), spec(layout.grads), spec(adam.mu), spec(adam.nu)) == \
             (params, grads, moments, moments), strategy
         assert adam.count.spec == PartitionSpec()
+
+
+def test_a_leaf_zero_cannot_split_is_kept_whole_with_a_warning():
+    """d_model 36 does not divide by 8: the norm scales (embed only) stay whole, and ZeRO says so;
+    the tiny LLaMA, whose every leaf divides, lays out without a word."""
+    odd = llama_config(num_heads=2, num_kv_heads=2, d_ff=128, **{**SMALL, "d_model": 36})
+    with pytest.warns(UserWarning, match=r"zero3 keeps a leaf of shape \(36,\) \('embed',\) whole on every "
+                                         r"device.*divides by mesh axes .* of size 8; make one a multiple of 8"):
+        layout = _layout("zero3", "data=8", odd)
+    assert layout.state.params["final_norm"]["scale"].spec == PartitionSpec(None)
+    assert layout.state.params["layer_0"]["mlp"]["wo"].spec == PartitionSpec("data", None)  # mlp 128 splits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _layout("zero3", "data=8")
 
 
 def test_megatron_and_composite_tables():

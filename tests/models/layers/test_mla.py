@@ -15,9 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_ds
 
 from models.layers.mla import MultiHeadLatentAttention, mla_softmax_scale
