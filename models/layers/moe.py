@@ -29,9 +29,9 @@ Two execution modes:
   expert (A = T * K rows), the gate/up/down projections are grouped matmuls
   (`jax.lax.ragged_dot_general`, one group of rows per expert, group sizes [B, E]), and the
   rows are unsorted and summed with the routing weights. Sorting per row keeps the batch axis
-  sharded (no cross-device sort). XLA lowers the grouped matmul natively on TPU/GPU; on CPU
-  JAX lowers it to a masked dense dot over all E groups (E times the routed FLOPs, so K times
-  the dense path's: see benchmarks/moe.py). `dropless_impl="dense"` is the reference: one
+  sharded (no cross-device sort). On TPU and GPU JAX hands the grouped matmul to XLA as a
+  ragged-dot instruction; on CPU it lowers it to a masked dense dot over all E groups (E times
+  the routed FLOPs, so K times the dense path's: see benchmarks/moe.py). `dropless_impl="dense"` is the reference: one
   einsum over ALL E experts masked by the routing weights (E / K times the routed FLOPs).
 * capacity (`capacity_factor > 0`): each expert takes at most
   C = ceil(capacity_factor * G * K / E) tokens. Slots are assigned choice-major (all tokens'
