@@ -3,6 +3,7 @@ DeepSeek-V3).
 
 Axis letters: B batch, T length, D model width, F expert hidden width, E experts,
 K experts per token (top-k), C expert capacity, G tokens (G = B * T, flattened),
+A (token, choice) assignments of a batch row sorted by expert (A = T * K),
 M expert groups (n_group), J experts per group (E / M), U groups kept per token (topk_group).
 
     scores_GE = softmax(x W_router)  (or sigmoid)        routing in float32
@@ -22,9 +23,16 @@ their weights, which stay the uncorrected scores:
 
 Two execution modes:
 
-* dropless (`capacity_factor == 0`): every token reaches all its k experts. Implemented as a
-  dense einsum over ALL E experts masked by the routing weights, so it is exact but costs
-  E / k times the FLOPs of true sparse dispatch. Meant for parity tests and small models.
+* dropless (`capacity_factor == 0`): every token reaches all its k experts.
+  `dropless_impl="sparse"` (the default) computes only the routed experts, as MegaBlocks and
+  MaxText do: within each batch row the T * K (token, choice) assignments are sorted by
+  expert (A = T * K rows), the gate/up/down projections are grouped matmuls
+  (`jax.lax.ragged_dot_general`, one group of rows per expert, group sizes [B, E]), and the
+  rows are unsorted and summed with the routing weights. Sorting per row keeps the batch axis
+  sharded (no cross-device sort). On TPU and GPU JAX hands the grouped matmul to XLA as a
+  ragged-dot instruction; on CPU it lowers it to a masked dense dot over all E groups (E times
+  the routed FLOPs, so K times the dense path's: see benchmarks/moe.py). `dropless_impl="dense"` is the reference: one
+  einsum over ALL E experts masked by the routing weights (E / K times the routed FLOPs).
 * capacity (`capacity_factor > 0`): each expert takes at most
   C = ceil(capacity_factor * G * K / E) tokens. Slots are assigned choice-major (all tokens'
   first choices, in token order, then all second choices, ...) by a cumsum over the
@@ -68,6 +76,10 @@ from models.layers.feedforward import FeedForward
 
 Dtype = Any
 SCORE_FUNCS = ("softmax", "sigmoid")
+DROPLESS_IMPLS = ("sparse", "dense")
+# x [B, A, D] . w [E, D, F] -> [B, A, F]: rows of A grouped by expert, group sizes [B, E].
+_GROUPED_ROWS = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([2], [1]), ([], [])),
+                                                  lhs_ragged_dimensions=[1], rhs_group_dimensions=[0])
 # xavier_uniform per expert: fans from the last two axes, the expert axis is a batch axis.
 EXPERT_KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=-2, out_axis=-1,
                                                       batch_axis=(0,))
@@ -100,6 +112,9 @@ class MoEConfig:
         not counted by `params()`.
       seq_aux_loss_weight: weight of the sequence-wise balance loss in `weighted_loss`
         (DeepSeek-V3's alpha, 1e-4 in the paper).
+      dropless_impl: how dropless mode computes the experts: "sparse" (grouped matmuls over
+        the routed assignments only) or "dense" (every expert on every token, masked; the
+        reference). Same outputs up to float rounding; unused in capacity mode.
     """
 
     num_experts: int
@@ -117,10 +132,13 @@ class MoEConfig:
     topk_group: int = 1
     score_correction_bias: bool = False
     seq_aux_loss_weight: float = 0.0
+    dropless_impl: str = "sparse"
 
     def __post_init__(self):
         if self.score_func not in SCORE_FUNCS:
             raise ValueError(f"score_func={self.score_func!r}; expected one of {SCORE_FUNCS}")
+        if self.dropless_impl not in DROPLESS_IMPLS:
+            raise ValueError(f"dropless_impl={self.dropless_impl!r}; expected one of {DROPLESS_IMPLS}")
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts="
                              f"{self.num_experts}]")
@@ -206,6 +224,37 @@ def _dispatch(experts_GK: jax.Array, weights_GK: jax.Array, E: int, C: int):
     return dispatch_GEC, combine_GEC, kept_KG.T
 
 
+def sorted_experts(x_BTD: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array, gate_EDF: jax.Array,
+                   up_EDF: jax.Array, down_EFD: jax.Array) -> jax.Array:
+    """Dropless SwiGLU experts on the routed assignments only (grouped matmuls).
+
+    Args:
+      x_BTD: the tokens.
+      experts_BTK: each token's K chosen experts.
+      weights_BTK: their routing weights (in the compute dtype).
+      gate_EDF, up_EDF, down_EFD: the expert weights.
+
+    Returns:
+      y_BTD = sum_k weight_BTk * Expert_{e_BTk}(x_BT).
+    """
+    B, T, D = x_BTD.shape
+    K = experts_BTK.shape[-1]
+    E = gate_EDF.shape[0]
+    experts_BA = experts_BTK.reshape(B, T * K)  # token-major: assignment a is token a // K
+    # Per row, so a batch sharded over devices sorts locally; stable only for determinism
+    # (each row's result does not depend on its place in its group).
+    order_BA = jnp.argsort(experts_BA, axis=-1, stable=True)
+    sizes_BE = jnp.sum(jax.nn.one_hot(experts_BA, E, dtype=jnp.int32), 1)
+    x_BAD = jnp.take_along_axis(x_BTD, (order_BA // K)[..., None], axis=1)
+
+    def grouped(lhs, rhs):
+        return jax.lax.ragged_dot_general(lhs, rhs, sizes_BE, _GROUPED_ROWS)
+
+    h_BAF = jax.nn.silu(grouped(x_BAD, gate_EDF)) * grouped(x_BAD, up_EDF)
+    y_BAD = jnp.take_along_axis(grouped(h_BAF, down_EFD), jnp.argsort(order_BA, axis=-1)[..., None], axis=1)
+    return jnp.einsum("BTKD,BTK->BTD", y_BAD.reshape(B, T, K, D), weights_BTK)
+
+
 class MoEFeedForward(nn.Module):
     """Top-k routed SwiGLU experts; returns (y [B, T, D], routing statistics)."""
 
@@ -237,7 +286,12 @@ class MoEFeedForward(nn.Module):
         gate_EDF = self._expert_param("wi_gate", (E, D, F), ("expert", "embed", "mlp"))
         up_EDF = self._expert_param("wi_up", (E, D, F), ("expert", "embed", "mlp"))
         down_EFD = self._expert_param("wo", (E, F, D), ("expert", "mlp", "embed"))
-        if cfg.capacity_factor == 0:
+        if cfg.capacity_factor == 0 and cfg.dropless_impl == "sparse":
+            y_GD = sorted_experts(x_GD.reshape(B, T, D), experts_GK.reshape(B, T, -1),
+                                  weights_GK.reshape(B, T, -1).astype(self.dtype), gate_EDF, up_EDF,
+                                  down_EFD).reshape(B * T, D)
+            kept_GK = jnp.ones(experts_GK.shape, bool)
+        elif cfg.capacity_factor == 0:
             combine_GE = jnp.sum(jax.nn.one_hot(experts_GK, E, dtype=jnp.float32) * weights_GK[..., None], 1)
             h_GEF = jax.nn.silu(jnp.einsum("GD,EDF->GEF", x_GD, gate_EDF)) * jnp.einsum("GD,EDF->GEF", x_GD, up_EDF)
             y_GED = jnp.einsum("GEF,EFD->GED", h_GEF, down_EFD)

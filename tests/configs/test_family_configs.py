@@ -110,6 +110,15 @@ def test_moe_tiny_is_a_mixtral_style_mixture():
     assert mlp["router"].shape == (64, 4) and mlp["wi_gate"].shape == (4, 64, 128) and "shared" not in mlp
 
 
+def test_moe_dropless_impl_key_reaches_the_model():
+    spec = os.path.join(REPO, "configs/moe.py:tiny")
+    assert build.model(load_config(spec), 512).config.block.moe.dropless_impl == "sparse"
+    dense = build.model(load_config(spec, ["model.moe.dropless_impl=dense"]), 512).config.block.moe
+    assert dense.dropless_impl == "dense"
+    with pytest.raises(ValueError, match="dropless_impl"):
+        build.model(load_config(spec, ["model.moe.dropless_impl=ragged"]), 512)
+
+
 def test_deepseek_tiny_has_mla_a_dense_first_layer_grouped_moe_and_mtp():
     model = build.model(load_config(os.path.join(REPO, "configs/deepseek.py:tiny")), 512)
     cfg, params = model.config, _params(model)

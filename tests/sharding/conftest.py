@@ -5,8 +5,9 @@ equivalence, memory and collective tests share the runs). Sizes divide by 8 so t
 leaf splits evenly: Ψ of the LLaMA is 90,432.
 
 Models: "llama"; "moe", a Mixtral of 4 experts, top-2, dropless (every token reaches its
-experts: the dense masked form); "moe_capacity", the same in capacity mode, whose one-hot
-dispatch of tokens to experts is what expert parallelism turns into all-to-alls.
+experts: sorted by expert, grouped matmuls); "moe_dense", the same computed by the dense
+masked reference (dropless_impl="dense"); "moe_capacity", the same in capacity mode, whose
+one-hot dispatch of tokens to experts is what expert parallelism turns into all-to-alls.
 
 To keep the suite quick every run starts from the same initial state (one device's init,
 placed by the run's layout; `test_equivalence` checks that the sharded init equals it), and
@@ -42,7 +43,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitter
 # Adam's conditioning: the worst leaf then differs by about 2e-6 relative (6.5e-6 with eps 1e-6).
 ADAM_EPS = 1e-5
 SMALL = {"vocab_size": VOCAB, "d_model": 64, "num_heads": 4, "num_kv_heads": 2, "max_len": 32}
-MODELS = ("llama", "moe", "moe_capacity")
+MODELS = ("llama", "moe", "moe_dense", "moe_capacity")
 
 
 def tiny_model(name: str, num_layers: int = 2) -> GPT:
@@ -50,8 +51,12 @@ def tiny_model(name: str, num_layers: int = 2) -> GPT:
         return GPT(llama_config(num_layers=num_layers, d_ff=128, **SMALL))
     if name not in MODELS:
         raise ValueError(f"tiny model {name!r}; expected one of {MODELS}")
-    return GPT(mixtral_config(num_experts=4, capacity_factor=2.0 if name == "moe_capacity" else 0.0,
-                              aux_loss_weight=0.01, num_layers=num_layers, d_ff=64, **SMALL))
+    config = mixtral_config(num_experts=4, capacity_factor=2.0 if name == "moe_capacity" else 0.0,
+                            aux_loss_weight=0.01, num_layers=num_layers, d_ff=64, **SMALL)
+    if name == "moe_dense":
+        config = dataclasses.replace(config, block=dataclasses.replace(
+            config.block, moe=dataclasses.replace(config.block.moe, dropless_impl="dense")))
+    return GPT(config)
 
 
 def tiny_batch() -> dict[str, np.ndarray]:

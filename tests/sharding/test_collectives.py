@@ -1,6 +1,7 @@
 """Collectives of the compiled steps: the parser on known HLO, then each strategy's signature
 (DP all-reduces gradients, ZeRO-2 scatters them, ZeRO-3 gathers parameters, Megatron TP
-all-reduces twice per layer each way, EP moves tokens with all-to-all)."""
+all-reduces twice per layer each way, EP moves tokens with all-to-all in capacity mode and
+expert weights in dropless mode)."""
 
 import collections
 import functools
@@ -129,3 +130,18 @@ def test_ep_moves_tokens_with_all_to_all(tiny_run):
     assert experts.spec[0] == "expert"
     shape = run.program.abstract_state.params["layer_0"]["mlp"]["wi_gate"].shape
     assert experts.shard_shape(shape)[0] == shape[0] // 4
+
+
+def test_ep_dropless_moves_expert_weights_not_tokens(tiny_run, make_tiny_model):
+    """Sparse dropless under ep (XLA:CPU, where JAX lowers ragged_dot to dense dots): each layer's
+    three expert tensors are all-gathered whole in the forward pass; the only all-to-alls carry
+    less than one token's activations (routing metadata), never the tokens."""
+    run = tiny_run("moe", "ep", "data=2,expert=4")
+    assert make_tiny_model("moe").config.block.moe.dropless_impl == "sparse"
+    shape = run.program.abstract_state.params["layer_0"]["mlp"]["wi_gate"].shape  # [E, D, F]
+    ops = analysis.collectives(run.compiled)
+    whole_experts = [op for op in ops if op.kind == "all-gather" and op.phase == "forward"
+                     and op.bytes == 4 * np.prod(shape)]
+    assert len(whole_experts) == 3 * 2  # gate, up, down of both layers
+    token_bytes = 4 * shape[1]
+    assert all(op.bytes < token_bytes for op in ops if op.kind == "all-to-all")

@@ -1,8 +1,9 @@
 """Sharded == unsharded: every strategy trains the tiny LLaMA and the tiny Mixtral (dropless,
 and in capacity mode for expert parallelism's all-to-all) to the same losses and parameters
-as one device (float32, within 1e-5 relative), and initialises the same parameters; once more
-at Adam's default eps and XLA's default compile options (ZeRO-3), with the tolerance of its
-float32 rounding derived below."""
+as one device (float32, within 1e-5 relative), and initialises the same parameters; the sparse
+dropless Mixtral under expert parallelism also trains like the dense reference on one device;
+once more at Adam's default eps and XLA's default compile options (ZeRO-3), with the tolerance
+of its float32 rounding derived below."""
 
 import math
 
@@ -54,6 +55,12 @@ def test_llama_matches_one_device(tiny_run, strategy, mesh):
 @pytest.mark.parametrize("strategy,mesh", MOE_LAYOUTS)
 def test_dropless_moe_matches_one_device(tiny_run, strategy, mesh):
     _check_same(tiny_run("moe", strategy, mesh), tiny_run("moe", "dp", "data=1"))
+
+
+def test_sparse_dropless_moe_with_expert_parallelism_matches_the_dense_reference(tiny_run):
+    """The grouped matmuls over sorted assignments, experts split over 4 devices, train like the
+    dense masked einsum on one device (the same sums in another order)."""
+    _check_same(tiny_run("moe", "ep", "data=2,expert=4"), tiny_run("moe_dense", "dp", "data=1"))
 
 
 def test_capacity_moe_with_expert_parallelism_matches_one_device(tiny_run):
