@@ -42,7 +42,7 @@ def main(argv, overrides):
     except trainer.Preempted as e:
         print(e, file=sys.stderr)
         sys.exit(143)
-    except trainer.NonFiniteLoss as e:
+    except (trainer.NonFiniteLoss, distributed.LeadFailed) as e:
         sys.exit(f"error: {e}")
 
 

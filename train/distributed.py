@@ -41,6 +41,10 @@ class DistributedError(ValueError):
     """The distributed flags are inconsistent; the message names the problem and the fix."""
 
 
+class LeadFailed(RuntimeError):
+    """The lead process failed in work the others wait for (`lead_first`)."""
+
+
 def parse_address(address: str) -> tuple[str, int]:
     """HOST:PORT (or [IPv6]:PORT) -> (host, port), or DistributedError naming what is wrong."""
     host, sep, port = address.rpartition(":")
@@ -79,18 +83,23 @@ def check_flags(coordinator_address: str | None, num_processes: int | None,
 def detect_cluster() -> str | None:
     """The cluster environment JAX would join with `jax.distributed.initialize()`, when it holds
     more than one process (a one-task SLURM job or a single-host TPU VM needs no coordinator)."""
-    from jax._src import clusters  # JAX's own detection, so we detect exactly what it would join
+    from jax._src import clusters  # JAX's own registry, so we detect exactly what it would join
 
     for env in clusters.ClusterEnv._cluster_types:  # noqa: SLF001 - the registry initialize() reads
         if env.opt_in_only_method:  # mpi4py: only when asked for by name
             continue
         try:
-            if env.is_env_present() and env.get_process_count() > 1:
-                return env.__name__
-        except Exception as e:  # noqa: BLE001 - a half-configured cluster: let initialize() say why
-            log.debug("cluster %s: %s", env.__name__, e)
-            if env.is_env_present():
-                return env.__name__
+            present = env.is_env_present()
+        except Exception as e:  # noqa: BLE001 - e.g. Kubernetes without in-cluster credentials
+            log.warning("cannot tell whether this is a %s job: %s", env.__name__, e)
+            continue
+        if not present:
+            continue
+        # The first cluster present is the one initialize() would join (as in JAX's detection).
+        try:
+            return env.__name__ if env.get_process_count() > 1 else None
+        except Exception:  # noqa: BLE001 - half-configured: let initialize() say what is missing
+            return env.__name__
     return None
 
 
@@ -121,7 +130,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DistributedError(f"could not join the job ({how}): {first}; check that process 0 runs and that "
                                "every process got the same --coordinator_address and --num_processes") from e
-    log.info("joined %s as process %d of %d", how, jax.process_index(), jax.process_count())
+    log.info("joined the job (%s) as process %d of %d", how, jax.process_index(), jax.process_count())
     return how
 
 
@@ -149,11 +158,33 @@ def barrier(name: str, timeout_s: float = LONG_TIMEOUT_S) -> None:
 def lead_first(name: str, fn: Callable[[], T]) -> T:
     """Runs `fn` on the lead, then (after a barrier) on the other processes; returns its result.
 
-    For work whose result is written to shared files: the lead writes, the others read.
+    For work whose result is written to shared files: the lead writes, the others read. When
+    `fn` fails on the lead, the others stop at once too (`LeadFailed`), instead of waiting.
     """
-    result = fn() if is_lead() else None
+    if not is_lead():
+        barrier(f"{name}/lead_done")
+        failure = _try_get(f"{name}/lead_failed")
+        if failure is not None:
+            raise LeadFailed(f"process 0 failed ({name}), so this process stops too: {failure}")
+        return fn()
+    try:
+        result = fn()
+    except Exception as e:
+        if _multi_process():
+            first = (str(e).strip().splitlines() or [""])[0]
+            _client().key_value_set(f"{KEY_PREFIX}/{name}/lead_failed", f"{type(e).__name__}: {first}",
+                                    allow_overwrite=True)
+            barrier(f"{name}/lead_done")
+        raise
     barrier(f"{name}/lead_done")
-    return result if is_lead() else fn()
+    return result
+
+
+def _try_get(name: str) -> str | None:
+    try:
+        return _client().key_value_try_get(f"{KEY_PREFIX}/{name}")
+    except Exception:  # noqa: BLE001 - jaxlib raises JaxRuntimeError(NOT_FOUND) for a missing key
+        return None
 
 
 def any_process(flag: bool, name: str, round_index: int, timeout_s: float = LONG_TIMEOUT_S) -> bool:
@@ -162,6 +193,7 @@ def any_process(flag: bool, name: str, round_index: int, timeout_s: float = LONG
     Every process must call it with the same `name` and `round_index` sequence. A process
     with the flag set writes the key `name/round_index` before the barrier; after it, every
     process reads the same answer. One barrier RPC (about a millisecond), no device work.
+    Keys live as long as the job: use each (name, round_index) once.
     """
     if not _multi_process():
         return flag
@@ -169,11 +201,7 @@ def any_process(flag: bool, name: str, round_index: int, timeout_s: float = LONG
     if flag:
         client.key_value_set(key, str(jax.process_index()), allow_overwrite=True)
     client.wait_at_barrier(f"{KEY_PREFIX}/{name}", int(timeout_s * 1000))
-    try:
-        client.key_value_try_get(key)
-    except Exception:  # noqa: BLE001 - jaxlib raises JaxRuntimeError(NOT_FOUND) for a missing key
-        return False
-    return True
+    return _try_get(f"{name}/{round_index}") is not None
 
 
 def to_host(tree: Any) -> Any:

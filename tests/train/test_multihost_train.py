@@ -229,3 +229,17 @@ def test_a_slurm_job_of_several_tasks_is_detected(monkeypatch):
     assert distributed.detect_cluster() is None
     monkeypatch.delenv("SLURM_JOB_ID")
     assert distributed.detect_cluster() is None
+
+
+def test_a_failure_on_the_lead_while_preparing_data_stops_the_others_at_once(tmp_path):
+    jobs = _Jobs()
+    try:
+        procs = jobs.two_processes(tmp_path, "--config.data.source=files:/no/such/file.txt")
+        # Both exit 1 at once, not with an abort (134) after the coordinator's 5-minute shutdown barrier.
+        (_, err0), (_, err1) = _wait(procs, codes=(1,))
+    finally:
+        jobs.kill_all()
+    assert "/no/such/file.txt does not exist" in err0
+    assert err1.strip().splitlines()[-1] == (
+        "error: process 0 failed (data), so this process stops too: FileNotFoundError: text file /no/such/file.txt "
+        "does not exist; fix the path in the 'files:' source")
