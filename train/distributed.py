@@ -15,6 +15,12 @@ process 0 (a key-value store and barriers, RPCs that never wait behind a device'
     to_host(tree)                numpy copies of arrays that may span processes
 
 With one process (no `jax.distributed`) each of them is its plain single-process self.
+
+Why not JAX's preemption sync point (`multihost_utils.reached_preemption_sync_point`)? Its
+counter starts at 0 and the agreed point is the largest step reported + 1, so a notice that
+arrives before a resumed run's first call sets a point the run has already passed; and orbax
+calls it too, with its own step numbers, from its save and background finalize threads.
+`any_process` has no such state: round d's answer is decided by round d's barrier.
 """
 
 from __future__ import annotations
@@ -114,7 +120,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         How the job was joined ('flags' or the cluster's name), or None for one process.
 
     Raises:
-        DistributedError: inconsistent flags.
+        DistributedError: inconsistent flags, or the join failed (one line, naming why).
     """
     explicit = check_flags(coordinator_address, num_processes, process_id)
     how = "flags" if explicit else detect_cluster()
