@@ -2,6 +2,10 @@
 
 With no flags: the default GPT on the embedded corpus, in ./workdir. The same command on an
 existing workdir resumes from its latest checkpoint.
+
+Multi-host: every process runs the same command with `--coordinator_address=HOST:PORT
+--num_processes=N --process_id=I` (or none of them inside a SLURM, TPU-pod or Kubernetes job,
+which JAX detects); see train/distributed.py.
 """
 
 import sys
@@ -12,11 +16,20 @@ from configs.loader import ConfigError, load_config, split_override_args
 
 _CONFIG = flags.DEFINE_string("config", "configs/gpt.py:default", "Config file and preset, FILE.py:PRESET.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where checkpoints, metrics and the summary are written.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0's coordinator.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0..num_processes-1.")
 
 
 def main(argv, overrides):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from train import distributed
+
+    try:  # before anything touches a device: the devices of every process form one mesh
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except distributed.DistributedError as e:
+        sys.exit(f"error: {e}")
     from train import trainer  # after flag parsing: importing jax early is slow for --help
 
     logging.set_verbosity(logging.WARNING)
@@ -29,7 +42,7 @@ def main(argv, overrides):
     except trainer.Preempted as e:
         print(e, file=sys.stderr)
         sys.exit(143)
-    except trainer.NonFiniteLoss as e:
+    except (trainer.NonFiniteLoss, distributed.LeadFailed) as e:
         sys.exit(f"error: {e}")
 
 

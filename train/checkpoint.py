@@ -46,6 +46,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from train import distributed
+
 log = logging.getLogger(__name__)
 
 ITEMS = ("state", "data", "config")
@@ -185,7 +187,7 @@ class Checkpointer:
                     f"no checkpoint at step {step} in {self.directory}; it holds steps {sorted(steps)}."
                 )
             try:
-                return (step, *self._restore_step(step, abstract_state, expected))
+                return (step, *self._restore_step_everywhere(step, abstract_state, expected))
             except _Unreadable as e:
                 raise CheckpointUnreadableError(
                     f"checkpoint at step {step} in {self.directory} is unreadable ({e})."
@@ -195,7 +197,7 @@ class Checkpointer:
         unreadable = []
         for candidate in steps:
             try:
-                restored = self._restore_step(candidate, abstract_state, expected)
+                restored = self._restore_step_everywhere(candidate, abstract_state, expected)
             except _Unreadable as e:
                 unreadable.append((candidate, str(e)))
                 continue
@@ -217,6 +219,17 @@ class Checkpointer:
         raise CheckpointUnreadableError(
             f"no readable checkpoint in {self.directory}. Tried {tried}. Nothing was moved or deleted."
         )
+
+    def _restore_step_everywhere(self, step, abstract_state, expected):
+        """`_restore_step`, agreed by all processes: each reads only its own shards, so a bad
+        file can fail one process alone; then every process treats `step` as unreadable."""
+        try:
+            restored, reason = self._restore_step(step, abstract_state, expected), None
+        except _Unreadable as e:
+            restored, reason = None, e
+        if distributed.any_process(reason is not None, "checkpoint_restore", step):
+            raise reason or _Unreadable("unreadable on another process (see its log)")
+        return restored
 
     def _restore_step(self, step, abstract_state, expected):
         """Returns (state, data_state, config) of `step` or raises _Unreadable."""

@@ -39,7 +39,7 @@ from data import pipeline
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
 from sharding.strategies import get_strategy
-from train import build
+from train import build, distributed
 from train import program as program_lib
 from train import step as step_lib
 from train.checkpoint import Checkpointer
@@ -136,7 +136,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2)
     data_cfg = build.data_config(config, workdir)
-    tokenizer = build.tokenizer(config, workdir, data_cfg)
+    tokenizer = distributed.lead_first("data", lambda: _prepare_data(config, workdir, data_cfg))
     model = build.model(config, tokenizer.vocab_size)
     mlm = build.mlm(config, tokenizer)
     if mlm is None:  # the run ends with samples: fail now, not after training, if there is nothing to start from
@@ -155,6 +155,17 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
                       out_shardings=layout.replicated)
     return Run(config, workdir, is_lead, data_cfg, tokenizer, model, mesh, layout.rules, layout.batch,
                program.abstract_state, program.init, program.step, eval_fn, mlm)
+
+
+def _prepare_data(config: ml_collections.ConfigDict, workdir: str, data_cfg: pipeline.DataConfig):
+    """The tokenizer. The lead process builds the splits and trains the tokenizer first, then
+    the others (`distributed.lead_first`) read what it wrote into the shared workdir."""
+    if distributed.is_lead():
+        for split in dict.fromkeys((data_cfg.train_split, data_cfg.eval_split)):
+            pipeline.open_split(data_cfg, split)
+    elif not config.tokenizer.path:
+        distributed.shared_workdir_check(os.path.join(workdir, "tokenizer"))
+    return build.tokenizer(config, workdir, data_cfg)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -242,7 +253,9 @@ def _train_loop(r: Run, state, train_iter, checkpointer: Checkpointer, eval_batc
             if pending is not None:
                 reader(*pending)  # the previous step's metrics, read while this step runs
             pending, done = (step + 1, metrics), step + 1
-            if done % config.checkpoint.save_interval_steps == 0 or stop["signal"] or done == config.steps:
+            # Every process stops after the same step, whichever process got the SIGTERM.
+            stopping = distributed.any_process(stop["signal"], "sigterm", done)
+            if done % config.checkpoint.save_interval_steps == 0 or stopping or done == config.steps:
                 reader(*pending)  # never save a step whose loss is not finite
                 pending = None
                 checkpointer.save(done, state, data_state=train_iter.get_state(), config=config.to_dict(),
@@ -253,7 +266,7 @@ def _train_loop(r: Run, state, train_iter, checkpointer: Checkpointer, eval_batc
                 if reader.writer:
                     reader.writer.write(done, {"val_loss": ev["loss"], "val_accuracy": ev["accuracy"]})
                 reader.last_time = time.time()
-            if stop["signal"]:
+            if stopping:
                 checkpointer.wait_until_finished()
                 raise Preempted(f"SIGTERM: saved a checkpoint at step {done} in {r.workdir}; "
                                 "run the same command to resume")
@@ -261,7 +274,8 @@ def _train_loop(r: Run, state, train_iter, checkpointer: Checkpointer, eval_batc
             reader(*pending)
         checkpointer.wait_until_finished()
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        # None: the previous handler was not Python's (e.g. JAX's preemption notifier).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_handler is None else previous_handler)
         reader.close()
     return state, reader.throughput, reader.last_metrics
 
@@ -288,10 +302,12 @@ def _finish(r: Run, state, ev: dict[str, float], throughput: Throughput, last_me
         raw = pipeline.validation_text(r.data)
         summary.update(val_bytes=raw.num_bytes, val_bits_per_byte=ev["nll_sum"] / math.log(2) / raw.num_bytes,
                        xz_bits_per_byte=xz_bits_per_byte(raw.documents, raw.num_bytes))
-        summary["samples"] = sample_continuations(
-            model, jax.device_get(state.params), tokenizer, config.eval.prompt, num_samples=config.eval.num_samples,
-            num_tokens=config.eval.sample_tokens, temperature=config.eval.temperature, max_len=model.config.max_len,
-            seed=config.seed)
+        params = distributed.to_host(state.params)  # whole, even when they span processes
+        if r.is_lead:  # a small local computation: the lead prints and saves the samples
+            summary["samples"] = sample_continuations(
+                model, params, tokenizer, config.eval.prompt, num_samples=config.eval.num_samples,
+                num_tokens=config.eval.sample_tokens, temperature=config.eval.temperature,
+                max_len=model.config.max_len, seed=config.seed)
     elif r.is_lead:
         print("no samples: a masked LM (model.family=bert) does not generate text", flush=True)
     if r.is_lead:
