@@ -31,9 +31,19 @@ tests/train/test_checkpoint.py:
   (transfer priority SYNCHRONOUS), so the caller may donate `state` right after.
 - No checksums. Missing or truncated files surface as read errors, but flipped
   bytes inside an array chunk restore as wrong numbers without any error.
+
+So lmlab adds its own: once a step is committed (`save` without async_save, or the
+next `save`, `wait_until_finished` or `close` after an async one), the primary process
+writes `DIR/<step>/lmlab_manifest.json`, the SHA-256 of every file of the step, and
+the others wait at a barrier. `restore` checks the sums before it reads a step: a file
+that differs or is missing makes the step corrupt (moved aside, the previous step
+used). A read that fails with an OSError is retried (`READ_ATTEMPTS`) and then raised
+as `CheckpointReadError`: a flaky disk never gets a good step renamed. A step without
+a manifest (written by older code, or committed just before a crash) is read unverified.
 """
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -52,6 +62,9 @@ ITEMS = ("state", "data", "config")
 COMMIT_MARKER = "commit_success.txt"  # orbax: atomicity_types.COMMIT_SUCCESS_FILE
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax: atomicity_types.TMP_DIR_SUFFIX
 CORRUPT_PREFIX = "corrupt.step_"  # no step name: orbax only lists names `<digits>`
+MANIFEST = "lmlab_manifest.json"  # SHA-256 of every file of a committed step
+READ_ATTEMPTS = 3  # reads failing with an OSError are tried this often before giving up
+RETRY_DELAY_S = 1.0  # doubled after each failed attempt
 
 
 class CheckpointMismatchError(ValueError):
@@ -60,6 +73,10 @@ class CheckpointMismatchError(ValueError):
 
 class CheckpointUnreadableError(RuntimeError):
     """No checkpoint that was asked for (or none at all) could be read."""
+
+
+class CheckpointReadError(OSError):
+    """Reading a checkpoint failed with an I/O error after every retry (not corruption)."""
 
 
 class _Unreadable(Exception):
@@ -121,6 +138,9 @@ class Checkpointer:
             ),
         )
         self._closed = False
+        self._async = async_save
+        self._unsealed: list[int] = []  # steps this process saved that have no manifest yet
+        self._barriers = 0  # barrier names must be unique
 
     # ----------------------------------------------------------------- saving
 
@@ -148,7 +168,15 @@ class Checkpointer:
             data=ocp.args.JsonSave(_checked_json(data_state, "data_state")),
             config=ocp.args.JsonSave(_checked_json(config, "config")),
         )
-        return self._manager.save(step, args=args, force=force)
+        if not (force or self._manager.should_save(step)):
+            return False
+        self.wait_until_finished()  # orbax waits for the previous save too; then it gets its manifest
+        started = self._manager.save(step, args=args, force=force)
+        if started:
+            self._unsealed.append(step)
+            if not self._async:
+                self._seal()
+        return started
 
     # -------------------------------------------------------------- restoring
 
@@ -173,6 +201,8 @@ class Checkpointer:
             CheckpointUnreadableError: no step could be read. The message lists
                 each step tried and why it failed.
             FileNotFoundError: an explicit `step` does not exist.
+            CheckpointReadError: a file could not be read after READ_ATTEMPTS
+                tries (an I/O error); nothing was moved.
         """
         self.wait_until_finished()  # a save in flight is not yet a readable step
         expected = _abstract_leaves(abstract_state)
@@ -231,18 +261,39 @@ class Checkpointer:
         if tree_metadata is None or getattr(tree_metadata, "tree", None) is None:
             raise _Unreadable("state has no tree metadata (state/_METADATA is missing)")
         _check_matches(expected, tree_metadata.tree, step, self.directory)
+        self._verify_everywhere(step_dir)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore(),
+        )
         try:
-            restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=ocp.args.JsonRestore(),
-                    config=ocp.args.JsonRestore(),
-                ),
-            )
+            restored = _retrying(lambda: self._manager.restore(step, args=args), f"checkpoint step {step_dir}")
+        except CheckpointReadError:
+            raise
         except Exception as e:  # noqa: BLE001 - tensorstore/json raise many kinds
             raise _Unreadable(_short(e)) from e
         return restored["state"], restored["data"], restored["config"]
+
+    def _verify_everywhere(self, step_dir: epath.Path) -> None:
+        """Checks the step's manifest on the primary process (one read of the files, not one
+        per process) and makes every process agree: raises _Unreadable or CheckpointReadError."""
+        status, reason = 0, ""
+        if jax.process_index() == 0:
+            try:
+                reason = verify_manifest(step_dir) or ""
+                status = 1 if reason else 0
+            except CheckpointReadError as e:
+                status, reason = 2, str(e)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            status = int(multihost_utils.broadcast_one_to_all(np.int32(status)))
+            reason = reason or "the primary process found it corrupt or unreadable"
+        if status == 1:
+            raise _Unreadable(reason)
+        if status == 2:
+            raise CheckpointReadError(reason)
 
     def _move_aside(self, step: int) -> epath.Path:
         """Renames `DIR/step` to `DIR/corrupt.step_<step>.<time>` (primary host only)."""
@@ -279,20 +330,114 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def wait_until_finished(self):
-        """Blocks until a background save is committed; re-raises its error."""
+        """Blocks until a background save is committed (re-raises its error), then writes
+        the manifest of every step this process saved."""
         self._manager.wait_until_finished()
+        self._seal()
+
+    def _seal(self) -> None:
+        """Writes the manifest of each committed step saved here (primary process; the
+        others wait, so that no process reads a step before its manifest exists)."""
+        if not self._unsealed:
+            return
+        if jax.process_index() == 0:
+            for step in self._unsealed:
+                step_dir = self.directory / str(step)
+                if (step_dir / COMMIT_MARKER).exists() and not (step_dir / MANIFEST).exists():
+                    write_manifest(step_dir)
+        self._unsealed = []
+        if jax.process_count() > 1:
+            self._barriers += 1
+            ocp.multihost.sync_global_processes(f"lmlab_checkpoint_manifest_{self._barriers}")
 
     def close(self):
         """Waits for pending saves and releases orbax's threads."""
         if not self._closed:
             self._closed = True
-            self._manager.close()
+            try:
+                self.wait_until_finished()
+            finally:
+                self._manager.close()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc_info):
         self.close()
+
+
+def write_manifest(step_dir) -> None:
+    """Writes `step_dir/lmlab_manifest.json`: the SHA-256 of every file under the step."""
+    root = os.fspath(step_dir)
+    files = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            relative = os.path.relpath(path, root)
+            if relative != MANIFEST and not relative.startswith(MANIFEST + "."):
+                files[relative] = _sha256(path)
+    tmp = os.path.join(root, f"{MANIFEST}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"algorithm": "sha256", "files": dict(sorted(files.items()))}, f, indent=1)
+    os.replace(tmp, os.path.join(root, MANIFEST))  # atomic: a manifest is whole or absent
+
+
+def verify_manifest(step_dir) -> str | None:
+    """Checks the files of a step against its manifest.
+
+    Returns:
+      None when every file matches (or the step has no manifest), else what is corrupt.
+
+    Raises:
+      CheckpointReadError: a file could not be read, READ_ATTEMPTS times (an I/O error, not
+        corruption).
+    """
+    root = os.fspath(step_dir)
+    manifest_path = os.path.join(root, MANIFEST)
+    if not os.path.exists(manifest_path):
+        return None
+    try:
+        text = _retrying(lambda: open(manifest_path).read(), manifest_path)
+        files = json.loads(text)["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is not a valid manifest"
+    for relative, digest in files.items():
+        path = os.path.join(root, relative)
+        try:
+            actual = _retrying(lambda p=path: _sha256(p), path)
+        except FileNotFoundError:
+            return f"{relative} is missing (listed in {MANIFEST})"
+        if actual != digest:
+            return f"{relative} does not match its SHA-256 in {MANIFEST} (its bytes changed after the save)"
+    return None
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _retrying(read, what: str):
+    """read(), retried after an OSError (a missing file is no I/O error: raised at once);
+    CheckpointReadError after READ_ATTEMPTS failures."""
+    delay = RETRY_DELAY_S
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            return read()
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            if attempt == READ_ATTEMPTS:
+                raise CheckpointReadError(
+                    f"reading {what} failed {READ_ATTEMPTS} times ({_short(e)}); an I/O error, not corruption, "
+                    "so the checkpoint was left in place: check the filesystem and run the same command again"
+                ) from e
+            log.warning("reading %s failed (%s); retrying in %.1f s", what, _short(e), delay)
+            time.sleep(delay)
+            delay *= 2
 
 
 def _checked_json(value, name):
