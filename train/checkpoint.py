@@ -43,7 +43,6 @@ a manifest (written by older code, or committed just before a crash) is read unv
 """
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -56,15 +55,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from train.manifest import MANIFEST, READ_ATTEMPTS, CheckpointReadError, retrying, verify_manifest, write_manifest
+
+__all__ = ["MANIFEST", "READ_ATTEMPTS", "CheckpointReadError", "CheckpointMismatchError", "CheckpointUnreadableError",
+           "Checkpointer", "restore_params"]
+
 log = logging.getLogger(__name__)
 
 ITEMS = ("state", "data", "config")
 COMMIT_MARKER = "commit_success.txt"  # orbax: atomicity_types.COMMIT_SUCCESS_FILE
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax: atomicity_types.TMP_DIR_SUFFIX
 CORRUPT_PREFIX = "corrupt.step_"  # no step name: orbax only lists names `<digits>`
-MANIFEST = "lmlab_manifest.json"  # SHA-256 of every file of a committed step
-READ_ATTEMPTS = 3  # reads failing with an OSError are tried this often before giving up
-RETRY_DELAY_S = 1.0  # doubled after each failed attempt
 
 
 class CheckpointMismatchError(ValueError):
@@ -73,10 +74,6 @@ class CheckpointMismatchError(ValueError):
 
 class CheckpointUnreadableError(RuntimeError):
     """No checkpoint that was asked for (or none at all) could be read."""
-
-
-class CheckpointReadError(OSError):
-    """Reading a checkpoint failed with an I/O error after every retry (not corruption)."""
 
 
 class _Unreadable(Exception):
@@ -268,7 +265,7 @@ class Checkpointer:
             config=ocp.args.JsonRestore(),
         )
         try:
-            restored = _retrying(lambda: self._manager.restore(step, args=args), f"checkpoint step {step_dir}")
+            restored = retrying(lambda: self._manager.restore(step, args=args), f"checkpoint step {step_dir}")
         except CheckpointReadError:
             raise
         except Exception as e:  # noqa: BLE001 - tensorstore/json raise many kinds
@@ -366,78 +363,52 @@ class Checkpointer:
         self.close()
 
 
-def write_manifest(step_dir) -> None:
-    """Writes `step_dir/lmlab_manifest.json`: the SHA-256 of every file under the step."""
-    root = os.fspath(step_dir)
-    files = {}
-    for folder, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(folder, name)
-            relative = os.path.relpath(path, root)
-            if relative != MANIFEST and not relative.startswith(MANIFEST + "."):
-                files[relative] = _sha256(path)
-    tmp = os.path.join(root, f"{MANIFEST}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump({"algorithm": "sha256", "files": dict(sorted(files.items()))}, f, indent=1)
-    os.replace(tmp, os.path.join(root, MANIFEST))  # atomic: a manifest is whole or absent
+def restore_params(directory, step: int, abstract_params):
+    """Only the parameters of checkpoint `step` (no optimizer state), checked against the
+    step's manifest, into the shapes, dtypes and shardings of `abstract_params`: a state
+    saved on 8 devices restores onto 1, float32 params restore as bfloat16 if asked.
 
-
-def verify_manifest(step_dir) -> str | None:
-    """Checks the files of a step against its manifest.
+    Args:
+      directory: the checkpoints' root (`Checkpointer`'s directory).
+      step: a committed step.
+      abstract_params: pytree of `jax.ShapeDtypeStruct` with `.sharding` set.
 
     Returns:
-      None when every file matches (or the step has no manifest), else what is corrupt.
+      The params pytree.
 
     Raises:
-      CheckpointReadError: a file could not be read, READ_ATTEMPTS times (an I/O error, not
-        corruption).
+      CheckpointUnreadableError: the step is incomplete or corrupt (the message says what).
+      CheckpointMismatchError: the saved params' tree or shapes differ from `abstract_params`.
+      CheckpointReadError: an I/O error that persisted over READ_ATTEMPTS tries.
     """
-    root = os.fspath(step_dir)
-    manifest_path = os.path.join(root, MANIFEST)
-    if not os.path.exists(manifest_path):
-        return None
+    step_dir = epath.Path(os.path.abspath(os.fspath(directory))) / str(step)
+    reason = _missing_parts(step_dir) or verify_manifest(step_dir)
+    if reason:
+        raise CheckpointUnreadableError(f"checkpoint at step {step} in {step_dir.parent} is unreadable ({reason}); "
+                                        "pick an older step")
+    checkpointer = ocp.PyTreeCheckpointer()
+    state_dir = step_dir / "state"
     try:
-        text = _retrying(lambda: open(manifest_path).read(), manifest_path)
-        files = json.loads(text)["files"]
-    except (ValueError, KeyError, TypeError):
-        return f"{MANIFEST} is not a valid manifest"
-    for relative, digest in files.items():
-        path = os.path.join(root, relative)
-        try:
-            actual = _retrying(lambda p=path: _sha256(p), path)
-        except FileNotFoundError:
-            return f"{relative} is missing (listed in {MANIFEST})"
-        if actual != digest:
-            return f"{relative} does not match its SHA-256 in {MANIFEST} (its bytes changed after the save)"
-    return None
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _retrying(read, what: str):
-    """read(), retried after an OSError (a missing file is no I/O error: raised at once);
-    CheckpointReadError after READ_ATTEMPTS failures."""
-    delay = RETRY_DELAY_S
-    for attempt in range(1, READ_ATTEMPTS + 1):
-        try:
-            return read()
-        except FileNotFoundError:
-            raise
-        except OSError as e:
-            if attempt == READ_ATTEMPTS:
-                raise CheckpointReadError(
-                    f"reading {what} failed {READ_ATTEMPTS} times ({_short(e)}); an I/O error, not corruption, "
-                    "so the checkpoint was left in place: check the filesystem and run the same command again"
-                ) from e
-            log.warning("reading %s failed (%s); retrying in %.1f s", what, _short(e), delay)
-            time.sleep(delay)
-            delay *= 2
+        saved = checkpointer.metadata(state_dir)
+        saved = getattr(saved, "tree", saved)
+    except Exception as e:  # noqa: BLE001 - any failure here means bad files
+        raise CheckpointUnreadableError(f"checkpoint at step {step}: state metadata: {_short(e)}") from e
+    if not isinstance(saved, Mapping) or "params" not in saved:
+        raise CheckpointMismatchError(f"the checkpoint at step {step} in {step_dir.parent} holds no `params`")
+    expected = {k: dataclasses.replace(v, dtype=None) for k, v in _abstract_leaves(abstract_params).items()}
+    saved_params = {k: dataclasses.replace(v, dtype=None) for k, v in _saved_leaves(saved["params"]).items()}
+    _check_leaves(expected, saved_params, step, step_dir.parent, "params")
+    target = {"params": abstract_params}
+    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
+    try:
+        restored = retrying(lambda: checkpointer.restore(state_dir, args=args), f"checkpoint step {step_dir}")
+    except CheckpointReadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tensorstore raises many kinds
+        raise CheckpointUnreadableError(f"checkpoint at step {step} in {step_dir.parent} is unreadable "
+                                        f"({_short(e)}); pick an older step") from e
+    return restored["params"]
 
 
 def _checked_json(value, name):
@@ -519,6 +490,11 @@ def _abstract_leaves(abstract_state) -> dict:
 
 def _check_matches(expected: dict, metadata_tree, step, directory):
     """Raises CheckpointMismatchError at the first leaf that differs."""
+    _check_leaves(expected, _saved_leaves(metadata_tree), step, directory, "state")
+
+
+def _saved_leaves(metadata_tree) -> dict:
+    """{normalised path: _LeafInfo} of an orbax metadata tree."""
     saved = {}
     for path, meta in jax.tree_util.tree_flatten_with_path(metadata_tree)[0]:
         shape = getattr(meta, "shape", None)
@@ -528,20 +504,28 @@ def _check_matches(expected: dict, metadata_tree, step, directory):
             None if shape is None else tuple(shape),
             None if dtype is None else np.dtype(dtype),
         )
+    return saved
+
+
+def _check_leaves(expected: dict, saved: dict, step, directory, what: str):
     where = f"the checkpoint at step {step} in {directory}"
+
+    def text(info):
+        return f"{info.shape} {info.dtype}" if info.dtype is not None else f"{info.shape}"
+
     for key, want in expected.items():
         have = saved.get(key)
         if have is None:
             raise CheckpointMismatchError(
-                f"state leaf {want.label} (shape {want.shape} {want.dtype}) is in abstract_state but not in {where}."
+                f"{what} leaf {want.label} (shape {text(want)}) is in abstract_{what} but not in {where}."
             )
         if (have.shape, have.dtype) != (want.shape, want.dtype):
             raise CheckpointMismatchError(
-                f"state leaf {want.label} has shape {have.shape} {have.dtype} in {where}, "
-                f"but abstract_state expects shape {want.shape} {want.dtype}."
+                f"{what} leaf {want.label} has shape {text(have)} in {where}, "
+                f"but abstract_{what} expects shape {text(want)}."
             )
     for key, have in saved.items():
         if key not in expected:
             raise CheckpointMismatchError(
-                f"state leaf {have.label} (shape {have.shape} {have.dtype}) is in {where} but not in abstract_state."
+                f"{what} leaf {have.label} (shape {text(have)}) is in {where} but not in abstract_{what}."
             )

@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from orbax.checkpoint._src.path import atomicity
 
 from train import checkpoint as checkpoint_lib
+from train import manifest as manifest_lib
 from train.checkpoint import (
     MANIFEST,
     CheckpointMismatchError,
@@ -378,7 +379,7 @@ def test_a_transient_read_error_is_retried_and_never_moves_a_good_step(tmp_path,
     with Checkpointer(tmp_path, save_interval_steps=10) as ckpt:
         ckpt.save(10, old, data_state={"position": 10}, config=CONFIG)
         ckpt.save(20, new, data_state={"position": 20}, config=CONFIG)
-    real_sha256, calls = checkpoint_lib._sha256, {"n": 0}
+    real_sha256, calls = manifest_lib.sha256_file, {"n": 0}
 
     def flaky_sha256(path):
         calls["n"] += 1
@@ -386,8 +387,8 @@ def test_a_transient_read_error_is_retried_and_never_moves_a_good_step(tmp_path,
             raise OSError(5, "Input/output error", path)
         return real_sha256(path)
 
-    monkeypatch.setattr(checkpoint_lib, "_sha256", flaky_sha256)
-    monkeypatch.setattr(checkpoint_lib, "RETRY_DELAY_S", 0.0)
+    monkeypatch.setattr(manifest_lib, "sha256_file", flaky_sha256)
+    monkeypatch.setattr(manifest_lib, "RETRY_DELAY_S", 0.0)
     with Checkpointer(tmp_path, save_interval_steps=10) as ckpt:
         if failures < checkpoint_lib.READ_ATTEMPTS:
             step, restored, _, _ = ckpt.restore(_abstract(old))
