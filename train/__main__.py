@@ -6,9 +6,10 @@ existing workdir resumes from its latest checkpoint.
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from configs.loader import ConfigError, load_config, split_override_args
+from train import cli
 
 _CONFIG = flags.DEFINE_string("config", "configs/gpt.py:default", "Config file and preset, FILE.py:PRESET.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where checkpoints, metrics and the summary are written.")
@@ -18,8 +19,6 @@ def main(argv, overrides):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from train import trainer  # after flag parsing: importing jax early is slow for --help
-
-    logging.set_verbosity(logging.WARNING)
     try:
         config = load_config(_CONFIG.value, overrides)
     except ConfigError as e:
@@ -35,4 +34,4 @@ def main(argv, overrides):
 
 if __name__ == "__main__":
     argv, overrides = split_override_args(sys.argv)
-    app.run(lambda a: main(a, overrides), argv=argv)
+    cli.run(lambda a: main(a, overrides), argv=argv)  # errors as one line `error: ...` (--verbose: traceback)

@@ -389,8 +389,8 @@ def restore_params(directory, step: int, abstract_params):
     checkpointer = ocp.PyTreeCheckpointer()
     state_dir = step_dir / "state"
     try:
-        saved = checkpointer.metadata(state_dir)
-        saved = getattr(saved, "tree", saved)
+        saved = checkpointer.metadata(state_dir)  # StepMetadata -> TreeMetadata -> tree
+        saved = getattr(getattr(saved, "item_metadata", saved), "tree", saved)
     except Exception as e:  # noqa: BLE001 - any failure here means bad files
         raise CheckpointUnreadableError(f"checkpoint at step {step}: state metadata: {_short(e)}") from e
     if not isinstance(saved, Mapping) or "params" not in saved:

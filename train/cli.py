@@ -124,4 +124,5 @@ def _parse_flags(argv: list[str], verbose: bool) -> list[str]:
     except flags.Error as e:
         if verbose:
             raise
-        sys.exit(f"error: {re.sub(r'\s+', ' ', str(e)).strip()}; see --helpshort for the flags")
+        text = re.sub(r"\s+", " ", str(e)).strip()
+        sys.exit(f"error: {text}; see --helpshort for the flags")
