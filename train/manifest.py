@@ -61,7 +61,7 @@ def verify_manifest(step_dir) -> str | None:
     if not os.path.exists(manifest_path):
         return None
     try:
-        text = retrying(lambda: open(manifest_path).read(), manifest_path)
+        text = retrying(lambda: _read_text(manifest_path), manifest_path)
         files = json.loads(text)["files"]
     except (ValueError, KeyError, TypeError):
         return f"{MANIFEST} is not a valid manifest"
@@ -74,6 +74,11 @@ def verify_manifest(step_dir) -> str | None:
         if actual != digest:
             return f"{relative} does not match its SHA-256 in {MANIFEST} (its bytes changed after the save)"
     return None
+
+
+def _read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 def sha256_file(path: str) -> str:
