@@ -48,7 +48,8 @@ def one_line(error: BaseException) -> str:
     text = re.sub(r"\s+", " ", str(error)).strip()
     if text.startswith("error: "):
         text = text[len("error: "):]
-    if isinstance(error, USER_ERRORS) and text:
+    ours = type(error).__module__.split(".")[0] in OWN_PACKAGES  # e.g. CheckpointUnreadableError
+    if (ours or isinstance(error, USER_ERRORS)) and text:
         return f"error: {text}"
     return (f"error: {type(error).__name__}: {text or 'no message'} (unexpected; rerun with --verbose or "
             f"{DEBUG_ENV}=1 for the traceback)")
