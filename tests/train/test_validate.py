@@ -72,8 +72,14 @@ def test_data_files_must_be_readable_non_empty_and_of_a_known_kind(tmp_path):
             validate.check(_config(f"data.source=files:{locked}"), str(tmp_path / "run"))
 
 
-def test_the_default_and_a_sharded_config_pass(tmp_path):
-    validate.check(_config(), str(tmp_path / "a"))
+@pytest.mark.parametrize("spec", ["gpt.py:default", "gpt.py:tiny", "llama.py:tiny", "qwen.py:tiny", "moe.py:tiny",
+                                  "deepseek.py:tiny", "bert.py:tiny"])
+def test_every_family_preset_passes(tmp_path, spec):
+    validate.check(load_config(os.path.join(REPO, "configs", spec)), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_sharded_config_passes(tmp_path):
     validate.check(_config("sharding.strategy=fsdp_tp", "sharding.mesh=fsdp=4,tensor=2"), str(tmp_path / "b"))
 
 
