@@ -165,11 +165,9 @@ class Checkpointer:
             data=ocp.args.JsonSave(_checked_json(data_state, "data_state")),
             config=ocp.args.JsonSave(_checked_json(config, "config")),
         )
-        if not (force or self._manager.should_save(step)):
-            return False
-        self.wait_until_finished()  # orbax waits for the previous save too; then it gets its manifest
-        started = self._manager.save(step, args=args, force=force)
+        started = self._manager.save(step, args=args, force=force)  # waits for the previous save first
         if started:
+            self._seal()  # the previous steps are committed now
             self._unsealed.append(step)
             if not self._async:
                 self._seal()
@@ -341,7 +339,10 @@ class Checkpointer:
             for step in self._unsealed:
                 step_dir = self.directory / str(step)
                 if (step_dir / COMMIT_MARKER).exists() and not (step_dir / MANIFEST).exists():
-                    write_manifest(step_dir)
+                    try:
+                        write_manifest(step_dir)
+                    except FileNotFoundError:  # max_to_keep removed the step meanwhile
+                        pass
         self._unsealed = []
         if jax.process_count() > 1:
             self._barriers += 1
