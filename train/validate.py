@@ -101,7 +101,8 @@ def _check_data(config, workdir: str) -> None:
 def _check_text_file(path: str) -> None:
     if not path.endswith(builders.TEXT_SUFFIXES + builders.JSONL_SUFFIXES):
         raise ValueError(f"data file {path} has an unknown suffix; accepted: "
-                         f"{', '.join(builders.TEXT_SUFFIXES + builders.JSONL_SUFFIXES)} (fix config key `data.source`)")
+                         f"{', '.join(builders.TEXT_SUFFIXES + builders.JSONL_SUFFIXES)} "
+                         "(fix config key `data.source`)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path} does not exist; fix the path in config key `data.source`")
     try:

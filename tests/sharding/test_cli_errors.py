@@ -23,7 +23,8 @@ def _cli(module, *args):
     ("sharding.ablate", ["--devices=many"], ["--devices='many' must be a positive integer"]),
     ("sharding.plan", ["--config=configs/llama.py:tiny", "--mesh=data=2", "--strategy=tp"],
      ["strategy `tp` splits over mesh axis `tensor`"]),
-    ("sharding.plan", ["--config=configs/llama.py:tiny", "--mesh=data"], ["--mesh='data': each axis must be NAME=SIZE"]),
+    ("sharding.plan", ["--config=configs/llama.py:tiny", "--mesh=data"],
+     ["--mesh='data': each axis must be NAME=SIZE"]),
     ("sharding.plan", [], ["give --params and --devices"]),
 ])
 def test_a_bad_input_is_one_line(module, args, fragments):
