@@ -351,26 +351,38 @@ def test_every_committed_step_gets_a_manifest_of_its_files(tmp_path, async_save)
         assert checkpoint_lib.verify_manifest(tmp_path / step) is None
 
 
+def _large_state(seed):
+    """Big enough that orbax stores the array out of line, compressed, with no checksum."""
+    return {"w": _normal(seed, (256, 256)), "step": jnp.int32(seed)}
+
+
 def test_a_flipped_byte_in_an_array_chunk_falls_back_to_the_previous_step(tmp_path, caplog):
-    old, new = _small_state(10), _small_state(20)
-    with Checkpointer(tmp_path, save_interval_steps=10) as ckpt:
+    old, new = _large_state(10), _large_state(20)
+    with Checkpointer(tmp_path / "run", save_interval_steps=10) as ckpt:
         ckpt.save(10, old, data_state={"position": 10}, config=CONFIG)
         ckpt.save(20, new, data_state={"position": 20}, config=CONFIG)
-    chunk = _array_chunks(tmp_path / "20")[0]
+    chunk = _array_chunks(tmp_path / "run" / "20")[0]
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x01
     chunk.write_bytes(bytes(data))
 
+    # What orbax alone does with it: restores step 20 with wrong numbers and no error.
+    shutil.copytree(tmp_path / "run", tmp_path / "unchecked")
+    (tmp_path / "unchecked" / "20" / MANIFEST).unlink()
+    with Checkpointer(tmp_path / "unchecked") as ckpt:
+        step, silently_wrong, _, _ = ckpt.restore(_abstract(old))
+    assert step == 20 and not np.array_equal(np.asarray(silently_wrong["w"]), np.asarray(new["w"]))
+
     with (
         caplog.at_level(logging.WARNING, logger="train.checkpoint"),
-        Checkpointer(tmp_path, save_interval_steps=10) as ckpt,
+        Checkpointer(tmp_path / "run", save_interval_steps=10) as ckpt,
     ):
         step, restored, data_state, _ = ckpt.restore(_abstract(old))
     assert (step, data_state) == (10, {"position": 10})
     _assert_trees_equal(restored, old)
     assert f"does not match its SHA-256 in {MANIFEST}" in caplog.text
-    moved = [p for p in tmp_path.iterdir() if p.name.startswith("corrupt.step_20.")]
-    assert len(moved) == 1 and not (tmp_path / "20").exists()
+    moved = [p for p in (tmp_path / "run").iterdir() if p.name.startswith("corrupt.step_20.")]
+    assert len(moved) == 1 and not (tmp_path / "run" / "20").exists()
 
 
 @pytest.mark.parametrize("failures", [1, checkpoint_lib.READ_ATTEMPTS])
