@@ -12,7 +12,8 @@ import sys
 from absl import app, flags
 
 from inference.generate import generate_text
-from inference.load import load
+from inference.load import DTYPES, load
+from train import cli
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A `python -m train` workdir or a Hugging Face directory.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [""], "Text to continue; repeat the flag for a batch.")
@@ -24,24 +25,22 @@ _MIN_P = flags.DEFINE_float("min_p", None, "Drop tokens below min_p times the to
 _REPETITION_PENALTY = flags.DEFINE_float("repetition_penalty", None, "> 1 makes tokens already seen less likely.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STEP = flags.DEFINE_integer("step", None, "The workdir checkpoint step (default: the latest).")
+_DTYPE = flags.DEFINE_enum("dtype", None, list(DTYPES), "Params and computation in this dtype (default: as saved).")
 flags.mark_flag_as_required("checkpoint")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        loaded = load(_CHECKPOINT.value, step=_STEP.value)
-        texts = generate_text(loaded.model, loaded.params, loaded.tokenizer, _PROMPT.value,
-                              max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                              top_p=_TOP_P.value, min_p=_MIN_P.value, repetition_penalty=_REPETITION_PENALTY.value,
-                              seed=_SEED.value)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    loaded = load(_CHECKPOINT.value, step=_STEP.value, dtype=_DTYPE.value)
+    texts = generate_text(loaded.model, loaded.params, loaded.tokenizer, _PROMPT.value,
+                          max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                          top_p=_TOP_P.value, min_p=_MIN_P.value, repetition_penalty=_REPETITION_PENALTY.value,
+                          seed=_SEED.value)
     print(f"# {loaded.source}", file=sys.stderr)
     for i, (prompt, text) in enumerate(zip(_PROMPT.value, texts)):
         print(("---\n" if i else "") + prompt + text)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)  # errors as one line `error: ...`, library logs behind --verbose

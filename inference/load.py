@@ -1,9 +1,12 @@
 """A model, its params and its tokenizer from a checkpoint path, for `python -m inference`.
 
 Two kinds of path:
-  * a `python -m train` workdir: `config.json` (the resolved run config), the orbax
-    checkpoints `checkpoints/<step>/state` (train/checkpoint.py) and the tokenizer, trained
-    into `tokenizer/` or named by the config's `tokenizer.path`;
+  * a `python -m train` workdir: the orbax checkpoints `checkpoints/<step>/` with the run
+    config saved beside each state (train/checkpoint.py; `config.json` only for a step
+    without one) and the tokenizer, trained into `tokenizer/` or named by the config's
+    `tokenizer.path`. Only the parameters are read (no optimizer state), checked against
+    the step's manifest, onto this process's first device, whatever layout and device
+    count the run trained with;
   * a Hugging Face model directory: `config.json` + `model.safetensors` (or sharded, with
     its index) read by `models.hf.load_pretrained`, and its `tokenizer.json`.
 """
@@ -22,6 +25,7 @@ from models.gpt import GPT
 
 WORKDIR_CHECKPOINTS = "checkpoints"
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype: the params' and the computation's dtype
 
 
 @dataclasses.dataclass
@@ -43,12 +47,13 @@ def is_hf_dir(path: str) -> bool:
         os.path.isfile(os.path.join(path, f)) for f in HF_WEIGHTS)
 
 
-def load(path: str, *, step: int | None = None) -> Loaded:
+def load(path: str, *, step: int | None = None, dtype: str | None = None) -> Loaded:
     """Loads a `python -m train` workdir or a Hugging Face directory.
 
     Args:
       path: the directory.
       step: the workdir checkpoint to read (None: the latest committed one).
+      dtype: the params' and the computation's dtype, one of DTYPES (None: as saved).
 
     Returns:
       A `Loaded` with a decoder-only `GPT`.
@@ -56,12 +61,14 @@ def load(path: str, *, step: int | None = None) -> Loaded:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint path {path!r} is not a directory; expected a `python -m train` "
                                 "workdir or a Hugging Face model directory")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {DTYPES}")
     if is_workdir(path):
-        return _load_workdir(path, step)
+        return _load_workdir(path, step, dtype)
     if step is not None:
         raise ValueError(f"step={step} applies to a `python -m train` workdir; {path!r} is not one")
     if is_hf_dir(path):
-        return _load_hf(path)
+        return _load_hf(path, dtype)
     found = sorted(os.listdir(path))[:10]
     raise ValueError(f"{path!r} is neither a `python -m train` workdir (config.json + {WORKDIR_CHECKPOINTS}/) nor a "
                      f"Hugging Face model directory (config.json + {' or '.join(HF_WEIGHTS)}); it holds {found}")
@@ -76,36 +83,68 @@ def committed_steps(workdir: str) -> list[int]:
                   if d.isdigit() and os.path.isfile(os.path.join(root, d, COMMIT_MARKER)))
 
 
-def _load_workdir(workdir: str, step: int | None) -> Loaded:
-    import orbax.checkpoint as ocp
-
+def _load_workdir(workdir: str, step: int | None, dtype: str | None) -> Loaded:
     from train import build
+    from train.checkpoint import restore_params
 
-    with open(os.path.join(workdir, "config.json")) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    steps = committed_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(f"{workdir!r} holds no committed checkpoint under {WORKDIR_CHECKPOINTS}/; train "
+                                "until a checkpoint is saved (checkpoint.save_interval_steps)")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise FileNotFoundError(f"{workdir!r} has no checkpoint at step {step}; it holds steps {steps}")
+    config = _saved_config(workdir, step)
+    if dtype is not None:
+        config.model.dtype = config.model.param_dtype = dtype
     tokenizer_path = config.tokenizer.path or os.path.join(workdir, "tokenizer")
     tokenizer = load_tokenizer(tokenizer_path)
     model = build.model(config, tokenizer.vocab_size)
     if not isinstance(model, GPT):
         raise TypeError(f"{workdir!r} trained model.family={config.model.family!r}, a masked LM: it does not "
                          "generate text; use a decoder family (gpt, llama, qwen, moe, deepseek)")
-    steps = committed_steps(workdir)
-    if not steps:
-        raise FileNotFoundError(f"{workdir!r} holds no committed checkpoint under {WORKDIR_CHECKPOINTS}/")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise FileNotFoundError(f"{workdir!r} has no checkpoint at step {step}; it holds steps {steps}")
-    state = ocp.StandardCheckpointer().restore(os.path.join(workdir, WORKDIR_CHECKPOINTS, str(step), "state"))
-    return Loaded(model, state["params"], tokenizer, f"workdir {workdir}, step {step}")
+    params = restore_params(os.path.join(workdir, WORKDIR_CHECKPOINTS), step, _abstract_params(model))
+    return Loaded(model, params, tokenizer, f"workdir {workdir}, step {step}")
 
 
-def _load_hf(directory: str) -> Loaded:
+def _saved_config(workdir: str, step: int) -> ml_collections.ConfigDict:
+    """The run config saved with checkpoint `step` (what trained it), else the workdir's config.json."""
+    for path in (os.path.join(workdir, WORKDIR_CHECKPOINTS, str(step), "config", "metadata"),
+                 os.path.join(workdir, "config.json")):
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    return ml_collections.ConfigDict(json.load(f))
+            except ValueError as e:
+                raise ValueError(f"{path} is not valid JSON ({e}); the run config of step {step} is unreadable") \
+                    from None
+    raise FileNotFoundError(f"{workdir!r} has no run config for step {step} (checkpoints/{step}/config or "
+                            "config.json)")
+
+
+def _abstract_params(model: GPT):
+    """The model's params as ShapeDtypeStructs on this process's first device."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]))
+    return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+
+
+def _load_hf(directory: str, dtype: str | None) -> Loaded:
     from models import hf
 
-    model, params = hf.load_pretrained(directory)
+    overrides = {"dtype": _jnp_dtype(dtype), "param_dtype": _jnp_dtype(dtype)} if dtype else {}
+    model, params = hf.load_pretrained(directory, **overrides)
     if not isinstance(model, GPT):
         raise TypeError(f"{directory!r} holds a {type(model).__name__}, not a causal LM: it does not generate text")
+    if dtype:
+        import jax
+
+        params = jax.tree_util.tree_map(lambda x: x.astype(overrides["param_dtype"]), params)
     try:
         tokenizer = load_tokenizer(directory)
     except ValueError as e:
@@ -114,3 +153,9 @@ def _load_hf(directory: str) -> Loaded:
         raise ValueError(f"the tokenizer in {directory!r} has {tokenizer.vocab_size} tokens, more than the model's "
                          f"vocab_size={model.config.vocab_size}")
     return Loaded(model, params, tokenizer, f"Hugging Face directory {directory}")
+
+
+def _jnp_dtype(name: str):
+    import jax.numpy as jnp
+
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]

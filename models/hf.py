@@ -60,7 +60,15 @@ def read_safetensors(directory: str) -> dict[str, np.ndarray]:
                                 "(PyTorch .bin checkpoints: convert them with transformers' save_pretrained)")
     tensors: dict[str, np.ndarray] = {}
     for shard in shards:
-        tensors.update(load_file(os.path.join(directory, shard)))
+        path = os.path.join(directory, shard)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"safetensors shard {path} is missing (listed in {INDEX}); download it again")
+        try:
+            tensors.update(load_file(path))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
+            detail = " ".join(str(e).split())
+            raise ValueError(f"safetensors shard {path} is truncated or corrupt ({detail}); download or save it "
+                             "again") from None
     return tensors
 
 

@@ -287,7 +287,10 @@ def main(argv, overrides) -> None:
 def _devices_from_argv(argv: list[str]) -> int:
     for arg in argv:
         if arg.startswith("--devices="):
-            return int(arg.split("=", 1)[1])
+            value = arg.split("=", 1)[1]
+            if not value.strip().isdigit() or int(value) < 1:
+                raise ValueError(f"--devices={value!r} must be a positive integer (e.g. --devices=8)")
+            return int(value)
     return flags.FLAGS['devices'].default
 
 
@@ -307,7 +310,9 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
+    from train import cli
+
     _define_flags()
     argv, overrides = split_override_args(sys.argv)
-    simulate_devices(_devices_from_argv(argv))
-    app.run(lambda a: main(a, overrides), argv=argv)
+    # errors as one line `error: ...` (--verbose: traceback); the devices are simulated before jax starts
+    cli.run(lambda a: main(a, overrides), argv=argv, prepare=lambda: simulate_devices(_devices_from_argv(argv)))

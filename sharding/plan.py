@@ -158,15 +158,24 @@ def _simulate_devices(argv: list[str]) -> None:
     values = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
     if "config" not in values:
         return
-    count = int(values.get("devices", 0))
+    devices = values.get("devices", "0")
+    if not devices.strip().isdigit():
+        raise ValueError(f"--devices={devices!r} must be a non-negative integer (e.g. --devices=8)")
+    count = int(devices)
     if not count:
-        sizes = [int(part.split("=")[1]) for part in values.get("mesh", "data=8").split(",")]
+        mesh = values.get("mesh", "data=8")
+        try:
+            sizes = [int(part.split("=", 1)[1]) for part in mesh.split(",")]
+        except (IndexError, ValueError):
+            raise ValueError(f"--mesh={mesh!r}: each axis must be NAME=SIZE (e.g. data=2,fsdp=4)") from None
         count = math.prod(sizes) if -1 not in sizes else 8
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 if __name__ == "__main__":
+    from train import cli
+
     argv, overrides = split_override_args(sys.argv)
-    _simulate_devices(argv)
-    app.run(lambda a: main(a, overrides), argv=argv)
+    # errors as one line `error: ...` (--verbose: traceback); the devices are simulated before jax starts
+    cli.run(lambda a: main(a, overrides), argv=argv, prepare=lambda: _simulate_devices(argv))

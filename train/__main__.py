@@ -10,9 +10,10 @@ which JAX detects); see train/distributed.py.
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from configs.loader import ConfigError, load_config, split_override_args
+from train import cli
 
 _CONFIG = flags.DEFINE_string("config", "configs/gpt.py:default", "Config file and preset, FILE.py:PRESET.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where checkpoints, metrics and the summary are written.")
@@ -31,8 +32,6 @@ def main(argv, overrides):
     except distributed.DistributedError as e:
         sys.exit(f"error: {e}")
     from train import trainer  # after flag parsing: importing jax early is slow for --help
-
-    logging.set_verbosity(logging.WARNING)
     try:
         config = load_config(_CONFIG.value, overrides)
     except ConfigError as e:
@@ -48,4 +47,4 @@ def main(argv, overrides):
 
 if __name__ == "__main__":
     argv, overrides = split_override_args(sys.argv)
-    app.run(lambda a: main(a, overrides), argv=argv)
+    cli.run(lambda a: main(a, overrides), argv=argv)  # errors as one line `error: ...` (--verbose: traceback)

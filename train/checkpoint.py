@@ -31,6 +31,15 @@ tests/train/test_checkpoint.py:
   (transfer priority SYNCHRONOUS), so the caller may donate `state` right after.
 - No checksums. Missing or truncated files surface as read errors, but flipped
   bytes inside an array chunk restore as wrong numbers without any error.
+
+So lmlab adds its own: once a step is committed (`save` without async_save, or the
+next `save`, `wait_until_finished` or `close` after an async one), the primary process
+writes `DIR/<step>/lmlab_manifest.json`, the SHA-256 of every file of the step, and
+the others wait at a barrier. `restore` checks the sums before it reads a step: a file
+that differs or is missing makes the step corrupt (moved aside, the previous step
+used). A read that fails with an OSError is retried (`READ_ATTEMPTS`) and then raised
+as `CheckpointReadError`: a flaky disk never gets a good step renamed. A step without
+a manifest (written by older code, or committed just before a crash) is read unverified.
 """
 
 import dataclasses
@@ -47,6 +56,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from train import distributed
+from train.manifest import MANIFEST, READ_ATTEMPTS, CheckpointReadError, retrying, verify_manifest, write_manifest
+
+__all__ = ["MANIFEST", "READ_ATTEMPTS", "CheckpointReadError", "CheckpointMismatchError", "CheckpointUnreadableError",
+           "Checkpointer", "restore_params"]
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +136,9 @@ class Checkpointer:
             ),
         )
         self._closed = False
+        self._async = async_save
+        self._unsealed: list[int] = []  # steps this process saved that have no manifest yet
+        self._barriers = 0  # barrier names must be unique
 
     # ----------------------------------------------------------------- saving
 
@@ -150,7 +166,13 @@ class Checkpointer:
             data=ocp.args.JsonSave(_checked_json(data_state, "data_state")),
             config=ocp.args.JsonSave(_checked_json(config, "config")),
         )
-        return self._manager.save(step, args=args, force=force)
+        started = self._manager.save(step, args=args, force=force)  # waits for the previous save first
+        if started:
+            self._seal()  # the previous steps are committed now
+            self._unsealed.append(step)
+            if not self._async:
+                self._seal()
+        return started
 
     # -------------------------------------------------------------- restoring
 
@@ -175,6 +197,8 @@ class Checkpointer:
             CheckpointUnreadableError: no step could be read. The message lists
                 each step tried and why it failed.
             FileNotFoundError: an explicit `step` does not exist.
+            CheckpointReadError: a file could not be read after READ_ATTEMPTS
+                tries (an I/O error); nothing was moved.
         """
         self.wait_until_finished()  # a save in flight is not yet a readable step
         expected = _abstract_leaves(abstract_state)
@@ -223,10 +247,16 @@ class Checkpointer:
     def _restore_step_everywhere(self, step, abstract_state, expected):
         """`_restore_step`, agreed by all processes: each reads only its own shards, so a bad
         file can fail one process alone; then every process treats `step` as unreadable."""
+        restored, reason, read_error = None, None, None
         try:
-            restored, reason = self._restore_step(step, abstract_state, expected), None
+            restored = self._restore_step(step, abstract_state, expected)
         except _Unreadable as e:
-            restored, reason = None, e
+            reason = e
+        except CheckpointReadError as e:  # I/O trouble: agreed too, so no process waits alone
+            read_error = e
+        if distributed.any_process(read_error is not None, "checkpoint_read_error", step):
+            raise read_error or CheckpointReadError(f"checkpoint step {step}: a read failed on another process "
+                                                    "(see its log); nothing was moved")
         if distributed.any_process(reason is not None, "checkpoint_restore", step):
             raise reason or _Unreadable("unreadable on another process (see its log)")
         return restored
@@ -244,18 +274,39 @@ class Checkpointer:
         if tree_metadata is None or getattr(tree_metadata, "tree", None) is None:
             raise _Unreadable("state has no tree metadata (state/_METADATA is missing)")
         _check_matches(expected, tree_metadata.tree, step, self.directory)
+        self._verify_everywhere(step_dir)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore(),
+        )
         try:
-            restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=ocp.args.JsonRestore(),
-                    config=ocp.args.JsonRestore(),
-                ),
-            )
+            restored = retrying(lambda: self._manager.restore(step, args=args), f"checkpoint step {step_dir}")
+        except CheckpointReadError:
+            raise
         except Exception as e:  # noqa: BLE001 - tensorstore/json raise many kinds
             raise _Unreadable(_short(e)) from e
         return restored["state"], restored["data"], restored["config"]
+
+    def _verify_everywhere(self, step_dir: epath.Path) -> None:
+        """Checks the step's manifest on the primary process (one read of the files, not one
+        per process) and makes every process agree: raises _Unreadable or CheckpointReadError."""
+        status, reason = 0, ""
+        if jax.process_index() == 0:
+            try:
+                reason = verify_manifest(step_dir) or ""
+                status = 1 if reason else 0
+            except CheckpointReadError as e:
+                status, reason = 2, str(e)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            status = int(multihost_utils.broadcast_one_to_all(np.int32(status)))
+            reason = reason or "the primary process found it corrupt or unreadable"
+        if status == 1:
+            raise _Unreadable(reason)
+        if status == 2:
+            raise CheckpointReadError(reason)
 
     def _move_aside(self, step: int) -> epath.Path:
         """Renames `DIR/step` to `DIR/corrupt.step_<step>.<time>` (primary host only)."""
@@ -292,20 +343,91 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def wait_until_finished(self):
-        """Blocks until a background save is committed; re-raises its error."""
+        """Blocks until a background save is committed (re-raises its error), then writes
+        the manifest of every step this process saved."""
         self._manager.wait_until_finished()
+        self._seal()
+
+    def _seal(self) -> None:
+        """Writes the manifest of each committed step saved here (primary process; the
+        others wait, so that no process reads a step before its manifest exists)."""
+        if not self._unsealed:
+            return
+        if jax.process_index() == 0:
+            for step in self._unsealed:
+                step_dir = self.directory / str(step)
+                if (step_dir / COMMIT_MARKER).exists() and not (step_dir / MANIFEST).exists():
+                    try:
+                        write_manifest(step_dir)
+                    except FileNotFoundError:  # max_to_keep removed the step meanwhile
+                        pass
+        self._unsealed = []
+        if jax.process_count() > 1:
+            self._barriers += 1
+            ocp.multihost.sync_global_processes(f"lmlab_checkpoint_manifest_{self._barriers}")
 
     def close(self):
         """Waits for pending saves and releases orbax's threads."""
         if not self._closed:
             self._closed = True
-            self._manager.close()
+            try:
+                self.wait_until_finished()
+            finally:
+                self._manager.close()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc_info):
         self.close()
+
+
+def restore_params(directory, step: int, abstract_params):
+    """Only the parameters of checkpoint `step` (no optimizer state), checked against the
+    step's manifest, into the shapes, dtypes and shardings of `abstract_params`: a state
+    saved on 8 devices restores onto 1, float32 params restore as bfloat16 if asked.
+
+    Args:
+      directory: the checkpoints' root (`Checkpointer`'s directory).
+      step: a committed step.
+      abstract_params: pytree of `jax.ShapeDtypeStruct` with `.sharding` set.
+
+    Returns:
+      The params pytree.
+
+    Raises:
+      CheckpointUnreadableError: the step is incomplete or corrupt (the message says what).
+      CheckpointMismatchError: the saved params' tree or shapes differ from `abstract_params`.
+      CheckpointReadError: an I/O error that persisted over READ_ATTEMPTS tries.
+    """
+    step_dir = epath.Path(os.path.abspath(os.fspath(directory))) / str(step)
+    reason = _missing_parts(step_dir) or verify_manifest(step_dir)
+    if reason:
+        raise CheckpointUnreadableError(f"checkpoint at step {step} in {step_dir.parent} is unreadable ({reason}); "
+                                        "pick an older step")
+    checkpointer = ocp.PyTreeCheckpointer()
+    state_dir = step_dir / "state"
+    try:
+        saved = checkpointer.metadata(state_dir)  # StepMetadata -> TreeMetadata -> tree
+        saved = getattr(getattr(saved, "item_metadata", saved), "tree", saved)
+    except Exception as e:  # noqa: BLE001 - any failure here means bad files
+        raise CheckpointUnreadableError(f"checkpoint at step {step}: state metadata: {_short(e)}") from e
+    if not isinstance(saved, Mapping) or "params" not in saved:
+        raise CheckpointMismatchError(f"the checkpoint at step {step} in {step_dir.parent} holds no `params`")
+    expected = {k: dataclasses.replace(v, dtype=None) for k, v in _abstract_leaves(abstract_params).items()}
+    saved_params = {k: dataclasses.replace(v, dtype=None) for k, v in _saved_leaves(saved["params"]).items()}
+    _check_leaves(expected, saved_params, step, step_dir.parent, "params")
+    target = {"params": abstract_params}
+    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
+    try:
+        restored = retrying(lambda: checkpointer.restore(state_dir, args=args), f"checkpoint step {step_dir}")
+    except CheckpointReadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tensorstore raises many kinds
+        raise CheckpointUnreadableError(f"checkpoint at step {step} in {step_dir.parent} is unreadable "
+                                        f"({_short(e)}); pick an older step") from e
+    return restored["params"]
 
 
 def _checked_json(value, name):
@@ -387,6 +509,11 @@ def _abstract_leaves(abstract_state) -> dict:
 
 def _check_matches(expected: dict, metadata_tree, step, directory):
     """Raises CheckpointMismatchError at the first leaf that differs."""
+    _check_leaves(expected, _saved_leaves(metadata_tree), step, directory, "state")
+
+
+def _saved_leaves(metadata_tree) -> dict:
+    """{normalised path: _LeafInfo} of an orbax metadata tree."""
     saved = {}
     for path, meta in jax.tree_util.tree_flatten_with_path(metadata_tree)[0]:
         shape = getattr(meta, "shape", None)
@@ -396,20 +523,28 @@ def _check_matches(expected: dict, metadata_tree, step, directory):
             None if shape is None else tuple(shape),
             None if dtype is None else np.dtype(dtype),
         )
+    return saved
+
+
+def _check_leaves(expected: dict, saved: dict, step, directory, what: str):
     where = f"the checkpoint at step {step} in {directory}"
+
+    def text(info):
+        return f"{info.shape} {info.dtype}" if info.dtype is not None else f"{info.shape}"
+
     for key, want in expected.items():
         have = saved.get(key)
         if have is None:
             raise CheckpointMismatchError(
-                f"state leaf {want.label} (shape {want.shape} {want.dtype}) is in abstract_state but not in {where}."
+                f"{what} leaf {want.label} (shape {text(want)}) is in abstract_{what} but not in {where}."
             )
         if (have.shape, have.dtype) != (want.shape, want.dtype):
             raise CheckpointMismatchError(
-                f"state leaf {want.label} has shape {have.shape} {have.dtype} in {where}, "
-                f"but abstract_state expects shape {want.shape} {want.dtype}."
+                f"{what} leaf {want.label} has shape {text(have)} in {where}, "
+                f"but abstract_{what} expects shape {text(want)}."
             )
     for key, have in saved.items():
         if key not in expected:
             raise CheckpointMismatchError(
-                f"state leaf {have.label} (shape {have.shape} {have.dtype}) is in {where} but not in abstract_state."
+                f"{what} leaf {have.label} (shape {text(have)}) is in {where} but not in abstract_{what}."
             )

@@ -42,6 +42,7 @@ from sharding.strategies import get_strategy
 from train import build, distributed
 from train import program as program_lib
 from train import step as step_lib
+from train import validate
 from train.checkpoint import Checkpointer
 from train.metrics import MetricsWriter, Throughput, peak_flops_per_device
 from train.samples import prompt_ids, sample_continuations
@@ -129,6 +130,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     by the sharding strategy `config.sharding.strategy` on the mesh `config.sharding.mesh` (empty:
     the strategy's default mesh; see `sharding.strategies`)."""
     workdir = os.path.abspath(workdir)
+    validate.check(config, workdir)  # every key, before data, tokenizer or config.json are touched
     os.makedirs(workdir, exist_ok=True)
     is_lead = jax.process_index() == 0
     if is_lead:

@@ -3,6 +3,7 @@
 Runs on the 8 simulated CPU devices that tests/conftest.py requests.
 """
 
+import json
 import logging
 import os
 import shutil
@@ -15,8 +16,12 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 from orbax.checkpoint._src.path import atomicity
 
+from train import checkpoint as checkpoint_lib
+from train import manifest as manifest_lib
 from train.checkpoint import (
+    MANIFEST,
     CheckpointMismatchError,
+    CheckpointReadError,
     CheckpointUnreadableError,
     Checkpointer,
 )
@@ -324,3 +329,84 @@ def test_abstract_state_needs_fitting_shardings(tmp_path, mesh):
         with pytest.raises(ValueError, match=r"leaf \['w'\]: sharding does not fit shape \(6, 4\)"):
             ckpt.restore({"w": bad})
     assert not os.listdir(tmp_path)
+
+
+def _array_chunks(step_dir):
+    """The files that hold array bytes (orbax's OCDBT data files), largest first."""
+    chunks = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert chunks, sorted(str(p) for p in (step_dir / "state").rglob("*"))
+    return sorted(chunks, key=lambda p: -p.stat().st_size)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_every_committed_step_gets_a_manifest_of_its_files(tmp_path, async_save):
+    with Checkpointer(tmp_path, save_interval_steps=10, async_save=async_save) as ckpt:
+        ckpt.save(10, _small_state(10), data_state=DATA, config=CONFIG)
+        ckpt.save(20, _small_state(20), data_state=DATA, config=CONFIG)
+    for step in ("10", "20"):
+        listed = json.loads((tmp_path / step / MANIFEST).read_text())["files"]
+        on_disk = sorted(str(p.relative_to(tmp_path / step)) for p in (tmp_path / step).rglob("*")
+                         if p.is_file() and p.name != MANIFEST)
+        assert sorted(listed) == on_disk and len(listed) > 5
+        assert checkpoint_lib.verify_manifest(tmp_path / step) is None
+
+
+def _large_state(seed):
+    """Big enough that orbax stores the array out of line, compressed, with no checksum."""
+    return {"w": _normal(seed, (256, 256)), "step": jnp.int32(seed)}
+
+
+def test_a_flipped_byte_in_an_array_chunk_falls_back_to_the_previous_step(tmp_path, caplog):
+    old, new = _large_state(10), _large_state(20)
+    with Checkpointer(tmp_path / "run", save_interval_steps=10) as ckpt:
+        ckpt.save(10, old, data_state={"position": 10}, config=CONFIG)
+        ckpt.save(20, new, data_state={"position": 20}, config=CONFIG)
+    chunk = _array_chunks(tmp_path / "run" / "20")[0]
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    chunk.write_bytes(bytes(data))
+
+    # What orbax alone does with it: restores step 20 with wrong numbers and no error.
+    shutil.copytree(tmp_path / "run", tmp_path / "unchecked")
+    (tmp_path / "unchecked" / "20" / MANIFEST).unlink()
+    with Checkpointer(tmp_path / "unchecked") as ckpt:
+        step, silently_wrong, _, _ = ckpt.restore(_abstract(old))
+    assert step == 20 and not np.array_equal(np.asarray(silently_wrong["w"]), np.asarray(new["w"]))
+
+    with (
+        caplog.at_level(logging.WARNING, logger="train.checkpoint"),
+        Checkpointer(tmp_path / "run", save_interval_steps=10) as ckpt,
+    ):
+        step, restored, data_state, _ = ckpt.restore(_abstract(old))
+    assert (step, data_state) == (10, {"position": 10})
+    _assert_trees_equal(restored, old)
+    assert f"does not match its SHA-256 in {MANIFEST}" in caplog.text
+    moved = [p for p in (tmp_path / "run").iterdir() if p.name.startswith("corrupt.step_20.")]
+    assert len(moved) == 1 and not (tmp_path / "run" / "20").exists()
+
+
+@pytest.mark.parametrize("failures", [1, checkpoint_lib.READ_ATTEMPTS])
+def test_a_transient_read_error_is_retried_and_never_moves_a_good_step(tmp_path, monkeypatch, failures):
+    old, new = _small_state(10), _small_state(20)
+    with Checkpointer(tmp_path, save_interval_steps=10) as ckpt:
+        ckpt.save(10, old, data_state={"position": 10}, config=CONFIG)
+        ckpt.save(20, new, data_state={"position": 20}, config=CONFIG)
+    real_sha256, calls = manifest_lib.sha256_file, {"n": 0}
+
+    def flaky_sha256(path):
+        calls["n"] += 1
+        if calls["n"] <= failures:
+            raise OSError(5, "Input/output error", path)
+        return real_sha256(path)
+
+    monkeypatch.setattr(manifest_lib, "sha256_file", flaky_sha256)
+    monkeypatch.setattr(manifest_lib, "RETRY_DELAY_S", 0.0)
+    with Checkpointer(tmp_path, save_interval_steps=10) as ckpt:
+        if failures < checkpoint_lib.READ_ATTEMPTS:
+            step, restored, _, _ = ckpt.restore(_abstract(old))
+            assert step == 20
+            _assert_trees_equal(restored, new)
+        else:
+            with pytest.raises(CheckpointReadError, match="failed 3 times .* not corruption"):
+                ckpt.restore(_abstract(old))
+    assert _step_dirs(tmp_path) == ["10", "20"]  # nothing renamed either way

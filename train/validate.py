@@ -1,0 +1,220 @@
+"""Checks a whole run config before any work: `check(config, workdir)`.
+
+`train.trainer.setup` calls it first, so that a bad value fails in a second, before data
+preparation, tokenizer training or compilation, and before `config.json` is written:
+
+  * counts are positive (steps, batch, intervals, ...) and every enum value is known:
+    the model, optimizer and schedule are built from the config (`train.build`);
+  * the mesh fits the device count, the strategy fits the model's parameter shapes
+    (`jax.eval_shape` of the init: nothing is allocated) and the batch fits the batch
+    axes and the processes;
+  * the data source parses and its files exist, are readable, non-empty and of a known
+    kind (a `tfds:` source: its prepared splits open);
+  * a configured tokenizer loads (a masked LM's has a mask token);
+  * a resumed workdir: the saved run's parameters have the shapes this config gives them,
+    or the error names the config keys that changed them.
+
+The vocabulary of the shape checks is model.vocab_size, else the tokenizer's (the
+configured one, or the one already trained in the workdir), else tokenizer.vocab_size
+(the BPE still to be trained has at most that many tokens).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from data import builders, sources
+from data.pipeline import process_rows
+from data.tokenizer import Tokenizer, load_tokenizer
+from sharding import mesh as mesh_lib
+from sharding import step as sharded_step
+from sharding.strategies import get_strategy
+from train import build
+
+# (config key, smallest value): counts a run cannot work with below it.
+MINIMUMS = (
+    ("steps", 1), ("data.seq_len", 1), ("data.batch_size", 1), ("data.shuffle_window", 1), ("data.worker_count", 0),
+    ("optimizer.grad_accum_steps", 1), ("checkpoint.save_interval_steps", 1), ("checkpoint.max_to_keep", 1),
+    ("logging.log_every_steps", 1), ("logging.peak_flops", 0), ("eval.every_steps", 0), ("eval.max_batches", 0),
+    ("eval.num_samples", 0), ("eval.sample_tokens", 0), ("eval.temperature", 0), ("model.num_layers", 1),
+)
+LOCAL_SPLITS = ("train", "validation")  # what the embedded and files: sources hold
+
+
+def check(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Raises ValueError (or FileNotFoundError) naming the first bad key and its fix.
+
+    Args:
+      config: the run config (configs/base.py's keys).
+      workdir: the run's directory (it may not exist yet; nothing is written).
+    """
+    workdir = os.path.abspath(workdir)
+    _check_counts(config)
+    _check_data(config, workdir)
+    tokenizer = existing_tokenizer(config, workdir)
+    abstract_params = abstract_params_of(config, tokenizer)
+    _check_resume(config, workdir, abstract_params)
+
+
+def _get(config, key: str):
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+def _check_counts(config) -> None:
+    for key, least in MINIMUMS:
+        value = _get(config, key)
+        if value < least:
+            raise ValueError(f"config key `{key}`={value} must be >= {least}")
+    process_rows(config.data.batch_size)  # the batch splits evenly over the processes
+
+
+def _check_data(config, workdir: str) -> None:
+    d = config.data
+    try:
+        spec = sources.parse_source(d.source)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"config key `data.source`: {e}") from None
+    if spec.kind == "tfds":
+        data_dir = d.data_dir or os.path.join(workdir, "tfds")
+        for split in dict.fromkeys((d.train_split, d.eval_split)):
+            sources.open_split(d.source, split, data_dir=data_dir, text_key=d.text_key)
+        return
+    if not 0.0 < d.validation_fraction < 1.0:
+        raise ValueError(f"config key `data.validation_fraction`={d.validation_fraction} must lie in (0, 1): the "
+                         "share of the text held out for validation")
+    for key in ("train_split", "eval_split"):
+        if d[key] not in LOCAL_SPLITS:
+            raise ValueError(f"config key `data.{key}`={d[key]!r}; the {spec.kind} source has the splits "
+                             f"{LOCAL_SPLITS}")
+    for path in spec.paths:
+        _check_text_file(path)
+
+
+def _check_text_file(path: str) -> None:
+    if not path.endswith(builders.TEXT_SUFFIXES + builders.JSONL_SUFFIXES):
+        raise ValueError(f"data file {path} has an unknown suffix; accepted: "
+                         f"{', '.join(builders.TEXT_SUFFIXES + builders.JSONL_SUFFIXES)} "
+                         "(fix config key `data.source`)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path} does not exist; fix the path in config key `data.source`")
+    try:
+        with open(path, "rb") as f:
+            first = f.read(1)
+    except OSError as e:
+        raise ValueError(f"data file {path} cannot be read ({e.strerror}); fix its permissions or the path in "
+                         "config key `data.source`") from None
+    if not first:
+        raise ValueError(f"data file {path} is empty; remove it from config key `data.source` or give it text")
+
+
+def existing_tokenizer(config, workdir: str) -> Tokenizer | None:
+    """The configured tokenizer, or the one trained into `workdir` earlier, or None (a BPE is
+    still to be trained: its vocabulary size is checked instead)."""
+    if config.tokenizer.path:
+        try:
+            return load_tokenizer(config.tokenizer.path)
+        except (ValueError, OSError) as e:
+            raise type(e)(f"config key `tokenizer.path`: {e}") from None
+    saved = os.path.join(workdir, "tokenizer")
+    if os.path.isdir(saved):
+        return load_tokenizer(saved)
+    specials = 2 if config.model.family == "bert" else 1
+    if config.tokenizer.vocab_size < 256 + specials:
+        raise ValueError(f"config key `tokenizer.vocab_size`={config.tokenizer.vocab_size} is too small for a "
+                         f"byte-level BPE: it needs 256 byte tokens + {specials} special; set at least "
+                         f"{256 + specials}")
+    return None
+
+
+def abstract_params_of(config, tokenizer: Tokenizer | None) -> Any:
+    """The parameters' ShapeDtypeStructs under the config's strategy and mesh (the checks of
+    `sharding.step.build` included); raises ValueError naming the bad key."""
+    vocab = tokenizer.vocab_size if tokenizer is not None else config.tokenizer.vocab_size
+    with _naming("model"):
+        model = build.model(config, vocab)
+    if tokenizer is not None:
+        build.mlm(config, tokenizer)
+    with _naming("optimizer` or `schedule"):
+        tx, schedule = build.optimizer(config)
+    strategy = get_strategy(config.sharding.strategy)
+    spec = config.sharding.mesh or strategy.default_mesh
+    try:
+        mesh = mesh_lib.make_mesh(spec)
+    except ValueError as e:
+        raise ValueError(f"config key `sharding.mesh`: {e}; give axis sizes whose product is "
+                         f"{jax.device_count()}, the device count (one size may be -1: the rest)") from None
+    program = sharded_step.build_for_run(config, model, tx, schedule, strategy=strategy, mesh=mesh)
+    return program.abstract_state.params
+
+
+@contextlib.contextmanager
+def _naming(section: str):
+    """Prefixes a ValueError that does not name its config key with the config section."""
+    try:
+        yield
+    except ValueError as e:
+        if "config key" in str(e) or str(e).startswith(section.split("`")[0]):
+            raise
+        raise ValueError(f"config `{section}`: {e}") from None
+
+
+def _check_resume(config, workdir: str, abstract_params) -> None:
+    """A workdir with checkpoints resumes only a run whose parameters have the same shapes."""
+    saved = saved_config(workdir)
+    if saved is None:
+        return
+    try:
+        saved_params = abstract_params_of(saved, existing_tokenizer(saved, workdir))
+    except Exception:  # noqa: BLE001 - a saved config we cannot rebuild: the restore checks leaf by leaf
+        return
+    before, after = _shapes(saved_params), _shapes(abstract_params)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    if not changed:
+        return
+    keys = [f"{k} ({a!r} -> {b!r})" for k, a, b in _differing_keys(saved.to_dict(), config.to_dict())
+            if k.split(".")[0] in ("model", "tokenizer", "optimizer")]
+    leaf = changed[0]
+    raise ValueError(
+        f"{workdir} holds checkpoints of a model with other parameter shapes (e.g. {leaf}: {before.get(leaf)} -> "
+        f"{after.get(leaf)}); changed config keys: {', '.join(keys) or 'none found'}. Resume with the saved "
+        "values (WORKDIR/config.json) or start a new run with another --workdir")
+
+
+def saved_config(workdir: str) -> ml_collections.ConfigDict | None:
+    """The config saved with the newest committed checkpoint of `workdir` (None: no checkpoint)."""
+    from train.checkpoint import COMMIT_MARKER
+
+    root = os.path.join(workdir, "checkpoints")
+    steps = sorted((int(d) for d in os.listdir(root) if d.isdigit() and
+                    os.path.isfile(os.path.join(root, d, COMMIT_MARKER))), reverse=True) if os.path.isdir(root) else []
+    for step in steps:
+        try:
+            with open(os.path.join(root, str(step), "config", "metadata")) as f:
+                return ml_collections.ConfigDict(json.load(f))
+        except (OSError, ValueError):
+            continue  # an unreadable step: the restore moves it aside
+    return None
+
+
+def _shapes(params) -> dict[str, tuple]:
+    return {jax.tree_util.keystr(path): (tuple(leaf.shape), str(leaf.dtype))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def _differing_keys(before: dict, after: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    out = []
+    for key in sorted(before.keys() | after.keys()):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differing_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out
