@@ -15,6 +15,7 @@ The validation documents are chosen by `holdout_split`: a fixed pseudo-random or
 SHA-256 of each document key) filled greedily up to `validation_fraction` of the bytes.
 """
 
+import array
 import dataclasses
 import functools
 import hashlib
@@ -22,8 +23,8 @@ import json
 import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 TEXT_SUFFIXES = (".txt",)
@@ -31,6 +32,8 @@ JSONL_SUFFIXES = (".jsonl",)
 _VERSION = tfds.core.Version("1.0.0")
 # Text per array_record shard: a shard is what preparing holds in memory at once.
 SHARD_BYTES = 32 << 20
+# A document's position, from which `_documents` reads on: (path, byte offset, line, paragraph).
+_POSITION_WIDTH = 4
 
 
 def _features() -> tfds.features.FeaturesDict:
@@ -43,6 +46,11 @@ def _check_fraction(validation_fraction: float) -> None:
             f"validation_fraction={validation_fraction} must lie strictly between 0 and 1 "
             "(the share of bytes held out for the validation split)"
         )
+
+
+def key_digest(key: str) -> bytes:
+    """The SHA-256 of a document key, which orders documents for `holdout_split`."""
+    return hashlib.sha256(key.encode()).digest()
 
 
 def holdout_split(sizes: Mapping[str, int], validation_fraction: float) -> set[str]:
@@ -59,34 +67,52 @@ def holdout_split(sizes: Mapping[str, int], validation_fraction: float) -> set[s
     Returns:
         The keys of the validation documents.
     """
+    keys = list(sizes)
+    digests = np.array([key_digest(key) for key in keys], dtype="S32")
+    held = holdout_mask(digests, np.array([sizes[k] for k in keys], dtype=np.int64), validation_fraction)
+    return {key for key, is_held in zip(keys, held) if is_held}
+
+
+def holdout_mask(digests: np.ndarray, sizes: np.ndarray, validation_fraction: float) -> np.ndarray:
+    """`holdout_split` over arrays: which documents (by index) are held out.
+
+    Args:
+        digests: `key_digest` of each document key, as a numpy `S32` array.
+        sizes: size in bytes of each document.
+        validation_fraction: share of the bytes to hold out, in (0, 1).
+
+    Returns:
+        A boolean array, True for the validation documents.
+    """
     _check_fraction(validation_fraction)
     if len(sizes) < 2:
         raise ValueError(
             f"a train/validation split needs at least 2 documents, got {len(sizes)}; "
             "add files, or split .txt files into paragraphs with split_paragraphs=True"
         )
-    order = sorted(sizes, key=lambda key: (hashlib.sha256(key.encode()).hexdigest(), key))
-    budget = validation_fraction * sum(sizes.values())
-    held_out, held_bytes = set(), 0
-    for key in order:
-        if held_bytes + sizes[key] <= budget:
-            held_out.add(key)
-            held_bytes += sizes[key]
-    if not held_out:  # every document is larger than the budget: hold out the smallest
-        held_out.add(min(order, key=lambda key: sizes[key]))
-    if len(held_out) == len(sizes):  # possible only for documents of size 0
-        held_out.remove(order[-1])
-    return held_out
+    order = np.argsort(digests, kind="stable")
+    budget = validation_fraction * int(sizes.sum())
+    held = np.zeros(len(sizes), dtype=bool)
+    held_bytes = 0
+    for index, size in zip(order.tolist(), sizes[order].tolist()):
+        if held_bytes + size <= budget:
+            held[index] = True
+            held_bytes += size
+    if not held.any():  # every document is larger than the budget: hold out the smallest
+        held[order[np.argmin(sizes[order])]] = True
+    if held.all():  # possible only for documents of size 0
+        held[order[-1]] = False
+    return held
 
 
 class _SplitBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
     """Writes `_documents()` as a `train` and a `validation` split, streaming.
 
-    A first pass over the documents keeps only each one's key, size and position; the splits
-    are then written shard by shard (at most `SHARD_BYTES` of text each, in source order),
-    each shard re-reading the input from its first document's position. Memory stays at one
-    shard whatever the size of the corpus (tfds's own writers hold a whole split in memory
-    up to 1 GB, and need TensorFlow to spill beyond it).
+    A first pass over the documents keeps only each one's key digest, size and position
+    (73 bytes, in arrays); the splits are then written shard by shard (at most `SHARD_BYTES`
+    of text each, in source order), each shard re-reading the input from its first
+    document's position. Memory stays at one shard, whatever the size of the corpus (tfds's
+    own writers hold a whole split in memory up to 1 GB, and need TensorFlow beyond it).
     """
 
     VERSION = _VERSION
@@ -94,8 +120,9 @@ class _SplitBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(builder=self, features=_features())
 
-    def _documents(self, start: Any = None) -> Iterator[tuple[Any, str, str]]:
-        """(position, key, text) of each document in source order, from position `start` (None: the first)."""
+    def _documents(self, start: tuple[int, ...] | None = None) -> Iterator[tuple[tuple[int, ...], str, str]]:
+        """(position, key, text) of each document in source order, from position `start`
+        (None: the first); a position is a tuple of `_POSITION_WIDTH` ints."""
         raise NotImplementedError
 
     def _check_documents(self, count: int) -> None:
@@ -103,26 +130,34 @@ class _SplitBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
 
     def _shard_iterators_per_split(self, dl_manager):
         del dl_manager  # nothing is downloaded
-        index = [(position, key, len(text.encode("utf-8"))) for position, key, text in self._documents()]
-        self._check_documents(len(index))
-        held_out = holdout_split({key: size for _, key, size in index}, self.builder_config.validation_fraction)
-        shards = {"train": [], "validation": []}  # per split: [start position, documents, bytes] of each shard
-        for position, key, size in index:
-            split = "validation" if key in held_out else "train"
-            if not shards[split] or shards[split][-1][2] >= SHARD_BYTES:
-                shards[split].append([position, 0, 0])
-            shards[split][-1][1] += 1
-            shards[split][-1][2] += size
-        del index
+        digests, sizes, positions = bytearray(), array.array("q"), array.array("q")
+        for position, key, text in self._documents():
+            digests += key_digest(key)
+            sizes.append(len(text.encode("utf-8")))
+            positions.extend(position)
+        self._check_documents(len(sizes))
+        held = holdout_mask(np.frombuffer(bytes(digests), dtype="S32"), np.frombuffer(sizes, dtype=np.int64),
+                            self.builder_config.validation_fraction)
+        del digests
+        shards = {"train": [], "validation": []}  # per split: [first document, count, bytes] of each shard
+        for index, (size, is_held) in enumerate(zip(sizes, held.tolist())):
+            split = shards["validation" if is_held else "train"]
+            if not split or split[-1][2] >= SHARD_BYTES:
+                split.append([index, 0, 0])
+            split[-1][1] += 1
+            split[-1][2] += size
         return {
-            split: [functools.partial(self._shard_examples, start, count, held_out, split == "validation")
-                    for start, count, _ in split_shards]
-            for split, split_shards in shards.items()
+            name: [functools.partial(self._shard_examples, first, count, held,
+                                     tuple(positions[first * _POSITION_WIDTH : (first + 1) * _POSITION_WIDTH]))
+                   for first, count, _ in split]
+            for name, split in shards.items()
         }
 
-    def _shard_examples(self, start: Any, count: int, held_out: set[str], validation: bool):
-        for _, key, text in self._documents(start):
-            if (key in held_out) == validation:
+    def _shard_examples(self, first: int, count: int, held: np.ndarray, start: tuple[int, ...]):
+        """The `count` documents from document `first` (at position `start`) on that share its side of `held`."""
+        validation = held[first]
+        for index, (_, key, text) in enumerate(self._documents(start), first):
+            if held[index] == validation:
                 yield key, {"key": key, "text": text}
                 count -= 1
                 if not count:
@@ -139,12 +174,13 @@ class EmbeddedConfig(tfds.core.BuilderConfig):
 class EmbeddedDocs(_SplitBuilder, skip_registration=True):
     """CPython's embedded documentation (`pydoc_data.topics`), one document per topic."""
 
-    def _documents(self, start: Any = None) -> Iterator[tuple[Any, str, str]]:
+    def _documents(self, start: tuple[int, ...] | None = None) -> Iterator[tuple[tuple[int, ...], str, str]]:
         from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top
 
-        for position, (key, text) in enumerate(sorted(topics.items())):
-            if position >= (start or 0):
-                yield position, key, text
+        first = start[0] if start else 0
+        for index, (key, text) in enumerate(sorted(topics.items())):
+            if index >= first:
+                yield (index, 0, 0, 0), key, text
 
 
 def embedded_config(validation_fraction: float = 0.05) -> EmbeddedConfig:
@@ -167,15 +203,15 @@ class TextFilesConfig(tfds.core.BuilderConfig):
 class TextFiles(_SplitBuilder, skip_registration=True):
     """Local .txt / .jsonl files, one example per document."""
 
-    def _documents(self, start: Any = None) -> Iterator[tuple[Any, str, str]]:
+    def _documents(self, start: tuple[int, ...] | None = None) -> Iterator[tuple[tuple[int, ...], str, str]]:
         config = self.builder_config
-        first_path, start_in_file = start or (0, None)
+        first_path, *start_in_file = start or (0,)
         for path_index in range(first_path, len(config.paths)):
             documents = iter_documents(config.paths[path_index], text_key=config.text_key,
                                        split_paragraphs=config.split_paragraphs,
-                                       start=start_in_file if path_index == first_path else None)
+                                       start=tuple(start_in_file) if path_index == first_path and start else None)
             for position, key, text in documents:
-                yield (path_index, position), key, text
+                yield (path_index, *position), key, text
 
     def _check_documents(self, count: int) -> None:
         if count < 2:
@@ -273,7 +309,8 @@ def iter_documents(
         start: the position of a document yielded before, to read on from it (None: the start).
 
     Yields:
-        (position, key, text) of each document in file order; the key is `PATH#PARAGRAPH`
+        (position: (byte offset, line number, paragraph index), key, text) of each document
+        in file order; the key is `PATH#PARAGRAPH`
         or `PATH:LINE`. Empty paragraphs and empty JSONL texts are left out; a file with no
         text is an error (raised once the whole file has been read).
     """
@@ -281,7 +318,7 @@ def iter_documents(
     if not os.path.isfile(path):
         raise FileNotFoundError(f"text file {path} does not exist; fix the path in the 'files:' source")
     if path.endswith(JSONL_SUFFIXES):
-        documents = _jsonl_documents(path, text_key, start or (0, 1))
+        documents = _jsonl_documents(path, text_key, start[:2] if start else (0, 1))
     elif split_paragraphs:
         documents = _paragraphs(path, start or (0, 1, 0))
     else:
@@ -300,14 +337,14 @@ def read_documents(path: str, *, text_key: str = "text", split_paragraphs: bool 
     return {key: text for _, key, text in documents}
 
 
-def _whole_file(path: str) -> Iterator[tuple[tuple, str, str]]:
+def _whole_file(path: str) -> Iterator[tuple[tuple[int, int, int], str, str]]:
     # One document is one example, so it is held whole; only its decoding streams.
     text = "".join(line for _, _, line in iter_lines(path))
     if text.strip():
-        yield (), f"{path}#0", text
+        yield (0, 1, 0), f"{path}#0", text
 
 
-def _paragraphs(path: str, start: tuple[int, int, int]) -> Iterator[tuple[tuple, str, str]]:
+def _paragraphs(path: str, start: tuple[int, int, int]) -> Iterator[tuple[tuple[int, int, int], str, str]]:
     """Paragraphs: runs of lines between whitespace-only lines, joined by `\n` (`\r\n` too)."""
     offset, line_number, index = start
     lines, position = [], None
@@ -323,7 +360,7 @@ def _paragraphs(path: str, start: tuple[int, int, int]) -> Iterator[tuple[tuple,
         yield position, f"{path}#{index}", "\n".join(lines)
 
 
-def _jsonl_documents(path: str, text_key: str, start: tuple[int, int]) -> Iterator[tuple[tuple, str, str]]:
+def _jsonl_documents(path: str, text_key: str, start: tuple[int, int]) -> Iterator[tuple[tuple[int, int, int], str, str]]:
     for offset, line_number, line in iter_lines(path, start):
         if not line.strip():
             continue
@@ -343,7 +380,7 @@ def _jsonl_documents(path: str, text_key: str, start: tuple[int, int]) -> Iterat
         if not isinstance(value, str):
             raise TypeError(f"{where}: {text_key!r} holds a {type(value).__name__}, not a string")
         if value.strip():
-            yield (offset, line_number), where, value
+            yield (offset, line_number, 0), where, value
 
 
 def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
