@@ -109,7 +109,7 @@ class _SplitBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
     """Writes `_documents()` as a `train` and a `validation` split, streaming.
 
     A first pass over the documents keeps only each one's key digest, size and position
-    (73 bytes, in arrays); the splits are then written shard by shard (at most `SHARD_BYTES`
+    (72 bytes, in arrays); the splits are then written shard by shard (at most `SHARD_BYTES`
     of text each, in source order), each shard re-reading the input from its first
     document's position. Memory stays at one shard, whatever the size of the corpus (tfds's
     own writers hold a whole split in memory up to 1 GB, and need TensorFlow beyond it).

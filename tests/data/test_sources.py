@@ -219,6 +219,7 @@ def test_preparing_holds_one_shard_not_the_corpus(tmp_path, monkeypatch):
     import tracemalloc
 
     chunk = "".join(json.dumps({"text": f"doc {i} " + "lorem ipsum dolor " * 60}) + "\n" for i in range(1000))
+    assert builders.SHARD_BYTES == 32 << 20  # the README's "about 32 MB"
     monkeypatch.setattr(builders, "SHARD_BYTES", 1 << 20)
     peaks, sizes = [], []
     for copies in (1, 3, 10):  # the first only warms tfds up (it loads its checksum tables once)

@@ -114,7 +114,11 @@ def test_library_trainer_finds_special_tokens_in_text(trained):
 
 
 def test_build_trains_the_configured_trainer_on_a_bounded_sample(tmp_path):
+    from configs import base
     from train import build
+
+    defaults = base.get_config().tokenizer
+    assert (defaults.trainer, defaults.train_bytes) == ("lmlab", 10_000_000)  # as the README says
 
     config = load_config(os.path.join(REPO, "configs/gpt.py:tiny"),
                          [f"data.data_dir={tmp_path / 'tfds'}", "tokenizer.trainer=tokenizers",
