@@ -2,8 +2,8 @@
 
     train: source[train] -> shuffle(seed) -> repeat(num_epochs) -> tokenize -> PackedRows
            -> window shuffle of rows -> batch(global batch_size) -> this process's rows
-    eval:  source[validation][:num_documents] -> tokenize -> PackedRows -> batch, last one
-           padded -> this process's rows (streamed: each pass re-reads and re-tokenizes)
+    eval:  source[validation] (the text eval_documents selects) -> tokenize -> PackedRows
+           -> batch, last one padded -> this process's rows (each pass re-reads and re-tokenizes)
 
 A batch is a dict of int32 arrays of shape [batch_size / process_count, seq_len]: `inputs`,
 `targets`, `segment_ids`, `positions`, `loss_mask` (see `data.packing`). Every process
@@ -197,11 +197,25 @@ class _EvalSource(Sequence):
 
 
 def _head_that_fits(text: str, tokenizer: Any, pairs: int) -> str:
-    """The longest head of `text` (a bisection over characters) whose [start] + ids + [eos] has at most `pairs` targets."""
+    """The longest head of `text` whose [start] + ids + [eos] has at most `pairs` targets.
+
+    A search over characters that encodes heads of at most about twice the answer's length,
+    however long the document.
+    """
+
+    def fits(length: int) -> bool:
+        return len(tokenizer.encode(text[:length])) + 1 <= pairs
+
     low, high = 0, len(text)  # text[:low] fits, text[:high + 1] does not (checked by the caller)
+    probe = max(pairs, 1)
+    while probe < high:  # gallop up from `pairs` characters, then bisect
+        if not fits(probe):
+            high = probe - 1
+            break
+        low, probe = probe, 2 * probe
     while low < high:
         middle = (low + high + 1) // 2
-        if len(tokenizer.encode(text[:middle])) + 1 <= pairs:
+        if fits(middle):
             low = middle
         else:
             high = middle - 1
@@ -248,7 +262,8 @@ def eval_dataset(
     rows = process_rows(config.batch_size, process_index, process_count)
     source = open_split(config, config.eval_split)
     source = source if documents is None else _EvalSource(source, documents)
-    batches = _packed_rows(config, grain.MapDataset.source(source), tokenizer).batch(config.batch_size, drop_remainder=False)
+    batches = _packed_rows(config, grain.MapDataset.source(source), tokenizer)
+    batches = batches.batch(config.batch_size, drop_remainder=False)
     batches = batches.map(functools.partial(_pad_rows, batch_size=config.batch_size))
     return _finish(config, batches, rows)
 
