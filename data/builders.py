@@ -360,7 +360,9 @@ def _paragraphs(path: str, start: tuple[int, int, int]) -> Iterator[tuple[tuple[
         yield position, f"{path}#{index}", "\n".join(lines)
 
 
-def _jsonl_documents(path: str, text_key: str, start: tuple[int, int]) -> Iterator[tuple[tuple[int, int, int], str, str]]:
+def _jsonl_documents(
+    path: str, text_key: str, start: tuple[int, int]
+) -> Iterator[tuple[tuple[int, int, int], str, str]]:
     for offset, line_number, line in iter_lines(path, start):
         if not line.strip():
             continue

@@ -135,5 +135,6 @@ def test_build_trains_the_configured_trainer_on_a_bounded_sample(tmp_path):
     whole = training.train_library_bpe(train_split, 400, (build.EOS_TOKEN,))
     assert whole.merges() != expected.merges()
     config.tokenizer.trainer = "sentencepiece"
-    with pytest.raises(ValueError, match=r"`tokenizer.trainer`='sentencepiece'; expected one of \('lmlab', 'tokenizers'\)"):
+    message = r"`tokenizer.trainer`='sentencepiece'; expected one of \('lmlab', 'tokenizers'\)"
+    with pytest.raises(ValueError, match=message):
         build.tokenizer(config, str(tmp_path / "other"), data)
