@@ -43,8 +43,8 @@ def write_corpus(path: str, num_bytes: int, seed: int = 0) -> int:
     vocab = np.array(sorted(words) + _EXTRAS, dtype=object)
     written = 0
     with open(path, "w", encoding="utf-8") as f:
-        while written < num_bytes:  # a chunk of 200 documents at a time
-            lengths = rng.integers(50, 1500, size=200)
+        while written < num_bytes:  # a chunk of 50 documents at a time
+            lengths = rng.integers(50, 1500, size=50)
             ranks = np.minimum(rng.zipf(1.3, size=int(lengths.sum())), len(vocab)) - 1
             documents = np.split(vocab[ranks], np.cumsum(lengths)[:-1])
             lines = "".join(json.dumps({"text": " ".join(d)}, ensure_ascii=False) + "\n" for d in documents)

@@ -15,8 +15,8 @@ def test_corpus_scale_benchmark_quick_mode(capsys, tmp_path):
     spec.loader.exec_module(corpus_scale)
     results = corpus_scale.main(["--quick", f"--dir={tmp_path}", "tokenizer.vocab_size=300"])
     for run in (results["small"], results["full"]):
-        assert run["final_step"] == 2 and run["val_bytes"] > 0 and run["train_documents"] > 100
+        assert run["final_step"] == 2 and run["val_bytes"] > 0 and run["train_documents"] > 50
         assert 0 < run["peak_rss_mb"] < 2048, run
-    assert results["full"]["corpus_mb"] > 4 * results["small"]["corpus_mb"] > 0
+    assert results["full"]["corpus_mb"] > 5 * results["small"]["corpus_mb"] > 0
     out = capsys.readouterr().out
     assert "prepare throughput" in out and "peak RSS (MB)" in out
