@@ -3,7 +3,8 @@
 Both write one example per document, `{"key": str, "text": str}`, into a `train` and a
 `validation` split under `data_dir`, in the array_record format, which
 `tfds.data_source` / grain read with random access and without TensorFlow. Input files are
-streamed line by line: only document keys and sizes are held in memory while preparing.
+streamed line by line and written shard by shard, in source order: preparing holds each
+document's key digest, size and position, never the text of more than one shard.
 
   * `EmbeddedDocs`: the English documentation CPython ships in `pydoc_data.topics`
     (79 topics, ~466 KB on Python 3.11), one document per topic. Nothing is downloaded.
