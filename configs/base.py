@@ -81,8 +81,10 @@ def get_config() -> ml_collections.ConfigDict:
         scan_layers=False,  # one compiled layer run by nn.scan (faster compiles for deep models)
     ))
     c.tokenizer = ml_collections.ConfigDict(dict(
-        path="",  # "": train our byte-level BPE on the training split and save it in the workdir
+        path="",  # "": train a byte-level BPE on a sample of the training split, saved in the workdir
         vocab_size=4096,  # for a trained BPE
+        trainer="lmlab",  # lmlab (ours, pure Python) | tokenizers (Hugging Face's, in Rust, for large samples)
+        train_bytes=10_000_000,  # text sampled (seeded by data.shuffle_seed) to train on; 0: the whole split
     ))
     c.data = ml_collections.ConfigDict(dict(
         source="embedded",  # embedded | files:PATH[,PATH] | tfds:NAME[:CONFIG]

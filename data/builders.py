@@ -2,7 +2,9 @@
 
 Both write one example per document, `{"key": str, "text": str}`, into a `train` and a
 `validation` split under `data_dir`, in the array_record format, which
-`tfds.data_source` / grain read with random access and without TensorFlow.
+`tfds.data_source` / grain read with random access and without TensorFlow. Input files are
+streamed line by line and written shard by shard, in source order: preparing holds each
+document's key digest, size and position, never the text of more than one shard.
 
   * `EmbeddedDocs`: the English documentation CPython ships in `pydoc_data.topics`
     (79 topics, ~466 KB on Python 3.11), one document per topic. Nothing is downloaded.
@@ -14,19 +16,25 @@ The validation documents are chosen by `holdout_split`: a fixed pseudo-random or
 SHA-256 of each document key) filled greedily up to `validation_fraction` of the bytes.
 """
 
+import array
 import dataclasses
+import functools
 import hashlib
 import json
 import os
-import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl",)
 _VERSION = tfds.core.Version("1.0.0")
+# Text per array_record shard: a shard is what preparing holds in memory at once.
+SHARD_BYTES = 32 << 20
+# A document's position, from which `_documents` reads on: (path, byte offset, line, paragraph).
+_POSITION_WIDTH = 4
 
 
 def _features() -> tfds.features.FeaturesDict:
@@ -39,6 +47,11 @@ def _check_fraction(validation_fraction: float) -> None:
             f"validation_fraction={validation_fraction} must lie strictly between 0 and 1 "
             "(the share of bytes held out for the validation split)"
         )
+
+
+def key_digest(key: str) -> bytes:
+    """The SHA-256 of a document key, which orders documents for `holdout_split`."""
+    return hashlib.sha256(key.encode()).digest()
 
 
 def holdout_split(sizes: Mapping[str, int], validation_fraction: float) -> set[str]:
@@ -55,49 +68,101 @@ def holdout_split(sizes: Mapping[str, int], validation_fraction: float) -> set[s
     Returns:
         The keys of the validation documents.
     """
+    keys = list(sizes)
+    digests = np.array([key_digest(key) for key in keys], dtype="S32")
+    held = holdout_mask(digests, np.array([sizes[k] for k in keys], dtype=np.int64), validation_fraction)
+    return {key for key, is_held in zip(keys, held) if is_held}
+
+
+def holdout_mask(digests: np.ndarray, sizes: np.ndarray, validation_fraction: float) -> np.ndarray:
+    """`holdout_split` over arrays: which documents (by index) are held out.
+
+    Args:
+        digests: `key_digest` of each document key, as a numpy `S32` array.
+        sizes: size in bytes of each document.
+        validation_fraction: share of the bytes to hold out, in (0, 1).
+
+    Returns:
+        A boolean array, True for the validation documents.
+    """
     _check_fraction(validation_fraction)
     if len(sizes) < 2:
         raise ValueError(
             f"a train/validation split needs at least 2 documents, got {len(sizes)}; "
             "add files, or split .txt files into paragraphs with split_paragraphs=True"
         )
-    order = sorted(sizes, key=lambda key: (hashlib.sha256(key.encode()).hexdigest(), key))
-    budget = validation_fraction * sum(sizes.values())
-    held_out, held_bytes = set(), 0
-    for key in order:
-        if held_bytes + sizes[key] <= budget:
-            held_out.add(key)
-            held_bytes += sizes[key]
-    if not held_out:  # every document is larger than the budget: hold out the smallest
-        held_out.add(min(order, key=lambda key: sizes[key]))
-    if len(held_out) == len(sizes):  # possible only for documents of size 0
-        held_out.remove(order[-1])
-    return held_out
+    order = np.argsort(digests, kind="stable")
+    budget = validation_fraction * int(sizes.sum())
+    held = np.zeros(len(sizes), dtype=bool)
+    held_bytes = 0
+    for index, size in zip(order.tolist(), sizes[order].tolist()):
+        if held_bytes + size <= budget:
+            held[index] = True
+            held_bytes += size
+    if not held.any():  # every document is larger than the budget: hold out the smallest
+        held[order[np.argmin(sizes[order])]] = True
+    if held.all():  # possible only for documents of size 0
+        held[order[-1]] = False
+    return held
 
 
-class _SplitBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Writes `_documents()` (key -> text) as a `train` and a `validation` split."""
+class _SplitBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
+    """Writes `_documents()` as a `train` and a `validation` split, streaming.
+
+    A first pass over the documents keeps only each one's key digest, size and position
+    (72 bytes, in arrays); the splits are then written shard by shard (at most `SHARD_BYTES`
+    of text each, in source order), each shard re-reading the input from its first
+    document's position. Memory stays at one shard, whatever the size of the corpus (tfds's
+    own writers hold a whole split in memory up to 1 GB, and need TensorFlow beyond it).
+    """
 
     VERSION = _VERSION
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(builder=self, features=_features())
 
-    def _documents(self) -> dict[str, str]:
+    def _documents(self, start: tuple[int, ...] | None = None) -> Iterator[tuple[tuple[int, ...], str, str]]:
+        """(position, key, text) of each document in source order, from position `start`
+        (None: the first); a position is a tuple of `_POSITION_WIDTH` ints."""
         raise NotImplementedError
 
-    def _split_generators(self, dl_manager):
-        del dl_manager  # nothing is downloaded
-        documents = self._documents()
-        sizes = {key: len(text.encode("utf-8")) for key, text in documents.items()}
-        held_out = holdout_split(sizes, self.builder_config.validation_fraction)
-        train = {key: text for key, text in documents.items() if key not in held_out}
-        validation = {key: text for key, text in documents.items() if key in held_out}
-        return {"train": self._generate_examples(train), "validation": self._generate_examples(validation)}
+    def _check_documents(self, count: int) -> None:
+        del count  # each builder says what too few documents means for its input
 
-    def _generate_examples(self, documents: Mapping[str, str]) -> Iterator[tuple[str, dict]]:
-        for key, text in documents.items():
-            yield key, {"key": key, "text": text}
+    def _shard_iterators_per_split(self, dl_manager):
+        del dl_manager  # nothing is downloaded
+        digests, sizes, positions = bytearray(), array.array("q"), array.array("q")
+        for position, key, text in self._documents():
+            digests += key_digest(key)
+            sizes.append(len(text.encode("utf-8")))
+            positions.extend(position)
+        self._check_documents(len(sizes))
+        held = holdout_mask(np.frombuffer(bytes(digests), dtype="S32"), np.frombuffer(sizes, dtype=np.int64),
+                            self.builder_config.validation_fraction)
+        del digests
+        shards = {"train": [], "validation": []}  # per split: [first document, count, bytes] of each shard
+        for index, (size, is_held) in enumerate(zip(sizes, held.tolist())):
+            split = shards["validation" if is_held else "train"]
+            if not split or split[-1][2] >= SHARD_BYTES:
+                split.append([index, 0, 0])
+            split[-1][1] += 1
+            split[-1][2] += size
+        return {
+            name: [functools.partial(self._shard_examples, first, count, held,
+                                     tuple(positions[first * _POSITION_WIDTH : (first + 1) * _POSITION_WIDTH]))
+                   for first, count, _ in split]
+            for name, split in shards.items()
+        }
+
+    def _shard_examples(self, first: int, count: int, held: np.ndarray, start: tuple[int, ...]):
+        """The `count` documents from document `first` (at position `start`) on that share its side of `held`."""
+        validation = held[first]
+        for index, (_, key, text) in enumerate(self._documents(start), first):
+            if held[index] == validation:
+                yield key, {"key": key, "text": text}
+                count -= 1
+                if not count:
+                    return
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -110,10 +175,13 @@ class EmbeddedConfig(tfds.core.BuilderConfig):
 class EmbeddedDocs(_SplitBuilder, skip_registration=True):
     """CPython's embedded documentation (`pydoc_data.topics`), one document per topic."""
 
-    def _documents(self) -> dict[str, str]:
+    def _documents(self, start: tuple[int, ...] | None = None) -> Iterator[tuple[tuple[int, ...], str, str]]:
         from pydoc_data.topics import topics  # pylint: disable=g-import-not-at-top
 
-        return dict(sorted(topics.items()))
+        first = start[0] if start else 0
+        for index, (key, text) in enumerate(sorted(topics.items())):
+            if index >= first:
+                yield (index, 0, 0, 0), key, text
 
 
 def embedded_config(validation_fraction: float = 0.05) -> EmbeddedConfig:
@@ -136,17 +204,22 @@ class TextFilesConfig(tfds.core.BuilderConfig):
 class TextFiles(_SplitBuilder, skip_registration=True):
     """Local .txt / .jsonl files, one example per document."""
 
-    def _documents(self) -> dict[str, str]:
+    def _documents(self, start: tuple[int, ...] | None = None) -> Iterator[tuple[tuple[int, ...], str, str]]:
         config = self.builder_config
-        documents = {}
-        for path in config.paths:
-            documents.update(read_documents(path, text_key=config.text_key, split_paragraphs=config.split_paragraphs))
-        if len(documents) < 2:
+        first_path, *start_in_file = start or (0,)
+        for path_index in range(first_path, len(config.paths)):
+            documents = iter_documents(config.paths[path_index], text_key=config.text_key,
+                                       split_paragraphs=config.split_paragraphs,
+                                       start=tuple(start_in_file) if path_index == first_path and start else None)
+            for position, key, text in documents:
+                yield (path_index, *position), key, text
+
+    def _check_documents(self, count: int) -> None:
+        if count < 2:
             raise ValueError(
-                f"the 'files:' source {list(config.paths)} holds {len(documents)} document; a train/validation "
+                f"the 'files:' source {list(self.builder_config.paths)} holds {count} document; a train/validation "
                 "split needs at least 2: add files, or set split_paragraphs=True to cut .txt files at blank lines"
             )
-        return documents
 
 
 def text_files_config(
@@ -193,53 +266,105 @@ def _check_suffix(path: str) -> None:
         )
 
 
-def read_utf8(path: str) -> str:
-    """Returns the text of `path`; a clear error names the first byte that is not UTF-8."""
+def iter_lines(path: str, start: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, int, str]]:
+    """Streams the lines of `path`, split on `\n` only, decoded as UTF-8.
+
+    Only `\n` ends a line: `str.splitlines` would also split on U+2028, U+2029, U+0085 and
+    other separators that valid text (and valid JSON strings) may hold.
+
+    Args:
+        path: the file.
+        start: (byte offset, its line number) of the first line to read.
+
+    Yields:
+        (byte offset, line number, the line with its ending). A byte that is not UTF-8
+        raises a ValueError naming its offset in the file.
+    """
+    offset, line_number = start
     with open(path, "rb") as f:
-        data = f.read()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        bad = data[e.start : e.start + 4]
-        raise ValueError(
-            f"text file {path} is not valid UTF-8: byte offset {e.start} ({bad!r}...); "
-            "re-encode it as UTF-8 (for example `iconv -f latin1 -t utf-8`)"
-        ) from None
+        f.seek(offset)
+        for raw in f:
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad = raw[e.start : e.start + 4]
+                raise ValueError(
+                    f"text file {path} is not valid UTF-8: byte offset {offset + e.start} ({bad!r}...); "
+                    "re-encode it as UTF-8 (for example `iconv -f latin1 -t utf-8`)"
+                ) from None
+            yield offset, line_number, line
+            offset, line_number = offset + len(raw), line_number + 1
 
 
-def read_documents(path: str, *, text_key: str = "text", split_paragraphs: bool = False) -> dict[str, str]:
-    """Reads one .txt or .jsonl file into documents.
+def iter_documents(
+    path: str, *, text_key: str = "text", split_paragraphs: bool = False, start: tuple | None = None
+) -> Iterator[tuple[tuple, str, str]]:
+    """Streams the documents of one .txt or .jsonl file, line by line.
 
     Args:
         path: a .txt file (one document, or one per paragraph) or a .jsonl file (one
             document per line).
         text_key: the key of the text in each JSONL object.
-        split_paragraphs: cut a .txt file on blank lines, one document per paragraph.
+        split_paragraphs: cut a .txt file on blank (whitespace-only) lines, one document
+            per paragraph.
+        start: the position of a document yielded before, to read on from it (None: the start).
 
-    Returns:
-        document key (`PATH#PARAGRAPH` or `PATH:LINE`) -> text, in file order. Empty
-        paragraphs and empty JSONL texts are left out; a file with no text is an error.
+    Yields:
+        (position: (byte offset, line number, paragraph index), key, text) of each document
+        in file order; the key is `PATH#PARAGRAPH`
+        or `PATH:LINE`. Empty paragraphs and empty JSONL texts are left out; a file with no
+        text is an error (raised once the whole file has been read).
     """
     _check_suffix(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"text file {path} does not exist; fix the path in the 'files:' source")
-    text = read_utf8(path)
     if path.endswith(JSONL_SUFFIXES):
-        documents = _jsonl_documents(path, text, text_key)
+        documents = _jsonl_documents(path, text_key, start[:2] if start else (0, 1))
     elif split_paragraphs:
-        paragraphs = [p.strip("\n") for p in re.split(r"\n\s*\n", text.replace("\r\n", "\n"))]
-        documents = {f"{path}#{i}": p for i, p in enumerate(paragraphs) if p.strip()}
+        documents = _paragraphs(path, start or (0, 1, 0))
     else:
-        documents = {f"{path}#0": text} if text.strip() else {}
-    if not documents:
+        documents = _whole_file(path)
+    count = 0
+    for count, document in enumerate(documents, 1):
+        yield document
+    if not count and start is None:
         what = f"no text under key {text_key!r}" if path.endswith(JSONL_SUFFIXES) else "no text"
         raise ValueError(f"text file {path} holds {what}; remove it from the 'files:' source or give it text")
-    return documents
 
 
-def _jsonl_documents(path: str, text: str, text_key: str) -> dict[str, str]:
-    documents = {}
-    for line_number, line in enumerate(text.splitlines(), 1):
+def read_documents(path: str, *, text_key: str = "text", split_paragraphs: bool = False) -> dict[str, str]:
+    """The documents of one file as a dict key -> text, in memory (for small files and tests)."""
+    documents = iter_documents(path, text_key=text_key, split_paragraphs=split_paragraphs)
+    return {key: text for _, key, text in documents}
+
+
+def _whole_file(path: str) -> Iterator[tuple[tuple[int, int, int], str, str]]:
+    # One document is one example, so it is held whole; only its decoding streams.
+    text = "".join(line for _, _, line in iter_lines(path))
+    if text.strip():
+        yield (0, 1, 0), f"{path}#0", text
+
+
+def _paragraphs(path: str, start: tuple[int, int, int]) -> Iterator[tuple[tuple[int, int, int], str, str]]:
+    """Paragraphs: runs of lines between whitespace-only lines, joined by `\n` (`\r\n` too)."""
+    offset, line_number, index = start
+    lines, position = [], None
+    for offset, line_number, line in iter_lines(path, (offset, line_number)):
+        if line.strip():
+            if not lines:
+                position = (offset, line_number, index)
+            lines.append(line.removesuffix("\n").removesuffix("\r") if line.endswith("\n") else line)
+        elif lines:
+            yield position, f"{path}#{index}", "\n".join(lines)
+            index, lines = index + 1, []
+    if lines:
+        yield position, f"{path}#{index}", "\n".join(lines)
+
+
+def _jsonl_documents(
+    path: str, text_key: str, start: tuple[int, int]
+) -> Iterator[tuple[tuple[int, int, int], str, str]]:
+    for offset, line_number, line in iter_lines(path, start):
         if not line.strip():
             continue
         where = f"{path}:{line_number}"
@@ -258,14 +383,13 @@ def _jsonl_documents(path: str, text: str, text_key: str) -> dict[str, str]:
         if not isinstance(value, str):
             raise TypeError(f"{where}: {text_key!r} holds a {type(value).__name__}, not a string")
         if value.strip():
-            documents[where] = value
-    return documents
+            yield (offset, line_number, 0), where, value
 
 
 def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
     """Writes `builder`'s array_record files if they are not there yet; never downloads."""
     if not builder.is_prepared():
-        tfds.disable_progress_bar()  # a few small files: the bars are only noise
+        tfds.disable_progress_bar()  # the bars are only noise in training logs
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return builder
 

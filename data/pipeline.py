@@ -2,8 +2,8 @@
 
     train: source[train] -> shuffle(seed) -> repeat(num_epochs) -> tokenize -> PackedRows
            -> window shuffle of rows -> batch(global batch_size) -> this process's rows
-    eval:  source[validation] -> tokenize -> PackedRows -> batch, last one padded
-           -> this process's rows
+    eval:  source[validation] (the text eval_documents selects) -> tokenize -> PackedRows
+           -> batch, last one padded -> this process's rows (each pass re-reads and re-tokenizes)
 
 A batch is a dict of int32 arrays of shape [batch_size / process_count, seq_len]: `inputs`,
 `targets`, `segment_ids`, `positions`, `loss_mask` (see `data.packing`). Every process
@@ -15,6 +15,7 @@ JSON-serialisable dict) restored with `set_state` continues it exactly.
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import grain
@@ -173,22 +174,96 @@ def train_iterator(
     return iter(train_dataset(config, tokenizer, process_index=process_index, process_count=process_count))
 
 
+class EvalDocuments(NamedTuple):
+    """Which validation text an evaluation covers: leading documents whole, then the head of one more."""
+
+    whole: int  # the first `whole` documents of the eval split
+    head: str = ""  # the longest head of the next document whose targets still fit ("": none)
+
+
+class _EvalSource(Sequence):
+    """The first `whole` documents of a source, then `head` as one more document."""
+
+    def __init__(self, source: Sequence[str], selection: EvalDocuments):
+        self._source, self._selection = source, selection
+
+    def __len__(self) -> int:
+        return self._selection.whole + bool(self._selection.head)
+
+    def __getitem__(self, index: int) -> str:
+        if not 0 <= index < len(self):
+            raise IndexError(f"document {index} is out of range for {len(self)} evaluated documents")
+        return self._source[index] if index < self._selection.whole else self._selection.head
+
+
+def _head_that_fits(text: str, tokenizer: Any, pairs: int) -> str:
+    """The longest head of `text` whose [start] + ids + [eos] has at most `pairs` targets.
+
+    A search over characters that encodes heads of at most about twice the answer's length,
+    however long the document.
+    """
+
+    def fits(length: int) -> bool:
+        return len(tokenizer.encode(text[:length])) + 1 <= pairs
+
+    low, high = 0, len(text)  # text[:low] fits, text[:high + 1] does not (checked by the caller)
+    probe = max(pairs, 1)
+    while probe < high:  # gallop up from `pairs` characters, then bisect
+        if not fits(probe):
+            high = probe - 1
+            break
+        low, probe = probe, 2 * probe
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low]
+
+
+def eval_documents(config: DataConfig, tokenizer: Any, max_batches: int = 0) -> EvalDocuments:
+    """The validation text an evaluation of `max_batches` global batches covers (all when 0).
+
+    The leading documents whose every target fits, whole, then the longest head of the next
+    one (cut between characters, evaluated as a document of its own) that fills the rest: so
+    the evaluated tokens are exactly those of that text, and bits per byte and compression
+    baselines measure exactly the text evaluated. Tokenizes only that text (and one more
+    document).
+    """
+    source = open_split(config, config.eval_split)
+    if max_batches <= 0:
+        return EvalDocuments(len(source))
+    budget, used = max_batches * config.batch_size * config.seq_len, 0
+    for whole in range(len(source)):
+        pairs = len(tokenizer.encode(source[whole])) + 1  # [start] + text + [eos], shifted
+        if used + pairs > budget:
+            return EvalDocuments(whole, _head_that_fits(source[whole], tokenizer, budget - used))
+        used += pairs
+    return EvalDocuments(len(source))
+
+
 def eval_dataset(
     config: DataConfig,
     tokenizer: Any,
     *,
+    documents: EvalDocuments | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.IterDataset:
     """The validation batches of this process: one pass, in source order, never shuffled.
 
-    Every validation token is a target exactly once over all processes; the last global
-    batch is padded with rows whose `loss_mask` is 0. Each `iter()` starts again from the
-    beginning. Arguments are those of `train_dataset`.
+    Every target of the validation text `documents` selects (all of the split when None; see
+    `eval_documents`) is a target exactly once over all processes; the last global batch is
+    padded with rows whose `loss_mask` is 0. Each `iter()` starts again from the beginning,
+    reading and tokenizing as it goes: nothing is held between evaluations. Other arguments
+    are those of `train_dataset`.
     """
     rows = process_rows(config.batch_size, process_index, process_count)
-    documents = grain.MapDataset.source(open_split(config, config.eval_split))
-    batches = _packed_rows(config, documents, tokenizer).batch(config.batch_size, drop_remainder=False)
+    source = open_split(config, config.eval_split)
+    source = source if documents is None else _EvalSource(source, documents)
+    batches = _packed_rows(config, grain.MapDataset.source(source), tokenizer)
+    batches = batches.batch(config.batch_size, drop_remainder=False)
     batches = batches.map(functools.partial(_pad_rows, batch_size=config.batch_size))
     return _finish(config, batches, rows)
 
@@ -197,19 +272,25 @@ def eval_batches(
     config: DataConfig,
     tokenizer: Any,
     *,
+    documents: EvalDocuments | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """`list(eval_dataset(...))`: all validation batches of this process."""
-    return list(eval_dataset(config, tokenizer, process_index=process_index, process_count=process_count))
+    """`list(eval_dataset(...))`: the validation batches of this process, in memory (for tests
+    and notebooks; the trainer streams `eval_dataset`)."""
+    return list(eval_dataset(config, tokenizer, documents=documents, process_index=process_index,
+                             process_count=process_count))
 
 
-def validation_text(config: DataConfig) -> RawText:
-    """The raw documents of the eval split, in eval order, and their UTF-8 byte count.
+def validation_text(config: DataConfig, documents: EvalDocuments | None = None) -> RawText:
+    """The raw validation text `documents` selects (all of the eval split when None), in eval
+    order, and its UTF-8 byte count.
 
-    Bits per byte is `sum of target NLL in nats / ln(2) / num_bytes`; the EOS targets
-    count as part of the text's cost, the way a compressor must code where a document ends.
+    Bits per byte is `sum of target NLL in nats / ln(2) / num_bytes` over the same text; the
+    EOS targets count as part of the text's cost, the way a compressor must code where a
+    document ends.
     """
     source = open_split(config, config.eval_split)
-    documents = [source[i] for i in range(len(source))]
-    return RawText(documents, sum(len(d.encode("utf-8")) for d in documents))
+    source = source if documents is None else _EvalSource(source, documents)
+    texts = [source[i] for i in range(len(source))]
+    return RawText(texts, sum(len(d.encode("utf-8")) for d in texts))

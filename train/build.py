@@ -18,7 +18,7 @@ import ml_collections
 
 from configs import base
 from data import pipeline
-from data.tokenizer import ByteLevelBPE, Tokenizer, load_tokenizer
+from data.tokenizer import Tokenizer, load_tokenizer, training
 from models.bert import BertConfig, BertForMaskedLM
 from models.gpt import GPT, POSITIONALS, GPTConfig
 from models.layers.blocks import BlockConfig
@@ -53,22 +53,30 @@ def data_config(config: ml_collections.ConfigDict, workdir: str) -> pipeline.Dat
 
 
 def tokenizer(config: ml_collections.ConfigDict, workdir: str, data: pipeline.DataConfig) -> Tokenizer:
-    """The configured tokenizer; or our BPE trained on the training split, saved in the workdir.
+    """The configured tokenizer; or a BPE trained on a sample of the training split, saved in the workdir.
 
-    A workdir that already holds a trained tokenizer reuses it, so a resumed run sees the
-    same ids.
+    The sample is `tokenizer.train_bytes` of text from the training documents in an order
+    seeded by `data.shuffle_seed`, streamed into `tokenizer.trainer` (see
+    `data.tokenizer.training`). A workdir that already holds a trained tokenizer reuses it,
+    so a resumed run sees the same ids.
     """
+    t = config.tokenizer
     if config.tokenizer.path:
         return load_tokenizer(config.tokenizer.path)
+    if t.trainer not in training.TRAINERS:
+        raise ValueError(f"config key `tokenizer.trainer`={t.trainer!r}; expected one of {training.TRAINERS}")
+    if t.train_bytes < 0:
+        raise ValueError(f"config key `tokenizer.train_bytes`={t.train_bytes}; expected bytes of training text "
+                         "to sample, or 0 for the whole training split")
     saved = os.path.join(workdir, "tokenizer")
     if os.path.isdir(saved):
         return load_tokenizer(saved)
-    texts = pipeline.open_split(data, data.train_split)
+    documents = pipeline.open_split(data, data.train_split)
     special = (EOS_TOKEN, MASK_TOKEN) if config.model.family == "bert" else (EOS_TOKEN,)
-    logging.info("training a byte-level BPE with vocab %d on %d documents", config.tokenizer.vocab_size, len(texts))
-    bpe = ByteLevelBPE.train(list(texts), config.tokenizer.vocab_size, special_tokens=special)
-    bpe.save(saved)
-    return bpe
+    logging.info("training a byte-level BPE (%s) with vocab %d on %s of %d documents", t.trainer, t.vocab_size,
+                 f"{t.train_bytes:,} bytes" if t.train_bytes else "all", len(documents))
+    sample = training.sample_documents(documents, t.train_bytes, seed=data.seed)
+    return training.train_tokenizer(sample, t.vocab_size, special, trainer=t.trainer, directory=saved)
 
 
 def mlm(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> MLMConfig | None:

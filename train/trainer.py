@@ -3,7 +3,8 @@
     state <- latest readable checkpoint in WORKDIR, or a fresh init
     loop: next batch -> jitted train_step (donated state) -> metrics of the previous
           step read while this one runs -> checkpoint every save_interval_steps
-    end:  full validation (loss, bits per byte, xz baseline), samples, summary.json
+    end:  validation of the text eval.max_batches batches hold (loss; bits per byte and
+          the xz baseline on exactly that text), samples, summary.json
 
 BERT (model.family=bert) trains as a masked LM: its validation loss and accuracy are on
 masked positions (the same masks at every evaluation), so there is no bits per byte, xz
@@ -29,6 +30,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import flax.linen as nn
@@ -58,7 +60,8 @@ class NonFiniteLoss(FloatingPointError):
 
 def evaluate(eval_fn, params, batches, batch_sharding, max_batches: int = 0) -> dict[str, float]:
     """Summed NLL and token count, mean loss and accuracy over the validation batches (all of
-    them if max_batches == 0). Batch i gets the rng `key(i)` (a masked LM's masks)."""
+    them if max_batches == 0), read as they stream. Batch i gets the rng `key(i)` (a masked
+    LM's masks)."""
     nll, tokens, correct = 0.0, 0.0, 0.0
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
@@ -71,10 +74,14 @@ def evaluate(eval_fn, params, batches, batch_sharding, max_batches: int = 0) -> 
     return {"nll_sum": nll, "num_tokens": tokens, "loss": nll / count, "accuracy": correct / count}
 
 
-def xz_bits_per_byte(documents: list[str], num_bytes: int) -> float:
-    """The validation text compressed by lzma (xz) at preset 9, in bits per byte of text."""
-    blob = "\n".join(documents).encode("utf-8")
-    return 8.0 * len(lzma.compress(blob, preset=9)) / num_bytes
+def xz_bits_per_byte(documents: Iterable[str], num_bytes: int) -> float:
+    """The validation text (documents joined by newlines) compressed by lzma (xz) at preset 9,
+    in bits per byte of text; fed document by document (the same bytes as compressing the
+    joined text at once)."""
+    compressor, size = lzma.LZMACompressor(preset=9), 0
+    for i, document in enumerate(documents):
+        size += len(compressor.compress((document if i == 0 else "\n" + document).encode("utf-8")))
+    return 8.0 * (size + len(compressor.flush())) / num_bytes
 
 
 def _check_finite(step: int, metrics: dict[str, float]) -> None:
@@ -191,13 +198,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         message = f"resumed from step {int(state.step)} in {workdir}"
     if r.is_lead:
         print(message, flush=True)
-    eval_batches = pipeline.eval_batches(r.data, r.tokenizer)
+    # The text eval.max_batches covers, so that bits per byte and xz measure exactly it;
+    # streamed: each evaluation reads and tokenizes it again, nothing is held in between.
+    eval_documents = pipeline.eval_documents(r.data, r.tokenizer, config.eval.max_batches)
+    eval_batches = pipeline.eval_dataset(r.data, r.tokenizer, documents=eval_documents)
     try:
         state, throughput, last_metrics = _train_loop(r, state, train_iter, checkpointer, eval_batches)
     finally:
         checkpointer.close()
-    final_eval = evaluate(r.eval_fn, state.params, eval_batches, r.batch_sharding)
-    return _finish(r, state, final_eval, throughput, last_metrics)
+    final_eval = evaluate(r.eval_fn, state.params, eval_batches, r.batch_sharding, config.eval.max_batches)
+    return _finish(r, state, final_eval, throughput, last_metrics, eval_documents)
 
 
 class _MetricsReader:
@@ -282,9 +292,11 @@ def _train_loop(r: Run, state, train_iter, checkpointer: Checkpointer, eval_batc
     return state, reader.throughput, reader.last_metrics
 
 
-def _finish(r: Run, state, ev: dict[str, float], throughput: Throughput, last_metrics) -> dict[str, Any]:
-    """Bits per byte of the full validation `ev` against xz, samples and summary.json (a
-    masked LM: its masked-token loss and accuracy only)."""
+def _finish(r: Run, state, ev: dict[str, float], throughput: Throughput, last_metrics,
+            eval_documents: pipeline.EvalDocuments) -> dict[str, Any]:
+    """Bits per byte of the validation `ev` (over the text `eval_documents` selects) against
+    xz on the same text, samples and summary.json (a masked LM: its masked-token loss and
+    accuracy only)."""
     config, workdir, model, tokenizer = r.config, r.workdir, r.model, r.tokenizer
     totals = throughput.totals()
     summary = {
@@ -301,8 +313,8 @@ def _finish(r: Run, state, ev: dict[str, float], throughput: Throughput, last_me
         "num_params": build.model_size(model, config.data.seq_len)[0],
     }
     if r.mlm is None:
-        raw = pipeline.validation_text(r.data)
-        summary.update(val_bytes=raw.num_bytes, val_bits_per_byte=ev["nll_sum"] / math.log(2) / raw.num_bytes,
+        raw = pipeline.validation_text(r.data, eval_documents)
+        summary.update(val_documents=len(raw.documents), val_bytes=raw.num_bytes, val_bits_per_byte=ev["nll_sum"] / math.log(2) / raw.num_bytes,
                        xz_bits_per_byte=xz_bits_per_byte(raw.documents, raw.num_bytes))
         params = distributed.to_host(state.params)  # whole, even when they span processes
         if r.is_lead:  # a small local computation: the lead prints and saves the samples

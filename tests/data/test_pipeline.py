@@ -238,3 +238,31 @@ def test_tfds_source_feeds_the_pipeline_under_mock_data(tmp_path):
     reference = np.concatenate([[*t.encode("utf-8"), EOS] for t in texts])
     np.testing.assert_array_equal(targets, reference[: len(targets)])
     assert len(reference) - len(targets) < config.batch_size * config.seq_len
+
+
+@pytest.mark.parametrize("max_batches", [1, 2, 3])
+def test_eval_of_max_batches_scores_exactly_the_text_it_selects(files_config, max_batches):
+    """A bounded evaluation covers the leading documents whose targets fit, then the longest
+    head of the next one that fills the rest: its targets are exactly that text's, so bits
+    per byte divides their NLL by exactly its bytes."""
+    tokenizer = ByteTokenizer()
+    every = pipeline.validation_text(files_config).documents
+    selection = pipeline.eval_documents(files_config, tokenizer, max_batches)
+    raw = pipeline.validation_text(files_config, selection)
+    batches = pipeline.eval_batches(files_config, tokenizer, documents=selection, process_index=0, process_count=1)
+    assert isinstance(pipeline.eval_dataset(files_config, tokenizer, documents=selection), grain.IterDataset)
+    budget = max_batches * files_config.batch_size * files_config.seq_len
+    pairs = [len(d.encode("utf-8")) + 1 for d in every]
+    whole = selection.whole
+    assert sum(pairs[:whole]) <= budget < sum(pairs[: whole + 1])  # the most whole documents that fit
+    assert every[whole].startswith(selection.head) and len(selection.head) < len(every[whole])
+    # Byte tokens: the head fills the batches up to its last character (a 1-4 byte UTF-8 one).
+    assert 0 <= budget - sum(pairs[:whole]) - len(selection.head.encode()) - 1 < 4
+    assert raw.documents == every[:whole] + ([selection.head] if selection.head else [])
+    assert len(batches) == max_batches
+    targets = np.concatenate([b["targets"][b["loss_mask"] == 1].ravel() for b in batches])
+    texts = [tokenizer.decode(piece) for piece in np.split(targets, np.flatnonzero(targets == EOS) + 1)[:-1]]
+    assert texts == raw.documents
+    assert raw.num_bytes == len(targets) - len(raw.documents)
+    assert pipeline.eval_documents(files_config, tokenizer, 0) == (len(every), "")
+    assert pipeline.eval_documents(files_config, tokenizer, 10**6) == (len(every), "")

@@ -158,3 +158,84 @@ def test_tfds_source_reads_mocked_dataset_without_tensorflow(tmp_path):
         assert all(isinstance(t, str) and t for t in texts)
         with pytest.raises(ValueError, match=r"no feature 'body'; its features are \['label', 'text'\]"):
             sources.open_split("tfds:imdb_reviews", "test", data_dir=str(tmp_path), text_key="body")
+
+
+def test_jsonl_keeps_unicode_line_separators_inside_documents(tmp_path):
+    # U+2028, U+2029, U+0085, \x0b, \x0c and \x1c are line breaks to str.splitlines but valid
+    # (unescaped) characters inside a JSON string: only "\n" ends a JSONL line.
+    texts = ["one\u2028line", "para\u2029graph", "next\u0085line", "tab\x0bff\x0cfs\x1cend", "crlf ending"]
+    lines = tmp_path / "docs.jsonl"
+    lines.write_bytes(("\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts) + "\r\n").encode())
+    assert "\u2028" in lines.read_text(encoding="utf-8")  # written raw, not escaped
+    documents = builders.read_documents(str(lines))
+    assert list(documents.values()) == texts
+    assert list(documents) == [f"{lines}:{i}" for i in range(1, 6)]
+    builder = builders.text_files_builder([str(lines)], str(tmp_path / "tfds"), validation_fraction=0.3)
+    read = {**_read_split(builder, "train"), **_read_split(builder, "validation")}
+    assert sorted(read.values()) == sorted(texts)
+
+
+def test_paragraphs_stream_like_the_blank_line_split(tmp_path):
+    """Line-by-line paragraphs equal the old whole-file split on `\\n\\s*\\n` (CRLF folded)."""
+    import re
+
+    text = "first\r\npara  \r\n\r\n\n second\n \t \nthird\u2028still third\n\n\n\nlast\n"
+    path = tmp_path / "p.txt"
+    path.write_bytes(text.encode())
+    reference = [p.strip("\n") for p in re.split(r"\n\s*\n", text.replace("\r\n", "\n"))]
+    reference = [p for p in reference if p.strip()]
+    assert list(builders.read_documents(str(path), split_paragraphs=True).values()) == reference
+    whole = builders.read_documents(str(path))
+    assert list(whole.values()) == [text]  # one document: the file byte for byte
+
+
+def test_small_shards_write_the_same_splits_in_source_order(tmp_path, monkeypatch):
+    """Preparing shard by shard (each re-reading the files from its first document) writes the
+    same documents as one shard per split, in file order: what bounds memory changes nothing."""
+    lines = tmp_path / "docs.jsonl"
+    lines.write_text("\n".join(json.dumps({"text": f"document {i} " + "x" * (i % 50)}) for i in range(300)) + "\n\n")
+    paragraphs = tmp_path / "p.txt"
+    paragraphs.write_text("\n\n \n".join(f"paragraph {i}\nline" for i in range(100)))
+    paths = [str(lines), str(paragraphs)]
+    whole = builders.text_files_builder(paths, str(tmp_path / "a"), split_paragraphs=True, validation_fraction=0.1)
+    monkeypatch.setattr(builders, "SHARD_BYTES", 300)
+    sharded = builders.text_files_builder(paths, str(tmp_path / "b"), split_paragraphs=True, validation_fraction=0.1)
+    assert sharded.info.splits["train"].num_shards > 10 and whole.info.splits["train"].num_shards == 1
+    everything = {}
+    for split in ("train", "validation"):
+        a, b = _read_split(whole, split), _read_split(sharded, split)
+        assert list(a.items()) == list(b.items())  # same documents, same order
+        everything.update(a)
+    expected = builders.read_documents(str(lines))
+    expected.update(builders.read_documents(str(paragraphs), split_paragraphs=True))
+    assert len(expected) == 400 and everything == expected
+    keys = [*_read_split(sharded, "train")]
+    assert keys == [k for k in expected if k in keys]  # source (file) order
+
+
+def test_preparing_holds_one_shard_not_the_corpus(tmp_path, monkeypatch):
+    """Python memory while preparing a JSONL corpus grows far slower than the corpus: the
+    documents stream, and a shard (1 MB here) is the most written at once. Measured as the
+    growth of the traced peak from a 3 MB to an 11 MB corpus, so fixed costs cancel."""
+    import tracemalloc
+
+    chunk = "".join(json.dumps({"text": f"doc {i} " + "lorem ipsum dolor " * 60}) + "\n" for i in range(1000))
+    assert builders.SHARD_BYTES == 32 << 20  # the README's "about 32 MB"
+    monkeypatch.setattr(builders, "SHARD_BYTES", 1 << 20)
+    peaks, sizes = [], []
+    for copies in (1, 3, 10):  # the first only warms tfds up (it loads its checksum tables once)
+        lines = tmp_path / f"corpus{copies}.jsonl"
+        lines.write_text(chunk * copies)
+        tracemalloc.start()
+        try:
+            builder = builders.text_files_builder([str(lines)], str(tmp_path / "tfds"))
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        sizes.append(lines.stat().st_size)
+        splits = builder.info.splits
+        assert splits["train"].num_examples + splits["validation"].num_examples == 1000 * copies
+    assert splits["train"].num_shards > 5
+    # Holding the text would grow the peak by at least the corpus growth (8 MB); streaming, it
+    # grows by the per-document keys and sizes (73 bytes each, plus array growth) only.
+    assert peaks[2] - peaks[1] < (sizes[2] - sizes[1]) / 2, (peaks, sizes)
