@@ -33,9 +33,9 @@ from data import builders, sources
 from data.pipeline import process_rows
 from data.tokenizer import Tokenizer, load_tokenizer
 from sharding import mesh as mesh_lib
-from sharding import step as sharded_step
 from sharding.strategies import get_strategy
 from train import build
+from train import program as program_lib
 
 # (config key, smallest value): counts a run cannot work with below it.
 MINIMUMS = (
@@ -151,7 +151,7 @@ def abstract_params_of(config, tokenizer: Tokenizer | None) -> Any:
     except ValueError as e:
         raise ValueError(f"config key `sharding.mesh`: {e}; give axis sizes whose product is "
                          f"{jax.device_count()}, the device count (one size may be -1: the rest)") from None
-    program = sharded_step.build_for_run(config, model, tx, schedule, strategy=strategy, mesh=mesh)
+    program = program_lib.build_for_run(config, model, tx, schedule, strategy=strategy, mesh=mesh)
     return program.abstract_state.params
 
 
