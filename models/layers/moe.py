@@ -26,13 +26,16 @@ Two execution modes:
 * dropless (`capacity_factor == 0`): every token reaches all its k experts.
   `dropless_impl="sparse"` (the default) computes only the routed experts, as MegaBlocks and
   MaxText do: within each batch row the T * K (token, choice) assignments are sorted by
-  expert (A = T * K rows), the gate/up/down projections are grouped matmuls
-  (`jax.lax.ragged_dot_general`, one group of rows per expert, group sizes [B, E]), and the
-  rows are unsorted and summed with the routing weights. Sorting per row keeps the batch axis
-  sharded (no cross-device sort). On TPU and GPU JAX hands the grouped matmul to XLA as a
-  ragged-dot instruction; on CPU it lowers it to a masked dense dot over all E groups (E times
-  the routed FLOPs, so K times the dense path's: see benchmarks/moe.py). `dropless_impl="dense"` is the reference: one
-  einsum over ALL E experts masked by the routing weights (E / K times the routed FLOPs).
+  expert (A = T * K rows), the gate/up/down projections are grouped matmuls (one group of
+  rows per expert, group sizes [B, E]; models/layers/grouped_matmul.py), and the rows are
+  unsorted and summed with the routing weights. Sorting per row keeps the batch axis sharded
+  (no cross-device sort). `grouped_matmul` picks the grouped matmul: "ragged_dot"
+  (`jax.lax.ragged_dot_general`, which TPU and GPU run natively, but which JAX lowers on CPU
+  to a masked dense dot over all E groups: E times the routed FLOPs, K times the dense
+  path's), "tiled" (MegaBlocks-style: each expert's rows padded to 16-row tiles, a scan over
+  the tiles; ~(A + 16 E) rows' FLOPs) or "auto" (the default: tiled on CPU, ragged_dot
+  elsewhere). `dropless_impl="dense"` is the reference: one einsum over ALL E experts masked by
+  the routing weights (E / K times the routed FLOPs). See benchmarks/moe.py.
 * capacity (`capacity_factor > 0`): each expert takes at most
   C = ceil(capacity_factor * G * K / E) tokens. Slots are assigned choice-major (all tokens'
   first choices, in token order, then all second choices, ...) by a cumsum over the
