@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
                  norm_topk_prob=True,  # renormalise the k chosen weights to sum to 1
                  capacity_factor=0.0,  # 0: dropless; > 0: each expert takes ceil(f * tokens * k / E)
                  dropless_impl="sparse",  # dropless: sparse (grouped matmuls, routed experts only) | dense
+                 grouped_matmul="auto",  # sparse: auto (tiled on CPU, else ragged_dot) | ragged_dot | tiled
                  aux_loss_weight=0.01,  # load-balancing loss (Switch) added to the training loss
                  router_z_loss_weight=0.0,  # router z-loss (ST-MoE) added to the training loss
                  seq_aux_loss_weight=0.0,  # DeepSeek-V3's sequence-wise balance loss (its alpha: 1e-4)

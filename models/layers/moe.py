@@ -26,13 +26,16 @@ Two execution modes:
 * dropless (`capacity_factor == 0`): every token reaches all its k experts.
   `dropless_impl="sparse"` (the default) computes only the routed experts, as MegaBlocks and
   MaxText do: within each batch row the T * K (token, choice) assignments are sorted by
-  expert (A = T * K rows), the gate/up/down projections are grouped matmuls
-  (`jax.lax.ragged_dot_general`, one group of rows per expert, group sizes [B, E]), and the
-  rows are unsorted and summed with the routing weights. Sorting per row keeps the batch axis
-  sharded (no cross-device sort). On TPU and GPU JAX hands the grouped matmul to XLA as a
-  ragged-dot instruction; on CPU it lowers it to a masked dense dot over all E groups (E times
-  the routed FLOPs, so K times the dense path's: see benchmarks/moe.py). `dropless_impl="dense"` is the reference: one
-  einsum over ALL E experts masked by the routing weights (E / K times the routed FLOPs).
+  expert (A = T * K rows), the gate/up/down projections are grouped matmuls (one group of
+  rows per expert, group sizes [B, E]; models/layers/grouped_matmul.py), and the rows are
+  unsorted and summed with the routing weights. Sorting per row keeps the batch axis sharded
+  (no cross-device sort). `grouped_matmul` picks the grouped matmul: "ragged_dot"
+  (`jax.lax.ragged_dot_general`, which TPU and GPU run natively, but which JAX lowers on CPU
+  to a masked dense dot over all E groups: E times the routed FLOPs, K times the dense
+  path's), "tiled" (MegaBlocks-style: each expert's rows padded to 16-row tiles, a scan over
+  the tiles; ~(A + 16 E) rows' FLOPs) or "auto" (the default: tiled on CPU, ragged_dot
+  elsewhere). `dropless_impl="dense"` is the reference: one einsum over ALL E experts masked by
+  the routing weights (E / K times the routed FLOPs). See benchmarks/moe.py.
 * capacity (`capacity_factor > 0`): each expert takes at most
   C = ceil(capacity_factor * G * K / E) tokens. Slots are assigned choice-major (all tokens'
   first choices, in token order, then all second choices, ...) by a cumsum over the
@@ -73,13 +76,11 @@ import jax
 import jax.numpy as jnp
 
 from models.layers.feedforward import FeedForward
+from models.layers.grouped_matmul import GROUPED_MATMULS, grouped_matmul
 
 Dtype = Any
 SCORE_FUNCS = ("softmax", "sigmoid")
 DROPLESS_IMPLS = ("sparse", "dense")
-# x [B, A, D] . w [E, D, F] -> [B, A, F]: rows of A grouped by expert, group sizes [B, E].
-_GROUPED_ROWS = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(([2], [1]), ([], [])),
-                                                  lhs_ragged_dimensions=[1], rhs_group_dimensions=[0])
 # xavier_uniform per expert: fans from the last two axes, the expert axis is a batch axis.
 EXPERT_KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=-2, out_axis=-1,
                                                       batch_axis=(0,))
@@ -115,6 +116,9 @@ class MoEConfig:
       dropless_impl: how dropless mode computes the experts: "sparse" (grouped matmuls over
         the routed assignments only) or "dense" (every expert on every token, masked; the
         reference). Same outputs up to float rounding; unused in capacity mode.
+      grouped_matmul: the sparse path's grouped matmul (models/layers/grouped_matmul.py):
+        "ragged_dot" (`jax.lax.ragged_dot_general`, native on TPU/GPU), "tiled" (a scan over
+        block-padded tiles, one expert per tile) or "auto" (tiled on CPU, ragged_dot elsewhere).
     """
 
     num_experts: int
@@ -133,12 +137,15 @@ class MoEConfig:
     score_correction_bias: bool = False
     seq_aux_loss_weight: float = 0.0
     dropless_impl: str = "sparse"
+    grouped_matmul: str = "auto"
 
     def __post_init__(self):
         if self.score_func not in SCORE_FUNCS:
             raise ValueError(f"score_func={self.score_func!r}; expected one of {SCORE_FUNCS}")
         if self.dropless_impl not in DROPLESS_IMPLS:
             raise ValueError(f"dropless_impl={self.dropless_impl!r}; expected one of {DROPLESS_IMPLS}")
+        if self.grouped_matmul not in GROUPED_MATMULS:
+            raise ValueError(f"grouped_matmul={self.grouped_matmul!r}; expected one of {GROUPED_MATMULS}")
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts="
                              f"{self.num_experts}]")
@@ -225,7 +232,7 @@ def _dispatch(experts_GK: jax.Array, weights_GK: jax.Array, E: int, C: int):
 
 
 def sorted_experts(x_BTD: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Array, gate_EDF: jax.Array,
-                   up_EDF: jax.Array, down_EFD: jax.Array) -> jax.Array:
+                   up_EDF: jax.Array, down_EFD: jax.Array, impl: str = "auto") -> jax.Array:
     """Dropless SwiGLU experts on the routed assignments only (grouped matmuls).
 
     Args:
@@ -233,6 +240,7 @@ def sorted_experts(x_BTD: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Ar
       experts_BTK: each token's K chosen experts.
       weights_BTK: their routing weights (in the compute dtype).
       gate_EDF, up_EDF, down_EFD: the expert weights.
+      impl: the grouped matmul (`grouped_matmul.GROUPED_MATMULS`).
 
     Returns:
       y_BTD = sum_k weight_BTk * Expert_{e_BTk}(x_BT).
@@ -248,7 +256,7 @@ def sorted_experts(x_BTD: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Ar
     x_BAD = jnp.take_along_axis(x_BTD, (order_BA // K)[..., None], axis=1)
 
     def grouped(lhs, rhs):
-        return jax.lax.ragged_dot_general(lhs, rhs, sizes_BE, _GROUPED_ROWS)
+        return grouped_matmul(lhs, rhs, sizes_BE, impl)
 
     h_BAF = jax.nn.silu(grouped(x_BAD, gate_EDF)) * grouped(x_BAD, up_EDF)
     y_BAD = jnp.take_along_axis(grouped(h_BAF, down_EFD), jnp.argsort(order_BA, axis=-1)[..., None], axis=1)
@@ -289,7 +297,7 @@ class MoEFeedForward(nn.Module):
         if cfg.capacity_factor == 0 and cfg.dropless_impl == "sparse":
             y_GD = sorted_experts(x_GD.reshape(B, T, D), experts_GK.reshape(B, T, -1),
                                   weights_GK.reshape(B, T, -1).astype(self.dtype), gate_EDF, up_EDF,
-                                  down_EFD).reshape(B * T, D)
+                                  down_EFD, cfg.grouped_matmul).reshape(B * T, D)
             kept_GK = jnp.ones(experts_GK.shape, bool)
         elif cfg.capacity_factor == 0:
             combine_GE = jnp.sum(jax.nn.one_hot(experts_GK, E, dtype=jnp.float32) * weights_GK[..., None], 1)

@@ -119,6 +119,15 @@ def test_moe_dropless_impl_key_reaches_the_model():
         build.model(load_config(spec, ["model.moe.dropless_impl=ragged"]), 512)
 
 
+def test_moe_grouped_matmul_key_reaches_the_model():
+    spec = os.path.join(REPO, "configs/moe.py:tiny")
+    assert build.model(load_config(spec), 512).config.block.moe.grouped_matmul == "auto"
+    tiled = build.model(load_config(spec, ["model.moe.grouped_matmul=tiled"]), 512).config.block.moe
+    assert tiled.grouped_matmul == "tiled"
+    with pytest.raises(ValueError, match="grouped_matmul"):
+        build.model(load_config(spec, ["model.moe.grouped_matmul=megablocks"]), 512)
+
+
 def test_deepseek_tiny_has_mla_a_dense_first_layer_grouped_moe_and_mtp():
     model = build.model(load_config(os.path.join(REPO, "configs/deepseek.py:tiny")), 512)
     cfg, params = model.config, _params(model)

@@ -133,11 +133,12 @@ def test_ep_moves_tokens_with_all_to_all(tiny_run):
 
 
 def test_ep_dropless_moves_expert_weights_not_tokens(tiny_run, make_tiny_model):
-    """Sparse dropless under ep (XLA:CPU, where JAX lowers ragged_dot to dense dots): each layer's
+    """Sparse dropless under ep (on CPU grouped_matmul=auto is the tiled scan): each layer's
     three expert tensors are all-gathered whole in the forward pass; the only all-to-alls carry
     less than one token's activations (routing metadata), never the tokens."""
     run = tiny_run("moe", "ep", "data=2,expert=4")
-    assert make_tiny_model("moe").config.block.moe.dropless_impl == "sparse"
+    moe = make_tiny_model("moe").config.block.moe
+    assert (moe.dropless_impl, moe.grouped_matmul) == ("sparse", "auto")
     shape = run.program.abstract_state.params["layer_0"]["mlp"]["wi_gate"].shape  # [E, D, F]
     ops = analysis.collectives(run.compiled)
     whole_experts = [op for op in ops if op.kind == "all-gather" and op.phase == "forward"

@@ -1,6 +1,7 @@
 """MoEFeedForward against numpy float64 references: routing, dropless and capacity outputs,
 statistics and the load-balancing loss (also against transformers' load_balancing_loss_func);
-the sparse dropless path against the dense reference in outputs, gradients and statistics."""
+the sparse dropless path (each grouped matmul) against the dense reference in outputs, gradients
+and statistics; the grouped matmuls against a float64 loop, and the tiled one's FLOPs."""
 
 import dataclasses
 import math
@@ -13,7 +14,10 @@ import pytest
 import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
+from jax.extend.core import ClosedJaxpr, Jaxpr
+
 from models.gpt import GPT, mixtral_config
+from models.layers.grouped_matmul import TILE_ROWS, grouped_matmul, padded_rows
 from models.layers.moe import MoEConfig, MoEFeedForward, route, total_aux_loss
 
 B, T, D, E, K, F = 2, 8, 16, 4, 2, 12
@@ -191,12 +195,13 @@ DEEPSEEK = dataclasses.replace(BASE, num_experts=8, score_func="sigmoid", n_grou
                                seq_aux_loss_weight=1e-4)
 
 
+@pytest.mark.parametrize("grouped", ["ragged_dot", "tiled"])
 @pytest.mark.parametrize("cfg", [
     dataclasses.replace(BASE, num_shared_experts=2, shared_d_ff=8, aux_loss_weight=0.01, router_z_loss_weight=1e-3),
     dataclasses.replace(BASE, score_func="sigmoid", norm_topk_prob=False, num_experts_per_tok=3),
     DEEPSEEK,
 ], ids=["softmax_shared_experts", "sigmoid_k3", "deepseek_group_routing"])
-def test_sparse_dropless_equals_dense_reference_in_outputs_gradients_and_stats(cfg):
+def test_sparse_dropless_equals_dense_reference_in_outputs_gradients_and_stats(cfg, grouped):
     assert SPARSE_TOLERANCE < 1e-5
     x = _x(seed=6)
     params = _init(cfg, x)
@@ -206,7 +211,7 @@ def test_sparse_dropless_equals_dense_reference_in_outputs_gradients_and_stats(c
     probe = np.random.default_rng(7).normal(size=x.shape).astype(np.float32)
 
     def run(impl):
-        module = MoEFeedForward(dataclasses.replace(cfg, dropless_impl=impl))
+        module = MoEFeedForward(dataclasses.replace(cfg, dropless_impl=impl, grouped_matmul=grouped))
 
         def loss(p, x):
             (y, stats), _ = module.apply({"params": p}, x, mutable=["intermediates"])
@@ -224,14 +229,15 @@ def test_sparse_dropless_equals_dense_reference_in_outputs_gradients_and_stats(c
 
 
 def test_sparse_dropless_runs_grouped_matmuls_not_every_expert():
-    """The sparse path's forward is three ragged dots over the G * K assignments; no dot makes a
-    [G, E, F] (every token through every expert) intermediate as the dense path does."""
+    """With grouped_matmul=ragged_dot the sparse path's forward is three ragged dots over the G * K
+    assignments; no dot makes a [G, E, F] (every token through every expert) intermediate as the
+    dense path does."""
     x = jnp.asarray(_x())
     params = _init(BASE, x)
 
     def dots(impl):
-        jaxpr = jax.make_jaxpr(lambda p: MoEFeedForward(dataclasses.replace(BASE, dropless_impl=impl)).apply(
-            {"params": p}, x))(params)
+        cfg = dataclasses.replace(BASE, dropless_impl=impl, grouped_matmul="ragged_dot")
+        jaxpr = jax.make_jaxpr(lambda p: MoEFeedForward(cfg).apply({"params": p}, x))(params)
         return [(e.primitive.name, e.outvars[0].aval.shape) for e in jaxpr.jaxpr.eqns
                 if "dot" in e.primitive.name]
 
@@ -241,6 +247,92 @@ def test_sparse_dropless_runs_grouped_matmuls_not_every_expert():
     assert all(math.prod(s) < B * T * E * F for _, s in sparse)
 
 
-def test_dropless_impl_is_validated():
+def test_dropless_impl_and_grouped_matmul_are_validated():
     with pytest.raises(ValueError, match="dropless_impl"):
         dataclasses.replace(BASE, dropless_impl="ragged")
+    with pytest.raises(ValueError, match="grouped_matmul"):
+        dataclasses.replace(BASE, grouped_matmul="megablocks")
+    with pytest.raises(ValueError, match="grouped matmul impl"):
+        grouped_matmul(jnp.zeros((1, 2, 3)), jnp.zeros((2, 3, 4)), jnp.ones((1, 2), jnp.int32), "megablocks")
+
+
+@pytest.mark.parametrize("impl", ["ragged_dot", "tiled", "auto"])
+def test_grouped_matmul_equals_float64_loop_when_one_expert_takes_everything(impl):
+    """Row 0: every row in the last group, the others empty. Row 1: a row in each group, which
+    pads every group to a full tile (the most padding there is: P = padded_rows exactly).
+    Row 2: uneven groups, one empty, and 3 rows past the last group (zero, as ragged_dot)."""
+    G, Dg, Fg = 5, 8, 6
+    A = G * (TILE_ROWS - 1) + 3
+    sizes = np.array([[0, 0, 0, 0, A], [1, 1, 1, 1, 1], [TILE_ROWS + 1, 0, 2 * TILE_ROWS - 1, 7, 11]], np.int32)
+    sizes[1, 0] = A - (G - 1)
+    sizes[2, 4] = A - 3 - sizes[2, :4].sum()
+    assert padded_rows(G, G) == G * TILE_ROWS  # row 1's case when A == G: every padded row used
+    rng = np.random.default_rng(11)
+    lhs = rng.normal(size=(3, A, Dg)).astype(np.float32)
+    rhs = rng.normal(size=(G, Dg, Fg)).astype(np.float32)
+    want = np.zeros((3, A, Fg))
+    for b in range(3):
+        group = np.repeat(np.arange(G), sizes[b])
+        for a, e in enumerate(group):
+            want[b, a] = lhs[b, a].astype(np.float64) @ rhs[e].astype(np.float64)
+    probe = rng.normal(size=want.shape).astype(np.float32)
+
+    def loss(lhs, rhs, impl):
+        return jnp.sum(grouped_matmul(lhs, rhs, jnp.asarray(sizes), impl) * probe)
+
+    got = jax.jit(lambda l, r: grouped_matmul(l, r, jnp.asarray(sizes), impl))(lhs, rhs)
+    tolerance = 4 * np.finfo(np.float32).eps * math.sqrt(Dg) * np.abs(want).max()
+    np.testing.assert_allclose(got, want, atol=tolerance, rtol=0)
+    grads = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)(lhs, rhs, impl)
+    # Reference gradients in float64: d lhs[b, a] = probe[b, a] rhs[e]^T, d rhs[e] = sum lhs^T probe.
+    d_lhs, d_rhs = np.zeros(lhs.shape), np.zeros(rhs.shape)
+    for b in range(3):
+        group = np.repeat(np.arange(G), sizes[b])
+        for a, e in enumerate(group):
+            d_lhs[b, a] = rhs[e].astype(np.float64) @ probe[b, a]
+            d_rhs[e] += np.outer(lhs[b, a], probe[b, a])
+    np.testing.assert_allclose(grads[0], d_lhs, atol=4 * np.finfo(np.float32).eps * math.sqrt(Fg)
+                               * np.abs(d_lhs).max(), rtol=0)
+    np.testing.assert_allclose(grads[1], d_rhs, atol=4 * np.finfo(np.float32).eps * math.sqrt(3 * A)
+                               * np.abs(d_rhs).max(), rtol=0)
+
+
+def _matmul_flops(jaxpr) -> int:
+    """2 x multiply-adds of every dot_general, a scan body's times its length (XLA's
+    cost_analysis counts a loop body once, so it cannot see the tiled path's work)."""
+    jaxpr = jaxpr.jaxpr if isinstance(jaxpr, ClosedJaxpr) else jaxpr
+    total = 0
+    for eqn in jaxpr.eqns:
+        assert eqn.primitive.name not in ("while", "cond", "ragged_dot_general"), eqn.primitive.name
+        if eqn.primitive.name == "dot_general":
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(
+                eqn.invars[0].aval.shape[d] for d in contracting)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, (Jaxpr, ClosedJaxpr)):
+                    total += eqn.params.get("length", 1) * _matmul_flops(sub)
+    return total
+
+
+def test_tiled_dropless_does_a_fraction_of_the_dense_paths_matmul_flops():
+    """E=16, k=2, 64 tokens a row: forward + backward through the tiled path multiplies exactly
+    the padded rows P = padded_rows(T * K, E) of each batch row once per expert matmul (6 FLOPs
+    per multiply-add), plus the router and the weighted sum of the K outputs: well under the
+    dense path's every token through every expert."""
+    cfg = MoEConfig(num_experts=16, num_experts_per_tok=2, expert_d_ff=F)
+    Bf, Tf = 2, 64
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(Bf, Tf, D)), jnp.float32)
+    params = _init(cfg, x)
+
+    def flops(**kw):
+        module = MoEFeedForward(dataclasses.replace(cfg, **kw))
+        grad = jax.grad(lambda p, x: jnp.sum(module.apply({"params": p}, x)[0]), (0, 1))
+        return _matmul_flops(jax.make_jaxpr(grad)(params, x))
+
+    dense, tiled = flops(dropless_impl="dense"), flops(grouped_matmul="tiled")
+    router, combine = 6 * Bf * Tf * D * cfg.num_experts, 6 * Bf * Tf * 2 * D
+    experts = 6 * 3 * D * F  # one token through one expert's three matrices, forward + backward
+    assert dense >= Bf * Tf * cfg.num_experts * experts
+    assert tiled == Bf * padded_rows(Tf * 2, 16) * experts + router + combine
+    assert tiled < 0.4 * dense
