@@ -5,8 +5,6 @@ missing paths are one line `error: ...` with no traceback, and the output holds 
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,28 +15,17 @@ import transformers
 from configs.loader import load_config
 from inference.generate import generate_text
 from inference.load import load
+from tests.cli_output import REPO, assert_one_line_error, run_module
 from train import trainer
 from train.checkpoint import Checkpointer
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-LIBRARY_LINE = re.compile(r"^([IWE]\d{4} \d\d:\d\d|(INFO|WARNING|DEBUG):[\w.]+:)|Unable to initialize backend", re.M)
+LIBRARY_LINE = re.compile(r"^([IWE]\d{4} \d\d:\d\d|(INFO|WARNING|DEBUG):[\w.]+:)|Unable to initialize backend", re.MULTILINE)
 
 
 def _cli(*args):
     """`python -m inference` on ONE CPU device (the suite's 8-device XLA_FLAGS removed)."""
     flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
-    env = {**{k: v for k, v in os.environ.items() if k != "LMLAB_DEBUG"}, "PYTHONPATH": REPO, "XLA_FLAGS": flags}
-    return subprocess.run([sys.executable, "-m", "inference", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env=env, check=False)
-
-
-def _assert_one_line_error(result, *fragments):
-    assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
-    assert "Traceback" not in result.stderr + result.stdout
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+    return run_module("inference", *args, env={"XLA_FLAGS": flags}, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +67,7 @@ def test_dtype_restores_and_decodes_in_bfloat16(zero3_run):
     result = _cli(f"--checkpoint={workdir}", "--prompt=The ", "--max_new_tokens=4", "--dtype=bfloat16")
     assert result.returncode == 0 and result.stdout.startswith("The "), result.stderr[-3000:]
     assert not LIBRARY_LINE.search(result.stderr), result.stderr
-    _assert_one_line_error(_cli(f"--checkpoint={workdir}", "--dtype=float8"), "--dtype", "float8")
+    assert_one_line_error(_cli(f"--checkpoint={workdir}", "--dtype=float8"), "--dtype", "float8")
 
 
 def test_a_flipped_byte_in_the_checkpoint_is_one_line(zero3_run, tmp_path):
@@ -91,7 +78,7 @@ def test_a_flipped_byte_in_the_checkpoint_is_one_line(zero3_run, tmp_path):
     data = bytearray(chunks[0].read_bytes())
     data[len(data) // 2] ^= 0x01
     chunks[0].write_bytes(bytes(data))
-    _assert_one_line_error(_cli(f"--checkpoint={workdir}", "--prompt=The "), "step 2", "SHA-256",
+    assert_one_line_error(_cli(f"--checkpoint={workdir}", "--prompt=The "), "step 2", "SHA-256",
                            "pick an older step")
 
 
@@ -102,10 +89,10 @@ def test_a_truncated_safetensors_shard_is_one_line(tmp_path):
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path, safe_serialization=True)
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    _assert_one_line_error(_cli(f"--checkpoint={tmp_path}", "--prompt=hi"), "model.safetensors is truncated or "
+    assert_one_line_error(_cli(f"--checkpoint={tmp_path}", "--prompt=hi"), "model.safetensors is truncated or "
                            "corrupt", "again")
 
 
 def test_missing_paths_are_one_line(tmp_path):
-    _assert_one_line_error(_cli(f"--checkpoint={tmp_path / 'missing'}"), "is not a directory")
-    _assert_one_line_error(_cli("--prompt=hi"), "--checkpoint")
+    assert_one_line_error(_cli(f"--checkpoint={tmp_path / 'missing'}"), "is not a directory")
+    assert_one_line_error(_cli("--prompt=hi"), "--checkpoint")

@@ -5,39 +5,20 @@ LMLAB_DEBUG=1 shows the traceback; a good run prints no library INFO/WARNING lin
 import hashlib
 import os
 import re
-import subprocess
-import sys
 
 import jax.numpy as jnp
 
 from configs.loader import load_config
+from tests.cli_output import REPO, assert_one_line_error, run_module
 from train.checkpoint import Checkpointer
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # absl's format (I1202 03:20:44.247 ... file.py:35]), Python's default (WARNING:absl:...), tfds' notice.
 LIBRARY_LINE = re.compile(r"^([IWE]\d{4} \d\d:\d\d|(INFO|WARNING|DEBUG):[\w.]+:)|Using custom data configuration|"
-                          r"Unable to initialize backend", re.M)
-
-
-def run_cli(module, *args, env=None, timeout=600):
-    base = {k: v for k, v in os.environ.items() if k != "LMLAB_DEBUG"}
-    env = {**base, "PYTHONPATH": REPO, **(env or {})}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env, check=False)
-
-
-def assert_one_line_error(result, *fragments):
-    """Exit code 1, stderr exactly one line `error: ...` holding each fragment, no traceback."""
-    assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
-    assert "Traceback" not in result.stderr + result.stdout
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+                          r"Unable to initialize backend", re.MULTILINE)
 
 
 def _train(workdir, *overrides, env=None):
-    return run_cli("train", "--config=configs/gpt.py:tiny", f"--workdir={workdir}",
+    return run_module("train", "--config=configs/gpt.py:tiny", f"--workdir={workdir}",
                    *(f"--config.{o}" for o in overrides), env=env)
 
 
@@ -54,12 +35,12 @@ def test_a_missing_data_file_is_one_line(tmp_path):
 
 
 def test_bad_flags_and_keys_are_one_line_and_debugging_shows_the_traceback(tmp_path):
-    assert_one_line_error(run_cli("train", "--no_such_flag"), "no_such_flag", "--helpshort")
+    assert_one_line_error(run_module("train", "--no_such_flag"), "no_such_flag", "--helpshort")
     assert_one_line_error(_train(tmp_path, "optimizer.lrr=1e-3"), "`optimizer.lrr` does not exist",
                           "did you mean `optimizer.lr`")
     for debug in ({"LMLAB_DEBUG": "1"}, None):
         args = ["--no_such_flag"] + ([] if debug else ["--verbose"])
-        result = run_cli("train", *args, env=debug)
+        result = run_module("train", *args, env=debug)
         assert result.returncode != 0 and "Traceback" in result.stderr
 
 
