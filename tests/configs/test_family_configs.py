@@ -110,22 +110,16 @@ def test_moe_tiny_is_a_mixtral_style_mixture():
     assert mlp["router"].shape == (64, 4) and mlp["wi_gate"].shape == (4, 64, 128) and "shared" not in mlp
 
 
-def test_moe_dropless_impl_key_reaches_the_model():
+@pytest.mark.parametrize("key, default, other, bad", [
+    ("dropless_impl", "sparse", "dense", "ragged"),
+    ("grouped_matmul", "auto", "tiled", "megablocks"),
+])
+def test_moe_execution_keys_reach_the_model(key, default, other, bad):
     spec = os.path.join(REPO, "configs/moe.py:tiny")
-    assert build.model(load_config(spec), 512).config.block.moe.dropless_impl == "sparse"
-    dense = build.model(load_config(spec, ["model.moe.dropless_impl=dense"]), 512).config.block.moe
-    assert dense.dropless_impl == "dense"
-    with pytest.raises(ValueError, match="dropless_impl"):
-        build.model(load_config(spec, ["model.moe.dropless_impl=ragged"]), 512)
-
-
-def test_moe_grouped_matmul_key_reaches_the_model():
-    spec = os.path.join(REPO, "configs/moe.py:tiny")
-    assert build.model(load_config(spec), 512).config.block.moe.grouped_matmul == "auto"
-    tiled = build.model(load_config(spec, ["model.moe.grouped_matmul=tiled"]), 512).config.block.moe
-    assert tiled.grouped_matmul == "tiled"
-    with pytest.raises(ValueError, match="grouped_matmul"):
-        build.model(load_config(spec, ["model.moe.grouped_matmul=megablocks"]), 512)
+    assert getattr(build.model(load_config(spec), 512).config.block.moe, key) == default
+    assert getattr(build.model(load_config(spec, [f"model.moe.{key}={other}"]), 512).config.block.moe, key) == other
+    with pytest.raises(ValueError, match=key):
+        build.model(load_config(spec, [f"model.moe.{key}={bad}"]), 512)
 
 
 def test_deepseek_tiny_has_mla_a_dense_first_layer_grouped_moe_and_mtp():
