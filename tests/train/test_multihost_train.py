@@ -233,14 +233,18 @@ def test_a_slurm_job_of_several_tasks_is_detected(monkeypatch):
 
 
 def test_a_failure_on_the_lead_while_preparing_data_stops_the_others_at_once(tmp_path):
+    # A file that passes validation (it exists, is readable and non-empty; every process checks
+    # that before any work) but fails while the lead prepares it: its second line is not JSON.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a fine first document"}\n{not json}\n')
     jobs = _Jobs()
     try:
-        procs = jobs.two_processes(tmp_path, "--config.data.source=files:/no/such/file.txt")
+        procs = jobs.two_processes(tmp_path / "run", f"--config.data.source=files:{bad}")
         # Both exit 1 at once, not with an abort (134) after the coordinator's 5-minute shutdown barrier.
         (_, err0), (_, err1) = _wait(procs, codes=(1,))
     finally:
         jobs.kill_all()
-    assert "/no/such/file.txt does not exist" in err0
-    assert err1.strip().splitlines()[-1] == (
-        "error: process 0 failed (data), so this process stops too: FileNotFoundError: text file /no/such/file.txt "
-        "does not exist; fix the path in the 'files:' source")
+    assert "is not valid JSON" in err0.strip().splitlines()[-1]
+    last = err1.strip().splitlines()[-1]
+    assert last.startswith("error: process 0 failed (data), so this process stops too: ValueError: "), last
+    assert "is not valid JSON" in last, last
