@@ -16,6 +16,10 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.steps = 1000  # optimizer steps in the whole run
+    # What the run optimizes (train/objectives/): lm | mlm | sft | classification | qa;
+    # "": lm for the decoder families, mlm for bert.
+    c.objective = ""
+    c.init_from = ""  # "": random init; hf:DIR (a Hugging Face directory) | run:WORKDIR[@STEP] (a train run)
 
     c.model = ml_collections.ConfigDict(dict(
         family="gpt",  # gpt | llama | qwen | moe | deepseek: the decoder of models/gpt.py, told apart by
@@ -80,6 +84,19 @@ def get_config() -> ml_collections.ConfigDict:
         mtp_depth=0,  # multi-token prediction modules (DeepSeek-V3): module k predicts token i + k + 1
         mtp_loss_weight=0.3,  # their mean cross-entropy's weight in the training loss
         scan_layers=False,  # one compiled layer run by nn.scan (faster compiles for deep models)
+    ))
+    # Fine-tuning: what trains (train/trainable.py) and the parameter-efficient methods
+    # (models/layers/peft.py). Parameter paths are '/'-joined, e.g. layer_0/self_attention/query.
+    c.finetune = ml_collections.ConfigDict(dict(
+        method="full",  # full | lora | qlora | prefix | adapter
+        freeze="",  # full: regex (re.search) of parameter paths kept frozen; "": none
+        train="",  # the PEFT methods: regex of further parameters that train (e.g. a task head)
+        lora=dict(targets=r"(query|key|value|out|wi|wi_gate|wi_up|wo)$", rank=8, alpha=16.0, dropout=0.0,
+                  rslora=False, dora=False),
+        qlora=dict(quant="nf4",  # nf4 | int8: storage of the frozen base (LoRA on top)
+                   block_size=64, double_quant=True),
+        prefix=dict(length=16, mlp_hidden=0),  # mlp_hidden > 0: MLP reparameterization
+        adapter=dict(kind="houlsby", hidden=64),  # houlsby (serial) | parallel
     ))
     c.tokenizer = ml_collections.ConfigDict(dict(
         path="",  # "": train a byte-level BPE on a sample of the training split, saved in the workdir

@@ -23,6 +23,7 @@ from models.layers.mla import MLAConfig, MultiHeadLatentAttention
 from models.layers.moe import MoEConfig, MoEFeedForward
 from models.layers.multihead import MultiHeadAttention
 from models.layers.norms import NORMS, make_norm
+from models.layers.peft import PeftConfig
 from models.layers.positional import RopeConfig
 
 Dtype = Any
@@ -58,6 +59,8 @@ class BlockConfig:
         DeepSeek-V2/V3) with `num_heads` heads and `rope` on its rotary dims;
         `num_kv_heads` and `head_dim` are then unused, and its biases (`qkv_bias` and
         `out_bias`, which must agree) are transformers' `attention_bias`. Decoder-only.
+      peft: parameter-efficient fine-tuning in the layers (`models.layers.peft`): LoRA on
+        matching kernels, prefix tuning, adapters; None: none.
       dtype: compute dtype; param_dtype: storage dtype.
     """
 
@@ -81,6 +84,7 @@ class BlockConfig:
     sliding_window: int | None = None
     moe: MoEConfig | None = None
     mla: MLAConfig | None = None
+    peft: PeftConfig | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

@@ -1,0 +1,55 @@
+"""What an objective is: the batch it needs, a pure loss, and its evaluation.
+
+The loop, the sharded step (`train.step.train_step`, laid out by `sharding.step.build`),
+checkpointing, accumulation and metrics are written once; an objective is the part that
+differs between pretraining, masked LM, SFT, classification, QA (and later reward
+modelling, DPO, distillation, PPO, GRPO). The trainer picks one by `config.objective`
+(`train.objectives.get`).
+
+Accumulation contract. The step calls, on the whole global batch, `prepare` (e.g. the
+masked-LM corruption drawn from the step's rng) and `totals` (the normalizers of the whole
+batch, e.g. its number of target tokens or examples); then, for each of A micro-batches,
+`loss(params, micro_batch, rng, totals)`. `loss` returns the micro-batch's share of the
+whole batch's loss (sum over its units / totals), so the gradients summed over the
+micro-batches are the gradient of one step on the whole batch; the `stats` it returns are
+summed over the micro-batches too (give shares, like the loss). `aux` is summed as well and
+handed to `after_update` (the LM's MoE router statistics and correction-bias update).
+
+Evaluation: `eval_sums(params, batch, rng)` returns sums (device scalars) that the trainer
+adds over the validation batches as floats; `eval_metrics(sums)` turns the totals into the
+metrics written to the summary and eval.json.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import jax
+
+
+class Objective(Protocol):
+    """One way to train (see the module docstring for the accumulation contract)."""
+
+    name: str
+
+    def batch_spec(self, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global batch's keys, shapes and dtypes (every leaf's leading axis is the batch)."""
+
+    def prepare(self, batch: dict[str, jax.Array], rng: jax.Array) -> dict[str, jax.Array]:
+        """The whole batch, transformed before it is split into micro-batches (default: as is)."""
+
+    def totals(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Normalizers of the whole batch (float32 scalars), passed to every micro-batch's loss."""
+
+    def loss(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array,
+             totals: dict[str, jax.Array]) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
+        """(loss, (stats, aux)) of a micro-batch: its share of the whole batch's loss; pure."""
+
+    def after_update(self, params: Any, aux: Any, accum_steps: int) -> tuple[Any, dict[str, jax.Array]]:
+        """(params, extra metrics) after the optimizer update (default: unchanged, none)."""
+
+    def eval_sums(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> dict[str, jax.Array]:
+        """Sums over one validation batch."""
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """Metrics from the sums over every validation batch (must include `loss`)."""
