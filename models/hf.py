@@ -4,7 +4,11 @@
     logits = model.apply({"params": params}, input_ids)      # == transformers' first output
     hf.save_pretrained(model, params, "out/")               # transformers.from_pretrained("out/")
 
-Supported architectures: BertModel, BertForMaskedLM, GPT2LMHeadModel, LlamaForCausalLM,
+    # A plain encoder (e.g. all-MiniLM-L6-v2) under a freshly initialized task head:
+    model, params = hf.load_pretrained("path/to/minilm", head="classification", num_labels=2)
+
+Supported architectures: BertModel, BertForMaskedLM, BertForSequenceClassification (single-label),
+BertForQuestionAnswering, GPT2LMHeadModel, LlamaForCausalLM,
 Qwen2ForCausalLM, Qwen3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM, DeepseekV3ForCausalLM.
 Weights come from `model.safetensors` or from the shards listed in
 `model.safetensors.index.json`. The per-family tensor maps live in `models/convert/`; this
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any
 
@@ -22,7 +27,13 @@ import flax.linen as nn
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from models.bert import BertConfig, BertForMaskedLM, BertModel
+from models.bert import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertModel,
+)
 from models.bert import scan_params as bert_scan_params
 from models.bert import unscan_params as bert_unscan_params
 from models.convert import bert as bert_convert
@@ -34,7 +45,10 @@ from models.gpt import GPT, GPTConfig, scan_params, unscan_params
 
 DECODERS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", *moe_convert.ARCHITECTURES,
             *deepseek_convert.ARCHITECTURES)
-BERTS = {"BertModel": "base", "BertForMaskedLM": "mlm"}
+BERTS = {"BertModel": "base", "BertForMaskedLM": "mlm", "BertForSequenceClassification": "classification",
+         "BertForQuestionAnswering": "qa"}
+BERT_CLASSES = {"base": BertModel, "mlm": BertForMaskedLM, "classification": BertForSequenceClassification,
+                "qa": BertForQuestionAnswering}
 SUPPORTED = (*BERTS, "GPT2LMHeadModel", *DECODERS)
 INDEX = "model.safetensors.index.json"
 
@@ -81,22 +95,34 @@ def _architecture(hf_config: dict[str, Any]) -> str:
                      f"supported: {', '.join(SUPPORTED)}")
 
 
-def load_pretrained(directory: str, **overrides) -> tuple[nn.Module, dict]:
+def load_pretrained(directory: str, *, head: str | None = None, num_labels: int | None = None, seed: int = 0,
+                    **overrides) -> tuple[nn.Module, dict]:
     """(flax model, params) of a Hugging Face model directory.
 
     Args:
       directory: holds config.json and model.safetensors (or sharded safetensors + index).
+      head: BERT only: the task head to return ("base", "mlm", "classification", "qa"); None is
+        the checkpoint's own. A head the checkpoint lacks (a BertModel directory such as
+        all-MiniLM-L6-v2 loaded with head="classification") is freshly initialized as
+        transformers does (normal(0, 0.02) weights, zero biases); the other heads' tensors are
+        dropped.
+      num_labels: classes of the classification head; None: the checkpoint's (config.json's
+        `id2label` / `num_labels`, 2 when neither is given). A classification checkpoint with
+        another count is an error.
+      seed: seed of the freshly initialized head.
       **overrides: config fields: for the decoder families dtype, param_dtype, remat,
         scan_layers (the params then come stacked, see `models.gpt.scan_params`), ...;
         for BERT remat and scan_layers.
 
     Returns:
       The model and its parameters: `model.apply({'params': params}, ids)` returns the
-      transformers model's first output (logits, or BertModel's last hidden state and
-      pooled output).
+      transformers model's first output (logits; start and end logits for question answering;
+      BertModel's last hidden state and pooled output).
     """
     hf_config = _read_config(directory)
     arch = _architecture(hf_config)
+    if arch not in BERTS and (head is not None or num_labels is not None):
+        raise ValueError(f"head and num_labels apply to BERT checkpoints; {directory!r} holds {arch}")
     tensors = read_safetensors(directory)
     scan = overrides.pop("scan_layers", False)
     if arch not in BERTS:
@@ -108,11 +134,38 @@ def load_pretrained(directory: str, **overrides) -> tuple[nn.Module, dict]:
     if unknown:
         raise ValueError(f"{arch} takes the overrides remat and scan_layers only; got {unknown}")
     config = bert_convert.config_from_hf(hf_config)
-    head = BERTS[arch]
+    own = BERTS[arch]
+    head = own if head is None else head
+    if head not in BERT_CLASSES:
+        raise ValueError(f"head={head!r}; expected one of {tuple(BERT_CLASSES)}")
+    labels = num_labels_from_hf(hf_config, directory) if own == "classification" else None
+    if labels is not None and num_labels not in (None, labels):
+        raise ValueError(f"{directory!r} holds a classifier of {labels} labels, not num_labels={num_labels}; "
+                         f"drop num_labels or load with head=\"base\" and train a new head")
+    num_labels = num_labels or labels or 2
+    if head != own:
+        tensors, fresh = bert_convert.head_tensors(tensors, config, head, num_labels, seed)
+        logging.getLogger(__name__).info("%s: freshly initialized %s", directory, ", ".join(fresh))
     params = bert_convert.hf_to_params(tensors, config, head)
     config = dataclasses.replace(config, remat=overrides.get("remat", "none"), scan_layers=scan)
-    model = BertModel(config) if head == "base" else BertForMaskedLM(config)
+    model = BERT_CLASSES[head](config, num_labels=num_labels) if head == "classification" else BERT_CLASSES[head](config)
     return model, bert_scan_params(params, config) if scan else params
+
+
+def num_labels_from_hf(hf_config: dict[str, Any], directory: str = "") -> int:
+    """Classes of a BertForSequenceClassification config.json, as transformers reads them.
+
+    Only single-label classification is supported: `problem_type` regression or multi-label (or
+    a single label, which transformers treats as regression) is an error.
+    """
+    id2label = hf_config.get("id2label")
+    labels = len(id2label) if id2label else int(hf_config.get("num_labels", 2))
+    problem = hf_config.get("problem_type")
+    if problem not in (None, "single_label_classification") or labels < 2:
+        raise ValueError(f"{directory or 'config.json'}: problem_type={problem!r} with {labels} label(s); only "
+                         "single-label classification (problem_type single_label_classification, 2 or more "
+                         "labels) is supported")
+    return labels
 
 
 def _load_decoder(arch: str, hf_config: dict[str, Any], tensors, overrides) -> tuple[GPT, dict]:
@@ -238,32 +291,49 @@ def _deepseek_hf_config(config: GPTConfig) -> dict[str, Any]:
             "attention_bias": b.has_qkv_bias, "num_nextn_predict_layers": 0}
 
 
-def _bert_hf_config(config: BertConfig, arch: str) -> dict[str, Any]:
+def _bert_hf_config(config: BertConfig, arch: str, id2label: dict[int, str] | None = None) -> dict[str, Any]:
     b = config.block
     act = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[b.mlp_activation]
-    return {"architectures": [arch], "model_type": "bert", "vocab_size": config.vocab_size,
+    labels = {}
+    if id2label is not None:
+        labels = {"id2label": {str(i): name for i, name in id2label.items()},
+                  "label2id": {name: i for i, name in id2label.items()},
+                  "problem_type": "single_label_classification"}
+    return labels | {"architectures": [arch], "model_type": "bert", "vocab_size": config.vocab_size,
             "hidden_size": b.d_model, "num_hidden_layers": config.num_layers, "num_attention_heads": b.num_heads,
             "intermediate_size": b.d_ff, "hidden_act": act, "max_position_embeddings": config.max_len,
             "type_vocab_size": config.type_vocab_size, "layer_norm_eps": b.norm_eps, "pad_token_id": config.pad_id}
 
 
-def save_pretrained(model: nn.Module, params, directory: str) -> None:
+def save_pretrained(model: nn.Module, params, directory: str, *, id2label: dict[int, str] | None = None) -> None:
     """Writes config.json and model.safetensors that transformers loads to the same outputs.
 
     Refuses to write into a directory that already holds a config.json or weights, so that
     nothing saved is overwritten.
+
+    Args:
+      model, params: what `load_pretrained` returns (or a trained copy).
+      directory: where to write.
+      id2label: BertForSequenceClassification only: class id -> name, written as config.json's
+        `id2label` / `label2id` (default LABEL_0, LABEL_1, ... as transformers names them).
     """
     os.makedirs(directory, exist_ok=True)
     existing = [f for f in ("config.json", "model.safetensors", INDEX) if os.path.exists(os.path.join(directory, f))]
     if existing:
         raise FileExistsError(f"{directory!r} already holds {existing}; choose an empty directory")
     params = nn.unbox(params)
-    if isinstance(model, (BertModel, BertForMaskedLM)):
-        arch = "BertModel" if isinstance(model, BertModel) else "BertForMaskedLM"
+    if id2label is not None and not isinstance(model, BertForSequenceClassification):
+        raise ValueError(f"id2label applies to BertForSequenceClassification, not {type(model).__name__}")
+    if isinstance(model, tuple(BERT_CLASSES.values())):
+        arch = next(name for name, head in BERTS.items() if isinstance(model, BERT_CLASSES[head]))
         config = model.config
         if config.scan_layers:  # converters read the per-layer layout
             params, config = bert_unscan_params(params, config), dataclasses.replace(config, scan_layers=False)
-        hf_config = _bert_hf_config(config, arch)
+        if isinstance(model, BertForSequenceClassification):
+            id2label = id2label or {i: f"LABEL_{i}" for i in range(model.num_labels)}
+            if sorted(id2label) != list(range(model.num_labels)):
+                raise ValueError(f"id2label has ids {sorted(id2label)}; the model has {model.num_labels} labels")
+        hf_config = _bert_hf_config(config, arch, id2label)
         tensors = bert_convert.params_to_hf(params, config, BERTS[arch])
     elif isinstance(model, GPT):
         config = model.config
@@ -275,7 +345,7 @@ def save_pretrained(model: nn.Module, params, directory: str) -> None:
                    **dict.fromkeys(deepseek_convert.ARCHITECTURES, deepseek_convert)}.get(arch, llama_convert)
         tensors = convert.params_to_hf(params, config, include_tied=False)
     else:
-        raise ValueError(f"save_pretrained supports BertModel, BertForMaskedLM and GPT, not {type(model).__name__}")
+        raise ValueError(f"save_pretrained supports {', '.join(BERTS)} and GPT, not {type(model).__name__}")
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(directory, "config.json"), "w") as f:

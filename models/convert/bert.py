@@ -235,3 +235,46 @@ def params_to_hf(params: Params, config: BertConfig, head: str = "base") -> dict
         for copy, original in TIED.items():
             out[copy] = out[original if original.startswith("cls.") else prefix + original]
     return out
+
+
+def head_tensors(state_dict: dict[str, np.ndarray], config: BertConfig, head: str, num_labels: int = 2,
+                 seed: int = 0) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The state dict of `head` from a checkpoint of another head, with what is missing freshly made.
+
+    Keeps the encoder (`embeddings.*`, `encoder.*`), keeps the pooler where `head` has one
+    (base, classification) and drops it where it has none (mlm, qa), drops any other head's
+    tensors (`cls.*`, `classifier.*`, `qa_outputs.*`), and draws the tensors `head` needs but the
+    checkpoint lacks as transformers' `_init_weights` does: Linear weights normal(0, 0.02),
+    biases 0; a masked-LM transform norm at scale 1, bias 0.
+
+    Args:
+      state_dict: HF tensor name -> array, with or without the `bert.` prefix.
+      config: the encoder's config.
+      head: the target head (models.bert.HEADS).
+      num_labels: rows of a fresh classifier (classification only).
+      seed: seed of the fresh tensors.
+
+    Returns:
+      (state dict for `hf_to_params(..., head)`, sorted names of the freshly made tensors).
+    """
+    kept = {}
+    for name, x in state_dict.items():
+        canon = _canonical(name)
+        if canon.startswith(("embeddings.", "encoder.")) or (canon.startswith("pooler.")
+                                                             and head in ("base", "classification")):
+            kept[canon] = x
+    rng = np.random.default_rng(seed)
+    fresh = []
+    for name, _, kind in _entries(config, head):
+        if name in kept or name.startswith(("embeddings.", "encoder.")):  # a missing encoder tensor stays an error
+            continue
+        shape = tuple(num_labels if s is None else s for s in _hf_shape(name, kind, config))
+        if name.endswith("LayerNorm.weight"):
+            value = np.ones(shape)
+        elif name.endswith("weight"):
+            value = rng.normal(0.0, 0.02, shape)
+        else:
+            value = np.zeros(shape)
+        kept[name] = value.astype(np.float32)
+        fresh.append(name)
+    return kept, sorted(fresh)

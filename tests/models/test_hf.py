@@ -9,6 +9,7 @@ import torch
 import transformers
 
 from models import hf
+from models.bert import BertForQuestionAnswering
 
 VOCAB = 61
 IDS = np.random.default_rng(0).integers(1, VOCAB, size=(2, 10))
@@ -30,6 +31,12 @@ CONFIGS = {
                                                 intermediate_size=48, max_position_embeddings=32)),
     "BertForMaskedLM": (transformers.BertConfig, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                                       intermediate_size=48, max_position_embeddings=32)),
+    "BertForSequenceClassification": (transformers.BertConfig, dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, max_position_embeddings=32,
+        id2label={0: "neg", 1: "neutral", 2: "pos"}, problem_type="single_label_classification")),
+    "BertForQuestionAnswering": (transformers.BertConfig, dict(hidden_size=32, num_hidden_layers=2,
+                                                               num_attention_heads=4, intermediate_size=48,
+                                                               max_position_embeddings=32)),
 }
 
 
@@ -48,11 +55,15 @@ def _hf_model(arch):
 def _first_output(model):
     with torch.no_grad():
         out = model(torch.tensor(IDS))
+    if hasattr(out, "start_logits"):  # question answering: start and end, stacked
+        return np.stack([out.start_logits.numpy(), out.end_logits.numpy()])
     return (out.logits if hasattr(out, "logits") else out.last_hidden_state).numpy()
 
 
 def _ours(model, params):
     out = model.apply({"params": params}, jnp.asarray(IDS, jnp.int32))
+    if isinstance(model, BertForQuestionAnswering):
+        return np.stack([np.asarray(out[0]), np.asarray(out[1])])
     return np.asarray(out[0] if isinstance(out, tuple) else out)
 
 
