@@ -1,17 +1,22 @@
 """A Hugging Face `tokenizer.json`, loaded with the `tokenizers` library, behind our interface.
 
+A BERT `vocab.txt` (WordPiece, with `do_lower_case` etc. from a `tokenizer_config.json` beside it)
+loads into the same class, built as transformers' `BertTokenizerFast` builds it.
+
 Also `export_bpe`, which writes our byte-level BPE as a tokenizer.json that `tokenizers`
 (and so `transformers`) can load.
 """
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 from data.tokenizer.base import (
+    HF_CONFIG_FILENAME,
     HF_FILENAME,
     Tokenizer,
     check_ids_in_range,
@@ -27,18 +32,27 @@ class HFJsonTokenizer(Tokenizer):
     the file if there is one, else from well-known special-token names."""
 
     def __init__(self, path: str | os.PathLike):
-        """Loads a tokenizer.json.
+        """Loads a tokenizer.json (or a BERT vocab.txt).
 
         Args:
-          path: a tokenizer.json file, or a directory holding one.
+          path: a tokenizer.json or vocab.txt file, or a directory holding one.
         """
         path = Path(path)
         if path.is_dir():
-            path = path / HF_FILENAME
+            path = path / HF_FILENAME if (path / HF_FILENAME).is_file() else path / VOCAB_FILENAME
         try:
-            self._tokenizer = tokenizers.Tokenizer.from_file(str(path))
+            if path.name == VOCAB_FILENAME:
+                self._tokenizer = wordpiece_from_vocab(path)
+            else:
+                self._tokenizer = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception.
-            raise ValueError(f"could not load {path} as a Hugging Face tokenizer.json: {e}") from e
+            raise ValueError(f"could not load {path} as a Hugging Face tokenizer.json or vocab.txt: {e}") from e
+        # A tokenizer.json may fix padding and truncation (MiniLM's pad every text to 128 tokens):
+        # those are batching choices of the caller, not part of encoding. Kept for `save`.
+        self._padding, self._truncation = self._tokenizer.padding, self._tokenizer.truncation
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
+        self._specials = _special_token_names(path.parent)
         specials = [t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.special]
         roles = read_role_config(path.parent) or infer_special_roles(specials)
         self._roles = roles
@@ -69,9 +83,24 @@ class HFJsonTokenizer(Tokenizer):
     def mask_id(self) -> int | None:
         return self._role_ids.get("mask")
 
+    @property
+    def cls_id(self) -> int | None:
+        """Id of the classification token that starts BERT inputs ([CLS]), or None."""
+        return self._tokenizer.token_to_id(self._specials["cls"])
+
+    @property
+    def sep_id(self) -> int | None:
+        """Id of the separator that ends each BERT segment ([SEP]), or None."""
+        return self._tokenizer.token_to_id(self._specials["sep"])
+
     def encode(self, text: str) -> list[int]:
         # add_special_tokens=False: no template bos/eos, to match the interface.
         return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of `text` (no special tokens) and each token's [start, end) character span in it."""
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        return encoding.ids, [tuple(o) for o in encoding.offsets]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
@@ -83,8 +112,55 @@ class HFJsonTokenizer(Tokenizer):
     def save(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self._tokenizer.save(str(directory / HF_FILENAME))
+        saved = tokenizers.Tokenizer.from_str(self._tokenizer.to_str())
+        if self._padding:
+            saved.enable_padding(**{k: v for k, v in self._padding.items() if k != "length"},
+                                 **({"length": self._padding["length"]} if self._padding.get("length") else {}))
+        if self._truncation:
+            saved.enable_truncation(**self._truncation)
+        saved.save(str(directory / HF_FILENAME))
         write_role_config(directory, self._roles)
+
+
+VOCAB_FILENAME = "vocab.txt"
+
+
+def _tokenizer_config(directory: Path) -> dict:
+    path = directory / HF_CONFIG_FILENAME
+    if not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _special_token_names(directory: Path) -> dict[str, str]:
+    config = _tokenizer_config(directory)
+    names = {"cls": config.get("cls_token") or "[CLS]", "sep": config.get("sep_token") or "[SEP]"}
+    return {k: v.get("content") if isinstance(v, dict) else v for k, v in names.items()}
+
+
+def wordpiece_from_vocab(path: str | os.PathLike) -> tokenizers.Tokenizer:
+    """A BERT WordPiece tokenizer from `vocab.txt`, as transformers' BertTokenizerFast builds it:
+    BertNormalizer (lowercase = `do_lower_case`, default True, from tokenizer_config.json beside
+    the file), BertPreTokenizer, WordPiece with `##` continuations."""
+    path = Path(path)
+    config = _tokenizer_config(path.parent)
+    with open(path, encoding="utf-8") as f:
+        vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+    unk = config.get("unk_token") or "[UNK]"
+    if unk not in vocab:
+        raise ValueError(f"has no unknown token {unk!r} (a BERT vocab.txt lists it, usually on line 101)")
+    tokenizer = tokenizers.Tokenizer(models.WordPiece(vocab, unk_token=unk, max_input_chars_per_word=100))
+    tokenizer.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=config.get("tokenize_chinese_chars", True),
+        strip_accents=config.get("strip_accents"), lowercase=config.get("do_lower_case", True))
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    specials = [config.get(k) or d for k, d in (("pad_token", "[PAD]"), ("unk_token", "[UNK]"),
+                                               ("cls_token", "[CLS]"), ("sep_token", "[SEP]"),
+                                               ("mask_token", "[MASK]"))]
+    tokenizer.add_special_tokens([t for t in specials if t in vocab])
+    return tokenizer
 
 
 def export_bpe(bpe: ByteLevelBPE, path: str | os.PathLike) -> None:

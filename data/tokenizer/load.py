@@ -2,7 +2,8 @@
 
 Three formats load behind the one `Tokenizer` interface:
   * a directory written by `ByteLevelBPE.save` (it holds `bpe.json`),
-  * a Hugging Face `tokenizer.json` (the file, or a directory holding it),
+  * a Hugging Face `tokenizer.json` (the file, or a directory holding it), or a BERT
+    `vocab.txt` (WordPiece; the file, or a directory holding it and no tokenizer.json),
   * a SentencePiece `.model` (the file, or a directory holding `tokenizer.model`).
 
 The dispatch lives here, not in `base`, so that the implementations import the interface
@@ -17,7 +18,7 @@ from data.tokenizer.base import BPE_FILENAME, HF_FILENAME, SPM_FILENAME, Tokeniz
 
 ACCEPTED_FORMATS = (
     f"a directory saved by ByteLevelBPE.save (holding {BPE_FILENAME}), "
-    f"a Hugging Face {HF_FILENAME} file or a directory holding one, "
+    f"a Hugging Face {HF_FILENAME} file or a directory holding one, a BERT vocab.txt (or its directory), "
     f"or a SentencePiece .model file or a directory holding {SPM_FILENAME}; "
     "a 'bpe:', 'hf:' or 'spm:' prefix forces the format"
 )
@@ -37,6 +38,8 @@ def _detect_format(path: Path) -> str:
         for filename, kind in ((BPE_FILENAME, "bpe"), (HF_FILENAME, "hf"), (SPM_FILENAME, "spm")):
             if (path / filename).is_file():
                 return kind
+        if (path / "vocab.txt").is_file():
+            return "hf"
         models = sorted(path.glob("*.model"))
         if len(models) == 1:
             return "spm"
@@ -44,6 +47,8 @@ def _detect_format(path: Path) -> str:
         raise ValueError(f"directory {path} holds no tokenizer (found {found}); expected {ACCEPTED_FORMATS}")
     if path.suffix == ".model":
         return "spm"
+    if path.name == "vocab.txt":
+        return "hf"
     if path.suffix == ".json":
         try:
             with open(path, encoding="utf-8") as f:

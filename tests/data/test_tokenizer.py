@@ -338,10 +338,14 @@ def test_load_tokenizer_errors_name_the_path_and_formats(tmp_path):
         load_tokenizer(missing)
     with pytest.raises(ValueError, match=rf"{tmp_path}.*holds no tokenizer.*tokenizer\.json"):
         load_tokenizer(tmp_path)
-    unknown = tmp_path / "vocab.txt"
+    unknown = tmp_path / "vocab.bin"
     unknown.write_text("a\nb\n")
-    with pytest.raises(ValueError, match=r"vocab\.txt has an unknown format.*bpe\.json.*tokenizer\.json.*\.model"):
+    with pytest.raises(ValueError, match=r"vocab\.bin has an unknown format.*bpe\.json.*tokenizer\.json.*\.model"):
         load_tokenizer(unknown)
+    no_unk = tmp_path / "vocab.txt"  # a BERT WordPiece vocabulary must hold its unknown token
+    no_unk.write_text("a\nb\n")
+    with pytest.raises(ValueError, match=r"vocab\.txt.*has no unknown token '\[UNK\]'"):
+        load_tokenizer(no_unk)
     other_json = tmp_path / "config.json"
     other_json.write_text('{"hidden_size": 8}')
     with pytest.raises(ValueError, match=r"config\.json is neither"):
