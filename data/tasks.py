@@ -174,10 +174,11 @@ def _tfds_records(name: str, split: str, config: TaskConfig) -> tuple[list[Recor
             f"prepare it once: `tfds build {name} --file_format=array_record --data_dir=DATA_DIR` (tfds: {e})"
         ) from None
     meta = {}
-    features = source.dataset_info.features
-    label = features[config.label_key] if config.kind == "classification" and config.label_key in features else None
-    if label is not None and hasattr(label, "names"):
-        meta["label_names"] = tuple(label.names)
+    if config.kind == "classification":
+        features = source.dataset_info.features
+        label = features[config.label_key] if config.label_key in features else None
+        if label is not None and hasattr(label, "names"):
+            meta["label_names"] = tuple(label.names)
     return [Record(_decoded(source[i]), f"tfds:{name}[{split}] example {i}") for i in range(len(source))], meta
 
 
