@@ -1,0 +1,115 @@
+"""The classification and qa objectives: losses equal transformers' on torch, the accumulation
+contract (micro-batch shares add up to the whole batch's loss and gradient), padding rows count
+for nothing, and the evaluation sums."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from models.bert import BertForQuestionAnswering, BertForSequenceClassification
+from models.convert.bert import config_from_hf, hf_to_params
+from train.objectives.classification import ClassificationObjective
+from train.objectives.qa import QAObjective
+
+VOCAB, D, LAYERS, FF, B, T, LABELS = 50, 32, 2, 64, 6, 12, 3
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def _hf(head):
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=4,
+                                     intermediate_size=FF, max_position_embeddings=T, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0, num_labels=LABELS if head == "classification"
+                                     else 2, attn_implementation="eager")
+    torch.manual_seed(0)
+    cls = transformers.BertForSequenceClassification if head == "classification" else \
+        transformers.BertForQuestionAnswering
+    model = cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(("classifier", "qa_outputs")):
+                p.copy_(torch.randn_like(p) / D**0.5)
+    return model
+
+
+def _setup(head):
+    hf = _hf(head)
+    config = config_from_hf(hf.config.to_dict())
+    params = hf_to_params({k: v.numpy() for k, v in hf.state_dict().items()}, config, head)
+    if head == "classification":
+        objective = ClassificationObjective(BertForSequenceClassification(config, num_labels=LABELS))
+    else:
+        objective = QAObjective(BertForQuestionAnswering(config))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, VOCAB, size=(B, T))
+    mask = np.ones((B, T), np.int64)
+    mask[1, 8:] = 0
+    mask[4, 5:] = 0
+    types = np.zeros((B, T), np.int64)
+    types[:, 6:] = 1
+    batch = {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
+    if head == "classification":
+        batch["labels"] = rng.integers(0, LABELS, size=B)
+    else:
+        batch["start_positions"] = rng.integers(0, 6, size=B)
+        batch["end_positions"] = batch["start_positions"] + rng.integers(0, 4, size=B)
+    return hf, objective, params, batch
+
+
+def _jnp(batch):
+    return {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("head", ["classification", "qa"])
+def test_loss_equals_transformers_hf_torch(head):
+    hf, objective, params, batch = _setup(head)
+    with torch.no_grad():
+        reference = float(hf(**{k: torch.tensor(v) for k, v in batch.items()}).loss)
+    jbatch = _jnp(batch)
+    loss, (stats, _) = objective.loss(params, jbatch, jax.random.key(0), objective.totals(jbatch))
+    # float32 logits through LAYERS post-LN layers, then a log-softmax over at most T entries.
+    tol = 16 * EPS32 * np.sqrt(FF) * (LAYERS + 1) * max(abs(reference), 1.0)
+    assert abs(float(loss) - reference) < tol
+    assert float(stats["loss"]) == float(loss) and float(stats["examples"]) == B
+
+
+@pytest.mark.parametrize("head", ["classification", "qa"])
+def test_micro_batch_shares_add_up_and_padding_rows_count_for_nothing(head):
+    _, objective, params, batch = _setup(head)
+    jbatch = _jnp(batch)
+    totals = objective.totals(jbatch)
+    grad = jax.jit(jax.grad(lambda p, b: objective.loss(p, b, jax.random.key(0), totals)[0]))
+    whole_loss = objective.loss(params, jbatch, jax.random.key(0), totals)[0]
+    whole_grad = grad(params, jbatch)
+    halves = [{k: v[i * B // 2:(i + 1) * B // 2] for k, v in jbatch.items()} for i in range(2)]
+    parts = [objective.loss(params, h, jax.random.key(0), totals)[0] for h in halves]
+    np.testing.assert_allclose(float(sum(parts)), float(whole_loss), rtol=8 * EPS32)
+    summed = jax.tree_util.tree_map(lambda a, b: a + b, *(grad(params, h) for h in halves))
+    for g, ref in zip(jax.tree_util.tree_leaves(summed), jax.tree_util.tree_leaves(whole_grad)):
+        np.testing.assert_allclose(g, ref, rtol=0, atol=64 * EPS32 * max(float(np.max(np.abs(ref))), 1e-3))
+
+    # Two padding rows (label / start -1, nothing attended) leave loss, gradient and eval sums unchanged.
+    marker = "labels" if head == "classification" else "start_positions"
+    padded = {k: np.concatenate([v, np.full((2, *v.shape[1:]), -1 if v.ndim == 1 else 0)]) for k, v in batch.items()}
+    jpadded = _jnp(padded)
+    assert float(objective.totals(jpadded)["examples"]) == B and (padded[marker][-2:] == -1).all()
+    padded_loss = objective.loss(params, jpadded, jax.random.key(0), objective.totals(jpadded))[0]
+    np.testing.assert_allclose(float(padded_loss), float(whole_loss), rtol=8 * EPS32)
+    sums, padded_sums = objective.eval_sums(params, jbatch, None), objective.eval_sums(params, jpadded, None)
+    for key in sums:
+        np.testing.assert_allclose(float(padded_sums[key]), float(sums[key]), rtol=8 * EPS32)
+
+
+def test_classification_eval_metrics_equal_numpy():
+    _, objective, params, batch = _setup("classification")
+    logits = np.asarray(objective.model.apply({"params": params}, *(jnp.asarray(batch[k], jnp.int32) for k in (
+        "input_ids", "attention_mask", "token_type_ids"))), np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected_loss = -logp[np.arange(B), batch["labels"]].mean()
+    expected_accuracy = (logits.argmax(-1) == batch["labels"]).mean()
+    sums = {k: float(v) for k, v in objective.eval_sums(params, _jnp(batch), None).items()}
+    metrics = objective.eval_metrics(sums)
+    assert metrics["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert metrics["accuracy"] == pytest.approx(expected_accuracy)
