@@ -68,7 +68,7 @@ def test_loss_equals_transformers_hf_torch(head):
     with torch.no_grad():
         reference = float(hf(**{k: torch.tensor(v) for k, v in batch.items()}).loss)
     jbatch = _jnp(batch)
-    loss, (stats, _) = objective.loss(params, jbatch, jax.random.key(0), objective.totals(jbatch))
+    loss, (stats, _) = jax.jit(lambda p, b: objective.loss(p, b, jax.random.key(0), objective.totals(b)))(params, jbatch)
     # float32 logits through LAYERS post-LN layers, then a log-softmax over at most T entries.
     tol = 16 * EPS32 * np.sqrt(FF) * (LAYERS + 1) * max(abs(reference), 1.0)
     assert abs(float(loss) - reference) < tol
@@ -79,25 +79,30 @@ def test_loss_equals_transformers_hf_torch(head):
 def test_micro_batch_shares_add_up_and_padding_rows_count_for_nothing(head):
     _, objective, params, batch = _setup(head)
     jbatch = _jnp(batch)
+    fast = {"xla_backend_optimization_level": 0}  # tiny model: compile time dominates
+    value_and_grad = jax.jit(jax.value_and_grad(lambda p, b, t: objective.loss(p, b, jax.random.key(0), t)[0]),
+                             compiler_options=fast)
     totals = objective.totals(jbatch)
-    grad = jax.jit(jax.grad(lambda p, b: objective.loss(p, b, jax.random.key(0), totals)[0]))
-    whole_loss = objective.loss(params, jbatch, jax.random.key(0), totals)[0]
-    whole_grad = grad(params, jbatch)
+    whole_loss, whole_grad = value_and_grad(params, jbatch, totals)
     halves = [{k: v[i * B // 2:(i + 1) * B // 2] for k, v in jbatch.items()} for i in range(2)]
-    parts = [objective.loss(params, h, jax.random.key(0), totals)[0] for h in halves]
-    np.testing.assert_allclose(float(sum(parts)), float(whole_loss), rtol=8 * EPS32)
-    summed = jax.tree_util.tree_map(lambda a, b: a + b, *(grad(params, h) for h in halves))
+    parts = [value_and_grad(params, h, totals) for h in halves]
+    np.testing.assert_allclose(float(parts[0][0] + parts[1][0]), float(whole_loss), rtol=8 * EPS32)
+    summed = jax.tree_util.tree_map(lambda a, b: a + b, parts[0][1], parts[1][1])
+    # Relative to the largest gradient: the key bias's is exactly zero (softmax is shift-invariant),
+    # computed as rounding noise of the other terms.
+    scale = max(float(np.max(np.abs(g))) for g in jax.tree_util.tree_leaves(whole_grad))
     for g, ref in zip(jax.tree_util.tree_leaves(summed), jax.tree_util.tree_leaves(whole_grad)):
-        np.testing.assert_allclose(g, ref, rtol=0, atol=64 * EPS32 * max(float(np.max(np.abs(ref))), 1e-3))
+        np.testing.assert_allclose(g, ref, rtol=0, atol=64 * EPS32 * scale)
 
-    # Two padding rows (label / start -1, nothing attended) leave loss, gradient and eval sums unchanged.
+    # Two padding rows (label / start -1, nothing attended) leave loss and eval sums unchanged.
     marker = "labels" if head == "classification" else "start_positions"
     padded = {k: np.concatenate([v, np.full((2, *v.shape[1:]), -1 if v.ndim == 1 else 0)]) for k, v in batch.items()}
     jpadded = _jnp(padded)
     assert float(objective.totals(jpadded)["examples"]) == B and (padded[marker][-2:] == -1).all()
-    padded_loss = objective.loss(params, jpadded, jax.random.key(0), objective.totals(jpadded))[0]
+    padded_loss, _ = value_and_grad(params, jpadded, objective.totals(jpadded))
     np.testing.assert_allclose(float(padded_loss), float(whole_loss), rtol=8 * EPS32)
-    sums, padded_sums = objective.eval_sums(params, jbatch, None), objective.eval_sums(params, jpadded, None)
+    eval_sums = jax.jit(lambda p, b: objective.eval_sums(p, b, None), compiler_options=fast)
+    sums, padded_sums = eval_sums(params, jbatch), eval_sums(params, jpadded)
     for key in sums:
         np.testing.assert_allclose(float(padded_sums[key]), float(sums[key]), rtol=8 * EPS32)
 
