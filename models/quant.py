@@ -172,7 +172,7 @@ def quantize(x: jax.Array, kind: str = "nf4", block_size: int = 64, double_quant
     blocks = x32.reshape(*lead, padded // block_size, block_size)
     absmax = jnp.max(jnp.abs(blocks), axis=-1)
     # As bitsandbytes: times the reciprocal; an all-zero block keeps absmax 0 and codes of 0.
-    normalized = blocks * (1.0 / jnp.maximum(absmax, 1e-38))[..., None]
+    normalized = blocks * _reciprocal(absmax)[..., None]
     if kind == "nf4":
         codes = pack_nibbles(_nearest(NF4_CODE, jnp.clip(normalized, -1.0, 1.0)).reshape(*lead, padded))
     else:
@@ -180,6 +180,12 @@ def quantize(x: jax.Array, kind: str = "nf4", block_size: int = 64, double_quant
     extra = _quantize_scales(absmax) if double_quant else {"scales": absmax}
     return QuantizedTensor(codes=codes, kind=kind, block_size=block_size, shape=tuple(x.shape),
                            dtype=np.dtype(x.dtype).name, **extra)
+
+
+def _reciprocal(absmax: jax.Array) -> jax.Array:
+    """1 / absmax, finite for 0 (bitsandbytes floors at 1e-38, a subnormal that XLA's CPU
+    flushes to zero: the smallest normal float32 instead)."""
+    return 1.0 / jnp.maximum(absmax, np.finfo(np.float32).tiny)
 
 
 def pack_nibbles(codes: jax.Array) -> jax.Array:
@@ -215,7 +221,7 @@ def _quantize_scales(absmax: jax.Array) -> dict[str, jax.Array]:
     flat = jnp.pad(centred.reshape(-1), (0, -n % SCALE_BLOCK))
     scale_absmax = jnp.max(jnp.abs(flat.reshape(-1, SCALE_BLOCK)), axis=-1)
     index = _scale_block_index(centred.shape)
-    normalized = centred * (1.0 / jnp.maximum(scale_absmax, 1e-38))[index]
+    normalized = centred * _reciprocal(scale_absmax)[index]
     return {"scales": _nearest(dynamic_code(), normalized), "scale_absmax": scale_absmax, "scale_offset": offset}
 
 
