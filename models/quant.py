@@ -149,9 +149,10 @@ def _check(kind: str, block_size: int, last: int | None = None, pad: bool = True
                          f"{f' (e.g. {divisors[0]})' if divisors else ''} or pad=True")
 
 
+@functools.partial(jax.jit, static_argnames=("kind", "block_size", "double_quant", "pad"))
 def quantize(x: jax.Array, kind: str = "nf4", block_size: int = 64, double_quant: bool = True, *,
              pad: bool = True) -> QuantizedTensor:
-    """Block-wise absmax quantization of `x` along its last axis (see the module docstring).
+    """Block-wise absmax quantization of `x` along its last axis (see the module docstring); jitted.
 
     Args:
       x: a float array of rank >= 1.
@@ -261,8 +262,7 @@ def quantize_tree(params: Any, *, kind: str = "nf4", block_size: int = 64, doubl
       The same tree structure with QuantizedTensor leaves where quantized.
     """
     _check(kind, block_size)
-    one = jax.jit(functools.partial(quantize, kind=kind, block_size=block_size, double_quant=double_quant,
-                                    pad=pad))
+    one = functools.partial(quantize, kind=kind, block_size=block_size, double_quant=double_quant, pad=pad)
     return jax.tree_util.tree_map_with_path(
         lambda path, x: one(x) if quantizable(_path(path), x, min_size) else x, params)
 

@@ -24,6 +24,8 @@ OFFSET = 1 - (1 / (2 * 15) + 1 / (2 * 16)) / 2
 # bitsandbytes evaluates the quantiles at probabilities rounded to float32 (from the literal
 # 0.9677083): each is at most 1e-7 off, which moves a value by that times the quantile's slope.
 PROB_ERROR = 1e-7
+# As tests/sharding: quicker compiles, the same partitioning.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 
 def nf4_reference() -> tuple[np.ndarray, np.ndarray]:
@@ -189,8 +191,15 @@ def test_dequantize_inside_a_jitted_matmul_equals_the_reference():
 
 
 def test_against_bitsandbytes():
-    torch = pytest.importorskip("torch")
-    bnb = pytest.importorskip("bitsandbytes.functional")
+    import bitsandbytes.functional as bnb
+    import torch
+
+    # bitsandbytes torch.compile's its dequantization: minutes of inductor for a few ops.
+    with torch.compiler.set_stance("force_eager"):
+        _compare_with_bitsandbytes(torch, bnb)
+
+
+def _compare_with_bitsandbytes(torch, bnb):
     x = weights((40, 512), seed=5)  # 2-D with whole blocks per row: bitsandbytes' flat blocks are ours
     code = bnb.create_dynamic_map().numpy()
     assert np.abs(code.view(np.int32) - quant.dynamic_code().view(np.int32)).max() <= 1  # ulps
@@ -216,11 +225,13 @@ def test_against_bitsandbytes():
     np.testing.assert_array_less(np.abs(np.asarray(q.dequantize()) - theirs), step * np.abs(theirs) + 1e-6)
 
 
+@functools.cache
 def tiny_llama() -> GPT:
     return GPT(llama_config(num_layers=1, d_ff=128, vocab_size=128, d_model=64, num_heads=4, num_kv_heads=2,
                             max_len=32))
 
 
+@functools.cache
 def boxed_and_params(model):
     init = jax.jit(functools.partial(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
     return jax.eval_shape(init)["params"], nn.unbox(init()["params"])
@@ -228,7 +239,7 @@ def boxed_and_params(model):
 
 def test_quantize_tree_quantizes_the_matrices_only():
     boxed, params = boxed_and_params(tiny_llama())
-    q = quant.quantize_tree(params, kind="nf4", block_size=64, double_quant=True, min_size=0)
+    q = quantized_whole(64)
     assert quant.is_quantized(q["layer_0"]["mlp"]["wi_gate"]) and quant.is_quantized(q["embed"]["embedding"])
     assert quant.is_quantized(q["lm_head"]) and q["layer_0"]["self_attention"]["query"].codes.shape == (64, 4, 32)
     assert not quant.is_quantized(q["final_norm"]["scale"])
@@ -251,7 +262,14 @@ def _lay_out(strategy: str, mesh_spec: str, block_size: int, shards=None):
     mesh = mesh_lib.make_mesh(mesh_spec)
     boxed_q = quant.logically_partitioned(boxed, jax.eval_shape(make, params), shards)
     shardings = param_shardings(get_strategy(strategy), mesh, boxed_q, zero=True)
-    return jax.jit(make, out_shardings=shardings)(params), make(params), shardings
+    sharded = jax.jit(make, out_shardings=shardings).lower(params).compile(FAST_COMPILE)(params)
+    return sharded, quantized_whole(block_size), shardings
+
+
+@functools.cache
+def quantized_whole(block_size: int):
+    return quant.quantize_tree(boxed_and_params(tiny_llama())[1], kind="nf4", block_size=block_size,
+                               double_quant=True, min_size=0)
 
 
 def test_fsdp_puts_an_eighth_of_the_codes_on_each_device():
