@@ -287,7 +287,9 @@ def logically_partitioned(boxed_params: Any, quantized: Any, shards: Mapping[str
     Args:
       boxed_params: the params tree with nn.Partitioned leaves (e.g. from `jax.eval_shape(init)`).
       quantized: `quantize_tree` of its unboxed values (concrete or from `jax.eval_shape`).
-      shards: logical axis name -> number of shards; None: keep every name.
+      shards: logical axis name -> number of shards of the strategy's model rules (with
+        `sharding.strategies.axis_size`: {name: axis_size(mesh, axes) for name, axes in
+        strategy.model_rules if the mesh has axes}); None: keep every name.
 
     Returns:
       `quantized` with nn.Partitioned array fields (and the unquantized leaves boxed as in
