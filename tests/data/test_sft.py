@@ -32,8 +32,8 @@ VARIED = [
 
 
 def _data(path, **overrides) -> DataConfig:
-    settings = dict(source=f"files:{path}", seq_len=64, batch_size=4, shuffle=False, validation_fraction=0.0,
-                    num_epochs=1)
+    settings = {"source": f"files:{path}", "seq_len": 64, "batch_size": 4, "shuffle": False,
+                "validation_fraction": 0.0, "num_epochs": 1}
     return DataConfig(**{**settings, **overrides})
 
 
