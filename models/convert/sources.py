@@ -77,21 +77,26 @@ def set_path(tree: dict, path: Path, value) -> None:
 
 def stacked(sources: Mapping[Path, Source], groups: Sequence[tuple[str, int, int]]) -> dict[Path, Source]:
     """The sources of the `scan_layers=True` layout (see `models.gpt.scan_params`): each group
-    (name, start, stop) of `layer_{i}` leaves becomes one leaf `name/...` stacked on axis 0."""
-    out = {p: s for p, s in sources.items() if not p[0].startswith("layer_")}
+    (name, start, stop) of `layer_{i}` leaves becomes one leaf `name/...` stacked on axis 0
+    (the `layer_{i}` component may sit under a prefix, as BERT heads' `bert/`)."""
+
+    def layer_at(path):
+        return next((k for k, part in enumerate(path) if part.startswith("layer_")), None)
+
+    out = {p: s for p, s in sources.items() if layer_at(p) is None}
     for name, start, stop in groups:
         for path, first in sources.items():
-            if path[0] != f"layer_{start}":
+            k = layer_at(path)
+            if k is None or path[k] != f"layer_{start}":
                 continue
-            parts = [sources[(f"layer_{i}", *path[1:])] for i in range(start, stop)]
-            counts = [len(p.reads) for p in parts]
+            parts = [sources[(*path[:k], f"layer_{i}", *path[k + 1:])] for i in range(start, stop)]
+            offsets = np.cumsum([0] + [len(p.reads) for p in parts])
 
-            def convert(*arrays, parts=parts, counts=counts):
-                offsets = np.cumsum([0, *counts])
+            def convert(*arrays, parts=parts, offsets=offsets):
                 return np.stack([p.convert(*arrays[a:b]) for p, a, b in zip(parts, offsets[:-1], offsets[1:])])
 
-            out[(name, *path[1:])] = Source(tuple(n for p in parts for n in p.reads), convert,
-                                            (stop - start, *first.shape))
+            out[(*path[:k], name, *path[k + 1:])] = Source(tuple(n for p in parts for n in p.reads), convert,
+                                                           (stop - start, *first.shape))
     return out
 
 
