@@ -321,6 +321,22 @@ def to_hf(model: nn.Module, params) -> tuple[dict[str, Any], dict[str, np.ndarra
     raise ValueError(f"save_pretrained supports BertModel, BertForMaskedLM and GPT, not {type(model).__name__}")
 
 
+def check_exportable(model: nn.Module) -> None:
+    """Raises ValueError if `save_pretrained` cannot write `model` (no transformers class
+    computes it), from its config alone."""
+    if isinstance(model, (BertModel, BertForMaskedLM)):
+        return
+    if not isinstance(model, GPT):
+        raise ValueError(f"save_pretrained supports BertModel, BertForMaskedLM and GPT, not {type(model).__name__}")
+    config = dataclasses.replace(model.config, scan_layers=False)
+    arch = _decoder_hf_config(config)["architectures"][0]
+    module = _decoder_module(arch)
+    try:
+        module.sources(config) if module is not moe_convert else module.sources(config, arch=arch)
+    except ValueError as e:
+        raise ValueError(f"this model has no Hugging Face equivalent ({arch} is the nearest): {e}") from None
+
+
 def save_pretrained(model: nn.Module, params, directory: str) -> None:
     """Writes config.json and model.safetensors that transformers loads to the same outputs.
 

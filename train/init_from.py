@@ -81,7 +81,10 @@ def check(config: ml_collections.ConfigDict) -> Spec:
             raise FileNotFoundError(f"config key `init_from`: {spec.path} is not a Hugging Face model directory "
                                     "(config.json + model.safetensors or its index)")
     else:
-        run_step(spec)
+        try:
+            run_step(spec)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"config key `init_from`={config.init_from!r}: {e}") from None
     return spec
 
 
@@ -90,15 +93,12 @@ def run_step(spec: Spec) -> int:
     from inference.load import committed_steps, is_workdir
 
     if not is_workdir(spec.path):
-        raise FileNotFoundError(f"config key `init_from`: {spec.path} is not a `python -m train` workdir "
-                                "(config.json + checkpoints/)")
+        raise FileNotFoundError(f"{spec.path} is not a `python -m train` workdir (config.json + checkpoints/)")
     steps = committed_steps(spec.path)
     if not steps:
-        raise FileNotFoundError(f"config key `init_from`: {spec.path} holds no committed checkpoint; train it until "
-                                "a checkpoint is saved")
+        raise FileNotFoundError(f"{spec.path} holds no committed checkpoint; train it until a checkpoint is saved")
     if spec.step is not None and spec.step not in steps:
-        raise FileNotFoundError(f"config key `init_from`: {spec.path} has no checkpoint at step {spec.step}; it "
-                                f"holds steps {steps}")
+        raise FileNotFoundError(f"{spec.path} has no checkpoint at step {spec.step}; it holds steps {steps}")
     return steps[-1] if spec.step is None else spec.step
 
 
@@ -115,14 +115,17 @@ def tokenizer(config: ml_collections.ConfigDict):
     from data.tokenizer import load_tokenizer
 
     spec = parse(config.init_from)
-    if spec.kind == "hf":
-        path = spec.path
-    else:
-        path = run_config(spec).tokenizer.path or os.path.join(spec.path, "tokenizer")
     try:
-        return load_tokenizer(path)
+        return load_tokenizer(spec.path) if spec.kind == "hf" else run_tokenizer(spec)
     except (ValueError, OSError) as e:
         raise type(e)(f"config key `init_from`={config.init_from!r}: its tokenizer: {e}") from None
+
+
+def run_tokenizer(spec: Spec):
+    """The tokenizer of the run a run: spec names (its tokenizer.path, else WORKDIR/tokenizer)."""
+    from data.tokenizer import load_tokenizer
+
+    return load_tokenizer(run_config(spec).tokenizer.path or os.path.join(spec.path, "tokenizer"))
 
 
 def model(config: ml_collections.ConfigDict, vocab_size: int) -> nn.Module:
