@@ -327,7 +327,7 @@ def check_exportable(model: nn.Module) -> None:
     if isinstance(model, (BertModel, BertForMaskedLM)):
         return
     if not isinstance(model, GPT):
-        raise ValueError(f"save_pretrained supports BertModel, BertForMaskedLM and GPT, not {type(model).__name__}")
+        raise TypeError(f"save_pretrained supports BertModel, BertForMaskedLM and GPT, not {type(model).__name__}")
     config = dataclasses.replace(model.config, scan_layers=False)
     arch = _decoder_hf_config(config)["architectures"][0]
     module = _decoder_module(arch)

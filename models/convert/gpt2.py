@@ -93,8 +93,10 @@ def sources(config: GPTConfig, available=None) -> dict[tuple[str, ...], Source]:
         h = f"transformer.h.{i}."
         attn = {}
         for j, name in enumerate(("query", "key", "value")):
-            attn[name] = one(h + "attn.c_attn.weight", (D, N, H), lambda w, j=j: w[:, j * D:(j + 1) * D].reshape(D, N, H))
-            attn[name + "_bias"] = one(h + "attn.c_attn.bias", (N, H), lambda w, j=j: w[j * D:(j + 1) * D].reshape(N, H))
+            attn[name] = one(h + "attn.c_attn.weight", (D, N, H),
+                             lambda w, j=j: w[:, j * D:(j + 1) * D].reshape(D, N, H))
+            attn[name + "_bias"] = one(h + "attn.c_attn.bias", (N, H),
+                                       lambda w, j=j: w[j * D:(j + 1) * D].reshape(N, H))
         attn["out"] = one(h + "attn.c_proj.weight", (N, H, D), lambda w: w.reshape(N, H, D))
         attn["out_bias"] = one(h + "attn.c_proj.bias", (D,))
         mlp = {"wi": one(h + "mlp.c_fc.weight", (D, F)), "wi_bias": one(h + "mlp.c_fc.bias", (F,)),

@@ -128,7 +128,7 @@ def expert_sources(config: GPTConfig, layers, available, arch: str, prefix: tupl
         names, ours = _moe_names(config, i), (f"layer_{i}", *prefix)
         old = f"model.layers.{i}.{old_prefix}.experts."
         if available is not None and old + "0." + gate + ".weight" in available:  # one tensor per expert
-            def stack(name, e_count=E):
+            def stack(name, e_count=E, old=old):
                 return tuple(f"{old}{e}.{name}.weight" for e in range(e_count))
             out[(*ours, "wi_gate")] = Source(stack(gate), lambda *g: np.stack(g).transpose(0, 2, 1), (E, D, F))
             out[(*ours, "wi_up")] = Source(stack(up), lambda *u: np.stack(u).transpose(0, 2, 1), (E, D, F))

@@ -131,7 +131,7 @@ class SafetensorsReader:
                 raise ValueError(f"safetensors shard {path} is truncated or corrupt ({detail}); download or save "
                                  "it again") from None
             self._files.append(handle)
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 - a safe_open handle, not a dict
                 self._where[name] = handle
 
     def names(self) -> set[str]:

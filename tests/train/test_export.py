@@ -25,7 +25,8 @@ STEPS = 3
 def _config(root, *overrides):
     return load_config(os.path.join(REPO, "configs/gpt.py:tiny"), [
         f"data.data_dir={root / 'tfds'}", "logging.progress_bar=false", "logging.peak_flops=1e11",
-        f"steps={STEPS}", "schedule.warmup_steps=1", f"checkpoint.save_interval_steps={STEPS}", "eval.max_batches=1", "eval.num_samples=0",
+        f"steps={STEPS}", "schedule.warmup_steps=1", f"checkpoint.save_interval_steps={STEPS}",
+        "eval.max_batches=1", "eval.num_samples=0",
         *overrides])
 
 

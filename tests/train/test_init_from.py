@@ -117,3 +117,34 @@ def test_a_directory_without_weights_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a Hugging Face model directory"):
         init_from.check(config)
     assert os.listdir(tmp_path) == ["config.json"]
+
+
+def test_scanned_layers_and_peft_leaves(llama_dir):
+    """scan_layers stacks the per-layer tensors as load_pretrained does; a leaf the checkpoint
+    lacks keeps its init if it is a PEFT parameter, and is an error otherwise."""
+    config = _config(llama_dir, "model.scan_layers=true")
+    model = build.model(config, V)
+    abstract = _abstract(config, model)
+    _, expected = hf.load_pretrained(llama_dir, scan_layers=True)
+    sharding = jax.tree_util.tree_leaves(abstract)[0].sharding
+    extra = {"layers": {"self_attention": {"query_lora_a": jax.ShapeDtypeStruct((L, D, 4), np.float32,
+                                                                                 sharding=sharding)}}}
+    lora_init = jax.device_put(np.full((L, D, 4), 0.5, np.float32), sharding)
+    with_lora = _merge(abstract, extra)
+    current = _merge(jax.tree_util.tree_map(lambda x: jax.numpy.zeros(x.shape, x.dtype), abstract),
+                     {"layers": {"self_attention": {"query_lora_a": lora_init}}})
+    params = init_from.initial_params(config, with_lora, model, current=current)
+    assert np.array_equal(np.asarray(params["layers"]["self_attention"]["query_lora_a"]), np.asarray(lora_init))
+    del params["layers"]["self_attention"]["query_lora_a"]
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
+    extra["layers"]["self_attention"] = {"query_scale": extra["layers"]["self_attention"]["query_lora_a"]}
+    with pytest.raises(ValueError, match="has no weights for .*layers/self_attention/query_scale"):
+        init_from.initial_params(config, _merge(abstract, extra), model, current=current)
+
+
+def _merge(a, b):
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if k in out and isinstance(v, dict) else v
+    return out
