@@ -47,6 +47,9 @@ TEST_REQUIRES = [
     # PeftModel, SFT data preparation against trl's SFTTrainer.
     "peft==0.21.2",
     "trl==1.16.0",
+    # QLoRA's NF4 and double quantization (tests/models/test_quant.py) against bitsandbytes'
+    # CPU path (no GPU needed).
+    "bitsandbytes==0.50.2",
     # Notebooks run under pytest (`pytest --nbmake colabs/`).
     "nbmake",
     "nbclient",

@@ -98,6 +98,12 @@ def get_config() -> ml_collections.ConfigDict:
         prefix=dict(length=16, mlp_hidden=0),  # mlp_hidden > 0: MLP reparameterization
         adapter=dict(kind="houlsby", hidden=64),  # houlsby (serial) | parallel
     ))
+    # Supervised fine-tuning data (objective=sft, data/sft.py): chat JSONL from data.source.
+    c.sft = ml_collections.ConfigDict(dict(
+        chat_template="",  # "": the tokenizer's own (ChatML if it has none) | chatml | llama3 | a Jinja string
+        packing="greedy",  # none (one conversation per row) | greedy (in order) | bfd (best-fit decreasing)
+        pack_window=1000,  # conversations binned together
+    ))
     c.tokenizer = ml_collections.ConfigDict(dict(
         path="",  # "": train a byte-level BPE on a sample of the training split, saved in the workdir
         vocab_size=4096,  # for a trained BPE

@@ -19,6 +19,7 @@ Only the last row of a finite stream has padding.
 Axis letters: T sequence length.
 """
 
+import bisect
 from typing import Any
 
 import grain
@@ -101,3 +102,69 @@ class _PackedRowsIterator(grain.DatasetIterator):
             self._document_state = state["parent"]
             self._document = next(self._parent)
             self._offset = int(state["offset"])
+
+
+# Whole sequences into bins of `capacity` tokens (supervised fine-tuning: a conversation is
+# never cut across rows). A bin is a list of indices into `lengths`.
+BIN_STRATEGIES = ("none", "greedy", "bfd")
+
+
+def next_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Greedy fill in order: a sequence that does not fit the rest of the current bin starts
+    the next one (the fill of `PackedRows`, without cutting a sequence across bins)."""
+    bins: list[list[int]] = []
+    space = 0
+    for index, length in enumerate(lengths):
+        if not bins or length > space:
+            bins.append([])
+            space = capacity
+        bins[-1].append(index)
+        space -= length
+    return bins
+
+
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing, as TRL's `bfd` packing: longest first, each into the bin whose free
+    space is the smallest that still holds it (among equal spaces, the bin that reached that
+    space first), else a new bin. Bins come out in the order they were opened."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int, int]] = []  # sorted (space, arrival stamp, bin), spaces in (0, capacity)
+    for stamp, index in enumerate(order):
+        length = lengths[index]
+        slot = bisect.bisect_left(free, (length, -1, -1))
+        if slot < len(free):
+            space, _, target = free.pop(slot)
+        else:
+            space, target = capacity, len(bins)
+            bins.append([])
+        bins[target].append(index)
+        if space - length > 0:
+            bisect.insort(free, (space - length, stamp, target))
+    return bins
+
+
+def pack_bins(lengths: list[int], capacity: int, strategy: str) -> list[list[int]]:
+    """Bins of sequence indices by `strategy` ('none': one per bin, 'greedy', 'bfd').
+
+    Raises:
+      ValueError: an unknown strategy, or a sequence longer than `capacity`.
+    """
+    if lengths and max(lengths) > capacity:
+        raise ValueError(f"a sequence of {max(lengths)} tokens does not fit in {capacity}; truncate it first")
+    if strategy == "none":
+        return [[index] for index in range(len(lengths))]
+    if strategy == "greedy":
+        return next_fit(lengths, capacity)
+    if strategy == "bfd":
+        return best_fit_decreasing(lengths, capacity)
+    raise ValueError(f"unknown packing strategy {strategy!r}; expected one of {BIN_STRATEGIES}")
+
+
+def padding_fraction(lengths: list[int], capacity: int, strategy: str, window: int = 0) -> float:
+    """The share of row slots left as padding when `lengths` are packed by `strategy`, in
+    windows of `window` sequences (0: all at once), as `data.sft` packs them."""
+    window = window or max(len(lengths), 1)
+    rows = sum(len(pack_bins(lengths[start:start + window], capacity, strategy))
+               for start in range(0, len(lengths), window))
+    return 1.0 - sum(lengths) / (rows * capacity) if rows else 0.0

@@ -41,7 +41,8 @@ from models.convert import deepseek as deepseek_convert
 from models.convert import gpt2 as gpt2_convert
 from models.convert import llama as llama_convert
 from models.convert import moe as moe_convert
-from models.gpt import GPT, GPTConfig, scan_params, unscan_params
+from models.convert import sources as sources_lib
+from models.gpt import GPT, GPTConfig, layer_groups, scan_params, unscan_params
 
 DECODERS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", *moe_convert.ARCHITECTURES,
             *deepseek_convert.ARCHITECTURES)
@@ -96,7 +97,7 @@ def _architecture(hf_config: dict[str, Any]) -> str:
 
 
 def load_pretrained(directory: str, *, head: str | None = None, num_labels: int | None = None, seed: int = 0,
-                    **overrides) -> tuple[nn.Module, dict]:
+                    verify: bool = False, **overrides) -> tuple[nn.Module, dict]:
     """(flax model, params) of a Hugging Face model directory.
 
     Args:
@@ -110,6 +111,9 @@ def load_pretrained(directory: str, *, head: str | None = None, num_labels: int 
         `id2label` / `num_labels`, 2 when neither is given). A classification checkpoint with
         another count is an error.
       seed: seed of the freshly initialized head.
+      verify: also build the transformers model from `directory` (when transformers is
+        installed) and compare logits on a probe batch (`models.hf_verify`); raises
+        ValueError naming the worst tensor and logit difference if they disagree.
       **overrides: config fields: for the decoder families dtype, param_dtype, remat,
         scan_layers (the params then come stacked, see `models.gpt.scan_params`), ...;
         for BERT remat and scan_layers.
@@ -127,29 +131,57 @@ def load_pretrained(directory: str, *, head: str | None = None, num_labels: int 
     scan = overrides.pop("scan_layers", False)
     if arch not in BERTS:
         model, params = _load_decoder(arch, hf_config, tensors, overrides)
-        if not scan:
-            return model, params
-        return GPT(dataclasses.replace(model.config, scan_layers=True)), scan_params(params, model.config)
-    unknown = sorted(set(overrides) - {"remat"})
-    if unknown:
-        raise ValueError(f"{arch} takes the overrides remat and scan_layers only; got {unknown}")
-    config = bert_convert.config_from_hf(hf_config)
-    own = BERTS[arch]
-    head = own if head is None else head
-    if head not in BERT_CLASSES:
-        raise ValueError(f"head={head!r}; expected one of {tuple(BERT_CLASSES)}")
-    labels = num_labels_from_hf(hf_config, directory) if own == "classification" else None
-    if labels is not None and num_labels not in (None, labels):
-        raise ValueError(f"{directory!r} holds a classifier of {labels} labels, not num_labels={num_labels}; "
-                         f"drop num_labels or load with head=\"base\" and train a new head")
-    num_labels = num_labels or labels or 2
-    if head != own:
-        tensors, fresh = bert_convert.head_tensors(tensors, config, head, num_labels, seed)
-        logging.getLogger(__name__).info("%s: freshly initialized %s", directory, ", ".join(fresh))
-    params = bert_convert.hf_to_params(tensors, config, head)
-    config = dataclasses.replace(config, remat=overrides.get("remat", "none"), scan_layers=scan)
-    model = BERT_CLASSES[head](config, num_labels=num_labels) if head == "classification" else BERT_CLASSES[head](config)
-    return model, bert_scan_params(params, config) if scan else params
+        if scan:
+            model, params = GPT(dataclasses.replace(model.config, scan_layers=True)), scan_params(params, model.config)
+    else:
+        model = model_of(directory, head=head, num_labels=num_labels, scan_layers=scan, **overrides)
+        config, own, head = dataclasses.replace(model.config, scan_layers=False), BERTS[arch], _head_of(model)
+        if head != own:
+            tensors, fresh = bert_convert.head_tensors(tensors, config, head, getattr(model, "num_labels", 2), seed)
+            logging.getLogger(__name__).info("%s: freshly initialized %s", directory, ", ".join(fresh))
+        params = bert_convert.hf_to_params(tensors, config, head)
+        params = bert_scan_params(params, model.config) if scan else params
+    if verify:
+        from models import hf_verify
+
+        hf_verify.against_transformers(directory, model, params)
+    return model, params
+
+
+def model_of(directory: str, *, head: str | None = None, num_labels: int | None = None, **overrides) -> nn.Module:
+    """The flax model of `directory`'s config.json, without reading any weights.
+
+    Args:
+      directory: a Hugging Face model directory.
+      head, num_labels, **overrides: as for `load_pretrained` (BERT: remat and scan_layers only).
+    """
+    hf_config = _read_config(directory)
+    arch = _architecture(hf_config)
+    if arch in BERTS:
+        unknown = sorted(set(overrides) - {"remat", "scan_layers"})
+        if unknown:
+            raise ValueError(f"{arch} takes the overrides remat and scan_layers only; got {unknown}")
+        config = dataclasses.replace(bert_convert.config_from_hf(hf_config), **overrides)
+        own = BERTS[arch]
+        head = own if head is None else head
+        if head not in BERT_CLASSES:
+            raise ValueError(f"head={head!r}; expected one of {tuple(BERT_CLASSES)}")
+        labels = num_labels_from_hf(hf_config, directory) if own == "classification" else None
+        if labels is not None and num_labels not in (None, labels):
+            raise ValueError(f"{directory!r} holds a classifier of {labels} labels, not num_labels={num_labels}; "
+                             'drop num_labels or load with head="base" and train a new head')
+        if head == "classification":
+            return BertForSequenceClassification(config, num_labels=num_labels or labels or 2)
+        return BERT_CLASSES[head](config)
+    if head is not None or num_labels is not None:
+        raise ValueError(f"head and num_labels apply to BERT checkpoints; {directory!r} holds {arch}")
+    scan = overrides.pop("scan_layers", False)
+    config = _decoder_module(arch).config_from_hf(hf_config, **overrides)
+    return GPT(dataclasses.replace(config, scan_layers=scan))
+
+
+def _head_of(model: nn.Module) -> str:
+    return next(head for head, cls in BERT_CLASSES.items() if type(model) is cls)
 
 
 def num_labels_from_hf(hf_config: dict[str, Any], directory: str = "") -> int:
@@ -168,17 +200,49 @@ def num_labels_from_hf(hf_config: dict[str, Any], directory: str = "") -> int:
     return labels
 
 
+def param_sources(directory: str, model: nn.Module, available: set[str]) -> dict:
+    """{param path: `models.convert.sources.Source`} of `model` (as `model_of(directory)`
+    builds it, maybe with PEFT or a task head on top) from the checkpoint's tensors.
+
+    Args:
+      directory: the Hugging Face directory (its config.json picks the family).
+      model: the flax model whose params are wanted.
+      available: the names of the checkpoint's tensors (`SafetensorsReader.names()`).
+    """
+    arch = _architecture(_read_config(directory))
+    config = model.config
+    scan = config.scan_layers
+    if scan:
+        config = dataclasses.replace(config, scan_layers=False)
+    if arch in BERTS:
+        # The model's head (a task head on a plain encoder included): every parameter whose
+        # tensor the checkpoint holds; the rest (a fresh classifier / qa_outputs) keep their init.
+        head = _head_of(model) if type(model) in BERT_CLASSES.values() else BERTS[arch]
+        found = bert_convert.sources(config, available, head=head)
+        if available is not None:
+            found = {p: s for p, s in found.items() if all(name in available for name in s.reads)}
+        # BERT stacks all its layers under `layers` (models.bert.scan_params).
+        return sources_lib.stacked(found, [("layers", 0, config.num_layers)]) if scan else found
+    module = _decoder_module(arch)
+    found = module.sources(config, available, arch=arch) if module is moe_convert else module.sources(config, available)
+    return sources_lib.stacked(found, layer_groups(config)) if scan else found
+
+
+def _decoder_module(arch: str):
+    if arch in moe_convert.ARCHITECTURES:
+        return moe_convert
+    if arch in deepseek_convert.ARCHITECTURES:
+        return deepseek_convert
+    return gpt2_convert if arch == "GPT2LMHeadModel" else llama_convert
+
+
 def _load_decoder(arch: str, hf_config: dict[str, Any], tensors, overrides) -> tuple[GPT, dict]:
     """A decoder family's model and per-layer params."""
-    if arch in moe_convert.ARCHITECTURES:
-        config = moe_convert.config_from_hf(hf_config, **overrides)
+    module = _decoder_module(arch)
+    config = module.config_from_hf(hf_config, **overrides)
+    if module is moe_convert:
         return GPT(config), moe_convert.hf_to_params(tensors, config, arch=arch)
-    if arch in deepseek_convert.ARCHITECTURES:
-        config = deepseek_convert.config_from_hf(hf_config, **overrides)
-        return GPT(config), deepseek_convert.hf_to_params(tensors, config)
-    convert = gpt2_convert if arch == "GPT2LMHeadModel" else llama_convert
-    config = convert.config_from_hf(hf_config, **overrides)
-    return GPT(config), convert.hf_to_params(tensors, config)
+    return GPT(config), module.hf_to_params(tensors, config)
 
 
 def _rope_parameters(config: GPTConfig) -> dict[str, Any]:
@@ -305,6 +369,50 @@ def _bert_hf_config(config: BertConfig, arch: str, id2label: dict[int, str] | No
             "type_vocab_size": config.type_vocab_size, "layer_norm_eps": b.norm_eps, "pad_token_id": config.pad_id}
 
 
+def to_hf(model: nn.Module, params, id2label: dict[int, str] | None = None
+          ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(config.json dict, HF name -> numpy float32 tensor) of a model and its params, as
+    `save_pretrained` writes them (tied copies left out); `id2label` names a classifier's classes."""
+    params = nn.unbox(params)
+    if id2label is not None and not isinstance(model, BertForSequenceClassification):
+        raise ValueError(f"id2label applies to BertForSequenceClassification, not {type(model).__name__}")
+    if isinstance(model, tuple(BERT_CLASSES.values())):
+        head = _head_of(model)
+        arch = next(name for name, h in BERTS.items() if h == head)
+        config = model.config
+        if config.scan_layers:  # converters read the per-layer layout
+            params, config = bert_unscan_params(params, config), dataclasses.replace(config, scan_layers=False)
+        if head == "classification":
+            id2label = id2label or {i: f"LABEL_{i}" for i in range(model.num_labels)}
+            if sorted(id2label) != list(range(model.num_labels)):
+                raise ValueError(f"id2label has ids {sorted(id2label)}; the model has {model.num_labels} labels")
+        return _bert_hf_config(config, arch, id2label), bert_convert.params_to_hf(params, config, head)
+    if isinstance(model, GPT):
+        config = model.config
+        if config.scan_layers:  # converters read the per-layer layout
+            params, config = unscan_params(params, config), dataclasses.replace(config, scan_layers=False)
+        hf_config = _decoder_hf_config(config)
+        convert = _decoder_module(hf_config["architectures"][0])
+        return hf_config, convert.params_to_hf(params, config, include_tied=False)
+    raise ValueError(f"save_pretrained supports {', '.join(BERTS)} and GPT, not {type(model).__name__}")
+
+
+def check_exportable(model: nn.Module) -> None:
+    """Raises ValueError if `save_pretrained` cannot write `model` (no transformers class
+    computes it), from its config alone."""
+    if isinstance(model, tuple(BERT_CLASSES.values())):
+        return
+    if not isinstance(model, GPT):
+        raise TypeError(f"save_pretrained supports {', '.join(BERTS)} and GPT, not {type(model).__name__}")
+    config = dataclasses.replace(model.config, scan_layers=False)
+    arch = _decoder_hf_config(config)["architectures"][0]
+    module = _decoder_module(arch)
+    try:
+        module.sources(config) if module is not moe_convert else module.sources(config, arch=arch)
+    except ValueError as e:
+        raise ValueError(f"this model has no Hugging Face equivalent ({arch} is the nearest): {e}") from None
+
+
 def save_pretrained(model: nn.Module, params, directory: str, *, id2label: dict[int, str] | None = None) -> None:
     """Writes config.json and model.safetensors that transformers loads to the same outputs.
 
@@ -317,37 +425,12 @@ def save_pretrained(model: nn.Module, params, directory: str, *, id2label: dict[
       id2label: BertForSequenceClassification only: class id -> name, written as config.json's
         `id2label` / `label2id` (default LABEL_0, LABEL_1, ... as transformers names them).
     """
-    os.makedirs(directory, exist_ok=True)
     existing = [f for f in ("config.json", "model.safetensors", INDEX) if os.path.exists(os.path.join(directory, f))]
     if existing:
         raise FileExistsError(f"{directory!r} already holds {existing}; choose an empty directory")
-    params = nn.unbox(params)
-    if id2label is not None and not isinstance(model, BertForSequenceClassification):
-        raise ValueError(f"id2label applies to BertForSequenceClassification, not {type(model).__name__}")
-    if isinstance(model, tuple(BERT_CLASSES.values())):
-        arch = next(name for name, head in BERTS.items() if isinstance(model, BERT_CLASSES[head]))
-        config = model.config
-        if config.scan_layers:  # converters read the per-layer layout
-            params, config = bert_unscan_params(params, config), dataclasses.replace(config, scan_layers=False)
-        if isinstance(model, BertForSequenceClassification):
-            id2label = id2label or {i: f"LABEL_{i}" for i in range(model.num_labels)}
-            if sorted(id2label) != list(range(model.num_labels)):
-                raise ValueError(f"id2label has ids {sorted(id2label)}; the model has {model.num_labels} labels")
-        hf_config = _bert_hf_config(config, arch, id2label)
-        tensors = bert_convert.params_to_hf(params, config, BERTS[arch])
-    elif isinstance(model, GPT):
-        config = model.config
-        if config.scan_layers:  # converters read the per-layer layout
-            params, config = unscan_params(params, config), dataclasses.replace(config, scan_layers=False)
-        hf_config = _decoder_hf_config(config)
-        arch = hf_config["architectures"][0]
-        convert = {"GPT2LMHeadModel": gpt2_convert, **dict.fromkeys(moe_convert.ARCHITECTURES, moe_convert),
-                   **dict.fromkeys(deepseek_convert.ARCHITECTURES, deepseek_convert)}.get(arch, llama_convert)
-        tensors = convert.params_to_hf(params, config, include_tied=False)
-    else:
-        raise ValueError(f"save_pretrained supports {', '.join(BERTS)} and GPT, not {type(model).__name__}")
+    hf_config, tensors = to_hf(model, params, id2label)
+    os.makedirs(directory, exist_ok=True)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
-

@@ -61,6 +61,10 @@ def tokenizer(config: ml_collections.ConfigDict, workdir: str, data: pipeline.Da
     so a resumed run sees the same ids.
     """
     t = config.tokenizer
+    if config.init_from:  # the checkpoint's own tokenizer
+        from train import init_from
+
+        return init_from.tokenizer(config)
     if config.tokenizer.path:
         return load_tokenizer(config.tokenizer.path)
     if t.trainer not in training.TRAINERS:
@@ -209,7 +213,12 @@ def _bert(m: ml_collections.ConfigDict, vocab_size: int) -> BertForMaskedLM:
 
 
 def model(config: ml_collections.ConfigDict, vocab_size: int) -> GPT | BertForMaskedLM:
-    """The model of `config.model`; `vocab_size` fills model.vocab_size when that is 0."""
+    """The model of `config.model`; `vocab_size` fills model.vocab_size when that is 0. With
+    `init_from` set, the checkpoint's model with the run's execution settings (`train.init_from`)."""
+    if config.init_from:
+        from train import init_from
+
+        return init_from.model(config, vocab_size)
     m = config.model
     if m.family not in FAMILIES:
         raise ValueError(f"config key `model.family`={m.family!r}; expected one of {FAMILIES}")

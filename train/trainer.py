@@ -41,7 +41,7 @@ from data import pipeline
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
 from sharding.strategies import get_strategy
-from train import build, distributed
+from train import build, distributed, init_from
 from train import program as program_lib
 from train import step as step_lib
 from train import validate
@@ -191,7 +191,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     restored = checkpointer.restore(r.abstract_state)
     if restored is None:
         state = r.init_fn(jax.random.key(config.seed))
-        message = f"new run in {workdir}"
+        if config.init_from:  # a new run only: a resumed one has its own weights
+            state = init_from.initial_state(config, state, r)
+        message = f"new run in {workdir}" + (f" from {config.init_from}" if config.init_from else "")
     else:
         _, state, data_state, _ = restored
         train_iter.set_state(data_state)

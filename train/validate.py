@@ -34,7 +34,7 @@ from data.pipeline import process_rows
 from data.tokenizer import Tokenizer, load_tokenizer
 from sharding import mesh as mesh_lib
 from sharding.strategies import get_strategy
-from train import build
+from train import build, init_from
 from train import program as program_lib
 
 # (config key, smallest value): counts a run cannot work with below it.
@@ -57,6 +57,8 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> None:
     workdir = os.path.abspath(workdir)
     _check_counts(config)
     _check_data(config, workdir)
+    if config.init_from:
+        init_from.check(config)
     tokenizer = existing_tokenizer(config, workdir)
     abstract_params = abstract_params_of(config, tokenizer)
     _check_resume(config, workdir, abstract_params)
@@ -123,6 +125,8 @@ def existing_tokenizer(config, workdir: str) -> Tokenizer | None:
             return load_tokenizer(config.tokenizer.path)
         except (ValueError, OSError) as e:
             raise type(e)(f"config key `tokenizer.path`: {e}") from None
+    if config.init_from:
+        return init_from.tokenizer(config)
     saved = os.path.join(workdir, "tokenizer")
     if os.path.isdir(saved):
         return load_tokenizer(saved)

@@ -318,6 +318,35 @@ class ByteLevelBPE(Tokenizer):
         ids.extend(self._encode_ordinary(text[start:]))
         return ids
 
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        return {f"{role}_token": token for role, token in self._roles.items() if token is not None}
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        # Every special token is a token here, as `tokenizers` splits out its added tokens.
+        ids, offsets, start = [], [], 0
+        pieces = list(self._special_re.finditer(text)) if self._special_re else []
+        for match in [*pieces, None]:
+            end = len(text) if match is None else match.start()
+            for word in _WORD_RE.finditer(text, start, end):
+                self._word_offsets(word.group(), word.start(), ids, offsets)
+            if match is not None:
+                ids.append(self._special_ids[match.group()])
+                offsets.append((match.start(), match.end()))
+                start = match.end()
+        return ids, offsets
+
+    def _word_offsets(self, word: str, first: int, ids: list[int], offsets: list[tuple[int, int]]) -> None:
+        """Appends a word's ids and character spans (a token that holds part of a character's
+        bytes spans that whole character, as `tokenizers` reports it)."""
+        char_of_byte = [i for i, char in enumerate(word) for _ in char.encode("utf-8")]
+        byte = 0
+        for token_id in self._encode_word(word):
+            length = len(self._id_bytes[token_id])
+            offsets.append((first + char_of_byte[byte], first + char_of_byte[byte + length - 1] + 1))
+            ids.append(token_id)
+            byte += length
+
     def decode(self, ids: Iterable[int]) -> str:
         ids = check_ids_in_range(ids, self.vocab_size)
         return b"".join([self._id_bytes[i] for i in ids]).decode("utf-8", errors="replace")

@@ -21,7 +21,9 @@ from data.tokenizer.base import (
     Tokenizer,
     check_ids_in_range,
     infer_special_roles,
+    read_chat_template,
     read_role_config,
+    read_special_tokens_map,
     write_role_config,
 )
 from data.tokenizer.bpe import ByteLevelBPE
@@ -29,7 +31,9 @@ from data.tokenizer.bpe import ByteLevelBPE
 
 class HFJsonTokenizer(Tokenizer):
     """Wraps `tokenizers.Tokenizer`. bos/eos/pad/mask come from a `tokenizer_config.json` beside
-    the file if there is one, else from well-known special-token names."""
+    the file if there is one, else from well-known special-token names; the chat template and
+    the named special tokens a template sees come from the directory as transformers reads them
+    (`chat_template.jinja`, else tokenizer_config.json's `chat_template`)."""
 
     def __init__(self, path: str | os.PathLike):
         """Loads a tokenizer.json (or a BERT vocab.txt).
@@ -56,6 +60,8 @@ class HFJsonTokenizer(Tokenizer):
         specials = [t.content for t in self._tokenizer.get_added_tokens_decoder().values() if t.special]
         roles = read_role_config(path.parent) or infer_special_roles(specials)
         self._roles = roles
+        self._chat_template = read_chat_template(path.parent)
+        self._special_tokens_map = read_special_tokens_map(path.parent)
         self._role_ids = {}
         for role, token in roles.items():
             token_id = None if token is None else self._tokenizer.token_to_id(token)
@@ -93,14 +99,23 @@ class HFJsonTokenizer(Tokenizer):
         """Id of the separator that ends each BERT segment ([SEP]), or None."""
         return self._tokenizer.token_to_id(self._specials["sep"])
 
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template
+
+    @property
+    def special_tokens_map(self) -> dict[str, str]:
+        return dict(self._special_tokens_map)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        # What transformers' apply_chat_template does: the backend's encode, added tokens split
+        # out, no post-processor tokens, and the encoding's own offsets for the assistant mask.
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
+        return encoding.ids, [tuple(offset) for offset in encoding.offsets]
+
     def encode(self, text: str) -> list[int]:
         # add_special_tokens=False: no template bos/eos, to match the interface.
         return self._tokenizer.encode(text, add_special_tokens=False).ids
-
-    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """Token ids of `text` (no special tokens) and each token's [start, end) character span in it."""
-        encoding = self._tokenizer.encode(text, add_special_tokens=False)
-        return encoding.ids, [tuple(o) for o in encoding.offsets]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
@@ -119,7 +134,8 @@ class HFJsonTokenizer(Tokenizer):
         if self._truncation:
             saved.enable_truncation(**self._truncation)
         saved.save(str(directory / HF_FILENAME))
-        write_role_config(directory, self._roles)
+        extra = {k: v for k, v in self._special_tokens_map.items() if k.removesuffix("_token") not in self._roles}
+        write_role_config(directory, self._roles, self._chat_template, extra)
 
 
 VOCAB_FILENAME = "vocab.txt"

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from models.bert import HEADS, BertConfig
+from models.convert.sources import Source
 from models.layers.blocks import BlockConfig
 
 # HF `hidden_act` -> ours (feedforward.ACTIVATIONS).
@@ -163,6 +164,27 @@ def _hf_shape(name: str, kind: str, config: BertConfig) -> tuple[int | None, ...
     if ".output.dense." in name and "attention" not in name:
         return (D, F) if name.endswith("weight") else (D,)
     return (D, D) if name.endswith("weight") and "LayerNorm" not in name else (D,)
+
+
+def sources(config: BertConfig, available=None, *, head: str = "base") -> dict:
+    """Per-parameter sources of a BERT checkpoint for `head` (see models/convert/sources.py);
+    `available` (the checkpoint's tensor names) tells whether they carry the `bert.` prefix."""
+    prefixed = available is not None and any(n.startswith("bert.") for n in available)
+    out = {}
+    for name, path, kind in _entries(config, head):
+        hf_name = "bert." + name if prefixed and not name.startswith(("cls.", "classifier.", "qa_outputs.")) else name
+
+        def convert(x, name=name, kind=kind):
+            want = _hf_shape(name, kind, config)
+            if len(x.shape) != len(want) or any(w is not None and w != s for w, s in zip(want, x.shape)):
+                raise ValueError(f"tensor {name!r} has shape {x.shape}; config expects {want}")
+            return _to_ours(x, kind, config.block)
+
+        hf_shape = _hf_shape(name, kind, config)
+        shape = hf_shape[::-1] if kind == "linear" else tuple(_to_ours(np.empty(hf_shape, np.int8), kind,
+                                                                        config.block).shape)
+        out[path] = Source((hf_name,), convert, shape)
+    return out
 
 
 def hf_to_params(state_dict: dict[str, np.ndarray], config: BertConfig, head: str = "base") -> Params:

@@ -45,7 +45,8 @@ import numpy as np
 
 from models.convert import llama
 from models.convert import moe as moe_convert
-from models.convert.llama import check_names, to_numpy
+from models.convert.llama import check_names
+from models.convert.sources import Source, to_numpy
 from models.deepseek import deepseek_v3_config
 from models.gpt import GPTConfig
 from models.layers.positional import rope_config_from_hf
@@ -234,6 +235,23 @@ def _join(sd: dict[str, np.ndarray], config: GPTConfig) -> dict[str, np.ndarray]
             else:
                 sd[name] = np.concatenate(pieces, 0)
     return sd
+
+
+def sources(config: GPTConfig, available=None) -> dict:
+    """Per-parameter sources of a DeepSeek-V3 checkpoint (see models/convert/sources.py): the
+    split attention tensors read their fused tensor and keep their part (`_split`)."""
+    out = {}
+    for name, path, shape, n_in in _layout(config):
+        fused, _, part = name.partition(":")
+        if part:
+            def convert(array, name=name, fused=fused, shape=shape, n_in=n_in):
+                return llama.entry_to_ours(to_numpy(_split({fused: array}, config)[name]), name, shape, n_in)
+            out[path] = Source((fused,), convert, shape)
+        else:
+            out.update(llama.layout_sources([(name, path, shape, n_in)]))
+    out.update(moe_convert.expert_sources(config, range(config.first_dense_layers, config.num_layers), available,
+                                          _PER_EXPERT_NAMING))
+    return out
 
 
 def hf_to_params(state_dict: Mapping[str, Any], config: GPTConfig) -> dict:

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.convert.llama import check_names, to_numpy
+from models.convert.llama import check_names
+from models.convert.sources import Source, materialize
 from models.gpt import GPTConfig
 from models.layers.blocks import BlockConfig
 
@@ -70,6 +71,42 @@ def _check(config: GPTConfig) -> None:
                          "no GQA, no qk_norm and a plain MLP (see gpt2.config_from_hf)")
 
 
+def sources(config: GPTConfig, available=None) -> dict[tuple[str, ...], Source]:
+    """Per-parameter sources of a GPT2LMHeadModel checkpoint (see models/convert/sources.py):
+    query/key/value and their biases are column slices of the fused c_attn."""
+    _check(config)
+    b = config.block
+    D, N, H, F, V = b.d_model, b.num_heads, b.head_size, b.d_ff, config.vocab_size
+
+    def one(name, shape, convert=lambda x: x):
+        return Source((name,), convert, shape)
+
+    def ln(prefix):
+        return {"scale": one(prefix + ".weight", (D,)), "bias": one(prefix + ".bias", (D,))}
+
+    tree = {"embed": {"embedding": one("transformer.wte.weight", (V, D))},
+            "positions": {"embedding": one("transformer.wpe.weight", (config.max_len, D))},
+            "final_norm": ln("transformer.ln_f")}
+    if not config.tie_embeddings:
+        tree["lm_head"] = one("lm_head.weight", (D, V), lambda x: x.T)
+    for i in range(config.num_layers):
+        h = f"transformer.h.{i}."
+        attn = {}
+        for j, name in enumerate(("query", "key", "value")):
+            attn[name] = one(h + "attn.c_attn.weight", (D, N, H),
+                             lambda w, j=j: w[:, j * D:(j + 1) * D].reshape(D, N, H))
+            attn[name + "_bias"] = one(h + "attn.c_attn.bias", (N, H),
+                                       lambda w, j=j: w[j * D:(j + 1) * D].reshape(N, H))
+        attn["out"] = one(h + "attn.c_proj.weight", (N, H, D), lambda w: w.reshape(N, H, D))
+        attn["out_bias"] = one(h + "attn.c_proj.bias", (D,))
+        mlp = {"wi": one(h + "mlp.c_fc.weight", (D, F)), "wi_bias": one(h + "mlp.c_fc.bias", (F,)),
+               "wo": one(h + "mlp.c_proj.weight", (F, D)), "wo_bias": one(h + "mlp.c_proj.bias", (D,))}
+        tree[f"layer_{i}"] = {"attention_block": {"norm": ln(h + "ln_1")}, "mlp_block": {"norm": ln(h + "ln_2")},
+                              "self_attention": attn, "mlp": mlp}
+    return {tuple(k.key for k in path): leaf for path, leaf in
+            jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, Source))[0]}
+
+
 def hf_to_params(state_dict: Mapping[str, Any], config: GPTConfig) -> dict:
     """Our params from a GPT2LMHeadModel state dict; ValueError names missing/unexpected tensors.
 
@@ -79,34 +116,8 @@ def hf_to_params(state_dict: Mapping[str, Any], config: GPTConfig) -> dict:
     _check(config)
     sd = {k: v for k, v in state_dict.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
     check_names(sd, _names(config), {"lm_head.weight"} if config.tie_embeddings else set())
-    b = config.block
-    D, N, H = b.d_model, b.num_heads, b.head_size
-    dtype = b.param_dtype
-
-    def get(name):
-        return to_numpy(sd[name])
-
-    def ln(prefix):
-        return {"scale": get(prefix + ".weight"), "bias": get(prefix + ".bias")}
-
-    params = {"embed": {"embedding": get("transformer.wte.weight")},
-              "positions": {"embedding": get("transformer.wpe.weight")}, "final_norm": ln("transformer.ln_f")}
-    if not config.tie_embeddings:
-        params["lm_head"] = get("lm_head.weight").T
-    for i in range(config.num_layers):
-        h = f"transformer.h.{i}."
-        w_qkv, b_qkv = get(h + "attn.c_attn.weight"), get(h + "attn.c_attn.bias")
-        attn = {}
-        for j, name in enumerate(("query", "key", "value")):
-            attn[name] = w_qkv[:, j * D:(j + 1) * D].reshape(D, N, H)
-            attn[name + "_bias"] = b_qkv[j * D:(j + 1) * D].reshape(N, H)
-        attn["out"] = get(h + "attn.c_proj.weight").reshape(N, H, D)
-        attn["out_bias"] = get(h + "attn.c_proj.bias")
-        mlp = {"wi": get(h + "mlp.c_fc.weight"), "wi_bias": get(h + "mlp.c_fc.bias"),
-               "wo": get(h + "mlp.c_proj.weight"), "wo_bias": get(h + "mlp.c_proj.bias")}
-        params[f"layer_{i}"] = {"attention_block": {"norm": ln(h + "ln_1")}, "mlp_block": {"norm": ln(h + "ln_2")},
-                                "self_attention": attn, "mlp": mlp}
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
+    params = materialize(sources(config), sd)
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, config.block.param_dtype), params)
 
 
 def params_to_hf(params: Mapping[str, Any], config: GPTConfig, *, include_tied: bool = True) -> dict[str, np.ndarray]:

@@ -19,12 +19,15 @@ array (torch tensors are read through numpy) and `params_to_hf` returns numpy ar
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.convert.sources import Source, materialize, to_numpy
 from models.gpt import GPTConfig, llama_config, qwen2_config, qwen3_config
 from models.layers.positional import rope_config_from_hf
 
@@ -171,15 +174,6 @@ def _layout(config: GPTConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ..
     return out
 
 
-def to_numpy(x) -> np.ndarray:
-    """A torch tensor (bfloat16 widened to float32) or array-like as a numpy array."""
-    if hasattr(x, "detach"):  # bfloat16 has no numpy dtype
-        x = x.detach().cpu()
-        x = x.float() if str(x.dtype) == "torch.bfloat16" else x
-        return x.numpy()
-    return np.asarray(x)
-
-
 def check_names(state_dict: Mapping[str, Any], expected: set[str], optional: set[str] = frozenset()) -> None:
     """Raises ValueError listing every missing and unexpected tensor name."""
     missing = sorted(set(expected) - set(state_dict))
@@ -213,27 +207,39 @@ def load_layout(state_dict: Mapping[str, Any], layout, config: GPTConfig) -> dic
 
     With tied embeddings, a `lm_head.weight` in the state dict must equal the embedding.
     """
-    params: dict = {}
+    params = materialize(layout_sources(layout), state_dict)
     dtype = config.block.param_dtype
-    for name, path, shape, n_in in layout:
-        array = to_numpy(state_dict[name])
-        hf_shape = (int(np.prod(shape[n_in:])), int(np.prod(shape[:n_in]))) if n_in else None
-        if n_in:
-            if array.shape != hf_shape:
-                raise ValueError(f"{name} has shape {array.shape}; expected {hf_shape}")
-            array = array.T
-        elif array.size != int(np.prod(shape)):
-            raise ValueError(f"{name} has shape {array.shape}; expected {int(np.prod(shape))} values for {shape}")
-        node = params
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = jnp.asarray(array.reshape(shape), dtype)
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
     tied_head = state_dict.get("lm_head.weight") if config.tie_embeddings else None
     if tied_head is not None and not np.array_equal(to_numpy(tied_head),
                                                     to_numpy(state_dict["model.embed_tokens.weight"])):
         raise ValueError("lm_head.weight differs from model.embed_tokens.weight but config.tie_embeddings=True; "
                          "convert with tie_word_embeddings=False")
     return params
+
+
+def entry_to_ours(array: np.ndarray, name: str, shape: tuple[int, ...], n_in: int) -> np.ndarray:
+    """One `_layout` entry's HF tensor -> our array: a torch Linear weight (n_in > 0) transposed
+    to [in, out] and split into `shape`; anything else reshaped."""
+    if n_in:
+        hf_shape = (int(np.prod(shape[n_in:])), int(np.prod(shape[:n_in])))
+        if array.shape != hf_shape:
+            raise ValueError(f"{name} has shape {array.shape}; expected {hf_shape}")
+        array = array.T
+    elif array.size != int(np.prod(shape)):
+        raise ValueError(f"{name} has shape {array.shape}; expected {int(np.prod(shape))} values for {shape}")
+    return array.reshape(shape)
+
+
+def layout_sources(layout) -> dict[tuple[str, ...], Source]:
+    """The per-parameter `Source` of every `_layout` entry."""
+    return {path: Source((name,), functools.partial(entry_to_ours, name=name, shape=shape, n_in=n_in), shape)
+            for name, path, shape, n_in in layout}
+
+
+def sources(config: GPTConfig, available=None) -> dict[tuple[str, ...], Source]:
+    """Per-parameter sources of a LLaMA / Qwen2 / Qwen3 checkpoint (see models/convert/sources.py)."""
+    return layout_sources(_layout(config))
 
 
 def params_to_hf(params: Mapping[str, Any], config: GPTConfig, *, include_tied: bool = True) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ Mixtral `block_sparse_moe.gate.weight`, `block_sparse_moe.experts.{e}.w1/w3/w2.w
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.convert import llama
-from models.convert.llama import check_names, to_numpy
+from models.convert.llama import check_names
+from models.convert.sources import Source, materialize, to_numpy
 from models.gpt import GPTConfig, mixtral_config, qwen3_moe_config
 
 ARCHITECTURES = ("MixtralForCausalLM", "Qwen3MoeForCausalLM")
@@ -114,6 +116,68 @@ def _fuse_per_expert(state_dict: Mapping[str, Any], config: GPTConfig, arch: str
     return sd
 
 
+def expert_sources(config: GPTConfig, layers, available, arch: str, prefix: tuple[str, ...] = ("mlp",)) -> dict:
+    """Sources of the routed experts' wi_gate / wi_up / wo [E, D, F] / [E, F, D] of `layers`,
+    from the fused transformers-5 tensors or, where the checkpoint holds those
+    (`available`: its tensor names), one tensor per expert (`_LEGACY[arch]` naming)."""
+    moe = config.block.moe
+    D, E, F = config.block.d_model, moe.num_experts, moe.expert_d_ff
+    old_prefix, gate, up, down = _LEGACY[arch]
+    out = {}
+    for i in layers:
+        names, ours = _moe_names(config, i), (f"layer_{i}", *prefix)
+        old = f"model.layers.{i}.{old_prefix}.experts."
+        if available is not None and old + "0." + gate + ".weight" in available:  # one tensor per expert
+            def stack(name, e_count=E, old=old):
+                return tuple(f"{old}{e}.{name}.weight" for e in range(e_count))
+            out[(*ours, "wi_gate")] = Source(stack(gate), lambda *g: np.stack(g).transpose(0, 2, 1), (E, D, F))
+            out[(*ours, "wi_up")] = Source(stack(up), lambda *u: np.stack(u).transpose(0, 2, 1), (E, D, F))
+            out[(*ours, "wo")] = Source(stack(down), lambda *d: np.stack(d).transpose(0, 2, 1), (E, F, D))
+            continue
+        gate_up, down_name = names["gate_up"], names["down"]
+        out[(*ours, "wi_gate")] = Source((gate_up,), functools.partial(_fused_half, name=gate_up, shape=(E, 2 * F, D),
+                                                                       half=0), (E, D, F))
+        out[(*ours, "wi_up")] = Source((gate_up,), functools.partial(_fused_half, name=gate_up, shape=(E, 2 * F, D),
+                                                                     half=1), (E, D, F))
+        out[(*ours, "wo")] = Source((down_name,), functools.partial(_checked_t, name=down_name, shape=(E, D, F)),
+                                    (E, F, D))
+    return out
+
+
+def _checked_t(array, name, shape):
+    if array.shape != shape:
+        raise ValueError(f"{name} has shape {array.shape}; expected {shape}")
+    return array.transpose(0, 2, 1)
+
+
+def _fused_half(array, name, shape, half):
+    """gate_up_proj [E, 2F, D] -> its gate (half 0) or up (half 1) part as [E, D, F]."""
+    F = shape[1] // 2
+    return _checked_t(array, name, shape)[..., half * F:(half + 1) * F]
+
+
+def sources(config: GPTConfig, available=None, *, arch: str | None = None) -> dict:
+    """Per-parameter sources of a Mixtral / Qwen3-MoE checkpoint (see models/convert/sources.py)."""
+    arch = arch or ("Qwen3MoeForCausalLM" if config.block.qk_norm else "MixtralForCausalLM")
+    prefix = _LEGACY[arch][0]
+    D, E = config.block.d_model, config.block.moe.num_experts
+    out = llama.layout_sources(_dense_layout(config))
+    for i in range(config.num_layers):
+        name = _moe_names(config, i)["router"]
+        if available is not None and prefix != "mlp" and name not in available:
+            name = f"model.layers.{i}.{prefix}.gate.weight"
+        out[(f"layer_{i}", "mlp", "router")] = Source((name,), functools.partial(_router, name=name, shape=(E, D)),
+                                                      (D, E))
+    out.update(expert_sources(config, range(config.num_layers), available, arch))
+    return out
+
+
+def _router(array, name, shape):
+    if array.shape != shape:
+        raise ValueError(f"{name} has shape {array.shape}; expected {shape}")
+    return array.T
+
+
 def hf_to_params(state_dict: Mapping[str, Any], config: GPTConfig, *, arch: str | None = None) -> dict:
     """Our params from a HF Mixtral / Qwen3-MoE state dict (fused or per-expert tensors).
 
@@ -131,28 +195,15 @@ def hf_to_params(state_dict: Mapping[str, Any], config: GPTConfig, *, arch: str 
     """
     arch = arch or ("Qwen3MoeForCausalLM" if config.block.qk_norm else "MixtralForCausalLM")
     sd = _fuse_per_expert(state_dict, config, arch)
-    moe = config.block.moe
-    D, E, F = config.block.d_model, moe.num_experts, moe.expert_d_ff
-    dense = _dense_layout(config)
+    dense_names = {name for name, *_ in _dense_layout(config)}
     moe_names = {n for i in range(config.num_layers) for n in _moe_names(config, i).values()}
-    dense_names = {name for name, *_ in dense}
     optional = {"lm_head.weight"} if config.tie_embeddings else set()
     check_names(sd, dense_names | moe_names, optional)
+    params = llama.load_layout(sd, _dense_layout(config), config)
+    mlp = materialize({p: s for p, s in sources(config, set(sd), arch=arch).items() if p[1:2] == ("mlp",)}, sd)
     dtype = config.block.param_dtype
-    params = llama.load_layout(sd, dense, config)
-    for i in range(config.num_layers):
-        names = _moe_names(config, i)
-        arrays = {key: to_numpy(sd[name]) for key, name in names.items()}
-        for key, shape in (("router", (E, D)), ("gate_up", (E, 2 * F, D)), ("down", (E, D, F))):
-            if arrays[key].shape != shape:
-                raise ValueError(f"{names[key]} has shape {arrays[key].shape}; expected {shape}")
-        gate_up = arrays["gate_up"].transpose(0, 2, 1)  # [E, D, 2F]
-        params[f"layer_{i}"]["mlp"] = {
-            "router": jnp.asarray(arrays["router"].T, dtype),
-            "wi_gate": jnp.asarray(gate_up[..., :F], dtype),
-            "wi_up": jnp.asarray(gate_up[..., F:], dtype),
-            "wo": jnp.asarray(arrays["down"].transpose(0, 2, 1), dtype),
-        }
+    for layer, tree in mlp.items():
+        params[layer]["mlp"] = {k: jnp.asarray(v, dtype) for k, v in tree["mlp"].items()}
     return params
 
 

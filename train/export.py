@@ -1,0 +1,164 @@
+"""A run's checkpoint as a Hugging Face directory: `python -m train.export --workdir=W --out=DIR`.
+
+    python -m train.export --workdir=/tmp/run --out=/tmp/hf [--step=N] [--adapter_only] [--force]
+
+writes what transformers loads (`AutoModelForCausalLM.from_pretrained(DIR)`,
+`AutoTokenizer.from_pretrained(DIR)`):
+
+    config.json, model.safetensors   `models.hf.save_pretrained` (PEFT runs: LoRA merged)
+    tokenizer.json                   the run's tokenizer (lmlab's BPE in the GPT-2 layout)
+    tokenizer_config.json            its special tokens, and its chat template if it has one
+    generation_config.json           bos / eos / pad ids (generate stops at eos)
+
+or, with --adapter_only, the PEFT adapter alone (`models.convert.peft.save_adapter`).
+
+Every export verifies itself before it is moved into place: it reloads what it wrote
+(`models.hf.load_pretrained`), compares the logits of a fixed probe batch with the
+in-memory model and, when transformers is installed, does the same with transformers'
+model (`models.hf_verify`); a mismatch fails naming the worst tensor and logit, and leaves
+nothing at --out. An existing non-empty --out is never overwritten unless --force.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from absl import flags
+
+from train import build, init_from
+
+PEFT_METHODS = ("lora", "qlora", "prefix", "adapter")
+
+
+def export(workdir: str, out: str, *, step: int | None = None, adapter_only: bool = False,
+           force: bool = False, verify_transformers: bool = True) -> dict[str, Any]:
+    """Writes checkpoint `step` (default: the latest) of the run in `workdir` to `out`.
+
+    Args:
+      workdir: a `python -m train` workdir.
+      out: the directory to write; must not exist or be empty (unless `force`).
+      step: the checkpoint step; None: the latest committed one.
+      adapter_only: write only the PEFT adapter (a PEFT run).
+      force: replace a non-empty `out` (only once the new export has verified).
+      verify_transformers: also compare with transformers' model when it is installed.
+
+    Returns:
+      {"directory", "step", "architecture", "verified": {"reloaded": ..., "transformers": ...}}
+      with the relative logit and worst-tensor differences found.
+    """
+    out = os.path.abspath(out)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not force:
+        raise FileExistsError(f"--out={out} exists and is not empty; choose a new directory or pass --force "
+                              "to replace it")
+    spec = init_from.Spec("run", os.path.abspath(workdir), step)
+    step = init_from.run_step(spec)
+    config = init_from.run_config(spec)
+    method = config.finetune.method if "finetune" in config else "full"
+    if adapter_only and method not in PEFT_METHODS:
+        raise ValueError(f"--adapter_only: the run in {workdir} trained no adapter (finetune.method={method!r}); "
+                         "export the whole model without --adapter_only")
+    if method != "full":
+        raise ValueError(f"the run in {workdir} is a finetune.method={method!r} run: exporting it needs "
+                         "models.layers.peft.merge (merged) or models.convert.peft.save_adapter (--adapter_only), "
+                         "which this checkout does not have yet")
+    tokenizer = init_from.run_tokenizer(spec)
+    model = build.model(config, tokenizer.vocab_size)
+    from models import hf
+
+    hf.check_exportable(model)  # before any weights are read
+    params = _restore(spec, step, model)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=os.path.basename(out) + ".partial-", dir=parent)
+    try:
+        hf.save_pretrained(model, params, staging)
+        _write_tokenizer(tokenizer, config, staging, model.config.max_len)
+        from models import hf_verify
+
+        verified = {"reloaded": hf_verify.against_reloaded(staging, model, params)}
+        if verify_transformers:
+            verified["transformers"] = hf_verify.against_transformers(staging, model, params)
+        if os.path.exists(out):
+            shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    with open(os.path.join(out, "config.json")) as f:
+        arch = json.load(f)["architectures"][0]
+    return {"directory": out, "step": step, "architecture": arch, "verified": verified}
+
+
+def _restore(spec: init_from.Spec, step: int, model):
+    """The run's params on this process's first device (no optimizer state)."""
+    from inference.load import _abstract_params
+    from train.checkpoint import restore_params
+
+    return restore_params(os.path.join(spec.path, "checkpoints"), step, _abstract_params(model))
+
+
+def _write_tokenizer(tokenizer, config, directory: str, max_len: int) -> None:
+    """tokenizer.json, tokenizer_config.json (special tokens, chat template) and
+    generation_config.json of the run's tokenizer."""
+    from data.tokenizer.bpe import ByteLevelBPE
+    from data.tokenizer.hf_json import export_bpe
+
+    if isinstance(tokenizer, ByteLevelBPE):
+        export_bpe(tokenizer, os.path.join(directory, "tokenizer.json"))
+    else:
+        tokenizer.save(directory)
+    source_config = {}
+    path = os.path.join(directory, "tokenizer_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            source_config = json.load(f)
+    ids = {role: getattr(tokenizer, f"{role}_id", None) for role in ("bos", "eos", "pad", "mask")}
+    tokens = {f"{role}_token": tokenizer.decode([i]) for role, i in ids.items() if i is not None}
+    tokenizer_config = {**source_config, **tokens, "tokenizer_class": "PreTrainedTokenizerFast",
+                        "model_max_length": max_len, "clean_up_tokenization_spaces": False}
+    template = getattr(tokenizer, "chat_template", None) or _chat_template(config)
+    if template:
+        tokenizer_config["chat_template"] = template
+    with open(path, "w") as f:
+        json.dump(tokenizer_config, f, indent=2)
+    generation = {f"{role}_token_id": i for role, i in ids.items() if i is not None and role != "mask"}
+    with open(os.path.join(directory, "generation_config.json"), "w") as f:
+        json.dump({**generation, "_from_model_config": False}, f, indent=2)
+
+
+def _chat_template(config) -> str | None:
+    """The chat template of the run's tokenizer directory (a Hugging Face tokenizer_config.json)."""
+    spec = init_from.parse(config.init_from) if config.get("init_from") else None
+    directory = config.tokenizer.path or (spec.path if spec is not None and spec.kind == "hf" else "")
+    path = os.path.join(directory, "tokenizer_config.json") if directory and os.path.isdir(directory) else ""
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f).get("chat_template")
+    return None
+
+
+def main(argv) -> None:
+    from absl import app
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    result = export(flags.FLAGS.workdir, flags.FLAGS.out, step=flags.FLAGS.step,
+                    adapter_only=flags.FLAGS.adapter_only, force=flags.FLAGS.force)
+    checks = ", ".join(f"{k}: logits within {v['logits']:.1e}" for k, v in result["verified"].items() if v)
+    print(f"exported step {result['step']} as {result['architecture']} to {result['directory']} ({checks})")
+
+
+if __name__ == "__main__":
+    from train import cli
+
+    flags.DEFINE_string("workdir", None, "The `python -m train` workdir to export.", required=True)
+    flags.DEFINE_string("out", None, "The Hugging Face directory to write (new or empty).", required=True)
+    flags.DEFINE_integer("step", None, "The checkpoint step (default: the latest).")
+    flags.DEFINE_bool("adapter_only", False, "Write only the PEFT adapter (adapter_config.json + "
+                      "adapter_model.safetensors).")
+    flags.DEFINE_bool("force", False, "Replace a non-empty --out (after the new export verified).")
+    cli.run(main)
