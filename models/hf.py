@@ -428,7 +428,8 @@ def save_pretrained(model: nn.Module, params, directory: str, *, id2label: dict[
     existing = [f for f in ("config.json", "model.safetensors", INDEX) if os.path.exists(os.path.join(directory, f))]
     if existing:
         raise FileExistsError(f"{directory!r} already holds {existing}; choose an empty directory")
-    hf_config, tensors = to_hf(model, params, id2label)
+    labels = {} if id2label is None else {"id2label": id2label}  # to_hf(model, params) for every other model
+    hf_config, tensors = to_hf(model, params, **labels)
     os.makedirs(directory, exist_ok=True)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
