@@ -30,6 +30,7 @@ from models.convert import deepseek as deepseek_convert
 from models.convert import gpt2 as gpt2_convert
 from models.convert import llama as llama_convert
 from models.convert import moe as moe_convert
+from models.convert import peft as peft_convert
 from models.gpt import GPT, GPTConfig, scan_params, unscan_params
 
 DECODERS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", *moe_convert.ARCHITECTURES,
@@ -81,11 +82,14 @@ def _architecture(hf_config: dict[str, Any]) -> str:
                      f"supported: {', '.join(SUPPORTED)}")
 
 
-def load_pretrained(directory: str, **overrides) -> tuple[nn.Module, dict]:
+def load_pretrained(directory: str, adapter: str | None = None, **overrides) -> tuple[nn.Module, dict]:
     """(flax model, params) of a Hugging Face model directory.
 
     Args:
       directory: holds config.json and model.safetensors (or sharded safetensors + index).
+      adapter: a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)
+        to put on the model (`models.convert.peft.load_adapter`): the outputs are then
+        `peft.PeftModel.from_pretrained(base, adapter)`'s.
       **overrides: config fields: for the decoder families dtype, param_dtype, remat,
         scan_layers (the params then come stacked, see `models.gpt.scan_params`), ...;
         for BERT remat and scan_layers.
@@ -101,6 +105,8 @@ def load_pretrained(directory: str, **overrides) -> tuple[nn.Module, dict]:
     scan = overrides.pop("scan_layers", False)
     if arch not in BERTS:
         model, params = _load_decoder(arch, hf_config, tensors, overrides)
+        if adapter:
+            model, params = peft_convert.load_adapter(model, params, adapter)
         if not scan:
             return model, params
         return GPT(dataclasses.replace(model.config, scan_layers=True)), scan_params(params, model.config)
@@ -112,7 +118,8 @@ def load_pretrained(directory: str, **overrides) -> tuple[nn.Module, dict]:
     params = bert_convert.hf_to_params(tensors, config, head)
     config = dataclasses.replace(config, remat=overrides.get("remat", "none"), scan_layers=scan)
     model = BertModel(config) if head == "base" else BertForMaskedLM(config)
-    return model, bert_scan_params(params, config) if scan else params
+    params = bert_scan_params(params, config) if scan else params
+    return peft_convert.load_adapter(model, params, adapter) if adapter else (model, params)
 
 
 def _load_decoder(arch: str, hf_config: dict[str, Any], tensors, overrides) -> tuple[GPT, dict]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -246,3 +247,127 @@ def check_lora_matched(lora: LoraConfig | None, params) -> None:
         raise ValueError(f"finetune.lora.targets={lora.targets!r} matches no kernel; it is re.search-ed over "
                          f"parameter paths such as layer_0/self_attention/query (LoRA sites: "
                          f"{', '.join(LORA_SITES)}), e.g. 'self_attention/(query|value)'")
+
+
+def _lora_kernels(params, prefix=()):
+    """(path tuple of the containing dict, kernel name) of every kernel with LoRA factors."""
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            yield from _lora_kernels(value, prefix + (key,))
+        elif key.endswith("_lora_a"):
+            yield prefix, key.removesuffix("_lora_a")
+
+
+def _per_layer(fn, lead: int):
+    """`fn` mapped over `lead` leading (stacked-layers) axes of every argument."""
+    for _ in range(lead):
+        fn = jax.vmap(fn)
+    return fn
+
+
+def _fold(lora: LoraConfig, node: Mapping, name: str):
+    """(merged kernel, DoRA norm or None) of kernel `name` in the params dict `node`."""
+    w, a, b = node[name], node[f"{name}_lora_a"], node[f"{name}_lora_b"]
+    lead = a.ndim + b.ndim - 2 - w.ndim  # stacked layers (scan_layers)
+    n_in = a.ndim - 1 - lead
+    m = node.get(f"{name}_lora_magnitude")
+
+    def fold(w, a, b, *m):
+        updated = jnp.asarray(w, jnp.float32) + lora.scale * lora_delta(a, b, n_in)
+        if not m:
+            return updated.astype(w.dtype), jnp.zeros(())
+        norm = jnp.sqrt(jnp.sum(jnp.square(updated), axis=tuple(range(n_in))))
+        return (updated * (m[0].astype(jnp.float32) / norm)).astype(w.dtype), norm
+
+    merged, norm = _per_layer(fold, lead)(w, a, b, *(() if m is None else (m,)))
+    return merged, (None if m is None else norm)
+
+
+def _without_lora(model):
+    """`model` with its config's `block.peft.lora` removed (peft None when nothing else is left)."""
+    config = model.config
+    peft = dataclasses.replace(config.block.peft, lora=None)
+    peft = None if peft == PeftConfig() else peft
+    return model.clone(config=dataclasses.replace(config, block=dataclasses.replace(config.block, peft=peft)))
+
+
+def _node(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def merge(model, params, *, return_norms: bool = False):
+    """Folds LoRA (DoRA) into the base kernels: W' = W + s B A (DoRA: m / ||W + s B A||_c (W + s B A)).
+
+    Args:
+      model: a model whose `config.block.peft.lora` is set (GPT, BERT models).
+      params: its params (the LoRA leaves included; stacked layers allowed).
+      return_norms: also return DoRA's column norms {kernel path: norm}, which `unmerge` needs
+        (a DoRA merge forgets them).
+
+    Returns:
+      (base_model, base_params[, norms]): the model without LoRA and params with the same
+      outputs up to float rounding and no LoRA leaves.
+    """
+    lora = model.config.block.peft.lora if model.config.block.peft is not None else None
+    if lora is None:
+        return (model, params, {}) if return_norms else (model, params)
+    params = nn.unbox(params)
+    if getattr(model.config, "tie_embeddings", False) and any(
+            name == "embedding" and path[-1:] == ("embed",) for path, name in _lora_kernels(params)):
+        raise ValueError("LoRA on a tied embedding table cannot be merged: the merged table would change the "
+                         "output projection too; untie the embeddings or leave embed/embedding out of "
+                         "finetune.lora.targets")
+    out = jax.tree_util.tree_map(lambda x: x, params)  # a copy to edit
+    norms = {}
+    for path, name in list(_lora_kernels(params)):
+        node = _node(out, path)
+        node[name], norm = _fold(lora, node, name)
+        if norm is not None:
+            norms["/".join((*path, name))] = norm
+        for suffix in ("_lora_a", "_lora_b", "_lora_magnitude"):
+            node.pop(name + suffix, None)
+    base_model = _without_lora(model)
+    return (base_model, out, norms) if return_norms else (base_model, out)
+
+
+def unmerge(model, base_params, adapter_params, norms=None):
+    """The inverse of `merge`: W = W' - s B A (DoRA: W' ||.||_c / m - s B A with merge's norms).
+
+    Args:
+      model: the LoRA model (its LoraConfig gives the scale).
+      base_params: merged params, as `merge` returned them.
+      adapter_params: a params tree holding the LoRA leaves (e.g. the unmerged params).
+      norms: DoRA's column norms from `merge(..., return_norms=True)`.
+
+    Returns:
+      The LoRA model's params: base kernels recovered, the LoRA leaves of `adapter_params` added.
+    """
+    lora = model.config.block.lora
+    adapter_params = nn.unbox(adapter_params)
+    out = jax.tree_util.tree_map(lambda x: x, nn.unbox(base_params))
+    for path, name in list(_lora_kernels(adapter_params)):
+        source, node = _node(adapter_params, path), _node(out, path)
+        a, b = source[f"{name}_lora_a"], source[f"{name}_lora_b"]
+        w = node[name]
+        lead = a.ndim + b.ndim - 2 - w.ndim
+        n_in = a.ndim - 1 - lead
+        m = source.get(f"{name}_lora_magnitude")
+        key = "/".join((*path, name))
+        if m is not None and (norms is None or key not in norms):
+            raise ValueError(f"DoRA kernel {key} cannot be unmerged without its column norm; pass the norms of "
+                             "merge(..., return_norms=True)")
+
+        def unfold(w, a, b, *mn):
+            w32 = jnp.asarray(w, jnp.float32)
+            if mn:
+                w32 = w32 * (mn[1] / mn[0].astype(jnp.float32))
+            return (w32 - lora.scale * lora_delta(a, b, n_in)).astype(w.dtype)
+
+        extra = () if m is None else (m, norms[key])
+        node[name] = _per_layer(unfold, lead)(w, a, b, *extra)
+        for suffix in ("_lora_a", "_lora_b", "_lora_magnitude"):
+            if name + suffix in source:
+                node[name + suffix] = source[name + suffix]
+    return out
