@@ -314,8 +314,10 @@ def merge(model, params, *, return_norms: bool = False):
     if lora is None:
         return (model, params, {}) if return_norms else (model, params)
     params = nn.unbox(params)
-    if getattr(model.config, "tie_embeddings", False) and any(
-            name == "embedding" and path[-1:] == ("embed",) for path, name in _lora_kernels(params)):
+    # GPT's tied head and BERT's masked-LM decoder read the table through `Embed.attend`.
+    tied = getattr(model.config, "tie_embeddings", False) or type(model).__name__ == "BertForMaskedLM"
+    if tied and any(name == "embedding" and path[-1:] in (("embed",), ("word_embeddings",))
+                    for path, name in _lora_kernels(params)):
         raise ValueError("LoRA on a tied embedding table cannot be merged: the merged table would change the "
                          "output projection too; untie the embeddings or leave embed/embedding out of "
                          "finetune.lora.targets")
