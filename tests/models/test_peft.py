@@ -83,6 +83,7 @@ def _assert_close(got, want):
     # (a few eps per matmul, ~10 matmuls): the two frameworks sum in different orders.
     atol = 4 * EPS32 * math.sqrt(128) * 10 * float(np.max(np.abs(want)))
     err = np.abs(got - want) - 1e-5 * np.abs(want)
+    print(f"parity: max |lmlab - peft| / max |peft| = {np.max(np.abs(got - want)) / np.max(np.abs(want)):.2e}")
     assert np.max(err) <= atol, f"worst excess {np.max(err):.3g} over atol {atol:.3g}"
 
 
@@ -126,6 +127,9 @@ def test_peft_made_adapter_loads_with_peft_logits(family, lora, base_dirs, tmp_p
     _assert_close(got, want)
     base_model, base_params = hf.load_pretrained(directory)
     assert np.max(np.abs(_lmlab_out(base_model, base_params) - want)) > 1e-2 * np.max(np.abs(want))  # LoRA counts
+    if lora.get("use_dora") and family == "llama":  # the stacked layout of scan_layers takes the same adapter
+        scanned, scanned_params = hf.load_pretrained(directory, adapter=str(tmp_path), scan_layers=True)
+        _assert_close(_lmlab_out(scanned, scanned_params), want)
     lora_cfg = model.config.block.lora
     assert (lora_cfg.rank, lora_cfg.alpha, lora_cfg.rslora, lora_cfg.dora) == (
         lora["r"], lora["lora_alpha"], lora.get("use_rslora", False), lora.get("use_dora", False))
@@ -204,3 +208,13 @@ def test_bad_adapters_are_one_line_errors(base_dirs, tmp_path):
         json.dump(config, f)
     with pytest.raises(ValueError, match=r"adapter_config.json sets \{'rank_pattern'"):
         load_adapter(model, params, str(tmp_path / "pattern"))
+
+
+def test_gpt2_fused_qkv_needs_one_shared_a(base_dirs, tmp_path):
+    base_model, base_params = hf.load_pretrained(base_dirs["gpt2"])
+    config = base_model.config
+    model = base_model.clone(config=dataclasses.replace(config, block=dataclasses.replace(
+        config.block, peft=PeftConfig(lora=LoraConfig(targets="self_attention/query$", rank=4)))))
+    params = __import__("flax").linen.unbox(model.init(jax.random.key(0), jnp.asarray(IDS))["params"])
+    with pytest.raises(ValueError, match=r"GPT-2's fused transformer.h.0.attn.c_attn has one LoRA A"):
+        save_adapter(model, params, str(tmp_path))
