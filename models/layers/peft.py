@@ -147,7 +147,7 @@ def lora_factors(module, name: str, kernel, *, n_in: int, names: tuple, lora: Lo
     else:
         # kaiming_uniform(a=sqrt(5)) of torch's [r, in] weight, as peft: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
         bound = 1.0 / math.sqrt(fan_in)
-        init_a = lambda key, s, d: jax.random.uniform(key, s, d, -bound, bound)  # noqa: E731
+        init_a = lambda key, s, d: jax.random.uniform(key, s, d, -bound, bound)
         init_b = nn.initializers.zeros
     a = module.param(f"{name}_lora_a", nn.with_logical_partitioning(init_a, in_names + (None,)),
                      shape[:n_in] + (lora.rank,), dtype)
@@ -361,7 +361,7 @@ def unmerge(model, base_params, adapter_params, norms=None):
             raise ValueError(f"DoRA kernel {key} cannot be unmerged without its column norm; pass the norms of "
                              "merge(..., return_norms=True)")
 
-        def unfold(w, a, b, *mn):
+        def unfold(w, a, b, *mn, n_in=n_in):
             w32 = jnp.asarray(w, jnp.float32)
             if mn:
                 w32 = w32 * (mn[1] / mn[0].astype(jnp.float32))

@@ -16,12 +16,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
-from models import hf  # noqa: E402
-from models.convert.peft import load_adapter, save_adapter  # noqa: E402
-from models.layers.peft import LoraConfig, PeftConfig  # noqa: E402
+from models import hf
+from models.convert.peft import load_adapter, save_adapter
+from models.layers.peft import LoraConfig, PeftConfig
 
 EPS32 = float(np.finfo(np.float32).eps)
 IDS = (np.arange(2 * 10).reshape(2, 10) * 11 + 5) % 64
@@ -162,8 +163,7 @@ def test_lmlab_made_adapter_loads_in_peft_with_lmlab_logits(family, lora, base_d
             return x * jnp.asarray(rng.uniform(0.5, 1.5, x.shape), jnp.float32)
         return _get(base_params, [p.key for p in path])
 
-    params = jax.tree_util.tree_map_with_path(fill, jax.tree_util.tree_map(lambda x: x, __import__(
-        "flax").linen.unbox(init)))
+    params = jax.tree_util.tree_map_with_path(fill, nn.unbox(init))
     save_adapter(model, params, str(tmp_path), base_model_name_or_path=directory)
     want = _lmlab_out(model, params)
     got = _torch_out(peft.PeftModel.from_pretrained(_fresh(family, directory), str(tmp_path)).eval())
@@ -211,10 +211,10 @@ def test_bad_adapters_are_one_line_errors(base_dirs, tmp_path):
 
 
 def test_gpt2_fused_qkv_needs_one_shared_a(base_dirs, tmp_path):
-    base_model, base_params = hf.load_pretrained(base_dirs["gpt2"])
+    base_model, _ = hf.load_pretrained(base_dirs["gpt2"])
     config = base_model.config
     model = base_model.clone(config=dataclasses.replace(config, block=dataclasses.replace(
         config.block, peft=PeftConfig(lora=LoraConfig(targets="self_attention/query$", rank=4)))))
-    params = __import__("flax").linen.unbox(model.init(jax.random.key(0), jnp.asarray(IDS))["params"])
+    params = nn.unbox(model.init(jax.random.key(0), jnp.asarray(IDS))["params"])
     with pytest.raises(ValueError, match=r"GPT-2's fused transformer.h.0.attn.c_attn has one LoRA A"):
         save_adapter(model, params, str(tmp_path))
