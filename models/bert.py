@@ -34,6 +34,7 @@ from models.layers.blocks import BlockConfig
 from models.layers.embedding import Embed
 from models.layers.feedforward import ACTIVATIONS
 from models.layers.norms import LayerNorm
+from models.layers.peft import check_lora_matched
 from models.layers.positional import LearnedPositionalEmbedding
 from models.layers.stack import check_remat, layer_class, scanned_layers, stack_layers, unstack_layers
 
@@ -144,7 +145,8 @@ class BertModel(nn.Module):
 
     def setup(self):
         cfg, b = self.config, self.config.block
-        self.word_embeddings = Embed(cfg.vocab_size, b.d_model, b.dtype, b.param_dtype, embedding_init=INIT)
+        self.word_embeddings = Embed(cfg.vocab_size, b.d_model, b.dtype, b.param_dtype, embedding_init=INIT,
+                                     lora=b.lora)
         self.position_embeddings = LearnedPositionalEmbedding(cfg.max_len, b.d_model, b.dtype, b.param_dtype,
                                                               embedding_init=INIT)
         # A handful of rows: replicated, not sharded over `vocab`.
@@ -197,6 +199,8 @@ class BertModel(nn.Module):
             for layer in self.layers:
                 x_BTD = layer(x_BTD, deterministic, segment_ids=segment_ids, padding_mask=padding_BT)
         pooled_BD = jnp.tanh(self.pooler(x_BTD[:, 0])) if self.add_pooler else None
+        if self.is_initializing():
+            check_lora_matched(b.lora, self.variables.get("params", {}))
         return x_BTD, pooled_BD
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:

@@ -53,6 +53,7 @@ from models.layers.blocks import BlockConfig
 from models.layers.embedding import Embed
 from models.layers.moe import MoEConfig
 from models.layers.norms import make_norm
+from models.layers.peft import check_lora_matched, lora_factors, lora_output
 from models.layers.positional import LearnedPositionalEmbedding, RopeConfig
 from models.layers.stack import check_remat, layer_class, scanned_layers, stack_layers, unstack_layers
 
@@ -213,7 +214,7 @@ class GPT(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(ids_BT.shape[1]), ids_BT.shape)
         embed = Embed(cfg.vocab_size, b.d_model, dtype=b.dtype, param_dtype=b.param_dtype,
-                      embedding_init=nn.initializers.normal(0.02), name="embed")
+                      embedding_init=nn.initializers.normal(0.02), lora=b.lora, name="embed")
         x_BTD = embed(ids_BT)
         if cfg.positional == "learned":
             x_BTD += LearnedPositionalEmbedding(cfg.max_len, b.d_model, b.dtype, b.param_dtype,
@@ -243,9 +244,11 @@ class GPT(nn.Module):
             kernel = self.param("lm_head", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                         ("embed", "vocab")),
                                 (b.d_model, cfg.vocab_size), b.param_dtype)
+            head_lora = lora_factors(self, "lm_head", kernel, n_in=1, names=("embed", "vocab"), lora=b.lora)
 
             def head(h_BTD):
-                return jnp.einsum("BTD,DV->BTV", h_BTD, kernel.astype(b.dtype))
+                y_BTV = jnp.einsum("BTD,DV->BTV", h_BTD, kernel.astype(b.dtype))
+                return lora_output(self, head_lora, kernel, h_BTD, y_BTV, deterministic=deterministic)
 
         def logits(h_BTD):
             return nn.with_logical_constraint(head(h_BTD).astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
@@ -258,6 +261,8 @@ class GPT(nn.Module):
             hidden_BTD, mtp_logits = MultiTokenPrediction(cfg, name=f"mtp_{depth}")(
                 hidden_BTD, embed(ahead_BT), logits, deterministic, positions, segment_ids, padding_BT)
             self.sow("intermediates", "mtp_logits", mtp_logits)
+        if self.is_initializing():
+            check_lora_matched(b.lora, self.variables.get("params", {}))
         return logits(x_BTD)
 
 

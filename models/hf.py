@@ -41,6 +41,7 @@ from models.convert import deepseek as deepseek_convert
 from models.convert import gpt2 as gpt2_convert
 from models.convert import llama as llama_convert
 from models.convert import moe as moe_convert
+from models.convert import peft as peft_convert
 from models.convert import sources as sources_lib
 from models.gpt import GPT, GPTConfig, layer_groups, scan_params, unscan_params
 
@@ -96,12 +97,16 @@ def _architecture(hf_config: dict[str, Any]) -> str:
                      f"supported: {', '.join(SUPPORTED)}")
 
 
-def load_pretrained(directory: str, *, head: str | None = None, num_labels: int | None = None, seed: int = 0,
-                    verify: bool = False, **overrides) -> tuple[nn.Module, dict]:
+def load_pretrained(directory: str, adapter: str | None = None, *, head: str | None = None,
+                    num_labels: int | None = None, seed: int = 0, verify: bool = False,
+                    **overrides) -> tuple[nn.Module, dict]:
     """(flax model, params) of a Hugging Face model directory.
 
     Args:
       directory: holds config.json and model.safetensors (or sharded safetensors + index).
+      adapter: a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)
+        to put on the model (`models.convert.peft.load_adapter`): the outputs are then
+        `peft.PeftModel.from_pretrained(base, adapter)`'s.
       head: BERT only: the task head to return ("base", "mlm", "classification", "qa"); None is
         the checkpoint's own. A head the checkpoint lacks (a BertModel directory such as
         all-MiniLM-L6-v2 loaded with head="classification") is freshly initialized as
@@ -113,7 +118,8 @@ def load_pretrained(directory: str, *, head: str | None = None, num_labels: int 
       seed: seed of the freshly initialized head.
       verify: also build the transformers model from `directory` (when transformers is
         installed) and compare logits on a probe batch (`models.hf_verify`); raises
-        ValueError naming the worst tensor and logit difference if they disagree.
+        ValueError naming the worst tensor and logit difference if they disagree (the base
+        model, before any adapter).
       **overrides: config fields: for the decoder families dtype, param_dtype, remat,
         scan_layers (the params then come stacked, see `models.gpt.scan_params`), ...;
         for BERT remat and scan_layers.
@@ -145,7 +151,7 @@ def load_pretrained(directory: str, *, head: str | None = None, num_labels: int 
         from models import hf_verify
 
         hf_verify.against_transformers(directory, model, params)
-    return model, params
+    return peft_convert.load_adapter(model, params, adapter) if adapter else (model, params)
 
 
 def model_of(directory: str, *, head: str | None = None, num_labels: int | None = None, **overrides) -> nn.Module:

@@ -23,7 +23,7 @@ from models.layers.mla import MLAConfig, MultiHeadLatentAttention
 from models.layers.moe import MoEConfig, MoEFeedForward
 from models.layers.multihead import MultiHeadAttention
 from models.layers.norms import NORMS, make_norm
-from models.layers.peft import PeftConfig
+from models.layers.peft import LoraConfig, PeftConfig, refuse_lora
 from models.layers.positional import RopeConfig
 
 Dtype = Any
@@ -114,6 +114,10 @@ class BlockConfig:
         if self.has_qkv_bias != self.has_out_bias:
             raise ValueError(f"latent attention has one bias switch (HF attention_bias); got qkv_bias="
                              f"{self.has_qkv_bias}, out_bias={self.has_out_bias}")
+
+    @property
+    def lora(self) -> LoraConfig | None:
+        return None if self.peft is None else self.peft.lora
 
     @property
     def kv_heads(self) -> int:
@@ -207,8 +211,8 @@ def _attention(cfg: BlockConfig, name: str, *, rope: bool) -> MultiHeadAttention
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, use_bias=cfg.use_bias,
         qkv_bias=cfg.has_qkv_bias, out_bias=cfg.has_out_bias, qk_norm=cfg.qk_norm, qk_norm_eps=cfg.norm_eps,
         dropout_rate=cfg.attention_dropout_rate, rope=cfg.rope if rope else None,
-        sliding_window=cfg.sliding_window if rope else None, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        name=name,
+        sliding_window=cfg.sliding_window if rope else None, lora=cfg.lora, dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype, name=name,
     )
 
 
@@ -219,7 +223,22 @@ def _feed_forward(cfg: BlockConfig):
         moe = MoEFeedForward(cfg.moe, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="mlp")
         return lambda h, deterministic: moe(h, deterministic=deterministic)[0]
     return FeedForward(hidden_dim=cfg.d_ff, activation=cfg.mlp_activation, use_bias=cfg.has_mlp_bias,
-                       dropout_rate=cfg.dropout_rate, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="mlp")
+                       dropout_rate=cfg.dropout_rate, lora=cfg.lora, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                       name="mlp")
+
+
+# Kernels LoRA does not adapt (latent attention, experts): a targets regex naming one is refused.
+_MLA_KERNELS = tuple(f"self_attention/{k}" for k in ("query", "query_down", "query_up", "latent_kv/kv_down",
+                                                     "latent_kv/key_rope", "key_up", "value_up", "out"))
+_MOE_KERNELS = tuple(f"mlp/{k}" for k in ("router", "wi_gate", "wi_up", "wo", "shared/wi_gate", "shared/wi_up",
+                                          "shared/wo"))
+
+
+def _refuse_lora(cfg: BlockConfig, layer: nn.Module) -> None:
+    if cfg.mla is not None:
+        refuse_lora(layer, _MLA_KERNELS, cfg.lora, "a latent-attention kernel")
+    if cfg.moe is not None:
+        refuse_lora(layer, _MOE_KERNELS, cfg.lora, "a mixture-of-experts kernel")
 
 
 class EncoderLayer(nn.Module):
@@ -241,6 +260,7 @@ class EncoderLayer(nn.Module):
         """Args: x [B, T, D]; deterministic (no dropout; positional so that remat can mark it
         static); positions [B, T]; segment_ids [B, T]; padding_mask [B, T] (True = token)."""
         cfg = self.config
+        _refuse_lora(cfg, self)
         attn = _attention(cfg, "self_attention", rope=True)
         x_BTD = Sublayer(cfg, name="attention_block")(
             x_BTD,

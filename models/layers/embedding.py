@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models.layers.peft import LoraConfig, lora_factors, lora_output
+
 Dtype = Any
 
 
@@ -18,6 +20,9 @@ class Embed(nn.Module):
     Attributes:
       num_embeddings: V.
       features: D.
+      lora: LoRA on the table if its `targets` regex matches `<path>/embedding` (peft's
+        Embedding LoRA: the lookup gains A[ids] B; `attend` stays the base table, as a tied
+        head does in peft).
     """
 
     num_embeddings: int
@@ -25,17 +30,21 @@ class Embed(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     embedding_init: Callable = nn.initializers.normal(stddev=1.0)
+    lora: LoraConfig | None = None
 
     def setup(self):
         self.embedding = self.param(
             "embedding", nn.with_logical_partitioning(self.embedding_init, ("vocab", "embed")),
             (self.num_embeddings, self.features), self.param_dtype,
         )
+        self.lora_factors = lora_factors(self, "embedding", self.embedding, n_in=1, names=("vocab", "embed"),
+                                         lora=self.lora, lookup=True)
 
     def __call__(self, ids_BT: jax.Array) -> jax.Array:
         if not jnp.issubdtype(ids_BT.dtype, jnp.integer):
             raise ValueError(f"token ids must be integers, got {ids_BT.dtype}")
-        return jnp.take(self.embedding, ids_BT, axis=0).astype(self.dtype)
+        x_BTD = jnp.take(self.embedding, ids_BT, axis=0).astype(self.dtype)
+        return lora_output(self, self.lora_factors, self.embedding, ids_BT, x_BTD, lookup=True)
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:
         """Logits [B, T, V] from hidden states, sharing the embedding matrix."""

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models.layers.peft import LoraConfig, lora_project
+
 Dtype = Any
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -39,21 +41,24 @@ class FeedForward(nn.Module):
         two input projections, `wi_gate` and `wi_up`.
       use_bias: biases on the projections.
       dropout_rate: dropout on the hidden activation (as torch.nn.TransformerEncoderLayer).
+      lora: LoRA on the kernels its `targets` regex matches (`models.layers.peft`).
     """
 
     hidden_dim: int
     activation: str = "relu"
     use_bias: bool = True
     dropout_rate: float = 0.0
+    lora: LoraConfig | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     kernel_init: Callable = DEFAULT_KERNEL_INIT
 
-    def _dense(self, x, name: str, out: int, axes: tuple[str, str]):
+    def _dense(self, x, name: str, out: int, axes: tuple[str, str], deterministic: bool = True):
         kernel = self.param(
             name, nn.with_logical_partitioning(self.kernel_init, axes), (x.shape[-1], out), self.param_dtype
         )
         y = jnp.einsum("...i,io->...o", x, kernel.astype(self.dtype))
+        y = lora_project(self, name, kernel, x, y, n_in=1, names=axes, lora=self.lora, deterministic=deterministic)
         if self.use_bias:
             bias = self.param(
                 name + "_bias", nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]), (out,),
@@ -70,11 +75,12 @@ class FeedForward(nn.Module):
         x_BTD = x_BTD.astype(self.dtype)
         if self.activation in GATED:
             act = ACTIVATIONS[GATED[self.activation]]
-            gate_BTF = self._dense(x_BTD, "wi_gate", self.hidden_dim, ("embed", "mlp"))
-            up_BTF = self._dense(x_BTD, "wi_up", self.hidden_dim, ("embed", "mlp"))
+            gate_BTF = self._dense(x_BTD, "wi_gate", self.hidden_dim, ("embed", "mlp"), deterministic)
+            up_BTF = self._dense(x_BTD, "wi_up", self.hidden_dim, ("embed", "mlp"), deterministic)
             h_BTF = act(gate_BTF) * up_BTF
         else:
-            h_BTF = ACTIVATIONS[self.activation](self._dense(x_BTD, "wi", self.hidden_dim, ("embed", "mlp")))
+            h_BTF = ACTIVATIONS[self.activation](self._dense(x_BTD, "wi", self.hidden_dim, ("embed", "mlp"),
+                                                             deterministic))
         h_BTF = nn.with_logical_constraint(h_BTF, ("act_batch", "act_seq", "act_mlp"))
         h_BTF = nn.Dropout(self.dropout_rate)(h_BTF, deterministic=deterministic)
-        return self._dense(h_BTF, "wo", D, ("mlp", "embed"))
+        return self._dense(h_BTF, "wo", D, ("mlp", "embed"), deterministic)

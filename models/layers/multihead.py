@@ -10,6 +10,7 @@ row-parallel projections).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from models.layers.attention import dot_product_attention, gather_pages, write_cache, write_pages
+from models.layers.peft import LoraConfig, lora_project
 from models.layers.positional import RopeConfig, apply_rope
 
 Dtype = Any
@@ -45,6 +47,7 @@ class MultiHeadAttention(nn.Module):
       dropout_rate: dropout on the attention weights.
       rope: apply rotary embeddings to q and k (self-attention) if set.
       sliding_window: restrict each query to the last `sliding_window` keys.
+      lora: LoRA on the projections its `targets` regex matches (`models.layers.peft`).
 
     When the `cache` collection is mutable (`apply(..., mutable=["cache"])`, not at
     init), self-attention decodes with a KV cache: `cache/key` and `cache/value`
@@ -75,6 +78,7 @@ class MultiHeadAttention(nn.Module):
     dropout_rate: float = 0.0
     rope: RopeConfig | None = None
     sliding_window: int | None = None
+    lora: LoraConfig | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -123,6 +127,10 @@ class MultiHeadAttention(nn.Module):
         q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, w_q.astype(self.dtype))
         k_BSKH = jnp.einsum("BSD,DKH->BSKH", y_BSD, w_k.astype(self.dtype))
         v_BSKH = jnp.einsum("BSD,DKH->BSKH", y_BSD, w_v.astype(self.dtype))
+        lora = functools.partial(lora_project, self, n_in=1, lora=self.lora, deterministic=deterministic)
+        q_BTNH = lora("query", w_q, x_BTD, q_BTNH, names=("embed", "heads", "head_dim"))
+        k_BSKH = lora("key", w_k, y_BSD, k_BSKH, names=("embed", "kv_heads", "head_dim"))
+        v_BSKH = lora("value", w_v, y_BSD, v_BSKH, names=("embed", "kv_heads", "head_dim"))
         qkv_bias = self.use_bias if self.qkv_bias is None else self.qkv_bias
         out_bias = self.use_bias if self.out_bias is None else self.out_bias
         if qkv_bias:
@@ -193,6 +201,8 @@ class MultiHeadAttention(nn.Module):
             out_BTNH = result
 
         out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, w_o.astype(self.dtype))
+        out_BTD = lora_project(self, "out", w_o, out_BTNH, out_BTD, n_in=2, names=("heads", "head_dim", "embed"),
+                               lora=self.lora, deterministic=deterministic)
         if out_bias:
             out_BTD += self._param("out_bias", (D,), ("embed",), nn.initializers.zeros).astype(self.dtype)
         return out_BTD
