@@ -133,6 +133,20 @@ def test_prefix_params_and_adapter_params_count_what_init_makes():
         assert got == LLAMA.num_layers * want
 
 
+def test_every_prefix_and_adapter_parameter_carries_logical_axis_names():
+    for model in (GPT(with_peft(dataclasses.replace(LLAMA, scan_layers=True), EVERYTHING)),
+                  BertForMaskedLM(with_peft(BERT, PeftConfig(prefix=PrefixConfig(2), adapter=AdapterConfig(
+                      4, kind="parallel"))))):
+        boxed = jax.eval_shape(model.init, jax.random.key(0), np.ones((1, 4), np.int32))["params"]
+        leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+        peft_leaves = [(jax.tree_util.keystr(p), leaf) for p, leaf in leaves if is_peft_path(
+            "/".join(k.key for k in p))]
+        assert peft_leaves
+        for name, leaf in peft_leaves:
+            assert isinstance(leaf, nn.Partitioned) and len(leaf.names) == leaf.value.ndim, name
+            assert set(leaf.names) <= {None, "layers", "embed", "mlp", "kv_heads", "head_dim"}, name
+
+
 # --- prefix attention against float64 NumPy ---------------------------------------------
 
 def _rope64(x_BTNH, positions_BT, theta=10000.0):
