@@ -185,9 +185,9 @@ class MultiHeadAttention(nn.Module):
         dropout_rng = None
         if self.dropout_rate > 0.0 and not deterministic:
             dropout_rng = self.make_rng("dropout")
-        masks = dict(causal=causal, q_positions=q_positions, kv_positions=kv_positions, kv_mask=kv_mask,
-                     q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                     sliding_window=self.sliding_window, mask=mask)
+        masks = {"causal": causal, "q_positions": q_positions, "kv_positions": kv_positions, "kv_mask": kv_mask,
+                 "q_segment_ids": q_segment_ids, "kv_segment_ids": kv_segment_ids,
+                 "sliding_window": self.sliding_window, "mask": mask}
         if self.prefix is not None and self_attention:
             prefix_k, prefix_v = prefix_key_value(self, self.prefix, D, K, H, self.param_dtype)
             k_BSKH, v_BSKH, masks = prepend_prefix(k_BSKH, v_BSKH, prefix_k, prefix_v, T, masks)

@@ -27,8 +27,15 @@ from models.layers.adapters import PREFIX_MLP, fold_prefix
 from models.layers.blocks import BlockConfig
 from models.layers.feedforward import ACTIVATIONS
 from models.layers.multihead import MultiHeadAttention
-from models.layers.peft import (ADAPTER_ACTIVATIONS, AdapterConfig, PeftConfig, PrefixConfig, adapter_params,
-                                is_peft_path, prefix_params)
+from models.layers.peft import (
+    ADAPTER_ACTIVATIONS,
+    AdapterConfig,
+    PeftConfig,
+    PrefixConfig,
+    adapter_params,
+    is_peft_path,
+    prefix_params,
+)
 from models.layers.positional import RopeConfig
 from sharding import mesh as mesh_lib
 from sharding.layout import param_shardings
