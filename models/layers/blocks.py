@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models.layers.adapters import adapt
 from models.layers.feedforward import GATED, MLP_ACTIVATIONS, FeedForward
 from models.layers.mla import MLAConfig, MultiHeadLatentAttention
 from models.layers.moe import MoEConfig, MoEFeedForward
@@ -104,6 +105,9 @@ class BlockConfig:
             raise ValueError(f"norm={self.norm!r}; expected one of {NORMS}")
         if self.norm_position not in ("pre", "post"):
             raise ValueError(f"norm_position={self.norm_position!r}; expected 'pre' or 'post'")
+        if self.mla is not None and self.peft is not None and self.peft.prefix is not None:
+            raise ValueError("finetune.prefix: prefix tuning needs multi-head attention; latent attention (mla "
+                             "set) caches latents, not keys and values")
 
     def _check_mla(self):
         for name in ("qk_norm", "sliding_window"):
@@ -178,9 +182,14 @@ class BlockConfig:
 
 
 class Sublayer(nn.Module):
-    """Residual wrapper: post-LN Norm(x + Drop(f(x))) or pre-LN x + Drop(f(Norm(x)))."""
+    """Residual wrapper: post-LN Norm(x + Drop(f(x))) or pre-LN x + Drop(f(Norm(x))).
+
+    With `config.peft.adapter`, f is adapted (`models.layers.adapters.adapt`): "houlsby" on
+    every sub-layer, "parallel" on the one whose `role` is "mlp".
+    """
 
     config: BlockConfig
+    role: str = "attention"
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, fn, *, deterministic: bool) -> jax.Array:
@@ -188,6 +197,11 @@ class Sublayer(nn.Module):
         norm = make_norm(cfg.norm, epsilon=cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                          use_bias=cfg.use_bias, name="norm")
         drop = nn.Dropout(cfg.dropout_rate)
+        if cfg.peft is not None and cfg.peft.adapter is not None:
+            inner = fn
+
+            def fn(h_BTD):
+                return adapt(cfg.peft, self.role, inner, h_BTD, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         if cfg.norm_position == "pre":
             out = x_BTD + drop(fn(norm(x_BTD)), deterministic=deterministic)
         else:
@@ -211,7 +225,8 @@ def _attention(cfg: BlockConfig, name: str, *, rope: bool) -> MultiHeadAttention
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, use_bias=cfg.use_bias,
         qkv_bias=cfg.has_qkv_bias, out_bias=cfg.has_out_bias, qk_norm=cfg.qk_norm, qk_norm_eps=cfg.norm_eps,
         dropout_rate=cfg.attention_dropout_rate, rope=cfg.rope if rope else None,
-        sliding_window=cfg.sliding_window if rope else None, lora=cfg.lora, dtype=cfg.dtype,
+        sliding_window=cfg.sliding_window if rope else None, lora=cfg.lora,
+        prefix=cfg.peft.prefix if rope and cfg.peft is not None else None, dtype=cfg.dtype,
         param_dtype=cfg.param_dtype, name=name,
     )
 
@@ -269,7 +284,7 @@ class EncoderLayer(nn.Module):
             deterministic=deterministic,
         )
         mlp = _feed_forward(cfg)
-        return Sublayer(cfg, name="mlp_block")(x_BTD, lambda h: mlp(h, deterministic=deterministic),
+        return Sublayer(cfg, role="mlp", name="mlp_block")(x_BTD, lambda h: mlp(h, deterministic=deterministic),
                                                deterministic=deterministic)
 
 
@@ -310,5 +325,5 @@ class DecoderLayer(nn.Module):
             deterministic=deterministic,
         )
         mlp = _feed_forward(cfg)
-        return Sublayer(cfg, name="mlp_block")(y_BTD, lambda h: mlp(h, deterministic=deterministic),
+        return Sublayer(cfg, role="mlp", name="mlp_block")(y_BTD, lambda h: mlp(h, deterministic=deterministic),
                                                deterministic=deterministic)

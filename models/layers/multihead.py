@@ -18,8 +18,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models.layers.adapters import prefix_key_value, prepend_prefix
 from models.layers.attention import dot_product_attention, gather_pages, write_cache, write_pages
-from models.layers.peft import LoraConfig, lora_project
+from models.layers.peft import LoraConfig, PrefixConfig, lora_project
 from models.layers.positional import RopeConfig, apply_rope
 
 Dtype = Any
@@ -48,6 +49,9 @@ class MultiHeadAttention(nn.Module):
       rope: apply rotary embeddings to q and k (self-attention) if set.
       sliding_window: restrict each query to the last `sliding_window` keys.
       lora: LoRA on the projections its `targets` regex matches (`models.layers.peft`).
+      prefix: prefix tuning (`models.layers.adapters`): self-attention also attends to
+        learned keys and values `prefix_key` / `prefix_value` [P, K, H], visible to every
+        query, placed before the cache's (or the sequence's) keys; never cached.
 
     When the `cache` collection is mutable (`apply(..., mutable=["cache"])`, not at
     init), self-attention decodes with a KV cache: `cache/key` and `cache/value`
@@ -79,6 +83,7 @@ class MultiHeadAttention(nn.Module):
     rope: RopeConfig | None = None
     sliding_window: int | None = None
     lora: LoraConfig | None = None
+    prefix: PrefixConfig | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -187,10 +192,14 @@ class MultiHeadAttention(nn.Module):
         dropout_rng = None
         if self.dropout_rate > 0.0 and not deterministic:
             dropout_rng = self.make_rng("dropout")
+        masks = {"causal": causal, "q_positions": q_positions, "kv_positions": kv_positions, "kv_mask": kv_mask,
+                 "q_segment_ids": q_segment_ids, "kv_segment_ids": kv_segment_ids,
+                 "sliding_window": self.sliding_window, "mask": mask}
+        if self.prefix is not None and self_attention:
+            prefix_k, prefix_v = prefix_key_value(self, self.prefix, D, K, H, self.param_dtype)
+            k_BSKH, v_BSKH, masks = prepend_prefix(k_BSKH, v_BSKH, prefix_k, prefix_v, T, masks)
         result = dot_product_attention(
-            q_BTNH, k_BSKH, v_BSKH, causal=causal, q_positions=q_positions, kv_positions=kv_positions,
-            kv_mask=kv_mask, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-            sliding_window=self.sliding_window, mask=mask,
+            q_BTNH, k_BSKH, v_BSKH, **masks,
             dropout_rate=0.0 if deterministic else self.dropout_rate, dropout_rng=dropout_rng,
             return_weights=want_weights,
         )

@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+ADAPTER_KINDS = ("houlsby", "parallel")
+ADAPTER_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")  # models.layers.feedforward.ACTIVATIONS
 PEFT_NAME = re.compile(r"(_lora_(a|b|magnitude)$)|(^prefix_)|(^adapter_)")
 
 
@@ -62,15 +64,34 @@ class PrefixConfig:
     length: int
     mlp_hidden: int = 0
 
+    def __post_init__(self):
+        if self.length <= 0:
+            raise ValueError(f"finetune.prefix.length={self.length}: a prefix needs at least one position; use >= 1")
+        if self.mlp_hidden < 0:
+            raise ValueError(f"finetune.prefix.mlp_hidden={self.mlp_hidden} must be >= 0 (0: no MLP "
+                             "reparameterization)")
+
 
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig:
-    """Bottleneck adapters: "houlsby" (serial, after the attention and the MLP sub-layers,
-    Houlsby et al. 2019) or "parallel" (beside them, He et al. 2022), `hidden` wide."""
+    """Bottleneck adapters, `hidden` wide, scale * up(act(down(h))) with `up` zero at init:
+    "houlsby" (serial, on the output of the attention and the MLP sub-layers, Houlsby et al.
+    2019) or "parallel" (beside the MLP sub-layer, from its normed input, He et al. 2022,
+    who scale it by 4). See `models.layers.adapters`."""
 
     hidden: int
     kind: str = "houlsby"
     activation: str = "relu"
+    scale: float = 1.0
+
+    def __post_init__(self):
+        if self.hidden <= 0:
+            raise ValueError(f"finetune.adapter.hidden={self.hidden} must be >= 1 (the bottleneck width)")
+        if self.kind not in ADAPTER_KINDS:
+            raise ValueError(f"finetune.adapter.kind={self.kind!r} is unknown; expected one of {ADAPTER_KINDS}")
+        if self.activation not in ADAPTER_ACTIVATIONS:
+            raise ValueError(f"finetune.adapter.activation={self.activation!r} is unknown; expected one of "
+                             f"{ADAPTER_ACTIVATIONS}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,3 +394,19 @@ def unmerge(model, base_params, adapter_params, norms=None):
             if name + suffix in source:
                 node[name + suffix] = source[name + suffix]
     return out
+
+
+def prefix_params(cfg: PrefixConfig, d_model: int, kv_heads: int, head_dim: int) -> int:
+    """Parameters prefix tuning adds to one self-attention layer (while training: with the MLP
+    reparameterization, its embedding, MLP and biases; `fold_prefix` leaves 2 P K H)."""
+    P, K, H, M = cfg.length, kv_heads, head_dim, cfg.mlp_hidden
+    if not M:
+        return 2 * P * K * H
+    return P * d_model + d_model * M + M + M * 2 * K * H + 2 * K * H
+
+
+def adapter_params(cfg: AdapterConfig, d_model: int, sublayers: int = 2) -> int:
+    """Parameters bottleneck adapters add to one layer of `sublayers` sub-layers (2 for an
+    encoder or decoder-only layer): houlsby one adapter per sub-layer, parallel one (the MLP's)."""
+    count = sublayers if cfg.kind == "houlsby" else 1
+    return count * (2 * d_model * cfg.hidden + cfg.hidden + d_model)
