@@ -18,7 +18,7 @@ from train.objectives.lm import LMObjective
 from train.objectives.mlm import MLMObjective
 
 from tests.train.test_step import (B, EPS32, FAST_COMPILE, ROUNDING_SPREAD, SCHEDULE, SGD, T, _at_step, _batch,
-                                   _model, _num_params, _state)
+                                   _model, _state)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
