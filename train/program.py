@@ -70,10 +70,15 @@ def build(model: nn.Module, tx: optax.GradientTransformation, schedule: Callable
 
 
 def build_for_run(config, model: nn.Module, tx: optax.GradientTransformation, schedule: Callable, *,
-                  strategy: Strategy, mesh: Mesh, objective) -> sharded_step.ShardedProgram:
+                  strategy: Strategy, mesh: Mesh, objective=None) -> sharded_step.ShardedProgram:
     """`build` with the settings of a run config (`configs/base.py`): the objective (see
-    `train.objectives.get`), sequence length, micro-batch (data.batch_size /
-    optimizer.grad_accum_steps) and what trains (`finetune.*`, `train.trainable`)."""
+    `train.objectives.get`; None: the config's, built without a tokenizer, for plans that only
+    compile), sequence length, micro-batch (data.batch_size / optimizer.grad_accum_steps) and
+    what trains (`finetune.*`, `train.trainable`)."""
+    if objective is None:
+        from train import objectives
+
+        objective = objectives.get(config, model, None)
     accum = config.optimizer.grad_accum_steps
     if config.data.batch_size % accum:
         raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by "

@@ -59,8 +59,9 @@ class MLMObjective(lm.LMObjective):
 @register("mlm")
 def make(config, model, tokenizer) -> MLMObjective:
     """The masked LM of BERT: its mask token from the tokenizer, the z-loss and label smoothing
-    of the run config. Without a tokenizer (`train.validate`, before the BPE is trained) it is
-    built for its shapes only, without a corruption."""
+    of the run config. Without a tokenizer (`train.validate` before the BPE is trained, the
+    sharding plans) the last id stands in for the mask token: the compiled program is the same
+    whatever the id, only a run needs the tokenizer's."""
     from models.bert import BertForMaskedLM
 
     if not isinstance(model, BertForMaskedLM):
@@ -69,4 +70,5 @@ def make(config, model, tokenizer) -> MLMObjective:
     from train import build
 
     return MLMObjective(model, z_loss=config.optimizer.z_loss, label_smoothing=config.optimizer.label_smoothing,
-                        mlm=build.mlm(config, tokenizer) if tokenizer is not None else None)
+                        mlm=build.mlm(config, tokenizer) if tokenizer is not None else
+                        mlm_lib.MLMConfig(mask_id=model.config.vocab_size - 1, vocab_size=model.config.vocab_size))
