@@ -48,7 +48,7 @@ def _batch():
 def test_split_and_combine_are_inverse_and_disjoint():
     params = {"embed": {"embedding": 1}, "layer_0": {"mlp": {"wo": 2, "wo_lora_a": 3}}, "lm_head": 4}
     t, f = trainable.split(params, _config(freeze=FREEZE))
-    assert t == {"layer_0": {"mlp": {"wo_lora_a": 3}}, "lm_head": 4} or t == {"lm_head": 4}
+    assert t == {"lm_head": 4} and f == {"embed": {"embedding": 1}, "layer_0": {"mlp": {"wo": 2, "wo_lora_a": 3}}}
     assert trainable.combine(t, f) == params
     t, f = trainable.split(params, _config(method="lora", train="^lm_head$"))
     assert t == {"layer_0": {"mlp": {"wo_lora_a": 3}}, "lm_head": 4}
@@ -134,3 +134,20 @@ def test_a_frozen_run_under_fsdp_and_tp_equals_dp(strategy, mesh):
         np.testing.assert_allclose(x, y, rtol=2 * EPS32, atol=atol, err_msg=jax.tree_util.keystr(path))
     for m, d in zip(metrics, dp_metrics):
         np.testing.assert_allclose(m["loss"], d["loss"], rtol=4 * EPS32 * math.sqrt(BATCH * SEQ))
+
+
+def test_the_peft_method_of_finetune_rides_on_the_blocks():
+    from train import build
+
+    config = base.get_config()
+    assert build.peft(config) is None and build.model(config, 300).config.block.peft is None
+    config.finetune.update(method="qlora")
+    config.finetune.lora.update(rank=4, alpha=8.0, rslora=True)
+    peft = build.model(config, 300).config.block.peft
+    assert (peft.lora.rank, peft.lora.alpha, peft.lora.rslora, peft.lora.targets) == (
+        4, 8.0, True, config.finetune.lora.targets)
+    config.finetune.update(method="adapter")
+    config.finetune.adapter.update(kind="parallel", hidden=12)
+    assert build.peft(config).adapter.kind == "parallel" and build.peft(config).adapter.hidden == 12
+    config.finetune.update(method="prefix")
+    assert build.peft(config).prefix.length == config.finetune.prefix.length
