@@ -3,9 +3,15 @@
     boxed = jax.eval_shape(init_state, rng)       # abstract state, params logically partitioned
     layout = state_layout(strategy, mesh, boxed, tx)
     layout.state.params     # by the model rules (+ ZeRO split from stage 3)
+    layout.state.frozen     # parameters that do not train: like the params
     layout.grads            # like the params (+ ZeRO split from stage 2)
     layout.state.opt_state  # Adam's m and v like the params (+ ZeRO split from stage 1)
-    layout.batch            # rows over the strategy's batch axes
+    layout.batch            # rows over the strategy's batch axes (batch leaves of any rank)
+
+The frozen parameters (a base under LoRA, frozen layers; `train.trainable`) are laid out by
+their logical names exactly like trainable ones (ZeRO-3 splits them too); they have no
+gradients or optimizer state. A frozen leaf stored quantized (a pytree of arrays that keep the
+kernel's rank) has each of its arrays laid out by the kernel's names.
 
 The optimizer state's shardings mirror the parameter tree with `optax.tree_map_params`
 (every copy of the parameter tree inside the state, such as Adam's m and v, gets the
@@ -34,9 +40,9 @@ class Layout:
     Attributes:
       strategy, mesh: what they were built from.
       rules: the logical axis rules to trace the model under (activations).
-      state: the state's tree (step, params, opt_state) with a NamedSharding per leaf.
+      state: the state's tree (step, params, opt_state, frozen) with a NamedSharding per leaf.
       grads: the params' tree with the gradients' NamedShardings.
-      batch: the sharding of a [B, T] batch.
+      batch: the sharding of a batch leaf: rows over the batch axes, any rank.
       replicated: a fully replicated sharding (scalars, rng, metrics).
     """
 
@@ -60,17 +66,27 @@ def param_shardings(strategy: Strategy, mesh: Mesh, boxed_params: Any, *, zero: 
     """NamedShardings of a logically partitioned params tree: the model rules, and with `zero`
     the ZeRO split (`Strategy.spec`). Leaves without logical names are replicated."""
 
+    def named(names, array):
+        if names is not None and len(names) == len(array.shape):
+            return NamedSharding(mesh, strategy.spec(names, array.shape, mesh, zero=zero))
+        return NamedSharding(mesh, PartitionSpec())
+
     def one(leaf):
-        if isinstance(leaf, nn.Partitioned) and getattr(leaf, "names", None) is not None:
-            return NamedSharding(mesh, strategy.spec(leaf.names, leaf.value.shape, mesh, zero=zero))
+        if isinstance(leaf, nn.Partitioned):
+            names = getattr(leaf, "names", None)
+            if hasattr(leaf.value, "shape") and hasattr(leaf.value, "dtype"):
+                return named(names, leaf.value)
+            # A quantized frozen kernel: a pytree of arrays of the kernel's rank.
+            return jax.tree_util.tree_map(lambda a: named(names, a), leaf.value)
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree_util.tree_map(one, boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def state_layout(strategy: Strategy, mesh: Mesh, boxed_state: Any, tx: optax.GradientTransformation) -> Layout:
-    """The Layout of a train state (a pytree with `step`, `params` and `opt_state`, params boxed
-    with logical names, as `jax.eval_shape(train.step.init_state, ...)` returns).
+    """The Layout of a train state (a pytree with `step`, `params`, `opt_state` and optionally
+    `frozen`, params and frozen boxed with logical names, as `jax.eval_shape(train.step.init_state,
+    ...)` returns).
 
     Args:
       strategy: the strategy.
@@ -85,9 +101,13 @@ def state_layout(strategy: Strategy, mesh: Mesh, boxed_state: Any, tx: optax.Gra
     moments = param_shardings(strategy, mesh, boxed_state.params, zero=stage >= 1)
     opt_state = optax.tree_map_params(tx, lambda _, sharding: sharding, boxed_state.opt_state, moments,
                                       transform_non_params=lambda _: replicated)
-    state = boxed_state.replace(step=replicated, params=params, opt_state=opt_state)
+    parts = {"step": replicated, "params": params, "opt_state": opt_state}
+    if hasattr(boxed_state, "frozen"):
+        parts["frozen"] = param_shardings(strategy, mesh, boxed_state.frozen, zero=stage >= 3)
+    state = boxed_state.replace(**parts)
     rules = strategy.activation_rules(mesh)
+    # Only the leading (row) axis is named, so the sharding fits [B], [B, T], [B, T, ...] alike.
     return Layout(strategy=strategy, mesh=mesh, rules=rules, state=state, grads=grads,
-                  batch=NamedSharding(mesh, nn.logical_to_mesh_axes(("act_batch", None), rules)),
+                  batch=NamedSharding(mesh, nn.logical_to_mesh_axes(("act_batch",), rules)),
                   replicated=replicated)
 

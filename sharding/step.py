@@ -47,6 +47,7 @@ from jax.sharding import Mesh
 from sharding.layout import Layout, state_layout
 from sharding.strategies import Strategy, check_applies
 
+# The batch of a step built without a `batch_spec`: a packed token batch, [B, T] int32 each.
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
@@ -61,6 +62,8 @@ class ShardedProgram:
         checkpoint restore and ahead-of-time lowering).
       init: rng -> the initial state, placed by the layout.
       step: (state, batch, rng) -> (state, metrics), the state donated.
+      batch_spec: (batch_size, seq_len) -> the batch's ShapeDtypeStructs (the objective's), or
+        None for a packed token batch (BATCH_KEYS, [B, T] int32).
     """
 
     layout: Layout
@@ -68,21 +71,26 @@ class ShardedProgram:
     abstract_state: Any
     init: Callable
     step: Callable
+    batch_spec: Callable | None = None
 
     def abstract_batch(self, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
-        """A [B, T] int32 batch as ShapeDtypeStructs with the batch sharding (for `step.lower`)."""
-        return {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=self.layout.batch)
-                for k in BATCH_KEYS}
+        """The step's batch as ShapeDtypeStructs with the batch sharding (for `step.lower`): the
+        spec the step was built with, rows over the batch axes whatever each leaf's rank."""
+        spec = (self.batch_spec(batch_size, seq_len) if self.batch_spec is not None else
+                {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32) for k in BATCH_KEYS})
+        return {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.layout.batch) for k, s in spec.items()}
 
 
 def build(*, init_state: Callable, train_step: Callable, tx: optax.GradientTransformation, strategy: Strategy,
-          mesh: Mesh, seq_len: int | None = None, batch_size: int | None = None) -> ShardedProgram:
+          mesh: Mesh, seq_len: int | None = None, batch_size: int | None = None,
+          batch_spec: Callable | None = None) -> ShardedProgram:
     """Checks that `strategy` applies, lays the state out and jits init and step.
 
     Args:
       init_state: rng -> the initial state, a pytree with `step`, `params` (boxed with logical
-        axis names, as `model.init` returns them) and `opt_state`; static pieces bound with
-        `functools.partial`. Traced, never run eagerly.
+        axis names, as `model.init` returns them), `opt_state` (of `params` only) and
+        optionally `frozen` (parameters that do not train, boxed alike; laid out like the
+        params); static pieces bound with `functools.partial`. Traced, never run eagerly.
       train_step: the pure step `(state, batch, rng, *, grad_shardings) -> (state, metrics)`,
         static pieces bound with `functools.partial`. `grad_shardings` is the gradients'
         layout (a tree like the params) under ZeRO-2 and up, else None.
@@ -91,12 +99,16 @@ def build(*, init_state: Callable, train_step: Callable, tx: optax.GradientTrans
       mesh: the mesh.
       seq_len: the training sequence length, checked against sequence parallelism if given.
       batch_size: the global (micro-)batch, checked against the batch axes if given.
+      batch_spec: (batch_size, seq_len) -> the step's batch as ShapeDtypeStructs (for
+        `abstract_batch`); None: a packed token batch.
 
     Returns:
       The ShardedProgram.
     """
     boxed = jax.eval_shape(init_state, jax.random.key(0))
     check_applies(strategy, mesh, boxed.params, batch_size=batch_size, seq_len=seq_len)
+    if getattr(boxed, "frozen", None):
+        check_applies(strategy, mesh, boxed.frozen)
     layout = state_layout(strategy, mesh, boxed, tx)
 
     def init(rng):
@@ -118,6 +130,7 @@ def build(*, init_state: Callable, train_step: Callable, tx: optax.GradientTrans
         init=jax.jit(init, out_shardings=layout.state),
         step=jax.jit(step, in_shardings=(layout.state, layout.batch, layout.replicated),
                      out_shardings=(layout.state, layout.replicated), donate_argnums=(0,)),
+        batch_spec=batch_spec,
     )
 
 

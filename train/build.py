@@ -10,6 +10,7 @@ is models/bert.py's `BertForMaskedLM`, trained as a masked LM (`mlm`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -24,6 +25,7 @@ from models.gpt import GPT, POSITIONALS, GPTConfig
 from models.layers.blocks import BlockConfig
 from models.layers.mla import MLAConfig
 from models.layers.moe import MoEConfig
+from models.layers.peft import AdapterConfig, LoraConfig, PeftConfig, PrefixConfig
 from models.layers.positional import ROPE_SCALINGS, RopeConfig
 from train.mlm import MLMConfig
 from train.optimizer import make_optimizer
@@ -198,7 +200,23 @@ def _block(m: ml_collections.ConfigDict) -> BlockConfig:
                        param_dtype=_dtype(m.param_dtype, "model.param_dtype"))
 
 
-def _bert(m: ml_collections.ConfigDict, vocab_size: int) -> BertForMaskedLM:
+def peft(config: ml_collections.ConfigDict) -> PeftConfig | None:
+    """The parameter-efficient method of `finetune.*` for the layers (`BlockConfig.peft`); None
+    for full fine-tuning (and pretraining). qlora is LoRA in the layers over a quantized base
+    (the quantization is of the frozen parameters, `train.trainable.store_frozen`)."""
+    f = config.finetune
+    if f.method in ("lora", "qlora"):
+        lora = f.lora
+        return PeftConfig(lora=LoraConfig(targets=lora.targets, rank=lora.rank, alpha=lora.alpha,
+                                          dropout=lora.dropout, rslora=lora.rslora, dora=lora.dora))
+    if f.method == "prefix":
+        return PeftConfig(prefix=PrefixConfig(length=f.prefix.length, mlp_hidden=f.prefix.mlp_hidden))
+    if f.method == "adapter":
+        return PeftConfig(adapter=AdapterConfig(hidden=f.adapter.hidden, kind=f.adapter.kind))
+    return None
+
+
+def _bert(m: ml_collections.ConfigDict, vocab_size: int, block: BlockConfig) -> BertForMaskedLM:
     changed = _changed(m, DECODER_KEYS)
     if changed:
         raise ValueError(f"config key `model.{changed[0]}` is set but model.family='bert' (an encoder without "
@@ -208,12 +226,13 @@ def _bert(m: ml_collections.ConfigDict, vocab_size: int) -> BertForMaskedLM:
                          f"{m.positional!r}, model.tie_embeddings={m.tie_embeddings}")
     if m.type_vocab_size < 1:
         raise ValueError(f"config key `model.type_vocab_size`={m.type_vocab_size} must be >= 1")
-    return BertForMaskedLM(BertConfig(vocab_size=vocab_size, block=_block(m), num_layers=m.num_layers,
+    return BertForMaskedLM(BertConfig(vocab_size=vocab_size, block=block, num_layers=m.num_layers,
                                       max_len=m.max_len, type_vocab_size=m.type_vocab_size))
 
 
 def model(config: ml_collections.ConfigDict, vocab_size: int) -> GPT | BertForMaskedLM:
-    """The model of `config.model`; `vocab_size` fills model.vocab_size when that is 0. With
+    """The model of `config.model` for the run's objective; `vocab_size` fills model.vocab_size
+    when that is 0. The PEFT method of `finetune.*` rides on its blocks (`peft`). With
     `init_from` set, the checkpoint's model with the run's execution settings (`train.init_from`)."""
     if config.init_from:
         from train import init_from
@@ -226,13 +245,16 @@ def model(config: ml_collections.ConfigDict, vocab_size: int) -> GPT | BertForMa
         raise ValueError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {vocab_size}")
     if m.max_len < config.data.seq_len:
         raise ValueError(f"model.max_len={m.max_len} must be >= data.seq_len={config.data.seq_len}")
+    block = dataclasses.replace(_block(m), peft=peft(config))
     if m.family == "bert":
-        return _bert(m, m.vocab_size or vocab_size)
+        # The objective chooses the head on the encoder: classification and qa put theirs here
+        # (BertForSequenceClassification / BertForQuestionAnswering); lm is refused by its factory.
+        return _bert(m, m.vocab_size or vocab_size, block)
     if m.family == "moe" and not m.moe.num_experts:
         raise ValueError("model.family='moe' needs experts: set model.moe.num_experts (0 is a dense MLP)")
     if m.type_vocab_size != base.get_config().model.type_vocab_size:
         raise ValueError(f"config key `model.type_vocab_size` is set but model.family={m.family!r}; it is BERT's")
-    return GPT(GPTConfig(vocab_size=m.vocab_size or vocab_size, block=_block(m), num_layers=m.num_layers,
+    return GPT(GPTConfig(vocab_size=m.vocab_size or vocab_size, block=block, num_layers=m.num_layers,
                          max_len=m.max_len, tie_embeddings=m.tie_embeddings, remat=m.remat,
                          positional=m.positional, first_dense_layers=m.first_dense_layers,
                          scan_layers=m.scan_layers, mtp_depth=m.mtp_depth))

@@ -382,7 +382,7 @@ class Checkpointer:
         self.close()
 
 
-def restore_params(directory, step: int, abstract_params):
+def restore_params(directory, step: int, abstract_params, key: str = "params"):
     """Only the parameters of checkpoint `step` (no optimizer state), checked against the
     step's manifest, into the shapes, dtypes and shardings of `abstract_params`: a state
     saved on 8 devices restores onto 1, float32 params restore as bfloat16 if asked.
@@ -391,6 +391,8 @@ def restore_params(directory, step: int, abstract_params):
       directory: the checkpoints' root (`Checkpointer`'s directory).
       step: a committed step.
       abstract_params: pytree of `jax.ShapeDtypeStruct` with `.sharding` set.
+      key: the state's entry to read: `params` (the trainable ones), or `frozen` (those a
+        fine-tuning run kept frozen, `train.trainable`).
 
     Returns:
       The params pytree.
@@ -412,12 +414,12 @@ def restore_params(directory, step: int, abstract_params):
         saved = getattr(getattr(saved, "item_metadata", saved), "tree", saved)
     except Exception as e:  # noqa: BLE001 - any failure here means bad files
         raise CheckpointUnreadableError(f"checkpoint at step {step}: state metadata: {_short(e)}") from e
-    if not isinstance(saved, Mapping) or "params" not in saved:
-        raise CheckpointMismatchError(f"the checkpoint at step {step} in {step_dir.parent} holds no `params`")
+    if not isinstance(saved, Mapping) or key not in saved:
+        raise CheckpointMismatchError(f"the checkpoint at step {step} in {step_dir.parent} holds no `{key}`")
     expected = {k: dataclasses.replace(v, dtype=None) for k, v in _abstract_leaves(abstract_params).items()}
-    saved_params = {k: dataclasses.replace(v, dtype=None) for k, v in _saved_leaves(saved["params"]).items()}
-    _check_leaves(expected, saved_params, step, step_dir.parent, "params")
-    target = {"params": abstract_params}
+    saved_params = {k: dataclasses.replace(v, dtype=None) for k, v in _saved_leaves(saved[key]).items()}
+    _check_leaves(expected, saved_params, step, step_dir.parent, key)
+    target = {key: abstract_params}
     args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                   partial_restore=True)
     try:
@@ -427,7 +429,7 @@ def restore_params(directory, step: int, abstract_params):
     except Exception as e:  # noqa: BLE001 - tensorstore raises many kinds
         raise CheckpointUnreadableError(f"checkpoint at step {step} in {step_dir.parent} is unreadable "
                                         f"({_short(e)}); pick an older step") from e
-    return restored["params"]
+    return restored[key]
 
 
 def _checked_json(value, name):

@@ -165,10 +165,10 @@ def model(config: ml_collections.ConfigDict, vocab_size: int) -> nn.Module:
 
 
 def _peft(config):
-    """The run's PEFT config (`train.build.peft`, once it exists), else None."""
+    """The run's PEFT config (`train.build.peft`)."""
     from train import build
 
-    return build.peft(config) if hasattr(build, "peft") else None
+    return build.peft(config)
 
 
 def _get(c, key: str):

@@ -1,14 +1,17 @@
-"""The pretraining loop: `run(config, workdir)`.
+"""The training loop, one for every objective: `run(config, workdir)`.
 
-    state <- latest readable checkpoint in WORKDIR, or a fresh init
+    state <- latest readable checkpoint in WORKDIR, or a fresh init (then the starting
+             weights of config.init_from, `train.init_from`)
     loop: next batch -> jitted train_step (donated state) -> metrics of the previous
           step read while this one runs -> checkpoint every save_interval_steps
-    end:  validation of the text eval.max_batches batches hold (loss; bits per byte and
-          the xz baseline on exactly that text), samples, summary.json
+    end:  validation with the objective's metrics, what the objective reports beyond them,
+          summary.json
 
-BERT (model.family=bert) trains as a masked LM: its validation loss and accuracy are on
-masked positions (the same masks at every evaluation), so there is no bits per byte, xz
-baseline or sampled text.
+The objective (`config.objective`, `train.objectives`) gives the loss, the data and the
+evaluation. The next-token objective (lm, the decoders' default) reports the loss in bits per
+byte of exactly the validation text eval.max_batches batches hold, beside the xz baseline on
+the same text, and samples; BERT's masked LM (mlm) its masked-token loss and accuracy (the
+same masks at every evaluation), without bits per byte, xz baseline or sampled text.
 
 The state, the batches and the jitted steps are laid out by the sharding strategy
 `config.sharding.strategy` on the mesh `config.sharding.mesh` (`sharding.step.build`: dp,
@@ -41,13 +44,13 @@ from data import pipeline
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
 from sharding.strategies import get_strategy
-from train import build, distributed, init_from
+from train import build, distributed, init_from, objectives, validate
 from train import program as program_lib
 from train import step as step_lib
-from train import validate
+from train import trainable as trainable_lib
 from train.checkpoint import Checkpointer
 from train.metrics import MetricsWriter, Throughput, peak_flops_per_device
-from train.samples import prompt_ids, sample_continuations
+from train.samples import prompt_ids
 
 
 class Preempted(RuntimeError):
@@ -58,20 +61,24 @@ class NonFiniteLoss(FloatingPointError):
     """The loss or gradient norm became NaN or inf; nothing was saved for that step."""
 
 
-def evaluate(eval_fn, params, batches, batch_sharding, max_batches: int = 0) -> dict[str, float]:
-    """Summed NLL and token count, mean loss and accuracy over the validation batches (all of
-    them if max_batches == 0), read as they stream. Batch i gets the rng `key(i)` (a masked
-    LM's masks)."""
-    nll, tokens, correct = 0.0, 0.0, 0.0
+def evaluation_sums(eval_fn, state, batches, batch_sharding, max_batches: int = 0) -> dict[str, float]:
+    """The objective's sums over the validation batches (all of them if max_batches == 0), added
+    as floats as they stream. Batch i gets the rng `key(i)` (a masked LM's masks)."""
+    sums: dict[str, float] = {}
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
-        out = eval_fn(params, rules_lib.device_put_batch(batch, batch_sharding), jax.random.key(i))
-        nll += float(out["nll_sum"])
-        tokens += float(out["num_tokens"])
-        correct += float(out["correct_sum"])
-    count = max(tokens, 1.0)
-    return {"nll_sum": nll, "num_tokens": tokens, "loss": nll / count, "accuracy": correct / count}
+        out = eval_fn(state.params, state.frozen, rules_lib.device_put_batch(batch, batch_sharding),
+                      jax.random.key(i))
+        for key, value in out.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+    return sums
+
+
+def evaluate(r: "Run", state, batches) -> tuple[dict[str, float], dict[str, float]]:
+    """(sums, metrics) of the run's objective on the validation `batches` (eval.max_batches of them)."""
+    sums = evaluation_sums(r.eval_fn, state, batches, r.batch_sharding, r.config.eval.max_batches)
+    return sums, r.objective.eval_metrics(sums)
 
 
 def xz_bits_per_byte(documents: Iterable[str], num_bytes: int) -> float:
@@ -129,41 +136,43 @@ class Run:
     init_fn: Any
     step_fn: Any
     eval_fn: Any
-    mlm: Any  # train.mlm.MLMConfig for a masked LM (BERT), else None
+    objective: Any  # train.objectives: the loss, data and evaluation
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
-    """Builds tokenizer, model, optimizer, mesh and the jitted init, train and eval steps, laid out
-    by the sharding strategy `config.sharding.strategy` on the mesh `config.sharding.mesh` (empty:
-    the strategy's default mesh; see `sharding.strategies`)."""
+def setup(config: ml_collections.ConfigDict, workdir: str, *, write_config: bool = True) -> Run:
+    """Builds tokenizer, model, objective, optimizer, mesh and the jitted init, train and eval
+    steps, laid out by the sharding strategy `config.sharding.strategy` on the mesh
+    `config.sharding.mesh` (empty: the strategy's default mesh; see `sharding.strategies`).
+    `write_config=False` (an evaluation of a finished run) leaves WORKDIR/config.json alone."""
     workdir = os.path.abspath(workdir)
     validate.check(config, workdir)  # every key, before data, tokenizer or config.json are touched
     os.makedirs(workdir, exist_ok=True)
     is_lead = jax.process_index() == 0
-    if is_lead:
+    if is_lead and write_config:
         _warn_config_changes(os.path.join(workdir, "config.json"), config.to_dict())
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2)
     data_cfg = build.data_config(config, workdir)
     tokenizer = distributed.lead_first("data", lambda: _prepare_data(config, workdir, data_cfg))
     model = build.model(config, tokenizer.vocab_size)
-    mlm = build.mlm(config, tokenizer)
-    if mlm is None:  # the run ends with samples: fail now, not after training, if there is nothing to start from
+    objective = objectives.get(config, model, tokenizer)
+    if objective.name == "lm":  # the run ends with samples: fail now, not after training, if there is nothing to start from
         prompt_ids(tokenizer, config.eval.prompt)
     tx, schedule = build.optimizer(config)
     strategy = get_strategy(config.sharding.strategy)
     mesh = mesh_lib.make_mesh(config.sharding.mesh or strategy.default_mesh)
-    program = program_lib.build_for_run(config, model, tx, schedule, strategy=strategy, mesh=mesh, mlm=mlm)
+    program = program_lib.build_for_run(config, model, tx, schedule, strategy=strategy, mesh=mesh,
+                                        objective=objective)
     layout = program.layout
 
-    def evaluate_batch(params, batch, rng):
+    def evaluate_batch(params, frozen, batch, rng):
         with layout.tracing():
-            return step_lib.eval_step(params, batch, rng, model=model, mlm=mlm)
+            return step_lib.eval_step(params, frozen, batch, rng, objective=objective)
 
-    eval_fn = jax.jit(evaluate_batch, in_shardings=(layout.state.params, layout.batch, layout.replicated),
-                      out_shardings=layout.replicated)
+    eval_fn = jax.jit(evaluate_batch, in_shardings=(layout.state.params, layout.state.frozen, layout.batch,
+                                                    layout.replicated), out_shardings=layout.replicated)
     return Run(config, workdir, is_lead, data_cfg, tokenizer, model, mesh, layout.rules, layout.batch,
-               program.abstract_state, program.init, program.step, eval_fn, mlm)
+               program.abstract_state, program.init, program.step, eval_fn, objective)
 
 
 def _prepare_data(config: ml_collections.ConfigDict, workdir: str, data_cfg: pipeline.DataConfig):
@@ -178,7 +187,7 @@ def _prepare_data(config: ml_collections.ConfigDict, workdir: str, data_cfg: pip
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Pretrains (or resumes) the model of `config` in `workdir`; returns the summary dict."""
+    """Trains (or resumes) the model of `config` in `workdir`; returns the summary dict."""
     r = setup(config, workdir)
     workdir = r.workdir
     # The jitted steps trace under their layout's mesh and logical rules themselves
@@ -187,7 +196,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                 max_to_keep=config.checkpoint.max_to_keep,
                                 save_interval_steps=config.checkpoint.save_interval_steps,
                                 async_save=config.checkpoint.async_save)
-    train_iter = pipeline.train_iterator(r.data, r.tokenizer)
+    train_iter = r.objective.train_iterator(config, r.data, r.tokenizer)
     restored = checkpointer.restore(r.abstract_state)
     if restored is None:
         state = r.init_fn(jax.random.key(config.seed))
@@ -200,16 +209,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         message = f"resumed from step {int(state.step)} in {workdir}"
     if r.is_lead:
         print(message, flush=True)
-    # The text eval.max_batches covers, so that bits per byte and xz measure exactly it;
-    # streamed: each evaluation reads and tokenizes it again, nothing is held in between.
-    eval_documents = pipeline.eval_documents(r.data, r.tokenizer, config.eval.max_batches)
-    eval_batches = pipeline.eval_dataset(r.data, r.tokenizer, documents=eval_documents)
+    eval_batches = r.objective.eval_batches(config, r.data, r.tokenizer)
     try:
         state, throughput, last_metrics = _train_loop(r, state, train_iter, checkpointer, eval_batches)
     finally:
         checkpointer.close()
-    final_eval = evaluate(r.eval_fn, state.params, eval_batches, r.batch_sharding, config.eval.max_batches)
-    return _finish(r, state, final_eval, throughput, last_metrics, eval_documents)
+    sums, metrics = evaluate(r, state, eval_batches)
+    return _finish(r, state, sums, metrics, throughput, last_metrics, eval_batches)
 
 
 class _MetricsReader:
@@ -276,9 +282,9 @@ def _train_loop(r: Run, state, train_iter, checkpointer: Checkpointer, eval_batc
                                   force=True)
                 reader.last_time = time.time()  # tokens/s counts training, not saving
             if config.eval.every_steps and done % config.eval.every_steps == 0 and done != config.steps:
-                ev = evaluate(r.eval_fn, state.params, eval_batches, r.batch_sharding, config.eval.max_batches)
+                _, ev = evaluate(r, state, eval_batches)
                 if reader.writer:
-                    reader.writer.write(done, {"val_loss": ev["loss"], "val_accuracy": ev["accuracy"]})
+                    reader.writer.write(done, validation_metrics(ev))
                 reader.last_time = time.time()
             if stopping:
                 checkpointer.wait_until_finished()
@@ -294,45 +300,46 @@ def _train_loop(r: Run, state, train_iter, checkpointer: Checkpointer, eval_batc
     return state, reader.throughput, reader.last_metrics
 
 
-def _finish(r: Run, state, ev: dict[str, float], throughput: Throughput, last_metrics,
-            eval_documents: pipeline.EvalDocuments) -> dict[str, Any]:
-    """Bits per byte of the validation `ev` (over the text `eval_documents` selects) against
-    xz on the same text, samples and summary.json (a masked LM: its masked-token loss and
-    accuracy only)."""
-    config, workdir, model, tokenizer = r.config, r.workdir, r.model, r.tokenizer
+def validation_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The evaluation metrics as logged and summarized: `val_<name>`."""
+    return {f"val_{k}": v for k, v in metrics.items()}
+
+
+def _finish(r: Run, state, sums: dict[str, float], metrics: dict[str, float], throughput: Throughput,
+            last_metrics, eval_data) -> dict[str, Any]:
+    """summary.json: the run's numbers, the validation metrics and what the objective reports
+    beyond them (`report`: the lm's bits per byte against xz on the same text, and samples)."""
+    config, workdir, model = r.config, r.workdir, r.model
     totals = throughput.totals()
     summary = {
         "final_step": int(state.step),
         "train_loss": last_metrics.get("loss"),
-        "val_loss": ev["loss"],
-        "val_accuracy": ev["accuracy"],
-        "val_tokens": int(ev["num_tokens"]),
+        **validation_metrics(metrics),
+    }
+    report = getattr(r.objective, "report", None)
+    if report is not None:
+        # Whole params, even when they span processes (every process takes part).
+        extra, quality = report(r, lambda: distributed.to_host(trainable_lib.combine(state.params, state.frozen)),
+                                sums, metrics, eval_data)
+    else:
+        extra, quality = {}, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "loss")
+    samples = extra.pop("samples", None)
+    if "val_tokens" in extra:
+        summary["val_tokens"] = extra.pop("val_tokens")
+    summary.update({
         "tokens_per_second": totals["tokens_per_second"],
         "flops_per_second": totals["flops_per_second"],
         "mfu": totals["mfu"],
         "peak_flops_per_device": totals.get("peak_flops_per_device"),
         "num_devices": totals.get("num_devices"),
         "num_params": build.model_size(model, config.data.seq_len)[0],
-    }
-    if r.mlm is None:
-        raw = pipeline.validation_text(r.data, eval_documents)
-        summary.update(val_documents=len(raw.documents), val_bytes=raw.num_bytes, val_bits_per_byte=ev["nll_sum"] / math.log(2) / raw.num_bytes,
-                       xz_bits_per_byte=xz_bits_per_byte(raw.documents, raw.num_bytes))
-        params = distributed.to_host(state.params)  # whole, even when they span processes
-        if r.is_lead:  # a small local computation: the lead prints and saves the samples
-            summary["samples"] = sample_continuations(
-                model, params, tokenizer, config.eval.prompt, num_samples=config.eval.num_samples,
-                num_tokens=config.eval.sample_tokens, temperature=config.eval.temperature,
-                max_len=model.config.max_len, seed=config.seed)
-    elif r.is_lead:
-        print("no samples: a masked LM (model.family=bert) does not generate text", flush=True)
+        **extra,
+    })
+    if samples is not None:
+        summary["samples"] = samples
     if r.is_lead:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        if r.mlm is None:
-            quality = (f"{summary['val_bits_per_byte']:.3f} bits/byte (xz -9: {summary['xz_bits_per_byte']:.3f})")
-        else:
-            quality = f"masked-token accuracy {summary['val_accuracy']:.1%}"
         print(f"step {summary['final_step']}: val loss {summary['val_loss']:.3f}, {quality}; "
               f"{summary['tokens_per_second']:.0f} tokens/s, MFU {summary['mfu']:.1%}")
         for text in summary.get("samples", []):

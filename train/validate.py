@@ -5,6 +5,9 @@ preparation, tokenizer training or compilation, and before `config.json` is writ
 
   * counts are positive (steps, batch, intervals, ...) and every enum value is known:
     the model, optimizer and schedule are built from the config (`train.build`);
+  * the objective is known and fits the model family; the fine-tuning keys (`finetune.*`:
+    method, regexes, ranks and sizes) hold values that work, and the freeze / train regexes
+    match parameters (`train.trainable`);
   * the mesh fits the device count, the strategy fits the model's parameter shapes
     (`jax.eval_shape` of the init: nothing is allocated) and the batch fits the batch
     axes and the processes;
@@ -34,8 +37,9 @@ from data.pipeline import process_rows
 from data.tokenizer import Tokenizer, load_tokenizer
 from sharding import mesh as mesh_lib
 from sharding.strategies import get_strategy
-from train import build, init_from
+from train import build, init_from, objectives
 from train import program as program_lib
+from train import trainable as trainable_lib
 
 # (config key, smallest value): counts a run cannot work with below it.
 MINIMUMS = (
@@ -45,6 +49,12 @@ MINIMUMS = (
     ("eval.num_samples", 0), ("eval.sample_tokens", 0), ("eval.temperature", 0), ("model.num_layers", 1),
 )
 LOCAL_SPLITS = ("train", "validation")  # what the embedded and files: sources hold
+# (finetune key, smallest value, exclusive): the PEFT methods' sizes.
+FINETUNE_MINIMUMS = (
+    ("lora.rank", 1, False), ("lora.alpha", 0.0, True), ("lora.dropout", 0.0, False), ("qlora.block_size", 1, False),
+    ("prefix.length", 1, False), ("prefix.mlp_hidden", 0, False), ("adapter.hidden", 1, False),
+)
+CHOICES = {"qlora.quant": ("nf4", "int8"), "adapter.kind": ("houlsby", "parallel")}
 
 
 def check(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -56,6 +66,7 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> None:
     """
     workdir = os.path.abspath(workdir)
     _check_counts(config)
+    check_finetune(config)
     _check_data(config, workdir)
     if config.init_from:
         init_from.check(config)
@@ -76,6 +87,34 @@ def _check_counts(config) -> None:
         if value < least:
             raise ValueError(f"config key `{key}`={value} must be >= {least}")
     process_rows(config.data.batch_size)  # the batch splits evenly over the processes
+
+
+def check_finetune(config) -> None:
+    """The objective's name and the `finetune.*` values (the regexes are matched against the
+    model's parameters later, by `train.trainable.split` inside `abstract_params_of`)."""
+    objectives.check_name(config)
+    f = config.finetune
+    if f.method not in trainable_lib.METHODS:
+        raise ValueError(f"config key `finetune.method`={f.method!r}; expected one of {trainable_lib.METHODS}")
+    if f.freeze and f.method != "full":
+        raise ValueError(f"config key `finetune.freeze` is set but finetune.method={f.method!r} already freezes all "
+                         "but its own parameters; use finetune.train to train more, or method=full")
+    if f.train and f.method == "full":
+        raise ValueError("config key `finetune.train` is set but finetune.method='full' trains everything not "
+                         "frozen; use finetune.freeze, or a PEFT method (lora, qlora, prefix, adapter)")
+    if f.method == "full":
+        return
+    for key, least, exclusive in FINETUNE_MINIMUMS:
+        group, name = key.split(".")
+        value = f[group][name]
+        if value < least or (exclusive and value == least):
+            raise ValueError(f"config key `finetune.{key}`={value} must be {'>' if exclusive else '>='} {least}")
+    if f.lora.dropout >= 1:
+        raise ValueError(f"config key `finetune.lora.dropout`={f.lora.dropout} must be < 1 (a probability)")
+    for key, allowed in CHOICES.items():
+        group, name = key.split(".")
+        if f[group][name] not in allowed:
+            raise ValueError(f"config key `finetune.{key}`={f[group][name]!r}; expected one of {allowed}")
 
 
 def _check_data(config, workdir: str) -> None:
@@ -139,13 +178,14 @@ def existing_tokenizer(config, workdir: str) -> Tokenizer | None:
 
 
 def abstract_params_of(config, tokenizer: Tokenizer | None) -> Any:
-    """The parameters' ShapeDtypeStructs under the config's strategy and mesh (the checks of
-    `sharding.step.build` included); raises ValueError naming the bad key."""
+    """The state's parameters (`params`: those that train, `frozen`: the others) as
+    ShapeDtypeStructs under the config's strategy and mesh (the checks of `sharding.step.build`
+    and of `finetune.*`'s regexes included); raises ValueError naming the bad key."""
     vocab = tokenizer.vocab_size if tokenizer is not None else config.tokenizer.vocab_size
     with _naming("model"):
         model = build.model(config, vocab)
-    if tokenizer is not None:
-        build.mlm(config, tokenizer)
+    # Without a tokenizer (a BPE still to train) the objective is built for its shapes only.
+    objective = objectives.get(config, model, tokenizer)
     with _naming("optimizer` or `schedule"):
         tx, schedule = build.optimizer(config)
     strategy = get_strategy(config.sharding.strategy)
@@ -155,8 +195,9 @@ def abstract_params_of(config, tokenizer: Tokenizer | None) -> Any:
     except ValueError as e:
         raise ValueError(f"config key `sharding.mesh`: {e}; give axis sizes whose product is "
                          f"{jax.device_count()}, the device count (one size may be -1: the rest)") from None
-    program = program_lib.build_for_run(config, model, tx, schedule, strategy=strategy, mesh=mesh)
-    return program.abstract_state.params
+    program = program_lib.build_for_run(config, model, tx, schedule, strategy=strategy, mesh=mesh,
+                                        objective=objective)
+    return {"params": program.abstract_state.params, "frozen": program.abstract_state.frozen}
 
 
 @contextlib.contextmanager
@@ -208,9 +249,13 @@ def saved_config(workdir: str) -> ml_collections.ConfigDict | None:
     return None
 
 
-def _shapes(params) -> dict[str, tuple]:
-    return {jax.tree_util.keystr(path): (tuple(leaf.shape), str(leaf.dtype))
-            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+def _shapes(state_params) -> dict[str, tuple]:
+    """Shape and dtype by path of `abstract_params_of`'s trees (frozen ones marked `frozen`)."""
+    out = {}
+    for prefix, tree in (("", state_params["params"]), ("frozen", state_params["frozen"])):
+        out.update({prefix + jax.tree_util.keystr(path): (tuple(leaf.shape), str(leaf.dtype))
+                    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]})
+    return out
 
 
 def _differing_keys(before: dict, after: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:

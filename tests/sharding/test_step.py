@@ -58,7 +58,10 @@ def _train(strategy: str, devices) -> tuple[sharded.ShardedProgram, list, list[f
     chosen = get_strategy(strategy)
     program = sharded.build(init_state=functools.partial(init_state, tx=tx),
                             train_step=functools.partial(least_squares_step, tx=tx, seen=seen), tx=tx,
-                            strategy=chosen, mesh=mesh_lib.make_mesh("data=-1", devices), batch_size=BATCH)
+                            strategy=chosen, mesh=mesh_lib.make_mesh("data=-1", devices), batch_size=BATCH,
+                            batch_spec=lambda b, _: {"x": jax.ShapeDtypeStruct((b, D_IN), jnp.float32),
+                                                     "y": jax.ShapeDtypeStruct((b, D_OUT), jnp.float32),
+                                                     "weight": jax.ShapeDtypeStruct((b,), jnp.float32)})
     rng = np.random.default_rng(0)
     batch = {"x": rng.normal(size=(BATCH, D_IN)).astype(np.float32),
              "y": rng.normal(size=(BATCH, D_OUT)).astype(np.float32)}
@@ -78,6 +81,12 @@ def test_a_given_step_under_zero3_on_8_devices_equals_one_device():
     assert len(program.abstract_state.params["kernel"].sharding.device_set) == 8
     assert not program.abstract_state.params["kernel"].sharding.is_fully_replicated
     assert losses[-1] < losses[0]
+    # The step's own batch spec, its rows over the 8 devices whatever the rank of a leaf.
+    abstract = program.abstract_batch(BATCH, 0)
+    assert {k: (v.shape, v.dtype) for k, v in abstract.items()} == {
+        "x": ((BATCH, D_IN), jnp.float32), "y": ((BATCH, D_OUT), jnp.float32), "weight": ((BATCH,), jnp.float32)}
+    assert abstract["weight"].sharding.shard_shape((BATCH,)) == (BATCH // 8,)
+    assert abstract["x"].sharding.shard_shape((BATCH, D_IN)) == (BATCH // 8, D_IN)
     # Sums of 16 float32 products in another order: a few eps32 * sqrt(16) relative per step.
     np.testing.assert_allclose(losses, losses_1, rtol=1e-5)
     np.testing.assert_allclose(params["kernel"], params_1["kernel"], rtol=1e-5, atol=1e-6)

@@ -73,7 +73,7 @@ def test_megatron_and_composite_tables():
     assert p["self_attention"]["out"].spec == PartitionSpec("tensor", None, "fsdp")    # row parallel
     assert p["mlp"]["wo"].spec == PartitionSpec("tensor", "fsdp")
     assert layout.state.params["embed"]["embedding"].spec == PartitionSpec("tensor", "fsdp")  # vocab parallel
-    assert layout.batch.spec == PartitionSpec(("data", "fsdp"), None)
+    assert layout.batch.spec == PartitionSpec(("data", "fsdp"))  # rows only: batch leaves of any rank
     # Sequence parallelism: the residual stream takes `tensor` along T, never where a head,
     # MLP or vocabulary dimension holds it.
     rules = get_strategy("tp_sp").activation_rules(mesh_lib.make_mesh("data=4,tensor=2"))

@@ -17,6 +17,7 @@ from models.bert import BertConfig, BertForMaskedLM
 from models.layers.blocks import BlockConfig
 from train import mlm as mlm_lib
 from train import step as step_lib
+from train.objectives.mlm import MLM_RNG_SALT, MLMObjective
 from train.schedules import make_schedule
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -125,9 +126,9 @@ def _batch():
 
 @functools.cache
 def _step_fn(grad_accum_steps):
-    return jax.jit(functools.partial(step_lib.train_step, model=_model(), tx=SGD,
+    return jax.jit(functools.partial(step_lib.train_step, objective=MLMObjective(_model(), mlm=MLM), tx=SGD,
                                      schedule=make_schedule("constant", peak_lr=0.5, total_steps=10, warmup_steps=0),
-                                     grad_accum_steps=grad_accum_steps, mlm=MLM), compiler_options=FAST_COMPILE)
+                                     grad_accum_steps=grad_accum_steps), compiler_options=FAST_COMPILE)
 
 
 def _state(model):
@@ -141,7 +142,7 @@ def test_masked_lm_step_loss_counts_exactly_the_masked_positions():
     _, metrics = _step_fn(1)(state, batch, rng)
     # The masks the step drew: from fold_in(rng, step), as documented.
     step_rng = jax.random.fold_in(rng, state.step)
-    masked = mlm_lib.mask_batch(jax.random.fold_in(step_rng, step_lib.MLM_RNG_SALT), batch, MLM)
+    masked = mlm_lib.mask_batch(jax.random.fold_in(step_rng, MLM_RNG_SALT), batch, MLM)
     chosen = np.asarray(masked["loss_mask"]) > 0
     assert 0 < chosen.sum() < np.asarray(batch["loss_mask"]).sum()
     assert not chosen[np.asarray(batch["segment_ids"]) == 0].any()
@@ -175,8 +176,9 @@ def test_masked_lm_accumulation_equals_one_batch_and_masks_change_per_step():
 def test_masked_lm_eval_is_fixed_by_its_rng_and_counts_only_masks():
     model, batch = _model(), _batch()
     params = _params(model)
-    eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=model, mlm=MLM), compiler_options=FAST_COMPILE)
-    a, b, c = (eval_fn(params, batch, jax.random.key(k)) for k in (0, 0, 1))
+    eval_fn = jax.jit(functools.partial(step_lib.eval_step, objective=MLMObjective(model, mlm=MLM)),
+                      compiler_options=FAST_COMPILE)
+    a, b, c = (eval_fn(params, {}, batch, jax.random.key(k)) for k in (0, 0, 1))
     assert float(a["nll_sum"]) == float(b["nll_sum"]) and float(a["nll_sum"]) != float(c["nll_sum"])
     expected = mlm_lib.mask_batch(jax.random.key(0), batch, MLM)["loss_mask"].sum()
     assert float(a["num_tokens"]) == float(expected) and 0 <= float(a["correct_sum"]) <= float(expected)

@@ -23,6 +23,7 @@ from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
 from train import losses
 from train import step as step_lib
+from train.objectives.lm import LMObjective
 from train.optimizer import make_optimizer
 from train.schedules import make_schedule
 
@@ -70,8 +71,8 @@ def _batch(seed=0):
 @functools.cache
 def _step_fn(grad_accum_steps=1, dropout_rate=0.0):
     """One compile per setting, shared by the tests (each is 2-5 s on a loaded CPU)."""
-    return jax.jit(functools.partial(step_lib.train_step, model=_model(dropout_rate), tx=SGD, schedule=SCHEDULE,
-                                     grad_accum_steps=grad_accum_steps, z_loss=1e-3),
+    return jax.jit(functools.partial(step_lib.train_step, objective=LMObjective(_model(dropout_rate), z_loss=1e-3),
+                                     tx=SGD, schedule=SCHEDULE, grad_accum_steps=grad_accum_steps),
                    compiler_options=FAST_COMPILE)
 
 
@@ -149,7 +150,8 @@ def test_data_parallel_equals_one_device():
         batch_sharding, replicated = rules_lib.batch_sharding(mesh, rules), rules_lib.replicated(mesh)
         # Tracing inside the mesh and the rules makes the models' logical constraints real ones.
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            step_fn = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx, schedule=SCHEDULE),
+            step_fn = jax.jit(functools.partial(step_lib.train_step, objective=LMObjective(model), tx=tx,
+                                                schedule=SCHEDULE),
                               in_shardings=(replicated, batch_sharding, replicated),
                               out_shardings=(replicated, replicated), compiler_options=FAST_COMPILE)
             state, losses = jax.device_put(_state(model, tx), replicated), []
@@ -208,8 +210,8 @@ def test_grad_shardings_split_the_accumulator_and_keep_the_numbers():
     runs = {}
     for name, shardings in (("whole", None), ("split", grad_shardings)):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            step = jax.jit(functools.partial(step_lib.train_step, model=model, tx=SGD, schedule=SCHEDULE,
-                                             grad_accum_steps=2, z_loss=1e-3, grad_shardings=shardings),
+            step = jax.jit(functools.partial(step_lib.train_step, objective=LMObjective(model, z_loss=1e-3), tx=SGD,
+                                             schedule=SCHEDULE, grad_accum_steps=2, grad_shardings=shardings),
                            in_shardings=(replicated, batch_sharding, replicated),
                            out_shardings=(replicated, replicated))
             compiled = step.lower(state, batch, jax.random.key(0)).compile(FAST_COMPILE)
@@ -228,7 +230,8 @@ def test_grad_shardings_split_the_accumulator_and_keep_the_numbers():
 def test_eval_nll_sum_matches_float64_numpy():
     model, batch = _model(), _batch()
     params = _state(model, SGD).params
-    out = jax.jit(functools.partial(step_lib.eval_step, model=model), compiler_options=FAST_COMPILE)(params, batch)
+    out = jax.jit(functools.partial(step_lib.eval_step, objective=LMObjective(model)),
+                  compiler_options=FAST_COMPILE)(params, {}, batch, None)
     logits = jax.jit(lambda p: model.apply({"params": p}, batch["inputs"], positions=batch["positions"],
                                            segment_ids=batch["segment_ids"]), compiler_options=FAST_COMPILE)(params)
 
@@ -318,9 +321,9 @@ def _moe_state(tx=SGD):
 def _aux_step_fn(model_name, grad_accum_steps=1, bias_update_rate=0.0, frozen=False):
     model = {"moe": _moe_model, "mtp": _mtp_model}[model_name]()
     tx = optax.sgd(0.0) if frozen else SGD
-    return jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx, schedule=SCHEDULE,
-                                     grad_accum_steps=grad_accum_steps, z_loss=1e-3, mtp_loss_weight=0.5,
-                                     bias_update_rate=bias_update_rate), compiler_options=FAST_COMPILE)
+    objective = LMObjective(model, z_loss=1e-3, mtp_loss_weight=0.5, bias_update_rate=bias_update_rate)
+    return jax.jit(functools.partial(step_lib.train_step, objective=objective, tx=tx, schedule=SCHEDULE,
+                                     grad_accum_steps=grad_accum_steps), compiler_options=FAST_COMPILE)
 
 
 def _apply_with_intermediates(model, params, batch):

@@ -40,6 +40,21 @@ def _config(*overrides):
     (["data.validation_fraction=1.5"], r"`data.validation_fraction`=1.5 must lie in \(0, 1\)"),
     (["data.eval_split=test"], r"`data.eval_split`='test'; the embedded source has the splits"),
     (["tokenizer.path=/no/such/tokenizer"], r"config key `tokenizer.path`: .* does not exist"),
+    (["objective=dpo"], r"config key `objective`='dpo'; expected one of \(.*'lm', 'mlm'"),
+    (["objective=mlm"], r"`objective`='mlm' \(masked LM\) needs model.family='bert', got 'gpt'"),
+    (["finetune.method=ia3"], r"config key `finetune.method`='ia3'; expected one of \('full', 'lora'"),
+    (["finetune.method=lora", "finetune.lora.rank=0"], r"config key `finetune.lora.rank`=0 must be >= 1"),
+    (["finetune.method=lora", "finetune.lora.alpha=0"], r"config key `finetune.lora.alpha`=0.0 must be > 0"),
+    (["finetune.method=lora", "finetune.lora.dropout=1.0"], r"`finetune.lora.dropout`=1.0 must be < 1"),
+    (["finetune.method=qlora", "finetune.qlora.quant=fp4"], r"`finetune.qlora.quant`='fp4'; expected one of"),
+    (["finetune.method=prefix", "finetune.prefix.length=0"], r"`finetune.prefix.length`=0 must be >= 1"),
+    (["finetune.method=adapter", "finetune.adapter.kind=serial"], r"`finetune.adapter.kind`='serial'; expected"),
+    (["finetune.freeze=no_such_module"], r"config key `finetune.freeze`='no_such_module' matches no parameter; "
+                                         r"parameter paths are '/'-joined, e.g. .*: fix the regex"),
+    (["finetune.freeze=["], r"config key `finetune.freeze`='\[' is not a regular expression"),
+    (["finetune.freeze=."], r"`finetune.freeze`='.' freezes every parameter: nothing would train"),
+    (["finetune.method=lora", "finetune.freeze=layer_0"], r"`finetune.freeze` is set but finetune.method='lora'"),
+    (["finetune.method=lora", "finetune.train=no_such_head"], r"`finetune.train`='no_such_head' matches no"),
 ])
 def test_a_bad_config_is_named_before_anything_is_written(tmp_path, overrides, message):
     workdir = tmp_path / "run"

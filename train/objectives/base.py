@@ -8,7 +8,8 @@ modelling, DPO, distillation, PPO, GRPO). The trainer picks one by `config.objec
 
 Accumulation contract. The step calls, on the whole global batch, `prepare` (e.g. the
 masked-LM corruption drawn from the step's rng) and `totals` (the normalizers of the whole
-batch, e.g. its number of target tokens or examples); then, for each of A micro-batches,
+batch, e.g. its number of target tokens or examples; the step adds `micro_batches`, the
+Python int A); then, for each of A micro-batches,
 `loss(params, micro_batch, rng, totals)`. `loss` returns the micro-batch's share of the
 whole batch's loss (sum over its units / totals), so the gradients summed over the
 micro-batches are the gradient of one step on the whole batch; the `stats` it returns are
@@ -18,6 +19,16 @@ handed to `after_update` (the LM's MoE router statistics and correction-bias upd
 Evaluation: `eval_sums(params, batch, rng)` returns sums (device scalars) that the trainer
 adds over the validation batches as floats; `eval_metrics(sums)` turns the totals into the
 metrics written to the summary and eval.json.
+
+Host side (not traced): `train_iterator(config, data_cfg, tokenizer)` gives this process's
+rows of each global batch (a grain-style iterator with get_state/set_state, so a resumed run
+continues where it stopped), `eval_batches(config, data_cfg, tokenizer)` the validation
+batches (re-iterable: each evaluation reads them again), and optionally
+`report(run, params_fn, sums, metrics, eval_data) -> (extra summary entries, one-line quality)`
+adds what the objective measures beyond its metrics (the lm: bits per byte, xz, samples).
+
+The step's metrics are the summed `stats`, the extra metrics of `after_update`, the gradient
+norm and the learning rate.
 """
 
 from __future__ import annotations
@@ -53,3 +64,9 @@ class Objective(Protocol):
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """Metrics from the sums over every validation batch (must include `loss`)."""
+
+    def train_iterator(self, config: Any, data_cfg: Any, tokenizer: Any) -> Any:
+        """This process's rows of each training batch (dicts of numpy arrays), checkpointable."""
+
+    def eval_batches(self, config: Any, data_cfg: Any, tokenizer: Any) -> Any:
+        """The validation batches (re-iterable)."""

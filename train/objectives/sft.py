@@ -20,11 +20,10 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
-from train.objectives.lm import LMObjective
-
 from data import pipeline
 from data import sft as sft_data
 from train.objectives import register
+from train.objectives.lm import LMObjective
 
 
 def sft_config(config) -> sft_data.SFTConfig:

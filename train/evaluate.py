@@ -1,0 +1,114 @@
+"""Evaluate a run's checkpoint: `python -m train.evaluate --workdir=W [--step=N]`.
+
+The run's objective (its saved config's) evaluates the parameters of checkpoint N (default:
+the latest committed one) on the run's validation data, exactly as the trainer's evaluations
+do, and writes W/eval.json:
+
+    {"step": N, "objective": "lm", "metrics": {"loss": ..., "accuracy": ...}, "sums": {...}}
+
+Only the parameters are read (`train.checkpoint.restore_params`: the trainable ones and the
+frozen ones of a fine-tuning run), never the optimizer state; nothing but eval.json is
+written (config.json and summary.json stay as they are).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+EVAL_FILE = "eval.json"
+
+
+def committed_steps(workdir: str) -> list[int]:
+    """The committed checkpoint steps of a `python -m train` workdir, oldest first."""
+    from train.checkpoint import COMMIT_MARKER
+
+    root = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(d) for d in os.listdir(root) if d.isdigit() and os.path.isfile(os.path.join(root, d, COMMIT_MARKER)))
+
+
+def _config_of(workdir: str, step: int) -> ml_collections.ConfigDict:
+    """The run config saved with checkpoint `step` (what trained it)."""
+    path = os.path.join(workdir, "checkpoints", str(step), "config", "metadata")
+    try:
+        with open(path) as f:
+            return ml_collections.ConfigDict(json.load(f))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"the run config of checkpoint {step} ({path}) is unreadable ({e}); pick another --step") \
+            from None
+
+
+def evaluate_checkpoint(workdir: str, step: int | None = None) -> dict[str, Any]:
+    """Evaluates checkpoint `step` (None: the latest) of `workdir` and writes WORKDIR/eval.json.
+
+    Args:
+      workdir: a `python -m train` workdir.
+      step: a committed checkpoint step, or None for the latest.
+
+    Returns:
+      What eval.json holds: step, objective, metrics (the objective's `eval_metrics`) and the
+      sums they come from.
+
+    Raises:
+      FileNotFoundError: no such workdir, no checkpoint, or no checkpoint at `step`.
+    """
+    from train import step as step_lib
+    from train import trainer
+    from train.checkpoint import restore_params
+
+    workdir = os.path.abspath(workdir)
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"--workdir={workdir} does not exist; give the workdir of a `python -m train` run")
+    steps = committed_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(f"{workdir} holds no committed checkpoint under checkpoints/; train until a "
+                                "checkpoint is saved (checkpoint.save_interval_steps), or fix --workdir")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise FileNotFoundError(f"{workdir} has no checkpoint at step {step}; it holds steps {steps}: fix --step")
+    config = _config_of(workdir, step)
+    r = trainer.setup(config, workdir, write_config=False)
+    root = os.path.join(workdir, "checkpoints")
+    abstract = r.abstract_state
+    params = restore_params(root, step, abstract.params)
+    frozen = restore_params(root, step, abstract.frozen, key="frozen") if abstract.frozen else {}
+    state = step_lib.TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=None, frozen=frozen)
+    sums, metrics = trainer.evaluate(r, state, r.objective.eval_batches(config, r.data, r.tokenizer))
+    result = {"step": step, "objective": r.objective.name, "metrics": metrics, "sums": sums}
+    if jax.process_index() == 0:
+        path = os.path.join(workdir, EVAL_FILE)
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(path + ".tmp", path)  # never a half-written eval.json
+        print(f"step {step} ({r.objective.name}): " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+              + f"; wrote {path}", flush=True)
+    return result
+
+
+def _main() -> None:
+    from absl import app, flags
+
+    from train import cli
+
+    workdir = flags.DEFINE_string("workdir", None, "The `python -m train` workdir to evaluate.")
+    step = flags.DEFINE_integer("step", None, "The checkpoint step (default: the latest).")
+    flags.mark_flag_as_required("workdir")
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        evaluate_checkpoint(workdir.value, step.value)
+
+    cli.run(main)  # errors as one line `error: ...`, library logs behind --verbose
+
+
+if __name__ == "__main__":
+    _main()
