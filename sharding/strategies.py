@@ -196,6 +196,13 @@ def axis_size(mesh: Mesh, axes) -> int:
     return math.prod(mesh.shape[a] for a in _axes_tuple(axes))
 
 
+def model_shards(strategy: Strategy, mesh: Mesh) -> dict[str, int]:
+    """Logical axis name -> how many ways the strategy's model rules split it on `mesh` (names
+    the rules leave whole are absent): what a quantized field whose last axis is shorter than
+    its kernel's needs to know (`models.quant.logically_partitioned`)."""
+    return {name: axis_size(mesh, axes) for name, axes in _filter(strategy.model_rules, mesh)}
+
+
 def check_applies(strategy: Strategy, mesh: Mesh, boxed_params: Any = None, *, batch_size: int | None = None,
                   seq_len: int | None = None) -> None:
     """Raises a ValueError naming the dimension, its size, the mesh axis and its size, and a fix,

@@ -22,7 +22,7 @@ import optax
 from jax.sharding import Mesh
 
 from sharding import step as sharded_step
-from sharding.strategies import Strategy
+from sharding.strategies import Strategy, model_shards
 from train import step as step_lib
 from train import trainable as trainable_lib
 
@@ -87,4 +87,5 @@ def build_for_run(config, model: nn.Module, tx: optax.GradientTransformation, sc
                               objective_head=getattr(objective, "trainable_head", ""))
     return build(model, tx, schedule, strategy=strategy, mesh=mesh, seq_len=config.data.seq_len,
                  batch_size=config.data.batch_size // accum, objective=objective, grad_accum_steps=accum,
-                 split=split, store_frozen=functools.partial(trainable_lib.store_frozen, config=config))
+                 split=split, store_frozen=functools.partial(trainable_lib.store_frozen, config=config,
+                                                             shards=model_shards(strategy, mesh)))

@@ -23,6 +23,9 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax.linen as nn
+import jax
+
 from models.layers.peft import is_peft_path
 
 METHODS = ("full", "lora", "qlora", "prefix", "adapter")
@@ -132,21 +135,36 @@ def split(params: Mapping, config, objective_head: str = "") -> tuple[dict, dict
     return trainable, frozen
 
 
-def store_frozen(frozen: Any, config) -> Any:
-    """The frozen parameters as stored: quantized for qlora (`models.quant.quantize_tree`), as is otherwise."""
+def store_frozen(frozen: Any, config, shards: Mapping[str, int] | None = None) -> Any:
+    """The frozen parameters as stored: quantized for qlora, as they are otherwise.
+
+    qlora quantizes every `models.quant.quantizable` leaf (`quantize_tree`) and boxes the
+    QuantizedTensors' fields with their kernel's logical names (`logically_partitioned`), so the
+    layout splits the codes as it splits the kernel; traced inside the jitted init, no kernel
+    exists whole in float on one device beyond the init itself.
+
+    Args:
+      frozen: the frozen params, boxed with logical names (nn.Partitioned leaves) or plain.
+      config: the run config (`finetune.method`, `finetune.qlora.*`).
+      shards: logical name -> ways the strategy splits it (`sharding.strategies.model_shards`);
+        a quantized field whose last axis that many shards cannot split keeps it whole.
+
+    Returns:
+      `frozen`, or its quantized tree (boxed where `frozen` was).
+    """
     if config.finetune.method != "qlora" or not frozen:
         return frozen
-    try:
-        from models import quant
-    except ImportError:
-        raise ValueError("finetune.method='qlora' needs models/quant.py, which this checkout lacks; use "
-                         "finetune.method=lora") from None
+    from models import quant
+
     q = config.finetune.qlora
-    return quant.quantize_tree(frozen, kind=q.quant, block_size=q.block_size, double_quant=q.double_quant)
+    values = jax.tree_util.tree_map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, frozen,
+                                    is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    quantized = quant.quantize_tree(values, kind=q.quant, block_size=q.block_size, double_quant=q.double_quant)
+    boxed = any(isinstance(x, nn.Partitioned) for x in
+                jax.tree_util.tree_leaves(frozen, is_leaf=lambda x: isinstance(x, nn.Partitioned)))
+    return quant.logically_partitioned(frozen, quantized, shards) if boxed else quantized
 
 
 def num_params(tree: Any) -> int:
     """Parameters (elements) in a tree of arrays or shapes."""
-    import jax
-
     return sum(int(getattr(x, "size", 0)) for x in jax.tree_util.tree_leaves(tree))
