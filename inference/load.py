@@ -19,6 +19,7 @@ import os
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from data.tokenizer import Tokenizer, load_tokenizer
 from models.gpt import GPT
@@ -84,8 +85,7 @@ def committed_steps(workdir: str) -> list[int]:
 
 
 def _load_workdir(workdir: str, step: int | None, dtype: str | None) -> Loaded:
-    from train import build
-    from train.checkpoint import restore_params
+    from train import build, init_from
 
     steps = committed_steps(workdir)
     if not steps:
@@ -98,14 +98,58 @@ def _load_workdir(workdir: str, step: int | None, dtype: str | None) -> Loaded:
     config = _saved_config(workdir, step)
     if dtype is not None:
         config.model.dtype = config.model.param_dtype = dtype
-    tokenizer_path = config.tokenizer.path or os.path.join(workdir, "tokenizer")
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = init_from.workdir_tokenizer(config, workdir)
     model = build.model(config, tokenizer.vocab_size)
     if not isinstance(model, GPT):
         raise TypeError(f"{workdir!r} trained model.family={config.model.family!r}, a masked LM: it does not "
                          "generate text; use a decoder family (gpt, llama, qwen, moe, deepseek)")
-    params = restore_params(os.path.join(workdir, WORKDIR_CHECKPOINTS), step, _abstract_params(model))
+    params = run_params(workdir, step, config, model)
     return Loaded(model, params, tokenizer, f"workdir {workdir}, step {step}")
+
+
+def run_params(workdir: str, step: int, config: ml_collections.ConfigDict, model, abstract=None):
+    """The whole params of checkpoint `step` of a run: what trained (`params`) and, for a
+    fine-tuning run, what stayed frozen (`frozen`, `train.trainable`), combined; a QLoRA base
+    is read as stored (quantized) and dequantized.
+
+    Args:
+      workdir: the run's workdir.
+      step: a committed step.
+      config: the run config that trained it (its `finetune` keys say what is where).
+      model: the model `train.build.model` makes of `config`.
+      abstract: the params' ShapeDtypeStructs with the shardings to restore into; None: on this
+        process's first device (`_abstract_params`). A quantized base is read onto this
+        process's first device (it is small) and dequantized into its leaves' shardings.
+
+    Returns:
+      The params tree of `model`, unboxed.
+    """
+    import jax
+
+    from train import objectives, trainable
+    from train.checkpoint import restore_params
+
+    directory = os.path.join(workdir, WORKDIR_CHECKPOINTS)
+    abstract = _abstract_params(model) if abstract is None else abstract
+    if config.get("finetune", {}).get("method", "full") == "full" and not config.finetune.get("freeze"):
+        return restore_params(directory, step, abstract)
+    head = getattr(objectives.get(config, model, None), "trainable_head", "")
+    trained, frozen = trainable.split(abstract, config, objective_head=head)
+    params = restore_params(directory, step, trained)
+    if config.finetune.method != "qlora":
+        return trainable.combine(params, restore_params(directory, step, frozen, key="frozen"))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    stored = jax.eval_shape(lambda f: trainable.store_frozen(f, config), frozen)
+    stored = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), stored)
+    values = trainable.combine({}, restore_params(directory, step, stored, key="frozen"))  # dequantized
+
+    def placed(x, like):
+        if x.sharding == like.sharding:
+            return x
+        host = np.asarray(x)  # one tensor at a time, then each device receives its slice
+        return jax.make_array_from_callback(host.shape, like.sharding, lambda index: host[index])
+
+    return trainable.combine(params, jax.tree_util.tree_map(placed, values, frozen))
 
 
 def _saved_config(workdir: str, step: int) -> ml_collections.ConfigDict:

@@ -22,11 +22,13 @@ checkpoint loads into a LoRA model or a classifier.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -122,10 +124,19 @@ def tokenizer(config: ml_collections.ConfigDict):
 
 
 def run_tokenizer(spec: Spec):
-    """The tokenizer of the run a run: spec names (its tokenizer.path, else WORKDIR/tokenizer)."""
+    """The tokenizer of the run a run: spec names (`workdir_tokenizer`)."""
+    return workdir_tokenizer(run_config(spec), spec.path)
+
+
+def workdir_tokenizer(config: ml_collections.ConfigDict, workdir: str):
+    """The tokenizer a run trained with: its tokenizer.path, else WORKDIR/tokenizer, else (a
+    run that started from `init_from` and trained none) its checkpoint's."""
     from data.tokenizer import load_tokenizer
 
-    return load_tokenizer(run_config(spec).tokenizer.path or os.path.join(spec.path, "tokenizer"))
+    path = config.tokenizer.path or os.path.join(workdir, "tokenizer")
+    if not config.tokenizer.path and not os.path.exists(path) and config.get("init_from"):
+        return tokenizer(config)
+    return load_tokenizer(path)
 
 
 def model(config: ml_collections.ConfigDict, vocab_size: int) -> nn.Module:
@@ -307,31 +318,78 @@ def place(host: np.ndarray, abstract) -> jax.Array:
 
 
 def _load_run(spec: Spec, flat: dict, kept: set) -> dict:
-    """The params a run saved, restored into the layout (`train.checkpoint.restore_params`);
-    the PEFT and head leaves (`kept`) of the new model are left out of the request."""
-    from train.checkpoint import restore_params
+    """The whole params a run computes with (`inference.load.run_params`: trained + frozen, a
+    QLoRA base dequantized), restored into the new layout where the new model has the same
+    leaf. A LoRA the new model does not continue (its LoRA leaves absent) is merged into the
+    base kernels first (`models.layers.peft.merge`); leaves the run has and the new model also
+    has, PEFT ones included, are loaded, the rest of `kept` keeps its init."""
+    from inference.load import run_params
+    from models.layers.peft import merge
+    from train import build
 
-    step = run_step(spec)
-    wanted = {p: leaf for p, leaf in flat.items() if p not in kept}
-    abstract = {}
-    for path, leaf in wanted.items():
-        node = abstract
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
-    restored = restore_params(os.path.join(spec.path, "checkpoints"), step, abstract)
-    return {_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
+    saved = run_config(spec)
+    source = build.model(saved, run_tokenizer(spec).vocab_size)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shapes = jax.eval_shape(lambda: nn.unbox(source.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]))
+
+    def target(key_path, x):
+        want = flat.get(_path(key_path))
+        fits = want is not None and tuple(want.shape) == tuple(x.shape)
+        return jax.ShapeDtypeStruct(x.shape, want.dtype if fits else x.dtype, sharding=want.sharding if fits else device)
+
+    params = run_params(spec.path, run_step(spec), saved, source, jax.tree_util.tree_map_with_path(target, shapes))
+    restored = {_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    if any(is_peft_path("/".join(p)) and p not in flat for p in restored):
+        _, params = merge(source, params)
+        restored = {_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    out = {}
+    for path, x in restored.items():
+        want = flat.get(path)
+        if want is None or tuple(want.shape) != tuple(x.shape):
+            continue
+        out[path] = x if x.sharding == want.sharding else place(np.asarray(x), want)
+    return out
 
 
 def initial_state(config: ml_collections.ConfigDict, state, run) -> Any:
     """`state` (a new run's init, laid out) with its params (and `frozen`, if the state has
     it) replaced by the checkpoint's; PEFT and task-head leaves the checkpoint lacks keep
     their init. The trainer calls it after a new run's init, never on resume."""
-    params = _merged(state)
+    from models import quant
+
+    frozen = getattr(state, "frozen", None) or {}
+    quantized = any(quant.is_quantized(x) for x in jax.tree_util.tree_leaves(frozen, is_leaf=quant.is_quantized))
+    # A QLoRA base is loaded as the float kernels it quantizes, each laid out like its codes.
+    wanted = jax.tree_util.tree_map(_float_kernel, frozen, is_leaf=quant.is_quantized) if quantized else frozen
+    params = _merged(state.replace(frozen=wanted))
     loaded = initial_params(config, params, run.model, current=params)
-    if hasattr(state, "frozen") and state.frozen is not None:
-        return state.replace(params=_subtree(loaded, state.params), frozen=_subtree(loaded, state.frozen))
-    return state.replace(params=loaded)
+    if not frozen:
+        return state.replace(params=loaded)
+    new_frozen = _subtree(loaded, frozen)
+    if quantized:
+        from train import trainable
+
+        shardings = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
+        new_frozen = jax.jit(lambda f: trainable.store_frozen(f, config), out_shardings=shardings)(new_frozen)
+    return state.replace(params=_subtree(loaded, state.params), frozen=new_frozen)
+
+
+def _float_kernel(x):
+    """A quantized kernel's float ShapeDtypeStruct with its codes' sharding (each split
+    dimension kept where it divides the kernel's, else whole); other leaves as they are."""
+    from models import quant
+
+    if not quant.is_quantized(x):
+        return x
+    sharding = x.codes.sharding
+    spec = list(sharding.spec) + [None] * (len(x.shape) - len(sharding.spec))
+    for i, axes in enumerate(spec):
+        ways = 1 if axes is None else math.prod(sharding.mesh.shape[a] for a in (axes if isinstance(axes, tuple)
+                                                                                 else (axes,)))
+        if x.shape[i] % ways:
+            spec[i] = None
+    return jax.ShapeDtypeStruct(x.shape, np.dtype(x.dtype),
+                                sharding=jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec)))
 
 
 def _merged(state):
