@@ -167,7 +167,7 @@ def pretrain(settings: Settings, workdir: str, mesh):
       (tokenizer, its directory, the base params on the host, the last training loss).
     """
     c = gpt.get_config(settings.preset)
-    c.steps = settings.pretrain_steps
+    c.steps = max(settings.pretrain_steps, 1)  # the schedule's length
     c.data.data_dir = os.path.join(workdir, "tfds")
     c.schedule.update(warmup_steps=max(1, settings.pretrain_steps // 10))
     data_cfg = build.data_config(c, workdir)
