@@ -203,8 +203,13 @@ def compiled_step(program, state, batch, rng):
     return compiled, memory
 
 
-def decoder_table(settings: Settings, workdir: str, methods=METHODS) -> dict[str, dict]:
-    """Table 1: every method fine-tunes the same pretrained base on pydoc chat (module docstring)."""
+def decoder_table(settings: Settings, workdir: str, methods=METHODS, keep: bool = False) -> dict[str, dict]:
+    """Table 1: every method fine-tunes the same pretrained base on pydoc chat (module docstring).
+
+    Returns:
+      {method: its row, "_base": the base model's row}; with `keep`, also "_runs": {method: (model,
+      final state)}, "base": (the plain model, base params), "tokenizer": the tokenizer}.
+    """
     mesh = mesh_lib.make_mesh("data=1", jax.devices()[:1])
     tokenizer, tokenizer_dir, base_params, pretrain_loss = pretrain(settings, workdir, mesh)
     total = trainable_lib.num_params(base_params)
@@ -222,7 +227,7 @@ def decoder_table(settings: Settings, workdir: str, methods=METHODS) -> dict[str
         start_loss = objective.eval_metrics(evaluation_sums(eval_fn, state, eval_data, program.layout.batch))["loss"]
         first = rules_lib.device_put_batch(next(batches), program.layout.batch)
         step, memory = compiled_step(program, state, first, jax.random.key(1))
-        runs[method] = dict(state=state, step=step, batches=batches, next=first, eval_fn=eval_fn,
+        runs[method] = dict(model=model, state=state, step=step, batches=batches, next=first, eval_fn=eval_fn,
                             eval_data=eval_data, program=program, objective=objective, times=[])
         frozen_count = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(state.frozen, is_leaf=is_quantized))
         rows[method] = {
@@ -244,6 +249,10 @@ def decoder_table(settings: Settings, workdir: str, methods=METHODS) -> dict[str
         rows[method].update(
             eval_loss=r["objective"].eval_metrics(sums)["loss"], train_loss=float(r["train_loss"]),
             step_seconds=statistics.median(r["times"][1:] or r["times"]), eval_tokens=int(sums["num_tokens"]))
+    if keep:
+        plain = build.model(finetune_config(settings, "full", workdir, tokenizer_dir), tokenizer.vocab_size)
+        rows["_runs"] = {m: (r["model"], r["state"]) for m, r in runs.items()}
+        rows["_runs"].update(base=(plain, base_params), tokenizer=tokenizer)
     rows["_base"] = {"pretrain_steps": settings.pretrain_steps, "pretrain_loss": pretrain_loss, "total_params": total,
                      "shape": f"{config.model.num_layers}L x {config.model.block.d_model}, B{config.data.batch_size} "
                               f"x T{config.data.seq_len}, V{tokenizer.vocab_size}"}
