@@ -74,7 +74,8 @@ def param_shardings(strategy: Strategy, mesh: Mesh, boxed_params: Any, *, zero: 
     def one(leaf):
         if isinstance(leaf, nn.Partitioned):
             names = getattr(leaf, "names", None)
-            if hasattr(leaf.value, "shape") and hasattr(leaf.value, "dtype"):
+            # One array (a QuantizedTensor has `shape` and `dtype` too, but several arrays).
+            if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(leaf.value)):
                 return named(names, leaf.value)
             # A quantized frozen kernel: a pytree of arrays of the kernel's rank.
             return jax.tree_util.tree_map(lambda a: named(names, a), leaf.value)
