@@ -7,6 +7,8 @@ Sources (`TASK_SOURCES`):
     the rest `train`.
   * `tfds:NAME[:CONFIG]`: a TFDS dataset prepared as array_record (`glue/sst2`, `squad`), read
     through `tfds.data_source`, so TensorFlow is never needed.
+  * `pydoc_classification`, `pydoc_squad`: lmlab's own task data from CPython's documentation
+    (`data.pydoc_tasks`), written under `data_dir` on first use.
 
 Classification examples hold `text_key`, optionally `text_pair_key`, and `label_key`: integer
 labels are class ids; string labels map to ids in sorted order over the training split (or the
@@ -35,11 +37,12 @@ from typing import Any
 import grain
 import numpy as np
 
-from data import squad
+from data import pydoc_tasks, squad
 from data.pipeline import process_rows
 
-TASK_SOURCES = ("'files:PATH' (.jsonl, .csv or SQuAD .json; '{split}' in PATH is replaced by the split name) or "
-                "'tfds:NAME[:CONFIG]' (a TFDS dataset prepared as array_record under data_dir)")
+TASK_SOURCES = ("'files:PATH' (.jsonl, .csv or SQuAD .json; '{split}' in PATH is replaced by the split name), "
+                "'tfds:NAME[:CONFIG]' (a TFDS dataset prepared as array_record under data_dir) or "
+                "'pydoc_classification' / 'pydoc_squad' (lmlab's, data/pydoc_tasks.py)")
 KINDS = ("classification", "qa")
 
 
@@ -99,6 +102,9 @@ class Record:
 def read_records(config: TaskConfig, split: str) -> tuple[list[Record], dict[str, Any]]:
     """The records of `split` and the source's metadata (tfds ClassLabel names under "label_names")."""
     kind, _, rest = config.source.partition(":")
+    if config.source in pydoc_tasks.SOURCES:
+        pydoc_tasks.split([], split)  # a known split name
+        return _file_records(_pydoc_path(config).replace("{split}", split)), {}
     if kind == "tfds" and rest and rest.count(":") <= 1 and all(rest.split(":")):
         return _tfds_records(rest.replace(":", "/"), split, config)
     if kind != "files" or not rest:
@@ -111,6 +117,15 @@ def read_records(config: TaskConfig, split: str) -> tuple[list[Record], dict[str
                          "the path")
     every = max(round(1 / config.validation_fraction), 2)
     return [r for i, r in enumerate(records) if (i % every == every - 1) == (split == "validation")], {}
+
+
+def _pydoc_path(config: TaskConfig) -> str:
+    """DATA_DIR/SOURCE_{split}.jsonl of a pydoc source, written first if it is not there."""
+    directory = config.data_dir or "."
+    pattern = os.path.join(directory, f"{config.source}_{{split}}.jsonl")
+    if all(os.path.isfile(pattern.replace("{split}", s)) for s in ("train", "validation")):
+        return pattern
+    return pydoc_tasks.write_jsonl(config.source, directory)
 
 
 def _file_records(path: str) -> list[Record]:
@@ -272,18 +287,51 @@ def _check_tokenizer(tokenizer) -> None:
                          "tokenizer.path at the model's tokenizer.json or vocab.txt")
 
 
-def classification_data(config: TaskConfig, tokenizer, split: str) -> ClassificationData:
-    """The encoded examples of `split` (labels mapped as the training split defines them)."""
-    _check_tokenizer(tokenizer)
-    records, meta = read_records(config, split)
-    train = records if split == config.train_split else read_records(config, config.train_split)[0]
+def _labels(config: TaskConfig, train: Sequence[Record], meta: dict) -> tuple[tuple[str, ...] | None, int]:
+    """(class names or None, number of classes) as the training split defines them."""
     names = label_names(config, train, meta)
     if names is not None:
         num_labels = config.num_labels or len(names)
         if num_labels != len(names):
             raise ValueError(f"num_labels={config.num_labels} but the labels are {list(names)}; set num_labels=0")
-    else:
-        num_labels = config.num_labels or max(_as_int(_field(r, config.label_key)) for r in train) + 1
+        return names, num_labels
+    return None, config.num_labels or max(_as_int(_field(r, config.label_key)) for r in train) + 1
+
+
+def num_labels(config: TaskConfig) -> int:
+    """The number of classes of a classification task (`config.num_labels`, else its labels')."""
+    return _labels(config, *read_records(config, config.train_split))[1]
+
+
+def check(config: TaskConfig) -> None:
+    """Reads both splits and checks every example's fields (and labels, and answer spans), so
+    that bad data fail before any expensive work; ValueError / FileNotFoundError naming the
+    file, line and key otherwise."""
+    if config.kind not in KINDS:
+        raise ValueError(f"task kind {config.kind!r}; expected one of {KINDS}")
+    for split in dict.fromkeys((config.train_split, config.eval_split)):
+        if config.kind == "qa":
+            if not qa_examples(config, split):
+                raise ValueError(f"{config.source}[{split}] holds no example; give it data")
+            continue
+        records, meta = read_records(config, split)
+        if not records:
+            raise ValueError(f"{config.source}[{split}] holds no example; give it data")
+        names, count = _labels(config, records if split == config.train_split else
+                               read_records(config, config.train_split)[0], meta)
+        for record in records:
+            _field(record, config.text_key)
+            if config.text_pair_key:
+                _field(record, config.text_pair_key)
+            _label_id(record, config.label_key, names, count)
+
+
+def classification_data(config: TaskConfig, tokenizer, split: str) -> ClassificationData:
+    """The encoded examples of `split` (labels mapped as the training split defines them)."""
+    _check_tokenizer(tokenizer)
+    records, meta = read_records(config, split)
+    train = records if split == config.train_split else read_records(config, config.train_split)[0]
+    names, num_labels = _labels(config, train, meta)
     pad = tokenizer.pad_id or 0
     rows = {k: np.full((len(records), config.seq_len), v, np.int32)
             for k, v in (("input_ids", pad), ("token_type_ids", 0), ("attention_mask", 0))}

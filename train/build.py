@@ -5,7 +5,9 @@ object, so that a notebook can build any piece alone.
 
 Families: gpt, llama, qwen, moe and deepseek are all the decoder of models/gpt.py (told
 apart by the model keys: MoE, MLA, multi-token prediction), trained on next tokens; bert
-is models/bert.py's `BertForMaskedLM`, trained as a masked LM (`mlm`).
+is models/bert.py's encoder under the head of its objective: `BertForMaskedLM` (`mlm`, the
+default), `BertForSequenceClassification` (`classification`, `task.num_labels` classes:
+`resolved` derives them from the data) or `BertForQuestionAnswering` (`qa`).
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import dataclasses
 import logging
 import os
 
+import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
 from configs import base
 from data import pipeline
 from data.tokenizer import Tokenizer, load_tokenizer, training
-from models.bert import BertConfig, BertForMaskedLM
+from models.bert import BertConfig, BertForMaskedLM, BertForQuestionAnswering, BertForSequenceClassification
 from models.gpt import GPT, POSITIONALS, GPTConfig
 from models.layers.blocks import BlockConfig
 from models.layers.mla import MLAConfig
@@ -40,6 +43,8 @@ BIAS_SWITCHES = {"auto": None, "true": True, "false": False}
 ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_factor", "rope_original_max_len")
 # Decoder-only keys, which must keep their defaults for bert.
 DECODER_KEYS = ("remat", "scan_layers", "first_dense_layers", "mtp_depth", "moe.num_experts", "mla.kv_lora_rank")
+# Objectives that train a BERT task head on data.tasks' examples (not data.pipeline's text).
+TASK_OBJECTIVES = ("classification", "qa")
 # The special tokens of a BPE the trainer trains; bert adds the mask token of its objective.
 EOS_TOKEN, MASK_TOKEN = "<|endoftext|>", "[MASK]"
 
@@ -52,6 +57,43 @@ def data_config(config: ml_collections.ConfigDict, workdir: str) -> pipeline.Dat
         validation_fraction=d.validation_fraction, train_split=d.train_split, eval_split=d.eval_split,
         worker_count=d.worker_count,
     )
+
+
+def objective_name(config: ml_collections.ConfigDict) -> str:
+    """The run's objective (`train.objectives.name_of`)."""
+    from train import objectives
+
+    return objectives.name_of(config)
+
+
+def task_config(config: ml_collections.ConfigDict, workdir: str):
+    """The `data.tasks.TaskConfig` of a classification or qa run (`data.*` and `task.*`)."""
+    from train.objectives.classification import task_config as of_run
+
+    return of_run(config, data_config(config, workdir), objective_name(config))
+
+
+def resolved(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """`config` with what it derives from the data filled in: a classification run's
+    `task.num_labels` = 0 becomes the number of classes of its training split (or of
+    `task.labels`), so the model, config.json and the checkpoints all carry it."""
+    if objective_name(config) != "classification" or config.task.num_labels:
+        return config
+    from data import tasks
+
+    out = config.copy_and_resolve_references()
+    out.task.num_labels = tasks.num_labels(task_config(config, workdir))
+    return out
+
+
+def num_labels(config: ml_collections.ConfigDict) -> int:
+    """The classes of a classification run: `task.num_labels`, else the names of `task.labels`."""
+    count = config.task.num_labels or len([x for x in config.task.labels.split(",") if x.strip()])
+    if count < 2:
+        raise ValueError(f"config key `task.num_labels`={config.task.num_labels}: a classifier needs 2 or more "
+                         "classes; set it, or list them in task.labels, or let the trainer derive it from the data "
+                         "(`train.build.resolved`)")
+    return count
 
 
 def tokenizer(config: ml_collections.ConfigDict, workdir: str, data: pipeline.DataConfig) -> Tokenizer:
@@ -216,7 +258,9 @@ def peft(config: ml_collections.ConfigDict) -> PeftConfig | None:
     return None
 
 
-def _bert(m: ml_collections.ConfigDict, vocab_size: int, block: BlockConfig) -> BertForMaskedLM:
+def _bert(config: ml_collections.ConfigDict, vocab_size: int, block: BlockConfig) -> nn.Module:
+    """The encoder under its objective's head (`bert_head`)."""
+    m = config.model
     changed = _changed(m, DECODER_KEYS)
     if changed:
         raise ValueError(f"config key `model.{changed[0]}` is set but model.family='bert' (an encoder without "
@@ -226,11 +270,21 @@ def _bert(m: ml_collections.ConfigDict, vocab_size: int, block: BlockConfig) -> 
                          f"{m.positional!r}, model.tie_embeddings={m.tie_embeddings}")
     if m.type_vocab_size < 1:
         raise ValueError(f"config key `model.type_vocab_size`={m.type_vocab_size} must be >= 1")
-    return BertForMaskedLM(BertConfig(vocab_size=vocab_size, block=block, num_layers=m.num_layers,
-                                      max_len=m.max_len, type_vocab_size=m.type_vocab_size))
+    encoder = BertConfig(vocab_size=vocab_size, block=block, num_layers=m.num_layers, max_len=m.max_len,
+                         type_vocab_size=m.type_vocab_size)
+    head = bert_head(config)
+    if head == "classification":
+        return BertForSequenceClassification(encoder, num_labels=num_labels(config))
+    return BertForQuestionAnswering(encoder) if head == "qa" else BertForMaskedLM(encoder)
 
 
-def model(config: ml_collections.ConfigDict, vocab_size: int) -> GPT | BertForMaskedLM:
+def bert_head(config: ml_collections.ConfigDict) -> str:
+    """The BERT head (`models.hf.BERT_CLASSES`) of the run's objective: classification, qa, or mlm."""
+    name = objective_name(config)
+    return name if name in TASK_OBJECTIVES else "mlm"
+
+
+def model(config: ml_collections.ConfigDict, vocab_size: int) -> nn.Module:
     """The model of `config.model` for the run's objective; `vocab_size` fills model.vocab_size
     when that is 0. The PEFT method of `finetune.*` rides on its blocks (`peft`). With
     `init_from` set, the checkpoint's model with the run's execution settings (`train.init_from`)."""
@@ -245,11 +299,13 @@ def model(config: ml_collections.ConfigDict, vocab_size: int) -> GPT | BertForMa
         raise ValueError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {vocab_size}")
     if m.max_len < config.data.seq_len:
         raise ValueError(f"model.max_len={m.max_len} must be >= data.seq_len={config.data.seq_len}")
+    if m.family != "bert" and objective_name(config) in TASK_OBJECTIVES:
+        raise ValueError(f"config key `objective`={config.objective!r} trains a BERT task head, but model.family="
+                         f"{m.family!r}; set model.family=bert or init_from=hf:DIR of a BERT checkpoint")
     block = dataclasses.replace(_block(m), peft=peft(config))
     if m.family == "bert":
-        # The objective chooses the head on the encoder: classification and qa put theirs here
-        # (BertForSequenceClassification / BertForQuestionAnswering); lm is refused by its factory.
-        return _bert(m, m.vocab_size or vocab_size, block)
+        # The objective chooses the head on the encoder (`bert_head`); lm is refused by its factory.
+        return _bert(config, m.vocab_size or vocab_size, block)
     if m.family == "moe" and not m.moe.num_experts:
         raise ValueError("model.family='moe' needs experts: set model.moe.num_experts (0 is a dense MLP)")
     if m.type_vocab_size != base.get_config().model.type_vocab_size:
@@ -260,10 +316,14 @@ def model(config: ml_collections.ConfigDict, vocab_size: int) -> GPT | BertForMa
                          scan_layers=m.scan_layers, mtp_depth=m.mtp_depth))
 
 
-def model_size(model: GPT | BertForMaskedLM, seq_len: int) -> tuple[int, int]:
-    """(parameters, forward FLOPs per token at `seq_len`) of the model as trained (BERT: with its MLM head)."""
+def model_size(model: nn.Module, seq_len: int) -> tuple[int, int]:
+    """(parameters, forward FLOPs per token at `seq_len`) of the model as trained (BERT: with its head)."""
     if isinstance(model, BertForMaskedLM):
         return model.config.num_params("mlm"), model.config.flops_per_token(seq_len, head="mlm")
+    if isinstance(model, BertForSequenceClassification):
+        return model.config.num_params("classification", model.num_labels), model.config.flops_per_token(seq_len)
+    if isinstance(model, BertForQuestionAnswering):
+        return model.config.num_params("qa"), model.config.flops_per_token(seq_len, head="qa")
     return model.config.num_params(), model.config.flops_per_token(seq_len)
 
 

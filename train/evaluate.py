@@ -6,6 +6,9 @@ do, and writes W/eval.json:
 
     {"step": N, "objective": "lm", "metrics": {"loss": ..., "accuracy": ...}, "sums": {...}}
 
+An objective with `dataset_metrics` adds what it measures over the whole validation set (qa:
+SQuAD's exact_match and f1, as the run's summary has them as val_exact_match and val_f1).
+
 Only the parameters are read (`train.checkpoint.restore_params`: the trainable ones and the
 frozen ones of a fine-tuning run), never the optimizer state; nothing but eval.json is
 written (config.json and summary.json stay as they are).
@@ -59,8 +62,8 @@ def evaluate_checkpoint(workdir: str, step: int | None = None) -> dict[str, Any]
     Raises:
       FileNotFoundError: no such workdir, no checkpoint, or no checkpoint at `step`.
     """
+    from train import distributed, trainable, trainer
     from train import step as step_lib
-    from train import trainer
     from train.checkpoint import restore_params
 
     workdir = os.path.abspath(workdir)
@@ -81,7 +84,11 @@ def evaluate_checkpoint(workdir: str, step: int | None = None) -> dict[str, Any]
     params = restore_params(root, step, abstract.params)
     frozen = restore_params(root, step, abstract.frozen, key="frozen") if abstract.frozen else {}
     state = step_lib.TrainState(step=jnp.asarray(step, jnp.int32), params=params, opt_state=None, frozen=frozen)
-    sums, metrics = trainer.evaluate(r, state, r.objective.eval_batches(config, r.data, r.tokenizer))
+    batches = r.objective.eval_batches(r.config, r.data, r.tokenizer)
+    sums, metrics = trainer.evaluate(r, state, batches)
+    over_set = getattr(r.objective, "dataset_metrics", None)  # e.g. SQuAD's exact match and F1
+    if over_set is not None:
+        metrics = {**metrics, **over_set(lambda: distributed.to_host(trainable.combine(params, frozen)), batches)}
     result = {"step": step, "objective": r.objective.name, "metrics": metrics, "sums": sums}
     if jax.process_index() == 0:
         path = os.path.join(workdir, EVAL_FILE)

@@ -3,8 +3,8 @@
     hf:DIR            a Hugging Face directory (config.json, safetensors, tokenizer.json)
     run:WORKDIR@STEP  a `python -m train` run's checkpoint (the latest committed one if no @STEP)
 
-The checkpoint decides the model's shape: for hf: the model is `models.hf.model_of(DIR)` with
-the run's execution settings (RUN_KEYS: dtype, remat, scan, dropout, MoE execution, PEFT)
+The checkpoint decides the model's shape: for hf: the model is `models.hf.model_of(DIR)` (under
+the task head of a classification or qa run, `_head`) with the run's execution settings (RUN_KEYS: dtype, remat, scan, dropout, MoE execution, PEFT)
 applied; for run: the saved config's model keys with the run's RUN_KEYS. A model key of
 the run config set (away from configs/base.py's default) to a value the checkpoint
 contradicts is one error naming every such key. The tokenizer comes from the checkpoint.
@@ -157,7 +157,7 @@ def model(config: ml_collections.ConfigDict, vocab_size: int) -> nn.Module:
 
     m = config.model
     dtype, param_dtype = build._dtype(m.dtype, "model.dtype"), build._dtype(m.param_dtype, "model.param_dtype")
-    checkpoint = hf.model_of(spec.path)
+    checkpoint = hf.model_of(spec.path, **_head(config, spec))
     _contradictions(config, checkpoint, spec)
     c = checkpoint.config
     block = dataclasses.replace(c.block, dtype=dtype, param_dtype=param_dtype, dropout_rate=m.block.dropout_rate,
@@ -173,6 +173,25 @@ def model(config: ml_collections.ConfigDict, vocab_size: int) -> nn.Module:
         raise ValueError(f"config key `data.seq_len`={config.data.seq_len} exceeds the context of "
                          f"{spec} (max_len {c.max_len})")
     return checkpoint.clone(config=c)
+
+
+def _head(config: ml_collections.ConfigDict, spec: Spec) -> dict[str, Any]:
+    """`models.hf.model_of`'s head keywords for the run's objective: a classification or qa run
+    puts its task head on the checkpoint's encoder (a plain BertModel directory's included;
+    the head keeps its fresh init, HEAD_NAMES); other objectives take the checkpoint's own."""
+    from models import hf
+    from train import build
+
+    name = build.objective_name(config)
+    if name not in build.TASK_OBJECTIVES:
+        return {}
+    arch = hf._architecture(hf._read_config(spec.path))
+    if arch not in hf.BERTS:
+        raise ValueError(f"config key `objective`={name!r} trains a BERT task head, but `init_from`={str(spec)!r} "
+                         f"holds a {arch}; start from a BERT checkpoint (BertModel, BertFor...)")
+    if name == "qa":
+        return {"head": "qa"}
+    return {"head": "classification", "num_labels": build.num_labels(config)}
 
 
 def _peft(config):

@@ -146,6 +146,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, write_config: bool
     `write_config=False` (an evaluation of a finished run) leaves WORKDIR/config.json alone."""
     workdir = os.path.abspath(workdir)
     validate.check(config, workdir)  # every key, before data, tokenizer or config.json are touched
+    config = build.resolved(config, workdir)  # e.g. a classifier's classes, from its data
     os.makedirs(workdir, exist_ok=True)
     is_lead = jax.process_index() == 0
     if is_lead and write_config:
@@ -179,9 +180,10 @@ def _prepare_data(config: ml_collections.ConfigDict, workdir: str, data_cfg: pip
     """The tokenizer. The lead process builds the splits and trains the tokenizer first, then
     the others (`distributed.lead_first`) read what it wrote into the shared workdir."""
     if distributed.is_lead():
-        for split in dict.fromkeys((data_cfg.train_split, data_cfg.eval_split)):
-            pipeline.open_split(data_cfg, split)
-    elif not config.tokenizer.path:
+        if build.objective_name(config) not in build.TASK_OBJECTIVES:  # those read data.tasks' examples
+            for split in dict.fromkeys((data_cfg.train_split, data_cfg.eval_split)):
+                pipeline.open_split(data_cfg, split)
+    elif not (config.tokenizer.path or config.init_from):  # else a trained BPE in the shared workdir
         distributed.shared_workdir_check(os.path.join(workdir, "tokenizer"))
     return build.tokenizer(config, workdir, data_cfg)
 
@@ -189,7 +191,7 @@ def _prepare_data(config: ml_collections.ConfigDict, workdir: str, data_cfg: pip
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) the model of `config` in `workdir`; returns the summary dict."""
     r = setup(config, workdir)
-    workdir = r.workdir
+    config, workdir = r.config, r.workdir  # the config as resolved (`build.resolved`)
     # The jitted steps trace under their layout's mesh and logical rules themselves
     # (`sharding.step`); the checkpoint restores into the layout's shardings.
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),

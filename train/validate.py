@@ -12,7 +12,8 @@ preparation, tokenizer training or compilation, and before `config.json` is writ
     (`jax.eval_shape` of the init: nothing is allocated) and the batch fits the batch
     axes and the processes;
   * the data source parses and its files exist, are readable, non-empty and of a known
-    kind (a `tfds:` source: its prepared splits open);
+    kind (a `tfds:` source: its prepared splits open); a classification or qa run's
+    examples all hold the fields its task reads (`data.tasks.check`);
   * a configured tokenizer loads (a masked LM's has a mask token);
   * a resumed workdir: the saved run's parameters have the shapes this config gives them,
     or the error names the config keys that changed them.
@@ -70,6 +71,7 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> None:
     _check_data(config, workdir)
     if config.init_from:
         init_from.check(config)
+    config = build.resolved(config, workdir)  # a classifier's classes, from its data
     tokenizer = existing_tokenizer(config, workdir)
     abstract_params = abstract_params_of(config, tokenizer)
     _check_resume(config, workdir, abstract_params)
@@ -119,6 +121,9 @@ def check_finetune(config) -> None:
 
 def _check_data(config, workdir: str) -> None:
     d = config.data
+    if build.objective_name(config) in build.TASK_OBJECTIVES:
+        _check_task_data(config, workdir)
+        return
     try:
         spec = sources.parse_source(d.source)
     except (ValueError, FileNotFoundError) as e:
@@ -137,6 +142,20 @@ def _check_data(config, workdir: str) -> None:
                              f"{LOCAL_SPLITS}")
     for path in spec.paths:
         _check_text_file(path)
+
+
+def _check_task_data(config, workdir: str) -> None:
+    """A classification or qa run: a WordPiece tokenizer to come (init_from's or tokenizer.path),
+    and every example of both splits with the fields the task reads (`data.tasks.check`)."""
+    from data import tasks
+
+    if not (config.tokenizer.path or config.init_from):
+        raise ValueError(f"config key `objective`={config.objective!r} reads text with the model's WordPiece "
+                         "tokenizer: set init_from=hf:DIR (its tokenizer comes along) or tokenizer.path")
+    try:
+        tasks.check(build.task_config(config, workdir))
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"config key `data.source`={config.data.source!r}: {e}") from None
 
 
 def _check_text_file(path: str) -> None:

@@ -181,8 +181,10 @@ def sources(config: BertConfig, available=None, *, head: str = "base") -> dict:
             return _to_ours(x, kind, config.block)
 
         hf_shape = _hf_shape(name, kind, config)
-        shape = hf_shape[::-1] if kind == "linear" else tuple(_to_ours(np.empty(hf_shape, np.int8), kind,
-                                                                        config.block).shape)
+        if kind in ("linear", "copy"):  # a classifier's class count is None here: no array to shape
+            shape = hf_shape[::-1] if kind == "linear" else hf_shape
+        else:
+            shape = tuple(_to_ours(np.empty(hf_shape, np.int8), kind, config.block).shape)
         out[path] = Source((hf_name,), convert, shape)
     return out
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from data import tasks
+from train.objectives import register
 
 ENCODER_KEYS = ("input_ids", "token_type_ids", "attention_mask")
 
@@ -67,6 +68,8 @@ class ClassificationObjective:
 
     model: nn.Module
     name: str = "classification"
+    # The task head trains under every PEFT method (`train.trainable.split`'s objective_head).
+    trainable_head: str = r"^classifier/"
 
     def batch_spec(self, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
         return encoder_batch_spec(batch_size, seq_len, labels=None)
@@ -109,11 +112,12 @@ class ClassificationObjective:
         return tasks.EvalSet(task_config(config, data_cfg, "classification"), tokenizer)
 
 
+@register("classification")
 def make(config, model, tokenizer) -> ClassificationObjective:
     """The classification objective of a `BertForSequenceClassification` (`task.num_labels` classes)."""
     from models.bert import BertForSequenceClassification
 
     if not isinstance(model, BertForSequenceClassification):
-        raise ValueError(f"config key `objective`='classification' needs model.family='bert' (a "
-                         f"BertForSequenceClassification), got {type(model).__name__}")
+        raise ValueError(f"config key `objective`='classification' needs a BERT (model.family='bert' or "
+                         f"init_from=hf:DIR of a BERT checkpoint), got a {type(model).__name__}")
     return ClassificationObjective(model)

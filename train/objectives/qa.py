@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data import squad, tasks
+from train.objectives import register
 from train.objectives.classification import (
     ENCODER_KEYS,
     encoder_batch_spec,
@@ -51,6 +52,8 @@ class QAObjective:
     n_best: int = 20
     max_answer_length: int = 30
     name: str = "qa"
+    # The task head trains under every PEFT method (`train.trainable.split`'s objective_head).
+    trainable_head: str = r"^qa_outputs/"
 
     def batch_spec(self, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
         return encoder_batch_spec(batch_size, seq_len, start_positions=None, end_positions=None)
@@ -107,9 +110,15 @@ class QAObjective:
     def eval_batches(self, config, data_cfg, tokenizer) -> tasks.EvalSet:
         return tasks.EvalSet(task_config(config, data_cfg, "qa"), tokenizer)
 
+    def dataset_metrics(self, params_fn, eval_data) -> dict[str, float]:
+        """SQuAD exact match and F1 (percent) over the whole validation set (`squad_scores`);
+        `params_fn()` gives the whole parameters on the host. `train.evaluate` adds them to
+        eval.json's metrics."""
+        return squad_scores(self, params_fn(), eval_data)
+
     def report(self, run, params_fn, sums, metrics, eval_data) -> tuple[dict[str, Any], str]:
         """SQuAD exact match and F1 (percent) over the whole validation set."""
-        scores = squad_scores(self, params_fn(), eval_data)
+        scores = self.dataset_metrics(params_fn, eval_data)
         extra = {"val_exact_match": scores["exact_match"], "val_f1": scores["f1"]}
         return extra, f"exact match {scores['exact_match']:.1f}, F1 {scores['f1']:.1f}"
 
@@ -136,11 +145,12 @@ def squad_scores(objective: QAObjective, params, eval_set: tasks.EvalSet) -> dic
     return squad.squad_metrics(predictions, [[text for text, _ in e.answers] for e in eval_set.examples])
 
 
+@register("qa")
 def make(config, model, tokenizer) -> QAObjective:
     """The qa objective of a `BertForQuestionAnswering` (`task.n_best`, `task.max_answer_length`)."""
     from models.bert import BertForQuestionAnswering
 
     if not isinstance(model, BertForQuestionAnswering):
-        raise ValueError(f"config key `objective`='qa' needs model.family='bert' (a BertForQuestionAnswering), "
-                         f"got {type(model).__name__}")
+        raise ValueError(f"config key `objective`='qa' needs a BERT (model.family='bert' or init_from=hf:DIR of a "
+                         f"BERT checkpoint), got a {type(model).__name__}")
     return QAObjective(model, n_best=config.task.n_best, max_answer_length=config.task.max_answer_length)
