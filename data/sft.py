@@ -76,17 +76,37 @@ class SFTConfig:
             raise ValueError(f"config key `sft.pack_window`={self.pack_window}; expected >= 1")
 
 
-def source_paths(data: pipeline.DataConfig) -> tuple[str, ...]:
-    """The JSONL files of the data config's source (writing `pydoc_chat`'s if needed)."""
+def pydoc_chat_path(data: pipeline.DataConfig) -> str:
+    """Where the `pydoc_chat` source is written: data_dir/pydoc_chat.jsonl."""
+    return os.path.join(data.data_dir or ".", "pydoc_chat.jsonl")
+
+
+def check_source(data: pipeline.DataConfig) -> tuple[str, ...]:
+    """The JSONL files the source names (`pydoc_chat`'s, written or not); reads and writes
+    nothing, so a run checks its config with it before any work.
+
+    Raises:
+      ValueError: a source of another form, or a file that does not exist.
+    """
     if data.source == "pydoc_chat":
-        path = os.path.join(data.data_dir or ".", "pydoc_chat.jsonl")
-        return (path if os.path.isfile(path) else pydoc_chat.write_jsonl(path),)
+        return (pydoc_chat_path(data),)
     if not data.source.startswith("files:"):
         raise ValueError(f"config key `data.source`={data.source!r}: fine-tuning reads {SOURCE_FORMS}")
-    paths = sources.parse_source(data.source).paths
+    try:
+        paths = sources.parse_source(data.source).paths
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"config key `data.source`: {e}") from None
     for path in paths:
         if not os.path.isfile(path):
             raise ValueError(f"data file {path} does not exist; set data.source to files:PATH.jsonl of chat lines")
+    return paths
+
+
+def source_paths(data: pipeline.DataConfig) -> tuple[str, ...]:
+    """The JSONL files of the data config's source (writing `pydoc_chat`'s if needed)."""
+    paths = check_source(data)
+    if data.source == "pydoc_chat" and not os.path.isfile(paths[0]):
+        pydoc_chat.write_jsonl(paths[0])
     return paths
 
 
@@ -114,6 +134,21 @@ def _with_prompt(tokenizer: Any, prompt: list, completion: list, template: str) 
     ids, mask = chat.render(tokenizer, prompt + completion, template=template)
     common = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids)))
     return ids, [bit if i >= common else 0 for i, bit in enumerate(mask)]
+
+
+def chat_template(tokenizer: Any, template: str = "") -> str:
+    """The template conversations are rendered with: `template`, else the tokenizer's, else ChatML."""
+    return template or getattr(tokenizer, "chat_template", None) or "chatml"
+
+
+def end_of_turn(tokenizer: Any, template: str = "") -> str:
+    """The text the chat template writes after an assistant's content inside its `{% generation %}`
+    block (ChatML's `<|im_end|>`, Llama 3's `<|eot_id|>`): where a generated reply ends."""
+    probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "A"}]
+    text, spans = chat.render_text(tokenizer, probe, template=chat_template(tokenizer, template))
+    if not spans or text[spans[-1][0]:spans[-1][0] + 1] != "A":
+        return ""
+    return text[spans[-1][0] + 1:spans[-1][1]]
 
 
 def encode_record(tokenizer: Any, record: Any, template: str = "") -> tuple[list[int], list[int]]:

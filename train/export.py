@@ -28,13 +28,12 @@ nothing at --out. An existing non-empty --out is never overwritten unless --forc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
 from typing import Any
-
-import dataclasses
 
 import jax
 import numpy as np

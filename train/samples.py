@@ -43,6 +43,19 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
     return ids
 
 
+def sample_ids(model: nn.Module, params, ids: list[int], *, num_samples: int, num_tokens: int, temperature: float,
+               max_len: int, seed: int = 0) -> np.ndarray:
+    """[num_samples, n] tokens sampled after the prompt `ids` (its last max_len - 1 kept), n =
+    `num_tokens` or fewer if the context ends; temperature 0 is greedy."""
+    ids = list(ids)[-(max_len - 1):]
+    num_tokens = min(num_tokens, max_len - len(ids))
+    tokens = np.zeros((num_samples, len(ids) + num_tokens), np.int32)
+    tokens[:, : len(ids)] = ids
+    out = _sample(params, jnp.asarray(tokens), jax.random.key(seed), model=model, prompt_len=len(ids),
+                  num_tokens=num_tokens, temperature=float(temperature))
+    return np.asarray(out)[:, len(ids):]
+
+
 def sample_continuations(model: nn.Module, params, tokenizer, prompt: str, *, num_samples: int, num_tokens: int,
                          temperature: float, max_len: int, seed: int = 0) -> list[str]:
     """`num_samples` continuations of `prompt`, each `num_tokens` long (fewer if the context ends).
@@ -50,14 +63,9 @@ def sample_continuations(model: nn.Module, params, tokenizer, prompt: str, *, nu
     Raises:
       ValueError: from `prompt_ids`, for an empty prompt and no BOS token.
     """
-    ids = prompt_ids(tokenizer, prompt)[-(max_len - 1):]
-    num_tokens = min(num_tokens, max_len - len(ids))
-    tokens = np.zeros((num_samples, len(ids) + num_tokens), np.int32)
-    tokens[:, : len(ids)] = ids
-    out = _sample(params, jnp.asarray(tokens), jax.random.key(seed), model=model, prompt_len=len(ids),
-                  num_tokens=num_tokens, temperature=float(temperature))
     texts = []
-    for row in np.asarray(out)[:, len(ids):]:
+    for row in sample_ids(model, params, prompt_ids(tokenizer, prompt), num_samples=num_samples,
+                          num_tokens=num_tokens, temperature=temperature, max_len=max_len, seed=seed):
         row = row.tolist()
         if tokenizer.eos_id in row:
             row = row[: row.index(tokenizer.eos_id)]

@@ -50,6 +50,7 @@ from train import step as step_lib
 from train import trainable as trainable_lib
 from train.checkpoint import Checkpointer
 from train.metrics import MetricsWriter, Throughput, peak_flops_per_device
+from train.objectives import sft as sft_objective
 from train.samples import prompt_ids
 
 
@@ -178,7 +179,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, write_config: bool
 
 def _prepare_data(config: ml_collections.ConfigDict, workdir: str, data_cfg: pipeline.DataConfig):
     """The tokenizer. The lead process builds the splits and trains the tokenizer first, then
-    the others (`distributed.lead_first`) read what it wrote into the shared workdir."""
+    the others (`distributed.lead_first`) read what it wrote into the shared workdir (sft:
+    chat JSONL, `train.objectives.sft.prepare_data`)."""
+    if objectives.name_of(config) == "sft":
+        return sft_objective.prepare_data(config, workdir, data_cfg)
     if distributed.is_lead():
         if build.objective_name(config) not in build.TASK_OBJECTIVES:  # those read data.tasks' examples
             for split in dict.fromkeys((data_cfg.train_split, data_cfg.eval_split)):

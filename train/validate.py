@@ -12,8 +12,9 @@ preparation, tokenizer training or compilation, and before `config.json` is writ
     (`jax.eval_shape` of the init: nothing is allocated) and the batch fits the batch
     axes and the processes;
   * the data source parses and its files exist, are readable, non-empty and of a known
-    kind (a `tfds:` source: its prepared splits open); a classification or qa run's
-    examples all hold the fields its task reads (`data.tasks.check`);
+    kind (a `tfds:` source: its prepared splits open; sft's chat sources:
+    `train.objectives.sft.check_data`); a classification or qa run's examples all hold the
+    fields its task reads (`data.tasks.check`);
   * a configured tokenizer loads (a masked LM's has a mask token);
   * a resumed workdir: the saved run's parameters have the shapes this config gives them,
     or the error names the config keys that changed them.
@@ -123,6 +124,11 @@ def _check_data(config, workdir: str) -> None:
     d = config.data
     if build.objective_name(config) in build.TASK_OBJECTIVES:
         _check_task_data(config, workdir)
+        return
+    if objectives.name_of(config) == "sft":  # chat JSONL (data/sft.py)
+        from train.objectives import sft
+
+        sft.check_data(config, workdir)
         return
     try:
         spec = sources.parse_source(d.source)
