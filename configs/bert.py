@@ -79,7 +79,7 @@ def task_finetuning(c: ml_collections.ConfigDict, task: str) -> None:
     """A pretrained encoder (`init_from`, given on the command line) fine-tuned on pydoc task data."""
     c.objective = "classification" if task == "classification" else "qa"
     c.data.update(source=f"pydoc_{task}", seq_len=64 if task == "classification" else 128, batch_size=16)
-    c.task.update(doc_stride=64, max_query_len=48)
+    c.task.update(doc_stride=64, max_query_len=48, num_labels=2 if task == "classification" else 0)
     c.steps = 60 if task == "classification" else 200
     c.optimizer.update(lr=1e-4, b2=0.999, weight_decay=0.01, z_loss=0.0)
     c.schedule.update(name="cosine", warmup_steps=c.steps // 10, min_lr_ratio=0.0)
