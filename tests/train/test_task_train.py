@@ -1,6 +1,5 @@
 """BERT task fine-tuning through the one trainer (`train.trainer.run`): the real all-MiniLM-L6-v2
-(`init_from=hf:`) under a fresh classification head learns a held-out task under dp and under
-fsdp with the same metrics; LoRA trains the adapters and the classifier and leaves the encoder
+(`init_from=hf:`) under a fresh classification head learns a held-out task under fsdp; LoRA trains the adapters and the classifier and leaves the encoder
 bit-identical; a qa run writes SQuAD exact match / F1 that `train.evaluate` reproduces; bad
 input is a one-line error."""
 
@@ -61,25 +60,17 @@ def classification_source(tmp_path_factory):
     return _write(tmp_path_factory.mktemp("cls"), pydoc_tasks.classification_records()[:192], every=4)
 
 
-def test_minilm_classification_learns_the_same_under_dp_and_fsdp(tmp_path, classification_source):
-    runs = {}
-    for strategy in ("dp", "fsdp"):
-        config = _config("minilm_classification", classification_source, **{"sharding.strategy": strategy})
-        runs[strategy] = trainer.run(config, str(tmp_path / strategy))
-    dp, fsdp = runs["dp"], runs["fsdp"]
-    print(f"\nheld-out accuracy dp {dp['val_accuracy']:.3f} fsdp {fsdp['val_accuracy']:.3f} (chance 0.5); "
-          f"val loss dp {dp['val_loss']:.4f} fsdp {fsdp['val_loss']:.4f}")
-    assert dp["num_params"] == fsdp["num_params"] == 22_713_986  # BertModel + pooler + a 2-way classifier
+def test_minilm_classification_learns_under_fsdp(tmp_path, classification_source):
+    # fsdp, the layout that splits every parameter over the 8 devices; that the sharded step
+    # equals the unsharded one for any objective is tests/train/test_finetune.py's and
+    # tests/train/test_trainable.py's (one run here: each MiniLM run costs a minute of CPU).
+    config = _config("minilm_classification", classification_source, **{"sharding.strategy": "fsdp"})
+    summary = trainer.run(config, str(tmp_path / "fsdp"))
+    print(f"\nheld-out accuracy {summary['val_accuracy']:.3f} (chance 0.5); val loss {summary['val_loss']:.4f}")
+    assert summary["num_params"] == 22_713_986  # BertModel + pooler + a 2-way classifier
     # Learns: the hand-written loop reached 0.94 on the same 48 held-out snippets; chance is 0.5.
-    assert dp["val_accuracy"] >= 0.8
-    assert dp["val_loss"] < 0.5 < np.log(2)
-    # dp and fsdp differ only in the order of float32 reductions (gradients summed over 8
-    # devices vs reduce-scattered): a relative eps32 * sqrt(reduction length) per step, grown
-    # at most linearly over the steps; the accuracy may move by the examples that close to
-    # the decision boundary (at most 2 of 48 here).
-    tol = STEPS * 16 * EPS32 * np.sqrt(384 * T)
-    assert abs(dp["val_loss"] - fsdp["val_loss"]) <= tol * dp["val_loss"]
-    assert abs(dp["val_accuracy"] - fsdp["val_accuracy"]) <= 2 / 48 + 1e-9
+    assert summary["val_accuracy"] >= 0.8
+    assert summary["val_loss"] < 0.5 < np.log(2)
 
 
 def test_lora_on_minilm_trains_adapters_and_classifier_and_keeps_the_encoder(tmp_path, classification_source):
