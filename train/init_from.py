@@ -348,7 +348,11 @@ def _load_run(spec: Spec, flat: dict, kept: set) -> dict:
 
     saved = run_config(spec)
     source = build.model(saved, run_tokenizer(spec).vocab_size)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    # What the new model lacks (e.g. a LoRA to merge) is read whole onto every device of the
+    # new layout's mesh, so that it meets the kernels it is merged into.
+    mesh = next((x.sharding.mesh for x in flat.values() if isinstance(x.sharding, jax.sharding.NamedSharding)), None)
+    device = (jax.sharding.SingleDeviceSharding(jax.local_devices()[0]) if mesh is None else
+              jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     shapes = jax.eval_shape(lambda: nn.unbox(source.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]))
 
     def target(key_path, x):

@@ -149,3 +149,85 @@ def test_init_from_run_restores_its_params_into_a_sharded_layout(run_dir, tmp_pa
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
     embedding = state.params["embed"]["embedding"]
     assert embedding.sharding.spec != jax.sharding.PartitionSpec()  # laid out by fsdp, not replicated
+
+
+@pytest.fixture(scope="module")
+def lora_run(run_dir):
+    """A LoRA run (rsLoRA on GPT-2's out / MLP kernels: its fused qkv has one A for three) from
+    the tiny run's weights."""
+    config = _config(run_dir, "finetune.method=lora", "finetune.lora.targets=(out|wi|wo)$", "finetune.lora.rank=4",
+                     "finetune.lora.rslora=true", "optimizer.lr=0.05", f"init_from=run:{run_dir / 'run'}")
+    trainer.run(config, str(run_dir / "lora"))
+    return run_dir / "lora"
+
+
+def test_a_lora_run_exported_merged_generates_the_same_tokens_in_transformers(run_dir, lora_run):
+    from inference.generate import generate
+    from inference.load import load
+
+    result = export_lib.export(str(lora_run), str(run_dir / "lora_hf"))
+    assert result["verified"]["merged"]["logits"] < 1e-5 and result["verified"]["transformers"]["logits"] < 1e-4
+    ours = load(str(lora_run))
+    assert ours.model.config.block.peft.lora is not None  # the run's own LoRA model, its base from `frozen`
+    ids = ours.tokenizer.encode("The function returns")
+    eos = ours.tokenizer.eos_id
+    expected = generate(ours.model, ours.params, [ids], max_new_tokens=12, stop_tokens=(eos,))[0]
+    model = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "lora_hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                             pad_token_id=eos)[0, len(ids):].tolist()
+    assert got == expected, (got, expected)
+
+
+def test_a_lora_run_exported_adapter_only_loads_in_peft_with_the_same_logits(run_dir, exported, lora_run):
+    peft = pytest.importorskip("peft")
+    from inference.load import load
+
+    out = run_dir / "lora_adapter"
+    result = export_lib.export(str(lora_run), str(out), adapter_only=True)
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert result["verified"]["reloaded"]["tensor"] == 0.0
+    ours = load(str(lora_run))
+    # The adapter applies to the base the run started from: the tiny run, exported.
+    base = transformers.AutoModelForCausalLM.from_pretrained(exported[0], dtype=torch.float32).eval()
+    ids = np.asarray([ours.tokenizer.encode("The function returns a list of")], np.int32)
+    with torch.no_grad():
+        bare = base(torch.from_numpy(ids).long()).logits.numpy()
+    model = peft.PeftModel.from_pretrained(base, str(out)).eval()  # (adapts `base` in place)
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(ids).long()).logits.numpy()
+    want = np.asarray(ours.model.apply({"params": ours.params}, ids))
+    # LoRA moved the logits away from the base's: the comparison sees the adapter.
+    assert np.abs(bare - want).max() > 1e-3 * np.abs(want).max()
+    np.testing.assert_allclose(theirs, want, rtol=0, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("method", ["prefix", "adapter"])
+def test_prefix_and_adapter_runs_cannot_export_and_say_why(lora_run, tmp_path, method):
+    workdir = tmp_path / "run"
+    shutil.copytree(lora_run, workdir)
+    meta = workdir / "checkpoints" / str(STEPS) / "config" / "metadata"
+    saved = json.loads(meta.read_text())
+    saved["finetune"]["method"] = method
+    meta.write_text(json.dumps(saved))
+    for adapter_only in (False, True):
+        with pytest.raises(ValueError, match="cannot be merged" if not adapter_only else "--adapter_only cannot"):
+            export_lib.export(str(workdir), str(tmp_path / "out"), adapter_only=adapter_only)
+    assert not (tmp_path / "out").exists()
+    if method == "prefix":  # the command line says it in one line
+        result = run_module("train.export", f"--workdir={workdir}", f"--out={tmp_path / 'out'}")
+        assert_one_line_error(result, "transformers has no", "--adapter_only")
+
+
+def test_init_from_a_lora_run_starts_from_its_merged_weights(run_dir, lora_run, tmp_path):
+    from inference.load import load
+    from models.layers.peft import merge
+
+    config = _config(run_dir, f"init_from=run:{lora_run}", "sharding.strategy=fsdp")
+    r = trainer.setup(config, str(tmp_path / "new"))
+    state = init_from.initial_state(config, r.init_fn(jax.random.key(1)), r)
+    ours = load(str(lora_run))
+    _, merged = merge(ours.model, ours.params)
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(state.params), jax.tree_util.tree_leaves(merged)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=4 * np.finfo(np.float32).eps *
+                                   float(np.abs(want).max()), err_msg=jax.tree_util.keystr(path))

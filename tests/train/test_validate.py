@@ -55,6 +55,10 @@ def _config(*overrides):
     (["finetune.freeze=."], r"`finetune.freeze`='.' freezes every parameter: nothing would train"),
     (["finetune.method=lora", "finetune.freeze=layer_0"], r"`finetune.freeze` is set but finetune.method='lora'"),
     (["finetune.method=lora", "finetune.train=no_such_head"], r"`finetune.train`='no_such_head' matches no"),
+    # Checked on the model's own parameters before anything runs (issue 11's bad input).
+    (["finetune.method=lora", "finetune.lora.targets=no_such_kernel"],
+     r"finetune.lora.targets='no_such_kernel' matches no kernel"),
+    (["finetune.method=qlora", "finetune.lora.rank=100000"], r"finetune.lora.rank=100000 exceeds kernel"),
 ])
 def test_a_bad_config_is_named_before_anything_is_written(tmp_path, overrides, message):
     workdir = tmp_path / "run"
