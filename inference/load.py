@@ -80,21 +80,29 @@ def committed_steps(workdir: str) -> list[int]:
     from train.checkpoint import COMMIT_MARKER
 
     root = os.path.join(workdir, WORKDIR_CHECKPOINTS)
+    if not os.path.isdir(root):
+        return []
     return sorted(int(d) for d in os.listdir(root)
                   if d.isdigit() and os.path.isfile(os.path.join(root, d, COMMIT_MARKER)))
+
+
+def checkpoint_step(workdir: str, step: int | None) -> int:
+    """`step` (None: the latest) checked against the workdir's committed checkpoints."""
+    steps = committed_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(f"{workdir!r} holds no committed checkpoint under {WORKDIR_CHECKPOINTS}/; train "
+                                "until a checkpoint is saved (checkpoint.save_interval_steps), or fix --workdir")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(f"{workdir!r} has no checkpoint at step {step}; it holds steps {steps}: fix --step")
+    return step
 
 
 def _load_workdir(workdir: str, step: int | None, dtype: str | None) -> Loaded:
     from train import build, init_from
 
-    steps = committed_steps(workdir)
-    if not steps:
-        raise FileNotFoundError(f"{workdir!r} holds no committed checkpoint under {WORKDIR_CHECKPOINTS}/; train "
-                                "until a checkpoint is saved (checkpoint.save_interval_steps)")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise FileNotFoundError(f"{workdir!r} has no checkpoint at step {step}; it holds steps {steps}")
+    step = checkpoint_step(workdir, step)
     config = _saved_config(workdir, step)
     if dtype is not None:
         config.model.dtype = config.model.param_dtype = dtype

@@ -27,16 +27,6 @@ import ml_collections
 EVAL_FILE = "eval.json"
 
 
-def committed_steps(workdir: str) -> list[int]:
-    """The committed checkpoint steps of a `python -m train` workdir, oldest first."""
-    from train.checkpoint import COMMIT_MARKER
-
-    root = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(root):
-        return []
-    return sorted(int(d) for d in os.listdir(root) if d.isdigit() and os.path.isfile(os.path.join(root, d, COMMIT_MARKER)))
-
-
 def _config_of(workdir: str, step: int) -> ml_collections.ConfigDict:
     """The run config saved with checkpoint `step` (what trained it)."""
     path = os.path.join(workdir, "checkpoints", str(step), "config", "metadata")
@@ -69,14 +59,9 @@ def evaluate_checkpoint(workdir: str, step: int | None = None) -> dict[str, Any]
     workdir = os.path.abspath(workdir)
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"--workdir={workdir} does not exist; give the workdir of a `python -m train` run")
-    steps = committed_steps(workdir)
-    if not steps:
-        raise FileNotFoundError(f"{workdir} holds no committed checkpoint under checkpoints/; train until a "
-                                "checkpoint is saved (checkpoint.save_interval_steps), or fix --workdir")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise FileNotFoundError(f"{workdir} has no checkpoint at step {step}; it holds steps {steps}: fix --step")
+    from inference.load import checkpoint_step
+
+    step = checkpoint_step(workdir, step)
     config = _config_of(workdir, step)
     r = trainer.setup(config, workdir, write_config=False)
     root = os.path.join(workdir, "checkpoints")

@@ -6,13 +6,12 @@ import pydoc_data.topics
 
 import pytest
 import tokenizers
+import transformers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from data.chat import BUILTIN_SPECIAL_TOKENS, BUILTIN_TEMPLATES, render
 from data.tokenizer import ByteLevelBPE, load_tokenizer
 from data.tokenizer.hf_json import export_bpe
-
-transformers = pytest.importorskip("transformers")
 
 TEXT = "\n".join(list(pydoc_data.topics.topics.values())[:40])
 SPECIALS = ["<|endoftext|>", *BUILTIN_SPECIAL_TOKENS["chatml"], *BUILTIN_SPECIAL_TOKENS["llama3"]]

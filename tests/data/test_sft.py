@@ -65,9 +65,9 @@ def bpe():
 def test_ids_and_loss_mask_equal_trl_sft_trainer(hf_chatml_dir, tmp_path):
     """Rows (packing off) hold exactly TRL's input_ids, and loss_mask is 1 exactly where
     TRL's labels (next-token shifted) are not -100, with assistant_only_loss=True."""
-    transformers = pytest.importorskip("transformers")
-    datasets = pytest.importorskip("datasets")
-    trl = pytest.importorskip("trl")
+    import datasets
+    import transformers
+    import trl
     records = [r for r in VARIED if "messages" in r] + pydoc_chat.conversations()[:12]
     path = _write_jsonl(tmp_path / "chat.jsonl", records)
     hf = transformers.AutoTokenizer.from_pretrained(str(hf_chatml_dir))
@@ -169,8 +169,8 @@ def test_rows_are_well_formed_and_every_target_counts_once(bpe, tmp_path):
 
 
 def test_bfd_pads_no_more_than_greedy_and_equals_trl_bins():
-    trl_utils = pytest.importorskip("trl.data_utils")
-    datasets = pytest.importorskip("datasets")
+    import datasets
+    import trl.data_utils as trl_utils
     for seed in range(3):
         lengths = [int(x) for x in np.random.default_rng(seed).integers(1, 200, size=300)]
         fractions = {s: packing.padding_fraction(lengths, 256, s) for s in packing.BIN_STRATEGIES}

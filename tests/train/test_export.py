@@ -10,14 +10,14 @@ import shutil
 import jax
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from configs.loader import load_config
 from tests.cli_output import assert_one_line_error, run_module
 from train import export as export_lib
 from train import init_from, trainer
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 3
 
@@ -180,7 +180,8 @@ def test_a_lora_run_exported_merged_generates_the_same_tokens_in_transformers(ru
 
 
 def test_a_lora_run_exported_adapter_only_loads_in_peft_with_the_same_logits(run_dir, exported, lora_run):
-    peft = pytest.importorskip("peft")
+    import peft
+
     from inference.load import load
 
     out = run_dir / "lora_adapter"

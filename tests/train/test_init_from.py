@@ -8,6 +8,8 @@ import tracemalloc
 import jax
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from configs import base
 from models import hf
@@ -15,9 +17,6 @@ from sharding import mesh as mesh_lib
 from sharding.strategies import get_strategy
 from train import build, init_from
 from train import program as program_lib
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 # Sizes where the tensors dwarf the bookkeeping: embedding and head 4096 x 256 (4 MiB each).
 V, D, F, L = 4096, 256, 512, 2

