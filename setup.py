@@ -30,6 +30,9 @@ INSTALL_REQUIRES = [
     "regex==2026.11.19",
     "tokenizers==0.23.3",
     "sentencepiece==0.2.3",
+    # DeepMind's mathematics_dataset generates the arithmetic problems of the verifiable RL
+    # tasks (data/verifiable.py) locally; nothing is downloaded.
+    "mathematics_dataset==1.0.1",
 ]
 
 TEST_REQUIRES = [

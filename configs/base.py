@@ -16,7 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.steps = 1000  # optimizer steps in the whole run
-    # What the run optimizes (train/objectives/): lm | mlm | sft | classification | qa;
+    # What the run optimizes (train/objectives/): lm | mlm | sft | classification | qa | reward | dpo |
+    # ppo | grpo | rloo;
     # "": lm for the decoder families, mlm for bert.
     c.objective = ""
     c.init_from = ""  # "": random init; hf:DIR (a Hugging Face directory) | run:WORKDIR[@STEP] (a train run)
@@ -117,6 +118,56 @@ def get_config() -> ml_collections.ConfigDict:
         max_query_len=64,  # qa: questions cut to this many tokens
         max_answer_length=30,  # qa post-processing: longest answer, in tokens
         n_best=20,  # qa post-processing: start and end candidates per window
+    ))
+    # Alignment (train/objectives/: reward, dpo, ppo, grpo, rloo). The frozen reference model of
+    # dpo, ppo and grpo: "": the starting weights (init_from); hf:DIR | run:WORKDIR[@STEP]: another
+    # checkpoint of the policy's architecture.
+    c.reference = ""
+    # Preference data (objective=reward | dpo): JSONL rows {prompt, chosen, rejected} (paired) or
+    # {prompt, completion, label} (kto, unpaired), plain text or chat messages (rendered with
+    # sft.chat_template); prompt tokens are masked.
+    c.preference = ml_collections.ConfigDict(dict(
+        prompt_key="prompt", chosen_key="chosen", rejected_key="rejected",
+        completion_key="completion", label_key="label",  # kto's unpaired rows
+        margin_key="",  # reward: a per-row margin field for the Bradley-Terry loss; "": none
+        max_prompt_len=0,  # prompt tokens kept (the last ones); 0: no cut
+    ))
+    # Offline preference optimization (objective=dpo, train/objectives/dpo.py).
+    c.dpo = ml_collections.ConfigDict(dict(
+        loss="sigmoid",  # sigmoid (DPO; label_smoothing > 0: conservative) | ipo | simpo | orpo | kto
+        beta=0.1,
+        label_smoothing=0.0,
+        simpo_gamma=0.5,  # SimPO's target margin (gamma / beta in TRL's CPO)
+        kto_desirable_weight=1.0, kto_undesirable_weight=1.0,
+        precompute_reference=True,  # the reference's log-probs once per dataset; False: on the fly
+    ))
+    # Online RL (objective=ppo | grpo | rloo, train/objectives/, train/rollout.py): prompts from
+    # data.source (task:NAME for the verifiable tasks of data/verifiable.py, or prompt JSONL).
+    c.rl = ml_collections.ConfigDict(dict(
+        num_generations=8,  # G completions per prompt (grpo, rloo); ppo: 1
+        max_new_tokens=32,
+        temperature=1.0, top_p=1.0, top_k=0,  # rollout sampling (0: no top-k)
+        rewards="accuracy",  # comma list: accuracy | format | model | module:function
+        reward_weights="",  # comma floats, one per reward; "": 1 each
+        reward_model="",  # the `model` reward: run:WORKDIR[@STEP] | hf:DIR of a reward model
+        kl_coef=0.04,  # beta: per-token KL penalty (ppo) / KL loss (grpo) to the reference; 0: none
+        kl_target=0.0,  # ppo: > 0 makes the coefficient adaptive (Ziegler et al.) towards this KL
+        kl_horizon=10000,
+        epochs=1,  # updates over each rollout (ppo epochs / grpo iterations)
+        minibatches=1,  # optimizer steps per epoch; each takes rollout rows / minibatches
+        clip_eps=0.2,
+        clip_eps_high=0.0,  # upper clip (DAPO's clip-higher); 0: clip_eps
+        loss_type="grpo",  # grpo | dr_grpo | dapo | bnpo
+        scale_rewards=True,  # grpo: divide group advantages by their std (False: Dr. GRPO)
+        value_head="shared",  # ppo: shared (a head on the policy's trunk) | separate (a value model)
+        vf_coef=0.1, vf_clip=0.2,
+        gamma=1.0, lam=0.95,
+        whiten_rewards=False,
+    ))
+    # The verifiable tasks (data/verifiable.py): train and held-out problems split by seed.
+    c.verifiable = ml_collections.ConfigDict(dict(
+        num_train=2000, num_eval=200,
+        seed=0,
     ))
     c.tokenizer = ml_collections.ConfigDict(dict(
         path="",  # "": train a byte-level BPE on a sample of the training split, saved in the workdir

@@ -58,6 +58,7 @@ from models.layers.positional import LearnedPositionalEmbedding, RopeConfig
 from models.layers.stack import check_remat, layer_class, scanned_layers, stack_layers, unstack_layers
 
 POSITIONALS = ("learned", "rope")
+HEADS = ("lm", "score", "lm_score")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,11 @@ class GPTConfig:
         (params `layer_{i}`); outputs are equal, see `scan_params` / `unscan_params`.
       mtp_depth: multi-token prediction modules (DeepSeek-V3): module k predicts the token
         k + 1 places ahead; their logits are sown as `intermediates/mtp_logits`.
+      head: what the model returns from the final normed hidden states: "lm" (logits
+        [B, T, V]); "score" (scores [B, T, num_scores] from a linear `score` [D, num_scores]
+        without bias, and no LM head: transformers' *ForSequenceClassification, a reward
+        model); "lm_score" (both, as (logits, scores): a policy with a value head on its trunk).
+      num_scores: outputs of the `score` head (1 for a reward or value model).
     """
 
     vocab_size: int
@@ -94,9 +100,18 @@ class GPTConfig:
     first_dense_layers: int = 0
     scan_layers: bool = False
     mtp_depth: int = 0
+    head: str = "lm"
+    num_scores: int = 1
 
     def __post_init__(self):
         check_remat(self.remat)
+        if self.head not in HEADS:
+            raise ValueError(f"head={self.head!r}; expected one of {HEADS}")
+        if self.head != "lm" and self.num_scores < 1:
+            raise ValueError(f"num_scores={self.num_scores} must be >= 1 with head={self.head!r}")
+        if self.head == "score" and self.mtp_depth:
+            raise ValueError("head='score' (a sequence scorer) has no LM head for multi-token prediction; "
+                             "set mtp_depth=0")
         if self.positional not in POSITIONALS:
             raise ValueError(f"positional={self.positional!r}; expected one of {POSITIONALS}")
         if self.positional == "rope" and self.block.rope is None:
@@ -132,9 +147,11 @@ class GPTConfig:
         b, D, V = self.block, self.block.d_model, self.vocab_size
         layers = sum(self._layer_params(i) for i in range(self.num_layers))
         table = self.max_len * D if self.positional == "learned" else 0
-        embeddings = V * D + table + (0 if self.tie_embeddings else V * D)
+        lm_head = 0 if self.tie_embeddings or self.head == "score" else V * D
+        embeddings = V * D + table + lm_head
         mtp = self.mtp_params() if include_mtp else 0
-        return layers + b.norm_params() + (embeddings if include_embeddings else 0) + mtp
+        score = 0 if self.head == "lm" else D * self.num_scores
+        return layers + b.norm_params() + (embeddings if include_embeddings else 0) + mtp + score
 
     def flops_per_token(self, seq_len: int) -> int:
         """Forward matmul FLOPs per token at context `seq_len` (2 per multiply-add).
@@ -147,7 +164,9 @@ class GPTConfig:
         def layer(b: BlockConfig) -> int:
             return 2 * (b.attention_weights() + b.mlp_weights()) + b.attention_score_flops(seq_len)
 
-        b, head = self.block, 2 * self.block.d_model * self.vocab_size
+        b = self.block
+        head = (0 if self.head == "score" else 2 * b.d_model * self.vocab_size) + (
+            0 if self.head == "lm" else 2 * b.d_model * self.num_scores)
         mtp = self.mtp_depth * (2 * 2 * b.d_model * b.d_model + layer(self.layer_block(self.num_layers)) + head)
         return sum(layer(self.layer_block(i)) for i in range(self.num_layers)) + head + mtp
 
@@ -199,7 +218,8 @@ class MultiTokenPrediction(nn.Module):
 
 
 class GPT(nn.Module):
-    """Decoder-only Transformer; returns float32 logits [B, T, V].
+    """Decoder-only Transformer; returns float32 logits [B, T, V] (`GPTConfig.head`: or
+    float32 scores [B, T, num_scores], or both as (logits, scores)).
 
     With a mutable `cache` collection it decodes with a KV cache (module docstring):
     `positions` [B, T] are then the tokens' positions and cache slots, default 0..T-1.
@@ -238,6 +258,14 @@ class GPT(nn.Module):
         hidden_BTD = x_BTD
         x_BTD = make_norm(b.norm, epsilon=b.norm_eps, dtype=b.dtype, param_dtype=b.param_dtype,
                           use_bias=b.use_bias, name="final_norm")(x_BTD)
+        scores_BTS = None
+        if cfg.head != "lm":
+            score = self.param("score", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", None)),
+                               (b.d_model, cfg.num_scores), b.param_dtype)
+            scores_BTS = jnp.einsum("BTD,DS->BTS", x_BTD, score.astype(b.dtype)).astype(jnp.float32)
+            scores_BTS = nn.with_logical_constraint(scores_BTS, ("act_batch", "act_seq", None))
+            if cfg.head == "score":
+                return scores_BTS
         if cfg.tie_embeddings:
             head = embed.attend
         else:
@@ -263,7 +291,7 @@ class GPT(nn.Module):
             self.sow("intermediates", "mtp_logits", mtp_logits)
         if self.is_initializing():
             check_lora_matched(b.lora, self.variables.get("params", {}))
-        return logits(x_BTD)
+        return logits(x_BTD) if scores_BTS is None else (logits(x_BTD), scores_BTS)
 
 
 def llama_config(*, vocab_size: int, d_model: int, num_layers: int, num_heads: int, d_ff: int,

@@ -278,6 +278,17 @@ def _bert(config: ml_collections.ConfigDict, vocab_size: int, block: BlockConfig
     return BertForQuestionAnswering(encoder) if head == "qa" else BertForMaskedLM(encoder)
 
 
+def decoder_head(config: ml_collections.ConfigDict) -> str:
+    """The decoder's head (`models.gpt.GPTConfig.head`) for the run's objective: "score" for a
+    reward model, "lm_score" for PPO's policy with a value head on its trunk, else "lm"."""
+    name = objective_name(config)
+    if name == "reward":
+        return "score"
+    if name == "ppo" and config.rl.value_head == "shared":
+        return "lm_score"
+    return "lm"
+
+
 def bert_head(config: ml_collections.ConfigDict) -> str:
     """The BERT head (`models.hf.BERT_CLASSES`) of the run's objective: classification, qa, or mlm."""
     name = objective_name(config)
@@ -313,7 +324,7 @@ def model(config: ml_collections.ConfigDict, vocab_size: int) -> nn.Module:
     return GPT(GPTConfig(vocab_size=m.vocab_size or vocab_size, block=block, num_layers=m.num_layers,
                          max_len=m.max_len, tie_embeddings=m.tie_embeddings, remat=m.remat,
                          positional=m.positional, first_dense_layers=m.first_dense_layers,
-                         scan_layers=m.scan_layers, mtp_depth=m.mtp_depth))
+                         scan_layers=m.scan_layers, mtp_depth=m.mtp_depth, head=decoder_head(config)))
 
 
 def model_size(model: nn.Module, seq_len: int) -> tuple[int, int]:

@@ -50,7 +50,6 @@ from train import step as step_lib
 from train import trainable as trainable_lib
 from train.checkpoint import Checkpointer
 from train.metrics import MetricsWriter, Throughput, peak_flops_per_device
-from train.objectives import sft as sft_objective
 from train.samples import prompt_ids
 
 
@@ -77,7 +76,11 @@ def evaluation_sums(eval_fn, state, batches, batch_sharding, max_batches: int = 
 
 
 def evaluate(r: "Run", state, batches) -> tuple[dict[str, float], dict[str, float]]:
-    """(sums, metrics) of the run's objective on the validation `batches` (eval.max_batches of them)."""
+    """(sums, metrics) of the run's objective on the validation `batches` (eval.max_batches of
+    them), or its own `evaluate_run` (`train.objectives.base`)."""
+    own = getattr(r.objective, "evaluate_run", None)
+    if own is not None:
+        return own(r, state, batches)
     sums = evaluation_sums(r.eval_fn, state, batches, r.batch_sharding, r.config.eval.max_batches)
     return sums, r.objective.eval_metrics(sums)
 
@@ -138,6 +141,7 @@ class Run:
     step_fn: Any
     eval_fn: Any
     objective: Any  # train.objectives: the loss, data and evaluation
+    layout: Any = None  # sharding.layout.Layout: the state's and batches' shardings, the tracing context
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str, *, write_config: bool = True) -> Run:
@@ -174,15 +178,16 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, write_config: bool
     eval_fn = jax.jit(evaluate_batch, in_shardings=(layout.state.params, layout.state.frozen, layout.batch,
                                                     layout.replicated), out_shardings=layout.replicated)
     return Run(config, workdir, is_lead, data_cfg, tokenizer, model, mesh, layout.rules, layout.batch,
-               program.abstract_state, program.init, program.step, eval_fn, objective)
+               program.abstract_state, program.init, program.step, eval_fn, objective, layout)
 
 
 def _prepare_data(config: ml_collections.ConfigDict, workdir: str, data_cfg: pipeline.DataConfig):
     """The tokenizer. The lead process builds the splits and trains the tokenizer first, then
     the others (`distributed.lead_first`) read what it wrote into the shared workdir (sft:
     chat JSONL, `train.objectives.sft.prepare_data`)."""
-    if objectives.name_of(config) == "sft":
-        return sft_objective.prepare_data(config, workdir, data_cfg)
+    own = objectives.PREPARES.get(objectives.name_of(config))
+    if own is not None:  # an objective that reads data of its own (sft: chat JSONL)
+        return own(config, workdir, data_cfg)
     if distributed.is_lead():
         if build.objective_name(config) not in build.TASK_OBJECTIVES:  # those read data.tasks' examples
             for split in dict.fromkeys((data_cfg.train_split, data_cfg.eval_split)):
@@ -216,12 +221,43 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if r.is_lead:
         print(message, flush=True)
     eval_batches = r.objective.eval_batches(config, r.data, r.tokenizer)
+    before = _eval_before(r, state, eval_batches, fresh=restored is None)
     try:
         state, throughput, last_metrics = _train_loop(r, state, train_iter, checkpointer, eval_batches)
     finally:
         checkpointer.close()
     sums, metrics = evaluate(r, state, eval_batches)
-    return _finish(r, state, sums, metrics, throughput, last_metrics, eval_batches)
+    return _finish(r, state, sums, metrics, throughput, last_metrics, eval_batches, before)
+
+
+def _eval_before(r: Run, state, eval_batches, *, fresh: bool) -> dict[str, float] | None:
+    """An objective with its own evaluation (`evaluate_run`: RL's exact match, reward, length)
+    is evaluated before a new run's first step; WORKDIR/eval_before.json keeps it for a
+    resumed run's summary. None for the other objectives."""
+    if getattr(r.objective, "evaluate_run", None) is None:
+        return None
+    path = os.path.join(r.workdir, "eval_before.json")
+    if not fresh and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    _, metrics = evaluate(r, state, eval_batches)
+    if r.is_lead:
+        with open(path, "w") as f:
+            json.dump(metrics, f, indent=2)
+        print("before training: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+    return metrics
+
+
+def _device_batches(r: Run, train_iter, state_fn):
+    """(device batch, boundary) pairs the loop steps on: the objective's own `batches` (a
+    reference's log-probs, rollouts of the current policy; `train.objectives.base`), or the
+    iterator's rows placed on the mesh, each its own boundary."""
+    own = getattr(r.objective, "batches", None)
+    if own is not None:
+        yield from own(r, train_iter, state_fn)
+        return
+    for rows in train_iter:
+        yield rules_lib.device_put_batch(rows, r.batch_sharding), True
 
 
 class _MetricsReader:
@@ -272,16 +308,24 @@ def _train_loop(r: Run, state, train_iter, checkpointer: Checkpointer, eval_batc
     stop = {"signal": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
     pending = None  # (step, device metrics) not read yet
+    live = {"state": state}  # what the objective's own batches read (rollouts of the current policy)
+    batches = _device_batches(r, train_iter, lambda: live["state"])
+    stopping, save_due = False, False
     try:
         for step in range(int(state.step), config.steps):
-            batch = rules_lib.device_put_batch(next(train_iter), r.batch_sharding)
+            batch, boundary = next(batches)
             state, metrics = r.step_fn(state, batch, rng)
+            live["state"] = state
             if pending is not None:
                 reader(*pending)  # the previous step's metrics, read while this step runs
             pending, done = (step + 1, metrics), step + 1
-            # Every process stops after the same step, whichever process got the SIGTERM.
-            stopping = distributed.any_process(stop["signal"], "sigterm", done)
-            if done % config.checkpoint.save_interval_steps == 0 or stopping or done == config.steps:
+            # Every process stops after the same step, whichever process got the SIGTERM; a
+            # checkpoint or a stop waits for a boundary (the end of a rollout's updates), where
+            # the data iterator's state is the whole truth of the position.
+            stopping = stopping or distributed.any_process(stop["signal"], "sigterm", done)
+            save_due = save_due or done % config.checkpoint.save_interval_steps == 0
+            if (boundary and (save_due or stopping)) or done == config.steps:
+                save_due = False
                 reader(*pending)  # never save a step whose loss is not finite
                 pending = None
                 checkpointer.save(done, state, data_state=train_iter.get_state(), config=config.to_dict(),
@@ -292,7 +336,7 @@ def _train_loop(r: Run, state, train_iter, checkpointer: Checkpointer, eval_batc
                 if reader.writer:
                     reader.writer.write(done, validation_metrics(ev))
                 reader.last_time = time.time()
-            if stopping:
+            if stopping and (boundary or done == config.steps):
                 checkpointer.wait_until_finished()
                 raise Preempted(f"SIGTERM: saved a checkpoint at step {done} in {r.workdir}; "
                                 "run the same command to resume")
@@ -312,9 +356,11 @@ def validation_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def _finish(r: Run, state, sums: dict[str, float], metrics: dict[str, float], throughput: Throughput,
-            last_metrics, eval_data) -> dict[str, Any]:
+            last_metrics, eval_data, before: dict[str, float] | None = None) -> dict[str, Any]:
     """summary.json: the run's numbers, the validation metrics and what the objective reports
-    beyond them (`report`: the lm's bits per byte against xz on the same text, and samples)."""
+    beyond them (`report`: the lm's bits per byte against xz on the same text, and samples);
+    with `before` (an objective's own evaluation before the first step) `eval_before` and
+    `eval_after`."""
     config, workdir, model = r.config, r.workdir, r.model
     totals = throughput.totals()
     summary = {
@@ -341,6 +387,8 @@ def _finish(r: Run, state, sums: dict[str, float], metrics: dict[str, float], th
         "num_params": build.model_size(model, config.data.seq_len)[0],
         **extra,
     })
+    if before is not None:
+        summary["eval_before"], summary["eval_after"] = before, metrics
     if samples is not None:
         summary["samples"] = samples
     if r.is_lead:

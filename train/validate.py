@@ -125,10 +125,9 @@ def _check_data(config, workdir: str) -> None:
     if build.objective_name(config) in build.TASK_OBJECTIVES:
         _check_task_data(config, workdir)
         return
-    if objectives.name_of(config) == "sft":  # chat JSONL (data/sft.py)
-        from train.objectives import sft
-
-        sft.check_data(config, workdir)
+    own = objectives.CHECKS.get(objectives.name_of(config))
+    if own is not None:  # an objective that reads data of its own (sft's chat JSONL, preferences, tasks)
+        own(config, workdir)
         return
     try:
         spec = sources.parse_source(d.source)

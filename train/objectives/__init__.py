@@ -10,7 +10,12 @@ the decorator on its factory:
     def make(config, model, tokenizer): ...
 
 and every module of the package is imported (registered) with it, so a new objective is a
-new file and nothing else.
+new file and nothing else. An objective that reads its own data also registers
+`check(config, workdir)` (its keys and data files, before any work; `train.validate`) and
+`prepare(config, workdir, data_cfg) -> tokenizer` (the lead writes shared files first, then
+every process builds the tokenizer; `train.trainer`):
+
+    @register("dpo", check=check_config, prepare=prepare_data)
 """
 
 from __future__ import annotations
@@ -20,15 +25,23 @@ import pkgutil
 from collections.abc import Callable
 
 OBJECTIVES: dict[str, Callable] = {}
+CHECKS: dict[str, Callable] = {}  # name -> check(config, workdir): the objective's own data and keys
+PREPARES: dict[str, Callable] = {}  # name -> prepare(config, workdir, data_cfg) -> tokenizer
 
 
-def register(name: str) -> Callable[[Callable], Callable]:
-    """Decorator: registers `make(config, model, tokenizer) -> Objective` under `name`."""
+def register(name: str, *, check: Callable | None = None,
+             prepare: Callable | None = None) -> Callable[[Callable], Callable]:
+    """Decorator: registers `make(config, model, tokenizer) -> Objective` under `name`, with the
+    objective's own config/data `check` and data `prepare` if it reads data of its own."""
 
     def add(make: Callable) -> Callable:
         if name in OBJECTIVES and OBJECTIVES[name] is not make:
             raise ValueError(f"objective {name!r} is registered twice")
         OBJECTIVES[name] = make
+        if check is not None:
+            CHECKS[name] = check
+        if prepare is not None:
+            PREPARES[name] = prepare
         return make
 
     return add

@@ -29,6 +29,22 @@ adds what the objective measures beyond its metrics (the lm: bits per byte, xz, 
 
 The step's metrics are the summed `stats`, the extra metrics of `after_update`, the gradient
 norm and the learning rate.
+
+Optional hooks, for objectives whose batches or evaluation need the model itself (a frozen
+reference's log-probs, rollouts of the current policy):
+
+  * `batches(run, train_iter, state_fn) -> iterator of (device batch, boundary)`: the device
+    batches the loop steps on, instead of placing `next(train_iter)` as it is. `state_fn()`
+    is the loop's current `TrainState` (its arrays laid out by `run.layout`; read it when the
+    batch is made, never keep it: each step donates it). `boundary` is True when the batch is
+    the last one made from what was drawn from `train_iter` so far (the last minibatch of a
+    rollout): the loop saves checkpoints and stops on SIGTERM only at boundaries, so that
+    `train_iter.get_state()` is the whole truth of the data position and a resumed run equals
+    an uninterrupted one. Called once per run, after the state is initialized or restored.
+  * `evaluate_run(run, state, eval_batches) -> (sums, metrics)`: the evaluation, instead of
+    summing `eval_sums` over `eval_batches` (a generation scored by a verifier). An objective
+    with it is also evaluated before a new run's first step: the summary holds `eval_before`
+    and `eval_after` (its metrics).
 """
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ class SFTObjective(LMObjective):
                        f"({self.sft.packing}; " + ", ".join(f"{k} {v:.1%}" for k, v in padding.items()) + ")")
 
 
-@register("sft")
+@register("sft", check=check_data, prepare=prepare_data)
 def make(config, model, tokenizer) -> SFTObjective:
     """The sft objective of a run config: the lm's loss settings and the `sft.*` keys."""
     del tokenizer
