@@ -29,10 +29,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from data import preference
 from train.objectives import register
 
-# The paired preference batch (`data.preference`, TEAM12's interface): [B, T] int32 token rows
-# and masks, [B] int32 lengths and dataset rows, [B] float32 margins.
+# The paired preference batch (`data.preference.PAIRED_KEYS`): [B, T] int32 token rows and
+# masks, [B] int32 lengths and dataset rows, [B] float32 margins.
 PAIR_ROWS = ("chosen_ids", "rejected_ids", "chosen_mask", "rejected_mask")
 PAIR_COUNTS = ("chosen_len", "rejected_len", "index")
 
@@ -147,17 +148,53 @@ class RewardObjective:
     # ---------------------------------------------------------------- host side: data
 
     def train_iterator(self, config, data_cfg, tokenizer):
-        from data import preference
-
-        return preference.train_iterator(config, data_cfg, tokenizer)
+        return preference.train_iterator(data_cfg, preference.preference_config(config), tokenizer)
 
     def eval_batches(self, config, data_cfg, tokenizer):
-        from data import preference
+        # A grain dataset: each evaluation iterates it again from the start.
+        return preference.eval_dataset(data_cfg, preference.preference_config(config), tokenizer)
 
-        return preference.eval_batches(config, data_cfg, tokenizer)
+
+def check_data(config, workdir: str) -> None:
+    """The reward run's keys before any work: a preference JSONL source, a validation share, a
+    tokenizer to come from `init_from` or `tokenizer.path`, a chat template that compiles.
+
+    Raises:
+      ValueError: one line naming the config key and the fix.
+    """
+    from data import chat
+    from train import build
+
+    preference.check_source(build.data_config(config, workdir))
+    if not 0.0 < config.data.validation_fraction < 1.0:
+        raise ValueError(f"config key `data.validation_fraction`={config.data.validation_fraction} must lie in (0, 1): "
+                         "the share of the pairs held out for the accuracy")
+    if not config.init_from and not config.tokenizer.path:
+        raise ValueError("objective=reward scores text with a pretrained model's tokenizer: set config key "
+                         "`init_from` (run:WORKDIR or hf:DIR), or `tokenizer.path` to train from scratch")
+    if config.preference.max_prompt_len < 0:
+        raise ValueError(f"config key `preference.max_prompt_len`={config.preference.max_prompt_len}; expected >= 0 "
+                         "(0: no cut)")
+    template = config.sft.chat_template
+    if template:
+        try:
+            chat.compile_template(chat.BUILTIN_TEMPLATES.get(template, template))
+        except ValueError as e:
+            raise ValueError(f"config key `sft.chat_template`: {e}; give chatml, llama3 or a valid Jinja "
+                             "template") from None
 
 
-@register("reward")
+def prepare_data(config, workdir: str, data_cfg):
+    """The run's tokenizer, with every preference line read and tokenized once (cached for the
+    iterators), so that a bad line fails in one line naming it before the model is built."""
+    from train import build
+
+    tokenizer = build.tokenizer(config, workdir, data_cfg)
+    preference.splits(data_cfg, preference.preference_config(config), tokenizer)
+    return tokenizer
+
+
+@register("reward", check=check_data, prepare=prepare_data)
 def make(config, model, tokenizer) -> RewardObjective:
     """The reward objective of a decoder with a one-output score head."""
     del tokenizer
