@@ -192,22 +192,22 @@ def _checkpoint(parsed, spec: str):
     from models import hf
     from train import build, init_from
 
+    def check(model):
+        head = getattr(getattr(model, "config", None), "head", None)
+        if head != "score" or model.config.num_scores != 1:
+            raise ValueError(f"reward model {spec!r} is not a reward model (a decoder with one score, from "
+                             "objective=reward or a *ForSequenceClassification with num_labels 1); it is a "
+                             f"{type(model).__name__}" + (f" with head={head!r}" if head else ""))
+        return model
+
     if parsed.kind == "hf":
         if not is_hf_dir(parsed.path):
             raise ValueError(f"reward model {spec!r}: {parsed.path} is not a Hugging Face model directory")
-        model, tokenizer = hf.model_of(parsed.path), load_tokenizer(parsed.path)
-        options = preference.PreferenceConfig()
-    else:
-        config = init_from.run_config(parsed)
-        tokenizer = init_from.run_tokenizer(parsed)
-        model = build.model(config, tokenizer.vocab_size)
-        options = preference.preference_config(config)
-    head = getattr(getattr(model, "config", None), "head", None)
-    if head != "score" or model.config.num_scores != 1:
-        raise ValueError(f"reward model {spec!r} is not a reward model (a decoder with one score, from "
-                         "objective=reward or a *ForSequenceClassification with num_labels 1); it is a "
-                         f"{type(model).__name__}" + (f" with head={head!r}" if head else ""))
-    return model, tokenizer, options
+        model = check(hf.model_of(parsed.path))
+        return model, load_tokenizer(parsed.path), preference.PreferenceConfig()
+    config = init_from.run_config(parsed)
+    tokenizer = init_from.run_tokenizer(parsed)
+    return check(build.model(config, tokenizer.vocab_size)), tokenizer, preference.preference_config(config)
 
 
 def check_same_tokenizer(policy, reward, spec: str) -> None:
