@@ -22,11 +22,12 @@ from configs.loader import load_config
 from data import preference
 from data.tokenizer import load_tokenizer
 from data.tokenizer.training import train_tokenizer
+from inference import load
 from models.gpt import GPT, llama_config
 from sharding import mesh as mesh_lib
 from sharding.strategies import get_strategy
 from tests.cli_output import REPO
-from train import build, export, init_from, trainer
+from train import build, evaluate, export, init_from, trainer
 from train import program as program_lib
 from train.objectives.reward import pair_scores, sequence_scores
 from train.reward_model import RewardModel
@@ -89,6 +90,13 @@ def test_reward_run_learns_the_marker_on_held_out_pairs(reward_run):
     assert summary["val_loss"] < np.log(2) and summary["val_margin"] > 0
     assert summary["val_reward_chosen"] - summary["val_reward_rejected"] == pytest.approx(summary["val_margin"],
                                                                                           abs=1e-4)
+    # python -m train.evaluate reproduces the run's final metrics; python -m inference refuses it.
+    workdir, _ = reward_run
+    metrics = evaluate.evaluate_checkpoint(str(workdir))["metrics"]
+    for key in ("loss", "accuracy", "margin", "reward_chosen", "reward_rejected"):
+        assert metrics[key] == pytest.approx(summary[f"val_{key}"], rel=1e-5, abs=1e-6), key
+    with pytest.raises(TypeError, match="holds a reward model"):
+        load.load(str(workdir))
 
 
 def _step_once(config, strategy: str, mesh, start, batch):
