@@ -514,8 +514,10 @@ def save_pretrained(model: nn.Module, params, directory: str, *, id2label: dict[
     if pad_token_id is not None and not scorer:
         raise ValueError(f"pad_token_id applies to a reward model (a decoder with head='score'), not this "
                          f"{type(model).__name__}")
-    labels = {} if id2label is None else {"id2label": id2label}  # to_hf(model, params) for every other model
-    hf_config, tensors = to_hf(model, params, pad_token_id=pad_token_id, **labels)
+    extra = {} if id2label is None else {"id2label": id2label}  # to_hf(model, params) for every other model
+    if pad_token_id is not None:
+        extra["pad_token_id"] = pad_token_id
+    hf_config, tensors = to_hf(model, params, **extra)
     os.makedirs(directory, exist_ok=True)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
