@@ -245,9 +245,10 @@ def _counts(batch, unpaired: bool) -> dict[str, jax.Array]:
 
 
 def check_config(config, workdir: str) -> None:
-    """The dpo keys before any work: the preference files, a validation share, a starting
-    checkpoint or tokenizer, the loss and its settings, the template, and `reference`'s
-    architecture (`train.preference_reference.check_architecture`).
+    """The dpo keys before any work: the loss and its settings, the preference files and every
+    line's fields (`data.preference.check_lines`, no tokenizer), a validation share, a starting
+    checkpoint or tokenizer, the template, and `reference`'s architecture
+    (`train.preference_reference.check_architecture`).
 
     Raises:
       ValueError: one line naming the config key and the fix.
@@ -272,7 +273,10 @@ def check_config(config, workdir: str) -> None:
                          "reference model; leave it empty")
     if config.model.family == "bert":
         raise ValueError("config key `objective`='dpo' trains a decoder, but model.family='bert'; use a decoder family")
-    preference.check_source(build.data_config(config, workdir))
+    paths = preference.check_source(build.data_config(config, workdir))
+    if preference.check_lines(paths, preference.preference_config(config, unpaired=d.loss == "kto")) < 2:
+        raise ValueError(f"config key `data.source`={config.data.source!r} holds fewer than 2 preference lines; a "
+                         "train/validation split needs at least 2")
     if not 0.0 < config.data.validation_fraction < 1.0:
         raise ValueError(f"config key `data.validation_fraction`={config.data.validation_fraction} must lie in "
                          "(0, 1): the share of the preference lines held out for validation")
