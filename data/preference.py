@@ -37,7 +37,8 @@ Rows (int32 unless said), indexed like `train.logprobs` (`mask[t]` scores token 
     (TRL's mismatched pairs: in file order, within consecutive chunks of `batch_size` rows,
     row i takes the completion of row i - 1 and the first row that of the last).
 
-The last `validation_fraction` of the lines (at least one when there are two or more) are
+`check_lines` checks every line's fields without a tokenizer (a run's config check, before
+any work). The last `validation_fraction` of the lines (at least one when there are two or more) are
 the validation split. Every line is read and tokenized when the data is opened (a bad line
 fails before any training, naming the file, the line and the key), and kept in memory as
 rows; each process keeps its own rows of every global batch (`data.pipeline.process_rows`).
@@ -190,8 +191,12 @@ def _shared_prompt(chosen: list, rejected: list) -> tuple[list, list, list]:
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
-def encode_paired(tokenizer: Any, record: Any, options: PreferenceConfig) -> dict[str, Any]:
-    """One paired line -> {prompt, chosen, rejected (ids), margin}; ValueError naming the key."""
+def parse_paired(record: Any, options: PreferenceConfig) -> tuple[Any, Any, Any, float]:
+    """One paired line's (prompt, chosen, rejected, margin), checked without a tokenizer.
+
+    Raises:
+      ValueError: naming the missing or bad key.
+    """
     if not isinstance(record, dict):
         raise ValueError(f"a line must be a JSON object {options.line_form()}; found {type(record).__name__}")  # noqa: TRY004
     chosen = _field(record, options.chosen_key, "chosen_key")
@@ -209,29 +214,26 @@ def encode_paired(tokenizer: Any, record: Any, options: PreferenceConfig) -> dic
             raise ValueError(f'missing key "{options.prompt_key}" (config key `preference.prompt_key`), and '
                              f'"{options.chosen_key}" and "{options.rejected_key}" share no leading prompt messages')
     else:
-        _field(record, options.prompt_key, "prompt_key")
+        prompt = _field(record, options.prompt_key, "prompt_key")
     kinds = {isinstance(v, str) for v in (prompt, chosen, rejected)}
     if len(kinds) > 1 or (kinds == {False} and not all(_is_messages(v) for v in (prompt, chosen, rejected))):
         raise ValueError(f'"{options.prompt_key}", "{options.chosen_key}" and "{options.rejected_key}" must all be '
                          "strings or all lists of messages")
-    prompt_ids, (chosen_ids, rejected_ids) = split_prompt(tokenizer, prompt, [chosen, rejected], options.template)
-    for key, ids in ((options.chosen_key, chosen_ids), (options.rejected_key, rejected_ids)):
-        if not ids:
-            raise ValueError(f'"{key}" has no token after the prompt; a response needs text')
-    if chosen_ids == rejected_ids:
-        raise ValueError(f'"{options.chosen_key}" and "{options.rejected_key}" tokenize identically; a preference '
-                         "pair needs two different responses")
     margin = 0.0
     if options.margin_key:
         margin = _field(record, options.margin_key, "margin_key")
         if isinstance(margin, bool) or not isinstance(margin, (int, float)):
             raise ValueError(f'"{options.margin_key}" must be a number (config key `preference.margin_key`), '
                              f"got {margin!r:.40}")
-    return {"prompt": prompt_ids, "chosen": chosen_ids, "rejected": rejected_ids, "margin": float(margin)}
+    return prompt, chosen, rejected, float(margin)
 
 
-def encode_unpaired(tokenizer: Any, record: Any, options: PreferenceConfig) -> dict[str, Any]:
-    """One unpaired (KTO) line -> {prompt, completion (ids), label}; ValueError naming the key."""
+def parse_unpaired(record: Any, options: PreferenceConfig) -> tuple[Any, Any, int]:
+    """One unpaired (KTO) line's (prompt, completion, label), checked without a tokenizer.
+
+    Raises:
+      ValueError: naming the missing or bad key.
+    """
     if not isinstance(record, dict):
         raise ValueError(f"a line must be a JSON object {options.line_form()}; found {type(record).__name__}")  # noqa: TRY004
     prompt = _field(record, options.prompt_key, "prompt_key")
@@ -244,10 +246,66 @@ def encode_unpaired(tokenizer: Any, record: Any, options: PreferenceConfig) -> d
             not isinstance(prompt, str) and not _is_messages(prompt)):
         raise ValueError(f'"{options.prompt_key}" and "{options.completion_key}" must both be strings or both lists '
                          "of messages")
+    return prompt, completion, int(label)
+
+
+def encode_paired(tokenizer: Any, record: Any, options: PreferenceConfig) -> dict[str, Any]:
+    """One paired line -> {prompt, chosen, rejected (ids), margin}; ValueError naming the key."""
+    prompt, chosen, rejected, margin = parse_paired(record, options)
+    prompt_ids, (chosen_ids, rejected_ids) = split_prompt(tokenizer, prompt, [chosen, rejected], options.template)
+    for key, ids in ((options.chosen_key, chosen_ids), (options.rejected_key, rejected_ids)):
+        if not ids:
+            raise ValueError(f'"{key}" has no token after the prompt; a response needs text')
+    if chosen_ids == rejected_ids:
+        raise ValueError(f'"{options.chosen_key}" and "{options.rejected_key}" tokenize identically; a preference '
+                         "pair needs two different responses")
+    return {"prompt": prompt_ids, "chosen": chosen_ids, "rejected": rejected_ids, "margin": margin}
+
+
+def encode_unpaired(tokenizer: Any, record: Any, options: PreferenceConfig) -> dict[str, Any]:
+    """One unpaired (KTO) line -> {prompt, completion (ids), label}; ValueError naming the key."""
+    prompt, completion, label = parse_unpaired(record, options)
     prompt_ids, (completion_ids,) = split_prompt(tokenizer, prompt, [completion], options.template)
     if not completion_ids:
         raise ValueError(f'"{options.completion_key}" has no token after the prompt; a completion needs text')
-    return {"prompt": prompt_ids, "completion": completion_ids, "label": int(label)}
+    return {"prompt": prompt_ids, "completion": completion_ids, "label": label}
+
+
+def _lines(paths: Sequence[str], options: PreferenceConfig):
+    """(path, line number, record) of every non-blank line; ValueError naming a line that is not JSON."""
+    for path in paths:
+        found = False
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno}); each line must "
+                                     f"be one JSON object {options.line_form()}") from None
+                found = True
+                yield path, number, record
+        if not found:
+            raise ValueError(f"{path}: holds no preference line; each line must be {options.line_form()}")
+
+
+def check_lines(paths: Sequence[str], options: PreferenceConfig) -> int:
+    """Every line of `paths` parses and has its fields (no tokenizer: a run checks this before
+    any work); returns the number of lines.
+
+    Raises:
+      ValueError: one line naming the file, the line number, the key and the fix.
+    """
+    parse = parse_unpaired if options.unpaired else parse_paired
+    count = 0
+    for path, number, record in _lines(paths, options):
+        try:
+            parse(record, options)
+        except ValueError as e:
+            raise ValueError(f"{path}:{number}: {e}") from None
+        count += 1
+    return count
 
 
 def read_examples(paths: Sequence[str], tokenizer: Any, options: PreferenceConfig) -> list[dict[str, Any]]:
@@ -258,23 +316,11 @@ def read_examples(paths: Sequence[str], tokenizer: Any, options: PreferenceConfi
     """
     encode = encode_unpaired if options.unpaired else encode_paired
     examples = []
-    for path in paths:
-        before = len(examples)
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno}); each line must "
-                                     f"be one JSON object {options.line_form()}") from None
-                try:
-                    examples.append(encode(tokenizer, record, options))
-                except ValueError as e:
-                    raise ValueError(f"{path}:{number}: {e}") from None
-        if len(examples) == before:
-            raise ValueError(f"{path}: holds no preference line; each line must be {options.line_form()}")
+    for path, number, record in _lines(paths, options):
+        try:
+            examples.append(encode(tokenizer, record, options))
+        except ValueError as e:
+            raise ValueError(f"{path}:{number}: {e}") from None
     return examples
 
 
