@@ -240,6 +240,7 @@ def test_bad_preference_line_fails_in_one_line_naming_it(files, tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:5: .*identical") as e:
         trainer.setup(config, str(tmp_path / "run"))
     assert "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()  # refused by the config check, before anything is written
     path, tokenizer = files
     bert = load_config(os.path.join(REPO, "configs/bert.py:tiny"), [
         "objective=reward", f"data.source=files:{path}", f"tokenizer.path={tokenizer}", *QUIET])

@@ -156,8 +156,9 @@ class RewardObjective:
 
 
 def check_data(config, workdir: str) -> None:
-    """The reward run's keys before any work: a preference JSONL source, a validation share, a
-    tokenizer to come from `init_from` or `tokenizer.path`, a chat template that compiles.
+    """The reward run's keys before any work: a preference JSONL source whose every line has its
+    fields (`data.preference.check_lines`, no tokenizer), a validation share, a tokenizer to come
+    from `init_from` or `tokenizer.path`, the prompt cut, a chat template that compiles.
 
     Raises:
       ValueError: one line naming the config key and the fix.
@@ -165,16 +166,19 @@ def check_data(config, workdir: str) -> None:
     from data import chat
     from train import build
 
-    preference.check_source(build.data_config(config, workdir))
+    paths = preference.check_source(build.data_config(config, workdir))
+    if preference.check_lines(paths, preference.preference_config(config)) < 2:
+        raise ValueError(f"config key `data.source`={config.data.source!r} holds fewer than 2 preference pairs; a "
+                         "train/validation split needs at least 2")
     if not 0.0 < config.data.validation_fraction < 1.0:
         raise ValueError(f"config key `data.validation_fraction`={config.data.validation_fraction} must lie in (0, 1): "
                          "the share of the pairs held out for the accuracy")
     if not config.init_from and not config.tokenizer.path:
         raise ValueError("objective=reward scores text with a pretrained model's tokenizer: set config key "
                          "`init_from` (run:WORKDIR or hf:DIR), or `tokenizer.path` to train from scratch")
-    if config.preference.max_prompt_len < 0:
-        raise ValueError(f"config key `preference.max_prompt_len`={config.preference.max_prompt_len}; expected >= 0 "
-                         "(0: no cut)")
+    if not 0 <= config.preference.max_prompt_len < config.data.seq_len:
+        raise ValueError(f"config key `preference.max_prompt_len`={config.preference.max_prompt_len} must lie in "
+                         f"[0, data.seq_len={config.data.seq_len}) (0: no cut)")
     template = config.sft.chat_template
     if template:
         try:
