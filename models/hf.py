@@ -196,42 +196,23 @@ def model_of(directory: str, *, head: str | None = None, num_labels: int | None 
 
 def _decoder_head(arch: str, config: GPTConfig, head: str | None, num_labels: int | None,
                   directory: str) -> dict[str, Any]:
-    """The GPTConfig head fields for `head` / `num_labels` asked of a decoder checkpoint whose
-    own head `config` has: a causal LM takes any head (a score head fresh, `num_labels` or 1
-    outputs); a reward model only its own (it has no LM head), with its own label count."""
-    if head is None and num_labels is None:
-        return {}
+    """The GPTConfig head fields for `head` / `num_labels` asked of a decoder checkpoint
+    (`models.convert.llama.head_fields`; LLaMA / Qwen trunks only)."""
     if head not in (None, *DECODER_HEADS):
         raise ValueError(f"head={head!r}; a decoder ({arch}) takes one of {DECODER_HEADS}")
     if head in (None, config.head) and num_labels is None:
         return {}
     if arch not in llama_convert.ARCHITECTURES:
         raise ValueError(f"head and num_labels apply to BERT and LLaMA / Qwen checkpoints; {directory!r} holds {arch}")
-    own = config.head
-    head = own if head is None else head
-    if own == "score" and head != "score":
-        raise ValueError(f"{directory!r} holds a {arch} (a reward model: a score head, no LM head); head={head!r} "
-                         "needs a causal LM checkpoint (LlamaForCausalLM, Qwen2ForCausalLM, ...)")
-    if own == "score" and num_labels not in (None, config.num_scores):
-        raise ValueError(f"{directory!r} holds a {arch} of {config.num_scores} label(s), not num_labels={num_labels}")
-    if head == "lm" and num_labels is not None:
-        raise ValueError(f"num_labels={num_labels} applies to a score head; head='lm' has none")
-    return {"head": head, "num_scores": num_labels or (config.num_scores if own == "score" else 1)}
+    return llama_convert.head_fields(config, head, num_labels, f"{directory!r} ({arch})")
 
 
 def _decoder_head_tensors(tensors: dict[str, np.ndarray], config: GPTConfig, seed: int,
                           directory: str) -> dict[str, np.ndarray]:
-    """A decoder checkpoint's tensors for `config`'s head: the LM head dropped where it has none
-    (a causal LM loaded as a reward model), a score head the checkpoint lacks drawn as
-    transformers' `_init_weights` does (normal(0, 0.02), seeded)."""
-    out = dict(tensors)
-    if config.head == "score":
-        out.pop("lm_head.weight", None)
-    if config.head != "lm" and "score.weight" not in out:
-        D = config.block.d_model
-        out["score.weight"] = np.random.default_rng(seed).normal(0.0, 0.02, (config.num_scores, D)).astype(np.float32)
-        logging.getLogger(__name__).info("%s: freshly initialized score.weight", directory)
-    return out
+    tensors, fresh = llama_convert.head_tensors(tensors, config, seed)
+    if fresh:
+        logging.getLogger(__name__).info("%s: freshly initialized %s", directory, ", ".join(fresh))
+    return tensors
 
 
 def _head_of(model: nn.Module) -> str:

@@ -148,6 +148,36 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> GPTConfig:
     return dataclasses.replace(config, head="score", num_scores=num_labels_from_hf(hf)) if classifier else config
 
 
+def head_fields(config: GPTConfig, head: str | None, num_labels: int | None, where: str) -> dict[str, Any]:
+    """The GPTConfig fields (head, num_scores) of `head` / `num_labels` asked of a checkpoint whose
+    own config is `config`: a causal LM takes any head (a score head is fresh, `num_labels` or 1
+    outputs); a reward model only its own (it has no LM head), with its own label count."""
+    own = config.head
+    head = own if head is None else head
+    if own == "score" and head != "score":
+        raise ValueError(f"{where} is a reward model (a score head, no LM head); head={head!r} needs a causal LM "
+                         "checkpoint (LlamaForCausalLM, Qwen2ForCausalLM, ...)")
+    if own == "score" and num_labels not in (None, config.num_scores):
+        raise ValueError(f"{where} is a reward model of {config.num_scores} label(s), not num_labels={num_labels}")
+    if head == "lm" and num_labels is not None:
+        raise ValueError(f"num_labels={num_labels} applies to a score head; head='lm' has none")
+    return {"head": head, "num_scores": num_labels or (config.num_scores if own == "score" else 1)}
+
+
+def head_tensors(state_dict: Mapping[str, Any], config: GPTConfig, seed: int = 0) -> tuple[dict, list[str]]:
+    """A checkpoint's tensors for `config`'s head: the LM head dropped where it has none (a causal
+    LM loaded as a reward model), a score head the checkpoint lacks drawn as transformers'
+    `_init_weights` does (normal(0, 0.02), seeded). Returns (tensors, names made fresh)."""
+    out, fresh = dict(state_dict), []
+    if config.head == "score":
+        out.pop("lm_head.weight", None)
+    if config.head != "lm" and "score.weight" not in out:
+        shape = (config.num_scores, config.block.d_model)
+        out["score.weight"] = np.random.default_rng(seed).normal(0.0, 0.02, shape).astype(np.float32)
+        fresh.append("score.weight")
+    return out, fresh
+
+
 def _layout(config: GPTConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ...], int]]:
     """(HF name, our param path, our shape, n_in) of every tensor.
 

@@ -5,6 +5,7 @@ batch and padding pairs count for nothing."""
 
 import collections
 import dataclasses
+import os
 import types
 
 import flax.linen as nn
@@ -15,8 +16,11 @@ import torch
 import transformers
 from trl import RewardTrainer
 
+from configs.loader import load_config
 from models import hf
 from models.gpt import GPT, llama_config
+from tests.cli_output import REPO
+from train import build, trainable
 from train.objectives.reward import RewardObjective, bradley_terry, pair_batch_spec
 
 VOCAB, D, LAYERS, FF, PAD = 61, 32, 2, 48, 3
@@ -120,3 +124,13 @@ def test_micro_batch_shares_add_up_and_padding_pairs_count_for_nothing():
     alone, _ = objective.loss(params, real, jax.random.key(0), objective.totals(real))
     assert abs(float(whole) - float(alone)) <= tol
     assert float(stats["pairs"]) == B - 1
+
+
+def test_the_score_head_trains_under_lora():
+    """Under a PEFT method the base is frozen but the fresh score head trains (objective_head)."""
+    config = load_config(os.path.join(REPO, "configs/llama.py:tiny"), ["objective=reward", "finetune.method=lora"])
+    model = build.model(config, VOCAB)
+    assert model.config.head == "score"
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    trained, frozen = trainable.split(params, config, objective_head=RewardObjective(model).trainable_head)
+    assert "score" in trained and "score" not in frozen and "embed" in frozen
