@@ -163,6 +163,8 @@ class RewardModel:
         """The token row of one (prompt, completion): `data.preference`'s rendering and cut."""
         if isinstance(completion, str) and not completion:
             raise ValueError(f"reward model {self.source}: an empty completion has nothing to score")
+        if not isinstance(prompt, str) and isinstance(completion, str):  # chat messages, a generated reply
+            completion = [{"role": "assistant", "content": completion}]
         prompt_ids, (response,) = preference.split_prompt(self.tokenizer, prompt, [completion],
                                                           self.options.template)
         prompt_ids, (response,) = preference.fit(prompt_ids, [response], self.model.config.max_len,

@@ -188,6 +188,12 @@ def test_export_scores_equal_transformers_and_the_scorer_equals_the_model(reward
     rejected = scorer.score_texts([x["prompt"] for x in lines], [x["rejected"] for x in lines])
     np.testing.assert_allclose(chosen, ours, atol=tol)
     assert np.mean(np.asarray(chosen) > np.asarray(rejected)) == pytest.approx(summary["val_accuracy"])
+    # A chat prompt with a generated reply renders (and is cut to the context) as a chat
+    # preference row is.
+    messages = [{"role": "user", "content": "Review of apple:"}]
+    prompt, (reply,) = preference.split_prompt(tokenizer, messages, [[{"role": "assistant", "content": " great"}]], "")
+    prompt, (reply,) = preference.fit(prompt, [reply], config.model.max_len, 0)
+    assert scorer.encode(messages, " great") == prompt + reply and len(prompt + reply) == config.model.max_len
 
 
 def test_scorer_refuses_another_tokenizer_and_a_causal_lm(reward_run, files, tmp_path):
