@@ -160,9 +160,8 @@ class RewardModel:
         return [float(x) for x in self.score(ids, np.asarray([len(r) for r in rows], np.int32))]
 
     def encode(self, prompt: Any, completion: Any) -> list[int]:
-        """The token row of one (prompt, completion): `data.preference`'s rendering and cut."""
-        if isinstance(completion, str) and not completion:
-            raise ValueError(f"reward model {self.source}: an empty completion has nothing to score")
+        """The token row of one (prompt, completion): `data.preference`'s rendering and cut (an
+        empty completion, a stop at once, is the prompt and the end of the response alone)."""
         if not isinstance(prompt, str) and isinstance(completion, str):  # chat messages, a generated reply
             completion = [{"role": "assistant", "content": completion}]
         prompt_ids, (response,) = preference.split_prompt(self.tokenizer, prompt, [completion],

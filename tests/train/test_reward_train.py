@@ -194,6 +194,10 @@ def test_export_scores_equal_transformers_and_the_scorer_equals_the_model(reward
     prompt, (reply,) = preference.split_prompt(tokenizer, messages, [[{"role": "assistant", "content": " great"}]], "")
     prompt, (reply,) = preference.fit(prompt, [reply], config.model.max_len, 0)
     assert scorer.encode(messages, " great") == prompt + reply and len(prompt + reply) == config.model.max_len
+    # An empty completion (a stop at once) is the prompt and the end of the response alone.
+    assert scorer.encode("Review of apple:", "") == preference.split_prompt(tokenizer, "Review of apple:", [""], "")[0] \
+        + [tokenizer.eos_id]
+    assert len(scorer.score_texts(["Review of apple:"] * 3, ["", " great", " river"])) == 3
 
 
 def test_scorer_refuses_another_tokenizer_and_a_causal_lm(reward_run, files, tmp_path):
