@@ -135,10 +135,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Offline preference optimization (objective=dpo, train/objectives/dpo.py).
     c.dpo = ml_collections.ConfigDict(dict(
         loss="sigmoid",  # sigmoid (DPO; label_smoothing > 0: conservative) | ipo | simpo | orpo | kto
-        beta=0.1,
-        label_smoothing=0.0,
-        simpo_gamma=0.5,  # SimPO's target margin (gamma / beta in TRL's CPO)
-        kto_desirable_weight=1.0, kto_undesirable_weight=1.0,
+        beta=0.1,  # DPO's and KTO's beta, IPO's tau, SimPO's beta, ORPO's lambda (the odds-ratio weight)
+        label_smoothing=0.0,  # eps, the share of flipped labels: sigmoid (conservative DPO) and simpo only
+        simpo_gamma=0.5,  # SimPO's target reward margin gamma (TRL's CPO simpo_gamma)
+        kto_desirable_weight=1.0, kto_undesirable_weight=1.0,  # KTO's lambda_D and lambda_U
         precompute_reference=True,  # the reference's log-probs once per dataset; False: on the fly
     ))
     # Online RL (objective=ppo | grpo | rloo, train/objectives/, train/rollout.py): prompts from

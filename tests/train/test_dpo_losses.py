@@ -270,3 +270,30 @@ def test_losses_equal_the_papers_formulas_in_float64():
     want_kl = max((kl * np.asarray(valid)).sum() / np.asarray(valid).sum(), 0.0)
     np.testing.assert_allclose(float(losses.kl_estimate(f32(kl), valid)), want_kl, rtol=1e-6)
     assert float(losses.kl_estimate(f32(kl - 5.0), valid)) == 0.0
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "orpo"])
+def test_micro_batch_shares_add_up_to_the_whole_batch(policy, loss_type):
+    """The accumulation contract: the two halves' losses, gradients and stats, each with the
+    whole batch's totals, sum to the whole batch's (rows; orpo's NLL per chosen token)."""
+    model, params = policy
+    objective = DPOObjective(model, loss_type=loss_type, beta=0.3)
+    batch = _paired_batch(8)
+    totals = {**objective.totals(batch), "micro_batches": 2}
+
+    def loss_fn(p, b):
+        return objective.loss(p, b, jax.random.key(0), totals)
+
+    (whole, (stats, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+    halves = [jax.value_and_grad(loss_fn, has_aux=True)(params, {k: v[s] for k, v in batch.items()})
+              for s in (slice(0, B // 2), slice(B // 2, B))]
+    tol = _tolerance(np.asarray([stats["logps_chosen"]]) / T)
+    np.testing.assert_allclose(sum(float(h[0][0]) for h in halves), float(whole), rtol=0, atol=tol)
+    for key in stats:
+        np.testing.assert_allclose(sum(float(h[0][1][0][key]) for h in halves), float(stats[key]), rtol=0,
+                                   atol=tol * (1 + abs(float(stats[key]))), err_msg=key)
+    summed = jax.tree_util.tree_map(lambda a, b: a + b, halves[0][1], halves[1][1])
+    # A gradient element sums B T float32 terms in another order: ~4 eps32 sqrt(B T) times the largest.
+    largest = max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(grads))
+    for a, b in zip(jax.tree_util.tree_leaves(summed), jax.tree_util.tree_leaves(grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=4 * EPS32 * np.sqrt(B * T) * largest)
