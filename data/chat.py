@@ -213,3 +213,18 @@ def render(tokenizer: Any, messages: Sequence[dict], add_generation_prompt: bool
     text, spans = render_text(tokenizer, messages, add_generation_prompt, template)
     ids, offsets = tokenizer.encode_with_offsets(text)
     return list(ids), overlap_mask(offsets, spans)
+
+
+def check_template_key(template: str) -> None:
+    """`sft.chat_template` (a builtin name or a Jinja string; "" passes) compiles.
+
+    Raises:
+      ValueError: one line naming the key and the fix.
+    """
+    if not template:
+        return
+    try:
+        compile_template(BUILTIN_TEMPLATES.get(template, template))
+    except ValueError as e:
+        raise ValueError(f"config key `sft.chat_template`: {e}; give chatml, llama3 or a valid Jinja "
+                         "template") from None

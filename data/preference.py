@@ -108,6 +108,31 @@ def preference_config(config, *, unpaired: bool = False) -> PreferenceConfig:
                             margin_key=p.margin_key, max_prompt_len=p.max_prompt_len, unpaired=unpaired)
 
 
+def check_run(config, data: pipeline.DataConfig, *, objective: str, unpaired: bool = False) -> None:
+    """What every run on preference data (objective=reward, dpo) checks before any work: the
+    source's files and every line's fields (`check_lines`, no tokenizer), at least 2 lines, a
+    validation share, a tokenizer to come from `init_from` or `tokenizer.path`, the prompt cut
+    and the chat template.
+
+    Raises:
+      ValueError: one line naming the config key and the fix.
+    """
+    paths = check_source(data)
+    if check_lines(paths, preference_config(config, unpaired=unpaired)) < 2:
+        raise ValueError(f"config key `data.source`={config.data.source!r} holds fewer than 2 preference lines; a "
+                         "train/validation split needs at least 2")
+    if not 0.0 < config.data.validation_fraction < 1.0:
+        raise ValueError(f"config key `data.validation_fraction`={config.data.validation_fraction} must lie in "
+                         "(0, 1): the share of the preference lines held out for validation")
+    if not config.init_from and not config.tokenizer.path:
+        raise ValueError(f"objective={objective} tunes a pretrained (or SFT'd) model with its tokenizer: set config "
+                         "key `init_from` (run:WORKDIR or hf:DIR), or `tokenizer.path` to start from a random init")
+    if not 0 <= config.preference.max_prompt_len < config.data.seq_len:
+        raise ValueError(f"config key `preference.max_prompt_len`={config.preference.max_prompt_len} must lie in "
+                         f"[0, data.seq_len={config.data.seq_len}) (0: no cut)")
+    chat.check_template_key(config.sft.chat_template)
+
+
 def check_source(data: pipeline.DataConfig) -> tuple[str, ...]:
     """The JSONL files of the source; reads nothing (a run checks its config with it first).
 

@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from data import chat, pipeline, preference
+from data import pipeline, preference
 from sharding import rules as rules_lib
 from train import logprobs as logprobs_lib
 from train import preference_losses as losses
@@ -273,26 +273,7 @@ def check_config(config, workdir: str) -> None:
                          "reference model; leave it empty")
     if config.model.family == "bert":
         raise ValueError("config key `objective`='dpo' trains a decoder, but model.family='bert'; use a decoder family")
-    paths = preference.check_source(build.data_config(config, workdir))
-    if preference.check_lines(paths, preference.preference_config(config, unpaired=d.loss == "kto")) < 2:
-        raise ValueError(f"config key `data.source`={config.data.source!r} holds fewer than 2 preference lines; a "
-                         "train/validation split needs at least 2")
-    if not 0.0 < config.data.validation_fraction < 1.0:
-        raise ValueError(f"config key `data.validation_fraction`={config.data.validation_fraction} must lie in "
-                         "(0, 1): the share of the preference lines held out for validation")
-    if not config.init_from and not config.tokenizer.path:
-        raise ValueError("objective=dpo tunes a pretrained (or SFT'd) model with its tokenizer: set config key "
-                         "`init_from` (run:WORKDIR or hf:DIR), or `tokenizer.path` to start from a random init")
-    if not 0 <= config.preference.max_prompt_len < config.data.seq_len:
-        raise ValueError(f"config key `preference.max_prompt_len`={config.preference.max_prompt_len} must lie in "
-                         f"[0, data.seq_len={config.data.seq_len}) (0: no cut)")
-    if config.sft.chat_template:
-        template = config.sft.chat_template
-        try:
-            chat.compile_template(chat.BUILTIN_TEMPLATES.get(template, template))
-        except ValueError as e:
-            raise ValueError(f"config key `sft.chat_template`: {e}; give chatml, llama3 or a valid Jinja "
-                             "template") from None
+    preference.check_run(config, build.data_config(config, workdir), objective="dpo", unpaired=d.loss == "kto")
     preference_reference.check_architecture(config, workdir)
 
 

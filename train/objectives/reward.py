@@ -163,29 +163,9 @@ def check_data(config, workdir: str) -> None:
     Raises:
       ValueError: one line naming the config key and the fix.
     """
-    from data import chat
     from train import build
 
-    paths = preference.check_source(build.data_config(config, workdir))
-    if preference.check_lines(paths, preference.preference_config(config)) < 2:
-        raise ValueError(f"config key `data.source`={config.data.source!r} holds fewer than 2 preference pairs; a "
-                         "train/validation split needs at least 2")
-    if not 0.0 < config.data.validation_fraction < 1.0:
-        raise ValueError(f"config key `data.validation_fraction`={config.data.validation_fraction} must lie in (0, 1): "
-                         "the share of the pairs held out for the accuracy")
-    if not config.init_from and not config.tokenizer.path:
-        raise ValueError("objective=reward scores text with a pretrained model's tokenizer: set config key "
-                         "`init_from` (run:WORKDIR or hf:DIR), or `tokenizer.path` to train from scratch")
-    if not 0 <= config.preference.max_prompt_len < config.data.seq_len:
-        raise ValueError(f"config key `preference.max_prompt_len`={config.preference.max_prompt_len} must lie in "
-                         f"[0, data.seq_len={config.data.seq_len}) (0: no cut)")
-    template = config.sft.chat_template
-    if template:
-        try:
-            chat.compile_template(chat.BUILTIN_TEMPLATES.get(template, template))
-        except ValueError as e:
-            raise ValueError(f"config key `sft.chat_template`: {e}; give chatml, llama3 or a valid Jinja "
-                             "template") from None
+    preference.check_run(config, build.data_config(config, workdir), objective="reward")
 
 
 def prepare_data(config, workdir: str, data_cfg):

@@ -55,13 +55,7 @@ def check_data(config, workdir: str) -> None:
     if not config.init_from and not config.tokenizer.path:
         raise ValueError("objective=sft fine-tunes a pretrained model and uses its tokenizer: set config key "
                          "`init_from` (run:WORKDIR or hf:DIR), or `tokenizer.path` to train from scratch")
-    options = sft_config(config)
-    if options.template:
-        try:
-            chat.compile_template(chat.BUILTIN_TEMPLATES.get(options.template, options.template))
-        except ValueError as e:
-            raise ValueError(f"config key `sft.chat_template`: {e}; give chatml, llama3 or a valid Jinja "
-                             "template") from None
+    chat.check_template_key(config.sft.chat_template)
 
 
 def prepare_data(config, workdir: str, data_cfg: pipeline.DataConfig):
