@@ -207,39 +207,37 @@ def to_global(local: np.ndarray, sharding, global_rows: int) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Scorer:
-    """Host-side rewards of decoded completions, TRL's reward-function convention.
+    """Host-side rewards of decoded completions (`train.rewards`, TRL's convention).
 
     Attributes:
-      tokenizer: decodes prompts and completions (stop tokens left out of the completion).
-      reward_fn: (prompts, completions, **fields) -> [b] floats, the weighted sum of the run's
-        rewards (`train.rewards`).
-      examples: index -> dict of the example's host fields (`prompt`, `answer`, ...); its
-        fields other than `prompt` are passed to `reward_fn` as lists.
+      tokenizer: decodes the completions (stop tokens left out).
+      rewards: a `train.rewards.RewardSet`: (prompts, completions, fields) -> (total [b], parts).
+      examples: index -> the example's dict (`prompt` and the fields the rewards read,
+        `data.prompts`' host table); rows of index -1 (an evaluation's filler) are not scored.
       stop_tokens: ids cut from the decoded completion.
     """
 
     tokenizer: Any
-    reward_fn: Callable[..., Sequence[float]]
+    rewards: Callable
     examples: Any
     stop_tokens: tuple[int, ...] = ()
 
-    def texts(self, ids_bT: np.ndarray, prompt_len_b: np.ndarray, completion_len_b: np.ndarray):
-        """(prompt texts, completion texts) of rows laid out as `assemble_rows` writes them."""
-        prompts, completions = [], []
-        for row, p, c in zip(ids_bT, prompt_len_b, completion_len_b):
-            prompts.append(self.tokenizer.decode(row[:p].tolist()))
-            completions.append(self.tokenizer.decode([t for t in row[p:p + c].tolist() if t not in self.stop_tokens]))
-        return prompts, completions
+    def completions(self, ids_bT: np.ndarray, prompt_len_b: np.ndarray, completion_len_b: np.ndarray) -> list[str]:
+        """The completion texts of rows laid out as `assemble_rows` writes them."""
+        return [self.tokenizer.decode([t for t in row[p:p + c].tolist() if t not in self.stop_tokens])
+                for row, p, c in zip(ids_bT, prompt_len_b, completion_len_b)]
 
-    def __call__(self, ids_bT, prompt_len_b, completion_len_b, index_b, reward_fn=None) -> np.ndarray:
-        """[b] float32 rewards of this process's rows (`reward_fn`: another function, e.g. accuracy)."""
-        prompts, completions = self.texts(ids_bT, prompt_len_b, completion_len_b)
-        rows = [self.examples[int(i)] for i in index_b]
-        fields = {k: [r[k] for r in rows] for k in (rows[0] if rows else {}) if k not in ("prompt", "completion")}
-        fn = self.reward_fn if reward_fn is None else reward_fn
-        out = np.asarray(fn(prompts, completions, **fields), np.float32)
-        if out.shape != (len(prompts),):
-            raise ValueError(f"the reward function returned shape {out.shape} for {len(prompts)} completions")
+    def __call__(self, ids_bT, prompt_len_b, completion_len_b, index_b, rewards=None) -> np.ndarray:
+        """[b] float32 total rewards of this process's rows (`rewards`: another RewardSet, e.g. the
+        evaluation's accuracy); 0 for filler rows (index < 0)."""
+        out = np.zeros(len(index_b), np.float32)
+        real = np.flatnonzero(np.asarray(index_b) >= 0)
+        if real.size:
+            texts = self.completions(ids_bT[real], prompt_len_b[real], completion_len_b[real])
+            rows = [self.examples[int(index_b[i])] for i in real]
+            fields = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
+            total, _ = (self.rewards if rewards is None else rewards)([r["prompt"] for r in rows], texts, fields)
+            out[real] = total
         return out
 
 
@@ -296,10 +294,10 @@ class Roller:
         """[R, T] token log-probs of the rows under combine(params, frozen), sharded like them."""
         return self._logps(params, frozen, ids)
 
-    def scores(self, ids, plen, clen, index, reward_fn=None) -> jax.Array:
-        """Global [R] rewards, each process scoring its own rows on the host."""
+    def scores(self, ids, plen, clen, index, rewards=None) -> jax.Array:
+        """Global [R] rewards, each process scoring its own rows on the host (`Scorer`)."""
         local = self.scorer(process_rows(ids), process_rows(plen), process_rows(clen), process_rows(index),
-                            reward_fn)
+                            rewards)
         return to_global(local, self.run.layout.batch, ids.shape[0])
 
     def sums(self, *arrays) -> list[jax.Array]:
@@ -361,20 +359,22 @@ def rl_batches(run, train_iter, state_fn, *, roller: Roller, make_batch: Callabl
         yield from minibatches(make_batch(experience), roller.select, epochs=epochs, count=count)
 
 
-def evaluate(run, state, eval_batches, *, roller: Roller, accuracy_fn, max_batches: int = 0) \
+def evaluate(run, state, eval_batches, *, roller: Roller, accuracy, max_batches: int = 0) \
         -> tuple[dict[str, float], dict[str, float]]:
     """The shared RL evaluation: greedy completions of the held-out prompt batches (this
-    process's rows of each), scored on the host.
+    process's rows of each; rows of index -1 fill the last batch and are not counted), scored
+    on the host.
 
     Args:
+      run: the trainer's Run (its layout).
+      state: the TrainState evaluated.
+      eval_batches: the held-out prompt rows (`data.prompts.eval_dataset`).
       roller: a greedy, one-completion `Roller` with the run's `Scorer`.
-      accuracy_fn: the verifier's accuracy reward (1 exact match, else 0), TRL's convention.
+      accuracy: a RewardSet of the verifier's accuracy reward alone (1 exact match, else 0).
       max_batches: batches evaluated (0: all).
 
     Returns:
-      (sums {reward_sum, correct_sum, length_sum, count}, metrics {loss, exact_match,
-      mean_reward, mean_length}); `loss` is minus the mean reward (the trainer's summary
-      needs a loss; lower is better, as for the other objectives).
+      (sums {reward_sum, correct_sum, length_sum, count}, `eval_metrics(sums)`).
     """
     keys = ("reward_sum", "correct_sum", "length_sum", "count")
     totals = dict.fromkeys(keys, 0.0)
@@ -383,12 +383,18 @@ def evaluate(run, state, eval_batches, *, roller: Roller, accuracy_fn, max_batch
             break
         ids, _, clen, plen, index = roller.generate(state.params, state.frozen, rows, jax.random.key(0))
         reward = roller.scores(ids, plen, clen, index)
-        correct = roller.scores(ids, plen, clen, index, accuracy_fn)
-        sums = roller.sums(reward, correct, clen.astype(jnp.float32), jnp.ones_like(reward))
+        correct = roller.scores(ids, plen, clen, index, accuracy)
+        counted = (index >= 0).astype(jnp.float32)
+        sums = roller.sums(reward, correct, clen * counted, counted)
         for key, value in zip(keys, sums):
             totals[key] += float(value)
-    count = max(totals["count"], 1.0)
-    metrics = {"exact_match": totals["correct_sum"] / count, "mean_reward": totals["reward_sum"] / count,
-               "mean_length": totals["length_sum"] / count}
-    return totals, {"loss": -metrics["mean_reward"], **metrics}
+    return totals, eval_metrics(totals)
 
+
+def eval_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """{loss, exact_match, mean_reward, mean_length} of the evaluation's sums; `loss` is minus
+    the mean reward (the trainer's summary needs a loss; lower is better, as elsewhere)."""
+    count = max(sums["count"], 1.0)
+    metrics = {"exact_match": sums["correct_sum"] / count, "mean_reward": sums["reward_sum"] / count,
+               "mean_length": sums["length_sum"] / count}
+    return {"loss": -metrics["mean_reward"], **metrics}

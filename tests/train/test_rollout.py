@@ -11,15 +11,19 @@ import pytest
 
 from inference.generate import generate
 from train import rollout
+from train.rewards import RewardSet
 from train import trainable as trainable_lib
 from tests.train import rl_helpers as h
 
 G, N, PROMPTS = 2, 6, 8
 
 
-def _answer_reward(prompts, completions, answer):
+def _answer_reward(prompts, completions, answer, **fields):
     """Completion tokens counted plus the example's answer: tells rows and examples apart."""
     return [len(c.split()) + a for c, a in zip(completions, answer)]
+
+
+REWARDS = RewardSet(("count",), (1.0,), (_answer_reward,))
 
 
 @functools.cache
@@ -28,7 +32,7 @@ def _setup(strategy, temperature=0.0, top_k=0):
     config.rl.update(num_generations=G, temperature=temperature, top_k=top_k)
     run = h.tiny_run(config, strategy)
     examples = {i: {"prompt": "", "answer": 100.0 * i} for i in range(PROMPTS)}
-    scorer = rollout.Scorer(run.tokenizer, _answer_reward, examples, (h.EOS,))
+    scorer = rollout.Scorer(run.tokenizer, REWARDS, examples, (h.EOS,))
     settings = rollout.settings(config, run.tokenizer)
     assert settings.stop_tokens == (h.EOS,) and settings.num_generations == G
     return run, rollout.Roller(run, settings, scorer), run.init_fn(jax.random.key(0))
