@@ -214,7 +214,7 @@ def test_bad_config_is_one_line():
         bad = config.copy_and_resolve_references()
         bad.rl[key] = value
         with pytest.raises(ValueError, match=words.replace(".", r"\.")) as e:
-            ppo.check_config(bad, "")
+            ppo.check_config(bad, None)
         assert "\n" not in str(e.value)
 
 

@@ -54,6 +54,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models.policy_value import policy_model
 from train import logprobs as logprobs_lib
 from train import rl_math
 from train import trainable as trainable_lib
@@ -151,6 +152,26 @@ class KLStateIterator:
         self.kl_coef = float(state["kl_coef"])
 
 
+def _roller(run, *, split: str):
+    """The run's `train.rollout.Roller` generating with the policy alone (`models.policy_value.
+    policy_model`: a separate value model is not run while decoding): one sampled completion per
+    prompt scored by rl.rewards on the training prompts (split "train"), or greedy on the
+    held-out ones ("eval"). One per run and split, so each compiles once."""
+    from data import prompts
+    from train import rewards, rollout
+
+    cache = run.__dict__.setdefault("_ppo_rollers", {})  # lives and dies with the run
+    if split not in cache:
+        config = run.config
+        train, held_out = prompts.splits(run.data, prompts.prompt_config(config), run.tokenizer)
+        scorer = rollout.Scorer(run.tokenizer, rewards.build(config),
+                                (train if split == "train" else held_out).examples,
+                                rollout.stop_tokens(run.tokenizer, config.sft.chat_template))
+        settings = rollout.settings(config, run.tokenizer, num_generations=1, greedy=split == "eval")
+        cache[split] = rollout.Roller(_with_model(run, policy_model(run.model)), settings, scorer)
+    return cache[split]
+
+
 def _with_model(run, model):
     """`run` whose `model` is the generating policy (a `train.trainer.Run` or a test's namespace)."""
     if dataclasses.is_dataclass(run):
@@ -222,7 +243,45 @@ class PPOObjective:
     def after_update(self, params, aux, accum_steps):
         return params, {}
 
-    # ---------------------------------------------------------------- rollouts (the batches hook)
+    # ---------------------------------------------------------------- host side: prompts, rollouts, evaluation
+
+    def train_iterator(self, config, data_cfg, tokenizer) -> KLStateIterator:
+        """This process's prompt rows of each rollout (`data.prompts`), with the KL coefficient."""
+        from data import prompts
+
+        return KLStateIterator(prompts.train_iterator(data_cfg, prompts.prompt_config(config), tokenizer),
+                               self.settings.kl.init)
+
+    def eval_batches(self, config, data_cfg, tokenizer):
+        """The held-out prompt rows (a grain dataset: each evaluation iterates it again)."""
+        from data import prompts
+
+        return prompts.eval_dataset(data_cfg, prompts.prompt_config(config), tokenizer)
+
+    def batches(self, run, train_iter: KLStateIterator, state_fn) -> Iterator[tuple[dict, bool]]:
+        """The trainer's hook (`train.objectives.base`): rollouts of the current policy and
+        their minibatches (`rollout_batches`), against the run's reference."""
+        from train import reference as reference_lib
+
+        roller = _roller(run, split="train")
+        yield from self.rollout_batches(run, train_iter, state_fn, roller=roller, reference=reference_lib.build(run))
+
+    def evaluate_run(self, run, state, eval_batches) -> tuple[dict[str, float], dict[str, float]]:
+        """The shared RL evaluation (`train.rollout.evaluate`): greedy completions of the
+        held-out prompts -> exact match, mean reward, mean length."""
+        from train import rewards, rollout
+
+        accuracy = rewards.RewardSet(("accuracy",), (1.0,), (rewards.accuracy_reward,))
+        return rollout.evaluate(run, state, eval_batches, roller=_roller(run, split="eval"), accuracy=accuracy,
+                                max_batches=run.config.eval.max_batches)
+
+    def eval_sums(self, params, batch, rng):
+        raise TypeError("objective ppo evaluates by generation (evaluate_run), not by eval_sums")
+
+    def eval_metrics(self, sums):
+        from train import rollout
+
+        return rollout.eval_metrics(sums)
 
     def experience_fn(self, layout):
         """`experience_batch` jitted on `layout` (params and frozen in the state's shardings, rows batch-sharded)."""
@@ -257,8 +316,9 @@ class PPOObjective:
             yield from rollout.minibatches(batch, roller.select, epochs=s.epochs, count=s.minibatches)
 
 
-def check_config(config, workdir: str) -> None:
-    """PPO's own keys, then the prompt data's (`data.prompts.check_source`) and the rewards'.
+def check_config(config, workdir: str | None) -> None:
+    """PPO's own keys, then (with a workdir) the rewards' and the prompt data's
+    (`train.rewards.check`, `data.prompts.check_source`).
 
     Raises:
       ValueError: one line naming the config key and the fix.
@@ -280,14 +340,28 @@ def check_config(config, workdir: str) -> None:
                          f"rl.kl_horizon > 0, got {rl.kl_coef} and {rl.kl_horizon}")
     if not (0.0 <= rl.gamma <= 1.0 and 0.0 <= rl.lam <= 1.0):
         raise ValueError(f"config keys `rl.gamma`={rl.gamma}, `rl.lam`={rl.lam} must lie in [0, 1]")
+    if workdir is None:  # the keys only (the factory)
+        return
+    from data import prompts
+    from train import rewards
+
+    rewards.check(config)
+    prompts.check_source(config, workdir)
 
 
-@register("ppo", check=check_config)
+def prepare_data(config, workdir: str, data_cfg):
+    """The run's tokenizer, every prompt tokenized and checked (`data.prompts.prepare`)."""
+    from data import prompts
+
+    return prompts.prepare(config, workdir, data_cfg)
+
+
+@register("ppo", check=check_config, prepare=prepare_data)
 def make(config, model, tokenizer) -> PPOObjective:
     """The ppo objective of a run config: a decoder with its value head (`rl.value_head`)."""
     del tokenizer
     if config.model.family == "bert":
         raise ValueError("config key `objective`='ppo' trains a decoder policy, but model.family='bert'; use a "
                          "decoder family (gpt, llama, qwen, ...)")
-    check_config(config, "")
+    check_config(config, None)
     return PPOObjective(model, settings_of(config))
