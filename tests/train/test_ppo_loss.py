@@ -210,7 +210,8 @@ def test_bad_config_is_one_line():
 
     config = _tiny_config()
     for key, value, words in (("value_head", "both", "rl.value_head"), ("minibatches", 3, "rl.minibatches"),
-                              ("epochs", 0, "rl.epochs")):
+                              ("epochs", 0, "rl.epochs"), ("temperature", 0.0, "rl.temperature"),
+                              ("kl_target", -1.0, "rl.kl_target"), ("gamma", 1.5, "rl.gamma")):
         bad = config.copy_and_resolve_references()
         bad.rl[key] = value
         with pytest.raises(ValueError, match=words.replace(".", r"\.")) as e:

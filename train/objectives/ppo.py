@@ -329,9 +329,14 @@ def check_config(config, workdir: str | None) -> None:
     for key in ("epochs", "minibatches"):
         if rl[key] < 1:
             raise ValueError(f"config key `rl.{key}`={rl[key]} must be >= 1")
-    if config.data.batch_size % rl.minibatches:
-        raise ValueError(f"config key `rl.minibatches`={rl.minibatches} must divide data.batch_size="
-                         f"{config.data.batch_size} (the rollout's rows)")
+    rows, accum = config.data.batch_size, config.optimizer.grad_accum_steps
+    if rows % rl.minibatches or (rows // rl.minibatches) % accum:
+        raise ValueError(f"config key `rl.minibatches`={rl.minibatches}: a rollout's data.batch_size={rows} rows (one "
+                         "completion per prompt) must split into minibatches, and each minibatch into "
+                         f"optimizer.grad_accum_steps={accum} micro-batches")
+    if not rl.temperature > 0:
+        raise ValueError(f"config key `rl.temperature`={rl.temperature}: PPO learns from sampled completions; "
+                         "give a temperature > 0 (1.0: the policy's own distribution)")
     for key in ("kl_coef", "kl_target", "vf_coef", "vf_clip", "clip_eps"):
         if rl[key] < 0:
             raise ValueError(f"config key `rl.{key}`={rl[key]} must be >= 0")
