@@ -53,7 +53,10 @@ class PolicyWithValueModel(nn.Module):
 
 
 def with_value_model(policy: GPT) -> PolicyWithValueModel:
-    """`policy` (an LM-head GPT) and a value model of its architecture with a one-output `score` head."""
+    """`policy` (an LM-head GPT) and a value model of its architecture with a one-output `score`
+    head; a `PolicyWithValueModel` already is one (returned as it is)."""
+    if isinstance(policy, PolicyWithValueModel):
+        return policy
     if policy.config.head != "lm":
         raise ValueError(f"the policy of a separate value model has the LM head, got head={policy.config.head!r}")
     value_config = dataclasses.replace(policy.config, head="score", num_scores=1, mtp_depth=0)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from configs import base
-from models.policy_value import PolicyWithValueModel, policy_model, policy_params
+from models.policy_value import PolicyWithValueModel, policy_model, policy_params, with_value_model
 from train import build
 from train import trainable as trainable_lib
 from train.objectives import ppo
@@ -174,6 +174,7 @@ def test_separate_value_model_keeps_the_policy_tree():
     config = _tiny_config("separate")
     model = build.model(config, 20)
     assert isinstance(model, PolicyWithValueModel)
+    assert with_value_model(model) is model  # init_from's model is wrapped once, not twice
     ids = jnp.asarray(np.random.default_rng(3).integers(1, 20, (2, 12)), jnp.int32)
     params = nn_unbox(model.init(jax.random.key(0), ids)["params"])
     plain = build.model(_tiny_config("shared").copy_and_resolve_references(), 20)
