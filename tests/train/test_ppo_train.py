@@ -92,15 +92,19 @@ def test_ppo_learns_writes_metrics_and_resumes(tokenizer_dir, tmp_path):
 
 
 def test_separate_value_model_trains_through_the_trainer(tokenizer_dir, tmp_path):
-    summary = trainer.run(_config(tokenizer_dir, 4, value_head="separate"), str(tmp_path))
+    """One update per rollout (epochs = minibatches = 1: every step a boundary, the ratio 1)."""
+    config = _config(tokenizer_dir, 3, value_head="separate")
+    config.rl.update(epochs=1, minibatches=1)
+    config.checkpoint.save_interval_steps = 1
+    summary = trainer.run(config, str(tmp_path))
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len([x for x in lines if "value_loss" in x]) == 4 and "eval_after" in summary
-    params, _ = _checkpoint(tmp_path, 4)
-    initial = trainer.setup(_config(tokenizer_dir, 4, value_head="separate"), str(tmp_path / "fresh")).init_fn(
-        jax.random.key(0)).params
-    # Both the policy and the value model's trunk moved; the policy's leaves are a plain GPT's.
-    for branch in (policy_params(params), params["value_model"]):
-        ref = policy_params(initial) if branch is not params["value_model"] else initial["value_model"]
-        assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
-                   zip(jax.tree.leaves(branch), jax.tree.leaves(ref)))
-    assert set(policy_params(params)) == {"embed", "layer_0", "final_norm", "lm_head"}
+    assert len([x for x in lines if "value_loss" in x]) == 3 and "eval_after" in summary
+    assert all(x["clip_fraction"] == 0 for x in lines if "clip_fraction" in x)  # on-policy: ratio 1
+    first, _ = _checkpoint(tmp_path, 1)
+    last, _ = _checkpoint(tmp_path, 3)
+    # The policy's leaves are a plain GPT's; both it and the value model's own trunk train.
+    assert set(policy_params(last)) == {"embed", "layer_0", "final_norm", "lm_head"}
+    for name, a, b in (("policy", policy_params(first), policy_params(last)),
+                       ("value trunk", first["value_model"]["layer_0"], last["value_model"]["layer_0"])):
+        assert any(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in
+                   zip(jax.tree.leaves(a), jax.tree.leaves(b))), name
