@@ -168,11 +168,16 @@ def assemble_rows(prompt_RP, prompt_len_R, tokens_RN, completion_len_R):
     return ids_RT, mask_RT.astype(jnp.int32), completion_len_R
 
 
+def policy_logps(model, params, ids_RT, logit_scale: float = 1.0) -> jax.Array:
+    """[R, T] float32 token log-probs of `ids` under the whole `params`, the logits multiplied by
+    `logit_scale` (1 / the sampling temperature: the sampled distribution's log-probs, as TRL)."""
+    out = model.apply({"params": params}, ids_RT, deterministic=True)
+    return logprobs_lib.token_logprobs(lm_logits(out).astype(jnp.float32) * logit_scale, ids_RT)
+
+
 def _token_logps(params, frozen, ids_RT, *, model, logit_scale: float, layout):
-    """[R, T] float32 token log-probs of `ids` under combine(params, frozen) (logits x scale)."""
     with layout.tracing():
-        out = model.apply({"params": trainable_lib.combine(params, frozen)}, ids_RT, deterministic=True)
-        return logprobs_lib.token_logprobs(lm_logits(out) * logit_scale, ids_RT)
+        return policy_logps(model, trainable_lib.combine(params, frozen), ids_RT, logit_scale)
 
 
 def _select(tree, m, *, count: int):

@@ -49,13 +49,21 @@ class Tokenizer:
         return [int(t) if t.isdigit() else 1 for t in text.split() for _ in range(1 if t.isdigit() else 2)]
 
 
-def tiny_run(config, strategy: str = "dp", *, objective=None, lr: float = 1e-2, seed: int = 0):
-    """A Run-like namespace (config, model, layout, init and step) for `strategy` on its mesh."""
+def optimizer(lr: float = 1e-2):
+    """The tests' Adam (eps 1e-5: a near-zero gradient's rounding is not amplified into a whole step)."""
+    return make_optimizer(learning_rate=lr, eps=1e-5)
+
+
+def tiny_run(config, strategy: str = "dp", *, objective=None, lr: float = 1e-2):
+    """A Run-like namespace (config, model, layout, init and step) for `strategy` on its mesh;
+    `objective`: model -> the objective (None: the config's lm)."""
     model = build.model(config, VOCAB)
-    tx = make_optimizer(learning_rate=lr, eps=1e-5)
+    tx = optimizer(lr)
+    objective = objective(model) if objective is not None else None
     program = program_lib.build_for_run(config, model, tx, lambda step: lr, strategy=get_strategy(strategy),
                                         mesh=mesh_lib.make_mesh(STRATEGIES[strategy]), objective=objective)
-    return types.SimpleNamespace(config=config, model=model, layout=program.layout, init_fn=program.init,
+    return types.SimpleNamespace(config=config, model=model, objective=objective, layout=program.layout,
+                                 init_fn=program.init,
                                  step_fn=program.step, tokenizer=Tokenizer(), is_lead=jax.process_index() == 0,
                                  batch_sharding=program.layout.batch, abstract_state=program.abstract_state)
 
@@ -68,3 +76,8 @@ def prompt_rows(num: int, width: int = 8, seed: int = 0) -> dict:
     for i, n in enumerate(lengths):
         ids[i, :n] = rng.integers(4, VOCAB, n)
     return {"prompt_ids": ids, "prompt_len": lengths, "index": np.arange(num, dtype=np.int32)}
+
+
+def digit_reward(prompts, completions, **fields):
+    """The share of a completion's characters that are digits (a reward with spread for tests)."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
