@@ -146,7 +146,8 @@ def write_preferences(sft, train_problems, held_out, path: str, samples: int) ->
             for i, q in enumerate(problems):
                 texts = [sft.tokenizer.decode(r) for r in rows[i * samples:(i + 1) * samples]]
                 right = [t for t in texts if verifiable.verify(q.task, t, q.answer)]
-                wrong = [t for t in texts if not verifiable.verify(q.task, t, q.answer)]
+                # (an empty sample, eos at once, is no response a preference row can hold)
+                wrong = [t for t in texts if t and not verifiable.verify(q.task, t, q.answer)]
                 if right and wrong:
                     f.write(json.dumps({"prompt": q.prompt, "chosen": right[0], "rejected": wrong[0]}) + "\n")
                     count += 1
@@ -164,12 +165,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a few steps (the test)")
     parser.add_argument("--root", default=align.ROOT, help="where the files and runs are written")
     parser.add_argument("--samples", type=int, default=8, help="SFT samples per prompt for the preference pairs")
+    parser.add_argument("--reuse_sft", action="store_true",
+                        help="development: keep ROOT/sft (and its files) from an earlier run instead of training it")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ", ".join(METHODS))
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     common = QUICK["all"] if args.quick else []
     task = task_config(common)
-    p = write_files(args.root, task)
+    p = align.paths(args.root) if args.reuse_sft else write_files(args.root, task)
     train_problems, held_out = verifiable.generate(align.TASK, task)
     paths = {"sft": ["tokenizer.path=" + p["tokenizer"], f"data.source=files:{p['sft_data']}"]}
     results: dict = {}
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
         extra = QUICK[preset] if args.quick else []
         return common + paths.get(preset, [f"init_from=run:{p['sft']}"]) + extra
 
-    minutes = train_run("sft", p["sft"], overrides("sft"))
+    minutes = None if args.reuse_sft else train_run("sft", p["sft"], overrides("sft"))
     sft = load_lib.load(p["sft"])
     before = exact_match(sft, held_out)
     results["sft"] = {"minutes": minutes, "before": 0.0, "after": before, "kl": None}
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         policy = load_lib.load(workdir)
         results[method] = {"minutes": minutes, "before": before, "after": exact_match(policy, held_out),
                            "kl": kl_to_reference(policy, sft, held_out)}
-        if "eval_before" in summary:
+        if "exact_match" in summary.get("eval_before", {}):
             results[method]["run_eval"] = (summary["eval_before"]["exact_match"], summary["eval_after"]["exact_match"])
     print_table(results, len(held_out))
     return results
@@ -219,7 +222,8 @@ def print_table(results: dict, num_held_out: int) -> None:
             print(f"{method:8} {r['minutes']:8.2f}   held-out preference accuracy {accuracy}")
             continue
         kl = "" if r["kl"] is None else f"{r['kl']:10.3f}"
-        print(f"{method:8} {r['minutes']:8.2f} {r['before']:10.1%} {r['after']:9.1%} "
+        minutes = "reused" if r["minutes"] is None else f"{r['minutes']:8.2f}"
+        print(f"{method:8} {minutes:>8} {r['before']:10.1%} {r['after']:9.1%} "
               f"{100 * (r['after'] - r['before']):+6.1f}pt {kl}")
         if "run_eval" in r:
             print(f"{'':8} (the run's own evaluation: {r['run_eval'][0]:.1%} -> {r['run_eval'][1]:.1%})")

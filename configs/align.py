@@ -77,6 +77,19 @@ def _rl(c: ml_collections.ConfigDict, root: str, objective: str) -> None:
     c.logging.update(log_every_steps=10)
 
 
+def _preferences(c: ml_collections.ConfigDict, root: str, objective: str) -> None:
+    p = paths(root)
+    c.objective = objective
+    c.init_from = f"run:{p['sft']}"
+    # The held-out prompts' pairs are the file's last lines: benchmarks/alignment.py sets the
+    # validation share to their count.
+    c.data.update(source=f"files:{p['preferences']}", seq_len=16, batch_size=32, validation_fraction=0.1)
+    c.schedule.update(name="constant", warmup_steps=10)
+    c.checkpoint.update(save_interval_steps=1000)
+    c.logging.update(log_every_steps=10)
+    c.eval.update(max_batches=0)
+
+
 def get_config(preset: str = "sft") -> ml_collections.ConfigDict:
     if preset not in PRESETS:
         raise ValueError(f"unknown align preset {preset!r}; expected one of {PRESETS}")
@@ -91,4 +104,15 @@ def get_config(preset: str = "sft") -> ml_collections.ConfigDict:
     elif preset == "ppo":
         _rl(c, ROOT, "ppo")
         c.steps = 100
+    elif preset == "dpo":
+        _preferences(c, ROOT, "dpo")
+        c.steps = 200
+        # beta 2: a strong pull to the SFT model (beta 0.1 lowered the chosen answers' log-probs
+        # with the rejected ones and exact match fell)
+        c.dpo.update(loss="sigmoid", beta=2.0)
+        c.optimizer.update(lr=3e-4)
+    elif preset == "reward":
+        _preferences(c, ROOT, "reward")
+        c.steps = 200
+        c.optimizer.update(lr=1e-3)
     return c
