@@ -47,12 +47,12 @@ _ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from configs import align  # noqa: E402
-from configs.loader import load_config  # noqa: E402
-from data import prompts, verifiable  # noqa: E402
-from data.tokenizer import ByteLevelBPE  # noqa: E402
-from inference import load as load_lib  # noqa: E402
-from inference.generate import generate, lm_logits  # noqa: E402
+from configs import align
+from configs.loader import load_config
+from data import prompts, verifiable
+from data.tokenizer import ByteLevelBPE
+from inference import load as load_lib
+from inference.generate import generate, lm_logits
 
 METHODS = ("grpo", "ppo", "dpo", "reward")
 # --quick: a pipeline check in about a minute or two, not a measurement.
