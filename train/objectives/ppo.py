@@ -164,7 +164,9 @@ def _roller(run, *, split: str):
     if split not in cache:
         config = run.config
         train, held_out = prompts.splits(run.data, prompts.prompt_config(config), run.tokenizer)
-        scorer = rollout.Scorer(run.tokenizer, rewards.build(config),
+        if "rewards" not in cache:  # one RewardSet (a reward model loads once) for both splits
+            cache["rewards"] = rewards.build(config, run=run)
+        scorer = rollout.Scorer(run.tokenizer, cache["rewards"],
                                 (train if split == "train" else held_out).examples,
                                 rollout.stop_tokens(run.tokenizer, config.sft.chat_template))
         settings = rollout.settings(config, run.tokenizer, num_generations=1, greedy=split == "eval")
