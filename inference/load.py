@@ -107,12 +107,18 @@ def _load_workdir(workdir: str, step: int | None, dtype: str | None) -> Loaded:
     if dtype is not None:
         config.model.dtype = config.model.param_dtype = dtype
     tokenizer = init_from.workdir_tokenizer(config, workdir)
-    model = build.model(config, tokenizer.vocab_size)
+    from models import policy_value
+
+    trained = build.model(config, tokenizer.vocab_size)
+    # A PPO run generates with its policy alone (without the value head or the separate value model).
+    model = policy_value.policy_model(trained) if policy_value.is_decoder(trained) else trained
     if not isinstance(model, GPT):
         raise TypeError(f"{workdir!r} trained model.family={config.model.family!r}, a masked LM: it does not "
                          "generate text; use a decoder family (gpt, llama, qwen, moe, deepseek)")
     _check_generates(model, repr(workdir))
-    params = run_params(workdir, step, config, model)
+    params = run_params(workdir, step, config, trained)
+    if model is not trained:
+        params = policy_value.policy_params(params)
     return Loaded(model, params, tokenizer, f"workdir {workdir}, step {step}")
 
 

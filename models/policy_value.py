@@ -69,6 +69,11 @@ def policy_params(params: Any) -> Any:
     return {k: v for k, v in params.items() if k not in (VALUE_BRANCH, "score")}
 
 
+def is_decoder(model: nn.Module) -> bool:
+    """A decoder (`GPT`, whatever its head) or a policy with its value model, not an encoder."""
+    return isinstance(model, (GPT, PolicyWithValueModel))
+
+
 def policy_model(model: nn.Module) -> GPT:
     """The LM-head decoder that generates: the wrapped policy, or a `lm_score` GPT as `lm`."""
     if isinstance(model, PolicyWithValueModel):

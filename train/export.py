@@ -77,11 +77,15 @@ def export(workdir: str, out: str, *, step: int | None = None, adapter_only: boo
                          f"{'prefix key/values' if method == 'prefix' else 'bottleneck adapter'} in its models, so "
                          f"it cannot be merged into a Hugging Face directory{_ADAPTER_ONLY_NOTE[method]}")
     tokenizer = init_from.run_tokenizer(spec)
-    model = build.model(config, tokenizer.vocab_size)
-    from models import hf
+    trained = build.model(config, tokenizer.vocab_size)
+    from models import hf, policy_value
 
+    # A PPO run exports its policy alone (without the value head or the separate value model).
+    model = policy_value.policy_model(trained) if policy_value.is_decoder(trained) else trained
     hf.check_exportable(_without_peft(model))  # before any weights are read
-    params = _restore(spec, step, model, config)
+    params = _restore(spec, step, trained, config)
+    if model is not trained:
+        params = policy_value.policy_params(params)
     base_model, base_params = model, params
     if method in ("lora", "qlora") and not adapter_only:
         from models.layers.peft import merge

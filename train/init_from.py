@@ -324,6 +324,9 @@ def load_params(spec: Spec, abstract_params, model_: nn.Module, *, current=None)
         loaded = _load_hf(spec, flat, model_, kept)
     else:
         loaded = _load_run(spec, flat, kept)
+    for path in flat:  # PPO's separate value model (models.policy_value) starts from the checkpoint's trunk
+        if path[0] == "value_model" and path not in loaded and path[1:] in loaded:
+            loaded[path] = jax.jit(lambda x: x, out_shardings=flat[path].sharding)(loaded[path[1:]])
     missing = sorted("/".join(p) for p in flat if p not in loaded and (current is None or p not in kept))
     if missing:
         raise ValueError(f"`init_from`={str(spec)!r} has no weights for {missing[:5]}"

@@ -109,3 +109,21 @@ def test_separate_value_model_trains_through_the_trainer(tokenizer_dir, tmp_path
                        ("value trunk", first["value_model"]["layer_0"], last["value_model"]["layer_0"])):
         assert any(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in
                    zip(jax.tree.leaves(a), jax.tree.leaves(b))), name
+    # The run exports and loads as its policy alone: transformers' logits equal the policy's.
+    import torch
+    import transformers
+
+    from inference import load as inference_load
+    from train import export
+
+    out = str(tmp_path / "hf")
+    export.export(str(tmp_path), out)
+    loaded = inference_load.load(str(tmp_path))
+    ids = np.array([[5, 49, 50, 43, 51, 52, 61]], np.int32)
+    ours = np.asarray(loaded.model.apply({"params": loaded.params}, ids))
+    np.testing.assert_allclose(ours, np.asarray(loaded.model.apply({"params": policy_params(last)}, ids)), atol=0)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        theirs = hf_model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    # A float32 forward of one layer at width 32: a few eps32 * sqrt(D) * |logit| scale.
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=64 * np.finfo(np.float32).eps * np.abs(ours).max() + 1e-6)
