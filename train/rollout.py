@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator, Sequence
+import itertools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.struct
@@ -198,7 +199,7 @@ def process_rows(array: jax.Array) -> np.ndarray:
         start, stop, _ = rows.indices(n)
         blocks.setdefault((start, stop), shard)
     spans = sorted(blocks)
-    for (_, stop), (start, _) in zip(spans, spans[1:]):
+    for (_, stop), (start, _) in itertools.pairwise(spans):
         if start != stop:
             raise ValueError(f"this process's rows are not contiguous ({spans}); lay the batch out over processes "
                              "in blocks")

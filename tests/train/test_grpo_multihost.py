@@ -45,7 +45,7 @@ def runs(tmp_path_factory):
         _wait([jobs.start(one, 4, *flags, "--config.steps=4")])
     finally:
         jobs.kill_all()
-    return dict(two=two, one=one, first=first, second=second, root=root)
+    return {"two": two, "one": one, "first": first, "second": second, "root": root}
 
 
 def test_two_processes_train_save_and_resume(runs):

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from inference.generate import generate
-from train import rollout
-from train.rewards import RewardSet
-from train import trainable as trainable_lib
 from tests.train import rl_helpers as h
+from train import rollout
+from train import trainable as trainable_lib
+from train.rewards import RewardSet
 
 G, N, PROMPTS = 2, 6, 8
 
