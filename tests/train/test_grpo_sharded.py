@@ -94,7 +94,8 @@ def _unsharded(run, start):
             mb = jax.tree.map(lambda x, m=m: x[m::MINIBATCHES], batch)
             seen.append(mb)
             totals = {**objective.totals(mb), "micro_batches": 1}
-            grads = jax.grad(lambda p, mb=mb, totals=totals: objective.loss(p, mb, None, totals)[0])(whole)  # all
+            # The gradient of every parameter, then only the adapters'.
+            grads = jax.grad(lambda p, mb=mb, totals=totals: objective.loss(p, mb, None, totals)[0])(whole)
             grads = {p: g for p, g in _flat(grads).items() if is_peft_path(p)}
             updates, opt_state = tx.update(grads, opt_state, adapters)
             adapters = optax.apply_updates(adapters, updates)
