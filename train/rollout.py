@@ -121,8 +121,9 @@ class Experience:
       prompt_len, completion_len: [R] int32.
       index: [R] int32, the example each row's prompt came from (`examples[index]`).
       rewards: [R] float32, the weighted sum of the rewards.
-      old_logps: [R, T] float32 token log-probs of the sampling policy (0 off the completion),
-        or None when not computed (one update per rollout: the ratio is 1).
+      old_logps: [R, T] float32 token log-probs of the sampling policy (at every position; the
+        losses read the completion's), or None when not computed (one update per rollout: the
+        ratio is 1).
       ref_logps: [R, T] float32 token log-probs of the reference, or None (no reference).
     """
 
