@@ -34,6 +34,16 @@ Axis letters: R rollout rows (prompts x G), P prompt width, N new tokens, T = P 
   the rows r with r % M == m (strided, so each device keeps its own rows: no transfer).
 * `evaluate` is the shared RL evaluation: greedy decoding of the held-out prompts, exact
   match (the verifier's accuracy reward), mean reward, mean completion length.
+
+What ppo, grpo and rloo use:
+    Settings, settings(config, tokenizer)    G, N, sampling, stop tokens of `rl.*`
+    Roller(run, settings, scorer)            .generate / .rollout / .token_logps / .scores /
+                                             .sums / .select, jitted once per run
+    Experience                               one rollout's global arrays
+    Scorer(tokenizer, rewards, examples)     host rewards of this process's rows
+    rl_batches(...), minibatches(...)        the `batches` hook's loop
+    evaluate(...), eval_metrics(sums)        the shared evaluation
+    policy_logps, process_rows, to_global, rollout_rng, stop_tokens, assemble_rows
 """
 
 from __future__ import annotations
