@@ -3,6 +3,7 @@ a stand-in tokenizer and hand-made prompts."""
 
 from __future__ import annotations
 
+import os
 import types
 
 import jax
@@ -78,6 +79,13 @@ def prompt_rows(num: int, width: int = 8, seed: int = 0) -> dict:
     return {"prompt_ids": ids, "prompt_len": lengths, "index": np.arange(num, dtype=np.int32)}
 
 
+REWARD_LOG = "LMLAB_TEST_REWARD_LOG"  # a file each call of digit_reward appends "process rows" to
+
+
 def digit_reward(prompts, completions, **fields):
-    """The share of a completion's characters that are digits (a reward with spread for tests)."""
+    """The share of a completion's characters that are digits (a reward with spread for tests).
+    With $LMLAB_TEST_REWARD_LOG set, each call appends the calling process and its row count."""
+    if os.environ.get(REWARD_LOG):
+        with open(os.environ[REWARD_LOG], "a") as f:
+            f.write(f"{jax.process_index()} {len(completions)}\n")
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]

@@ -84,9 +84,9 @@ def test_losses_and_gradients_equal_trl(loss_type, accumulation):
     got_loss, got_grad, got_stats = 0.0, [], defaultdict(float)
     want_loss, want_grad = 0.0, []
     for micro in np.split(np.arange(B), accumulation):
-        part = jax.tree.map(lambda x: x[micro], batch)
+        part = jax.tree.map(lambda x, rows=micro: x[rows], batch)
 
-        def share(lp):
+        def share(lp, part=part):
             return objective.policy_loss(lp, jnp.zeros_like(lp), part, totals)
 
         (loss, stats), grad = jax.value_and_grad(share, has_aux=True)(jnp.asarray(logps[micro], jnp.float32))

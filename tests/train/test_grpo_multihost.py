@@ -16,6 +16,7 @@ import pytest
 
 from data.tokenizer import ByteLevelBPE
 from tests.cli_output import run_module
+from tests.train import rl_helpers as h
 from tests.train.test_multihost_train import _committed_steps, _Jobs, _params, _wait
 
 # The same SPMD program on a 4-device mesh either way; only the order in which cross-device
@@ -38,14 +39,18 @@ def runs(tmp_path_factory):
     ByteLevelBPE([bytes([b]) for b in range(256)], [], ("<|endoftext|>",)).save(tokenizer)
     flags = [*GRPO, f"--config.tokenizer.path={tokenizer}"]
     jobs = _Jobs()
+    log = root / "rewards.log"
     try:
         two, one = root / "lora_2x2", root / "lora_1x4"
+        os.environ[h.REWARD_LOG] = str(log)  # the first 2-process job logs who scores how many rows
         first = _wait(jobs.two_processes(two, *flags, "--config.steps=2"))
+        del os.environ[h.REWARD_LOG]
         second = _wait(jobs.two_processes(two, *flags, "--config.steps=4"))
         _wait([jobs.start(one, 4, *flags, "--config.steps=4")])
     finally:
+        os.environ.pop(h.REWARD_LOG, None)
         jobs.kill_all()
-    return dict(two=two, one=one, first=first, second=second, root=root)
+    return {"two": two, "one": one, "first": first, "second": second, "root": root, "log": log}
 
 
 def test_two_processes_train_save_and_resume(runs):
@@ -59,6 +64,13 @@ def test_two_processes_train_save_and_resume(runs):
     assert [x["step"] for x in lines if "reward" in x] == [1, 2, 3, 4]  # one line per step, not per process
     summary = json.loads((two / "summary.json").read_text())
     assert summary["final_step"] == 4 and set(summary["eval_before"]) == set(summary["eval_after"])
+
+
+def test_each_process_scores_only_its_own_rows(runs):
+    calls = [tuple(map(int, line.split())) for line in runs["log"].read_text().splitlines()]
+    # Evaluation before and after (4 of the 8 held-out prompts each, greedy) and one rollout of
+    # 8 prompts x 2 completions (8 rows each): every call scores half the rows, on both processes.
+    assert sorted(calls) == [(0, 4), (0, 4), (0, 8), (1, 4), (1, 4), (1, 8)], calls
 
 
 def test_two_processes_resumed_equal_one_process_straight(runs):

@@ -7,17 +7,16 @@ adapters after every step within float32 error, the base untouched."""
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from inference.generate import generate
 from models.layers.peft import is_peft_path
+from tests.train import rl_helpers as h
 from train import rollout
 from train import trainable as trainable_lib
 from train.objectives import grpo
 from train.rewards import RewardSet
-from tests.train import rl_helpers as h
 
 G, N, PROMPTS, MINIBATCHES, ROLLOUTS, LR = 2, 6, 8, 2, 2, 1e-2
 EPS32 = float(np.finfo(np.float32).eps)
@@ -92,10 +91,11 @@ def _unsharded(run, start):
         batch = grpo.experience_batch(exp, num_generations=G, minibatches=MINIBATCHES, scale=True,
                                       leave_one_out=False)
         for m in range(MINIBATCHES):
-            mb = jax.tree.map(lambda x: x[m::MINIBATCHES], batch)
+            mb = jax.tree.map(lambda x, m=m: x[m::MINIBATCHES], batch)
             seen.append(mb)
             totals = {**objective.totals(mb), "micro_batches": 1}
-            grads = jax.grad(lambda p: objective.loss(p, mb, None, totals)[0])(whole)  # every parameter
+            # The gradient of every parameter, then only the adapters'.
+            grads = jax.grad(lambda p, mb=mb, totals=totals: objective.loss(p, mb, None, totals)[0])(whole)
             grads = {p: g for p, g in _flat(grads).items() if is_peft_path(p)}
             updates, opt_state = tx.update(grads, opt_state, adapters)
             adapters = optax.apply_updates(adapters, updates)

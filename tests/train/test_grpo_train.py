@@ -1,12 +1,14 @@
-"""objective=grpo / rloo through the trainer's loop (`train.trainer.run`) on the addition task with
-LoRA under fsdp (8 devices): the objective's rollout batches and evaluation plug into the loop
-(eval_before / eval_after in the summary, checkpoints at rollout boundaries), a run stopped at a
-boundary and resumed ends with the parameters of an uninterrupted one, bad rl keys fail in one line
-before any work."""
+"""objective=grpo through the trainer's loop (`train.trainer.run`) on the addition task with LoRA
+under fsdp (8 devices): the objective's rollout batches and evaluation plug into the loop
+(eval_before / eval_after in the summary, the RL metrics, a checkpoint at the rollout boundary,
+only the adapters train); bad rl keys fail in one line before any work. A run stopped at a
+rollout boundary and resumed equals an uninterrupted one: tests/train/test_grpo_multihost.py
+(2 processes, resumed, against 1 process straight through)."""
 
 import json
 import os
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -43,40 +45,33 @@ def _params(workdir, step):
 
 
 @pytest.fixture(scope="module")
-def runs(tokenizer_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("grpo")
-    straight = trainer.run(_config(tokenizer_dir, "steps=4"), str(root / "straight"))
-    trainer.run(_config(tokenizer_dir, "steps=2"), str(root / "resumed"))  # one rollout, saved at its boundary
-    resumed = trainer.run(_config(tokenizer_dir, "steps=4"), str(root / "resumed"))
-    return root, straight, resumed
+def run(tokenizer_dir, tmp_path_factory):
+    """One rollout (two minibatch steps) of a new run."""
+    workdir = tmp_path_factory.mktemp("grpo") / "run"
+    return workdir, trainer.run(_config(tokenizer_dir, "steps=2"), str(workdir))
 
 
-def test_the_summary_holds_the_evaluation_before_and_after(runs):
-    root, straight, _ = runs
+def test_the_summary_holds_the_evaluation_before_and_after(run):
+    workdir, summary = run
     for key in ("eval_before", "eval_after"):
-        assert set(straight[key]) == {"loss", "exact_match", "mean_reward", "mean_length"}
-        assert 0 < straight[key]["mean_length"] <= 8 and 0 <= straight[key]["exact_match"] <= 1
-    assert straight["val_exact_match"] == straight["eval_after"]["exact_match"]
-    lines = [json.loads(x) for x in (root / "straight" / "metrics.jsonl").read_text().splitlines()]
+        assert set(summary[key]) == {"loss", "exact_match", "mean_reward", "mean_length"}
+        assert 0 < summary[key]["mean_length"] <= 8 and 0 <= summary[key]["exact_match"] <= 1
+    assert summary["val_exact_match"] == summary["eval_after"]["exact_match"]
+    assert (workdir / "eval_before.json").is_file()
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     trained = [x for x in lines if "reward" in x]
     assert trained and {"kl", "entropy", "clip_low", "clip_high", "reward_std", "completion_length"} <= set(trained[-1])
-    assert (root / "straight" / "eval_before.json").is_file()
 
 
-def test_a_run_resumed_at_a_rollout_boundary_equals_an_uninterrupted_one(runs):
-    root, straight, resumed = runs
-    assert sorted(os.listdir(root / "resumed" / "checkpoints")) == ["2", "4"]
-    got, want = _params(root / "resumed", 4), _params(root / "straight", 4)
-    start = _params(root / "resumed", 2)
-    import jax
-
-    moved = 0
-    for a, b, s in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(start)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the same programs on the same devices
-        moved += not np.array_equal(np.asarray(a), np.asarray(s))
-    assert moved  # the second rollout's updates moved the adapters
-    assert resumed["eval_before"] == straight["eval_before"]  # kept from the first start (eval_before.json)
-    assert resumed["eval_after"] == straight["eval_after"]
+def test_the_rollout_boundary_checkpoint_holds_the_trained_adapters(run):
+    workdir, _ = run
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+    params = _params(workdir, 2)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    assert paths and all("lora" in p for p in paths)
+    # LoRA's B starts at 0: the two updates moved it.
+    assert any("lora_b" in p and np.abs(np.asarray(x)).max() > 0
+               for p, x in zip(paths, jax.tree.leaves(params)))
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from inference.generate import generate
-from train import rollout
-from train.rewards import RewardSet
-from train import trainable as trainable_lib
 from tests.train import rl_helpers as h
+from train import rollout
+from train import trainable as trainable_lib
+from train.rewards import RewardSet, accuracy_reward
 
 G, N, PROMPTS = 2, 6, 8
 
@@ -100,3 +100,24 @@ def test_rollout_keys_depend_only_on_seed_and_rollout_index():
     assert np.array_equal(jax.random.key_data(a), jax.random.key_data(b))
     assert not np.array_equal(jax.random.key_data(a), jax.random.key_data(rollout.rollout_rng(0, 6)))
     assert not np.array_equal(jax.random.key_data(a), jax.random.key_data(rollout.rollout_rng(1, 5)))
+
+
+def test_evaluation_scores_greedy_completions_of_real_rows_only():
+    run, _, state = _setup("fsdp")
+    real = 12
+    rows = h.prompt_rows(real + 4, seed=5)
+    rows["index"][real:] = -1  # the last batch's filler rows (data.prompts): generated, never scored
+    whole = jax.device_get(trainable_lib.combine(state.params, state.frozen))
+    prompts = [list(r[:n]) for r, n in zip(rows["prompt_ids"][:real], rows["prompt_len"][:real])]
+    greedy = generate(run.model, whole, prompts, max_new_tokens=N, stop_tokens=(h.EOS,))
+    texts = [run.tokenizer.decode([t for t in c if t != h.EOS]) for c in greedy]
+    # Every other held-out example's answer is its greedy completion: exact match 1/2.
+    examples = [{"prompt": "", "answer": t if i % 2 == 0 else t + " 1", "task": ""} for i, t in enumerate(texts)]
+    accuracy = RewardSet(("accuracy",), (1.0,), (accuracy_reward,))
+    scorer = rollout.Scorer(run.tokenizer, RewardSet(("accuracy",), (2.0,), (accuracy_reward,)), examples, (h.EOS,))
+    roller = rollout.Roller(run, rollout.settings(run.config, run.tokenizer, greedy=True), scorer)
+    batches = [{k: v[i:i + 8] for k, v in rows.items()} for i in (0, 8)]
+    sums, metrics = rollout.evaluate(run, state, batches, roller=roller, accuracy=accuracy)
+    assert sums["count"] == real
+    assert metrics["exact_match"] == 0.5 and metrics["mean_reward"] == 1.0 and metrics["loss"] == -1.0
+    np.testing.assert_allclose(metrics["mean_length"], np.mean([len(c) for c in greedy]))
