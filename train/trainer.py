@@ -274,7 +274,13 @@ class _MetricsReader:
         devices = list(r.mesh.devices.flat)
         peak, peak_source = peak_flops_per_device(config.logging.peak_flops, config.model.dtype, devices)
         self.throughput = Throughput(train_flops_per_token, peak_flops_per_device=peak, num_devices=len(devices))
-        self.tokens_per_step = config.data.batch_size * config.data.seq_len  # padding included: it is computed
+        # Padding included: it is computed. An objective whose step computes other rows (chosen and
+        # rejected, G completions per prompt) says how many tokens (`tokens_per_step`).
+        own = getattr(r.objective, "tokens_per_step", None)
+        self.tokens_per_step = (own(config.data.batch_size, config.data.seq_len) if own is not None else
+                                config.data.batch_size * config.data.seq_len)
+        # exp(loss) means something only for a token cross-entropy (lm, mlm, sft).
+        self.perplexity = bool(getattr(r.objective, "token_nll", False))
         self.writer = MetricsWriter(r.workdir, config.steps, use_tensorboard=config.logging.tensorboard,
                                     progress=config.logging.progress_bar) if r.is_lead else None
         self.last_time, self.last_metrics = time.time(), {}
@@ -293,7 +299,9 @@ class _MetricsReader:
         self.last_time, self.last_metrics = now, metrics
         if self.writer and (step % self.config.logging.log_every_steps == 0 or step == self.config.steps):
             rates = self.throughput.report()
-            self.writer.write(step, {**metrics, "perplexity": math.exp(min(metrics["loss"], 30.0)), **rates})
+            if self.perplexity:
+                metrics = {**metrics, "perplexity": math.exp(min(metrics["loss"], 30.0))}
+            self.writer.write(step, {**metrics, **rates})
 
     def close(self):
         if self.writer:

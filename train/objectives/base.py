@@ -41,6 +41,10 @@ reference's log-probs, rollouts of the current policy):
     rollout): the loop saves checkpoints and stops on SIGTERM only at boundaries, so that
     `train_iter.get_state()` is the whole truth of the data position and a resumed run equals
     an uninterrupted one. Called once per run, after the state is initialized or restored.
+  * `tokens_per_step(batch_size, seq_len) -> int`: the tokens one step computes, for tokens/s
+    and MFU (default batch_size x seq_len; a preference pair is two rows, a rollout G per
+    prompt). `token_nll = True` (a class attribute): the loss is a token cross-entropy, so the
+    logged metrics add its perplexity.
   * `evaluate_run(run, state, eval_batches) -> (sums, metrics)`: the evaluation, instead of
     summing `eval_sums` over `eval_batches` (a generation scored by a verifier). An objective
     with it is also evaluated before a new run's first step: the summary holds `eval_before`

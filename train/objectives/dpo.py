@@ -94,6 +94,10 @@ class DPOObjective:
     def prepare(self, batch, rng):
         return batch
 
+    def tokens_per_step(self, batch_size: int, seq_len: int) -> int:
+        """Paired rows are two sequences each (KTO's: the row and its KL row)."""
+        return 2 * batch_size * seq_len
+
     def totals(self, batch) -> dict[str, jax.Array]:
         """The whole batch's counts (each at least 1): rows; chosen tokens (orpo's NLL); kto's
         desirable and undesirable rows."""

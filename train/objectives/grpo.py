@@ -191,6 +191,10 @@ class GRPOObjective:
     def prepare(self, batch, rng):
         return batch
 
+    def tokens_per_step(self, batch_size: int, seq_len: int) -> int:
+        """The rows of `batch_spec` (G completions per prompt / rl.minibatches), whole."""
+        return batch_size * self.num_generations // self.minibatches * seq_len
+
     def totals(self, batch):
         return {"rows": jnp.float32(batch["ids"].shape[0]),
                 "tokens": jnp.maximum(jnp.sum(batch["completion_mask"]), 1).astype(jnp.float32),

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -128,6 +128,7 @@ class LMObjective:
     mtp_loss_weight: float = 0.0
     bias_update_rate: float = 0.0
     name: str = "lm"
+    token_nll: ClassVar[bool] = True  # the logged metrics add exp(loss) (`train.objectives.base`)
 
     def batch_spec(self, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
         return token_batch_spec(batch_size, seq_len)

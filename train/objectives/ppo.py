@@ -206,6 +206,10 @@ class PPOObjective:
     def prepare(self, batch, rng):
         return batch
 
+    def tokens_per_step(self, batch_size: int, seq_len: int) -> int:
+        """The rows of `batch_spec` (a rollout's / rl.minibatches), whole."""
+        return batch_size // self.settings.minibatches * seq_len
+
     def totals(self, batch):
         return {"tokens": jnp.maximum(jnp.sum(batch["completion_mask"]), 1).astype(jnp.float32),
                 "rows": jnp.float32(batch["ids"].shape[0])}

@@ -125,6 +125,10 @@ class RewardObjective:
     def prepare(self, batch, rng):
         return batch
 
+    def tokens_per_step(self, batch_size: int, seq_len: int) -> int:
+        """A pair is two sequences (chosen and rejected)."""
+        return 2 * batch_size * seq_len
+
     def totals(self, batch):
         counted = (batch["chosen_len"] > 0) & (batch["rejected_len"] > 0)
         return {"pairs": jnp.maximum(jnp.sum(counted), 1).astype(jnp.float32)}
