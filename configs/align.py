@@ -22,7 +22,7 @@ Presets:
     sft:    objective=sft on ROOT/addition_sft.jsonl ({"prompt", "completion"} lines of the
             task's 2000 training problems; plain text, so a row is [eos] 12+34= 46 [eos]),
             from scratch, 1000 steps of 32 x 32 tokens, a checkpoint every 250 steps, all kept
-    grpo:   objective=grpo on task:addition: 300 rollouts of 16 prompts x 8 completions
+    grpo:   objective=grpo on task:addition: 300 rollouts of 32 prompts x 8 completions
             (temperature 0.7), the accuracy reward, one update each
     ppo:    objective=ppo on task:addition: 300 rollouts of 64 prompts (temperature 0.7), the
             accuracy reward, a value head on the policy's trunk
@@ -107,7 +107,7 @@ def get_config(preset: str = "sft") -> ml_collections.ConfigDict:
         _sft(c, ROOT)
     elif preset == "grpo":
         _rl(c, ROOT, "grpo")
-        c.data.batch_size = 16
+        c.data.batch_size = 32  # 16 prompts reached +19 to +30 points from run to run; 32 steadier
         c.rl.update(num_generations=8)
     elif preset == "ppo":
         _rl(c, ROOT, "ppo")
