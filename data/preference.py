@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -57,7 +56,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from data import chat, pipeline, sources
+from data import chat, jsonl, pipeline, sources
 
 SOURCE_FORMS = "'files:PATH.jsonl[,PATH...]' (preference JSONL, globs allowed)"
 PAIRED_KEYS = ("chosen_ids", "rejected_ids", "chosen_mask", "rejected_mask", "chosen_len", "rejected_len", "index",
@@ -297,22 +296,8 @@ def encode_unpaired(tokenizer: Any, record: Any, options: PreferenceConfig) -> d
 
 
 def _lines(paths: Sequence[str], options: PreferenceConfig):
-    """(path, line number, record) of every non-blank line; ValueError naming a line that is not JSON."""
-    for path in paths:
-        found = False
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno}); each line must "
-                                     f"be one JSON object {options.line_form()}") from None
-                found = True
-                yield path, number, record
-        if not found:
-            raise ValueError(f"{path}: holds no preference line; each line must be {options.line_form()}")
+    """(path, line number, record) of every non-blank line (`data.jsonl.records`)."""
+    return jsonl.records(paths, kind="preference line", forms=options.line_form())
 
 
 def check_lines(paths: Sequence[str], options: PreferenceConfig) -> int:

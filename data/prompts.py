@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -49,7 +48,7 @@ from typing import Any, NamedTuple
 import grain
 import numpy as np
 
-from data import chat, pipeline, sources, verifiable
+from data import chat, jsonl, pipeline, sources, verifiable
 
 TASK_PREFIX = "task:"
 SOURCE_FORMS = (f"'task:NAME' (a verifiable task: {', '.join(verifiable.TASKS)}) or 'files:PATH.jsonl[,PATH...]' "
@@ -133,21 +132,11 @@ def read_located(paths: Sequence[str], require_answer: bool = False) -> list[tup
       ValueError: one line naming the file, the line number, the problem and the fix.
     """
     located = []
-    for path in paths:
-        before = len(located)
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    located.append((_record(json.loads(line), require_answer), f"{path}:{number}"))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno}); each line must "
-                                     f"be one JSON object, {LINE_FORMS}") from None
-                except ValueError as e:
-                    raise ValueError(f"{path}:{number}: {e}") from None
-        if len(located) == before:
-            raise ValueError(f"{path}: holds no prompt; each line must be {LINE_FORMS}")
+    for path, number, record in jsonl.records(paths, kind="prompt", forms=LINE_FORMS):
+        try:
+            located.append((_record(record, require_answer), f"{path}:{number}"))
+        except ValueError as e:
+            raise ValueError(f"{path}:{number}: {e}") from None
     return located
 
 

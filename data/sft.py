@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -48,7 +47,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from data import chat, packing, pipeline, pydoc_chat, sources
+from data import chat, jsonl, packing, pipeline, pydoc_chat, sources
 
 SOURCE_FORMS = "'files:PATH.jsonl[,PATH...]' (chat JSONL, globs allowed) or 'pydoc_chat' (lmlab's chat data)"
 LINE_FORMS = '{"messages": [{"role": ..., "content": ...}, ...]} or {"prompt": ..., "completion": ...}'
@@ -197,23 +196,11 @@ def read_conversations(paths: Sequence[str], tokenizer: Any, template: str = "")
       ValueError: one line naming the file, the line number, the problem and the fix.
     """
     encoded = []
-    for path in paths:
-        before = len(encoded)
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno}); each line must "
-                                     f"be one JSON object, {LINE_FORMS}") from None
-                try:
-                    encoded.append(encode_record(tokenizer, record, template))
-                except ValueError as e:
-                    raise ValueError(f"{path}:{number}: {e}") from None
-        if len(encoded) == before:
-            raise ValueError(f"{path}: holds no conversation; each line must be {LINE_FORMS}")
+    for path, number, record in jsonl.records(paths, kind="conversation", forms=LINE_FORMS):
+        try:
+            encoded.append(encode_record(tokenizer, record, template))
+        except ValueError as e:
+            raise ValueError(f"{path}:{number}: {e}") from None
     return encoded
 
 

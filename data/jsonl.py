@@ -1,0 +1,42 @@
+"""JSON Lines files read line by line, each problem one line naming `file:line`.
+
+    for path, number, record in jsonl.records(paths, kind="conversation", forms=LINE_FORMS): ...
+
+The readers of chat (`data.sft`), preference (`data.preference`) and prompt (`data.prompts`)
+files share it: blank lines are skipped, a line that is not JSON and a file without a single
+line are ValueErrors naming the file (and line) and the form a line must have.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+
+def records(paths: Sequence[str], *, kind: str, forms: str) -> Iterator[tuple[str, int, Any]]:
+    """(path, line number, record) of every non-blank line of `paths`, in order.
+
+    Args:
+      paths: the JSONL files.
+      kind: what a line holds, for the error of an empty file ("conversation", "prompt", ...).
+      forms: the form(s) a line must have, for the errors.
+
+    Raises:
+      ValueError: a line that is not JSON (`file:line`), or a file without any line.
+    """
+    for path in paths:
+        found = False
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}, column {e.colno}); each line must "
+                                     f"be one JSON object, {forms}") from None
+                found = True
+                yield path, number, record
+        if not found:
+            raise ValueError(f"{path}: holds no {kind}; each line must be {forms}")
