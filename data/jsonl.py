@@ -10,6 +10,7 @@ line are ValueErrors naming the file (and line) and the form a line must have.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -40,3 +41,30 @@ def records(paths: Sequence[str], *, kind: str, forms: str) -> Iterator[tuple[st
                 yield path, number, record
         if not found:
             raise ValueError(f"{path}: holds no {kind}; each line must be {forms}")
+
+
+def file_paths(source: str, *, reads: str, lines: str, forms: str) -> tuple[str, ...]:
+    """The existing files of a `files:PATH[,PATH]` source; reads nothing (a run checks its
+    config with it before any work).
+
+    Args:
+      source: `config.data.source`.
+      reads: who reads it, for the error of another form ("fine-tuning reads", ...).
+      lines: what a file's lines hold, for the error of a missing file ("chat lines", ...).
+      forms: the source forms the reader takes, for the error of another form.
+
+    Raises:
+      ValueError: one line: a source of another form, or a file that does not exist.
+    """
+    from data import sources
+
+    if not source.startswith("files:"):
+        raise ValueError(f"config key `data.source`={source!r}: {reads} {forms}")
+    try:
+        paths = sources.parse_source(source).paths
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"config key `data.source`: {e}") from None
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ValueError(f"data file {path} does not exist; set data.source to files:PATH.jsonl of {lines}")
+    return paths

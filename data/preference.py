@@ -56,7 +56,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from data import chat, jsonl, pipeline, sources
+from data import chat, jsonl, pipeline
 
 SOURCE_FORMS = "'files:PATH.jsonl[,PATH...]' (preference JSONL, globs allowed)"
 PAIRED_KEYS = ("chosen_ids", "rejected_ids", "chosen_mask", "rejected_mask", "chosen_len", "rejected_len", "index",
@@ -138,17 +138,7 @@ def check_source(data: pipeline.DataConfig) -> tuple[str, ...]:
     Raises:
       ValueError: a source of another form, or a file that does not exist.
     """
-    if not data.source.startswith("files:"):
-        raise ValueError(f"config key `data.source`={data.source!r}: preference data is {SOURCE_FORMS}")
-    try:
-        paths = sources.parse_source(data.source).paths
-    except (ValueError, FileNotFoundError) as e:
-        raise ValueError(f"config key `data.source`: {e}") from None
-    for path in paths:
-        if not os.path.isfile(path):
-            raise ValueError(f"data file {path} does not exist; set data.source to files:PATH.jsonl of preference "
-                             "lines")
-    return paths
+    return jsonl.file_paths(data.source, reads="preference data is", lines="preference lines", forms=SOURCE_FORMS)
 
 
 # ------------------------------------------------------------------------------ encoding

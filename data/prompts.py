@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 import grain
 import numpy as np
 
-from data import chat, jsonl, pipeline, sources, verifiable
+from data import chat, jsonl, pipeline, verifiable
 
 TASK_PREFIX = "task:"
 SOURCE_FORMS = (f"'task:NAME' (a verifiable task: {', '.join(verifiable.TASKS)}) or 'files:PATH.jsonl[,PATH...]' "
@@ -141,17 +141,8 @@ def read_located(paths: Sequence[str], require_answer: bool = False) -> list[tup
 
 
 def _file_paths(source: str) -> tuple[str, ...]:
-    if not source.startswith("files:"):
-        raise ValueError(f"config key `data.source`={source!r}: the RL objectives read {SOURCE_FORMS}")
-    try:
-        paths = sources.parse_source(source).paths
-    except (ValueError, FileNotFoundError) as e:
-        raise ValueError(f"config key `data.source`: {e}") from None
-    for path in paths:
-        if not os.path.isfile(path):
-            raise ValueError(f"data file {path} does not exist; set data.source to files:PATH.jsonl of prompt lines "
-                             "or task:NAME")
-    return paths
+    return jsonl.file_paths(source, reads="the RL objectives read", lines="prompt lines (or task:NAME)",
+                            forms=SOURCE_FORMS)
 
 
 def check_source(config, workdir: str) -> None:

@@ -47,7 +47,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from data import chat, jsonl, packing, pipeline, pydoc_chat, sources
+from data import chat, jsonl, packing, pipeline, pydoc_chat
 
 SOURCE_FORMS = "'files:PATH.jsonl[,PATH...]' (chat JSONL, globs allowed) or 'pydoc_chat' (lmlab's chat data)"
 LINE_FORMS = '{"messages": [{"role": ..., "content": ...}, ...]} or {"prompt": ..., "completion": ...}'
@@ -89,16 +89,7 @@ def check_source(data: pipeline.DataConfig) -> tuple[str, ...]:
     """
     if data.source == "pydoc_chat":
         return (pydoc_chat_path(data),)
-    if not data.source.startswith("files:"):
-        raise ValueError(f"config key `data.source`={data.source!r}: fine-tuning reads {SOURCE_FORMS}")
-    try:
-        paths = sources.parse_source(data.source).paths
-    except (ValueError, FileNotFoundError) as e:
-        raise ValueError(f"config key `data.source`: {e}") from None
-    for path in paths:
-        if not os.path.isfile(path):
-            raise ValueError(f"data file {path} does not exist; set data.source to files:PATH.jsonl of chat lines")
-    return paths
+    return jsonl.file_paths(data.source, reads="fine-tuning reads", lines="chat lines", forms=SOURCE_FORMS)
 
 
 def source_paths(data: pipeline.DataConfig) -> tuple[str, ...]:
