@@ -111,8 +111,16 @@ def _load_workdir(workdir: str, step: int | None, dtype: str | None) -> Loaded:
     if not isinstance(model, GPT):
         raise TypeError(f"{workdir!r} trained model.family={config.model.family!r}, a masked LM: it does not "
                          "generate text; use a decoder family (gpt, llama, qwen, moe, deepseek)")
+    _check_generates(model, repr(workdir))
     params = run_params(workdir, step, config, model)
     return Loaded(model, params, tokenizer, f"workdir {workdir}, step {step}")
+
+
+def _check_generates(model: GPT, where: str) -> None:
+    """A decoder under a score head alone (a reward model) scores text; it has no LM head."""
+    if model.config.head == "score":
+        raise TypeError(f"{where} holds a reward model (a score head, no LM head): it scores text, it does not "
+                        "generate; score with train.reward_model.RewardModel")
 
 
 def run_params(workdir: str, step: int, config: ml_collections.ConfigDict, model, abstract=None):
@@ -193,6 +201,7 @@ def _load_hf(directory: str, dtype: str | None) -> Loaded:
     model, params = hf.load_pretrained(directory, **overrides)
     if not isinstance(model, GPT):
         raise TypeError(f"{directory!r} holds a {type(model).__name__}, not a causal LM: it does not generate text")
+    _check_generates(model, repr(directory))
     if dtype:
         import jax
 

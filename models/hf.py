@@ -6,10 +6,16 @@
 
     # A plain encoder (e.g. all-MiniLM-L6-v2) under a freshly initialized task head:
     model, params = hf.load_pretrained("path/to/minilm", head="classification", num_labels=2)
+    # A causal LM under a fresh reward head (`GPTConfig.head="score"`):
+    model, params = hf.load_pretrained("path/to/llama", head="score")
 
 Supported architectures: BertModel, BertForMaskedLM, BertForSequenceClassification (single-label),
 BertForQuestionAnswering, GPT2LMHeadModel, LlamaForCausalLM,
-Qwen2ForCausalLM, Qwen3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM, DeepseekV3ForCausalLM.
+Qwen2ForCausalLM, Qwen3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM, DeepseekV3ForCausalLM,
+and the reward models LlamaForSequenceClassification, Qwen2ForSequenceClassification and
+Qwen3ForSequenceClassification (a `score` head: our scores at every position, transformers'
+logits the one at the last non-padding token; `save_pretrained` writes the `pad_token_id` it
+finds that token by).
 Weights come from `model.safetensors` or from the shards listed in
 `model.safetensors.index.json`. The per-family tensor maps live in `models/convert/`; this
 module only reads and writes files and picks the family.
@@ -45,8 +51,9 @@ from models.convert import peft as peft_convert
 from models.convert import sources as sources_lib
 from models.gpt import GPT, GPTConfig, layer_groups, scan_params, unscan_params
 
-DECODERS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", *moe_convert.ARCHITECTURES,
-            *deepseek_convert.ARCHITECTURES)
+DECODERS = (*llama_convert.ARCHITECTURES, *moe_convert.ARCHITECTURES, *deepseek_convert.ARCHITECTURES)
+# The decoder heads (`models.gpt.HEADS`) `head=` may ask of a decoder checkpoint.
+DECODER_HEADS = ("lm", "score", "lm_score")
 BERTS = {"BertModel": "base", "BertForMaskedLM": "mlm", "BertForSequenceClassification": "classification",
          "BertForQuestionAnswering": "qa"}
 BERT_CLASSES = {"base": BertModel, "mlm": BertForMaskedLM, "classification": BertForSequenceClassification,
@@ -107,14 +114,16 @@ def load_pretrained(directory: str, adapter: str | None = None, *, head: str | N
       adapter: a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors)
         to put on the model (`models.convert.peft.load_adapter`): the outputs are then
         `peft.PeftModel.from_pretrained(base, adapter)`'s.
-      head: BERT only: the task head to return ("base", "mlm", "classification", "qa"); None is
-        the checkpoint's own. A head the checkpoint lacks (a BertModel directory such as
-        all-MiniLM-L6-v2 loaded with head="classification") is freshly initialized as
-        transformers does (normal(0, 0.02) weights, zero biases); the other heads' tensors are
-        dropped.
-      num_labels: classes of the classification head; None: the checkpoint's (config.json's
-        `id2label` / `num_labels`, 2 when neither is given). A classification checkpoint with
-        another count is an error.
+      head: the head to return; None is the checkpoint's own. BERT: "base", "mlm",
+        "classification", "qa"; decoders (LLaMA / Qwen): "lm", "score" (a reward model),
+        "lm_score" (a policy with a value head). A head the checkpoint lacks (a BertModel
+        directory such as all-MiniLM-L6-v2 loaded with head="classification", a causal LM
+        loaded with head="score") is freshly initialized as transformers does (normal(0, 0.02)
+        weights, zero biases); the other heads' tensors are dropped.
+      num_labels: classes of the classification head (outputs of a decoder's score head);
+        None: the checkpoint's (config.json's `id2label` / `num_labels`, 2 when neither is
+        given; 1 for a fresh score head). A classification checkpoint with another count is an
+        error.
       seed: seed of the freshly initialized head.
       verify: also build the transformers model from `directory` (when transformers is
         installed) and compare logits on a probe batch (`models.hf_verify`); raises
@@ -131,12 +140,12 @@ def load_pretrained(directory: str, adapter: str | None = None, *, head: str | N
     """
     hf_config = _read_config(directory)
     arch = _architecture(hf_config)
-    if arch not in BERTS and (head is not None or num_labels is not None):
-        raise ValueError(f"head and num_labels apply to BERT checkpoints; {directory!r} holds {arch}")
     tensors = read_safetensors(directory)
     scan = overrides.pop("scan_layers", False)
     if arch not in BERTS:
-        model, params = _load_decoder(arch, hf_config, tensors, overrides)
+        model = model_of(directory, head=head, num_labels=num_labels, **overrides)
+        model, params = _load_decoder(arch, model.config, _decoder_head_tensors(tensors, model.config, seed,
+                                                                                directory))
         if scan:
             model, params = GPT(dataclasses.replace(model.config, scan_layers=True)), scan_params(params, model.config)
     else:
@@ -179,11 +188,31 @@ def model_of(directory: str, *, head: str | None = None, num_labels: int | None 
         if head == "classification":
             return BertForSequenceClassification(config, num_labels=num_labels or labels or 2)
         return BERT_CLASSES[head](config)
-    if head is not None or num_labels is not None:
-        raise ValueError(f"head and num_labels apply to BERT checkpoints; {directory!r} holds {arch}")
     scan = overrides.pop("scan_layers", False)
     config = _decoder_module(arch).config_from_hf(hf_config, **overrides)
-    return GPT(dataclasses.replace(config, scan_layers=scan))
+    config = dataclasses.replace(config, scan_layers=scan, **_decoder_head(arch, config, head, num_labels, directory))
+    return GPT(config)
+
+
+def _decoder_head(arch: str, config: GPTConfig, head: str | None, num_labels: int | None,
+                  directory: str) -> dict[str, Any]:
+    """The GPTConfig head fields for `head` / `num_labels` asked of a decoder checkpoint
+    (`models.convert.llama.head_fields`; LLaMA / Qwen trunks only)."""
+    if head not in (None, *DECODER_HEADS):
+        raise ValueError(f"head={head!r}; a decoder ({arch}) takes one of {DECODER_HEADS}")
+    if head in (None, config.head) and num_labels is None:
+        return {}
+    if arch not in llama_convert.ARCHITECTURES:
+        raise ValueError(f"head and num_labels apply to BERT and LLaMA / Qwen checkpoints; {directory!r} holds {arch}")
+    return llama_convert.head_fields(config, head, num_labels, f"{directory!r} ({arch})")
+
+
+def _decoder_head_tensors(tensors: dict[str, np.ndarray], config: GPTConfig, seed: int,
+                          directory: str) -> dict[str, np.ndarray]:
+    tensors, fresh = llama_convert.head_tensors(tensors, config, seed)
+    if fresh:
+        logging.getLogger(__name__).info("%s: freshly initialized %s", directory, ", ".join(fresh))
+    return tensors
 
 
 def _head_of(model: nn.Module) -> str:
@@ -242,10 +271,9 @@ def _decoder_module(arch: str):
     return gpt2_convert if arch == "GPT2LMHeadModel" else llama_convert
 
 
-def _load_decoder(arch: str, hf_config: dict[str, Any], tensors, overrides) -> tuple[GPT, dict]:
-    """A decoder family's model and per-layer params."""
+def _load_decoder(arch: str, config: GPTConfig, tensors) -> tuple[GPT, dict]:
+    """A decoder family's model and per-layer params (`config` as `model_of` builds it)."""
     module = _decoder_module(arch)
-    config = module.config_from_hf(hf_config, **overrides)
     if module is moe_convert:
         return GPT(config), moe_convert.hf_to_params(tensors, config, arch=arch)
     return GPT(config), module.hf_to_params(tensors, config)
@@ -269,7 +297,19 @@ def _rope_parameters(config: GPTConfig) -> dict[str, Any]:
 
 
 def decoder_architecture(config: GPTConfig) -> str:
-    """Which transformers class computes the same function as this GPTConfig."""
+    """Which transformers class computes the same function as this GPTConfig (a score head: the
+    LLaMA / Qwen trunk's *ForSequenceClassification)."""
+    arch = _causal_architecture(config)
+    if config.head == "lm":
+        return arch
+    classifier = {lm: name for name, lm in llama_convert.SEQUENCE_CLASSIFIERS.items()}.get(arch)
+    if config.head != "score" or classifier is None:
+        raise ValueError(f"head={config.head!r} on a {arch} trunk has no transformers class (there is a "
+                         "*ForSequenceClassification for LLaMA and Qwen trunks under a score head alone)")
+    return classifier
+
+
+def _causal_architecture(config: GPTConfig) -> str:
     b = config.block
     if config.positional == "learned":
         return "GPT2LMHeadModel"
@@ -284,8 +324,13 @@ def decoder_architecture(config: GPTConfig) -> str:
     return "LlamaForCausalLM"
 
 
-def _decoder_hf_config(config: GPTConfig) -> dict[str, Any]:
+def _decoder_hf_config(config: GPTConfig, pad_token_id: int | None = None) -> dict[str, Any]:
     b, arch = config.block, decoder_architecture(config)
+    if arch in llama_convert.SEQUENCE_CLASSIFIERS:  # the causal LM's keys, another class and its labels
+        out = _decoder_hf_config(dataclasses.replace(config, head="lm"))
+        labels = {str(i): f"LABEL_{i}" for i in range(config.num_scores)}
+        return out | {"architectures": [arch], "id2label": labels, "label2id": {v: int(k) for k, v in labels.items()},
+                      "pad_token_id": pad_token_id}
     if arch == "GPT2LMHeadModel":
         act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}[b.mlp_activation]
         return {"architectures": [arch], "model_type": "gpt2", "vocab_size": config.vocab_size,
@@ -375,10 +420,11 @@ def _bert_hf_config(config: BertConfig, arch: str, id2label: dict[int, str] | No
             "type_vocab_size": config.type_vocab_size, "layer_norm_eps": b.norm_eps, "pad_token_id": config.pad_id}
 
 
-def to_hf(model: nn.Module, params, id2label: dict[int, str] | None = None
+def to_hf(model: nn.Module, params, id2label: dict[int, str] | None = None, pad_token_id: int | None = None
           ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(config.json dict, HF name -> numpy float32 tensor) of a model and its params, as
-    `save_pretrained` writes them (tied copies left out); `id2label` names a classifier's classes."""
+    `save_pretrained` writes them (tied copies left out); `id2label` names a classifier's classes,
+    `pad_token_id` is a reward model's (a decoder under a score head)."""
     params = nn.unbox(params)
     if id2label is not None and not isinstance(model, BertForSequenceClassification):
         raise ValueError(f"id2label applies to BertForSequenceClassification, not {type(model).__name__}")
@@ -397,7 +443,7 @@ def to_hf(model: nn.Module, params, id2label: dict[int, str] | None = None
         config = model.config
         if config.scan_layers:  # converters read the per-layer layout
             params, config = unscan_params(params, config), dataclasses.replace(config, scan_layers=False)
-        hf_config = _decoder_hf_config(config)
+        hf_config = _decoder_hf_config(config, pad_token_id)
         convert = _decoder_module(hf_config["architectures"][0])
         return hf_config, convert.params_to_hf(params, config, include_tied=False)
     raise ValueError(f"save_pretrained supports {', '.join(BERTS)} and GPT, not {type(model).__name__}")
@@ -411,7 +457,10 @@ def check_exportable(model: nn.Module) -> None:
     if not isinstance(model, GPT):
         raise TypeError(f"save_pretrained supports {', '.join(BERTS)} and GPT, not {type(model).__name__}")
     config = dataclasses.replace(model.config, scan_layers=False)
-    arch = _decoder_hf_config(config)["architectures"][0]
+    try:
+        arch = _decoder_hf_config(config)["architectures"][0]
+    except ValueError as e:
+        raise ValueError(f"this model has no Hugging Face equivalent: {e}") from None
     module = _decoder_module(arch)
     try:
         module.sources(config) if module is not moe_convert else module.sources(config, arch=arch)
@@ -419,7 +468,8 @@ def check_exportable(model: nn.Module) -> None:
         raise ValueError(f"this model has no Hugging Face equivalent ({arch} is the nearest): {e}") from None
 
 
-def save_pretrained(model: nn.Module, params, directory: str, *, id2label: dict[int, str] | None = None) -> None:
+def save_pretrained(model: nn.Module, params, directory: str, *, id2label: dict[int, str] | None = None,
+                    pad_token_id: int | None = None) -> None:
     """Writes config.json and model.safetensors that transformers loads to the same outputs.
 
     Refuses to write into a directory that already holds a config.json or weights, so that
@@ -430,12 +480,25 @@ def save_pretrained(model: nn.Module, params, directory: str, *, id2label: dict[
       directory: where to write.
       id2label: BertForSequenceClassification only: class id -> name, written as config.json's
         `id2label` / `label2id` (default LABEL_0, LABEL_1, ... as transformers names them).
+      pad_token_id: a reward model (a decoder under a score head) only, and required: the id
+        transformers' *ForSequenceClassification skips to find a row's last token (the rightmost
+        token that is not it; lmlab scores the token at the row's length - 1, the same token
+        whenever a row does not end with the padding token).
     """
     existing = [f for f in ("config.json", "model.safetensors", INDEX) if os.path.exists(os.path.join(directory, f))]
     if existing:
         raise FileExistsError(f"{directory!r} already holds {existing}; choose an empty directory")
-    labels = {} if id2label is None else {"id2label": id2label}  # to_hf(model, params) for every other model
-    hf_config, tensors = to_hf(model, params, **labels)
+    scorer = isinstance(model, GPT) and model.config.head == "score"
+    if scorer and pad_token_id is None:
+        raise ValueError("save_pretrained of a reward model (head='score') needs pad_token_id: transformers' "
+                         "*ForSequenceClassification finds each row's last token by it (the tokenizer's pad id)")
+    if pad_token_id is not None and not scorer:
+        raise ValueError(f"pad_token_id applies to a reward model (a decoder with head='score'), not this "
+                         f"{type(model).__name__}")
+    extra = {} if id2label is None else {"id2label": id2label}  # to_hf(model, params) for every other model
+    if pad_token_id is not None:
+        extra["pad_token_id"] = pad_token_id
+    hf_config, tensors = to_hf(model, params, **extra)
     os.makedirs(directory, exist_ok=True)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})

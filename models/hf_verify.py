@@ -3,8 +3,8 @@
     against_transformers(directory, model, params)   # transformers' model from the directory
     against_reloaded(directory, model, params)       # our own reload of what we wrote (export)
 
-Both run the model on a fixed probe batch, compare logits and compare the tensors name by
-name (in Hugging Face naming), and raise `ConversionMismatch` naming the worst tensor and
+Both run the model on a fixed probe batch, compare logits (a reward model: the scores at every
+position) and compare the tensors name by name (in Hugging Face naming), and raise `ConversionMismatch` naming the worst tensor and
 the worst logit when they disagree. The tolerance is float32 rounding, grown with depth and
 width: `TOLERANCE_EPS * eps32 * sqrt(D) * (L + 1)` relative to the largest reference logit,
 far below what a wrong transpose, a swapped tensor or a missing bias gives (order one).
@@ -127,7 +127,12 @@ def against_transformers(directory: str, model: nn.Module, params) -> dict[str, 
     tensors = worst_tensor(ours, theirs)
     ids = probe_ids(model.config.vocab_size, model.config.max_len)
     with torch.no_grad():
-        out = reference(torch.from_numpy(ids))
+        if cls.__name__.endswith("ForSequenceClassification") and hasattr(reference, "score"):
+            # A reward model: transformers returns the score at each row's last non-padding
+            # token; ours are at every position, so compare the head on every hidden state.
+            out = (reference.score(reference.model(torch.from_numpy(ids)).last_hidden_state),)
+        else:
+            out = reference(torch.from_numpy(ids))
     expected = np.asarray(out[0].double().numpy())
     rel = check_logits(logits(model, params, ids), expected, tolerance(model),
                        f"{directory} against transformers' {cls.__name__}", tensors)

@@ -2,8 +2,10 @@
 
     python -m train.export --workdir=/tmp/run --out=/tmp/hf [--step=N] [--adapter_only] [--force]
 
-writes what transformers loads (`AutoModelForCausalLM.from_pretrained(DIR)`,
-`AutoTokenizer.from_pretrained(DIR)`):
+writes what transformers loads (`AutoModelForCausalLM.from_pretrained(DIR)`, or for a reward
+run (objective=reward, a score head) `AutoModelForSequenceClassification.from_pretrained(DIR)`
+with num_labels 1 and config.json's `pad_token_id` the tokenizer's pad id, else 0 (what lmlab
+pads its rows with); `AutoTokenizer.from_pretrained(DIR)`):
 
     config.json, model.safetensors   `models.hf.save_pretrained` (LoRA / DoRA / QLoRA runs: the
                                      adapter merged into the (dequantized) base,
@@ -92,7 +94,7 @@ def export(workdir: str, out: str, *, step: int | None = None, adapter_only: boo
         if adapter_only:
             verified = _write_adapter(model, params, staging)
         else:
-            hf.save_pretrained(base_model, base_params, staging)
+            hf.save_pretrained(base_model, base_params, staging, **_pad_token(base_model, tokenizer))
             _write_tokenizer(tokenizer, config, staging, model.config.max_len)
             from models import hf_verify
 
@@ -114,6 +116,15 @@ def export(workdir: str, out: str, *, step: int | None = None, adapter_only: boo
         with open(os.path.join(out, "config.json")) as f:
             arch = json.load(f)["architectures"][0]
     return {"directory": out, "step": step, "architecture": arch, "verified": verified}
+
+
+def _pad_token(model, tokenizer) -> dict[str, int]:
+    """A reward model's `pad_token_id` (transformers' *ForSequenceClassification finds each row's
+    last token as the rightmost one that is not it): the tokenizer's pad id, else 0, the id
+    `data.preference` pads with. {} for other models."""
+    if getattr(model.config, "head", "lm") != "score":
+        return {}
+    return {"pad_token_id": 0 if tokenizer.pad_id is None else int(tokenizer.pad_id)}
 
 
 def _by_path(params) -> dict[str, np.ndarray]:

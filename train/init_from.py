@@ -40,8 +40,9 @@ KINDS = ("hf", "run")
 RUN_KEYS = ("dtype", "param_dtype", "remat", "scan_layers", "block.dropout_rate", "block.attention_dropout_rate",
             "moe.capacity_factor", "moe.dropless_impl", "moe.grouped_matmul", "moe.aux_loss_weight",
             "moe.router_z_loss_weight", "moe.seq_aux_loss_weight", "moe.bias_update_rate", "mtp_loss_weight")
-# Task heads a pretrained checkpoint lacks: they keep their init.
-HEAD_NAMES = ("classifier", "qa_outputs")
+# Task heads a pretrained checkpoint lacks: they keep their init (a reward model's or value
+# head's `score` on a causal LM's trunk included).
+HEAD_NAMES = ("classifier", "qa_outputs", "score")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,20 +179,43 @@ def model(config: ml_collections.ConfigDict, vocab_size: int) -> nn.Module:
 def _head(config: ml_collections.ConfigDict, spec: Spec) -> dict[str, Any]:
     """`models.hf.model_of`'s head keywords for the run's objective: a classification or qa run
     puts its task head on the checkpoint's encoder (a plain BertModel directory's included;
-    the head keeps its fresh init, HEAD_NAMES); other objectives take the checkpoint's own."""
+    the head keeps its fresh init, HEAD_NAMES); a decoder run takes the head of its objective
+    (`train.build.decoder_head`: a reward run's score head, fresh on a causal LM); other
+    objectives take the checkpoint's own."""
     from models import hf
     from train import build
 
     name = build.objective_name(config)
-    if name not in build.TASK_OBJECTIVES:
-        return {}
     arch = hf._architecture(hf._read_config(spec.path))
+    if name not in build.TASK_OBJECTIVES:
+        return {} if arch in hf.BERTS else _decoder_head(config, spec, arch)
     if arch not in hf.BERTS:
         raise ValueError(f"config key `objective`={name!r} trains a BERT task head, but `init_from`={str(spec)!r} "
                          f"holds a {arch}; start from a BERT checkpoint (BertModel, BertFor...)")
     if name == "qa":
         return {"head": "qa"}
     return {"head": "classification", "num_labels": build.num_labels(config)}
+
+
+def _decoder_head(config: ml_collections.ConfigDict, spec: Spec, arch: str) -> dict[str, Any]:
+    """The decoder head of the run's objective on the checkpoint `arch` (a reward model's score
+    head on a causal LM is fresh); a reward model checkpoint serves a reward run only."""
+    from models import hf
+    from train import build
+
+    head = build.decoder_head(config)
+    if arch.endswith("ForSequenceClassification") and head != "score":
+        raise ValueError(f"`init_from`={str(spec)!r} holds a {arch} (a reward model: no LM head); "
+                         f"objective={build.objective_name(config)!r} needs a causal LM checkpoint, or use "
+                         "objective=reward (or rl.reward_model for the RL rewards)")
+    if head == "lm":
+        return {}
+    if arch not in hf.llama_convert.ARCHITECTURES:
+        raise ValueError(f"config key `objective`={build.objective_name(config)!r} puts a score head on the "
+                         f"checkpoint of `init_from`={str(spec)!r}, a {arch}; score heads load from and save to "
+                         "LLaMA / Qwen checkpoints (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+                         "their *ForSequenceClassification)")
+    return {"head": head, "num_labels": 1}
 
 
 def _peft(config):
@@ -287,7 +311,13 @@ def initial_params(config: ml_collections.ConfigDict, abstract_params, model_: n
     Returns:
       The params tree, each leaf a `jax.Array` with its abstract leaf's sharding and dtype.
     """
-    spec = parse(config.init_from)
+    return load_params(parse(config.init_from), abstract_params, model_, current=current)
+
+
+def load_params(spec: Spec, abstract_params, model_: nn.Module, *, current=None):
+    """`initial_params` of a checkpoint named by its Spec (an `hf:` or `run:` checkpoint read
+    straight into the shardings of `abstract_params`: e.g. a reward model scoring the policy's
+    rollouts, `train.reward_model`)."""
     flat = {_path(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
     kept = {p for p in flat if is_peft_path("/".join(p)) or any(part in HEAD_NAMES for part in p)}
     if spec.kind == "hf":
@@ -296,7 +326,7 @@ def initial_params(config: ml_collections.ConfigDict, abstract_params, model_: n
         loaded = _load_run(spec, flat, kept)
     missing = sorted("/".join(p) for p in flat if p not in loaded and (current is None or p not in kept))
     if missing:
-        raise ValueError(f"`init_from`={config.init_from!r} has no weights for {missing[:5]}"
+        raise ValueError(f"`init_from`={str(spec)!r} has no weights for {missing[:5]}"
                          f"{' and more' if len(missing) > 5 else ''}; the model has parameters the checkpoint lacks")
     current_flat = {} if current is None else {_path(p): x for p, x in
                                                jax.tree_util.tree_flatten_with_path(current)[0]}

@@ -31,7 +31,13 @@ from models.convert.sources import Source, materialize, to_numpy
 from models.gpt import GPTConfig, llama_config, qwen2_config, qwen3_config
 from models.layers.positional import rope_config_from_hf
 
-ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+CAUSAL_LMS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# The same trunks under transformers' `score` head (a reward model, num_labels = 1): a Linear
+# [num_labels, D] without bias on the final normed hidden states, no LM head (`GPTConfig.head="score"`).
+SEQUENCE_CLASSIFIERS = {"LlamaForSequenceClassification": "LlamaForCausalLM",
+                        "Qwen2ForSequenceClassification": "Qwen2ForCausalLM",
+                        "Qwen3ForSequenceClassification": "Qwen3ForCausalLM"}
+ARCHITECTURES = (*CAUSAL_LMS, *SEQUENCE_CLASSIFIERS)
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # Defaults of the transformers config classes, for keys a config.json may omit.
 _DEFAULTS = {
@@ -55,6 +61,13 @@ def match_architecture(hf: Mapping[str, Any], architectures: tuple[str, ...], mo
 
 def _architecture(hf: Mapping[str, Any]) -> str:
     return match_architecture(hf, ARCHITECTURES, _MODEL_TYPES)
+
+
+def num_labels_from_hf(hf: Mapping[str, Any]) -> int:
+    """Outputs of a *ForSequenceClassification's `score` head, as transformers reads them:
+    `id2label`'s length, else `num_labels`, else 2 (PretrainedConfig's default)."""
+    id2label = hf.get("id2label")
+    return len(id2label) if id2label else int(hf.get("num_labels", 2))
 
 
 def _rope_theta(hf: Mapping[str, Any], default: float) -> float:
@@ -112,9 +125,13 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> GPTConfig:
       **overrides: passed to the preset (dtype, param_dtype, remat, max_len, ...).
 
     Returns:
-      A GPTConfig whose `GPT` computes the same logits as the Hugging Face model.
+      A GPTConfig whose `GPT` computes the same logits as the Hugging Face model (a
+      *ForSequenceClassification: `head="score"` with `num_scores` its labels, the scores at
+      every position; transformers returns the one at the last non-padding token).
     """
     arch = _architecture(hf)
+    classifier = arch in SEQUENCE_CLASSIFIERS
+    arch = SEQUENCE_CLASSIFIERS.get(arch, arch)
     defaults = _DEFAULTS[arch]
     kwargs, head_dim = preset_kwargs(hf, defaults, _REQUIRED)
     kwargs["d_ff"] = hf["intermediate_size"]
@@ -127,7 +144,38 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> GPTConfig:
         config = qwen3_config(attention_bias=bool(hf.get("attention_bias", False)),
                               sliding_window=_sliding_window(hf), **kwargs, **overrides)
     rope = _rope(hf, head_dim, defaults["rope_theta"])
-    return dataclasses.replace(config, block=dataclasses.replace(config.block, rope=rope))
+    config = dataclasses.replace(config, block=dataclasses.replace(config.block, rope=rope))
+    return dataclasses.replace(config, head="score", num_scores=num_labels_from_hf(hf)) if classifier else config
+
+
+def head_fields(config: GPTConfig, head: str | None, num_labels: int | None, where: str) -> dict[str, Any]:
+    """The GPTConfig fields (head, num_scores) of `head` / `num_labels` asked of a checkpoint whose
+    own config is `config`: a causal LM takes any head (a score head is fresh, `num_labels` or 1
+    outputs); a reward model only its own (it has no LM head), with its own label count."""
+    own = config.head
+    head = own if head is None else head
+    if own == "score" and head != "score":
+        raise ValueError(f"{where} is a reward model (a score head, no LM head); head={head!r} needs a causal LM "
+                         "checkpoint (LlamaForCausalLM, Qwen2ForCausalLM, ...)")
+    if own == "score" and num_labels not in (None, config.num_scores):
+        raise ValueError(f"{where} is a reward model of {config.num_scores} label(s), not num_labels={num_labels}")
+    if head == "lm" and num_labels is not None:
+        raise ValueError(f"num_labels={num_labels} applies to a score head; head='lm' has none")
+    return {"head": head, "num_scores": num_labels or (config.num_scores if own == "score" else 1)}
+
+
+def head_tensors(state_dict: Mapping[str, Any], config: GPTConfig, seed: int = 0) -> tuple[dict, list[str]]:
+    """A checkpoint's tensors for `config`'s head: the LM head dropped where it has none (a causal
+    LM loaded as a reward model), a score head the checkpoint lacks drawn as transformers'
+    `_init_weights` does (normal(0, 0.02), seeded). Returns (tensors, names made fresh)."""
+    out, fresh = dict(state_dict), []
+    if config.head == "score":
+        out.pop("lm_head.weight", None)
+    if config.head != "lm" and "score.weight" not in out:
+        shape = (config.num_scores, config.block.d_model)
+        out["score.weight"] = np.random.default_rng(seed).normal(0.0, 0.02, shape).astype(np.float32)
+        fresh.append("score.weight")
+    return out, fresh
 
 
 def _layout(config: GPTConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ...], int]]:
@@ -143,8 +191,10 @@ def _layout(config: GPTConfig) -> list[tuple[str, tuple[str, ...], tuple[int, ..
                          "norm_position='pre' (see models.gpt.llama_config)")
     out = [("model.embed_tokens.weight", ("embed", "embedding"), (V, D), 0),
            ("model.norm.weight", ("final_norm", "scale"), (D,), 0)]
-    if not config.tie_embeddings:
+    if not config.tie_embeddings and config.head != "score":
         out.append(("lm_head.weight", ("lm_head",), (D, V), 1))
+    if config.head != "lm":  # *ForSequenceClassification's score: nn.Linear(D, num_labels, bias=False)
+        out.append(("score.weight", ("score",), (D, config.num_scores), 1))
     for i in range(config.num_layers):
         hf, ours = f"model.layers.{i}.", f"layer_{i}"
         attn, mlp = "self_attention", "mlp"
@@ -197,7 +247,7 @@ def hf_to_params(state_dict: Mapping[str, Any], config: GPTConfig) -> dict:
       ValueError: naming every missing, unexpected or misshapen tensor.
     """
     layout = _layout(config)
-    optional = {"lm_head.weight"} if config.tie_embeddings else set()
+    optional = {"lm_head.weight"} if config.tie_embeddings and config.head != "score" else set()
     check_names(state_dict, {name for name, *_ in layout}, optional)
     return load_layout(state_dict, layout, config)
 
@@ -210,7 +260,7 @@ def load_layout(state_dict: Mapping[str, Any], layout, config: GPTConfig) -> dic
     params = materialize(layout_sources(layout), state_dict)
     dtype = config.block.param_dtype
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
-    tied_head = state_dict.get("lm_head.weight") if config.tie_embeddings else None
+    tied_head = state_dict.get("lm_head.weight") if config.tie_embeddings and config.head != "score" else None
     if tied_head is not None and not np.array_equal(to_numpy(tied_head),
                                                     to_numpy(state_dict["model.embed_tokens.weight"])):
         raise ValueError("lm_head.weight differs from model.embed_tokens.weight but config.tie_embeddings=True; "
@@ -272,6 +322,6 @@ def dump_layout(params: Mapping[str, Any], layout, config: GPTConfig, *, include
         elif len(shape) == 2 and name.endswith("bias"):
             array = array.reshape(-1)
         sd[name] = np.ascontiguousarray(array)
-    if config.tie_embeddings and include_tied:
+    if config.tie_embeddings and include_tied and config.head != "score":
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     return sd
