@@ -168,6 +168,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.verifiable = ml_collections.ConfigDict(dict(
         num_train=2000, num_eval=200,
         seed=0,
+        digits=2,  # addition, multiplication: operands in [0, 10**digits)
+        list_len=5, max_value=100,  # sorting: list_len numbers in [0, max_value)
+        math_difficulty="easy",  # math/arithmetic__*: easy | medium | hard | all (mathematics_dataset's entropy)
+        format="answer",  # answer (the completion is the answer) | tags (<think>..</think><answer>..</answer>)
     ))
     c.tokenizer = ml_collections.ConfigDict(dict(
         path="",  # "": train a byte-level BPE on a sample of the training split, saved in the workdir

@@ -64,14 +64,36 @@ def seen_tokens(ids_BT: jax.Array, lengths_B: jax.Array, vocab_size: int) -> jax
     return jnp.zeros((B, vocab_size), bool).at[jnp.arange(B)[:, None], columns_BT].set(True, mode="drop")
 
 
-@functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("cache",))
-def prefill(model: GPT, params, cache, ids_BT: jax.Array, lengths_B: jax.Array):
-    """Writes right-padded prompts into the cache; returns (logits at each row's last token [B, V], cache)."""
+def lm_logits(out):
+    """The next-token logits of a decoder's output: the output itself, or the first of
+    (logits, scores) of a policy with a value head (`GPTConfig.head="lm_score"`)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def prefill_rows(model: GPT, params, cache, ids_BT: jax.Array, lengths_B: jax.Array):
+    """Writes right-padded prompts into the cache; returns (logits at each row's last token [B, V], cache).
+
+    Pure: `prefill` jits it alone; a caller's own jitted function (RL rollouts laid out on a
+    mesh, `train.rollout`) calls it inside.
+    """
     positions_BT = jnp.broadcast_to(jnp.arange(ids_BT.shape[1]), ids_BT.shape)
-    logits_BTV, state = model.apply({"params": params, "cache": cache}, ids_BT, positions=positions_BT,
-                                    mutable=["cache"])
-    last_BV = jnp.take_along_axis(logits_BTV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    out, state = model.apply({"params": params, "cache": cache}, ids_BT, positions=positions_BT, mutable=["cache"])
+    last_BV = jnp.take_along_axis(lm_logits(out), (lengths_B - 1)[:, None, None], axis=1)[:, 0]
     return last_BV, state["cache"]
+
+
+prefill = jax.jit(prefill_rows, static_argnames=("model",), donate_argnames=("cache",))
+
+
+def initial_state(logits_BV: jax.Array, cache, ids_BT: jax.Array, lengths_B: jax.Array, *, max_new_tokens: int,
+                  sampling: SamplingConfig, vocab_size: int):
+    """The decode loop's state after a prefill (see `_decode_step`): nothing generated yet,
+    each row's first new token going to position `lengths`."""
+    B = ids_BT.shape[0]
+    seen_BV = (seen_tokens(ids_BT, lengths_B, vocab_size) if sampling.penalises_repetition else
+               jnp.zeros((B, vocab_size), bool))
+    return (jnp.int32(0), cache, logits_BV, jnp.full((B, max_new_tokens), PAD_ID, jnp.int32),
+            jnp.zeros((B,), bool), seen_BV, lengths_B)
 
 
 def _decode_step(model: GPT, sampling: SamplingConfig, stop_tokens: tuple[int, ...], params, rng, state):
@@ -87,17 +109,17 @@ def _decode_step(model: GPT, sampling: SamplingConfig, stop_tokens: tuple[int, .
     tokens_BN = tokens_BN.at[:, step].set(token_B)
     done_B = done_B | jnp.isin(token_B, jnp.asarray(stop_tokens, jnp.int32))
     seen_BV = seen_BV.at[jnp.arange(token_B.shape[0]), token_B].set(True)
-    logits_B1V, new = model.apply({"params": params, "cache": cache}, token_B[:, None],
-                                  positions=positions_B[:, None], mutable=["cache"])
-    return step + 1, new["cache"], logits_B1V[:, 0], tokens_BN, done_B, seen_BV, positions_B + 1
+    out, new = model.apply({"params": params, "cache": cache}, token_B[:, None], positions=positions_B[:, None],
+                           mutable=["cache"])
+    return step + 1, new["cache"], lm_logits(out)[:, 0], tokens_BN, done_B, seen_BV, positions_B + 1
 
 
 decode_step = jax.jit(_decode_step, static_argnames=("model", "sampling", "stop_tokens"), donate_argnames=("state",))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "sampling", "stop_tokens"), donate_argnames=("state",))
-def decode_loop(model: GPT, sampling: SamplingConfig, stop_tokens: tuple[int, ...], params, rng, state):
-    """`_decode_step` until N tokens or until every row is done, as one `jax.lax.while_loop`."""
+def decode_rows(model: GPT, sampling: SamplingConfig, stop_tokens: tuple[int, ...], params, rng, state):
+    """`_decode_step` until N tokens or until every row is done, as one `jax.lax.while_loop`
+    (pure: `decode_loop` jits it alone, `train.rollout` inside its own jitted function)."""
     max_new_tokens = state[3].shape[1]
 
     def running(s):
@@ -105,6 +127,18 @@ def decode_loop(model: GPT, sampling: SamplingConfig, stop_tokens: tuple[int, ..
 
     return jax.lax.while_loop(running, functools.partial(_decode_step, model, sampling, stop_tokens, params, rng),
                               state)
+
+
+decode_loop = jax.jit(decode_rows, static_argnames=("model", "sampling", "stop_tokens"), donate_argnames=("state",))
+
+
+def completion_lengths(tokens_BN: jax.Array, stop_tokens: tuple[int, ...]) -> jax.Array:
+    """[B] int32: each row's new tokens up to and including its first stop token (N if none);
+    what `cut_at_stop` keeps, on device (PAD_ID may be a real token, so it is not a length)."""
+    N = tokens_BN.shape[1]
+    stop_BN = jnp.isin(tokens_BN, jnp.asarray(stop_tokens, jnp.int32)) if stop_tokens else jnp.zeros_like(
+        tokens_BN, bool)
+    return jnp.where(jnp.any(stop_BN, axis=1), jnp.argmax(stop_BN, axis=1) + 1, N).astype(jnp.int32)
 
 
 def cut_at_stop(tokens: np.ndarray, stop_tokens: tuple[int, ...]) -> list[int]:
@@ -120,7 +154,8 @@ def cut_at_stop(tokens: np.ndarray, stop_tokens: tuple[int, ...]) -> list[int]:
 def generate(model: GPT, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              min_p: float | None = None, repetition_penalty: float | None = None, stop_tokens: Sequence[int] = (),
-             seed: int = 0, callback: Callable[[int, list[int | None]], None] | None = None) -> list[list[int]]:
+             seed: int = 0, rng: jax.Array | None = None,
+             callback: Callable[[int, list[int | None]], None] | None = None) -> list[list[int]]:
     """Continues each prompt by up to `max_new_tokens` tokens, all prompts in one batch.
 
     Args:
@@ -133,6 +168,7 @@ def generate(model: GPT, params, prompts: Sequence[Sequence[int]], *, max_new_to
         transformers' generate returns it.
       seed: the sampling seed; step i draws with `fold_in(key(seed), i)`, so the output is
         the same with and without a callback.
+      rng: a key used instead of `key(seed)` (an RL rollout's key, `train.rollout`).
       callback: if given, called after each step as callback(step, tokens) with the new
         token of each row, None for rows already finished (streaming).
 
@@ -153,11 +189,9 @@ def generate(model: GPT, params, prompts: Sequence[Sequence[int]], *, max_new_to
     ids, lengths = jnp.asarray(ids), jnp.asarray(lengths)
     # The last step also feeds its token to the model (its logits unused): T + N slots.
     logits_BV, cache = prefill(model, params, init_cache(model, B, T + max_new_tokens), ids, lengths)
-    seen_BV = seen_tokens(ids, lengths, cfg.vocab_size) if sampling.penalises_repetition else jnp.zeros(
-        (B, cfg.vocab_size), bool)
-    state = (jnp.int32(0), cache, logits_BV, jnp.full((B, max_new_tokens), PAD_ID, jnp.int32),
-             jnp.zeros((B,), bool), seen_BV, lengths)
-    rng = jax.random.key(seed)
+    state = initial_state(logits_BV, cache, ids, lengths, max_new_tokens=max_new_tokens, sampling=sampling,
+                          vocab_size=cfg.vocab_size)
+    rng = jax.random.key(seed) if rng is None else rng
     if callback is None:
         tokens_BN = np.asarray(decode_loop(model, sampling, stop_tokens, params, rng, state)[3])
     else:
