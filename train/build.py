@@ -302,7 +302,7 @@ def model(config: ml_collections.ConfigDict, vocab_size: int) -> nn.Module:
     if config.init_from:
         from train import init_from
 
-        return init_from.model(config, vocab_size)
+        return with_value_model(config, init_from.model(config, vocab_size))
     m = config.model
     if m.family not in FAMILIES:
         raise ValueError(f"config key `model.family`={m.family!r}; expected one of {FAMILIES}")
@@ -321,10 +321,21 @@ def model(config: ml_collections.ConfigDict, vocab_size: int) -> nn.Module:
         raise ValueError("model.family='moe' needs experts: set model.moe.num_experts (0 is a dense MLP)")
     if m.type_vocab_size != base.get_config().model.type_vocab_size:
         raise ValueError(f"config key `model.type_vocab_size` is set but model.family={m.family!r}; it is BERT's")
-    return GPT(GPTConfig(vocab_size=m.vocab_size or vocab_size, block=block, num_layers=m.num_layers,
-                         max_len=m.max_len, tie_embeddings=m.tie_embeddings, remat=m.remat,
-                         positional=m.positional, first_dense_layers=m.first_dense_layers,
-                         scan_layers=m.scan_layers, mtp_depth=m.mtp_depth, head=decoder_head(config)))
+    return with_value_model(config, GPT(GPTConfig(
+        vocab_size=m.vocab_size or vocab_size, block=block, num_layers=m.num_layers, max_len=m.max_len,
+        tie_embeddings=m.tie_embeddings, remat=m.remat, positional=m.positional,
+        first_dense_layers=m.first_dense_layers, scan_layers=m.scan_layers, mtp_depth=m.mtp_depth,
+        head=decoder_head(config))))
+
+
+def with_value_model(config: ml_collections.ConfigDict, decoder: nn.Module) -> nn.Module:
+    """PPO with `rl.value_head=separate`: the policy `decoder` and a value model of its
+    architecture (`models.policy_value`); any other run: `decoder` as it is."""
+    if objective_name(config) != "ppo" or config.rl.value_head != "separate":
+        return decoder
+    from models.policy_value import with_value_model as wrap
+
+    return wrap(decoder)
 
 
 def model_size(model: nn.Module, seq_len: int) -> tuple[int, int]:

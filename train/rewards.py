@@ -28,8 +28,10 @@ Built in (`BUILTIN`):
     the verifier of the example's `task` against its `answer` (`data.verifiable.verifier`:
     the task's exact check; numbers, else text, for other tasks), else 0.0; None for an
     example without an answer.
-  * `model`: the score of the reward model `rl.reward_model` (run:WORKDIR[@STEP] | hf:DIR) on
-    the prompt and completion (`train.objectives.reward`), given to `build` by the objective.
+  * `model`: the score of the reward model `rl.reward_model` (run:WORKDIR[@STEP] of an
+    objective=reward run | hf:DIR of a *ForSequenceClassification) on the prompt and completion,
+    rendered as its preference data was (`reward_model_reward`); `build(config, run=run)` loads
+    it onto the run's mesh (`train.reward_model.RewardModel`).
 
 Errors are one line naming the function: a path that cannot be imported (checked before any
 work, `check`), and a result of the wrong length, not a list, or with values that are not
@@ -223,16 +225,43 @@ class RewardSet:
         return total.astype(np.float32), parts
 
 
-def build(config, model_reward: RewardFn | None = None) -> RewardSet:
+def reward_model_reward(reward_model) -> RewardFn:
+    """The `model` reward of a loaded `train.reward_model.RewardModel`: its score of each
+    (prompt, completion), rendered as `RewardModel.encode` renders it (`data.preference`); an
+    empty completion (a stop token at once) is scored as the prompt followed by the eos alone.
+    Every process must call it with as many completions (the scorer's forward pass is global)."""
+    from data import preference
+
+    def model(prompts: Sequence, completions: Sequence[str], **fields) -> list[float]:
+        del fields
+        rows = []
+        for prompt, completion in zip(prompts, completions, strict=True):
+            prompt_ids, (response,) = preference.split_prompt(reward_model.tokenizer, prompt, [completion],
+                                                              reward_model.options.template)
+            prompt_ids, (response,) = preference.fit(prompt_ids, [response], reward_model.model.config.max_len,
+                                                     reward_model.options.max_prompt_len)
+            rows.append(prompt_ids + response)
+        ids = np.zeros((len(rows), max(map(len, rows), default=1)), np.int32)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = row
+        return [float(x) for x in reward_model.score(ids, np.asarray([len(r) for r in rows], np.int32))]
+
+    return model
+
+
+def build(config, model_reward: RewardFn | None = None, *, run=None) -> RewardSet:
     """The run's `RewardSet` from `rl.rewards` and `rl.reward_weights`.
 
     Args:
       config: the run config.
-      model_reward: the `model` reward, `fn(prompts, completions, **fields) -> list[float]`
-        scoring with the reward model (required when rl.rewards names `model`).
+      model_reward: the `model` reward, `fn(prompts, completions, **fields) -> list[float]`;
+        None: `rl.reward_model` loaded onto `run`'s mesh (`train.reward_model.RewardModel`,
+        checked to read the run's tokenizer), when rl.rewards names `model`.
+      run: the `train.trainer.Run` (its layout and tokenizer), for the `model` reward.
 
     Raises:
       RewardError: a bad name, weight or import path (one line).
+      ValueError: a reward model that cannot be loaded or reads another tokenizer (one line).
     """
     check(config)
     names, weights, functions = [], [], []
@@ -240,8 +269,13 @@ def build(config, model_reward: RewardFn | None = None) -> RewardSet:
         fn = BUILTIN.get(name) if name in BUILTIN else load_function(name)
         if name == "model":
             if model_reward is None:
-                raise RewardError("rl.rewards names `model`: the objective must give build() the reward model's "
-                                  "scorer (train.objectives.reward)")
+                if run is None:
+                    raise RewardError("rl.rewards names `model`: build() needs the run (its mesh and tokenizer) "
+                                      "to load rl.reward_model, or the scorer as model_reward")
+                from train.reward_model import RewardModel
+
+                model_reward = reward_model_reward(
+                    RewardModel.load(config.rl.reward_model, layout=run.layout, tokenizer=run.tokenizer))
             fn = model_reward
         names.append(name)
         weights.append(weight)

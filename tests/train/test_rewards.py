@@ -119,8 +119,29 @@ def test_bad_reward_config_fails_in_one_line(user_module, names, weights, fragme
 def test_model_reward_is_the_scorer_the_objective_gives():
     c = _config("model,accuracy", "0.5,1")
     c.rl.reward_model = "run:/rm"
-    with pytest.raises(rewards.RewardError, match="must give build"):
+    with pytest.raises(rewards.RewardError, match="needs the run"):
         rewards.build(c)
     scorer = lambda prompts, completions, **fields: [float(len(p)) for p in prompts]
     total, _ = rewards.build(c, model_reward=scorer)(["ab", "abcd"], ["1", "2"], {"answer": ["1", "3"]})
     assert total.tolist() == [2.0, 2.0]
+
+
+def test_reward_model_reward_scores_the_rows_the_reward_data_renders():
+    from types import SimpleNamespace
+
+    from data import preference
+    from data.tokenizer import ByteLevelBPE
+
+    tok = ByteLevelBPE([bytes([b]) for b in range(256)], [], ("<|endoftext|>",))
+    seen = []
+
+    def score(ids, lengths):  # a stand-in scorer: records the rows it is given
+        seen.extend(row[:n].tolist() for row, n in zip(ids, lengths, strict=True))
+        return np.asarray(lengths, np.float32)
+
+    rm = SimpleNamespace(tokenizer=tok, options=preference.PreferenceConfig(), model=SimpleNamespace(
+        config=SimpleNamespace(max_len=32)), score=score)
+    got = rewards.reward_model_reward(rm)(["12+34=", "1+1="], ["46", ""], answer=["46", "2"])
+    eos = tok.eos_id
+    assert seen == [[eos, *b"12+34=46", eos], [eos, *b"1+1=", eos]]  # [bos] prompt completion [eos]
+    assert got == [10.0, 6.0]
