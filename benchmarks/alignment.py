@@ -32,6 +32,7 @@ Run:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -55,8 +56,12 @@ from inference import load as load_lib
 from inference.generate import generate, lm_logits
 
 METHODS = ("grpo", "ppo", "dpo", "reward")
-# --quick: a pipeline check in about a minute or two, not a measurement.
-QUICK = {"sft": ["steps=40"], "grpo": ["steps=3"], "ppo": ["steps=3"], "dpo": ["steps=3"], "reward": ["steps=3"],
+# --quick: a pipeline check in a few minutes, not a measurement. The SFT run is long enough
+# that some samples are right (the preference pairs need them); its last step is the warm start.
+QUICK_SFT_STEPS = 120
+QUICK = {"sft": [f"steps={QUICK_SFT_STEPS}", "checkpoint.save_interval_steps=40"], "grpo": ["steps=3"],
+         "ppo": ["steps=3"], "dpo": ["steps=3", "schedule.warmup_steps=0"],
+         "reward": ["steps=3", "schedule.warmup_steps=0"],
          "all": ["verifiable.num_train=256", "verifiable.num_eval=32"]}
 MAX_NEW_TOKENS = 5  # 3 digits + eos, and one to spare
 
@@ -165,6 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a few steps (the test)")
     parser.add_argument("--root", default=align.ROOT, help="where the files and runs are written")
     parser.add_argument("--samples", type=int, default=8, help="SFT samples per prompt for the preference pairs")
+    parser.add_argument("--pair_prompts", type=int, default=9000,
+                        help="training prompts sampled for pairs (the SFT's 2000 first, then further ones)")
     parser.add_argument("--reuse_sft", action="store_true",
                         help="development: keep ROOT/sft (and its files) from an earlier run instead of training it")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ", ".join(METHODS))
@@ -173,27 +180,34 @@ def main(argv: list[str] | None = None) -> dict:
     common = QUICK["all"] if args.quick else []
     task = task_config(common)
     p = align.paths(args.root) if args.reuse_sft else write_files(args.root, task)
-    train_problems, held_out = verifiable.generate(align.TASK, task)
-    paths = {"sft": ["tokenizer.path=" + p["tokenizer"], f"data.source=files:{p['sft_data']}"]}
+    _, held_out = verifiable.generate(align.TASK, task)
+    warm = QUICK_SFT_STEPS if args.quick else align.WARM_START_STEP
+    start = {"sft": ["tokenizer.path=" + p["tokenizer"], f"data.source=files:{p['sft_data']}"],
+             "reward": [f"init_from=run:{p['sft']}"]}
     results: dict = {}
 
-    def overrides(preset):
-        extra = QUICK[preset] if args.quick else []
-        return common + paths.get(preset, [f"init_from=run:{p['sft']}"]) + extra
+    def overrides(preset, more=()):
+        return [*common, *start.get(preset, [f"init_from=run:{p['sft']}@{warm}"]), *more,
+                *(QUICK[preset] if args.quick else [])]
 
     minutes = None if args.reuse_sft else train_run("sft", p["sft"], overrides("sft"))
-    sft = load_lib.load(p["sft"])
+    sft = load_lib.load(p["sft"], step=warm)
     before = exact_match(sft, held_out)
-    results["sft"] = {"minutes": minutes, "before": 0.0, "after": before, "kl": None}
+    results["sft"] = {"minutes": minutes, "before": 0.0, "after": before, "kl": None, "step": warm}
+    results["sft_final"] = {"minutes": None, "before": 0.0, "after": exact_match(load_lib.load(p["sft"]), held_out),
+                            "kl": None}
+    pairs_overrides = []
     if {"dpo", "reward"} & set(methods):
-        pairs = write_preferences(sft, train_problems, held_out, p["preferences"], args.samples)
+        pool = dataclasses.replace(task, num_train=max(args.pair_prompts, task.num_train))
+        pairs = write_preferences(sft, verifiable.generate(align.TASK, pool)[0], held_out, p["preferences"],
+                                  args.samples)
         results["pairs"] = {"train": pairs[0], "held_out": pairs[1]}
-        fraction = f"data.validation_fraction={pairs[1] / sum(pairs):.6f}"
-        paths["dpo"] = paths["reward"] = [f"init_from=run:{p['sft']}", f"data.source=files:{p['preferences']}",
-                                          fraction]
+        pairs_overrides = [f"data.source=files:{p['preferences']}",
+                           f"data.validation_fraction={pairs[1] / sum(pairs):.6f}"]
     for method in methods:
         workdir = os.path.join(args.root, method)
-        minutes = train_run(method, workdir, overrides(method))
+        more = pairs_overrides if method in ("dpo", "reward") else []
+        minutes = train_run(method, workdir, overrides(method, more))
         summary = _summary(workdir)
         if method == "reward":
             results[method] = {"minutes": minutes, "accuracy": summary.get("val_accuracy")}
@@ -214,16 +228,18 @@ def print_table(results: dict, num_held_out: int) -> None:
         print(f"preference pairs from the SFT model's samples: {results['pairs']['train']} train, "
               f"{results['pairs']['held_out']} held-out")
     print(f"{'method':8} {'minutes':>8} {'EM before':>10} {'EM after':>9} {'gain':>7} {'KL to ref':>10}")
+    names = {"sft": f"sft@{results['sft']['step']}", "sft_final": "sft@last"}
     for method, r in results.items():
         if method == "pairs":
             continue
+        label = names.get(method, method)
         if method == "reward":
             accuracy = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.1%}"
-            print(f"{method:8} {r['minutes']:8.2f}   held-out preference accuracy {accuracy}")
+            print(f"{label:8} {r['minutes']:8.2f}   held-out preference accuracy {accuracy}")
             continue
         kl = "" if r["kl"] is None else f"{r['kl']:10.3f}"
-        minutes = "reused" if r["minutes"] is None else f"{r['minutes']:8.2f}"
-        print(f"{method:8} {minutes:>8} {r['before']:10.1%} {r['after']:9.1%} "
+        minutes = "" if r["minutes"] is None else f"{r['minutes']:8.2f}"
+        print(f"{label:8} {minutes:>8} {r['before']:10.1%} {r['after']:9.1%} "
               f"{100 * (r['after'] - r['before']):+6.1f}pt {kl}")
         if "run_eval" in r:
             print(f"{'':8} (the run's own evaluation: {r['run_eval'][0]:.1%} -> {r['run_eval'][1]:.1%})")

@@ -48,7 +48,7 @@ class PolicyWithValueModel(nn.Module):
 
     def __call__(self, ids_BT: jax.Array, *, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, deterministic: bool = True):
-        kw = dict(positions=positions, segment_ids=segment_ids, deterministic=deterministic)
+        kw = {"positions": positions, "segment_ids": segment_ids, "deterministic": deterministic}
         return self.policy(ids_BT, **kw), self.value_model(ids_BT, **kw)
 
 

@@ -110,7 +110,7 @@ def shaped_rewards(score_B: jax.Array, logps_BT: jax.Array, ref_logps_BT: jax.Ar
     """
     m = mask_BT.astype(jnp.float32)
     kl_BT = per_token_kl(logps_BT, ref_logps_BT, estimator) * m
-    B, T = mask_BT.shape
+    T = mask_BT.shape[1]
     last_BT = (jnp.arange(T)[None, :] == last_token_index(mask_BT)[:, None]) & (mask_BT > 0)
     rewards_BT = -kl_coef * kl_BT + jnp.where(last_BT, score_B.astype(jnp.float32)[:, None], 0.0)
     return rewards_BT, kl_BT

@@ -34,6 +34,16 @@ Axis letters: R rollout rows (prompts x G), P prompt width, N new tokens, T = P 
   the rows r with r % M == m (strided, so each device keeps its own rows: no transfer).
 * `evaluate` is the shared RL evaluation: greedy decoding of the held-out prompts, exact
   match (the verifier's accuracy reward), mean reward, mean completion length.
+
+What ppo, grpo and rloo use:
+    Settings, settings(config, tokenizer)    G, N, sampling, stop tokens of `rl.*`
+    Roller(run, settings, scorer)            .generate / .rollout / .token_logps / .scores /
+                                             .sums / .select, jitted once per run
+    Experience                               one rollout's global arrays
+    Scorer(tokenizer, rewards, examples)     host rewards of this process's rows
+    rl_batches(...), minibatches(...)        the `batches` hook's loop
+    evaluate(...), eval_metrics(sums)        the shared evaluation
+    policy_logps, process_rows, to_global, rollout_rng, stop_tokens, assemble_rows
 """
 
 from __future__ import annotations
@@ -236,16 +246,18 @@ class Scorer:
 
     def __call__(self, ids_bT, prompt_len_b, completion_len_b, index_b, rewards=None) -> np.ndarray:
         """[b] float32 total rewards of this process's rows (`rewards`: another RewardSet, e.g. the
-        evaluation's accuracy); 0 for filler rows (index < 0)."""
-        out = np.zeros(len(index_b), np.float32)
-        real = np.flatnonzero(np.asarray(index_b) >= 0)
-        if real.size:
-            texts = self.completions(ids_bT[real], prompt_len_b[real], completion_len_b[real])
-            rows = [self.examples[int(index_b[i])] for i in real]
-            fields = {k: [r.get(k) for r in rows] for k in rows[0] if k != "prompt"}
-            total, _ = (self.rewards if rewards is None else rewards)([r["prompt"] for r in rows], texts, fields)
-            out[real] = total
-        return out
+        evaluation's accuracy); 0 for filler rows (index < 0).
+
+        Every row is scored, fillers as copies of example 0 (what `data.prompts` fills with),
+        so that every process calls the reward functions with as many rows: a reward model's
+        scorer is a global forward pass every process takes part in.
+        """
+        index_b = np.asarray(index_b)
+        texts = self.completions(ids_bT, prompt_len_b, completion_len_b)
+        rows = [self.examples[max(int(i), 0)] for i in index_b]
+        fields = {k: [r.get(k) for r in rows] for k in (rows[0] if rows else {}) if k != "prompt"}
+        total, _ = (self.rewards if rewards is None else rewards)([r["prompt"] for r in rows], texts, fields)
+        return np.where(index_b >= 0, np.asarray(total, np.float32), np.float32(0.0))
 
 
 class Roller:

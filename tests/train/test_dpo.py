@@ -1,17 +1,19 @@
 """objective=dpo through `train.trainer.run` on a tiny GPT and preference JSONL written here:
-fsdp == dp (sharded == unsharded) on 8 devices, the reference's log-probs on the fly +
-a resume == precomputed uninterrupted, DPO with LoRA from a pretrained run (the reference is
-the base), KTO, evaluation before and after, and one-line errors for bad input."""
+fsdp with the reference's log-probs on the fly, stopped and resumed == dp precomputed
+uninterrupted on 8 devices, DPO with LoRA from a pretrained run (the reference is the base),
+KTO, SimPO/ORPO without a reference, evaluation before and after, one-line errors."""
 
 import json
 import math
 import os
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from configs.loader import load_config
+from data import preference
 from models.layers.peft import is_peft_path
 from tests.cli_output import REPO, assert_one_line_error, run_module
 from tests.data.test_preference import TEXT, _hf_dir
@@ -71,8 +73,6 @@ def _state(workdir, step, key="params"):
 
 
 def _leaves(tree):
-    import jax
-
     return [("/".join(str(getattr(k, "key", k)) for k in p), np.asarray(x))
             for p, x in jax.tree_util.tree_leaves_with_path(tree)]
 
@@ -100,12 +100,6 @@ def dp_run(files, tmp_path_factory):
     return (workdir, *_run(files, workdir, "sharding.strategy=dp"))
 
 
-@pytest.fixture(scope="module")
-def fsdp_run(files, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("fsdp")
-    return (workdir, *_run(files, workdir, "sharding.strategy=fsdp"))
-
-
 def test_dpo_learns_and_reports_trl_metrics(dp_run):
     _, summary, metrics = dp_run
     before, after = summary["eval_before"], summary["eval_after"]
@@ -124,28 +118,26 @@ def test_dpo_learns_and_reports_trl_metrics(dp_run):
     assert m["rewards_margins"] == pytest.approx(m["rewards_chosen"] - m["rewards_rejected"], abs=1e-6)
 
 
-def test_fsdp_equals_dp(dp_run, fsdp_run):
-    """The same DPO run laid out by fsdp over 8 devices ends where dp's ends."""
-    _assert_same_run(dp_run[0], dp_run[2], fsdp_run[0], fsdp_run[2])
-
-
-def test_reference_on_the_fly_and_resumed_equals_precomputed(files, fsdp_run, tmp_path):
-    """dpo.precompute_reference=False (the reference's log-probs per batch from its sharded
-    params), stopped at step 2 and resumed to 4, ends where the precomputed uninterrupted run ends."""
+def test_fsdp_on_the_fly_and_resumed_equals_dp_precomputed(files, dp_run, tmp_path):
+    """One run that changes three things at once ends where dp_run ends: laid out by fsdp over
+    8 devices (sharded == unsharded), dpo.precompute_reference=False (the reference's log-probs
+    per batch from its sharded params == the precomputed table), stopped at step 2 and resumed
+    (== uninterrupted)."""
     workdir = tmp_path / "fly"
     _run(files, workdir, "sharding.strategy=fsdp", "dpo.precompute_reference=false", "steps=2")
     summary, metrics = _run(files, workdir, "sharding.strategy=fsdp", "dpo.precompute_reference=false")
     assert summary["final_step"] == STEPS and summary["eval_before"]["loss"] == pytest.approx(math.log(2), abs=1e-6)
-    _assert_same_run(fsdp_run[0], fsdp_run[2], workdir, metrics, steps=range(3, STEPS + 1))
+    _assert_same_run(dp_run[0], dp_run[2], workdir, metrics)
+    assert summary["eval_after"]["loss"] == pytest.approx(dp_run[1]["eval_after"]["loss"], abs=1e-5)
 
 
 @pytest.fixture(scope="module")
 def base_run(files, tmp_path_factory):
-    """A tiny GPT pretrained (objective lm) for 2 steps on plain text with the same tokenizer."""
+    """A tiny GPT pretrained (objective lm) for a step on plain text with the same tokenizer."""
     workdir = tmp_path_factory.mktemp("base")
     config = load_config(os.path.join(REPO, "configs/gpt.py:tiny"), [
         f"tokenizer.path={files['tokenizer']}", f"data.source=files:{files['text']}", f"data.seq_len={SEQ}",
-        f"model.max_len={SEQ}", "steps=2", "schedule.warmup_steps=1", "eval.max_batches=1", "eval.num_samples=0",
+        f"model.max_len={SEQ}", "steps=1", "schedule.warmup_steps=0", "eval.max_batches=1", "eval.num_samples=0",
         *QUIET])  # fmt: skip
     trainer.run(config, str(workdir))
     return workdir
@@ -162,7 +154,7 @@ def test_lora_dpo_from_a_pretrained_run(files, base_run, tmp_path):
     assert after["loss"] < before["loss"] - 0.02 and after["rewards_margins"] > 0
     trained = _leaves(_state(workdir, STEPS))
     assert trained and all(is_peft_path(p) for p, _ in trained)
-    base = dict(_leaves(_state(base_run, 2)))
+    base = dict(_leaves(_state(base_run, 1)))
     frozen = _leaves(_state(workdir, STEPS, "frozen"))
     assert frozen and all(np.array_equal(x, base[p]) for p, x in frozen)
 
@@ -176,16 +168,24 @@ def test_kto_run(files, tmp_path):
     assert {"kl", "rewards_chosen", "rewards_rejected", "logps_chosen"} <= set(metrics[2])
 
 
-@pytest.mark.parametrize("loss", ["orpo"])  # simpo takes the same path (`DPOObjective.uses_reference`)
+@pytest.mark.parametrize("loss", ["simpo", "orpo"])
 def test_reference_free_losses_build_no_reference(files, tmp_path, loss, monkeypatch):
+    """SimPO's and ORPO's batches are the data's rows as they are: no reference is built (the
+    trainer's whole run of a reference-free loss is the same loop; its losses are
+    test_dpo_losses')."""
     from train import reference
 
     def refuse(run):
         raise AssertionError(f"{loss} built a reference")
 
     monkeypatch.setattr(reference, "build", refuse)
-    summary, metrics = _run(files, tmp_path / loss, f"dpo.loss={loss}", "steps=1", "dpo.beta=2.0")
-    assert summary["final_step"] == 1 and np.isfinite(metrics[1]["loss"])
+    r = trainer.setup(_config(files, f"dpo.loss={loss}"), str(tmp_path / loss), write_config=False)
+    train_iter = r.objective.train_iterator(r.config, r.data, r.tokenizer)
+    batch, boundary = next(r.objective.batches(r, train_iter, lambda: None))
+    assert boundary and set(batch) == set(r.objective.batch_spec(BATCH, SEQ)) == set(preference.PAIRED_KEYS)
+    _, metrics = r.objective.evaluate_run(r, r.init_fn(jax.random.key(0)), r.objective.eval_batches(
+        r.config, r.data, r.tokenizer))
+    assert np.isfinite(metrics["loss"]) and metrics["rewards_chosen"] < 0  # beta * a mean log-prob
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -3,6 +3,7 @@ independent float64 torch computation (TRL's PPOTrainer loss, written out), the 
 contract, the experience assembly against float64 numpy, and the value-head variants."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +98,7 @@ def test_micro_batch_shares_sum_to_the_whole():
     batch = {k: jnp.asarray(v) for k, v in {"ids": ids, **_batch(rng, np.asarray(logps))}.items()}
     totals = objective.totals(batch)
     whole, whole_stats = objective.loss_of_outputs(logits, scores, batch, totals)
-    parts = [objective.loss_of_outputs(logits[sl], scores[sl], jax.tree.map(lambda x: x[sl], batch), totals)
+    parts = [objective.loss_of_outputs(logits[sl], scores[sl], {k: v[sl] for k, v in batch.items()}, totals)
              for sl in (slice(0, 2), slice(2, B))]
     assert abs(float(parts[0][0] + parts[1][0]) - float(whole)) <= 1e-6 * max(abs(float(whole)), 1)
     for key in ("entropy", "kl", "clip_fraction"):
@@ -131,9 +132,11 @@ def test_experience_batch_matches_float64_numpy():
     score = rng.normal(0, 1, 4).astype(np.float32)
     for whiten in (False, True):
         s = ppo.PPOSettings(gamma=0.95, lam=0.9, whiten_rewards=whiten, logit_scale=1.25)
-        batch, kl_mean = ppo.experience_batch(nn_unbox(params), {}, jnp.asarray(ids), jnp.asarray(mask),
-                                              jnp.asarray(ref), jnp.asarray(score), 0.07, model=model, settings=s)
-        logps, _, values = ppo.policy_outputs(model, nn_unbox(params), jnp.asarray(ids), 1.25)
+        experience = jax.jit(functools.partial(ppo.experience_batch, model=model, settings=s))
+        batch, kl_mean = experience(nn_unbox(params), {}, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(ref),
+                                    jnp.asarray(score), 0.07)
+        logps, _, values = jax.jit(functools.partial(ppo.policy_outputs, model, logit_scale=1.25))(
+            nn_unbox(params), jnp.asarray(ids))
         logps, values = np.asarray(logps, np.float64) * mask, np.asarray(values, np.float64) * mask
         kl = (logps - ref) * mask
         rewards = -0.07 * kl
@@ -195,7 +198,7 @@ def test_value_heads_train_under_lora():
         config = _tiny_config(head, method="lora")
         config.finetune.lora.update(rank=2)
         model = build.model(config, 20)
-        params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 12), jnp.int32))["params"])
+        params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 12), jnp.int32))["params"]
         objective = ppo.make(config, model, None)
         trainable, _ = trainable_lib.split(params, config, objective_head=objective.trainable_head)
         paths = set(trainable_lib.paths(trainable))

@@ -14,15 +14,14 @@ import pytest
 from models.policy_value import policy_model
 from sharding import mesh as mesh_lib
 from sharding.strategies import get_strategy
-from train import build
+from tests.train import rl_helpers as h
+from train import build, rollout
 from train import program as program_lib
 from train import reference as reference_lib
-from train import rollout
 from train import trainable as trainable_lib
 from train.objectives import ppo
-from train.rewards import RewardSet
 from train.optimizer import make_optimizer
-from tests.train import rl_helpers as h
+from train.rewards import RewardSet
 
 PROMPTS, N, LR = 16, 6, 1e-2
 

@@ -52,7 +52,8 @@ def _config(tokenizer_dir, steps, value_head="shared"):
 def _checkpoint(workdir, step):
     directory = os.path.join(workdir, "checkpoints", str(step))
     params = ocp.StandardCheckpointer().restore(os.path.join(directory, "state"))["params"]
-    data = json.loads(open(os.path.join(directory, "data", "metadata")).read())
+    with open(os.path.join(directory, "data", "metadata")) as f:
+        data = json.load(f)
     return params, data
 
 

@@ -1,12 +1,11 @@
 """train/rl_math.py against float64 numpy loops written from the formulas (TRL's PPOTrainer
 loops, transliterated) and TRL's own functions where trl 1.16 exposes them."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from trl.trainer.utils import entropy_from_logits
-
-import jax.numpy as jnp
 
 from train import logprobs, rl_math
 

@@ -277,28 +277,37 @@ class GRPOObjective:
 def scorer(run) -> rollout.Scorer:
     """The run's reward scorer: rl.rewards over the training prompts' host table."""
     from data import prompts
-    from train import rewards as rewards_lib
 
     train, _ = prompts.splits(run.data, prompts.prompt_config(run.config), run.tokenizer)
-    return rollout.Scorer(run.tokenizer, rewards_lib.build(run.config), train.examples,
+    return rollout.Scorer(run.tokenizer, _run_state(run)["rewards"], train.examples,
                           rollout.stop_tokens(run.tokenizer, run.config.sft.chat_template))
 
 
-_GREEDY: dict[int, tuple[Any, rollout.Roller]] = {}
+_RUNS: dict[int, dict[str, Any]] = {}  # id(run) -> what is built once per run (one run at a time)
+
+
+def _run_state(run) -> dict[str, Any]:
+    """The run's rewards (a reward model is loaded once, for training and evaluation) and its
+    greedy evaluation roller (its generator compiled once)."""
+    if id(run) not in _RUNS or _RUNS[id(run)]["run"] is not run:
+        from train import rewards as rewards_lib
+
+        _RUNS.clear()
+        _RUNS[id(run)] = {"run": run, "rewards": rewards_lib.build(run.config, run=run)}
+    return _RUNS[id(run)]
 
 
 def _greedy_roller(run) -> rollout.Roller:
-    """One greedy roller per run (its jitted generator compiled once), scoring held-out prompts."""
+    """The run's greedy one-completion roller, scoring the held-out prompts with rl.rewards."""
     from data import prompts
-    from train import rewards as rewards_lib
 
-    if id(run) not in _GREEDY or _GREEDY[id(run)][0] is not run:
+    state = _run_state(run)
+    if "greedy" not in state:
         _, held_out = prompts.splits(run.data, prompts.prompt_config(run.config), run.tokenizer)
-        scoring = rollout.Scorer(run.tokenizer, rewards_lib.build(run.config), held_out.examples,
+        scoring = rollout.Scorer(run.tokenizer, state["rewards"], held_out.examples,
                                  rollout.stop_tokens(run.tokenizer, run.config.sft.chat_template))
-        _GREEDY.clear()
-        _GREEDY[id(run)] = run, rollout.Roller(run, rollout.settings(run.config, run.tokenizer, greedy=True), scoring)
-    return _GREEDY[id(run)][1]
+        state["greedy"] = rollout.Roller(run, rollout.settings(run.config, run.tokenizer, greedy=True), scoring)
+    return state["greedy"]
 
 
 def check_config(config, workdir: str) -> None:

@@ -45,10 +45,8 @@ mean reward, mean length (before and after training in the summary).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import types
 from collections.abc import Iterator
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -78,7 +76,7 @@ class PPOSettings:
     epochs: int = 1
     minibatches: int = 1
     logit_scale: float = 1.0  # 1 / rl.temperature (1 if greedy)
-    kl: rl_math.KLController = rl_math.KLController(0.04)
+    kl: rl_math.KLController = dataclasses.field(default_factory=lambda: rl_math.KLController(0.04))
 
 
 def settings_of(config) -> PPOSettings:
@@ -192,7 +190,7 @@ class PPOObjective:
     """
 
     model: nn.Module
-    settings: PPOSettings = PPOSettings()
+    settings: PPOSettings = dataclasses.field(default_factory=PPOSettings)
     name: str = "ppo"
     # The value head trains under every PEFT method (`train.trainable.split`'s objective_head).
     trainable_head: str = r"(^|/)score$"
