@@ -31,7 +31,8 @@ Built in (`BUILTIN`):
   * `model`: the score of the reward model `rl.reward_model` (run:WORKDIR[@STEP] of an
     objective=reward run | hf:DIR of a *ForSequenceClassification) on the prompt and completion,
     rendered as its preference data was (`reward_model_reward`); `build(config, run=run)` loads
-    it onto the run's mesh (`train.reward_model.RewardModel`).
+    it onto the run's mesh by its strategy (`train.reward_model.RewardModel`; without `run`:
+    data parallel over every device).
 
 Errors are one line naming the function: a path that cannot be imported (checked before any
 work, `check`), and a result of the wrong length, not a list, or with values that are not
@@ -249,15 +250,30 @@ def reward_model_reward(reward_model) -> RewardFn:
     return model
 
 
+def _load_reward_model(config, run):
+    """`rl.reward_model` on the run's mesh, checked against its tokenizer; without the run, data
+    parallel over every device, checked against the policy's tokenizer (init_from's or
+    tokenizer.path)."""
+    from train.reward_model import RewardModel
+
+    if run is not None:
+        return RewardModel.load(config.rl.reward_model, layout=run.layout, tokenizer=run.tokenizer)
+    from train import build as build_lib
+
+    tokenizer = build_lib.tokenizer(config, "", None) if (config.init_from or config.tokenizer.path) else None
+    return RewardModel.load(config.rl.reward_model, tokenizer=tokenizer)
+
+
 def build(config, model_reward: RewardFn | None = None, *, run=None) -> RewardSet:
     """The run's `RewardSet` from `rl.rewards` and `rl.reward_weights`.
 
     Args:
       config: the run config.
       model_reward: the `model` reward, `fn(prompts, completions, **fields) -> list[float]`;
-        None: `rl.reward_model` loaded onto `run`'s mesh (`train.reward_model.RewardModel`,
-        checked to read the run's tokenizer), when rl.rewards names `model`.
-      run: the `train.trainer.Run` (its layout and tokenizer), for the `model` reward.
+        None: `rl.reward_model` loaded (`train.reward_model.RewardModel`, checked to read the
+        policy's tokenizer) when rl.rewards names `model`.
+      run: the `train.trainer.Run`: the reward model is laid out on its mesh by its strategy;
+        None: data parallel over every device.
 
     Raises:
       RewardError: a bad name, weight or import path (one line).
@@ -269,13 +285,7 @@ def build(config, model_reward: RewardFn | None = None, *, run=None) -> RewardSe
         fn = BUILTIN.get(name) if name in BUILTIN else load_function(name)
         if name == "model":
             if model_reward is None:
-                if run is None:
-                    raise RewardError("rl.rewards names `model`: build() needs the run (its mesh and tokenizer) "
-                                      "to load rl.reward_model, or the scorer as model_reward")
-                from train.reward_model import RewardModel
-
-                model_reward = reward_model_reward(
-                    RewardModel.load(config.rl.reward_model, layout=run.layout, tokenizer=run.tokenizer))
+                model_reward = reward_model_reward(_load_reward_model(config, run))
             fn = model_reward
         names.append(name)
         weights.append(weight)
