@@ -14,7 +14,9 @@ printed beside each run):
      {prompt, chosen: correct, rejected: wrong}; the held-out prompts' pairs come last (the
      validation split of the preference runs)
   5. dpo:    DPO from the SFT model on the training pairs
-  6. reward: a reward model (a score head on the SFT model) on the same pairs
+  6. reward: a reward model (a score head on the SFT run's last checkpoint) on the same pairs
+  7. grpo_rm (optional, --methods=grpo,ppo,dpo,reward,grpo_rm): GRPO on the reward model's
+     score instead of the verifier, with a KL loss to the SFT model
 
 Columns: minutes of the run (wall clock, compilation and its own evaluations included),
 held-out greedy exact match before (the SFT model) and after, and the KL to the reference (the
@@ -56,12 +58,13 @@ from inference import load as load_lib
 from inference.generate import generate, lm_logits
 
 METHODS = ("grpo", "ppo", "dpo", "reward")
+OPTIONAL = ("grpo_rm",)  # GRPO on the reward model's score (after `reward`): --methods=...,reward,grpo_rm
 # --quick: a pipeline check in a few minutes, not a measurement. The SFT run is long enough
 # that some samples are right (the preference pairs need them); its last step is the warm start.
 QUICK_SFT_STEPS = 120
 QUICK = {"sft": [f"steps={QUICK_SFT_STEPS}", "checkpoint.save_interval_steps=40"], "grpo": ["steps=3"],
          "ppo": ["steps=3"], "dpo": ["steps=3", "schedule.warmup_steps=0"],
-         "reward": ["steps=3", "schedule.warmup_steps=0"],
+         "reward": ["steps=3", "schedule.warmup_steps=0"], "grpo_rm": ["steps=3"],
          "all": ["verifiable.num_train=256", "verifiable.num_eval=32"]}
 MAX_NEW_TOKENS = 5  # 3 digits + eos, and one to spare
 
@@ -174,7 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="training prompts sampled for pairs (the SFT's 2000 first, then further ones)")
     parser.add_argument("--reuse_sft", action="store_true",
                         help="development: keep ROOT/sft (and its files) from an earlier run instead of training it")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ", ".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma list of " + ", ".join(METHODS + OPTIONAL))
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     common = QUICK["all"] if args.quick else []
@@ -207,6 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
     for method in methods:
         workdir = os.path.join(args.root, method)
         more = pairs_overrides if method in ("dpo", "reward") else []
+        if method == "grpo_rm":
+            more = [f"rl.reward_model=run:{os.path.join(args.root, 'reward')}"]
         minutes = train_run(method, workdir, overrides(method, more))
         summary = _summary(workdir)
         if method == "reward":

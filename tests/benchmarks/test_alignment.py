@@ -1,4 +1,5 @@
-"""benchmarks/alignment.py runs in quick mode: every method trains from the SFT warm start,
+"""benchmarks/alignment.py runs in quick mode: every method trains from the SFT warm start (and
+GRPO on the reward model's score, `rl.rewards=model`),
 the RL runs' own held-out evaluation (train.rollout.evaluate, jitted on the run's mesh) agrees
 with the benchmark's (inference.generate + the verifier) on the same checkpoints, preference
 pairs are built from the warm start's samples, and the table is printed.
@@ -32,7 +33,8 @@ def _benchmark():
 
 def test_alignment_benchmark_quick_mode(tmp_path, capsys):
     bench = _benchmark()
-    results = bench.main(["--quick", f"--root={tmp_path}", "--pair_prompts=256"])
+    results = bench.main(["--quick", f"--root={tmp_path}", "--pair_prompts=256",
+                          "--methods=grpo,ppo,dpo,reward,grpo_rm"])
     out = capsys.readouterr().out
     held_out = 32  # QUICK's verifiable.num_eval
     assert results["pairs"]["train"] > 0 and results["pairs"]["held_out"] > 0
@@ -43,7 +45,7 @@ def test_alignment_benchmark_quick_mode(tmp_path, capsys):
         a, b = map(int, pair["prompt"][:-1].split("+"))
         assert int(pair["chosen"]) == a + b and pair["rejected"] and pair["rejected"] != str(a + b)
     before = results["sft"]["after"]
-    for method in ("grpo", "ppo"):
+    for method in ("grpo", "ppo", "grpo_rm"):  # grpo_rm: rewards from the reward run's scorer
         r = results[method]
         assert r["before"] == before
         # Two independent greedy evaluations of the same checkpoints: at most one problem apart
