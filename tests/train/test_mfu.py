@@ -28,7 +28,8 @@ def _read_metrics(tmp_path, monkeypatch, num_devices: int, *overrides: str) -> l
     mesh = mesh_lib.make_mesh("data=-1", jax.devices()[:num_devices])
     run = types.SimpleNamespace(config=config, workdir=str(workdir), is_lead=True, mesh=mesh,
                                 model=build.model(config, config.tokenizer.vocab_size),
-                                tokenizer=types.SimpleNamespace(vocab_size=config.tokenizer.vocab_size))
+                                tokenizer=types.SimpleNamespace(vocab_size=config.tokenizer.vocab_size),
+                                objective=None)  # the lm's default: batch x seq_len tokens per step
     clock = itertools.count()
     monkeypatch.setattr(trainer.time, "time", lambda: float(next(clock)))
     reader = trainer._MetricsReader(run, start_step=0)
