@@ -40,7 +40,7 @@ def _config(*overrides):
     (["data.validation_fraction=1.5"], r"`data.validation_fraction`=1.5 must lie in \(0, 1\)"),
     (["data.eval_split=test"], r"`data.eval_split`='test'; the embedded source has the splits"),
     (["tokenizer.path=/no/such/tokenizer"], r"config key `tokenizer.path`: .* does not exist"),
-    (["objective=dpo"], r"config key `objective`='dpo'; expected one of \(.*'lm', 'mlm'"),
+    (["objective=orpo_typo"], r"config key `objective`='orpo_typo'; expected one of \(.*'lm', 'mlm'"),
     (["objective=mlm"], r"`objective`='mlm' \(masked LM\) needs model.family='bert', got 'gpt'"),
     (["finetune.method=ia3"], r"config key `finetune.method`='ia3'; expected one of \('full', 'lora'"),
     (["finetune.method=lora", "finetune.lora.rank=0"], r"config key `finetune.lora.rank`=0 must be >= 1"),
