@@ -53,6 +53,14 @@ TEST_REQUIRES = [
     # QLoRA's NF4 and double quantization (tests/models/test_quant.py) against bitsandbytes'
     # CPU path (no GPU needed).
     "bitsandbytes==0.50.2",
+    # Evaluation (tests/evals): each hand-written metric against its reference package, and the
+    # harness's log-likelihoods against lm-evaluation-harness's `hf` backend (run offline on
+    # local files).
+    "sacrebleu==2.6.0",
+    "rouge-score==0.1.2",
+    "bert-score==0.3.13",
+    "scikit-learn==1.9.1",
+    "lm-eval==0.4.13",
     # Notebooks run under pytest (`pytest --nbmake colabs/`).
     "nbmake",
     "nbclient",
@@ -64,7 +72,7 @@ setup(
     version="0.1.0",
     description="The modern LLM stack written by hand in JAX/Flax, for reading, experiments and sharding ablations.",
     python_requires=">=3.11",
-    packages=find_packages(include=["models*", "train*", "configs*", "sharding*", "data*", "inference*"]),
+    packages=find_packages(include=["models*", "train*", "configs*", "sharding*", "data*", "inference*", "evals*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
 )

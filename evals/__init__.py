@@ -1,0 +1,12 @@
+"""Evaluation: metrics equal to the field's reference tools, and a harness that evaluates any
+lmlab workdir or Hugging Face checkpoint on tasks declared as data (`python -m evals`).
+
+  metrics/   BLEU and chrF (= sacrebleu), ROUGE (= rouge-score), BERTScore (= bert-score, on
+             lmlab's own BERT), SQuAD EM/F1, classification metrics (= scikit-learn), and
+             sliding-window perplexity; each metric is a pure function of strings or numbers.
+  lm.py      the model side: batched log-likelihoods, rolling log-likelihoods and KV-cache
+             generation of a loaded checkpoint, under a sharding strategy (lm-eval's LM API).
+  tasks.py   tasks as data (YAML or JSONL): multiple choice, generation, rolling perplexity.
+  harness.py runs tasks on an LM: metrics with bootstrap standard errors, per-example records.
+  cli.py     `python -m evals --checkpoint=PATH --tasks=A,B --out=DIR`.
+"""
