@@ -420,6 +420,9 @@ def _metric_specs(config: Mapping, path: str) -> tuple[MetricSpec, ...]:
             registry.get(name, config["output_type"], entry)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+        if name in [s.name for s in specs]:
+            raise ValueError(f"{path}: metric {name!r} is listed twice in metric_list (results are keyed by "
+                             "metric name); keep one entry")
         specs.append(MetricSpec(name, entry))
     return tuple(specs)
 

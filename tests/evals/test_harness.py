@@ -221,3 +221,74 @@ def test_bad_arguments_and_answers():
 
     with pytest.raises(RuntimeError, match="answered 0 of 1 requests"):
         harness.evaluate(Short(), [task])
+
+
+HYPOTHESES = ["The cats sat on the mats.", "", "Über naïve café — it's 3.5 °C!", "a b c d e f",
+              "Dogs chase cats\nand cats chase mice.", "the the the the", "Paris", "東京は日本の首都です。"]
+REFERENCES = [["The cat is on the mat.", "A cat sat on a mat."], ["Nothing here.", "Empty."],
+              ["Uber naive cafe: it is 3.5 °C!", "Über naïve café, 3.5 degrees."], ["a b c", "d e f g"],
+              ["Dogs chase cats.\nCats chase mice.", "Cats are chased by dogs."], ["the cat", "the the"],
+              ["Paris", "paris, France"], ["東京は日本の首都。", "首都は東京です。"]]
+
+
+@pytest.fixture(scope="module")
+def generation_results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    data = _write_jsonl(root / "gen.jsonl", [{"prompt": f"item {i}:", "references": refs}
+                                              for i, refs in enumerate(REFERENCES)])
+    metrics = ["bleu", "chrf", "chrf++", "rouge1", "rouge2", "rougeLsum", "exact_match", "f1"]
+    (root / "gen.yaml").write_text(
+        f"task: gen\ndataset_path: files:{data}\ntest_split: test\noutput_type: generate_until\n"
+        "doc_to_text: prompt\ndoc_to_target: references\n"
+        f"metric_list: [{', '.join('{metric: %s}' % m for m in metrics)}, {{metric: rougeL, use_stemmer: true}}]\n")
+    task, = tasks.load_tasks([str(root / "gen.yaml")])
+    by_prompt = {f"item {i}:": h for i, h in enumerate(HYPOTHESES)}
+    return task, harness.evaluate(RecordingLM(lambda c: by_prompt[c]), [task], bootstrap_iters=200)
+
+
+def test_generation_metrics_equal_their_reference_packages(generation_results):
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    from evals.metrics import squad
+
+    task, results = generation_results
+    got = results["gen"]
+    refs_t = [list(r) for r in zip(*REFERENCES)]  # sacrebleu: one stream per reference position
+    assert got["bleu"]["value"] == pytest.approx(sacrebleu.corpus_bleu(HYPOTHESES, refs_t).score, abs=1e-9)
+    assert got["chrf"]["value"] == pytest.approx(sacrebleu.corpus_chrf(HYPOTHESES, refs_t).score, abs=1e-9)
+    assert got["chrf++"]["value"] == pytest.approx(sacrebleu.corpus_chrf(HYPOTHESES, refs_t, word_order=2).score,
+                                                   abs=1e-9)
+    for rouge_type in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        stem = rouge_type == "rougeL"  # the task file gives rougeL the option use_stemmer: true
+        scorer = rouge_scorer.RougeScorer([rouge_type], use_stemmer=stem)
+        fs = [scorer.score_multi(refs, h)[rouge_type].fmeasure for h, refs in zip(HYPOTHESES, REFERENCES)]
+        assert got[rouge_type]["value"] == pytest.approx(np.mean(fs), abs=1e-12)
+        assert got[rouge_type]["stderr"] == pytest.approx(np.std(fs, ddof=1) / math.sqrt(len(fs)), rel=1e-9)
+        if stem:  # the option mattered ("cats" / "cat", "mats" / "mat")
+            plain = rouge_scorer.RougeScorer([rouge_type])
+            assert np.mean(fs) > np.mean([plain.score_multi(r, h)[rouge_type].fmeasure
+                                          for h, r in zip(HYPOTHESES, REFERENCES)])
+    assert {k: got[k]["value"] for k in ("exact_match", "f1")} == pytest.approx(squad.squad(HYPOTHESES, REFERENCES))
+    # SQuAD's normalization drops articles: "the the the the" matches "the the" (both empty); and "Paris"
+    assert got["exact_match"]["value"] == pytest.approx(200 / len(HYPOTHESES))
+    assert all(got[m]["stderr"] > 0 for m in ("bleu", "chrf", "chrf++"))  # bootstrapped
+
+
+@pytest.mark.parametrize("name,reference", [("bleu", "BLEU"), ("chrf", "CHRF"), ("chrf++", "CHRF")])
+def test_a_resample_of_summed_statistics_is_the_corpus_metric_of_the_resampled_corpus(name, reference):
+    """What the bootstrap relies on: re-aggregating the per-example statistics of a resample
+    (with repeats) equals sacrebleu scoring the resampled corpus itself."""
+    import sacrebleu
+
+    metric = registry.get(name, "generate_until")
+    items = [{"prediction": h, "references": r} for h, r in zip(HYPOTHESES, REFERENCES)]
+    stats = metric.item_statistics(items)
+    scorer = getattr(sacrebleu.metrics, reference)(**({"word_order": 2} if name == "chrf++" else {}))
+    rng = np.random.default_rng(5)
+    for _ in range(4):
+        picks = rng.integers(0, len(items), len(items))
+        counts = np.bincount(picks, minlength=len(items)).astype(np.float64)
+        resampled = scorer.corpus_score([HYPOTHESES[i] for i in picks],
+                                        [[REFERENCES[i][k] for i in picks] for k in range(2)]).score
+        assert metric.from_sums(counts @ stats) == pytest.approx(resampled, abs=1e-9)

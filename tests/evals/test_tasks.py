@@ -186,6 +186,7 @@ def test_bad_tasks_are_one_line_errors_naming_the_problem(tmp_path):
     _error([_yaml(tmp_path, full + "doc_to_decontamination_query: !function utils.q\n")], r"!function")
     _error([_yaml(tmp_path, full + "metric_list: [{metric: blue}]\n")], r"unknown metric 'blue'.*acc, acc_norm")
     _error([_yaml(tmp_path, full + "metric_list: [{metric: bleu}]\n")], r"'bleu' for multiple_choice.*generate_until")
+    _error([_yaml(tmp_path, full + "metric_list: [acc, {metric: acc}]\n")], r"metric 'acc' is listed twice")
     _error([_yaml(tmp_path, full.replace("output_type: multiple_choice", "output_type: generate_until")
                   + "metric_list: [{metric: bertscore}]\n")], r"bertscore.*needs the option 'model_dir'")
     _error([_yaml(tmp_path, full.replace("output_type: multiple_choice", "output_type: classify"))],
