@@ -216,11 +216,16 @@ def table(results: Results) -> str:
     for task, metrics in results.results.items():
         for metric, entry in metrics.items():
             arrow = "↑" if results.higher_is_better[task][metric] else "↓"
-            stderr = "" if entry["stderr"] is None else f"±{entry['stderr']:.4f}"
-            rows.append((task, f"{metric} {arrow}", f"{entry['value']:.4f}", stderr, str(results.num_examples[task])))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+            stderr = "" if entry["stderr"] is None else "±" + _number(entry["stderr"])
+            rows.append((task, f"{metric} {arrow}", _number(entry["value"]), stderr, str(results.num_examples[task])))
+    widths = [max(3, *(len(row[i]) for row in rows)) for i in range(5)]
     right = (False, False, True, True, True)
     lines = ["|" + "|".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)) + "|"
              for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w - 1) + (":" if r else "-") for w, r in zip(widths, right)) + "|")
     return "\n".join(lines)
+
+
+def _number(value: float) -> str:
+    """4 decimals; large values (an untrained model's perplexity) in exponent form."""
+    return f"{value:.4f}" if abs(value) < 1e5 or not math.isfinite(value) else f"{value:.4e}"
