@@ -6,6 +6,7 @@ read. (The numbers themselves: the harness against lm-eval in test_lm_eval_parit
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,11 +90,11 @@ def test_cli_on_a_hugging_face_directory_keeps_finished_results(hf_dir, tmp_path
     assert summary["num_examples"] == {"capitals": 2, "arithmetic_sorting": 2}
     assert all(len(r["loglikelihoods"]) == 3 for r in records["capitals"])
     assert all(set(r) >= {"generation", "references", "verified"} for r in records["arithmetic_sorting"])
-    saved = open(os.path.join(out, "results.json"), "rb").read()
+    saved = (tmp_path / "out" / "results.json").read_bytes()
 
     again = _cli(f"--checkpoint={hf_dir}", f"--tasks={task}", f"--out={out}", "--limit=1")
     assert_one_line_error(again, "results.json already exists", "--overwrite")
-    assert open(os.path.join(out, "results.json"), "rb").read() == saved
+    assert (tmp_path / "out" / "results.json").read_bytes() == saved
 
 
 def test_bad_input_is_one_line_before_the_weights_are_read(tmp_path, hf_dir):
@@ -102,7 +103,7 @@ def test_bad_input_is_one_line_before_the_weights_are_read(tmp_path, hf_dir):
     broken = tmp_path / "broken"
     broken.mkdir()
     for name in ("config.json", "tokenizer.json"):
-        (broken / name).write_bytes(open(os.path.join(hf_dir, name), "rb").read())
+        (broken / name).write_bytes((Path(hf_dir) / name).read_bytes())
     (broken / "model.safetensors").write_bytes(b"not safetensors")
     no_field = tmp_path / "t.yaml"
     no_field.write_text("task: t\ndataset_path: embedded:cloze\ntest_split: test\noutput_type: loglikelihood\n"
@@ -113,14 +114,14 @@ def test_bad_input_is_one_line_before_the_weights_are_read(tmp_path, hf_dir):
     finished.mkdir()
     (finished / "results.json").write_text("{}")
     cases = [
-        (dict(task_names=["no_such_task"]), r"unknown task 'no_such_task'"),
-        (dict(task_names=[str(no_field)]), r"t.yaml has no 'doc_to_target'"),
-        (dict(task_names=[str(bad_metric)]), r"unknown metric 'rouge1' for loglikelihood tasks"),
-        (dict(checkpoint=str(tmp_path)), r"neither a `python -m train` workdir .* nor a Hugging Face directory"),
-        (dict(checkpoint=str(tmp_path / "nowhere")), r"nowhere is not a directory"),
-        (dict(out_dir=str(finished)), r"results.json already exists .* --overwrite"),
-        (dict(limit=0), r"--limit=0 must be >= 1"),
-        (dict(batch_size=0), r"--batch_size=0 must be >= 1"),
+        ({"task_names": ["no_such_task"]}, r"unknown task 'no_such_task'"),
+        ({"task_names": [str(no_field)]}, r"t.yaml has no 'doc_to_target'"),
+        ({"task_names": [str(bad_metric)]}, r"unknown metric 'rouge1' for loglikelihood tasks"),
+        ({"checkpoint": str(tmp_path)}, r"neither a `python -m train` workdir .* nor a Hugging Face directory"),
+        ({"checkpoint": str(tmp_path / "nowhere")}, r"nowhere is not a directory"),
+        ({"out_dir": str(finished)}, r"results.json already exists .* --overwrite"),
+        ({"limit": 0}, r"--limit=0 must be >= 1"),
+        ({"batch_size": 0}, r"--batch_size=0 must be >= 1"),
     ]
     for changes, message in cases:
         kwargs = {"checkpoint": str(broken), "task_names": ["pydoc_cloze"], "out_dir": str(tmp_path / "o"), **changes}

@@ -92,8 +92,8 @@ def test_multiple_choice_scores_equal_lm_evals_process_results(mc_yaml):
         scores = reference.process_results(doc, answers)
         assert record["loglikelihoods"] == [ll for ll, _ in answers]
         assert (record["acc"], record["acc_norm"]) == (scores["acc"], scores["acc_norm"])
-        for k in expected:
-            expected[k].append(scores[k])
+        for metric, values in expected.items():
+            values.append(scores[metric])
     assert expected["acc"] != expected["acc_norm"]  # the length normalization matters on this data
     for metric, values in expected.items():
         assert results["toy_mc"][metric]["value"] == pytest.approx(mean(values), abs=1e-12)
@@ -196,7 +196,8 @@ def test_write_and_table(tmp_path, mc_yaml):
     out = tmp_path / "out"
     path = harness.write(str(out), results, meta={"checkpoint": "somewhere"})
     assert sorted(os.listdir(out)) == ["a_b_c.jsonl", "results.json", "toy_mc.jsonl"]  # no temporary left
-    saved = json.loads(open(path).read())
+    with open(path) as f:
+        saved = json.load(f)
     assert saved["results"] == results.results and saved["meta"] == {"checkpoint": "somewhere"}
     assert saved["num_examples"] == {"toy_mc": 10, "a/b c": 2}
     assert saved["records"] == {"toy_mc": "toy_mc.jsonl", "a/b c": "a_b_c.jsonl"}
@@ -240,7 +241,7 @@ def generation_results(tmp_path_factory):
     (root / "gen.yaml").write_text(
         f"task: gen\ndataset_path: files:{data}\ntest_split: test\noutput_type: generate_until\n"
         "doc_to_text: prompt\ndoc_to_target: references\n"
-        f"metric_list: [{', '.join('{metric: %s}' % m for m in metrics)}, {{metric: rougeL, use_stemmer: true}}]\n")
+        "metric_list: [" + ", ".join(f"{{metric: {m}}}" for m in metrics) + ", {metric: rougeL, use_stemmer: true}]\n")
     task, = tasks.load_tasks([str(root / "gen.yaml")])
     by_prompt = {f"item {i}:": h for i, h in enumerate(HYPOTHESES)}
     return task, harness.evaluate(RecordingLM(lambda c: by_prompt[c]), [task], bootstrap_iters=200)
@@ -252,7 +253,7 @@ def test_generation_metrics_equal_their_reference_packages(generation_results):
 
     from evals.metrics import squad
 
-    task, results = generation_results
+    _, results = generation_results
     got = results["gen"]
     refs_t = [list(r) for r in zip(*REFERENCES)]  # sacrebleu: one stream per reference position
     assert got["bleu"]["value"] == pytest.approx(sacrebleu.corpus_bleu(HYPOTHESES, refs_t).score, abs=1e-9)

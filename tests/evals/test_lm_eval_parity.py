@@ -17,8 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 PARITY = 1e-4
-WORDS = ("quick brown fox lazy dog café naïve jumps over the box with five dozen liquor jugs assert "
-         "statements program debugging Über").split()
+WORDS = ["quick", "brown", "fox", "lazy", "dog", "café", "naïve", "jumps", "over", "the", "box", "with", "five",
+         "dozen", "liquor", "jugs", "assert", "statements", "program", "debugging", "Über"]
 
 
 def _docs(count, seed):

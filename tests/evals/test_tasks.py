@@ -290,8 +290,8 @@ def test_built_in_task_files_install_with_the_package(tmp_path):
                    capture_output=True, timeout=120)
     shipped = sorted(os.listdir(build / "evals" / "task_data"))
     assert shipped == sorted(f for f in os.listdir(os.path.join(REPO, "evals", "task_data")) if f.endswith(".yaml"))
-    code = ("import evals.tasks as t; assert t.__file__.startswith(%r), t.__file__; "
-            "print(','.join(t.builtin_names())); print(t.load_tasks(['pydoc_cloze'])[0].name)" % str(build))
+    code = (f"import evals.tasks as t; assert t.__file__.startswith({str(build)!r}), t.__file__; "
+            "print(','.join(t.builtin_names())); print(t.load_tasks(['pydoc_cloze'])[0].name)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(build)}, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
