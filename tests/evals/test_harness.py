@@ -293,3 +293,45 @@ def test_a_resample_of_summed_statistics_is_the_corpus_metric_of_the_resampled_c
         resampled = scorer.corpus_score([HYPOTHESES[i] for i in picks],
                                         [[REFERENCES[i][k] for i in picks] for k in range(2)]).score
         assert metric.from_sums(counts @ stats) == pytest.approx(resampled, abs=1e-9)
+
+
+WRITER = """
+import json, os, sys
+import jax
+pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(f"127.0.0.1:{port}", 2, pid)
+from evals import harness
+results = harness.Results({"t": {"acc": {"value": 0.5 + pid, "stderr": None}}}, {"t": [{"doc_id": 0, "by": pid}]},
+                          {"t": 1}, {"t": {"acc": True}})
+if pid == 0:
+    import time
+    time.sleep(2)  # process 1 reaches write first: it must wait for process 0's files
+path = harness.write(out, results, meta={"process": pid})
+with open(path) as f:
+    print(json.load(f)["meta"]["process"])
+jax.distributed.shutdown()
+"""
+
+
+def test_process_zero_writes_and_the_others_wait(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+           "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(pid), str(port), str(tmp_path / "out")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in range(2)]
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    assert [out.split() for out, _ in outputs] == [["0"], ["0"]]  # process 1 read process 0's file
+    assert json.loads((tmp_path / "out" / "t.jsonl").read_text()) == {"doc_id": 0, "by": 0}
+    assert sorted(os.listdir(tmp_path / "out")) == ["results.json", "t.jsonl"]
