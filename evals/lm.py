@@ -20,9 +20,9 @@ log-prob (log-softmax in float32) and whether every continuation token is the ar
 
 Generation: prompts left-truncated to max_length - max_gen_toks, right-padded, prefilled and
 decoded with `inference.generate`'s KV cache (`prefill_rows`, `decode_rows`) in chunks of
-DECODE_CHUNK tokens; between chunks the host decodes the rows and stops once each has produced
-the eos token or one of its stop strings (lm-eval's stopping criterion); the text is cut
-before the eos and the stop strings.
+`ModelLM.decode_chunk` tokens; between chunks the host decodes the rows and stops once each
+has produced the eos token or one of its stop strings (lm-eval's stopping criterion); the
+text is cut before the eos and the stop strings.
 
 Placement: params already laid out on a mesh (the trainer's live state) are used where they
 are, never copied; others are laid out on `mesh` by `strategy` (default "dp") from their
@@ -56,6 +56,7 @@ from evals.lm_requests import (
 )
 from inference.generate import PAD_ID, decode_rows, initial_state, lm_logits, prefill_rows
 from inference.kv_cache import init_cache
+from inference.sampling import SamplingConfig
 from sharding import mesh as mesh_lib
 from sharding.layout import param_shardings
 from sharding.strategies import STRATEGIES, Strategy, axis_size, check_applies, get_strategy
@@ -75,6 +76,7 @@ class ModelLM:
       rows: rows per forward pass: batch_size rounded up to the batch axes' devices.
       max_length: the most tokens a scored row feeds the model (default the model's max_len).
       mesh, strategy: where the params and batches live.
+      decode_chunk: tokens generated between two checks of the stop strings.
       source: where `from_path` read the checkpoint ("" otherwise).
     """
 
@@ -104,6 +106,7 @@ class ModelLM:
         self._batch = NamedSharding(self.mesh, nn.logical_to_mesh_axes(("act_batch",), self._rules))
         shards = axis_size(self.mesh, self._batch.spec[0] if len(self._batch.spec) else None)
         self.rows = -(-self.batch_size // shards) * shards
+        self.decode_chunk = DECODE_CHUNK
         self.source = ""
 
     @classmethod
@@ -253,14 +256,19 @@ class ModelLM:
         for r, prompt in enumerate(prompts):
             ids[r, :len(prompt)] = prompt
         stop = () if self.eot_token_id is None else (int(self.eot_token_id),)
-        static = {"model": self.model, "mesh": self.mesh, "rules": self._rules, "sampling": settings.sampling}
-        state = prefill(self.params, self._global(ids), self._global(lengths), cache_len=P + N, **static)
+        static = {"model": self.model, "mesh": self.mesh, "rules": self._rules}
+        # The prefill reads the sampling settings only for the repetition penalty: one compile
+        # serves greedy and sampled requests alike.
+        seen = SamplingConfig(repetition_penalty=settings.sampling.repetition_penalty)
+        state = prefill(self.params, self._global(ids), self._global(lengths), sampling=seen, cache_len=P + N,
+                        **static)
         tokens = np.zeros((self.rows, 0), np.int32)
         texts = [""] * len(prompts)
         while tokens.shape[1] < N:
-            steps = min(DECODE_CHUNK, N - tokens.shape[1])
+            steps = min(self.decode_chunk, N - tokens.shape[1])
             state = decode_chunk(self.params, state, np.int32(settings.seed), np.int32(salt),
-                                 np.int32(tokens.shape[1]), stop_tokens=stop, steps=steps, **static)
+                                 np.int32(tokens.shape[1]), sampling=settings.sampling, stop_tokens=stop,
+                                 steps=steps, **static)
             tokens = np.concatenate([tokens, _host(state[3])], axis=1)
             done = _host(state[4])
             texts = [self._text(row, stop) for row in tokens[:len(prompts)]]
@@ -269,12 +277,16 @@ class ModelLM:
         return [cut_at_stops(text, settings.until) for text in texts]
 
     def _text(self, tokens: np.ndarray, stop: tuple[int, ...]) -> str:
-        """The text of a row's new tokens before its first stop token."""
+        """The text of a row's new tokens before its first stop token, as lm-eval decodes it
+        (skip_special_tokens): without bos or pad tokens, nor ids past the tokenizer's
+        vocabulary (a padded model vocabulary), which have no text."""
+        skipped = {self.tokenizer.bos_id, self.tokenizer.pad_id}
         kept = []
         for t in tokens.tolist():
             if t in stop:
                 break
-            kept.append(t)
+            if t < self.tokenizer.vocab_size and t not in skipped:
+                kept.append(t)
         return self.tokenizer.decode(kept)
 
     def _global(self, host: np.ndarray) -> jax.Array:
