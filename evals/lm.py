@@ -260,17 +260,17 @@ class ModelLM:
         # The prefill reads the sampling settings only for the repetition penalty: one compile
         # serves greedy and sampled requests alike.
         seen = SamplingConfig(repetition_penalty=settings.sampling.repetition_penalty)
-        state = prefill(self.params, self._global(ids), self._global(lengths), sampling=seen, cache_len=P + N,
+        carry = prefill(self.params, self._global(ids), self._global(lengths), sampling=seen, cache_len=P + N,
                         **static)
         tokens = np.zeros((self.rows, 0), np.int32)
         texts = [""] * len(prompts)
         while tokens.shape[1] < N:
             steps = min(self.decode_chunk, N - tokens.shape[1])
-            state = decode_chunk(self.params, state, np.int32(settings.seed), np.int32(salt),
-                                 np.int32(tokens.shape[1]), sampling=settings.sampling, stop_tokens=stop,
-                                 steps=steps, **static)
-            tokens = np.concatenate([tokens, _host(state[3])], axis=1)
-            done = _host(state[4])
+            carry, new_BN = decode_chunk(self.params, carry, np.int32(settings.seed), np.int32(salt),
+                                         np.int32(tokens.shape[1]), sampling=settings.sampling, stop_tokens=stop,
+                                         steps=steps, **static)
+            tokens = np.concatenate([tokens, _host(new_BN)], axis=1)
+            done = _host(carry[2])
             texts = [self._text(row, stop) for row in tokens[:len(prompts)]]
             if all(d or stopped(t, settings.until) for d, t in zip(done, texts)):
                 break
@@ -324,30 +324,41 @@ score_rows = jax.jit(_score_rows, static_argnames=("model", "mesh", "rules"))
 
 
 def _prefill(params, ids_BT, lengths_B, *, model, mesh, rules, sampling, cache_len):
-    """The decode state after writing the right-padded prompts into a fresh cache of `cache_len`."""
+    """The decode carry (cache, logits_BV, done_B, seen_BV, positions_B) after writing the
+    right-padded prompts into a fresh cache of `cache_len` slots."""
     with _tracing(mesh, rules):
         cache = init_cache(model, ids_BT.shape[0], cache_len)
         logits_BV, cache = prefill_rows(model, params, cache, ids_BT, lengths_B)
-        return initial_state(logits_BV, cache, ids_BT, lengths_B, max_new_tokens=1, sampling=sampling,
-                             vocab_size=model.config.vocab_size)
+        state = initial_state(logits_BV, cache, ids_BT, lengths_B, max_new_tokens=1, sampling=sampling,
+                              vocab_size=model.config.vocab_size)
+        return _carry(state)
+
+
+def _carry(state):
+    """What one decode chunk hands the next of `inference.generate`'s loop state (not the step
+    or the tokens, whose shapes are the chunk's). The rows' done flags are laid out by rows as
+    the loop leaves them (the prefill's fresh ones would be replicated: a second compile)."""
+    _, cache, logits_BV, _, done_B, seen_BV, positions_B = state
+    return cache, logits_BV, nn.with_logical_constraint(done_B, ("act_batch",)), seen_BV, positions_B
 
 
 prefill = jax.jit(_prefill, static_argnames=("model", "mesh", "rules", "sampling", "cache_len"))
 
 
-def _decode_chunk(params, state, seed, salt, start, *, model, mesh, rules, sampling, stop_tokens, steps):
-    """`steps` more tokens per row (fewer if every row has stopped), from the state of a prefill
-    or of the previous chunk; the state's tokens are this chunk's [B, steps]."""
+def _decode_chunk(params, carry, seed, salt, start, *, model, mesh, rules, sampling, stop_tokens, steps):
+    """(carry, tokens [B, steps]): `steps` more tokens per row (PAD_ID once a row has stopped;
+    fewer steps run if every row has), from the carry of a prefill or of the previous chunk."""
     with _tracing(mesh, rules):
-        _, cache, logits_BV, _, done_B, seen_BV, positions_B = state
+        cache, logits_BV, done_B, seen_BV, positions_B = carry
         tokens_BN = jnp.full((done_B.shape[0], steps), PAD_ID, jnp.int32)
         rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), salt), start)
-        return decode_rows(model, sampling, stop_tokens, params, rng,
-                           (jnp.int32(0), cache, logits_BV, tokens_BN, done_B, seen_BV, positions_B))
+        state = decode_rows(model, sampling, stop_tokens, params, rng,
+                            (jnp.int32(0), cache, logits_BV, tokens_BN, done_B, seen_BV, positions_B))
+        return _carry(state), state[3]
 
 
 decode_chunk = jax.jit(_decode_chunk, static_argnames=("model", "mesh", "rules", "sampling", "stop_tokens", "steps"),
-                       donate_argnames=("state",))
+                       donate_argnames=("carry",))
 
 
 # ------------------------------------------------------------------------------------- placement
@@ -367,7 +378,9 @@ def place_params(model, params, mesh: Mesh | None, strategy: str | None) -> tupl
             raise ValueError(f"the params are laid out on the devices of mesh {dict(laid_out.shape)}, not on those "
                              f"of mesh {dict(mesh.shape)}; pass their own mesh (or mesh=None)")
         mesh = mesh or laid_out
-        return params, mesh, get_strategy(strategy) if strategy else _strategy_of(mesh)
+        chosen = get_strategy(strategy) if strategy else _strategy_of(mesh)
+        check_applies(chosen, mesh)
+        return params, mesh, chosen
     chosen = get_strategy(strategy or "dp")
     mesh = mesh or mesh_lib.make_mesh(chosen.default_mesh)
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
