@@ -57,7 +57,7 @@ LL_REQUESTS = [
     ("Pack", " my box with five dozen"),
     ("🙂", "!"),
 ]
-ROLLING = [TEXT[:400], "Über naïve café", "", "x", "<s>The quick brown"]
+ROLLING = [TEXT[:160], "Über naïve café", "", "x", "<s>The quick brown"]
 CONTEXTS = ["The quick brown", "Über", "Pack my box with", "🙂", "The lazy dog"]
 
 
@@ -199,7 +199,9 @@ def test_requests_equal_lm_evals_hf_backend(arch, hf_dirs, lms):
     theirs = theirs_lm.loglikelihood_rolling(instances("loglikelihood_rolling", [(t,) for t in ROLLING]))
     ours = lm.loglikelihood_rolling(ROLLING)
     assert lm.token_count(ROLLING[0]) > 3 * MAX_LENGTH  # several windows
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=PARITY)
+    # A total of several windows' float32 sums (each rounded at its magnitude): within a few
+    # roundings of the total, and the 1e-4 of a single request where that is larger.
+    assert np.all(np.abs(np.subtract(ours, theirs)) <= np.maximum(PARITY, 16 * EPS32 * np.abs(theirs))), (ours, theirs)
 
     if arch == "llama":  # (generation's conventions do not depend on the tokenizer's template)
         generation = [(c, {"until": ["."], "max_gen_toks": N}) for c in CONTEXTS] + [
