@@ -164,6 +164,10 @@ class ModelLM:
             context, continuation = _args(request, (str, str), "loglikelihood", i)
             context_ids, continuation_ids = context_continuation(self.tokenizer, self.prefix_token_id, context,
                                                                  continuation)
+            if not context_ids:  # lm-eval asserts it too
+                raise ValueError(f"loglikelihood request {i}: the context {context!r} is whitespace only, which moves "
+                                 "into the continuation and leaves no token to condition on; pass '' (the prefix "
+                                 "token) or a context with text")
             if not continuation_ids:
                 raise ValueError(f"loglikelihood request {i}: the continuation {continuation!r} is no token after "
                                  f"the context {context[-40:]!r}; every request must score at least one token")

@@ -291,13 +291,15 @@ def _one_line(excinfo, *parts):
     assert "\n" not in message and all(p in message for p in parts), message
 
 
-def test_bad_input_is_named_in_one_line(llama, hf_dirs, tmp_path):
+def test_bad_input_is_named_in_one_line(llama, hf_dirs, lms, tmp_path):
     model, params, tokenizer = llama
     lm = ModelLM(model, params, tokenizer, batch_size=2, max_length=MAX_LENGTH,
                  mesh=mesh_lib.make_mesh("data=1", jax.devices()[:1]))
     cases = [
         (lambda: lm.loglikelihood([("a", "b"), ("only a context",)]), ("loglikelihood request 1", "(str, str)")),
         (lambda: lm.loglikelihood([("a", "")]), ("request 0", "at least one token")),
+        # (GPT-2's tokenizer adds no bos: nothing is left to condition on; LLaMA's adds one)
+        (lambda: lms["gpt2"].loglikelihood([(" ", "a")]), ("request 0", "whitespace only")),
         (lambda: lm.loglikelihood([("a", TEXT[:400])]), (f"more than max_length={MAX_LENGTH}",)),
         (lambda: lm.loglikelihood_rolling([3]), ("loglikelihood_rolling request 0",)),
         (lambda: lm.generate_until([("a", {"max_gen_toks": MAX_LENGTH})]),
