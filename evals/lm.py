@@ -378,9 +378,9 @@ def place_params(model, params, mesh: Mesh | None, strategy: str | None) -> tupl
     """
     laid_out = _mesh_of(params)
     if laid_out is not None:
-        if mesh is not None and set(mesh.devices.flat) != set(laid_out.devices.flat):
-            raise ValueError(f"the params are laid out on the devices of mesh {dict(laid_out.shape)}, not on those "
-                             f"of mesh {dict(mesh.shape)}; pass their own mesh (or mesh=None)")
+        if mesh is not None and mesh != laid_out:
+            raise ValueError(f"the params are laid out on mesh {dict(laid_out.shape)}, not on the mesh "
+                             f"{dict(mesh.shape)} given; pass their own mesh (or mesh=None)")
         mesh = mesh or laid_out
         chosen = get_strategy(strategy) if strategy else _strategy_of(mesh)
         check_applies(chosen, mesh)

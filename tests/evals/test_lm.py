@@ -308,6 +308,7 @@ def test_bad_input_is_named_in_one_line(llama, hf_dirs, lms, tmp_path):
         (lambda: ModelLM(model, params, tokenizer, max_length=65), ("max_length=65", "max_len=64")),
         (lambda: ModelLM(model, params, tokenizer, batch_size=0), ("batch_size must be a positive integer",)),
         (lambda: ModelLM(model, {"embed": params["embed"]}, tokenizer), ("do not match the model",)),
+        (lambda: ModelLM(model, lms["llama"].params, tokenizer, mesh=lm.mesh), ("laid out on mesh {'data': 8}",)),
         (lambda: ModelLM(model, params, tokenizer, mesh=mesh_lib.make_mesh("data=8"), strategy="fsdp"),
          ("strategy `fsdp`", "mesh axis `fsdp`")),
         (lambda: ModelLM.from_path(str(hf_dirs["llama"]), strategy="zero4"), ("unknown sharding strategy 'zero4'",)),
