@@ -2,10 +2,10 @@
 NLTK_EXTENSIONS mode) word by word: every word of CPython's pydoc topics, words built to hit each
 rule's suffix and condition boundaries, and the paper's and NLTK's own examples."""
 
+import pydoc_data.topics
 import random
 import re
 
-import pydoc_data.topics
 import pytest
 from nltk.stem.porter import PorterStemmer
 from rouge_score import tokenizers

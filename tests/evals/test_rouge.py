@@ -4,14 +4,13 @@ without the stemmer, on varied text (Unicode, punctuation, digits, empty hypothe
 sentences, several references); its LCS read-out against rouge-score's; hand-computed cases; bad
 input."""
 
+import pydoc_data.topics
 import random
 
 import numpy as np
-import pydoc_data.topics
 import pytest
-from rouge_score import rouge_scorer
+from rouge_score import rouge_scorer, tokenizers
 from rouge_score import tokenize as rs_tokenize
-from rouge_score import tokenizers
 
 from evals.metrics import rouge
 

@@ -38,6 +38,15 @@ def _pairs(n=400, seed=0):
     return predictions, golds
 
 
+def _reference_em(prediction, answers):
+    return metric_max_over_ground_truths(lambda p, g: float(qasper_normalize(p) == qasper_normalize(g)), prediction,
+                                         answers)
+
+
+def _reference_f1(prediction, answers):
+    return metric_max_over_ground_truths(lambda p, g: f1_abstractive([p], [g]), prediction, answers)
+
+
 def test_normalize_answer_equals_the_official_normalization_in_lm_eval():
     predictions, golds = _pairs()
     for text in predictions + [g for gs in golds for g in gs] + PIECES:
@@ -48,9 +57,7 @@ def test_exact_match_and_f1_per_item_equal_lm_eval():
     predictions, golds = _pairs()
     f1_values = []
     for prediction, answers in zip(predictions, golds):
-        expected_em = metric_max_over_ground_truths(lambda p, g: float(qasper_normalize(p) == qasper_normalize(g)),
-                                                    prediction, answers)
-        expected_f1 = metric_max_over_ground_truths(lambda p, g: f1_abstractive([p], [g]), prediction, answers)
+        expected_em, expected_f1 = _reference_em(prediction, answers), _reference_f1(prediction, answers)
         assert squad.exact_match(prediction, answers) == expected_em
         assert squad.f1(prediction, answers) == pytest.approx(expected_f1, rel=1e-12, abs=0)
         f1_values.append(expected_f1)
@@ -60,8 +67,7 @@ def test_exact_match_and_f1_per_item_equal_lm_eval():
 def test_corpus_squad_equals_lm_eval_means_and_t5_squad_f1():
     predictions, golds = _pairs(seed=1)
     ours = squad.squad(predictions, golds)
-    em = np.mean([metric_max_over_ground_truths(lambda p, g: float(qasper_normalize(p) == qasper_normalize(g)),
-                                                prediction, answers) for prediction, answers in zip(predictions, golds)])
+    em = np.mean([_reference_em(prediction, answers) for prediction, answers in zip(predictions, golds)])
     assert ours["exact_match"] == pytest.approx(100 * em, rel=1e-12)
     # T5's aggregation reads "<group>_<answer>" references, so answers must hold no "_".
     keep = [i for i, answers in enumerate(golds) if not any("_" in a for a in answers)]
