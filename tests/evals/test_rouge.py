@@ -12,7 +12,7 @@ import pytest
 from rouge_score import rouge_scorer, tokenizers
 from rouge_score import tokenize as rs_tokenize
 
-from evals.metrics import rouge
+from evals.metrics.rouge import lcs_length, lcs_positions, rouge, rouge_items, tokenize
 
 TYPES = ("rouge1", "rouge2", "rouge3", "rougeL", "rougeLsum")
 WORDS = " ".join(pydoc_data.topics.topics.values()).split()
@@ -46,11 +46,11 @@ def _corpus(n, seed, words):
 def _assert_equal_to_rouge_score(hypotheses, references, use_stemmer, types=TYPES):
     scorer = rouge_scorer.RougeScorer(list(types), use_stemmer=use_stemmer)
     expected = [scorer.score_multi([r] if isinstance(r, str) else r, h) for h, r in zip(hypotheses, references)]
-    ours = rouge.rouge_items(hypotheses, references, rouge_types=types, use_stemmer=use_stemmer)
+    ours = rouge_items(hypotheses, references, rouge_types=types, use_stemmer=use_stemmer)
     for theirs, mine in zip(expected, ours, strict=True):
         for rouge_type in types:
             np.testing.assert_allclose(tuple(mine[rouge_type]), tuple(theirs[rouge_type]), rtol=0, atol=1e-12)
-    corpus = rouge.rouge(hypotheses, references, rouge_types=types, use_stemmer=use_stemmer)
+    corpus = rouge(hypotheses, references, rouge_types=types, use_stemmer=use_stemmer)
     for rouge_type in types:
         mean = np.mean([tuple(s[rouge_type]) for s in expected], axis=0)
         np.testing.assert_allclose(tuple(corpus[rouge_type]), mean, rtol=0, atol=1e-9)
@@ -80,11 +80,11 @@ def test_lcs_positions_are_rouge_scores_read_out():
     for _ in range(1000):
         ref = [rng.choice("abc") for _ in range(rng.randint(0, 12))]
         can = [rng.choice("abc") for _ in range(rng.randint(0, 12))]
-        assert rouge.lcs_positions(ref, can) == rouge_scorer.lcs_ind(ref, can)
-        assert rouge.lcs_length(ref, can) == rouge_scorer._lcs_table(ref, can)[-1][-1]
+        assert lcs_positions(ref, can) == rouge_scorer.lcs_ind(ref, can)
+        assert lcs_length(ref, can) == rouge_scorer._lcs_table(ref, can)[-1][-1]
     # Longer than a machine word: the bit-parallel rows are Python ints of any width.
     ref, can = [rng.choice("abcd") for _ in range(300)], [rng.choice("abcd") for _ in range(200)]
-    assert rouge.lcs_positions(ref, can) == rouge_scorer.lcs_ind(ref, can)
+    assert lcs_positions(ref, can) == rouge_scorer.lcs_ind(ref, can)
 
 
 @pytest.mark.parametrize("use_stemmer", [False, True])
@@ -92,44 +92,44 @@ def test_tokens_equal_rouge_scores_tokenizer(use_stemmer):
     tokenizer = tokenizers.DefaultTokenizer(use_stemmer=use_stemmer)
     rng = random.Random(5)
     for text in ODD + [" ".join(ODD)] + [_text(rng, WORDS) for _ in range(200)]:
-        assert rouge.tokenize(text, use_stemmer) == tokenizer.tokenize(text) == rs_tokenize.tokenize(
+        assert tokenize(text, use_stemmer) == tokenizer.tokenize(text) == rs_tokenize.tokenize(
             text, tokenizer._stemmer)
 
 
 def test_hand_computed_scores():
-    scores = rouge.rouge_items(["the cat sat on the mat"], [["the cat is on the mat"]])[0]
+    scores = rouge_items(["the cat sat on the mat"], [["the cat is on the mat"]])[0]
     assert scores["rouge1"] == pytest.approx((5 / 6, 5 / 6, 5 / 6))
     assert scores["rouge2"] == pytest.approx((3 / 5, 3 / 5, 3 / 5))  # the cat, on the, the mat
     assert scores["rougeL"] == pytest.approx((5 / 6, 5 / 6, 5 / 6))
     # Lsum: reference sentence "a b c d" against hypothesis sentences "a b" and "c x d": the union of
     # the two LCS is a b c d (4 hits); precision 4/5, recall 4/4.
-    lsum = rouge.rouge_items(["a b\nc x d"], ["a b c d"], rouge_types=["rougeLsum"])[0]["rougeLsum"]
+    lsum = rouge_items(["a b\nc x d"], ["a b c d"], rouge_types=["rougeLsum"])[0]["rougeLsum"]
     assert lsum == pytest.approx((4 / 5, 1.0, 2 * 0.8 / 1.8))
-    assert rouge.rouge_items([""], ["a"])[0]["rougeL"] == (0.0, 0.0, 0.0)
-    assert rouge.tokenize("Café İstanbul don't 3.14") == ["caf", "i", "stanbul", "don", "t", "3", "14"]
+    assert rouge_items([""], ["a"])[0]["rougeL"] == (0.0, 0.0, 0.0)
+    assert tokenize("Café İstanbul don't 3.14") == ["caf", "i", "stanbul", "don", "t", "3", "14"]
 
 
 def test_several_references_take_the_best_f_per_type():
     # The first reference wins rouge1 (same words, shuffled), the second rouge2 and rougeL.
     hypothesis = "alpha beta gamma delta"
     references = ["delta gamma beta alpha", "alpha beta gamma zeta eta theta iota"]
-    best = rouge.rouge_items([hypothesis], [references])[0]
-    single = [rouge.rouge_items([hypothesis], [r])[0] for r in references]
+    best = rouge_items([hypothesis], [references])[0]
+    single = [rouge_items([hypothesis], [r])[0] for r in references]
     assert best["rouge1"] == single[0]["rouge1"] and best["rouge1"].fmeasure == 1.0
     assert best["rouge2"] == single[1]["rouge2"] and best["rougeL"] == single[1]["rougeL"]
-    assert rouge.rouge([hypothesis], [references[0]]) == rouge.rouge([hypothesis], [[references[0]]])
+    assert rouge([hypothesis], [references[0]]) == rouge([hypothesis], [[references[0]]])
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: rouge.rouge(["a", "b"], [["a"]]), "2 hypotheses but 1 references"),
-    (lambda: rouge.rouge(["a"], [["a"]], rouge_types=["rougeX"]), "unknown rouge type 'rougeX'"),
-    (lambda: rouge.rouge(["a"], [["a"]], rouge_types=["rouge0"]), "unknown rouge type 'rouge0'"),
-    (lambda: rouge.rouge(["a"], [["a"]], rouge_types=["rouge10"]), "unknown rouge type 'rouge10'"),
-    (lambda: rouge.rouge(["a"], [["a"]], rouge_types=[]), "rouge_types is empty"),
-    (lambda: rouge.rouge(["a"], [[]]), "item 0"),
-    (lambda: rouge.rouge([None], [["a"]]), "item 0"),
-    (lambda: rouge.rouge("a b", ["a b"]), "hypotheses is one str"),
-    (lambda: rouge.rouge([], []), "no hypotheses"),
+    (lambda: rouge(["a", "b"], [["a"]]), "2 hypotheses but 1 references"),
+    (lambda: rouge(["a"], [["a"]], rouge_types=["rougeX"]), "unknown rouge type 'rougeX'"),
+    (lambda: rouge(["a"], [["a"]], rouge_types=["rouge0"]), "unknown rouge type 'rouge0'"),
+    (lambda: rouge(["a"], [["a"]], rouge_types=["rouge10"]), "unknown rouge type 'rouge10'"),
+    (lambda: rouge(["a"], [["a"]], rouge_types=[]), "rouge_types is empty"),
+    (lambda: rouge(["a"], [[]]), "item 0"),
+    (lambda: rouge([None], [["a"]]), "item 0"),
+    (lambda: rouge("a b", ["a b"]), "hypotheses is one str"),
+    (lambda: rouge([], []), "no hypotheses"),
 ])
 def test_bad_input_is_one_line_naming_it(call, message):
     with pytest.raises(ValueError, match=message) as error:
