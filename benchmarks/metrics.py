@@ -1,0 +1,194 @@
+"""lmlab's evaluation metrics against their reference packages, side by side on the same pairs.
+
+The pairs are made deterministically from the English sentences of CPython's pydoc topics: each
+sentence is a reference (30% get a second, lightly perturbed reference) and its hypothesis is a
+perturbed copy (words dropped, repeated, swapped, replaced, re-cased, punctuation and numbers
+changed; 2% empty). For each metric both implementations score the same pairs in this process;
+the table gives the best of `--repeats` timings of each, their ratio (reference / lmlab: above 1
+lmlab is faster), and the largest absolute difference between their outputs (every number the
+metric returns, corpus and per item), which must stay within the metric's promised tolerance.
+
+Run:
+  python benchmarks/metrics.py            # 10,000 pairs, best of 3
+  python benchmarks/metrics.py --quick    # 300 pairs, one run (the test)
+"""
+
+import argparse
+import dataclasses
+import pathlib
+import pydoc_data.topics
+import random
+import re
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import sacrebleu
+from sacrebleu.metrics import CHRF
+from sacrebleu.tokenizers import tokenizer_13a, tokenizer_re
+
+# Let the script run from a bare checkout, without lmlab pip-installed.
+_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from evals.metrics.bleu import bleu, sentence_bleu
+from evals.metrics.chrf import chrf
+
+_NUMBERS = ("1,000", "3.14", "2024", "0.5", "12,345.67", "42", "-7")
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """One row of the table: lmlab's metric and its reference on the same inputs."""
+
+    name: str
+    reference: str  # the package function it is compared with
+    pairs: int
+    ours: Callable[[], Any]
+    theirs: Callable[[], Any]
+    difference: Callable[[Any, Any], float]  # the largest absolute difference of the two outputs
+    tolerance: float  # what the tests promise
+    before_theirs: Callable[[], None] = lambda: None
+
+
+def english_sentences() -> list[str]:
+    """The sentences (4-50 words) of CPython's pydoc topics, in a fixed order."""
+    text = " ".join(" ".join(pydoc_data.topics.topics[key].split()) for key in sorted(pydoc_data.topics.topics))
+    return [s for s in re.split(r"(?<=[.!?])\s+", text) if 4 <= len(s.split()) <= 50]
+
+
+def _perturb(words: list[str], edits: int, vocabulary: list[str], rng: random.Random) -> list[str]:
+    words = list(words)
+    for _ in range(edits):
+        if not words:
+            break
+        i = rng.randrange(len(words))
+        edit = rng.randrange(7)
+        if edit == 0:
+            del words[i]
+        elif edit == 1:
+            words.insert(i, words[i])
+        elif edit == 2 and i + 1 < len(words):
+            words[i], words[i + 1] = words[i + 1], words[i]
+        elif edit == 3:
+            words[i] = rng.choice(vocabulary)
+        elif edit == 4:
+            words[i] = words[i].lower() if words[i][:1].isupper() else words[i].capitalize()
+        elif edit == 5:
+            words[i] = words[i].rstrip(".,;:!?") if words[i][-1] in ".,;:!?" else words[i] + ","
+        elif edit == 6:
+            words[i] = rng.choice(_NUMBERS)
+    return words
+
+
+def sentence_pairs(num_pairs: int, seed: int = 0) -> tuple[list[str], list[list[str]]]:
+    """Deterministic (hypotheses, references): references[i] holds 1 or 2 strings."""
+    sentences = english_sentences()
+    vocabulary = sorted({w for s in sentences for w in s.split()})
+    rng = random.Random(seed)
+    hypotheses, references = [], []
+    for i in range(num_pairs):
+        words = sentences[i % len(sentences)].split()
+        refs = [" ".join(words)]
+        if rng.random() < 0.3:
+            refs.append(" ".join(_perturb(words, rng.randint(1, 3), vocabulary, rng)))
+        hypothesis = "" if rng.random() < 0.02 else " ".join(_perturb(words, rng.randint(0, 6), vocabulary, rng))
+        hypotheses.append(hypothesis)
+        references.append(refs)
+    return hypotheses, references
+
+
+def _streams(references: list[list[str]]) -> list[list[str | None]]:
+    """sacrebleu's layout: reference streams, padded with None where a hypothesis has fewer."""
+    width = max(len(refs) for refs in references)
+    return [[refs[j] if j < len(refs) else None for refs in references] for j in range(width)]
+
+
+def _cold_sacrebleu() -> None:
+    # sacrebleu memoizes tokenized lines (lru_cache); clear it so every timed run tokenizes, as ours does.
+    tokenizer_13a.Tokenizer13a.__call__.cache_clear()
+    tokenizer_re.TokenizerRegexp.__call__.cache_clear()
+
+
+def _max_abs(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    return float(np.max(np.abs(a - b))) if a.size else 0.0
+
+
+def _bleu_difference(ours, theirs) -> float:
+    fields = lambda s: [s.score, s.bp, s.sys_len, s.ref_len, *s.precisions, *s.counts, *s.totals]  # noqa: E731
+    return _max_abs(fields(ours), fields(theirs))
+
+
+def text_comparisons(hypotheses: list[str], references: list[list[str]]) -> list[Comparison]:
+    """BLEU, sentence BLEU, chrF and chrF++ against sacrebleu."""
+    streams, n = _streams(references), len(hypotheses)
+    return [
+        Comparison("BLEU", "sacrebleu.corpus_bleu", n, lambda: bleu(hypotheses, references),
+                   lambda: sacrebleu.corpus_bleu(hypotheses, streams), _bleu_difference, 1e-6, _cold_sacrebleu),
+        Comparison("sentence BLEU", "sacrebleu.sentence_bleu", n,
+                   lambda: [sentence_bleu(h, r).score for h, r in zip(hypotheses, references)],
+                   lambda: [sacrebleu.sentence_bleu(h, r).score for h, r in zip(hypotheses, references)],
+                   _max_abs, 1e-6, _cold_sacrebleu),
+        Comparison("chrF", "sacrebleu CHRF().corpus_score", n, lambda: chrf(hypotheses, references).score,
+                   lambda: CHRF().corpus_score(hypotheses, streams).score, _max_abs, 1e-6),
+        Comparison("chrF++", "sacrebleu CHRF(word_order=2)", n,
+                   lambda: chrf(hypotheses, references, word_order=2).score,
+                   lambda: CHRF(word_order=2).corpus_score(hypotheses, streams).score, _max_abs, 1e-6),
+    ]
+
+
+def measure(comparison: Comparison, repeats: int) -> dict[str, float]:
+    """Times both sides `repeats` times (alternating which goes first) and compares their outputs."""
+    ours_s, theirs_s = [], []
+    for r in range(repeats):
+        for side in ((0, 1) if r % 2 == 0 else (1, 0)):
+            if side == 0:
+                start = time.perf_counter()
+                ours = comparison.ours()
+                ours_s.append(time.perf_counter() - start)
+            else:
+                comparison.before_theirs()
+                start = time.perf_counter()
+                theirs = comparison.theirs()
+                theirs_s.append(time.perf_counter() - start)
+    return {"pairs": comparison.pairs, "lmlab_s": min(ours_s), "reference_s": min(theirs_s),
+            "ratio": min(theirs_s) / min(ours_s), "max_diff": comparison.difference(ours, theirs),
+            "tolerance": comparison.tolerance}
+
+
+def run(num_pairs: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Builds the pairs, measures every comparison, prints the table and returns its numbers."""
+    hypotheses, references = sentence_pairs(num_pairs)
+    comparisons = text_comparisons(hypotheses, references)
+    print(f"{num_pairs:,} sentence pairs from CPython's pydoc topics "
+          f"({sum(len(r) for r in references):,} references); best of {repeats} run(s)")
+    header = (f"{'metric':<16}{'pairs':>7}{'lmlab s':>10}{'reference s':>13}{'ref/lmlab':>11}"
+              f"{'max |diff|':>12}{'tolerance':>11}  reference")
+    print(header)
+    results = {}
+    for comparison in comparisons:
+        row = results[comparison.name] = measure(comparison, repeats)
+        print(f"{comparison.name:<16}{row['pairs']:>7}{row['lmlab_s']:>10.3f}{row['reference_s']:>13.3f}"
+              f"{row['ratio']:>11.2f}{row['max_diff']:>12.1e}{row['tolerance']:>11.0e}  {comparison.reference}")
+    return results
+
+
+def main(argv=None) -> dict[str, dict[str, float]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", type=int, default=10_000, help="number of sentence pairs")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side (the best is kept)")
+    parser.add_argument("--quick", action="store_true", help="300 pairs, one run: a check that it runs")
+    args = parser.parse_args(argv)
+    if args.quick:
+        return run(300, repeats=1)
+    return run(args.pairs, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
