@@ -78,7 +78,13 @@ def _perturb(words: list[str], edits: int, vocabulary: list[str], rng: random.Ra
         elif edit == 4:
             words[i] = words[i].lower() if words[i][:1].isupper() else words[i].capitalize()
         elif edit == 5:
-            words[i] = words[i].rstrip(".,;:!?") if words[i][-1] in ".,;:!?" else words[i] + ","
+            stripped = words[i].rstrip(".,;:!?")
+            if stripped == words[i]:
+                words[i] += ","
+            elif stripped:
+                words[i] = stripped
+            else:
+                del words[i]
         elif edit == 6:
             words[i] = rng.choice(_NUMBERS)
     return words
