@@ -52,7 +52,8 @@ def _streams(references):
 @pytest.mark.parametrize("word_order", [0, 1, 2])
 def test_corpus_and_sentence_chrf_equal_sacrebleu(word_order):
     for eps_smoothing, lowercase, whitespace in itertools.product([False, True], repeat=3):
-        options = dict(word_order=word_order, eps_smoothing=eps_smoothing, lowercase=lowercase, whitespace=whitespace)
+        options = {"word_order": word_order, "eps_smoothing": eps_smoothing, "lowercase": lowercase,
+                   "whitespace": whitespace}
         reference = CHRF(**options)
         ours = chrf(HYPOTHESES, REFERENCES, **options)
         assert abs(ours.score - reference.corpus_score(HYPOTHESES, _streams(REFERENCES)).score) <= TOL
@@ -65,13 +66,13 @@ def test_corpus_and_sentence_chrf_equal_sacrebleu(word_order):
 
 def test_other_orders_and_betas_equal_sacrebleu():
     for char_order, word_order, beta in [(1, 0, 2), (4, 2, 1), (6, 2, 3), (0, 2, 2), (8, 3, 0.5)]:
-        options = dict(char_order=char_order, word_order=word_order, beta=beta)
+        options = {"char_order": char_order, "word_order": word_order, "beta": beta}
         assert abs(chrf(HYPOTHESES, REFERENCES, **options).score
                    - CHRF(**options).corpus_score(HYPOTHESES, _streams(REFERENCES)).score) <= TOL
 
 
 def test_statistics_equal_sacrebleu_and_aggregate_like_a_corpus():
-    options = dict(word_order=2)
+    options = {"word_order": 2}
     stats = chrf_statistics(HYPOTHESES, REFERENCES, **options)
     theirs = CHRF(**options)._extract_corpus_statistics(HYPOTHESES, _streams(REFERENCES))
     assert stats.dtype == np.int64 and stats.shape == (len(HYPOTHESES), 24)
@@ -101,7 +102,8 @@ _PAIR = st.tuples(_TEXT, st.lists(_TEXT, min_size=1, max_size=3))
        eps_smoothing=st.booleans(), lowercase=st.booleans(), whitespace=st.booleans())
 def test_random_text_equals_sacrebleu(pairs, word_order, eps_smoothing, lowercase, whitespace):
     hypotheses, references = [h for h, _ in pairs], [r for _, r in pairs]
-    options = dict(word_order=word_order, eps_smoothing=eps_smoothing, lowercase=lowercase, whitespace=whitespace)
+    options = {"word_order": word_order, "eps_smoothing": eps_smoothing, "lowercase": lowercase,
+               "whitespace": whitespace}
     ours = chrf(hypotheses, references, **options).score
     assert abs(ours - CHRF(**options).corpus_score(hypotheses, _streams(references)).score) <= TOL
 
