@@ -11,6 +11,8 @@ metric returns, corpus and per item), which must stay within the metric's promis
 Rows: BLEU, sentence BLEU, chrF, chrF++ (sacrebleu); ROUGE-1/2/L/Lsum with stemming
 (rouge-score, one line per clause so that Lsum has several sentences); SQuAD exact match and F1
 of short answer spans cut from the pairs (lm-eval's copies of the official v1.1 script);
+accuracy, F1 (macro, micro, weighted, binary) and Matthews correlation of labels read off the
+pairs (scikit-learn);
 BERTScore on fewer pairs (bert-score on the same local all-MiniLM-L6-v2, layer 6; the pairs with
 an empty hypothesis are left out, which bert-score 0.3.13 cannot encode under transformers 5).
 
@@ -42,6 +44,7 @@ if _ROOT not in sys.path:
 
 from evals.metrics.bleu import bleu, sentence_bleu
 from evals.metrics.chrf import chrf
+from evals.metrics.classification import accuracy, f1_score, matthews_corrcoef
 from evals.metrics.rouge import rouge_items
 from evals.metrics.squad import exact_match, f1, squad
 
@@ -216,6 +219,25 @@ def squad_comparison(hypotheses: list[str], references: list[list[str]]) -> Comp
                       lambda: [official(p, g) for p, g in zip(predictions, golds)], difference, 1e-6)
 
 
+def classification_comparison(hypotheses: list[str], references: list[list[str]]) -> Comparison:
+    """Accuracy, F1 (four averages) and MCC against scikit-learn, on labels read off the pairs:
+    the word count mod 4 of the reference (true) and of the hypothesis (predicted)."""
+    from sklearn import metrics
+
+    y_true = [len(refs[0].split()) % 4 for refs in references]
+    y_pred = [len(h.split()) % 4 for h in hypotheses]
+    binary_true, binary_pred = [y % 2 for y in y_true], [y % 2 for y in y_pred]
+
+    def scores(accuracy, f1_score, matthews_corrcoef):
+        return [accuracy(y_true, y_pred), *(f1_score(y_true, y_pred, average=a) for a in ("macro", "micro", "weighted")),
+                f1_score(binary_true, binary_pred, average="binary"), matthews_corrcoef(y_true, y_pred)]
+
+    return Comparison("classification", "sklearn.metrics (acc, F1 x4, MCC)", len(y_true),
+                      lambda: scores(accuracy, f1_score, matthews_corrcoef),
+                      lambda: scores(metrics.accuracy_score, metrics.f1_score, metrics.matthews_corrcoef),
+                      _max_abs, 1e-12)
+
+
 def bertscore_comparison(hypotheses: list[str], references: list[list[str]], num_pairs: int) -> Comparison:
     """BERTScore P/R/F per item against bert-score's BERTScorer on the same local MiniLM, layer 6."""
     import bert_score
@@ -255,7 +277,7 @@ def run(num_pairs: int, bertscore_pairs: int, repeats: int) -> dict[str, dict[st
     """Builds the pairs, measures every comparison, prints the table and returns its numbers."""
     hypotheses, references = sentence_pairs(num_pairs)
     comparisons = [*text_comparisons(hypotheses, references), rouge_comparison(hypotheses, references),
-                   squad_comparison(hypotheses, references)]
+                   squad_comparison(hypotheses, references), classification_comparison(hypotheses, references)]
     if bertscore_pairs:
         comparisons.append(bertscore_comparison(hypotheses, references, bertscore_pairs))
     print(f"{num_pairs:,} sentence pairs from CPython's pydoc topics "

@@ -37,7 +37,8 @@ def test_metrics_benchmark_quick_mode(capsys):
         rows[name] = line[16:].split()
     assert list(rows) == list(results)
     assert results["BERTScore"]["pairs"] == 16 and results["BLEU"]["pairs"] == 300
-    assert list(results) == ["BLEU", "sentence BLEU", "chrF", "chrF++", "ROUGE", "SQuAD EM/F1", "BERTScore"]
+    assert list(results) == ["BLEU", "sentence BLEU", "chrF", "chrF++", "ROUGE", "SQuAD EM/F1", "classification",
+                            "BERTScore"]
     for name, numbers in results.items():
         assert numbers["max_diff"] <= numbers["tolerance"], (name, numbers)
         assert numbers["pairs"] > 0 and math.isfinite(numbers["ratio"]), (name, numbers)
