@@ -8,6 +8,7 @@ the real model is evals.lm.ModelLM, whose parity with lm-eval's `hf` backend is
 tests/evals/test_lm.py and, end to end, test_lm_eval_parity.py)."""
 
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -335,3 +336,38 @@ def test_process_zero_writes_and_the_others_wait(tmp_path):
     assert [out.split() for out, _ in outputs] == [["0"], ["0"]]  # process 1 read process 0's file
     assert json.loads((tmp_path / "out" / "t.jsonl").read_text()) == {"doc_id": 0, "by": 0}
     assert sorted(os.listdir(tmp_path / "out")) == ["results.json", "t.jsonl"]
+
+
+def test_classification_metrics_of_multiple_choice_equal_scikit_learn(tmp_path):
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    data = _write_jsonl(tmp_path / "mc.jsonl", MC_RECORDS)
+    (tmp_path / "cls.yaml").write_text(
+        f"task: cls\ndataset_path: files:{data}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: question\ndoc_to_choice: choices\ndoc_to_target: label\n"
+        "metric_list: [{metric: f1, average: macro}, {metric: mcc}]\n")
+    task, = tasks.load_tasks([str(tmp_path / "cls.yaml")])
+    results = harness.evaluate(RecordingLM(), [task], bootstrap_iters=200)
+    records = results.records["cls"]
+    golds = [r["gold"] for r in records]
+    predictions = [int(np.argmax(r["loglikelihoods"])) for r in records]
+    assert results["cls"]["f1"]["value"] == pytest.approx(f1_score(golds, predictions, average="macro"), abs=1e-12)
+    assert results["cls"]["mcc"]["value"] == pytest.approx(matthews_corrcoef(golds, predictions), abs=1e-12)
+    assert results["cls"]["f1"]["stderr"] > 0 and results["cls"]["mcc"]["stderr"] > 0
+
+
+def test_bertscore_is_the_mean_f1_of_evals_metrics_bertscore(tmp_path):
+    from tests.minilm import minilm_path
+
+    bertscore = importlib.import_module("evals.metrics.bertscore").bertscore
+    hypotheses, references = HYPOTHESES[:4], REFERENCES[:4]
+    data = _write_jsonl(tmp_path / "g.jsonl", [{"prompt": f"p{i}", "references": r} for i, r in enumerate(references)])
+    (tmp_path / "b.yaml").write_text(
+        f"task: b\ndataset_path: files:{data}\ntest_split: test\noutput_type: generate_until\ndoc_to_text: prompt\n"
+        f"doc_to_target: references\nmetric_list: [{{metric: bertscore, model_dir: {minilm_path()}, num_layers: 3}}]\n")
+    task, = tasks.load_tasks([str(tmp_path / "b.yaml")])
+    by_prompt = {f"p{i}": h for i, h in enumerate(hypotheses)}
+    results = harness.evaluate(RecordingLM(lambda c: by_prompt[c]), [task])
+    f1 = bertscore(hypotheses, references, model_dir=minilm_path(), num_layers=3).f1
+    assert results["b"]["bertscore"]["value"] == pytest.approx(float(np.mean(f1)), abs=1e-12)
+    assert [r["bertscore"] for r in results.records["b"]] == pytest.approx(list(f1), abs=1e-12)

@@ -29,8 +29,6 @@ def save_tiny_llama(directory: Path, *, seed: int = 0, max_positions: int = 512)
     tok.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "<|endoftext|>"}))
     torch.manual_seed(seed)
-    # vocab_size = the tokenizer's: a padded vocabulary lets a random model generate ids the
-    # tokenizer cannot decode
     config = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=max_positions, bos_token_id=bos,
