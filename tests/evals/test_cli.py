@@ -84,12 +84,13 @@ def test_cli_on_a_hugging_face_directory_keeps_finished_results(hf_dir, tmp_path
     task.write_text("".join(json.dumps({"query": f"The capital of {c} is", "choices": [" Paris", " Rome", " Oslo"],
                                         "gold": g}) + "\n" for c, g in (("France", 0), ("Italy", 1), ("Norway", 2))))
     out = str(tmp_path / "out")
-    first = _cli(f"--checkpoint={hf_dir}", f"--tasks={task},arithmetic_sorting", f"--out={out}", "--limit=2")
+    first = _cli(f"--checkpoint={hf_dir}", f"--tasks={task}", f"--out={out}", "--limit=2")
     assert first.returncode == 0, first.stderr[-3000:]
     summary, records = _saved(out)
-    assert summary["num_examples"] == {"capitals": 2, "arithmetic_sorting": 2}
+    assert summary["num_examples"] == {"capitals": 2} and summary["meta"]["checkpoint"] == hf_dir
+    assert [r["gold"] for r in records["capitals"]] == [0, 1]
     assert all(len(r["loglikelihoods"]) == 3 for r in records["capitals"])
-    assert all(set(r) >= {"generation", "references", "verified"} for r in records["arithmetic_sorting"])
+    assert summary["results"]["capitals"]["acc"]["value"] == np.mean([r["acc"] for r in records["capitals"]])
     saved = (tmp_path / "out" / "results.json").read_bytes()
 
     again = _cli(f"--checkpoint={hf_dir}", f"--tasks={task}", f"--out={out}", "--limit=1")

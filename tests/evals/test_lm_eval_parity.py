@@ -54,7 +54,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("parity")
     (root / "model").mkdir()
     model_dir = save_tiny_llama(root / "model")
-    for split, (count, seed) in {"test": (24, 0), "train": (10, 1)}.items():
+    for split, (count, seed) in {"test": (16, 0), "train": (8, 1)}.items():
         (root / f"{split}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in _docs(count, seed)))
     for name, shots, description in (("parity_mc", 0, ""), ("parity_mc_2shot", 2, "Choose the answer.\\n\\n")):
         (root / f"{name}.yaml").write_text(textwrap.dedent(TASK.format(
@@ -81,7 +81,7 @@ def test_harness_equals_lm_eval_simple_evaluate(setup):
     for name in names:
         samples = sorted(theirs["samples"][name], key=lambda s: s["doc_id"])
         records = ours.records[name]
-        assert len(samples) == len(records) == 24
+        assert len(samples) == len(records) == 16
         for sample, record in zip(samples, records):
             assert sample["arguments"][0][0] == record["context"]  # the same prompt, few-shot examples included
             their_lls = [float(r[0][0]) for r in sample["resps"]]
@@ -95,4 +95,4 @@ def test_harness_equals_lm_eval_simple_evaluate(setup):
     # not a trivial agreement: the normalization changes some predictions, and the few-shot
     # examples differ between documents
     assert any(r["acc"] != r["acc_norm"] for n in names for r in ours.records[n])
-    assert len({r["context"].rsplit("Question: ", 1)[0] for r in ours.records["parity_mc_2shot"]}) > 10
+    assert len({r["context"].rsplit("Question: ", 1)[0] for r in ours.records["parity_mc_2shot"]}) > 8
