@@ -167,7 +167,8 @@ def write(out_dir: str, results: Results, *, meta: Mapping[str, Any] | None = No
         os.makedirs(out_dir, exist_ok=True)
         for task, records in results.records.items():
             _atomic_write(os.path.join(out_dir, records_file(task)),
-                          "".join(json.dumps(r, ensure_ascii=False, default=_jsonable) + "\n" for r in records))
+                          "".join(json.dumps(_finite(r), ensure_ascii=False, default=_jsonable) + "\n"
+                                  for r in records))
         summary = {"results": results.results, "num_examples": results.num_examples,
                    "higher_is_better": results.higher_is_better,
                    "records": {task: records_file(task) for task in results.records}, "meta": dict(meta or {})}
@@ -202,11 +203,13 @@ def _jsonable(value: Any) -> Any:
 
 
 def _finite(value: Any) -> Any:
-    """NaN and infinity as null: results.json stays strict JSON."""
+    """NaN and infinity as null: the files stay strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
     return value
 
 
