@@ -27,6 +27,12 @@ the documents in order (lm-eval's sampler and seed), the evaluated document left
 few-shot split is the test split (lm-eval's rule: `fewshot_split` equal to `test_split`, both
 possibly unset; a JSONL task draws from its own documents and leaves the evaluated one out).
 
+Not supported (a one-line error names the key): lm-eval's Python hooks (`!function`,
+process_docs, process_results, filter_list), `include`, groups, several contexts per document.
+Where lmlab differs on purpose: a generation task with several references scores each metric
+by its own multi-reference rule (BLEU's and chrF's statistics, ROUGE's and SQuAD's best
+reference) where lm-eval counts any matching reference as 1.
+
 A JSONL task (name = the file's stem) holds records of one standard form (`JSONL_FORMS`):
 {"query", "choices", "gold"} (multiple choice), {"prompt", "target" | "references"}
 (generation, scored by SQuAD exact match and F1), {"context", "continuation"} (loglikelihood),
@@ -420,6 +426,9 @@ def _metric_specs(config: Mapping, path: str) -> tuple[MetricSpec, ...]:
             registry.get(name, config["output_type"], entry)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+        if name in [s.name for s in specs]:
+            raise ValueError(f"{path}: metric {name!r} is listed twice in metric_list (results are keyed by "
+                             "metric name); keep one entry")
         specs.append(MetricSpec(name, entry))
     return tuple(specs)
 

@@ -11,8 +11,10 @@ _WHERE = {
     "bleu": "bleu", "sentence_bleu": "bleu",
     "chrf": "chrf", "sentence_chrf": "chrf",
     "rouge": "rouge",
+    "rouge_items": "rouge",
     "bertscore": "bertscore",
     "squad": "squad",
+    "exact_match": "squad", "normalize_answer": "squad",
     "accuracy": "classification", "f1_score": "classification", "matthews_corrcoef": "classification",
     "sliding_window_perplexity": "perplexity",
 }

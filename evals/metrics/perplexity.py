@@ -34,6 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from inference.generate import lm_logits
 from train.logprobs import token_logprobs
@@ -73,6 +74,13 @@ def _window_logprobs(model, params, ids_BT: jax.Array) -> jax.Array:
     return token_logprobs(lm_logits(model.apply({"params": params}, ids_BT)), ids_BT)
 
 
+def _to_host(x: jax.Array) -> np.ndarray:
+    # Sharded params may leave the output spread over processes: gather it, never device_get it.
+    if not x.is_fully_addressable:
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x, np.float64)
+
+
 def _check(model, ids: np.ndarray, max_length: int, stride: int, batch_size: int) -> None:
     if ids.ndim != 1:
         raise ValueError(f"ids must be one sequence of token ids (1-D), got shape {ids.shape}; pass ids[0] "
@@ -102,13 +110,14 @@ def _check(model, ids: np.ndarray, max_length: int, stride: int, batch_size: int
 def _window_nll_means(model, params, ids: np.ndarray, windows: list[Window], max_length: int,
                       batch_size: int) -> list[tuple[float, int]]:
     """(mean NLL of the scored tokens, how many) per window."""
-    out, rows = [], min(batch_size, len(windows))
+    # A power of two rows (at most batch_size): texts of any length share a few compiled shapes.
+    out, rows = [], min(batch_size, 1 << (len(windows) - 1).bit_length())
     for start in range(0, len(windows), rows):
         batch = windows[start: start + rows]
         ids_BT = np.zeros((rows, max_length), np.int32)
         for row, w in enumerate(batch):
             ids_BT[row, : w.end - w.begin] = ids[w.begin: w.end]
-        logps_BT = np.asarray(_window_logprobs(model, params, jnp.asarray(ids_BT)), np.float64)
+        logps_BT = _to_host(_window_logprobs(model, params, jnp.asarray(ids_BT)))
         for row, w in enumerate(batch):
             length = w.end - w.begin
             first = max(1, length - w.targets)  # position 0 has no prediction
@@ -123,7 +132,8 @@ def sliding_window_perplexity(model, params, ids: Sequence[int] | np.ndarray, *,
 
     Args:
       model: an lmlab decoder (`models.gpt.GPT`: GPT-2, LLaMA, Qwen, ...).
-      params: its parameters (may already be placed on devices).
+      params: its parameters (may already be placed on devices, sharded over a mesh: every
+        process then calls this with the same ids).
       ids: the token ids of the whole text, 1-D.
       max_length: tokens per window, at most the model's context (`config.max_len`).
       stride: tokens between window starts, in [1, max_length]; = max_length gives disjoint

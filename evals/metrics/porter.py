@@ -17,6 +17,7 @@ Only lower-case ASCII letters are vowels; any other character (digits) counts as
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 
 _VOWELS = frozenset("aeiou")
@@ -42,7 +43,7 @@ def _consonant_flags(word: str) -> list[bool]:
 def _measure(stem: str) -> int:
     """m of the form [C](VC)^m[V]: the number of vowel -> consonant transitions."""
     flags = _consonant_flags(stem)
-    return sum(1 for before, after in zip(flags, flags[1:]) if not before and after)
+    return sum(1 for before, after in itertools.pairwise(flags) if not before and after)
 
 
 def _has_vowel(stem: str) -> bool:

@@ -71,7 +71,7 @@ def _assert_same(ours, theirs):
 def test_corpus_bleu_equals_sacrebleu(tokenize):
     for smooth_method, effective_order, lowercase in itertools.product(
             ["exp", "floor", "add-k", "none"], [False, True], [False, True]):
-        options = dict(tokenize=tokenize, smooth_method=smooth_method, lowercase=lowercase)
+        options = {"tokenize": tokenize, "smooth_method": smooth_method, "lowercase": lowercase}
         ours = bleu(HYPOTHESES, REFERENCES, effective_order=effective_order, **options)
         theirs = sacrebleu.corpus_bleu(HYPOTHESES, _streams(REFERENCES), use_effective_order=effective_order,
                                        **options)
@@ -94,7 +94,7 @@ def test_sentence_bleu_equals_sacrebleu(tokenize):
 def test_smooth_values_and_ngram_orders_equal_sacrebleu():
     for smooth_method, smooth_value in [("floor", 0.25), ("add-k", 0.5), ("add-k", 3), ("floor", 1)]:
         for max_ngram_order in [1, 2, 4, 6]:
-            options = dict(smooth_method=smooth_method, smooth_value=smooth_value, max_ngram_order=max_ngram_order)
+            options = {"smooth_method": smooth_method, "smooth_value": smooth_value, "max_ngram_order": max_ngram_order}
             _assert_same(bleu(HYPOTHESES, REFERENCES, **options),
                          BLEU(**options).corpus_score(HYPOTHESES, _streams(REFERENCES)))
             _assert_same(sentence_bleu(HYPOTHESES[0], REFERENCES[0], **options),
@@ -132,7 +132,7 @@ _PAIR = st.tuples(_TEXT, st.lists(_TEXT, min_size=1, max_size=3))
        lowercase=st.booleans())
 def test_random_text_equals_sacrebleu(pairs, tokenize, smooth_method, effective_order, lowercase):
     hypotheses, references = [h for h, _ in pairs], [r for _, r in pairs]
-    options = dict(tokenize=tokenize, smooth_method=smooth_method, lowercase=lowercase)
+    options = {"tokenize": tokenize, "smooth_method": smooth_method, "lowercase": lowercase}
     _assert_same(bleu(hypotheses, references, effective_order=effective_order, **options),
                  sacrebleu.corpus_bleu(hypotheses, _streams(references), use_effective_order=effective_order,
                                        **options))

@@ -8,6 +8,7 @@ the real model is evals.lm.ModelLM, whose parity with lm-eval's `hf` backend is
 tests/evals/test_lm.py and, end to end, test_lm_eval_parity.py)."""
 
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -92,8 +93,8 @@ def test_multiple_choice_scores_equal_lm_evals_process_results(mc_yaml):
         scores = reference.process_results(doc, answers)
         assert record["loglikelihoods"] == [ll for ll, _ in answers]
         assert (record["acc"], record["acc_norm"]) == (scores["acc"], scores["acc_norm"])
-        for k in expected:
-            expected[k].append(scores[k])
+        for metric, values in expected.items():
+            values.append(scores[metric])
     assert expected["acc"] != expected["acc_norm"]  # the length normalization matters on this data
     for metric, values in expected.items():
         assert results["toy_mc"][metric]["value"] == pytest.approx(mean(values), abs=1e-12)
@@ -196,7 +197,8 @@ def test_write_and_table(tmp_path, mc_yaml):
     out = tmp_path / "out"
     path = harness.write(str(out), results, meta={"checkpoint": "somewhere"})
     assert sorted(os.listdir(out)) == ["a_b_c.jsonl", "results.json", "toy_mc.jsonl"]  # no temporary left
-    saved = json.loads(open(path).read())
+    with open(path) as f:
+        saved = json.load(f)
     assert saved["results"] == results.results and saved["meta"] == {"checkpoint": "somewhere"}
     assert saved["num_examples"] == {"toy_mc": 10, "a/b c": 2}
     assert saved["records"] == {"toy_mc": "toy_mc.jsonl", "a/b c": "a_b_c.jsonl"}
@@ -221,3 +223,151 @@ def test_bad_arguments_and_answers():
 
     with pytest.raises(RuntimeError, match="answered 0 of 1 requests"):
         harness.evaluate(Short(), [task])
+
+
+HYPOTHESES = ["The cats sat on the mats.", "", "Über naïve café — it's 3.5 °C!", "a b c d e f",
+              "Dogs chase cats\nand cats chase mice.", "the the the the", "Paris", "東京は日本の首都です。"]
+REFERENCES = [["The cat is on the mat.", "A cat sat on a mat."], ["Nothing here.", "Empty."],
+              ["Uber naive cafe: it is 3.5 °C!", "Über naïve café, 3.5 degrees."], ["a b c", "d e f g"],
+              ["Dogs chase cats.\nCats chase mice.", "Cats are chased by dogs."], ["the cat", "the the"],
+              ["Paris", "paris, France"], ["東京は日本の首都。", "首都は東京です。"]]
+
+
+@pytest.fixture(scope="module")
+def generation_results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    data = _write_jsonl(root / "gen.jsonl", [{"prompt": f"item {i}:", "references": refs}
+                                              for i, refs in enumerate(REFERENCES)])
+    metrics = ["bleu", "chrf", "chrf++", "rouge1", "rouge2", "rougeLsum", "exact_match", "f1"]
+    (root / "gen.yaml").write_text(
+        f"task: gen\ndataset_path: files:{data}\ntest_split: test\noutput_type: generate_until\n"
+        "doc_to_text: prompt\ndoc_to_target: references\n"
+        "metric_list: [" + ", ".join(f"{{metric: {m}}}" for m in metrics) + ", {metric: rougeL, use_stemmer: true}]\n")
+    task, = tasks.load_tasks([str(root / "gen.yaml")])
+    by_prompt = {f"item {i}:": h for i, h in enumerate(HYPOTHESES)}
+    return task, harness.evaluate(RecordingLM(lambda c: by_prompt[c]), [task], bootstrap_iters=200)
+
+
+def test_generation_metrics_equal_their_reference_packages(generation_results):
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    from evals.metrics import squad
+
+    _, results = generation_results
+    got = results["gen"]
+    refs_t = [list(r) for r in zip(*REFERENCES)]  # sacrebleu: one stream per reference position
+    assert got["bleu"]["value"] == pytest.approx(sacrebleu.corpus_bleu(HYPOTHESES, refs_t).score, abs=1e-9)
+    assert got["chrf"]["value"] == pytest.approx(sacrebleu.corpus_chrf(HYPOTHESES, refs_t).score, abs=1e-9)
+    assert got["chrf++"]["value"] == pytest.approx(sacrebleu.corpus_chrf(HYPOTHESES, refs_t, word_order=2).score,
+                                                   abs=1e-9)
+    for rouge_type in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        stem = rouge_type == "rougeL"  # the task file gives rougeL the option use_stemmer: true
+        scorer = rouge_scorer.RougeScorer([rouge_type], use_stemmer=stem)
+        fs = [scorer.score_multi(refs, h)[rouge_type].fmeasure for h, refs in zip(HYPOTHESES, REFERENCES)]
+        assert got[rouge_type]["value"] == pytest.approx(np.mean(fs), abs=1e-12)
+        assert got[rouge_type]["stderr"] == pytest.approx(np.std(fs, ddof=1) / math.sqrt(len(fs)), rel=1e-9)
+        if stem:  # the option mattered ("cats" / "cat", "mats" / "mat")
+            plain = rouge_scorer.RougeScorer([rouge_type])
+            assert np.mean(fs) > np.mean([plain.score_multi(r, h)[rouge_type].fmeasure
+                                          for h, r in zip(HYPOTHESES, REFERENCES)])
+    assert {k: got[k]["value"] for k in ("exact_match", "f1")} == pytest.approx(squad.squad(HYPOTHESES, REFERENCES))
+    # SQuAD's normalization drops articles: "the the the the" matches "the the" (both empty); and "Paris"
+    assert got["exact_match"]["value"] == pytest.approx(200 / len(HYPOTHESES))
+    assert all(got[m]["stderr"] > 0 for m in ("bleu", "chrf", "chrf++"))  # bootstrapped
+
+
+@pytest.mark.parametrize("name,reference", [("bleu", "BLEU"), ("chrf", "CHRF"), ("chrf++", "CHRF")])
+def test_a_resample_of_summed_statistics_is_the_corpus_metric_of_the_resampled_corpus(name, reference):
+    """What the bootstrap relies on: re-aggregating the per-example statistics of a resample
+    (with repeats) equals sacrebleu scoring the resampled corpus itself."""
+    import sacrebleu
+
+    metric = registry.get(name, "generate_until")
+    items = [{"prediction": h, "references": r} for h, r in zip(HYPOTHESES, REFERENCES)]
+    stats = metric.item_statistics(items)
+    scorer = getattr(sacrebleu.metrics, reference)(**({"word_order": 2} if name == "chrf++" else {}))
+    rng = np.random.default_rng(5)
+    for _ in range(4):
+        picks = rng.integers(0, len(items), len(items))
+        counts = np.bincount(picks, minlength=len(items)).astype(np.float64)
+        resampled = scorer.corpus_score([HYPOTHESES[i] for i in picks],
+                                        [[REFERENCES[i][k] for i in picks] for k in range(2)]).score
+        assert metric.from_sums(counts @ stats) == pytest.approx(resampled, abs=1e-9)
+
+
+WRITER = """
+import json, os, sys
+import jax
+pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(f"127.0.0.1:{port}", 2, pid)
+from evals import harness
+results = harness.Results({"t": {"acc": {"value": 0.5 + pid, "stderr": None}}}, {"t": [{"doc_id": 0, "by": pid}]},
+                          {"t": 1}, {"t": {"acc": True}})
+if pid == 0:
+    import time
+    time.sleep(2)  # process 1 reaches write first: it must wait for process 0's files
+path = harness.write(out, results, meta={"process": pid})
+with open(path) as f:
+    print(json.load(f)["meta"]["process"])
+jax.distributed.shutdown()
+"""
+
+
+def test_process_zero_writes_and_the_others_wait(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+           "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(pid), str(port), str(tmp_path / "out")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in range(2)]
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
+    assert [out.split() for out, _ in outputs] == [["0"], ["0"]]  # process 1 read process 0's file
+    assert json.loads((tmp_path / "out" / "t.jsonl").read_text()) == {"doc_id": 0, "by": 0}
+    assert sorted(os.listdir(tmp_path / "out")) == ["results.json", "t.jsonl"]
+
+
+def test_classification_metrics_of_multiple_choice_equal_scikit_learn(tmp_path):
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    data = _write_jsonl(tmp_path / "mc.jsonl", MC_RECORDS)
+    (tmp_path / "cls.yaml").write_text(
+        f"task: cls\ndataset_path: files:{data}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: question\ndoc_to_choice: choices\ndoc_to_target: label\n"
+        "metric_list: [{metric: f1, average: macro}, {metric: mcc}]\n")
+    task, = tasks.load_tasks([str(tmp_path / "cls.yaml")])
+    results = harness.evaluate(RecordingLM(), [task], bootstrap_iters=200)
+    records = results.records["cls"]
+    golds = [r["gold"] for r in records]
+    predictions = [int(np.argmax(r["loglikelihoods"])) for r in records]
+    assert results["cls"]["f1"]["value"] == pytest.approx(f1_score(golds, predictions, average="macro"), abs=1e-12)
+    assert results["cls"]["mcc"]["value"] == pytest.approx(matthews_corrcoef(golds, predictions), abs=1e-12)
+    assert results["cls"]["f1"]["stderr"] > 0 and results["cls"]["mcc"]["stderr"] > 0
+
+
+def test_bertscore_is_the_mean_f1_of_evals_metrics_bertscore(tmp_path):
+    from tests.minilm import minilm_path
+
+    bertscore = importlib.import_module("evals.metrics.bertscore").bertscore
+    hypotheses, references = HYPOTHESES[:4], REFERENCES[:4]
+    data = _write_jsonl(tmp_path / "g.jsonl", [{"prompt": f"p{i}", "references": r} for i, r in enumerate(references)])
+    (tmp_path / "b.yaml").write_text(
+        f"task: b\ndataset_path: files:{data}\ntest_split: test\noutput_type: generate_until\ndoc_to_text: prompt\n"
+        f"doc_to_target: references\nmetric_list: [{{metric: bertscore, model_dir: {minilm_path()}, num_layers: 3}}]\n")
+    task, = tasks.load_tasks([str(tmp_path / "b.yaml")])
+    by_prompt = {f"p{i}": h for i, h in enumerate(hypotheses)}
+    results = harness.evaluate(RecordingLM(lambda c: by_prompt[c]), [task])
+    f1 = bertscore(hypotheses, references, model_dir=minilm_path(), num_layers=3).f1
+    assert results["b"]["bertscore"]["value"] == pytest.approx(float(np.mean(f1)), abs=1e-12)
+    assert [r["bertscore"] for r in results.records["b"]] == pytest.approx(list(f1), abs=1e-12)

@@ -186,6 +186,7 @@ def test_bad_tasks_are_one_line_errors_naming_the_problem(tmp_path):
     _error([_yaml(tmp_path, full + "doc_to_decontamination_query: !function utils.q\n")], r"!function")
     _error([_yaml(tmp_path, full + "metric_list: [{metric: blue}]\n")], r"unknown metric 'blue'.*acc, acc_norm")
     _error([_yaml(tmp_path, full + "metric_list: [{metric: bleu}]\n")], r"'bleu' for multiple_choice.*generate_until")
+    _error([_yaml(tmp_path, full + "metric_list: [acc, {metric: acc}]\n")], r"metric 'acc' is listed twice")
     _error([_yaml(tmp_path, full.replace("output_type: multiple_choice", "output_type: generate_until")
                   + "metric_list: [{metric: bertscore}]\n")], r"bertscore.*needs the option 'model_dir'")
     _error([_yaml(tmp_path, full.replace("output_type: multiple_choice", "output_type: classify"))],
@@ -289,8 +290,8 @@ def test_built_in_task_files_install_with_the_package(tmp_path):
                    capture_output=True, timeout=120)
     shipped = sorted(os.listdir(build / "evals" / "task_data"))
     assert shipped == sorted(f for f in os.listdir(os.path.join(REPO, "evals", "task_data")) if f.endswith(".yaml"))
-    code = ("import evals.tasks as t; assert t.__file__.startswith(%r), t.__file__; "
-            "print(','.join(t.builtin_names())); print(t.load_tasks(['pydoc_cloze'])[0].name)" % str(build))
+    code = (f"import evals.tasks as t; assert t.__file__.startswith({str(build)!r}), t.__file__; "
+            "print(','.join(t.builtin_names())); print(t.load_tasks(['pydoc_cloze'])[0].name)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(build)}, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
