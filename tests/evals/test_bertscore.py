@@ -156,6 +156,8 @@ def test_identical_texts_score_one_and_model_loads_once():
     (lambda: bertscore(["a"], [[]], model_dir=minilm_path(), num_layers=1), "empty list of references"),
     (lambda: bertscore(["a"], ["a"], model_dir=minilm_path(), num_layers=7), r"num_layers=7 is outside \[0, 6\]"),
     (lambda: bertscore("a", ["a"], model_dir=minilm_path(), num_layers=1), "not a single str"),
+    (lambda: bertscore(["a", "b"], ["a", ["b", None]], model_dir=minilm_path(), num_layers=1),
+     "item 1 holds NoneType None, not a str"),
 ])
 def test_bad_input_is_one_line(call, match):
     with pytest.raises(ValueError, match=match) as info:
