@@ -54,7 +54,7 @@ from models.bert import BertConfig, BertModel
 
 # Texts are embedded this many pairs at a time (deduplicated inside), so memory stays bounded.
 _PAIRS_PER_CHUNK = 4096
-_MIN_BUCKET = 32
+_LENGTH_STEP = 16  # texts are padded to a multiple of this many tokens
 _BUCKET_TOKENS = 1024  # a batch is padded to at least this many tokens' rows (fewer shapes to compile)
 
 
@@ -124,18 +124,22 @@ def _references_lists(hypotheses: Sequence[str], references: Sequence) -> list[l
     empty = [i for i, refs in enumerate(lists) if not refs]
     if empty:
         raise ValueError(f"hypothesis {empty[0]} has an empty list of references; give at least one reference")
+    for i, (hyp, refs) in enumerate(zip(hypotheses, lists)):
+        for text in (hyp, *refs):
+            if not isinstance(text, str):
+                raise ValueError(f"item {i} holds {type(text).__name__} {text!r:.40}, not a str")  # noqa: TRY004
     return lists
 
 
-def _bucket(n: int, cap: int, least: int = _MIN_BUCKET) -> int:
-    """Next power of two >= n (at least `least`, at most cap): few distinct compiled shapes."""
-    return min(cap, max(least, 1 << max(0, n - 1).bit_length()))
+def _length_bucket(n: int, cap: int) -> int:
+    """Token length n rounded up to a multiple of _LENGTH_STEP: little padding, few shapes."""
+    return min(cap, -(-n // _LENGTH_STEP) * _LENGTH_STEP)
 
 
 def _rows(n: int, length: int, batch_size: int) -> int:
-    """Rows of a batch of n texts of `length`: bucketed, but short batches of long texts are
-    not padded with many rows of long padding."""
-    return _bucket(n, batch_size, least=max(1, _BUCKET_TOKENS // length))
+    """Rows of a batch of n texts of `length`: the next power of two, at least _BUCKET_TOKENS
+    tokens' worth (few compiled shapes) but no more rows of long padding than that."""
+    return min(batch_size, max(_BUCKET_TOKENS // length, 1 << max(0, n - 1).bit_length()))
 
 
 def token_weights(encoder: Encoder, reference_ids: Sequence[tuple[int, ...]], idf: bool):
@@ -168,7 +172,7 @@ def _embed_texts(encoder: Encoder, num_layers: int, sequences: list[tuple[int, .
     out = {}
     for start in range(0, len(ordered), batch_size):
         batch = ordered[start: start + batch_size]
-        length = _bucket(max(map(len, batch)), encoder.max_tokens)
+        length = _length_bucket(max(map(len, batch)), encoder.max_tokens)
         rows = _rows(len(batch), length, batch_size)
         ids_BT = np.full((rows, length), pad, np.int32)
         mask_BT = np.zeros((rows, length), np.int32)
@@ -208,7 +212,7 @@ def _greedy_match(hyp_BTD, hyp_w_BT, hyp_mask_BT, hyp_short_B, ref_BSD, ref_w_BS
 def _pad_side(sequences, embeddings, weights, rows: int, cap: int, dim: int):
     """One side of a batch of pairs: embeddings, weights, token mask, shorter-than-longest."""
     longest = max(map(len, sequences))
-    length = _bucket(longest, cap)
+    length = _length_bucket(longest, cap)
     emb = np.zeros((rows, length, dim), np.float32)
     w = np.zeros((rows, length), np.float32)
     mask = np.zeros((rows, length), bool)
@@ -231,7 +235,7 @@ def _score_pairs(encoder: Encoder, num_layers: int, pairs: list[tuple[tuple, tup
         for start in range(0, len(chunk_pairs), batch_size):
             batch = chunk_pairs[start: start + batch_size]
             hyps, refs = [h for h, _ in batch], [r for _, r in batch]
-            longest = _bucket(max(len(ids) for pair in batch for ids in pair), encoder.max_tokens)
+            longest = _length_bucket(max(len(ids) for pair in batch for ids in pair), encoder.max_tokens)
             rows = _rows(len(batch), longest, batch_size)
             hyp = _pad_side(hyps, embeddings, weights, rows, encoder.max_tokens, dim)
             ref = _pad_side(refs, embeddings, weights, rows, encoder.max_tokens, dim)

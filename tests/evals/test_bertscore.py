@@ -14,8 +14,8 @@ import pytest
 import torch
 import transformers
 
-from evals.metrics import bertscore as bertscore_lib
-from evals.metrics.bertscore import bertscore
+# The module by its full name: `evals.metrics.bertscore` is also the function's lazy name.
+from evals.metrics.bertscore import _load_encoder, bertscore, load_encoder
 from tests.minilm import minilm_path
 
 # The issue's tolerance; float32 on both sides agrees to ~3e-7.
@@ -108,7 +108,7 @@ def test_batches_and_padding_convention_as_bert_score():
 def test_long_texts_are_truncated_as_bert_score():
     """Past 512 tokens ([CLS] and [SEP] included) a text is cut, as transformers cuts it."""
     hyps, refs = ["word " * 600 + "end"], [["many words " * 300]]
-    encoder = bertscore_lib.load_encoder(minilm_path())
+    encoder = load_encoder(minilm_path())
     assert len(encoder.encode(hyps[0])) == 512
     np.testing.assert_allclose(_ours(hyps, refs, num_layers=1), _reference(hyps, refs, num_layers=1),
                                rtol=0, atol=TOL)
@@ -143,11 +143,11 @@ def test_idf_degenerate_weights_are_nan_as_bert_score():
 
 
 def test_identical_texts_score_one_and_model_loads_once():
-    before = bertscore_lib._load_encoder.cache_info()
+    before = _load_encoder.cache_info()
     score = bertscore(["Same text, twice."], [["Same text, twice."]], model_dir=str(minilm_path()), num_layers=3)
     np.testing.assert_allclose(np.stack(score), 1.0, atol=1e-5)
     bertscore(["x"], ["y"], model_dir=minilm_path() / ".." / "model", num_layers=3)
-    after = bertscore_lib._load_encoder.cache_info()
+    after = _load_encoder.cache_info()
     assert after.misses - before.misses <= 1 and after.hits - before.hits >= 1
 
 
@@ -156,6 +156,8 @@ def test_identical_texts_score_one_and_model_loads_once():
     (lambda: bertscore(["a"], [[]], model_dir=minilm_path(), num_layers=1), "empty list of references"),
     (lambda: bertscore(["a"], ["a"], model_dir=minilm_path(), num_layers=7), r"num_layers=7 is outside \[0, 6\]"),
     (lambda: bertscore("a", ["a"], model_dir=minilm_path(), num_layers=1), "not a single str"),
+    (lambda: bertscore(["a", "b"], ["a", ["b", None]], model_dir=minilm_path(), num_layers=1),
+     "item 1 holds NoneType None, not a str"),
 ])
 def test_bad_input_is_one_line(call, match):
     with pytest.raises(ValueError, match=match) as info:
