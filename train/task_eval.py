@@ -2,19 +2,21 @@
 `eval/<task>/<metric>` beside val_loss.
 
     tasks = task_eval.TaskEvaluator(run)      # the tasks of run.config.eval.tasks
-    tasks(state) -> {"eval/arith_add/exact_match": 0.25, ...}     # {} when it names none
+    tasks(state) -> {"eval/pydoc_cloze/acc": 0.25, ...}     # {} when it names none
 
-At every evaluation (`eval.every_steps`, and the end of the run) the trainer hands the loop's
-state to `evals.harness.evaluate` through `evals.lm.ModelLM`, without a copy or a gather: the
-parameters stay in the run's sharded layout (FSDP shards, a LoRA run's frozen base beside its
-adapters, `train.trainable.combine`) and ModelLM places its batches on the run's mesh. The
-model is the run's own, so a LoRA, prefix or adapter run scores with its adapters applied; a
-PPO run scores its policy (`models.policy_value`: without the value head or value model).
-Every process takes part (the forward passes are collectives); only process 0 writes what
-they return. The numbers equal `python -m evals` on the checkpoint of the same step.
+The trainer scores them at the start of the run (the scores it starts from; a task the model
+cannot score, e.g. one whose continuations outgrow the context, fails before any training),
+every `eval.every_steps` and at the end (the summary). It hands the loop's state to
+`evals.harness.evaluate` through `evals.lm.ModelLM` without a copy or a gather: the parameters
+stay in the run's sharded layout (FSDP shards, a LoRA run's frozen base beside its adapters,
+`train.trainable.combine`) and ModelLM places its batches on the run's mesh. The model is the
+run's own, so a LoRA, prefix or adapter run scores with its adapters applied; a PPO run scores
+its policy (`policy_lm`). Every process takes part (the forward passes are collectives); only
+process 0 writes what they return. The numbers equal the harness on the checkpoint of the same
+step (`python -m evals`, at the same batch size and strategy).
 
-`evals` is imported here only when a run names tasks: it imports `inference`, which imports
-`train.build` lazily, so a module-level import would tie the packages in a cycle.
+`evals` is imported only when a run names tasks: it imports `inference`, which reads
+`train.build`, so `train` importing `evals` at module level would make a cycle.
 """
 
 from __future__ import annotations
@@ -40,10 +42,10 @@ def check_tasks(config) -> list[Any]:
         return []
     from evals import tasks
 
-    try:
-        return tasks.load_tasks(names)
+    try:  # tfds: sources are read where the run's own tfds data lives if set (else tfds's default)
+        return tasks.load_tasks(names, data_dir=config.data.data_dir or None)
     except (ValueError, FileNotFoundError) as e:
-        raise ValueError(f"config key `eval.tasks`={config.eval.tasks!r}: {e}") from None
+        raise type(e)(f"config key `eval.tasks`={config.eval.tasks!r}: {e}") from None
 
 
 def check_model(config, model) -> None:
@@ -69,6 +71,13 @@ def metric_names(results) -> dict[str, float]:
             for task, metrics in results.results.items() for metric, score in metrics.items()}
 
 
+def policy_lm(model, params) -> tuple[Any, Any]:
+    """(model, params) of the causal LM that a run's tasks score: the run's own, or a PPO run's
+    policy (`models.policy_value`: without the shared value head or the separate value model)."""
+    policy = policy_value.policy_model(model)
+    return (policy, params) if policy is model else (policy, policy_value.policy_params(params))
+
+
 class TaskEvaluator:
     """The run's `eval.tasks`, scored on a state by the harness (see the module docstring);
     with no tasks it returns {} and imports nothing."""
@@ -77,23 +86,32 @@ class TaskEvaluator:
         """Loads the tasks of `run.config.eval.tasks` (already checked by `train.validate`)."""
         self.run = run
         self.tasks = check_tasks(run.config)
-        self.model = policy_value.policy_model(run.model)  # PPO: the policy alone
         config = run.config
         # The micro-batch: what the run already fits in memory at once.
         self.batch_size = config.data.batch_size // config.optimizer.grad_accum_steps
         self.limit = config.eval.task_limit or None
 
     def __call__(self, state) -> dict[str, float]:
-        """`eval/<task>/<metric>` of the tasks on `state`'s parameters, as they are laid out."""
+        """`eval/<task>/<metric>` of the tasks on `state`'s parameters, as they are laid out.
+
+        Raises:
+          ValueError: one line naming the task this run's model cannot score (e.g. a continuation
+            longer than the model's context).
+        """
         if not self.tasks:
             return {}
         from evals import harness
         from evals.lm import ModelLM
 
-        params = trainable.combine(state.params, state.frozen)
-        if self.model is not self.run.model:
-            params = policy_value.policy_params(params)
-        lm = ModelLM(self.model, params, self.run.tokenizer, batch_size=self.batch_size, mesh=self.run.mesh,
+        model, params = policy_lm(self.run.model, trainable.combine(state.params, state.frozen))
+        lm = ModelLM(model, params, self.run.tokenizer, batch_size=self.batch_size, mesh=self.run.mesh,
                      strategy=self.run.config.sharding.strategy)
-        return metric_names(harness.evaluate(lm, self.tasks, limit=self.limit))
-
+        scores = {}
+        for task in self.tasks:  # one at a time, so that an error names its task (the scores do not depend on it)
+            try:
+                results = harness.evaluate(lm, [task], limit=self.limit)
+            except ValueError as e:
+                raise ValueError(f"config key `eval.tasks`: task {task.name!r} cannot be scored by this run's model: "
+                                 f"{e}") from None
+            scores.update(metric_names(results))
+        return scores

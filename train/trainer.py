@@ -12,8 +12,8 @@ evaluation. The next-token objective (lm, the decoders' default) reports the los
 byte of exactly the validation text eval.max_batches batches hold, beside the xz baseline on
 the same text, and samples; BERT's masked LM (mlm) its masked-token loss and accuracy (the
 same masks at every evaluation), without bits per byte, xz baseline or sampled text. A
-decoder's run also scores the harness tasks of `eval.tasks` at every evaluation (every
-eval.every_steps and at the end) on the live parameters, logged as `eval/<task>/<metric>`
+decoder's run also scores the harness tasks of `eval.tasks` on the live parameters at the
+start, every eval.every_steps and at the end, logged as `eval/<task>/<metric>`
 (`train.task_eval`).
 
 The state, the batches and the jitted steps are laid out by the sharding strategy
@@ -315,10 +315,15 @@ class _MetricsReader:
 def _train_loop(r: Run, state, train_iter, checkpointer: Checkpointer, eval_batches,
                 tasks: task_eval.TaskEvaluator):
     """Steps from the state's step to config.steps; returns (state, throughput, last metrics).
-    Every eval.every_steps the validation metrics and the `tasks`' are logged."""
+    The `tasks`' scores are logged at the start, and with the validation metrics every
+    eval.every_steps."""
     config = r.config
     rng = jax.random.key(config.seed + 1)
     reader = _MetricsReader(r, int(state.step))
+    if tasks.tasks:  # the scores the run starts from; a task the model cannot score fails now, not after training
+        start = tasks(state)
+        if reader.writer:
+            reader.writer.write(int(state.step), start)
     stop = {"signal": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
     pending = None  # (step, device metrics) not read yet
