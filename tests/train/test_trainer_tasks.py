@@ -24,6 +24,7 @@ import pytest
 from configs.loader import load_config
 from inference.generate import lm_logits
 from tests.cli_output import REPO, assert_one_line_error, run_module
+from tests.train.test_metrics import read_tensorboard_scalars
 from train import build, task_eval, trainer, validate
 
 ADDITION_YAML = """task: addition
@@ -65,7 +66,7 @@ def _config(shared, *overrides):
 
 
 # fsdp trains LoRA adapters on a frozen base: the harness then reads both, sharded, and the adapters.
-RUNS = {"dp": ["sharding.strategy=dp"],
+RUNS = {"dp": ["sharding.strategy=dp", "logging.tensorboard=true"],
         "fsdp_lora": ["sharding.strategy=fsdp", "finetune.method=lora", "finetune.lora.rank=4"]}
 
 
@@ -115,6 +116,11 @@ def test_logged_task_metrics_equal_the_harness_on_each_checkpoint(run):
     assert set(logged_start) == set(logged_mid) == expected_keys == set(logged_end)
     on_disk = json.loads((workdir / "summary.json").read_text())
     assert {k: on_disk[k] for k in logged_end} == logged_end
+    if config.logging.tensorboard:  # the same scalars in TensorBoard (float32 there)
+        events = read_tensorboard_scalars(workdir / "tensorboard")
+        for key in expected_keys:
+            assert [step for step, _ in events[key]] == [0, EVERY], key
+            assert events[key][1][1] == pytest.approx(logged_mid[key], rel=1e-6), key
     _assert_equal_metrics(logged_mid, _harness_on_checkpoint(config, workdir, EVERY))
     _assert_equal_metrics(logged_end, _harness_on_checkpoint(config, workdir, STEPS))
     # Training moved what trains (a LoRA run: only the adapters): each evaluation scored other parameters.
