@@ -62,6 +62,9 @@ TEST_REQUIRES = [
     # local files).
     "sacrebleu==2.6.0",
     "rouge-score==0.1.2",
+    # rouge-score's stemmer is nltk's PorterStemmer and it leaves nltk unpinned; evals.metrics.porter
+    # is tested word by word against this version.
+    "nltk==3.10.4",
     "bert-score==0.3.13",
     "scikit-learn==1.9.1",
     "lm-eval==0.4.13",

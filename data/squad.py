@@ -1,5 +1,5 @@
-"""Extractive question answering (SQuAD): windows of tokens with character offsets, the answer-span
-post-processing, and the official v1.1 exact match and F1.
+"""Extractive question answering (SQuAD): windows of tokens with character offsets and the answer-span
+post-processing. The official v1.1 exact match and F1 of the answers are `evals.metrics.squad`.
 
 Axis letters: N features (windows), T sequence length, K n-best candidates.
 
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import re
-import string
 from collections.abc import Sequence
 
 import numpy as np
@@ -175,49 +173,3 @@ def postprocess(examples: Sequence[QAExample], features: QAFeatures, start_idx_N
                 if score > best[ex][0]:
                     best[ex] = (score, examples[ex].context[offsets[s, 0]:offsets[e, 1]])
     return [text for _, text in best]
-
-
-# --- The official SQuAD v1.1 evaluation (evaluate-v1.1.py): normalization, EM, F1.
-
-def normalize_answer(text: str) -> str:
-    """Lowercase, drop punctuation, the articles a/an/the, and extra whitespace."""
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, gold: str) -> float:
-    return float(normalize_answer(prediction) == normalize_answer(gold))
-
-
-def f1(prediction: str, gold: str) -> float:
-    """Token-overlap F1 of the normalized strings."""
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
-    common = sum((collections.Counter(pred) & collections.Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
-def squad_sums(predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> dict[str, float]:
-    """Sums of EM and F1 (each the max over an example's gold answers) and the example count.
-
-    Examples without gold answers are not scored (SQuAD v1.1 has none).
-    """
-    em = f = count = 0.0
-    for prediction, answers in zip(predictions, golds, strict=True):
-        if not answers:
-            continue
-        em += max(exact_match(prediction, a) for a in answers)
-        f += max(f1(prediction, a) for a in answers)
-        count += 1
-    return {"exact_match_sum": em, "f1_sum": f, "examples": count}
-
-
-def squad_metrics(predictions: Sequence[str], golds: Sequence[Sequence[str]]) -> dict[str, float]:
-    """{"exact_match", "f1"} in percent, as the official script prints them."""
-    sums = squad_sums(predictions, golds)
-    count = max(sums["examples"], 1.0)
-    return {"exact_match": 100.0 * sums["exact_match_sum"] / count, "f1": 100.0 * sums["f1_sum"] / count}

@@ -167,7 +167,8 @@ def write(out_dir: str, results: Results, *, meta: Mapping[str, Any] | None = No
         os.makedirs(out_dir, exist_ok=True)
         for task, records in results.records.items():
             _atomic_write(os.path.join(out_dir, records_file(task)),
-                          "".join(json.dumps(r, ensure_ascii=False, default=_jsonable) + "\n" for r in records))
+                          "".join(json.dumps(_finite(r), ensure_ascii=False, default=_jsonable) + "\n"
+                                  for r in records))
         summary = {"results": results.results, "num_examples": results.num_examples,
                    "higher_is_better": results.higher_is_better,
                    "records": {task: records_file(task) for task in results.records}, "meta": dict(meta or {})}
@@ -202,11 +203,13 @@ def _jsonable(value: Any) -> Any:
 
 
 def _finite(value: Any) -> Any:
-    """NaN and infinity as null: results.json stays strict JSON."""
+    """NaN and infinity as null: the files stay strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
     return value
 
 
@@ -216,11 +219,16 @@ def table(results: Results) -> str:
     for task, metrics in results.results.items():
         for metric, entry in metrics.items():
             arrow = "↑" if results.higher_is_better[task][metric] else "↓"
-            stderr = "" if entry["stderr"] is None else f"±{entry['stderr']:.4f}"
-            rows.append((task, f"{metric} {arrow}", f"{entry['value']:.4f}", stderr, str(results.num_examples[task])))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+            stderr = "" if entry["stderr"] is None else "±" + _number(entry["stderr"])
+            rows.append((task, f"{metric} {arrow}", _number(entry["value"]), stderr, str(results.num_examples[task])))
+    widths = [max(3, *(len(row[i]) for row in rows)) for i in range(5)]
     right = (False, False, True, True, True)
     lines = ["|" + "|".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(row, widths, right)) + "|"
              for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w - 1) + (":" if r else "-") for w, r in zip(widths, right)) + "|")
     return "\n".join(lines)
+
+
+def _number(value: float) -> str:
+    """4 decimals; large values (an untrained model's perplexity) in exponent form."""
+    return f"{value:.4f}" if abs(value) < 1e5 or not math.isfinite(value) else f"{value:.4e}"

@@ -20,9 +20,9 @@ log-prob (log-softmax in float32) and whether every continuation token is the ar
 
 Generation: prompts left-truncated to max_length - max_gen_toks, right-padded, prefilled and
 decoded with `inference.generate`'s KV cache (`prefill_rows`, `decode_rows`) in chunks of
-DECODE_CHUNK tokens; between chunks the host decodes the rows and stops once each has produced
-the eos token or one of its stop strings (lm-eval's stopping criterion); the text is cut
-before the eos and the stop strings.
+`ModelLM.decode_chunk` tokens; between chunks the host decodes the rows and stops once each
+has produced the eos token or one of its stop strings (lm-eval's stopping criterion); the
+text is cut before the eos and the stop strings.
 
 Placement: params already laid out on a mesh (the trainer's live state) are used where they
 are, never copied; others are laid out on `mesh` by `strategy` (default "dp") from their
@@ -56,6 +56,7 @@ from evals.lm_requests import (
 )
 from inference.generate import PAD_ID, decode_rows, initial_state, lm_logits, prefill_rows
 from inference.kv_cache import init_cache
+from inference.sampling import SamplingConfig
 from sharding import mesh as mesh_lib
 from sharding.layout import param_shardings
 from sharding.strategies import STRATEGIES, Strategy, axis_size, check_applies, get_strategy
@@ -75,6 +76,7 @@ class ModelLM:
       rows: rows per forward pass: batch_size rounded up to the batch axes' devices.
       max_length: the most tokens a scored row feeds the model (default the model's max_len).
       mesh, strategy: where the params and batches live.
+      decode_chunk: tokens generated between two checks of the stop strings.
       source: where `from_path` read the checkpoint ("" otherwise).
     """
 
@@ -104,6 +106,7 @@ class ModelLM:
         self._batch = NamedSharding(self.mesh, nn.logical_to_mesh_axes(("act_batch",), self._rules))
         shards = axis_size(self.mesh, self._batch.spec[0] if len(self._batch.spec) else None)
         self.rows = -(-self.batch_size // shards) * shards
+        self.decode_chunk = DECODE_CHUNK
         self.source = ""
 
     @classmethod
@@ -161,6 +164,10 @@ class ModelLM:
             context, continuation = _args(request, (str, str), "loglikelihood", i)
             context_ids, continuation_ids = context_continuation(self.tokenizer, self.prefix_token_id, context,
                                                                  continuation)
+            if not context_ids:  # lm-eval asserts it too
+                raise ValueError(f"loglikelihood request {i}: the context {context!r} is whitespace only, which moves "
+                                 "into the continuation and leaves no token to condition on; pass '' (the prefix "
+                                 "token) or a context with text")
             if not continuation_ids:
                 raise ValueError(f"loglikelihood request {i}: the continuation {continuation!r} is no token after "
                                  f"the context {context[-40:]!r}; every request must score at least one token")
@@ -253,28 +260,37 @@ class ModelLM:
         for r, prompt in enumerate(prompts):
             ids[r, :len(prompt)] = prompt
         stop = () if self.eot_token_id is None else (int(self.eot_token_id),)
-        static = {"model": self.model, "mesh": self.mesh, "rules": self._rules, "sampling": settings.sampling}
-        state = prefill(self.params, self._global(ids), self._global(lengths), cache_len=P + N, **static)
+        static = {"model": self.model, "mesh": self.mesh, "rules": self._rules}
+        # The prefill reads the sampling settings only for the repetition penalty: one compile
+        # serves greedy and sampled requests alike.
+        seen = SamplingConfig(repetition_penalty=settings.sampling.repetition_penalty)
+        carry = prefill(self.params, self._global(ids), self._global(lengths), sampling=seen, cache_len=P + N,
+                        **static)
         tokens = np.zeros((self.rows, 0), np.int32)
         texts = [""] * len(prompts)
         while tokens.shape[1] < N:
-            steps = min(DECODE_CHUNK, N - tokens.shape[1])
-            state = decode_chunk(self.params, state, np.int32(settings.seed), np.int32(salt),
-                                 np.int32(tokens.shape[1]), stop_tokens=stop, steps=steps, **static)
-            tokens = np.concatenate([tokens, _host(state[3])], axis=1)
-            done = _host(state[4])
+            steps = min(self.decode_chunk, N - tokens.shape[1])
+            carry, new_BN = decode_chunk(self.params, carry, np.int32(settings.seed), np.int32(salt),
+                                         np.int32(tokens.shape[1]), sampling=settings.sampling, stop_tokens=stop,
+                                         steps=steps, **static)
+            tokens = np.concatenate([tokens, _host(new_BN)], axis=1)
+            done = _host(carry[2])
             texts = [self._text(row, stop) for row in tokens[:len(prompts)]]
             if all(d or stopped(t, settings.until) for d, t in zip(done, texts)):
                 break
         return [cut_at_stops(text, settings.until) for text in texts]
 
     def _text(self, tokens: np.ndarray, stop: tuple[int, ...]) -> str:
-        """The text of a row's new tokens before its first stop token."""
+        """The text of a row's new tokens before its first stop token, as lm-eval decodes it
+        (skip_special_tokens): without bos or pad tokens, nor ids past the tokenizer's
+        vocabulary (a padded model vocabulary), which have no text."""
+        skipped = {self.tokenizer.bos_id, self.tokenizer.pad_id}
         kept = []
         for t in tokens.tolist():
             if t in stop:
                 break
-            kept.append(t)
+            if t < self.tokenizer.vocab_size and t not in skipped:
+                kept.append(t)
         return self.tokenizer.decode(kept)
 
     def _global(self, host: np.ndarray) -> jax.Array:
@@ -312,30 +328,41 @@ score_rows = jax.jit(_score_rows, static_argnames=("model", "mesh", "rules"))
 
 
 def _prefill(params, ids_BT, lengths_B, *, model, mesh, rules, sampling, cache_len):
-    """The decode state after writing the right-padded prompts into a fresh cache of `cache_len`."""
+    """The decode carry (cache, logits_BV, done_B, seen_BV, positions_B) after writing the
+    right-padded prompts into a fresh cache of `cache_len` slots."""
     with _tracing(mesh, rules):
         cache = init_cache(model, ids_BT.shape[0], cache_len)
         logits_BV, cache = prefill_rows(model, params, cache, ids_BT, lengths_B)
-        return initial_state(logits_BV, cache, ids_BT, lengths_B, max_new_tokens=1, sampling=sampling,
-                             vocab_size=model.config.vocab_size)
+        state = initial_state(logits_BV, cache, ids_BT, lengths_B, max_new_tokens=1, sampling=sampling,
+                              vocab_size=model.config.vocab_size)
+        return _carry(state)
+
+
+def _carry(state):
+    """What one decode chunk hands the next of `inference.generate`'s loop state (not the step
+    or the tokens, whose shapes are the chunk's). The rows' done flags are laid out by rows as
+    the loop leaves them (the prefill's fresh ones would be replicated: a second compile)."""
+    _, cache, logits_BV, _, done_B, seen_BV, positions_B = state
+    return cache, logits_BV, nn.with_logical_constraint(done_B, ("act_batch",)), seen_BV, positions_B
 
 
 prefill = jax.jit(_prefill, static_argnames=("model", "mesh", "rules", "sampling", "cache_len"))
 
 
-def _decode_chunk(params, state, seed, salt, start, *, model, mesh, rules, sampling, stop_tokens, steps):
-    """`steps` more tokens per row (fewer if every row has stopped), from the state of a prefill
-    or of the previous chunk; the state's tokens are this chunk's [B, steps]."""
+def _decode_chunk(params, carry, seed, salt, start, *, model, mesh, rules, sampling, stop_tokens, steps):
+    """(carry, tokens [B, steps]): `steps` more tokens per row (PAD_ID once a row has stopped;
+    fewer steps run if every row has), from the carry of a prefill or of the previous chunk."""
     with _tracing(mesh, rules):
-        _, cache, logits_BV, _, done_B, seen_BV, positions_B = state
+        cache, logits_BV, done_B, seen_BV, positions_B = carry
         tokens_BN = jnp.full((done_B.shape[0], steps), PAD_ID, jnp.int32)
         rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), salt), start)
-        return decode_rows(model, sampling, stop_tokens, params, rng,
-                           (jnp.int32(0), cache, logits_BV, tokens_BN, done_B, seen_BV, positions_B))
+        state = decode_rows(model, sampling, stop_tokens, params, rng,
+                            (jnp.int32(0), cache, logits_BV, tokens_BN, done_B, seen_BV, positions_B))
+        return _carry(state), state[3]
 
 
 decode_chunk = jax.jit(_decode_chunk, static_argnames=("model", "mesh", "rules", "sampling", "stop_tokens", "steps"),
-                       donate_argnames=("state",))
+                       donate_argnames=("carry",))
 
 
 # ------------------------------------------------------------------------------------- placement
@@ -351,11 +378,13 @@ def place_params(model, params, mesh: Mesh | None, strategy: str | None) -> tupl
     """
     laid_out = _mesh_of(params)
     if laid_out is not None:
-        if mesh is not None and set(mesh.devices.flat) != set(laid_out.devices.flat):
-            raise ValueError(f"the params are laid out on the devices of mesh {dict(laid_out.shape)}, not on those "
-                             f"of mesh {dict(mesh.shape)}; pass their own mesh (or mesh=None)")
+        if mesh is not None and mesh != laid_out:
+            raise ValueError(f"the params are laid out on mesh {dict(laid_out.shape)}, not on the mesh "
+                             f"{dict(mesh.shape)} given; pass their own mesh (or mesh=None)")
         mesh = mesh or laid_out
-        return params, mesh, get_strategy(strategy) if strategy else _strategy_of(mesh)
+        chosen = get_strategy(strategy) if strategy else _strategy_of(mesh)
+        check_applies(chosen, mesh)
+        return params, mesh, chosen
     chosen = get_strategy(strategy or "dp")
     mesh = mesh or mesh_lib.make_mesh(chosen.default_mesh)
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])

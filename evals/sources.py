@@ -22,6 +22,7 @@ Relative paths are relative to `base_dir` (the task file's directory).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -31,6 +32,8 @@ SOURCE_FORMS = ("'files:PATH.jsonl' ('{split}' in PATH is replaced by the split 
                 "'verifiable:TASK'")
 EMBEDDED = ("continuation", "cloze", "documents")
 LOCAL_SPLITS = ("test", "train")  # what the embedded and verifiable sources hold
+LEGACY_TFDS = {"glue": "tensorflow_datasets.text.glue",
+               "cnn_dailymail": "tensorflow_datasets.summarization.cnn_dailymail"}
 
 
 def read_docs(source: str, split: str, *, name: str | None = None, kwargs: Mapping[str, Any] | None = None,
@@ -119,6 +122,8 @@ def _tfds(name: str, split: str, data_dir: str | None) -> list[dict]:
 
     if name.count("/") > 1 or not all(name.split("/")):
         raise ValueError(f"'tfds:{name}' is not NAME or NAME/CONFIG")
+    if name.split("/")[0] in LEGACY_TFDS:  # registered on import only (not found lazily like newer datasets)
+        importlib.import_module(LEGACY_TFDS[name.split("/")[0]])
     config = tasks.TaskConfig(source=f"tfds:{name.replace('/', ':')}", data_dir=data_dir)
     records, _ = tasks.read_records(config, split)
     return [record.fields for record in records]

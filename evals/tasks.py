@@ -23,7 +23,15 @@ runs here unchanged:
 Prompts are built as lm-eval builds them: description + (text + target_delimiter + answer +
 fewshot_delimiter) per few-shot example + text; a choice is scored as the continuation
 target_delimiter + choice; few-shot examples are drawn by one `random.Random(FEWSHOT_SEED)` over
-the documents in order (lm-eval's sampler and seed), never the evaluated document itself.
+the documents in order (lm-eval's sampler and seed), the evaluated document left out when the
+few-shot split is the test split (lm-eval's rule: `fewshot_split` equal to `test_split`, both
+possibly unset; a JSONL task draws from its own documents and leaves the evaluated one out).
+
+Not supported (a one-line error names the key): lm-eval's Python hooks (`!function`,
+process_docs, process_results, filter_list), `include`, groups, several contexts per document.
+Where lmlab differs on purpose: a generation task with several references scores each metric
+by its own multi-reference rule (BLEU's and chrF's statistics, ROUGE's and SQuAD's best
+reference) where lm-eval counts any matching reference as 1.
 
 A JSONL task (name = the file's stem) holds records of one standard form (`JSONL_FORMS`):
 {"query", "choices", "gold"} (multiple choice), {"prompt", "target" | "references"}
@@ -86,6 +94,8 @@ class Task:
       fewshot_docs: where few-shot examples are drawn from.
       doc_to_text, doc_to_choice, doc_to_target: field names, jinja2 templates or lists.
       metrics: what scores it.
+      fewshot_excludes_doc: whether a document is kept out of its own few-shot examples (lm-eval:
+        when the few-shot split is the test split).
       where: the file that declared it (for error messages).
     """
 
@@ -102,6 +112,7 @@ class Task:
     generation_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     metrics: tuple[MetricSpec, ...] = ()
     num_fewshot: int = 0
+    fewshot_excludes_doc: bool = True
     where: str = ""
 
     # --- A document's parts (lm-eval's doc_to_text / doc_to_choice / doc_to_target).
@@ -198,12 +209,13 @@ class Task:
         return "".join(parts) + self.text(doc)
 
     def fewshot_examples(self, doc: Mapping, rng: random.Random | None) -> list[Mapping]:
-        """lm-eval's default sampler: n + 1 drawn when the pool holds `doc`, which is then left out."""
+        """lm-eval's default sampler: when the document is to be kept out, n + 1 are drawn and it
+        is left out of them."""
         n = self.num_fewshot
         if n == 0:
             return []
         pool = list(self.fewshot_docs)
-        if doc in pool:
+        if self.fewshot_excludes_doc:
             drawn = [d for d in rng.sample(pool, n + 1) if d != doc][:n]
             if len(drawn) < n:  # duplicates of doc were drawn: lm-eval draws again without them
                 drawn = rng.sample([d for d in pool if d != doc], n)
@@ -298,19 +310,17 @@ def _load_one(name: str, data_dir: str | None, num_fewshot: int | None) -> Task:
     if name.endswith((".yaml", ".yml", ".jsonl")):
         if not os.path.isfile(name):
             raise FileNotFoundError(f"task file {name} does not exist; fix the path")
-        task = _jsonl_task(name) if name.endswith(".jsonl") else _yaml_task(name, data_dir)
+        task = _jsonl_task(name, num_fewshot) if name.endswith(".jsonl") else _yaml_task(name, data_dir, num_fewshot)
     elif name in builtin_names():
-        task = _yaml_task(os.path.join(TASK_DATA, f"{name}.yaml"), data_dir)
+        task = _yaml_task(os.path.join(TASK_DATA, f"{name}.yaml"), data_dir, num_fewshot)
     else:
         raise ValueError(f"unknown task {name!r}; built-in tasks are {', '.join(builtin_names())}, or give the path "
                          "of a .yaml or .jsonl task file")
-    if num_fewshot is not None:
-        task = dataclasses.replace(task, num_fewshot=num_fewshot)
     check(task)
     return task
 
 
-def _jsonl_task(path: str) -> Task:
+def _jsonl_task(path: str, num_fewshot: int | None) -> Task:
     docs = sources.read_docs("files:" + os.path.abspath(path), "test")
     keys = set(docs[0])
     form = next((f for f in JSONL_FORMS if set(f) <= keys), None)
@@ -326,7 +336,8 @@ def _jsonl_task(path: str) -> Task:
     metrics = ("exact_match", "f1") if output_type == "generate_until" else registry.DEFAULTS[output_type]
     return Task(name=os.path.splitext(os.path.basename(path))[0], output_type=output_type, docs=docs,
                 doc_to_text=text, doc_to_choice=choice, doc_to_target=target,
-                metrics=tuple(MetricSpec(m) for m in metrics), where=path,
+                metrics=tuple(MetricSpec(m) for m in metrics), where=path, num_fewshot=num_fewshot or 0,
+                fewshot_docs=docs if num_fewshot else (),
                 generation_kwargs={"until": ["\n\n"]} if output_type == "generate_until" else {})
 
 
@@ -350,7 +361,7 @@ def _read_yaml(path: str) -> dict:
     return config
 
 
-def _yaml_task(path: str, data_dir: str | None) -> Task:
+def _yaml_task(path: str, data_dir: str | None, num_fewshot: int | None) -> Task:
     config = _read_yaml(path)
     for key in ("task", "dataset_path", "output_type"):
         if not config.get(key):
@@ -369,7 +380,7 @@ def _yaml_task(path: str, data_dir: str | None) -> Task:
     read = functools.partial(sources.read_docs, str(config["dataset_path"]), name=config.get("dataset_name"),
                              kwargs=config.get("dataset_kwargs"), base_dir=base, data_dir=data_dir)
     docs = read(split)
-    num_fewshot = int(config.get("num_fewshot") or 0)
+    num_fewshot = int(config.get("num_fewshot") or 0) if num_fewshot is None else num_fewshot
     fewshot_split = (config.get("fewshot_split") or config.get("training_split") or config.get("validation_split")
                      or split)
     fewshot_docs = (docs if fewshot_split == split else read(fewshot_split)) if num_fewshot else ()
@@ -379,7 +390,8 @@ def _yaml_task(path: str, data_dir: str | None) -> Task:
         doc_to_target=config.get("doc_to_target"), target_delimiter=str(config.get("target_delimiter", " ")),
         fewshot_delimiter=str(config.get("fewshot_delimiter", "\n\n")), description=str(config.get("description", "")),
         generation_kwargs=_generation_kwargs(config, path), metrics=_metric_specs(config, path),
-        num_fewshot=num_fewshot, where=path)
+        num_fewshot=num_fewshot, fewshot_excludes_doc=config.get("fewshot_split") == config.get("test_split"),
+        where=path)
 
 
 def _generation_kwargs(config: Mapping, path: str) -> dict:
@@ -414,6 +426,9 @@ def _metric_specs(config: Mapping, path: str) -> tuple[MetricSpec, ...]:
             registry.get(name, config["output_type"], entry)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+        if name in [s.name for s in specs]:
+            raise ValueError(f"{path}: metric {name!r} is listed twice in metric_list (results are keyed by "
+                             "metric name); keep one entry")
         specs.append(MetricSpec(name, entry))
     return tuple(specs)
 

@@ -11,11 +11,18 @@ _WHERE = {
     "bleu": "bleu", "sentence_bleu": "bleu",
     "chrf": "chrf", "sentence_chrf": "chrf",
     "rouge": "rouge",
+    "rouge_items": "rouge",
     "bertscore": "bertscore",
     "squad": "squad",
+    "exact_match": "squad", "normalize_answer": "squad",
     "accuracy": "classification", "f1_score": "classification", "matthews_corrcoef": "classification",
     "sliding_window_perplexity": "perplexity",
 }
+# BLEU's and chrF's per-item statistics and their aggregation (a bootstrap re-sums rows).
+_WHERE.update({
+    "bleu_statistics": "bleu", "bleu_from_statistics": "bleu",
+    "chrf_statistics": "chrf", "chrf_from_statistics": "chrf",
+})
 
 __all__ = sorted(_WHERE)
 

@@ -12,8 +12,9 @@ right) of every window. SQuAD's exact match and F1 need the answer text: `squad_
 model over the whole validation set, keeps each window's n-best start and end positions
 (`jax.lax.top_k` on device), and on the host maps the best span of each example back to its
 context (`data.squad.postprocess`) and scores it against the gold answers with the official
-normalization. The trainer's `report` hook calls it with the whole parameters, in every process
-alike (each scores the whole set, so nothing is gathered across processes).
+normalization (`evals.metrics.squad`). The trainer's `report` hook calls it with the whole
+parameters, in every process alike (each scores the whole set, so nothing is gathered across
+processes).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data import squad, tasks
+from evals.metrics.squad import squad as squad_exact_match_f1
 from train.objectives import register
 from train.objectives.classification import (
     ENCODER_KEYS,
@@ -142,7 +144,7 @@ def squad_predictions(objective: QAObjective, params, eval_set: tasks.EvalSet) -
 def squad_scores(objective: QAObjective, params, eval_set: tasks.EvalSet) -> dict[str, float]:
     """{"exact_match", "f1"} in percent over every validation example."""
     predictions = squad_predictions(objective, params, eval_set)
-    return squad.squad_metrics(predictions, [[text for text, _ in e.answers] for e in eval_set.examples])
+    return squad_exact_match_f1(predictions, [[text for text, _ in e.answers] for e in eval_set.examples])
 
 
 @register("qa")
