@@ -35,8 +35,9 @@ def task_names(config) -> list[str]:
 
 
 def check_tasks(config) -> list[Any]:
-    """The tasks of `eval.tasks`, loaded (their declarations, not their data); ValueError naming
-    the key and the bad task. [] when the run names none."""
+    """The tasks of `eval.tasks`, loaded (their documents read and checked by
+    `evals.tasks.load_tasks`); ValueError or FileNotFoundError naming the key and the bad task.
+    [] when the run names none."""
     names = task_names(config)
     if not names:
         return []
