@@ -6,6 +6,8 @@ lmlab workdir or Hugging Face checkpoint on tasks declared as data (`python -m e
              sliding-window perplexity; each metric is a pure function of strings or numbers.
   lm.py      the model side: batched log-likelihoods, rolling log-likelihoods and KV-cache
              generation of a loaded checkpoint, under a sharding strategy (lm-eval's LM API).
+  lm_requests.py  lm-eval's conventions for requests -> token rows (special tokens, rolling
+             windows, stop strings), as pure functions.
   tasks.py   tasks as data (YAML or JSONL): multiple choice, generation, rolling perplexity.
   harness.py runs tasks on an LM: metrics with bootstrap standard errors, per-example records.
   cli.py     `python -m evals --checkpoint=PATH --tasks=A,B --out=DIR`.

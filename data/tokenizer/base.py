@@ -36,6 +36,12 @@ class Tokenizer(abc.ABC):
         """Returns `[encode(t) for t in texts]`; implementations may do it faster."""
         return [self.encode(text) for text in texts]
 
+    def encode_with_specials(self, text: str) -> list[int]:
+        """`encode(text)` inside the special tokens the tokenizer's own template adds (a LLaMA
+        tokenizer.json's leading bos), as transformers' `encode(text)` with its default
+        add_special_tokens=True gives them (what lm-eval's `hf` backend scores); here none."""
+        return self.encode(text)
+
     @property
     @abc.abstractmethod
     def bos_id(self) -> int | None:

@@ -120,6 +120,10 @@ class HFJsonTokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
+    def encode_with_specials(self, text: str) -> list[int]:
+        # The tokenizer.json's post-processor (TemplateProcessing), as transformers applies it.
+        return self._tokenizer.encode(text, add_special_tokens=True).ids
+
     def decode(self, ids: Iterable[int]) -> str:
         ids = check_ids_in_range(ids, self.vocab_size)
         return self._tokenizer.decode(ids, skip_special_tokens=False)
