@@ -33,6 +33,10 @@ INSTALL_REQUIRES = [
     # DeepMind's mathematics_dataset generates the arithmetic problems of the verifiable RL
     # tasks (data/verifiable.py) locally; nothing is downloaded.
     "mathematics_dataset==1.0.1",
+    # Evaluation tasks are YAML files with jinja2 prompt templates (evals/tasks.py), as lm-eval's;
+    # data/chat.py renders chat templates with jinja2 too.
+    "PyYAML==6.0.4",
+    "Jinja2==3.1.6",
 ]
 
 TEST_REQUIRES = [
@@ -76,6 +80,8 @@ setup(
     description="The modern LLM stack written by hand in JAX/Flax, for reading, experiments and sharding ablations.",
     python_requires=">=3.11",
     packages=find_packages(include=["models*", "train*", "configs*", "sharding*", "data*", "inference*", "evals*"]),
+    # The built-in evaluation tasks (evals/task_data/*.yaml) install with the package.
+    package_data={"evals": ["task_data/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
 )

@@ -18,6 +18,11 @@ _WHERE = {
     "accuracy": "classification", "f1_score": "classification", "matthews_corrcoef": "classification",
     "sliding_window_perplexity": "perplexity",
 }
+# BLEU's and chrF's per-item statistics and their aggregation (a bootstrap re-sums rows).
+_WHERE.update({
+    "bleu_statistics": "bleu", "bleu_from_statistics": "bleu",
+    "chrf_statistics": "chrf", "chrf_from_statistics": "chrf",
+})
 
 __all__ = sorted(_WHERE)
 
