@@ -232,6 +232,11 @@ def get_config() -> ml_collections.ConfigDict:
         sample_tokens=48,
         temperature=0.8,
         prompt="The ",
+        # Harness tasks (evals/: a built-in name or a .yaml/.jsonl task file), comma-separated, scored on
+        # the live parameters at the start, every every_steps and at the end, logged as
+        # eval/<task>/<metric> (train/task_eval.py); "": none.
+        tasks="",
+        task_limit=0,  # examples per task; 0: all
     ))
     return c
 

@@ -11,7 +11,10 @@ The objective (`config.objective`, `train.objectives`) gives the loss, the data 
 evaluation. The next-token objective (lm, the decoders' default) reports the loss in bits per
 byte of exactly the validation text eval.max_batches batches hold, beside the xz baseline on
 the same text, and samples; BERT's masked LM (mlm) its masked-token loss and accuracy (the
-same masks at every evaluation), without bits per byte, xz baseline or sampled text.
+same masks at every evaluation), without bits per byte, xz baseline or sampled text. A
+decoder's run also scores the harness tasks of `eval.tasks` on the live parameters at the
+start, every eval.every_steps and at the end, logged as `eval/<task>/<metric>`
+(`train.task_eval`).
 
 The state, the batches and the jitted steps are laid out by the sharding strategy
 `config.sharding.strategy` on the mesh `config.sharding.mesh` (`sharding.step.build`: dp,
@@ -44,7 +47,7 @@ from data import pipeline
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
 from sharding.strategies import get_strategy
-from train import build, distributed, init_from, objectives, validate
+from train import build, distributed, init_from, objectives, task_eval, validate
 from train import program as program_lib
 from train import step as step_lib
 from train import trainable as trainable_lib
@@ -221,13 +224,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if r.is_lead:
         print(message, flush=True)
     eval_batches = r.objective.eval_batches(config, r.data, r.tokenizer)
+    tasks = task_eval.TaskEvaluator(r)  # eval.tasks, scored by the harness beside val_loss
     before = _eval_before(r, state, eval_batches, fresh=restored is None)
     try:
-        state, throughput, last_metrics = _train_loop(r, state, train_iter, checkpointer, eval_batches)
+        state, throughput, last_metrics = _train_loop(r, state, train_iter, checkpointer, eval_batches, tasks)
     finally:
         checkpointer.close()
     sums, metrics = evaluate(r, state, eval_batches)
-    return _finish(r, state, sums, metrics, throughput, last_metrics, eval_batches, before)
+    return _finish(r, state, sums, metrics, throughput, last_metrics, eval_batches, before, tasks(state))
 
 
 def _eval_before(r: Run, state, eval_batches, *, fresh: bool) -> dict[str, float] | None:
@@ -308,11 +312,18 @@ class _MetricsReader:
             self.writer.close()
 
 
-def _train_loop(r: Run, state, train_iter, checkpointer: Checkpointer, eval_batches):
-    """Steps from the state's step to config.steps; returns (state, throughput, last metrics)."""
+def _train_loop(r: Run, state, train_iter, checkpointer: Checkpointer, eval_batches,
+                tasks: task_eval.TaskEvaluator):
+    """Steps from the state's step to config.steps; returns (state, throughput, last metrics).
+    The `tasks`' scores are logged at the start, and with the validation metrics every
+    eval.every_steps."""
     config = r.config
     rng = jax.random.key(config.seed + 1)
     reader = _MetricsReader(r, int(state.step))
+    if tasks.tasks:  # the scores the run starts from; a task the model cannot score fails now, not after training
+        start = tasks(state)
+        if reader.writer:
+            reader.writer.write(int(state.step), start)
     stop = {"signal": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
     pending = None  # (step, device metrics) not read yet
@@ -341,8 +352,9 @@ def _train_loop(r: Run, state, train_iter, checkpointer: Checkpointer, eval_batc
                 reader.last_time = time.time()  # tokens/s counts training, not saving
             if config.eval.every_steps and done % config.eval.every_steps == 0 and done != config.steps:
                 _, ev = evaluate(r, state, eval_batches)
+                logged = {**validation_metrics(ev), **tasks(state)}  # every process runs both
                 if reader.writer:
-                    reader.writer.write(done, validation_metrics(ev))
+                    reader.writer.write(done, logged)
                 reader.last_time = time.time()
             if stopping and (boundary or done == config.steps):
                 checkpointer.wait_until_finished()
@@ -364,17 +376,19 @@ def validation_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def _finish(r: Run, state, sums: dict[str, float], metrics: dict[str, float], throughput: Throughput,
-            last_metrics, eval_data, before: dict[str, float] | None = None) -> dict[str, Any]:
-    """summary.json: the run's numbers, the validation metrics and what the objective reports
-    beyond them (`report`: the lm's bits per byte against xz on the same text, and samples);
-    with `before` (an objective's own evaluation before the first step) `eval_before` and
-    `eval_after`."""
+            last_metrics, eval_data, before: dict[str, float] | None = None,
+            task_metrics: dict[str, float] | None = None) -> dict[str, Any]:
+    """summary.json: the run's numbers, the validation metrics, the harness tasks' (`eval/<task>/
+    <metric>`, `train.task_eval`) and what the objective reports beyond them (`report`: the lm's
+    bits per byte against xz on the same text, and samples); with `before` (an objective's own
+    evaluation before the first step) `eval_before` and `eval_after`."""
     config, workdir, model = r.config, r.workdir, r.model
     totals = throughput.totals()
     summary = {
         "final_step": int(state.step),
         "train_loss": last_metrics.get("loss"),
         **validation_metrics(metrics),
+        **(task_metrics or {}),
     }
     report = getattr(r.objective, "report", None)
     if report is not None:

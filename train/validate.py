@@ -8,6 +8,8 @@ preparation, tokenizer training or compilation, and before `config.json` is writ
   * the objective is known and fits the model family; the fine-tuning keys (`finetune.*`:
     method, regexes, ranks and sizes) hold values that work, and the freeze / train regexes
     match parameters (`train.trainable`);
+  * `eval.tasks` names harness tasks that load (built-in, or task files with every field),
+    and the model is a decoder with an LM head to score them (`train.task_eval`);
   * the mesh fits the device count, the strategy fits the model's parameter shapes
     (`jax.eval_shape` of the init: nothing is allocated) and the batch fits the batch
     axes and the processes;
@@ -39,7 +41,7 @@ from data.pipeline import process_rows
 from data.tokenizer import Tokenizer, load_tokenizer
 from sharding import mesh as mesh_lib
 from sharding.strategies import get_strategy
-from train import build, init_from, objectives
+from train import build, init_from, objectives, task_eval
 from train import program as program_lib
 from train import trainable as trainable_lib
 
@@ -48,7 +50,8 @@ MINIMUMS = (
     ("steps", 1), ("data.seq_len", 1), ("data.batch_size", 1), ("data.shuffle_window", 1), ("data.worker_count", 0),
     ("optimizer.grad_accum_steps", 1), ("checkpoint.save_interval_steps", 1), ("checkpoint.max_to_keep", 1),
     ("logging.log_every_steps", 1), ("logging.peak_flops", 0), ("eval.every_steps", 0), ("eval.max_batches", 0),
-    ("eval.num_samples", 0), ("eval.sample_tokens", 0), ("eval.temperature", 0), ("model.num_layers", 1),
+    ("eval.num_samples", 0), ("eval.sample_tokens", 0), ("eval.temperature", 0), ("eval.task_limit", 0),
+    ("model.num_layers", 1),
 )
 LOCAL_SPLITS = ("train", "validation")  # what the embedded and files: sources hold
 # (finetune key, smallest value, exclusive): the PEFT methods' sizes.
@@ -68,6 +71,7 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> None:
     """
     workdir = os.path.abspath(workdir)
     _check_counts(config)
+    task_eval.check_tasks(config)  # an unknown task or a task file with missing fields
     check_finetune(config)
     _check_data(config, workdir)
     if config.init_from:
@@ -208,6 +212,7 @@ def abstract_params_of(config, tokenizer: Tokenizer | None) -> Any:
     vocab = tokenizer.vocab_size if tokenizer is not None else config.tokenizer.vocab_size
     with _naming("model"):
         model = build.model(config, vocab)
+    task_eval.check_model(config, model)  # eval.tasks score text: a decoder with an LM head
     # Without a tokenizer (a BPE still to train) the objective is built for its shapes only.
     objective = objectives.get(config, model, tokenizer)
     with _naming("optimizer` or `schedule"):

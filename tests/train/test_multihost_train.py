@@ -45,6 +45,9 @@ COMMON = ["--config=configs/llama.py:tiny", "--config.logging.progress_bar=false
           "--config.logging.log_every_steps=1", "--config.schedule.name=constant",
           "--config.schedule.warmup_steps=0", "--config.checkpoint.save_interval_steps=100000",
           "--config.eval.num_samples=1", "--config.eval.sample_tokens=4", ADAM_EPS]
+# The dp runs also score harness tasks (train/task_eval.py) at the start and the end: every
+# process runs the batches, process 0 writes.
+TASKS = ["--config.eval.tasks=pydoc_cloze,pydoc_perplexity", "--config.eval.task_limit=4"]
 
 
 def _free_port() -> int:
@@ -138,8 +141,9 @@ def runs(tmp_path_factory):
         _wait([reference_proc])
 
         dp_two, dp_one = root / "dp_2x2", root / "dp_1x4"
-        dp_procs = jobs.two_processes(dp_two, "--config.sharding.strategy=dp", f"--config.steps={STEPS}", *shared)
-        dp_reference = jobs.start(dp_one, 4, "--config.sharding.strategy=dp", f"--config.steps={STEPS}", *shared)
+        dp = ["--config.sharding.strategy=dp", f"--config.steps={STEPS}", *shared, *TASKS]
+        dp_procs = jobs.two_processes(dp_two, *dp)
+        dp_reference = jobs.start(dp_one, 4, *dp)
         _wait(dp_procs)
         _wait([dp_reference])
     finally:
@@ -185,6 +189,14 @@ def test_dp_two_processes_match_one_process(runs):
     # One process writes the shared files: one metrics line per step, not one per process.
     lines = [json.loads(x) for x in (runs["dp_two"] / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss" in x] == list(range(1, STEPS + 1))
+    assert [x["step"] for x in lines if "eval/pydoc_cloze/acc" in x] == [0]  # the start's task scores, once
+    # The tasks scored on parameters spread over both processes equal those of one process; the
+    # log-likelihood metrics move with the parameters' and the loss's rounding (TOLERANCE).
+    s2, s1 = _summary(runs["dp_two"]), _summary(runs["dp_one"])
+    scores = sorted(k for k in s1 if k.startswith("eval/"))
+    assert scores == sorted(k for k in s2 if k.startswith("eval/")) and len(scores) == 5, scores
+    for key in scores:
+        np.testing.assert_allclose(s2[key], s1[key], rtol=TOLERANCE, err_msg=key)
 
 
 @pytest.mark.parametrize("flags,complaint", [
