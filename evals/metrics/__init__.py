@@ -1,33 +1,22 @@
 """Metrics written by hand, each equal to its reference package on the same inputs.
 
-Importing `evals.metrics` is cheap: each name loads its module on first use, so BLEU does
-not import jax and BERTScore does not load before it is asked for.
+`evals.metrics.bleu(...)`, `evals.metrics.rouge(...)` and the others are the functions. A
+module that shares its function's name (bleu, chrf, rouge, bertscore, squad) is reached as
+`importlib.import_module("evals.metrics.bleu")` (or `from evals.metrics.bleu import ...`):
+the package imports every metric here, so its attributes are always the functions, whatever
+was imported first.
 """
 
-import importlib
+from evals.metrics.bertscore import bertscore
+from evals.metrics.bleu import bleu, bleu_from_statistics, bleu_statistics, sentence_bleu
+from evals.metrics.chrf import chrf, chrf_from_statistics, chrf_statistics, sentence_chrf
+from evals.metrics.classification import accuracy, f1_score, matthews_corrcoef
+from evals.metrics.perplexity import sliding_window_perplexity
+from evals.metrics.rouge import rouge, rouge_items
+from evals.metrics.squad import exact_match, normalize_answer, squad
 
-# name -> the module (under evals.metrics) that defines it
-_WHERE = {
-    "bleu": "bleu", "sentence_bleu": "bleu",
-    "chrf": "chrf", "sentence_chrf": "chrf",
-    "rouge": "rouge",
-    "rouge_items": "rouge",
-    "bertscore": "bertscore",
-    "squad": "squad",
-    "exact_match": "squad", "normalize_answer": "squad",
-    "accuracy": "classification", "f1_score": "classification", "matthews_corrcoef": "classification",
-    "sliding_window_perplexity": "perplexity",
-}
-# BLEU's and chrF's per-item statistics and their aggregation (a bootstrap re-sums rows).
-_WHERE.update({
-    "bleu_statistics": "bleu", "bleu_from_statistics": "bleu",
-    "chrf_statistics": "chrf", "chrf_from_statistics": "chrf",
-})
-
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name):
-    if name not in _WHERE:
-        raise AttributeError(f"module 'evals.metrics' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"evals.metrics.{_WHERE[name]}"), name)
+__all__ = [
+    "accuracy", "bertscore", "bleu", "bleu_from_statistics", "bleu_statistics", "chrf", "chrf_from_statistics",
+    "chrf_statistics", "exact_match", "f1_score", "matthews_corrcoef", "normalize_answer", "rouge", "rouge_items",
+    "sentence_bleu", "sentence_chrf", "sliding_window_perplexity", "squad",
+]

@@ -110,7 +110,7 @@ def bootstrap_stderr(from_sums: Callable[[np.ndarray], float], stats_NK: np.ndar
 
 
 def _module(name: str):
-    """evals.metrics.NAME, the module (`from evals.metrics import bleu` may give the function)."""
+    """evals.metrics.NAME, the module (the package attribute of that name is the function)."""
     return importlib.import_module(f"evals.metrics.{name}")
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-# The module by its full name: `evals.metrics.bertscore` is also the function's lazy name.
+# The module's own names (the package attribute `evals.metrics.bertscore` is the function).
 from evals.metrics.bertscore import _load_encoder, bertscore, load_encoder
 from tests.minilm import minilm_path
 
