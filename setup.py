@@ -37,6 +37,14 @@ INSTALL_REQUIRES = [
     # data/chat.py renders chat templates with jinja2 too.
     "PyYAML==6.0.4",
     "Jinja2==3.1.6",
+    # Serving (inference/serve/): an ASGI app (FastAPI on uvicorn), OpenAI-compatible.
+    "fastapi==0.165.0",
+    "uvicorn==0.55.0",
+    # Retrieval (rag/): faiss's flat and IVF indexes beside the exact numpy one.
+    "faiss-cpu==1.15.1",
+    # Deployment export to ONNX (inference/onnx_export.py), checked in onnxruntime.
+    "onnx==1.23.2",
+    "onnxruntime==1.32.0",
 ]
 
 TEST_REQUIRES = [
@@ -68,6 +76,14 @@ TEST_REQUIRES = [
     "bert-score==0.3.13",
     "scikit-learn==1.9.1",
     "lm-eval==0.4.13",
+    # Serving (tests/inference/serve): the official OpenAI client against the running server; the
+    # chat page in a real headless browser (Debian's chromium, installed by .ci/run, driven by
+    # playwright's client; no browser download).
+    "openai==3.57.0",
+    "httpx==0.29.0",
+    "playwright==1.65.2",
+    # RAG embeddings (tests/rag) against sentence-transformers on the same MiniLM directory.
+    "sentence-transformers==6.3.0",
     # Notebooks run under pytest (`pytest --nbmake colabs/`).
     "nbmake",
     "nbclient",
@@ -79,7 +95,8 @@ setup(
     version="0.1.0",
     description="The modern LLM stack written by hand in JAX/Flax, for reading, experiments and sharding ablations.",
     python_requires=">=3.11",
-    packages=find_packages(include=["models*", "train*", "configs*", "sharding*", "data*", "inference*", "evals*"]),
+    packages=find_packages(include=["models*", "train*", "configs*", "sharding*", "data*", "inference*", "evals*", "rag*", "agents*",
+                                             "safety*"]),
     # The built-in evaluation tasks (evals/task_data/*.yaml) install with the package.
     package_data={"evals": ["task_data/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
