@@ -153,3 +153,9 @@ def export_decoder(model: GPT, params, directory: str, *, max_len: int | None = 
         json.dump(manifest, f, indent=2)
     shutil.copy(LOADER, os.path.join(directory, "run_exported.py"))
     return manifest
+
+
+if __name__ == "__main__":  # python -m inference.export: the CLI lives in export_cli (its absl flags)
+    from inference import export_cli
+
+    export_cli.run()

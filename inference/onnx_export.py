@@ -284,7 +284,8 @@ def export_onnx(model: GPT, params, directory: str, *, max_len: int | None = Non
       directory: created if needed; must not already hold an export.
       max_len: the longest sequence (prompt + new tokens) the runner allows (default the
         model's max_len; learned positions stop there, RoPE models only by memory).
-      external_data: store the tensors in `model.onnx.data` (None: when over 1 GB).
+      external_data: store the tensors of 1 KB or more in `model.onnx.data` (None: when the weights
+        pass 1 GB); shape constants stay in the graph, where shape inference reads them.
 
     Returns:
       The manifest written.
@@ -301,11 +302,11 @@ def export_onnx(model: GPT, params, directory: str, *, max_len: int | None = Non
     if existing:
         raise FileExistsError(f"{directory!r} already holds {existing}; choose an empty directory")
     proto = decoder_graph(cfg, params)
-    nbytes = sum(t.ByteSize() for t in proto.graph.initializer)
+    nbytes = sum(len(t.raw_data) for t in proto.graph.initializer)
     external = nbytes > EXTERNAL_DATA_BYTES if external_data is None else external_data
     path = os.path.join(directory, "model.onnx")
     onnx.save_model(proto, path, save_as_external_data=external, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=0)
+                    location="model.onnx.data", size_threshold=1024)
     onnx.checker.check_model(path)  # by path: also works past 2 GB with external data
     b = cfg.block
     manifest = {"vocab_size": cfg.vocab_size, "max_len": max_len, "pad_id": PAD_ID, "num_layers": cfg.num_layers,
