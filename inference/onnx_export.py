@@ -59,8 +59,8 @@ def check_exportable(config: GPTConfig) -> None:
     """Raises ValueError naming the first switch of `config` the ONNX graph does not implement."""
     b = config.block
     refusals = [
-        (b.moe is not None, "a mixture of experts (block.moe)"),
         (b.mla is not None, "multi-head latent attention (block.mla)"),
+        (b.moe is not None, "a mixture of experts (block.moe)"),
         (b.peft is not None, "PEFT layers (block.peft); merge the LoRA factors into the weights first"),
         (b.sliding_window is not None, f"sliding-window attention (block.sliding_window={b.sliding_window})"),
         (config.head != "lm", f"a score head (head={config.head!r})"),

@@ -185,7 +185,7 @@ def test_external_data_holds_the_weights_outside_the_graph(hf_llama, tmp_path):
     loaded = load(str(hf_llama[0]))
     manifest = export_onnx(loaded.model, loaded.params, str(tmp_path), external_data=True)
     assert manifest["external_data"]
-    assert os.path.getsize(tmp_path / "model.onnx.data") >= manifest["weight_bytes"]
+    assert os.path.getsize(tmp_path / "model.onnx.data") > 0.9 * manifest["weight_bytes"]  # all but small consts
     graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph
     external = {t.name for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
     assert {"embed.embedding", "lm_head", "layer_1.mlp.wo"} <= external  # the weights; shape constants stay
@@ -216,7 +216,7 @@ def test_cli_refuses_an_unsupported_model_before_reading_its_weights(tmp_path):
     """A Mixtral directory whose weights are garbage: the refusal names the switch, not the file."""
     config = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
                                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=2,
-                                        max_position_embeddings=32)
+                                        max_position_embeddings=32, architectures=["MixtralForCausalLM"])
     config.save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"not weights")
     _one_line_error(_cli(f"--checkpoint={tmp_path}", f"--out={tmp_path / 'out'}", "--format=onnx"),
@@ -224,9 +224,11 @@ def test_cli_refuses_an_unsupported_model_before_reading_its_weights(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_bad_flags_are_one_line_errors_before_loading(workdir, tmp_path):
-    _one_line_error(_cli(f"--checkpoint={workdir}", f"--out={tmp_path / 'new'}", "--format=tflite"), "--format")
-    _one_line_error(_cli(f"--checkpoint={workdir}", f"--out={tmp_path / 'new'}", "--format=onnx",
+def test_cli_bad_flags_are_one_line_errors_before_loading(tmp_path):
+    checkpoint = tmp_path / "ckpt"  # the flags are refused before the path is even read
+    checkpoint.mkdir()
+    _one_line_error(_cli(f"--checkpoint={checkpoint}", f"--out={tmp_path / 'new'}", "--format=tflite"), "--format")
+    _one_line_error(_cli(f"--checkpoint={checkpoint}", f"--out={tmp_path / 'new'}", "--format=onnx",
                          "--dtype=bfloat16"), "float32")
     _one_line_error(_cli(f"--checkpoint={tmp_path / 'missing'}", f"--out={tmp_path / 'new'}"), "not a directory")
     assert not (tmp_path / "new").exists()
