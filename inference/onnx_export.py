@@ -149,8 +149,8 @@ def _mlp(g: _Graph, x: str, p: dict, prefix: str, b) -> str:
 def _rope(g: _Graph, x_BTNH: str, cos: str, sin: str, half: int, head_dim: int) -> str:
     """Rotate-half RoPE on the first 2 * half dims of [B, T, N, H] (the rest pass through)."""
     def piece(start, stop):
-        return g.op("Slice", x_BTNH, g.const(f"s{g._count}", np.array([start], np.int64)),
-                    g.const(f"e{g._count}", np.array([stop], np.int64)), g.const(f"a{g._count}", np.array([3], np.int64)))
+        return g.op("Slice", x_BTNH, g.const("slice_start", np.array([start], np.int64)),
+                    g.const("slice_stop", np.array([stop], np.int64)), g.const("slice_axis", np.array([3], np.int64)))
 
     x1, x2 = piece(0, half), piece(half, 2 * half)
     parts = [g.op("Sub", g.op("Mul", x1, cos), g.op("Mul", x2, sin)),

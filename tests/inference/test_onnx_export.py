@@ -200,7 +200,8 @@ def test_external_data_holds_the_weights_outside_the_graph(hf_llama, tmp_path):
 
 
 @pytest.mark.parametrize("config, switch", [
-    (mixtral_config(vocab_size=40, d_model=32, num_layers=1, num_heads=4, d_ff=16, num_experts=2), "mixture of experts"),
+    (mixtral_config(vocab_size=40, d_model=32, num_layers=1, num_heads=4, d_ff=16, num_experts=2),
+     "mixture of experts"),
     (deepseek_v3_config(vocab_size=40, d_model=32, num_layers=1, num_heads=4, d_ff=40, moe_d_ff=12, num_experts=4,
                         num_experts_per_tok=2, n_group=2, topk_group=1, first_dense_layers=1, q_lora_rank=16,
                         kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, max_len=32),
