@@ -1,5 +1,9 @@
 """Serialized prefill and decode functions (`jax.export`) that run without lmlab's code.
 
+From the command line (inference/export_cli.py; `--format=onnx` writes inference/onnx_export.py's graph):
+
+    python -m inference.export --checkpoint=PATH --out=DIR [--format=jax|onnx] [--max_len] [--step] [--dtype]
+
 Axis letters: B batch, T prompt length, S cache length, V vocabulary.
 
     export_decoder(model, params, "out/", max_len=128)
