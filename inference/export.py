@@ -1,5 +1,9 @@
 """Serialized prefill and decode functions (`jax.export`) that run without lmlab's code.
 
+From the command line (inference/export_cli.py; `--format=onnx` writes inference/onnx_export.py's graph):
+
+    python -m inference.export --checkpoint=PATH --out=DIR [--format=jax|onnx] [--max_len] [--step] [--dtype]
+
 Axis letters: B batch, T prompt length, S cache length, V vocabulary.
 
     export_decoder(model, params, "out/", max_len=128)
@@ -153,3 +157,9 @@ def export_decoder(model: GPT, params, directory: str, *, max_len: int | None = 
         json.dump(manifest, f, indent=2)
     shutil.copy(LOADER, os.path.join(directory, "run_exported.py"))
     return manifest
+
+
+if __name__ == "__main__":  # python -m inference.export: the CLI lives in export_cli (its absl flags)
+    from inference import export_cli
+
+    export_cli.run()
