@@ -25,8 +25,7 @@ import transformers
 from configs.loader import load_config
 from data.tokenizer import ByteLevelBPE
 from data.tokenizer.hf_json import export_bpe
-from inference import generate
-from inference import run_onnx
+from inference import generate, run_onnx
 from inference.load import load
 from inference.onnx_export import check_exportable, export_onnx
 from models.deepseek import deepseek_v3_config
