@@ -21,11 +21,6 @@ TEXTS += [text[:2500] for text in list(topics.values())[:14]]  # paragraphs, sev
 
 
 @pytest.fixture(scope="module")
-def embedder():
-    return Embedder.load(minilm_path())
-
-
-@pytest.fixture(scope="module")
 def reference():
     from sentence_transformers import SentenceTransformer
 
