@@ -5,10 +5,10 @@ max_seq_length must still match sentence-transformers loading that copy)."""
 import json
 import os
 import shutil
+from pydoc_data.topics import topics
 
 import numpy as np
 import pytest
-from pydoc_data.topics import topics
 
 from rag.embed import Embedder, read_recipe
 from tests.minilm import minilm_path

@@ -13,7 +13,7 @@ from data import chat
 from data.tokenizer import ByteLevelBPE
 from data.tokenizer.hf_json import export_bpe
 from inference.load import load
-from rag.generate import SYSTEM, answer, cited, citations, rag_messages
+from rag.generate import SYSTEM, answer, citations, cited, rag_messages
 from rag.index import Index
 from tests.cli_output import assert_one_line_error, run_module
 from tests.minilm import minilm_path
