@@ -151,7 +151,11 @@ def _import_attr(spec: str):
             raise ValueError(f"moderator spec {spec!r}: {module_name} has no attribute {attr!r}; fix the name")
         obj = getattr(obj, part)
     if not hasattr(obj, "check") and callable(obj):
-        obj = obj()  # a factory
+        try:
+            obj = obj()  # a factory
+        except TypeError as e:
+            raise ValueError(f"moderator spec {spec!r} is not a moderator: it has no check(texts) method and "
+                             f"is not a zero-argument factory ({e})") from None
     if not callable(getattr(obj, "check", None)):
         raise ValueError(f"moderator spec {spec!r} is not a moderator: it needs a check(texts) method")
     return obj
