@@ -7,8 +7,10 @@ per-category booleans and scores). Two kinds load through `load_moderator(spec)`
     `moderator.json` (categories, threshold, seq_len) and `model/`, a Hugging Face
     BertForSequenceClassification directory (MiniLM fine-tuned by lmlab's trainer under the
     `classification` objective) with its tokenizer. One class is `safe`; every other class is a
-    category whose score is its softmax probability; a category is flagged when its score is at
-    least the threshold.
+    category whose score is its softmax probability. A text is flagged when 1 - P(safe) (the
+    harm categories' total) is at least the threshold; a category is marked when its own score is
+    at least the threshold, and a flagged text with no such category marks its top-scoring one
+    (so `flagged == any(categories)` always).
   * "module.path:attr": a user's object with `check(texts)` (or a zero-argument factory that
     returns one).
 
@@ -45,11 +47,23 @@ class Moderator(Protocol):
     def check(self, texts: Sequence[str]) -> list[ModerationResult]: ...
 
 
-def results_from_scores(scores_BC: np.ndarray, categories: Sequence[str], threshold: float) -> list[ModerationResult]:
-    """`ModerationResult`s of per-category scores [B, C] (a category is flagged at score >= threshold)."""
+def results_from_scores(scores_BC: np.ndarray, categories: Sequence[str], threshold: float,
+                        harm_B: np.ndarray | None = None) -> list[ModerationResult]:
+    """`ModerationResult`s of per-category scores [B, C].
+
+    Args:
+      scores_BC: each category's score.
+      categories: their names.
+      threshold: a category is marked at score >= threshold.
+      harm_B: the probability of any harm (1 - P(safe)); when given, a text is flagged at
+        harm >= threshold, and a flagged text with no marked category marks its top one.
+    """
     out = []
-    for row in np.asarray(scores_BC, np.float64):
+    scores_BC = np.asarray(scores_BC, np.float64)
+    for b, row in enumerate(scores_BC):
         flags = {c: bool(s >= threshold) for c, s in zip(categories, row)}
+        if harm_B is not None and harm_B[b] >= threshold and not any(flags.values()):
+            flags[categories[int(np.argmax(row))]] = True
         out.append(ModerationResult(any(flags.values()), flags, {c: float(s) for c, s in zip(categories, row)}))
     return out
 
@@ -112,7 +126,9 @@ class ClassifierModerator:
     def check(self, texts: Sequence[str]) -> list[ModerationResult]:
         if not texts:
             return []
-        return results_from_scores(self.probabilities(texts)[:, self._columns], self.categories, self.threshold)
+        probs_BC = self.probabilities(texts)
+        harm_B = 1.0 - probs_BC[:, self.labels.index(SAFE)]
+        return results_from_scores(probs_BC[:, self._columns], self.categories, self.threshold, harm_B)
 
     @classmethod
     def load(cls, directory: str, *, threshold: float | None = None) -> "ClassifierModerator":

@@ -15,7 +15,7 @@ from safety.moderation import REFUSAL, ClassifierModerator, ModerationResult, Mo
 from tests.cli_output import assert_one_line_error, run_module
 from tests.minilm import minilm_path
 
-STEPS = 30
+STEPS = 40
 
 
 class KeywordModerator:

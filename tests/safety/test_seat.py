@@ -94,12 +94,14 @@ def test_quick_report_on_minilm(quick_report):
     # Flowers/insects vs pleasant/unpleasant is the association every encoder shows.
     c1 = r.before[0]
     assert c1.effect_size > 0.5 and c1.p_value < 0.01
-    # Removing the gender direction shrinks the gender tests' summed |d| and barely moves C1.
+    # Male/female names vs career/family is significant before; removing the gender direction
+    # shrinks it and the gender tests' summed |d|, and barely moves C1 (no gender in it).
+    c6 = next(i for i, t in enumerate(weat_sets.TESTS) if t.name == "C6")
+    assert r.before[c6].effect_size > 0.8 and r.before[c6].p_value < 0.01
+    assert r.after[c6].effect_size < r.before[c6].effect_size - 0.1
     gender = [i for i, t in enumerate(weat_sets.TESTS) if t.name in weat_sets.GENDER_TESTS]
-    before = sum(abs(r.before[i].effect_size) for i in gender)
-    after = sum(abs(r.after[i].effect_size) for i in gender)
-    assert after < 0.8 * before
-    assert abs(r.after[0].effect_size - c1.effect_size) < 0.3
+    assert sum(abs(r.after[i].effect_size) for i in gender) < sum(abs(r.before[i].effect_size) for i in gender)
+    assert abs(r.after[0].effect_size - c1.effect_size) < 0.1
     # The downstream probe still works after the projection (within 5 points of accuracy).
     assert r.downstream["before"]["accuracy"] > 0.6
     assert r.downstream["after"]["accuracy"] > r.downstream["before"]["accuracy"] - 0.05
