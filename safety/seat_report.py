@@ -19,44 +19,11 @@ from safety import debias, moderation_data, seat, weat_sets
 
 
 def encoder(minilm: str, *, batch_size: int = 64):
-    """encode(texts) -> [N, D] float32 unit rows: MiniLM with the sentence-transformers recipe."""
-    try:
-        from rag.embed import Embedder
-    except ImportError:  # until i14-rag is merged
-        return _local_encoder(minilm, batch_size)
+    """encode(texts) -> [N, D] float32 unit rows: `rag.embed.Embedder` (MiniLM, the sentence-transformers recipe)."""
+    from rag.embed import Embedder
+
     embedder = Embedder.load(minilm)
     return lambda texts: embedder.encode(list(texts), batch_size=batch_size)
-
-
-def _local_encoder(minilm: str, batch_size: int):
-    import jax
-    import jax.numpy as jnp
-
-    from data.tasks import encode_pair
-    from data.tokenizer.load import load_tokenizer
-    from models import hf
-
-    model, params = hf.load_pretrained(minilm, head="base")
-    tok = load_tokenizer(f"{minilm}/tokenizer.json")
-
-    @jax.jit
-    def pooled(ids, mask):
-        x = model.apply({"params": params}, ids, mask, jnp.zeros_like(ids))[0].astype(jnp.float32)
-        m = mask[..., None].astype(jnp.float32)
-        v = (x * m).sum(1) / jnp.maximum(m.sum(1), 1e-9)
-        return v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
-
-    def encode(texts):
-        out = []
-        for i in range(0, len(texts), batch_size):
-            rows = [encode_pair(tok, t, None, 128)[0] for t in texts[i:i + batch_size]]
-            ids = np.zeros((batch_size, 32 * -(-max(map(len, rows)) // 32)), np.int32)
-            mask = np.zeros_like(ids)
-            for n, r in enumerate(rows):
-                ids[n, :len(r)], mask[n, :len(r)] = r, 1
-            out.append(np.asarray(pooled(ids, mask))[:len(rows)])
-        return np.concatenate(out)
-    return encode
 
 
 @dataclasses.dataclass
