@@ -131,7 +131,7 @@ class ClassifierModerator:
         return results_from_scores(probs_BC[:, self._columns], self.categories, self.threshold, harm_B)
 
     @classmethod
-    def load(cls, directory: str, *, threshold: float | None = None) -> "ClassifierModerator":
+    def load(cls, directory: str, *, threshold: float | None = None) -> ClassifierModerator:
         """The moderator `safety.train_moderator` wrote to `directory` (threshold: its saved one when None)."""
         from data.tokenizer.load import load_tokenizer
         from models import hf

