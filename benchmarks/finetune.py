@@ -62,6 +62,7 @@ from models.layers.peft import is_peft_path  # noqa: E402
 from models.quant import is_quantized  # noqa: E402
 from sharding import mesh as mesh_lib  # noqa: E402
 from sharding import rules as rules_lib  # noqa: E402
+from sharding.ablate import FAST_COMPILE  # noqa: E402
 from sharding.strategies import get_strategy  # noqa: E402
 from train import build, objectives  # noqa: E402
 from train import program as program_lib  # noqa: E402
@@ -88,10 +89,13 @@ class Settings:
     encoder_per_class: int  # snippets per class (a quarter held out)
     encoder_seq_len: int = 32
     encoder_batch: int = 16
+    fast_compile: bool = False  # compile the steps with XLA's fast options (a check, not a measurement)
 
 
-QUICK = Settings(preset="tiny", vocab_size=512, pretrain_steps=0, steps=4, prefix_length=4, adapter_hidden=8,
-                 encoder_steps=3, encoder_per_class=16)
+# --quick checks the pipeline and the measured columns, not the timings: two steps (one compiled,
+# one timed), one encoder step, and the steps compiled for speed (sharding.ablate.FAST_COMPILE).
+QUICK = Settings(preset="tiny", vocab_size=512, pretrain_steps=0, steps=2, prefix_length=4, adapter_hidden=8,
+                 encoder_steps=1, encoder_per_class=16, fast_compile=True)
 FULL = Settings(preset="default", vocab_size=2048, pretrain_steps=300, steps=120, prefix_length=16,
                 adapter_hidden=16, encoder_steps=40, encoder_per_class=96)
 
@@ -193,14 +197,18 @@ def pretrain(settings: Settings, workdir: str, mesh):
     return tokenizer, tokenizer_dir, jax.device_get(state.params), loss
 
 
-def compiled_step(program, state, batch, rng):
+def compiled_step(program, state, batch, rng, compiler_options=None):
     """(the ahead-of-time compiled step, XLA's memory analysis of it as a dict of bytes)."""
-    compiled = program.step.lower(state, batch, rng).compile()
+    compiled = program.step.lower(state, batch, rng).compile(compiler_options)
     m = compiled.memory_analysis()
     memory = {"argument": int(m.argument_size_in_bytes), "temp": int(m.temp_size_in_bytes),
               "output": int(m.output_size_in_bytes), "alias": int(m.alias_size_in_bytes)}
     memory["peak"] = memory["argument"] + memory["temp"] + memory["output"] - memory["alias"]
     return compiled, memory
+
+
+def _compiler_options(settings: Settings) -> dict | None:
+    return FAST_COMPILE if settings.fast_compile else None
 
 
 def decoder_table(settings: Settings, workdir: str, methods=METHODS, keep: bool = False) -> dict[str, dict]:
@@ -226,7 +234,7 @@ def decoder_table(settings: Settings, workdir: str, methods=METHODS, keep: bool 
         eval_fn = _eval_fn(program, objective)
         start_loss = objective.eval_metrics(evaluation_sums(eval_fn, state, eval_data, program.layout.batch))["loss"]
         first = rules_lib.device_put_batch(next(batches), program.layout.batch)
-        step, memory = compiled_step(program, state, first, jax.random.key(1))
+        step, memory = compiled_step(program, state, first, jax.random.key(1), _compiler_options(settings))
         runs[method] = dict(model=model, state=state, step=step, batches=batches, next=first, eval_fn=eval_fn,
                             eval_data=eval_data, program=program, objective=objective, times=[])
         frozen_count = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(state.frozen, is_leaf=is_quantized))
@@ -346,9 +354,11 @@ def encoder_table(settings: Settings, workdir: str, methods=ENCODER_METHODS) -> 
         eval_fn = _eval_fn(program, objective)
         before = objective.eval_metrics(evaluation_sums(eval_fn, state, evaluation, program.layout.batch))
         batches = tasks.train_iterator(task, tokenizer)
+        step = None
         for i in range(settings.encoder_steps):
-            state, metrics = program.step(state, rules_lib.device_put_batch(next(batches), program.layout.batch),
-                                          jax.random.key(i))
+            batch = rules_lib.device_put_batch(next(batches), program.layout.batch)
+            step = step or compiled_step(program, state, batch, jax.random.key(i), _compiler_options(settings))[0]
+            state, metrics = step(state, batch, jax.random.key(i))
         after = objective.eval_metrics(evaluation_sums(eval_fn, state, evaluation, program.layout.batch))
         out[method] = {"trainable_params": trainable_lib.num_params(state.params), "total_params": total,
                        "opt_bytes": tree_bytes(state.opt_state), "accuracy_before": before["accuracy"],

@@ -9,7 +9,11 @@ import os
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_corpus_scale_benchmark_quick_mode(capsys, tmp_path):
+def test_corpus_scale_benchmark_quick_mode(capsys, tmp_path, monkeypatch):
+    # The runs as `python benchmarks/corpus_scale.py` makes them on this CPU: one device, not the
+    # suite's eight simulated ones (whose SPMD compilation of every step is most of a tiny run).
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
     spec = importlib.util.spec_from_file_location("corpus_scale", os.path.join(REPO, "benchmarks", "corpus_scale.py"))
     corpus_scale = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(corpus_scale)
