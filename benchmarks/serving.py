@@ -88,6 +88,7 @@ async def phase(url: str, prompts, max_tokens: int, concurrency: int, max_second
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - start
+    await client.close()
     latency, ttft, tokens = (np.array(x) for x in zip(*results))
     return {"requests": len(results), "seconds": elapsed, "requests_per_s": len(results) / elapsed,
             "tokens_per_s": tokens.sum() / elapsed, "tokens": int(tokens.sum()),
