@@ -98,6 +98,38 @@ def _run_call(call: dict, registry: ToolRegistry) -> tuple[str, str]:
         return "error", f"error: {e}"
 
 
+def _advance(transcript: Transcript, reply: dict, registry: ToolRegistry, secrets: Sequence[str],
+             stop_on_refusal: bool) -> bool:
+    """Adds one model reply (and the results of its calls) to the transcript; True when the run ends."""
+    transcript.steps += 1
+    content, tool_calls = reply.get("content") or "", list(reply.get("tool_calls") or [])
+    if not tool_calls:
+        if leaks_system_prompt(content, secrets):
+            transcript.messages.append({"role": "assistant", "content": REFUSAL})
+            transcript.stop_reason, transcript.answer = "refused", REFUSAL
+        else:
+            transcript.messages.append({"role": "assistant", "content": content})
+            transcript.stop_reason, transcript.answer = "answered", content
+        return True
+    transcript.messages.append({"role": "assistant", "content": content or None, "tool_calls": tool_calls})
+    refused = False
+    for call in tool_calls:
+        status, result = _run_call(call, registry)
+        refused |= status == "refused"
+        function = call.get("function") or {}
+        transcript.tool_calls.append({"id": call.get("id", ""), "name": function.get("name", ""),
+                                      "arguments": function.get("arguments", ""), "status": status, "result": result})
+        transcript.messages.append({"role": "tool", "tool_call_id": call.get("id", ""), "content": result})
+    if refused and stop_on_refusal:
+        transcript.stop_reason = "refused"
+        return True
+    return False
+
+
+def _secrets(messages: Sequence[dict]) -> list[str]:
+    return [m.get("content") or "" for m in messages if m.get("role") == "system"]
+
+
 def run_agent(chat: Chat, messages: Sequence[dict], registry: ToolRegistry, *, max_steps: int = 5,
               stop_on_refusal: bool = True) -> Transcript:
     """Runs the tool-calling loop until the model answers without calls or `max_steps` model calls.
@@ -113,43 +145,90 @@ def run_agent(chat: Chat, messages: Sequence[dict], registry: ToolRegistry, *, m
     Returns:
       The `Transcript`.
     """
+    return run_agents(lambda conversations, tools: [chat(c, tools) for c in conversations], [messages], registry,
+                      max_steps=max_steps, stop_on_refusal=stop_on_refusal)[0]
+
+
+def run_agents(chat_batch: Callable[[list[list[dict]], list[dict]], list[dict]],
+               conversations: Sequence[Sequence[dict]], registry: ToolRegistry, *, max_steps: int = 5,
+               stop_on_refusal: bool = True) -> list[Transcript]:
+    """`run_agent` on many conversations in lockstep: each step asks the model about every
+    conversation still running in one call (`LocalChat.batch` generates them as one batch).
+
+    Args:
+      chat_batch: chat_batch(list of conversations, tools) -> one assistant message each.
+      conversations, registry, max_steps, stop_on_refusal: as `run_agent` (per conversation).
+
+    Returns:
+      One `Transcript` per conversation, each equal to what `run_agent` gives it alone.
+    """
     if max_steps < 1:
         raise ValueError(f"max_steps={max_steps}; expected >= 1")
-    transcript = Transcript(messages=[dict(m) for m in messages])
-    secrets = [m.get("content") or "" for m in messages if m.get("role") == "system"]
+    transcripts = [Transcript(messages=[dict(m) for m in messages]) for messages in conversations]
+    secrets = [_secrets(messages) for messages in conversations]
     tools = registry.openai_tools()
+    running = list(range(len(transcripts)))
     for _ in range(max_steps):
-        reply = chat(transcript.messages, tools)
-        transcript.steps += 1
-        content, tool_calls = reply.get("content") or "", list(reply.get("tool_calls") or [])
-        if not tool_calls:
-            if leaks_system_prompt(content, secrets):
-                transcript.messages.append({"role": "assistant", "content": REFUSAL})
-                transcript.stop_reason, transcript.answer = "refused", REFUSAL
-            else:
-                transcript.messages.append({"role": "assistant", "content": content})
-                transcript.stop_reason, transcript.answer = "answered", content
-            return transcript
-        transcript.messages.append({"role": "assistant", "content": content or None, "tool_calls": tool_calls})
-        refused = False
-        for call in tool_calls:
-            status, result = _run_call(call, registry)
-            refused |= status == "refused"
-            function = call.get("function") or {}
-            transcript.tool_calls.append({"id": call.get("id", ""), "name": function.get("name", ""),
-                                          "arguments": function.get("arguments", ""), "status": status,
-                                          "result": result})
-            transcript.messages.append({"role": "tool", "tool_call_id": call.get("id", ""), "content": result})
-        if refused and stop_on_refusal:
-            transcript.stop_reason = "refused"
-            return transcript
-    transcript.stop_reason = "step_limit"
-    return transcript
+        if not running:
+            break
+        replies = chat_batch([transcripts[i].messages for i in running], tools)
+        running = [i for i, reply in zip(running, replies, strict=True)
+                   if not _advance(transcripts[i], reply, registry, secrets[i], stop_on_refusal)]
+    for i in running:
+        transcripts[i].stop_reason = "step_limit"
+    return transcripts
+
+
+class LocalChat:
+    """A `chat` backed by lmlab's in-process generation (`inference.generate`); see `local_chat`."""
+
+    def __init__(self, model, params, tokenizer, *, template: str = "chatml", max_new_tokens: int = 64,
+                 temperature: float = 0.0, seed: int = 0):
+        from data.sft import end_of_turn
+
+        self.model, self.params, self.tokenizer, self.template = model, params, tokenizer, template
+        self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
+        self.stop_text = end_of_turn(tokenizer, template)
+        stop_ids = tokenizer.encode(self.stop_text) if self.stop_text else []
+        self.stop_tokens = tuple(stop_ids) if len(stop_ids) == 1 else ()
+        if not self.stop_tokens and tokenizer.eos_id is not None:
+            self.stop_tokens = (tokenizer.eos_id,)
+
+    def prompt_ids(self, messages: Sequence[dict], tools: Sequence[dict] | None) -> list[int]:
+        """The token ids the model reads: `calls.with_tools`, rendered with the generation prompt."""
+        from data import chat as chat_templates
+
+        ids, _ = chat_templates.render(self.tokenizer, calls.with_tools(messages, tools), add_generation_prompt=True,
+                                       template=self.template or None)
+        return ids
+
+    def _reply(self, tokens: Sequence[int]) -> dict:
+        text = self.tokenizer.decode([t for t in tokens if t not in self.stop_tokens])
+        if self.stop_text and self.stop_text in text:
+            text = text[:text.index(self.stop_text)]
+        content, tool_calls = calls.parse_tool_calls(text)
+        return {"role": "assistant", "content": content, "tool_calls": tool_calls or None}
+
+    def batch(self, conversations: Sequence[Sequence[dict]], tools: Sequence[dict] | None) -> list[dict]:
+        """One reply per conversation, generated as one batch (greedy replies equal `__call__`'s)."""
+        from inference.generate import generate
+
+        prompts = [self.prompt_ids(messages, tools) for messages in conversations]
+        room = self.model.config.max_len - max(len(p) for p in prompts)
+        if room < 1:
+            raise ValueError(f"a conversation has {max(len(p) for p in prompts)} tokens, which fills the model's "
+                             f"context of max_len={self.model.config.max_len}")
+        out = generate(self.model, self.params, prompts, max_new_tokens=min(self.max_new_tokens, room),
+                       temperature=self.temperature, seed=self.seed, stop_tokens=self.stop_tokens)
+        return [self._reply(tokens) for tokens in out]
+
+    def __call__(self, messages: Sequence[dict], tools: Sequence[dict] | None) -> dict:
+        return self.batch([messages], tools)[0]
 
 
 def local_chat(model, params=None, tokenizer=None, *, template: str = "chatml", max_new_tokens: int = 64,
-               temperature: float = 0.0, seed: int = 0) -> Chat:
-    """A `chat` backed by lmlab's in-process generation (`inference.generate`).
+               temperature: float = 0.0, seed: int = 0) -> LocalChat:
+    """A `chat` backed by lmlab's in-process generation.
 
     Args:
       model, params, tokenizer: a decoder-only `GPT`, its params and its tokenizer; or an
@@ -160,36 +239,12 @@ def local_chat(model, params=None, tokenizer=None, *, template: str = "chatml", 
     Returns:
       chat(messages, tools) -> {"role": "assistant", "content", "tool_calls"}: the messages are
       rendered through `calls.with_tools`, the reply cut at the template's end of turn and parsed
-      with `calls.parse_tool_calls`.
+      with `calls.parse_tool_calls`; `.batch(conversations, tools)` answers many at once.
     """
-    from data import chat as chat_templates
-    from data.sft import end_of_turn
-    from inference.generate import generate
-
     if params is None and tokenizer is None:
         model, params, tokenizer = model.model, model.params, model.tokenizer
-    stop_text = end_of_turn(tokenizer, template)
-    stop_ids = tokenizer.encode(stop_text) if stop_text else []
-    stop_tokens = tuple(stop_ids) if len(stop_ids) == 1 else ()
-    if not stop_tokens and tokenizer.eos_id is not None:
-        stop_tokens = (tokenizer.eos_id,)
-
-    def chat(messages: list[dict], tools: list[dict]) -> dict:
-        plain = calls.with_tools(messages, tools)
-        ids, _ = chat_templates.render(tokenizer, plain, add_generation_prompt=True, template=template or None)
-        room = model.config.max_len - len(ids)
-        if room < 1:
-            raise ValueError(f"the conversation has {len(ids)} tokens, which fills the model's context of "
-                             f"max_len={model.config.max_len}")
-        out = generate(model, params, [ids], max_new_tokens=min(max_new_tokens, room), temperature=temperature,
-                       seed=seed, stop_tokens=stop_tokens)[0]
-        text = tokenizer.decode([t for t in out if t not in stop_tokens])
-        if stop_text and stop_text in text:
-            text = text[:text.index(stop_text)]
-        content, tool_calls = calls.parse_tool_calls(text)
-        return {"role": "assistant", "content": content, "tool_calls": tool_calls or None}
-
-    return chat
+    return LocalChat(model, params, tokenizer, template=template, max_new_tokens=max_new_tokens,
+                     temperature=temperature, seed=seed)
 
 
 def openai_chat(client: Any, model: str, **request) -> Chat:
