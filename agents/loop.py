@@ -203,7 +203,9 @@ class LocalChat:
         return ids
 
     def _reply(self, tokens: Sequence[int]) -> dict:
-        text = self.tokenizer.decode([t for t in tokens if t not in self.stop_tokens])
+        tokens = list(tokens)
+        cut = next((i for i, t in enumerate(tokens) if t in self.stop_tokens), len(tokens))
+        text = self.tokenizer.decode(tokens[:cut])
         if self.stop_text and self.stop_text in text:
             text = text[:text.index(self.stop_text)]
         content, tool_calls = calls.parse_tool_calls(text)

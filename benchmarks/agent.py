@@ -13,7 +13,7 @@
    of agent runs that called the calculator with exactly the question's expression.
 
 Run:
-  python benchmarks/agent.py           # the default preset (4 layers x 128), a few minutes on 2 cores
+  python benchmarks/agent.py           # the default preset (4 layers x 64), ~5-10 min on 2 cores
   python benchmarks/agent.py --quick   # the tiny preset, a few steps (the test: runs, learns nothing)
 """
 
@@ -49,7 +49,7 @@ class Settings:
     max_steps: int = 3
 
 
-FULL = Settings(preset="default", steps=400, num_train=4000, num_eval=200, batch_size=8)
+FULL = Settings(preset="default", steps=400, num_train=4000, num_eval=200, batch_size=8)  # configs/agent.py:default
 QUICK = Settings(preset="tiny", steps=4, num_train=40, num_eval=6, batch_size=4)
 
 
@@ -63,8 +63,7 @@ def train(settings: Settings, directory: str) -> dict[str, str]:
     c.tokenizer.path = paths["tokenizer"]
     c.data.update(source=f"files:{paths['train']}", batch_size=settings.batch_size)
     c.steps = settings.steps
-    c.checkpoint.update(save_interval_steps=settings.steps, async_save=False)
-    c.eval.update(every_steps=0)
+    c.checkpoint.update(async_save=False)
     paths["run"] = os.path.join(directory, "run")
     trainer.run(c, paths["run"])
     return paths
