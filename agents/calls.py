@@ -91,7 +91,8 @@ def _assistant_text(message: dict) -> str:
     for call in message.get("tool_calls") or ():
         function = call.get("function", call) if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise ValueError(f"an assistant tool call must be {{'id', 'type': 'function', 'function': {{'name', "
+            # ValueError: bad request input, answered as a 400 by the server.
+            raise ValueError(f"an assistant tool call must be {{'id', 'type': 'function', 'function': {{'name', "  # noqa: TRY004
                              f"'arguments'}}}}, got {call!r:.100}")
         parts.append(format_tool_call(function["name"], function.get("arguments", {})))
     return "\n".join(parts)
@@ -129,7 +130,7 @@ def with_tools(messages: Sequence[dict], tools: Sequence[dict] | None, *,
     plain: list[dict] = []
     for message in messages:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise ValueError(f"each message must be a dict with a string 'role', got {message!r:.80}")
+            raise ValueError(f"each message must be a dict with a string 'role', got {message!r:.80}")  # noqa: TRY004
         role = message["role"]
         if role == "assistant":
             plain.append({"role": "assistant", "content": _assistant_text(message)})

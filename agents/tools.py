@@ -33,7 +33,7 @@ class ToolError(ValueError):
     """A tool call that could not run (bad arguments, or the tool failed); its text goes back to the model."""
 
 
-class ToolRefused(ToolError):  # noqa: N818 -- a refusal, not a crash
+class ToolRefused(ToolError):
     """A call to a tool outside the allow-list; nothing was executed."""
 
 
@@ -136,7 +136,7 @@ class ToolRegistry:
         if getattr(found, "lmlab_tool_factory", False):
             found = found()
         if not isinstance(found, Tool):
-            raise ValueError(f"tool {spec!r} is a {type(found).__name__}, not an agents.tools.Tool; define "
+            raise ValueError(f"tool {spec!r} is a {type(found).__name__}, not an agents.tools.Tool; define "  # noqa: TRY004
                              "Tool(name, description, parameters, fn) (or a @tool_factory) and name that")
         return self.register(found)
 
@@ -167,7 +167,7 @@ class ToolRegistry:
             result = tool.fn(**arguments)
         except ToolError:
             raise
-        except Exception as e:  # a tool's failure is the model's to read, not the loop's to crash on
+        except Exception as e:  # noqa: BLE001 -- a tool's failure is the model's to read, not the loop's to crash on
             raise ToolError(f"{name} failed: {type(e).__name__}: {e}") from None
         return result if isinstance(result, str) else str(result)
 
@@ -181,7 +181,7 @@ _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
 _UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 
 
-def _check_size(x: int | float) -> int | float:
+def _check_size(x: float) -> int | float:
     if isinstance(x, int) and x.bit_length() > MAX_DIGITS * 3.33:
         raise ToolError(f"calculator: result has more than {MAX_DIGITS} digits")
     if isinstance(x, float) and not math.isfinite(x):
@@ -189,12 +189,12 @@ def _check_size(x: int | float) -> int | float:
     return x
 
 
-def _power(base: int | float, exponent: int | float) -> int | float:
+def _power(base: float, exponent: float) -> int | float:
     if abs(exponent) > MAX_EXPONENT:
         raise ToolError(f"calculator: exponent {exponent} is larger than {MAX_EXPONENT}")
-    if isinstance(base, int) and isinstance(exponent, int) and exponent > 0 and base not in (0, 1, -1):
-        if math.log10(abs(base)) * exponent > MAX_DIGITS:
-            raise ToolError(f"calculator: result has more than {MAX_DIGITS} digits")
+    big = isinstance(base, int) and isinstance(exponent, int) and exponent > 0 and base not in (0, 1, -1)
+    if big and math.log10(abs(base)) * exponent > MAX_DIGITS:
+        raise ToolError(f"calculator: result has more than {MAX_DIGITS} digits")
     result = base ** exponent
     if isinstance(result, complex):
         raise ToolError("calculator: a negative number to a fractional power is not a real number")
@@ -241,7 +241,7 @@ def evaluate_arithmetic(expression: str) -> int | float:
         raise ToolError("calculator: result is too large") from None
 
 
-def format_number(x: int | float) -> str:
+def format_number(x: float) -> str:
     """Integers as digits; a float with an integral value below 2**53 without its '.0'."""
     if isinstance(x, float) and x.is_integer() and abs(x) < 2**53:
         return str(int(x))

@@ -33,10 +33,10 @@ _ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from agents.loop import local_chat, run_agents  # noqa: E402
-from agents.tools import ToolRegistry, calculator  # noqa: E402
-from configs import agent as agent_config  # noqa: E402
-from data import tool_calls  # noqa: E402
+from agents.loop import local_chat, run_agents
+from agents.tools import ToolRegistry, calculator
+from configs import agent as agent_config
+from data import tool_calls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +63,7 @@ def train(settings: Settings, directory: str) -> dict[str, str]:
     c.tokenizer.path = paths["tokenizer"]
     c.data.update(source=f"files:{paths['train']}", batch_size=settings.batch_size)
     c.steps = settings.steps
+    c.schedule.update(warmup_steps=min(c.schedule.warmup_steps, settings.steps // 2))
     c.checkpoint.update(async_save=False)
     paths["run"] = os.path.join(directory, "run")
     trainer.run(c, paths["run"])

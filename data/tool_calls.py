@@ -125,8 +125,7 @@ def records(train: Sequence[Question], *, seed: int = 0) -> list[dict]:
 def write_jsonl(path: str, train: Sequence[Question], *, seed: int = 0) -> str:
     """Writes `records(train)` to `path`, one JSON object a line; returns the path."""
     with open(path, "w", encoding="utf-8") as f:
-        for line in records(train, seed=seed):
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in records(train, seed=seed))
     return path
 
 
@@ -162,8 +161,7 @@ def prepare(directory: str, config: ToolCallsConfig = ToolCallsConfig()) -> dict
              "tokenizer": os.path.join(directory, "tokenizer")}
     write_jsonl(paths["train"], train, seed=config.seed)
     with open(paths["held_out"], "w", encoding="utf-8") as f:
-        for q in held_out:
-            f.write(json.dumps(dataclasses.asdict(q)) + "\n")
+        f.writelines(json.dumps(dataclasses.asdict(q)) + "\n" for q in held_out)
     train_tokenizer(records(train[:200], seed=config.seed), paths["tokenizer"])
     return paths
 
