@@ -32,7 +32,7 @@ class _WordHashEmbedder:
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-6)
 
 
-def _Index(docs):  # noqa: N802 -- stands for the class it builds
+def _Index(docs):
     chunks = [Chunk(text=d, doc_id=f"doc{i}", source=f"doc{i}.txt", start=0, end=len(d.split()))
               for i, d in enumerate(docs)]
     return Index.build(_WordHashEmbedder(), chunks, kind="exact")
