@@ -16,13 +16,13 @@ TEXT = ("The cache holds the keys and the values of every token seen so far. " *
 
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory):
-    """A 2-layer Llama (vocab 300, 128 positions) with weights large enough for clear greedy margins."""
+    """A 2-layer Llama (vocab 300, 1024 positions; the servers of most tests use 128) with weights large enough for clear greedy margins."""
     path = tmp_path_factory.mktemp("tiny_llama")
     bpe = ByteLevelBPE.train(TEXT, 300)
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=bpe.vocab_size, hidden_size=32, intermediate_size=48,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=128, bos_token_id=None, eos_token_id=None)
+                                      max_position_embeddings=1024, bos_token_id=None, eos_token_id=None)
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for p in model.parameters():

@@ -21,7 +21,8 @@ def _env():
 def test_the_cli_serves_a_hugging_face_directory_and_stops_on_sigint(tiny_hf_dir):
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "inference.serve", f"--checkpoint={tiny_hf_dir}",
-                                f"--port={port}", "--model_name=tiny", "--chat_template=chatml", "--num_slots=2"],
+                                f"--port={port}", "--model_name=tiny", "--chat_template=chatml", "--num_slots=2",
+                                "--max_len=128"],
                                cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240

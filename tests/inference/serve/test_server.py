@@ -51,7 +51,7 @@ class Gate:
 
 @pytest.fixture(scope="module")
 def server(tiny_loaded):
-    app = create_app(tiny_loaded, model_name="tiny", num_slots=4, chat_template="chatml")
+    app = create_app(tiny_loaded, model_name="tiny", num_slots=4, max_len=128, chat_template="chatml")
     with running_server(app) as url:
         yield url, app
 
@@ -59,7 +59,7 @@ def server(tiny_loaded):
 @pytest.fixture(scope="module")
 def gated(tiny_loaded):
     app = create_app(tiny_loaded, model_name="tiny", num_slots=1, max_queue=1, timeout_s=1.0, api_key=KEY,
-                     max_body_bytes=4096, chat_template="chatml")
+                     max_body_bytes=4096, chat_template="chatml", max_len=128)
     engine, gate = app.state.loop.engine, Gate()
     step = engine.step
 
