@@ -34,6 +34,7 @@ _EMBEDDING_MODEL = flags.DEFINE_string("embedding_model", None, "A sentence-tran
 _RAG_INDEX = flags.DEFINE_string("rag_index", None, "A saved rag.index.Index: chat answers from retrieved sources.")
 _RAG_K = flags.DEFINE_integer("rag_k", 3, "Passages retrieved per chat request.")
 _MODERATION = flags.DEFINE_string("moderation", None, "A moderation model dir or module.path:attr (safety).")
+_TOOLS = flags.DEFINE_string("tools", None, "pkg.mod:attr,... user tools offered to chat requests without `tools`.")
 _STEP = flags.DEFINE_integer("step", None, "The workdir checkpoint step (default: the latest).")
 _DTYPE = flags.DEFINE_enum("dtype", None, list(DTYPES), "Params and computation in this dtype (default: as saved).")
 flags.mark_flag_as_required("checkpoint")
@@ -53,7 +54,7 @@ def main(argv):
     if _API_KEY.value is not None and not _API_KEY.value:
         raise ValueError("--api_key is empty; give a key or leave the flag out")
     hooks = Hooks.load(embedding_model=_EMBEDDING_MODEL.value, rag_index=_RAG_INDEX.value, rag_k=_RAG_K.value,
-                       moderation=_MODERATION.value)
+                       moderation=_MODERATION.value, tools=_TOOLS.value)
     loaded = load(_CHECKPOINT.value, step=_STEP.value, dtype=_DTYPE.value)
     server = create_app(loaded, model_name=_MODEL_NAME.value, num_slots=_NUM_SLOTS.value,
                         max_queue=_MAX_QUEUE.value, timeout_s=_TIMEOUT_S.value, api_key=_API_KEY.value,

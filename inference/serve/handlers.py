@@ -160,11 +160,16 @@ class Handlers:
         citations = None
         if self.hooks.rag_index is not None:
             messages, citations = await self.hooks.retrieve(messages)
-        if body.tools:
-            messages = self.hooks.with_tools(messages, body.tools)
+        tools = self._tools(body)
+        if tools:
+            messages = self.hooks.with_tools(messages, tools)
         elif any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
             messages = self.hooks.with_tools(messages, None)
         return messages, citations, None
+
+    def _tools(self, body: ChatRequest) -> list[dict] | None:
+        """The request's tools, else the server's (--tools); none when tool_choice is "none"."""
+        return None if body.tool_choice == "none" else (body.tools or self.hooks.tools)
 
     async def chat(self, body: ChatRequest, request: HTTPRequest):
         self.check_model(body.model)
@@ -184,7 +189,7 @@ class Handlers:
         top = (body.top_logprobs or 0) if body.logprobs else None
         run = self.run(body, [ids], max_tokens=body.max_completion_tokens or body.max_tokens, default_max=None,
                        logprobs=top, stop_tokens=self.turn_tokens, stops=self.turn_stops)
-        buffered = bool(body.tools) or self.hooks.moderator is not None
+        buffered = bool(self._tools(body)) or self.hooks.moderator is not None
         if body.stream and not buffered:
             return StreamingResponse(self._stream_chat(run, head, body), media_type="text/event-stream")
         choices = await _unless_disconnected(run.collect(), request)
@@ -199,7 +204,7 @@ class Handlers:
         """(message, finish_reason, logprobs) of a finished choice, after tools and moderation."""
         message = {"role": "assistant", "content": choice.text}
         finish = choice.finish_reason
-        if body.tools:
+        if self._tools(body):
             content, calls = self.hooks.parse_tool_calls(choice.text)
             if calls:
                 message, finish = {"role": "assistant", "content": content or None, "tool_calls": calls}, "tool_calls"

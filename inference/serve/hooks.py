@@ -29,10 +29,11 @@ class Hooks:
     rag_index: Any = None
     rag_k: int = 3
     moderator: Any = None
+    tools: list[dict] | None = None  # offered to chat requests that bring no `tools` of their own
 
     @classmethod
     def load(cls, *, embedding_model: str | None = None, rag_index: str | None = None, rag_k: int = 3,
-             moderation: str | None = None) -> Hooks:
+             moderation: str | None = None, tools: str | None = None) -> Hooks:
         """Loads what the flags name.
 
         Args:
@@ -41,6 +42,8 @@ class Hooks:
             unless `embedding_model` is given).
           rag_k: passages retrieved per chat request.
           moderation: `safety.moderation.load_moderator`'s spec.
+          tools: "pkg.mod:attr,..." user tools (`agents.tools.ToolRegistry.load`) whose OpenAI
+            schemas chat requests get by default; the client runs them (OpenAI's tool protocol).
         """
         hooks = cls(rag_k=rag_k)
         if rag_k < 1:
@@ -54,6 +57,11 @@ class Hooks:
             index_lib = _module("rag.index", "--rag_index")
             hooks.rag_index = index_lib.Index.load(rag_index, embedder=hooks.embedder)
             _module("rag.generate", "--rag_index")
+        if tools:
+            registry = _module("agents.tools", "--tools").ToolRegistry()
+            for spec in (s.strip() for s in tools.split(",") if s.strip()):
+                registry.load(spec)
+            hooks.tools = registry.openai_tools()
         if moderation:
             hooks.moderator = _module("safety.moderation", "--moderation").load_moderator(moderation)
         return hooks
@@ -82,7 +90,7 @@ class Hooks:
         generate = importlib.import_module("rag.generate")
         last = max(i for i, m in enumerate(messages) if m["role"] == "user") if any(
             m["role"] == "user" for m in messages) else None
-        if last is None:
+        if last is None or not messages[last]["content"].strip():
             return messages, []
         question = messages[last]["content"]
         hits = (await asyncio.to_thread(self.rag_index.search, [question], self.rag_k))[0]
@@ -94,7 +102,12 @@ class Hooks:
 
     @staticmethod
     def with_tools(messages: list[dict], tools: list[dict] | None) -> list[dict]:
-        return _module("agents.calls", "a request with `tools`").with_tools(messages, tools)
+        from inference.serve.protocol import APIError
+
+        try:
+            return _module("agents.calls", "a request with `tools`").with_tools(messages, tools)
+        except ValueError as e:
+            raise APIError(400, f"tools or tool messages: {e}", param="tools") from None
 
     @staticmethod
     def parse_tool_calls(text: str) -> tuple[str, list[dict]]:

@@ -16,7 +16,8 @@ TEXT = ("The cache holds the keys and the values of every token seen so far. " *
 
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory):
-    """A 2-layer Llama (vocab 300, 1024 positions; the servers of most tests use 128) with weights large enough for clear greedy margins."""
+    """A 2-layer Llama (vocab 300, 1024 positions; most test servers use 128) with weights large enough
+    for clear greedy margins."""
     path = tmp_path_factory.mktemp("tiny_llama")
     bpe = ByteLevelBPE.train(TEXT, 300)
     torch.manual_seed(0)

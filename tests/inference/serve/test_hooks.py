@@ -62,7 +62,7 @@ def test_embeddings_equal_the_embedder(hooked):
     assert out.usage.prompt_tokens == sum(len(hooks.embedder.tokenizer.encode(t)) for t in texts)
     assert hooks.embedding_name in [m.id for m in client.models.list().data]
     as_floats = httpx.post(url + "/v1/embeddings", json={"model": hooks.embedding_name, "input": texts[0],
-                                                          "encoding_format": "float"}).json()
+                                                          "encoding_format": "float"}, timeout=60).json()
     np.testing.assert_array_equal(np.array(as_floats["data"][0]["embedding"], np.float32),
                                   hooks.embedder.encode(texts[:1])[0])
     with pytest.raises(openai.NotFoundError):
@@ -74,13 +74,22 @@ def test_chat_retrieves_cites_and_renders_tools(hooked, tiny_loaded):
     question = "What does the KV cache store?"
     messages = [{"role": "user", "content": question}]
     body = {"model": "tiny", "messages": messages, "max_tokens": 3, "temperature": 0, "tools": TOOLS}
-    out = httpx.post(url + "/v1/chat/completions", json=body, timeout=120).json()
+    out = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).json()
     assert "citations" in out, out
     hits = hooks.rag_index.search([question], 2)[0]
     assert out["citations"] == citations(hits) and out["citations"][0]["doc_id"] == "cache"
     expected = with_tools(rag_messages(question, hits), TOOLS)
     ids, _ = chat_lib.render(tiny_loaded.tokenizer, expected, add_generation_prompt=True, template="chatml")
     assert out["usage"]["prompt_tokens"] == len(ids)
+    malformed = httpx.post(url + "/v1/chat/completions", json={**body, "tools": [{"type": "function"}]}, timeout=60)
+    assert malformed.status_code == 400 and malformed.json()["error"]["param"] == "tools"
+
+
+def test_server_tools_load_from_import_paths():
+    hooks = Hooks.load(tools="agents.tools:calculator")
+    assert [t["function"]["name"] for t in hooks.tools] == ["calculator"]
+    with pytest.raises(ValueError):
+        Hooks.load(tools="agents.tools:no_such_tool")
 
 
 def test_a_tool_call_in_the_output_becomes_tool_calls(hooked):
@@ -96,7 +105,7 @@ def test_a_tool_call_in_the_output_becomes_tool_calls(hooked):
 
 def test_moderation_refuses_flagged_input_and_output(hooked):
     url, app, hooks = hooked
-    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
     steps = app.state.loop.engine.steps
     refused = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a forbidden ask"}],
                                              max_tokens=3)
@@ -115,5 +124,5 @@ def test_moderation_refuses_flagged_input_and_output(hooked):
     assert again.finish_reason == "content_filter" and again.message.content == REFUSAL
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == REFUSAL
     assert streamed[-1].choices[0].finish_reason == "content_filter"
-    moderation = httpx.post(url + "/v1/moderations", json={"input": ["fine", "forbidden"]}).json()
+    moderation = httpx.post(url + "/v1/moderations", json={"input": ["fine", "forbidden"]}, timeout=60).json()
     assert [r["flagged"] for r in moderation["results"]] == [False, True]

@@ -74,12 +74,12 @@ def gated(tiny_loaded):
 
 
 def _client(url, key="none"):
-    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
 
 
 def _metrics(url) -> dict[str, float]:
     """The samples of /metrics, after checking the text is valid Prometheus exposition."""
-    text = httpx.get(url + "/metrics").text
+    text = httpx.get(url + "/metrics", timeout=60).text
     samples, types = {}, {}
     for line in text.splitlines():
         if line.startswith("# TYPE "):
@@ -152,7 +152,7 @@ def test_32_concurrent_requests_of_mixed_lengths_equal_each_alone(server):
                                          temperature=temperature, seed=seed)
 
     async def together():
-        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         return await asyncio.gather(*(ask(client, *job) for job in jobs))
 
     concurrent = asyncio.run(together())
@@ -236,11 +236,12 @@ def test_bad_requests_get_openai_errors(server):
             client.completions.create(model="tiny", prompt="hi", max_tokens=2, extra_body=bad)
     for method, path, body in (("POST", "/v1/completions", {"model": "tiny"}), ("GET", "/v1/nothing", None),
                                ("POST", "/v1/chat/completions", {"model": "tiny", "messages": []})):
-        response = httpx.request(method, url + path, json=body)
+        response = httpx.request(method, url + path, json=body, timeout=60)
         error = response.json()["error"]
         assert response.status_code == (404 if "nothing" in path else 400)
         assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    broken = httpx.post(url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    broken = httpx.post(url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"},
+                        timeout=60)
     assert broken.status_code == 400 and "error" in broken.json()
 
 
@@ -251,7 +252,7 @@ def test_a_server_fault_is_500_without_a_traceback(server, monkeypatch):
         raise RuntimeError("secret internal detail")
 
     monkeypatch.setattr(app.state.handlers, "prompt_ids", explode)
-    response = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+    response = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=60)
     assert response.status_code == 500
     assert response.json()["error"]["type"] == "server_error"
     assert "secret" not in response.text and "Traceback" not in response.text
@@ -261,12 +262,12 @@ def test_api_key_and_body_limit(gated):
     url, _, _ = gated
     with pytest.raises(openai.AuthenticationError):
         _client(url, "wrong").models.list()
-    assert httpx.get(url + "/v1/models").status_code == 401
-    assert httpx.get(url + "/v1/nothing").status_code == 401  # no route list for strangers
+    assert httpx.get(url + "/v1/models", timeout=60).status_code == 401
+    assert httpx.get(url + "/v1/nothing", timeout=60).status_code == 401  # no route list for strangers
     assert [m.id for m in _client(url, KEY).models.list().data] == ["tiny"]
-    assert httpx.get(url + "/health").status_code == 200
+    assert httpx.get(url + "/health", timeout=60).status_code == 200
     big = {"model": "tiny", "prompt": "x" * 5000, "max_tokens": 1}
-    response = httpx.post(url + "/v1/completions", json=big, headers={"Authorization": f"Bearer {KEY}"})
+    response = httpx.post(url + "/v1/completions", json=big, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
 
 
@@ -287,7 +288,7 @@ def test_full_queue_429_timeout_408_and_disconnect_free_their_slots(gated):
         t.start()
     _until(lambda: app.state.loop.outstanding == 2, "two queued requests")
     response = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2},
-                          headers={"Authorization": f"Bearer {KEY}"})
+                          headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     assert response.status_code == 429 and int(response.headers["Retry-After"]) >= 1
     assert response.json()["error"]["type"] == "rate_limit_error"
     for t in threads:
@@ -299,7 +300,8 @@ def test_full_queue_429_timeout_408_and_disconnect_free_their_slots(gated):
     gate.close()
     before = _metrics(url)["lmlab_requests_cancelled_total"]
     body = {"model": "tiny", "prompt": "The cache", "max_tokens": 100, "temperature": 0, "stream": True}
-    with httpx.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as r:
         gate.allow(2)
         first = next(r.iter_lines())
         assert json.loads(first.removeprefix("data: "))["choices"][0]["index"] == 0
