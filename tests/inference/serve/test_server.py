@@ -315,6 +315,20 @@ def test_full_queue_429_timeout_408_and_disconnect_free_their_slots(gated):
     assert _client(url, KEY).completions.create(model="tiny", prompt="x", max_tokens=2).usage.completion_tokens >= 1
 
 
+def test_a_client_that_leaves_a_one_shot_request_frees_its_slot(gated, monkeypatch):
+    url, app, gate = gated
+    monkeypatch.setattr(app.state.handlers, "timeout_s", 600.0)  # only the client's leaving can end it
+    gate.close()
+    before = _metrics(url)["lmlab_requests_cancelled_total"]
+    body = {"model": "tiny", "prompt": "The cache", "max_tokens": 100, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=1.0)
+    gate.allow(1)  # the step under way ends; the next drain sees the cancellation
+    _until(lambda: app.state.loop.outstanding == 0, "the abandoned request to be cancelled")
+    assert _metrics(url)["lmlab_requests_cancelled_total"] == before + 1
+    gate.allow()
+
+
 def test_metrics_count_requests_tokens_and_latencies(server):
     url, _ = server
     _client(url).completions.create(model="tiny", prompt="hi", max_tokens=3, temperature=0)
