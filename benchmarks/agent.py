@@ -3,7 +3,7 @@
 1. `data.tool_calls.prepare`: synthetic questions ("What is 4821 * 37?"), each written twice for SFT,
    with the calculator (the assistant calls it, reads the result, answers) and without (it answers at
    once); held-out questions never seen in training; a BPE whose merges hold no digit.
-2. `configs/agent.py` trains a GPT from scratch through the one trainer (`train.trainer.run`, the sft
+2. `configs/agent.py` trains a small Llama from scratch through the one trainer (`train.trainer.run`, the sft
    objective reading the JSONL through its `files:` source; loss on assistant tokens only).
 3. The trained model (`inference.load`) answers every held-out question two ways, greedy:
      agent   `agents.loop.run_agents` with the calculator on the allow-list (the tools system prompt,
@@ -13,7 +13,7 @@
    of agent runs that called the calculator with exactly the question's expression.
 
 Run:
-  python benchmarks/agent.py           # the default preset (4 layers x 64), ~5-10 min on 2 cores
+  python benchmarks/agent.py           # the default preset (Llama, 4 layers x 64), ~5-10 min on 2 cores
   python benchmarks/agent.py --quick   # the tiny preset, a few steps (the test: runs, learns nothing)
 """
 
@@ -49,8 +49,8 @@ class Settings:
     max_steps: int = 3
 
 
-FULL = Settings(preset="default", steps=400, num_train=4000, num_eval=200, batch_size=8)  # configs/agent.py:default
-QUICK = Settings(preset="tiny", steps=4, num_train=40, num_eval=6, batch_size=4)
+FULL = Settings(preset="default", steps=600, num_train=4000, num_eval=200, batch_size=16)  # configs/agent.py:default
+QUICK = Settings(preset="tiny", steps=4, num_train=40, num_eval=6, batch_size=8)
 
 
 def train(settings: Settings, directory: str) -> dict[str, str]:
