@@ -3,7 +3,7 @@
 1. `data.tool_calls.prepare`: synthetic questions ("What is 4821 * 37?"), each written twice for SFT,
    with the calculator (the assistant calls it, reads the result, answers) and without (it answers at
    once); held-out questions never seen in training; a BPE whose merges hold no digit.
-2. `configs/agent.py` trains a GPT from scratch through the one trainer (`train.trainer.run`, the sft
+2. `configs/agent.py` trains a small Llama from scratch through the one trainer (`train.trainer.run`, the sft
    objective reading the JSONL through its `files:` source; loss on assistant tokens only).
 3. The trained model (`inference.load`) answers every held-out question two ways, greedy:
      agent   `agents.loop.run_agents` with the calculator on the allow-list (the tools system prompt,
@@ -13,7 +13,7 @@
    of agent runs that called the calculator with exactly the question's expression.
 
 Run:
-  python benchmarks/agent.py           # the default preset (4 layers x 64), ~5-10 min on 2 cores
+  python benchmarks/agent.py           # the default preset (Llama, 4 layers x 64), ~5-10 min on 2 cores
   python benchmarks/agent.py --quick   # the tiny preset, a few steps (the test: runs, learns nothing)
 """
 
@@ -46,11 +46,12 @@ class Settings:
     num_train: int
     num_eval: int
     batch_size: int
-    max_steps: int = 3
+    max_steps: int = 3  # model calls per agent run
+    max_new_tokens: int = 40  # per model call
 
 
-FULL = Settings(preset="default", steps=400, num_train=4000, num_eval=200, batch_size=8)  # configs/agent.py:default
-QUICK = Settings(preset="tiny", steps=4, num_train=40, num_eval=6, batch_size=4)
+FULL = Settings(preset="default", steps=600, num_train=4000, num_eval=200, batch_size=16)  # configs/agent.py:default
+QUICK = Settings(preset="tiny", steps=4, num_train=40, num_eval=6, batch_size=8, max_steps=2, max_new_tokens=12)
 
 
 def train(settings: Settings, directory: str) -> dict[str, str]:
@@ -70,11 +71,12 @@ def train(settings: Settings, directory: str) -> dict[str, str]:
     return paths
 
 
-def evaluate(run: str, questions: list[tool_calls.Question], *, max_steps: int = 3, chunk: int = 50) -> dict:
+def evaluate(run: str, questions: list[tool_calls.Question], *, max_steps: int = 3, max_new_tokens: int = 40,
+             chunk: int = 200) -> dict:
     """Exact match of the agent (calculator allowed) and of direct answers, on `questions`."""
     from inference.load import load
 
-    chat = local_chat(load(run), max_new_tokens=40)
+    chat = local_chat(load(run), max_new_tokens=max_new_tokens)
     registry = ToolRegistry([calculator()])
     agent, direct = [], []
     for start in range(0, len(questions), chunk):
@@ -111,7 +113,8 @@ def main(argv=None) -> dict:
         started = time.perf_counter()
         paths = train(settings, directory)
         trained = time.perf_counter()
-        results = evaluate(paths["run"], tool_calls.read_held_out(paths["held_out"]), max_steps=settings.max_steps)
+        results = evaluate(paths["run"], tool_calls.read_held_out(paths["held_out"]), max_steps=settings.max_steps,
+                           max_new_tokens=settings.max_new_tokens)
         results.update(settings=dataclasses.asdict(settings), train_seconds=trained - started,
                        eval_seconds=time.perf_counter() - trained)
     print(f"preset {settings.preset}: {settings.steps} steps of {settings.batch_size} x {agent_config.SEQ_LEN} "

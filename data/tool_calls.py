@@ -129,11 +129,21 @@ def write_jsonl(path: str, train: Sequence[Question], *, seed: int = 0) -> str:
     return path
 
 
+def tools_prompt_text() -> str:
+    """The system prompt of every tool conversation (`agents.calls.with_tools` with the calculator)."""
+    return calls.with_tools([{"role": "user", "content": ""}], calculator_tools())[0]["content"]
+
+
 def train_tokenizer(lines: Sequence[dict], directory: str, *, vocab_size: int = 512, sample: int = 400):
-    """A byte-level BPE for this data, saved in `directory`: trained on `sample` rendered
-    conversations with their digits removed, so no merge holds a digit and every number is
-    written one digit per token wherever it appears (question, call, result, answer), which
-    makes copying a number a token-by-token copy. ChatML's markers are special tokens.
+    """A byte-level BPE for this data, saved in `directory`.
+
+    Trained on `sample` rendered conversations with their digits removed, so no merge holds a
+    digit and every number is written one digit per token wherever it appears (question, call,
+    result, answer): copying a number is a token-by-token copy. ChatML's markers are special
+    tokens, and so is the whole tools system prompt (`tools_prompt_text`, ~215 BPE tokens): the
+    text the model reads is unchanged, but each tool conversation costs ~90 tokens instead of
+    ~300. A system prompt listing other tools is tokenized as ordinary text (this model has never
+    seen one).
 
     Returns:
       The tokenizer (`data.tokenizer.load_tokenizer(directory)` loads it again).
@@ -142,8 +152,8 @@ def train_tokenizer(lines: Sequence[dict], directory: str, *, vocab_size: int = 
     from data.tokenizer import training
 
     texts = [re.sub(r"[0-9]", "", render_text(None, line["messages"], template="chatml")[0]) for line in lines[:sample]]
-    return training.train_tokenizer(texts, vocab_size, ("<|endoftext|>", *BUILTIN_SPECIAL_TOKENS["chatml"]),
-                                    trainer="tokenizers", directory=directory)
+    special = ("<|endoftext|>", *BUILTIN_SPECIAL_TOKENS["chatml"], tools_prompt_text())
+    return training.train_tokenizer(texts, vocab_size, special, trainer="tokenizers", directory=directory)
 
 
 def prepare(directory: str, config: ToolCallsConfig = ToolCallsConfig()) -> dict[str, str]:

@@ -24,7 +24,7 @@ from rag.index import Index, default_nlist
 from rag.questions import answers, make_questions
 
 KS = (1, 5, 10)
-QUICK_TOPICS = 12  # --quick: the first topics (by name) that hold questions
+QUICK_TOPICS = 5  # --quick: the first topics (by name) that hold questions
 
 
 def _corpus(quick: bool) -> tuple[list[Document], list]:

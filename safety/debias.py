@@ -1,7 +1,7 @@
 """SENT-DEBIAS (Liang et al. 2020): remove a bias subspace from sentence embeddings.
 
 1. Bias attribute sentences: each template filled with each word of a definitional pair
-   ("{} went to the store." x (man, woman), (he, she), ...). The templates here are NOT SEAT's
+   ("The {} went to the store." x (man, woman), ...; pronouns in templates of their role). The templates here are NOT SEAT's
    bleached ones, so the probe does not grade its own fitting data.
 2. Each pair's embeddings minus their mean (the component the swap changes), stacked, and PCA:
    the top `k` right singular vectors span the bias subspace V.
@@ -17,30 +17,45 @@ import dataclasses
 
 import numpy as np
 
-GENDER_PAIRS = (("man", "woman"), ("he", "she"), ("boy", "girl"), ("father", "mother"), ("son", "daughter"),
-                ("brother", "sister"), ("husband", "wife"), ("king", "queen"), ("male", "female"),
-                ("his", "her"), ("him", "her"), ("uncle", "aunt"), ("gentleman", "lady"), ("John", "Mary"))
-TEMPLATES = ("{} went to the store yesterday.", "I had lunch with the {} today.", "The {} is reading a book.",
-             "Everyone says the {} works very hard.", "We met the {} at the station.",
-             "The {} wants to learn how to cook.", "Yesterday the {} called about the meeting.",
-             "A photo of the {} hung on the wall.", "The {} laughed at the joke.", "My neighbor is a {}.")
-PRONOUN_TEMPLATES = ("{} went to the store yesterday.", "Everyone says {} works very hard.",
-                     "Yesterday {} called about the meeting.", "I think {} is reading a book.")
-PRONOUNS = {"he", "she", "his", "her", "him"}
+NOUN_PAIRS = (("man", "woman"), ("boy", "girl"), ("father", "mother"), ("son", "daughter"),
+              ("brother", "sister"), ("husband", "wife"), ("king", "queen"), ("uncle", "aunt"),
+              ("gentleman", "lady"), ("John", "Mary"))
+NOUN_TEMPLATES = ("The {} went to the store yesterday.", "I had lunch with the {} today.", "The {} is reading a book.",
+                  "Everyone says the {} works very hard.", "We met the {} at the station.",
+                  "The {} wants to learn how to cook.", "Yesterday the {} called about the meeting.",
+                  "A photo of the {} hung on the wall.", "The {} laughed at the joke.", "My neighbor is a {}.")
+# Pronoun pairs by grammatical role, each with templates where the role fits.
+PRONOUN_PAIRS = {
+    "subject": (("he", "she"),),
+    "object": (("him", "her"),),
+    "possessive": (("his", "her"),),
+}
+PRONOUN_TEMPLATES = {
+    "subject": ("{} went to the store yesterday.", "Everyone says {} works very hard.",
+                "Yesterday {} called about the meeting.", "I think {} is reading a book."),
+    "object": ("I gave {} the keys.", "We met {} at the station.", "Everyone likes {}.", "I called {} yesterday."),
+    "possessive": ("{} car is parked outside.", "I borrowed {} book.", "That is {} coat.", "We visited {} house."),
+}
 
 
-def pair_sentences(pairs=GENDER_PAIRS) -> tuple[list[str], list[str]]:
-    """Parallel lists (one side, other side) of template x pair sentences."""
+def pair_sentences() -> tuple[list[str], list[str]]:
+    """Parallel lists (one side, other side) of template x definitional pair sentences."""
     a, b = [], []
-    for x, y in pairs:
-        pronoun = x.lower() in PRONOUNS
-        proper = x[0].isupper()
-        for template in PRONOUN_TEMPLATES if pronoun else TEMPLATES:
-            if proper:
-                template = template.replace("the {}", "{}").replace("a {}", "{}")
-            for side, word in ((a, x), (b, y)):
-                s = template.format(word)
-                side.append(s[0].upper() + s[1:])
+
+    def add(template, x, y):
+        for side, word in ((a, x), (b, y)):
+            s = template.format(word)
+            side.append(s[0].upper() + s[1:])
+
+    for x, y in NOUN_PAIRS:
+        for template in NOUN_TEMPLATES:
+            if x[0].isupper():  # a name: no article
+                template = template.replace("the {}", "{}").replace("The {}", "{}").replace("a {}", "{}")
+            add(template, x, y)
+    for role, pairs in PRONOUN_PAIRS.items():
+        for x, y in pairs:
+            for template in PRONOUN_TEMPLATES[role]:
+                add(template, x, y)
     return a, b
 
 

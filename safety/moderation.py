@@ -166,7 +166,7 @@ def _import_attr(spec: str):
         if not hasattr(obj, part):
             raise ValueError(f"moderator spec {spec!r}: {module_name} has no attribute {attr!r}; fix the name")
         obj = getattr(obj, part)
-    if not hasattr(obj, "check") and callable(obj):
+    if isinstance(obj, type) or (not hasattr(obj, "check") and callable(obj)):
         try:
             obj = obj()  # a factory
         except TypeError as e:
