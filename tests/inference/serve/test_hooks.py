@@ -81,6 +81,17 @@ def test_chat_retrieves_cites_and_renders_tools(hooked, tiny_loaded):
     expected = with_tools(rag_messages(question, hits), TOOLS)
     ids, _ = chat_lib.render(tiny_loaded.tokenizer, expected, add_generation_prompt=True, template="chatml")
     assert out["usage"]["prompt_tokens"] == len(ids)
+    hooks.tools = TOOLS  # --tools: offered to a request that brings none (and not with tool_choice "none")
+    try:
+        offered = httpx.post(url + "/v1/chat/completions", json={k: v for k, v in body.items() if k != "tools"},
+                             timeout=60).json()
+        declined = httpx.post(url + "/v1/chat/completions", json={**body, "tool_choice": "none"}, timeout=60).json()
+    finally:
+        hooks.tools = None
+    assert offered["usage"]["prompt_tokens"] == len(ids)
+    plain, _ = chat_lib.render(tiny_loaded.tokenizer, rag_messages(question, hits), add_generation_prompt=True,
+                               template="chatml")
+    assert declined["usage"]["prompt_tokens"] == len(plain)
     malformed = httpx.post(url + "/v1/chat/completions", json={**body, "tools": [{"type": "function"}]}, timeout=60)
     assert malformed.status_code == 400 and malformed.json()["error"]["param"] == "tools"
 
