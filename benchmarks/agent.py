@@ -9,11 +9,12 @@
      agent   `agents.loop.run_agents` with the calculator on the allow-list (the tools system prompt,
              tool calls parsed from its text and executed, results fed back, at most 3 steps)
      direct  the same model, the same question, no tools offered (it must compute the answer itself)
-   Exact match: the last integer of the final answer equals the true value. Also reported: the share
-   of agent runs that called the calculator with exactly the question's expression.
+   Exact match: the last integer of the final answer equals the true value. Also reported: the shares
+   of agent runs that called the calculator at all, with exactly the question's expression, and whose
+   final answer repeats the calculator's result (the two copies the model must learn).
 
 Run:
-  python benchmarks/agent.py           # the default preset (Llama, 4 layers x 64), ~5-10 min on 2 cores
+  python benchmarks/agent.py           # the default preset (Llama, 4 layers x 64), ~12 min on 2 cores
   python benchmarks/agent.py --quick   # the tiny preset, a few steps (the test: runs, learns nothing)
 """
 
@@ -50,7 +51,7 @@ class Settings:
     max_new_tokens: int = 40  # per model call
 
 
-FULL = Settings(preset="default", steps=600, num_train=4000, num_eval=200, batch_size=16)  # configs/agent.py:default
+FULL = Settings(preset="default", steps=3000, num_train=4000, num_eval=200, batch_size=16)  # configs/agent.py:default
 QUICK = Settings(preset="tiny", steps=4, num_train=40, num_eval=6, batch_size=8, max_steps=2, max_new_tokens=12)
 
 
@@ -90,12 +91,17 @@ def evaluate(run: str, questions: list[tool_calls.Question], *, max_steps: int =
 
     called = [any(c["name"] == "calculator" and json.loads(c["arguments"]).get("expression") == q.expression
                   for c in t.tool_calls) for t, q in zip(agent, questions)]
+    used = [any(c["name"] == "calculator" and c["status"] == "ok" for c in t.tool_calls) for t in agent]
+    relayed = [bool(t.tool_calls) and tool_calls.parse_answer(t.answer) == tool_calls.parse_answer(
+        t.tool_calls[-1]["result"]) for t in agent]
     n = len(questions)
     return {
         "questions": n,
         "agent_exact_match": sum(exact(t.answer, q) for t, q in zip(agent, questions)) / n,
         "direct_exact_match": sum(exact(r.get("content") or "", q) for r, q in zip(direct, questions)) / n,
         "agent_called_calculator_exactly": sum(called) / n,
+        "agent_called_calculator": sum(used) / n,  # any well-formed call that ran
+        "agent_answer_is_tool_result": sum(relayed) / n,  # the final answer repeats the last result
         "agent_stop_reasons": {r: sum(t.stop_reason == r for t in agent) for r in ("answered", "step_limit", "refused")},
         "example_transcript": agent[0].to_dict(),
         "example_direct": direct[0].get("content"),
@@ -124,6 +130,8 @@ def main(argv=None) -> dict:
     print(f"  agent with calculator   exact match {results['agent_exact_match']:.1%}  (called it with the "
           f"question's expression: {results['agent_called_calculator_exactly']:.1%}; stops "
           f"{results['agent_stop_reasons']})")
+    print(f"  agent calls that ran: {results['agent_called_calculator']:.1%}; final answers that repeat the "
+          f"calculator's result: {results['agent_answer_is_tool_result']:.1%}")
     print(f"  direct answer           exact match {results['direct_exact_match']:.1%}")
     print(f"  gain                    {results['agent_exact_match'] - results['direct_exact_match']:+.1%}")
     print("example transcript:", json.dumps(results["example_transcript"]["messages"][1:], ensure_ascii=False))

@@ -69,8 +69,10 @@ def _file_documents(path: str) -> list[Document]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n} is not JSON ({e}); each .jsonl line must be an object with 'text'") from e
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}:{n} has no string 'text' field; each .jsonl line must be an object with "
-                                 "'text' (and optionally 'id')")
+                # ValueError, like every bad line of a data file.
+                raise ValueError(  # noqa: TRY004
+                    f"{path}:{n} has no string 'text' field; each .jsonl line must be an object with "
+                    "'text' (and optionally 'id')")
             docs.append(Document(str(record.get("id", f"{path}:{n}")), record["text"], path))
     return docs
 

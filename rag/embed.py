@@ -136,9 +136,10 @@ class Embedder:
                                     "Hugging Face BERT directory (e.g. all-MiniLM-L6-v2)")
         recipe = read_recipe(directory)
         model, params = hf.load_pretrained(str(directory), head="base")
-        if not isinstance(model.config, BertConfig):
-            raise ValueError(f"{path} does not hold a BERT encoder ({type(model.config).__name__}); the Embedder "
-                             f"needs one of {', '.join(hf.BERTS)}")
+        if not isinstance(model.config, BertConfig):  # a bad directory, not a bad argument type
+            raise ValueError(  # noqa: TRY004
+                f"{path} does not hold a BERT encoder ({type(model.config).__name__}); the Embedder "
+                f"needs one of {', '.join(hf.BERTS)}")
         tokenizer = load_tokenizer(directory)
         if getattr(tokenizer, "cls_id", None) is None or getattr(tokenizer, "sep_id", None) is None:
             raise ValueError(f"{path}: the tokenizer has no [CLS]/[SEP] tokens; the Embedder needs a BERT WordPiece "

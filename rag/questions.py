@@ -28,11 +28,9 @@ _UNDERLINE = re.compile(r"^\s*[=\-*~^]{3,}\s*$", re.MULTILINE)
 _SENTENCE = re.compile(r"[^.!?]+[.!?](?=\s|$)")
 _DEFINITION = re.compile(r"^\s*((?:The|A|An) )?([A-Za-z\"*][^,;:]{2,80}?) (is|are) (\S.{8,})[.!?]$", re.DOTALL)
 _NOT_SUBJECTS = frozenset(
-    "it this that these those they there which what who when whenever if for as because since although though "
-    "unless while where so but and or in on at to of with by from each every otherwise note however then thus "
-    "here such both all one".split())
+    ["it", "this", "that", "these", "those", "they", "there", "which", "what", "who", "when", "whenever", "if", "for", "as", "because", "since", "although", "though", "unless", "while", "where", "so", "but", "and", "or", "in", "on", "at", "to", "of", "with", "by", "from", "each", "every", "otherwise", "note", "however", "then", "thus", "here", "such", "both", "all", "one"])
 # Words that make a subject point elsewhere ("the following methods", "the exact behavior").
-_VAGUE = frozenset("this these that those following above below such other same exact result case".split())
+_VAGUE = frozenset(["this", "these", "that", "those", "following", "above", "below", "such", "other", "same", "exact", "result", "case"])
 MIN_WORDS, MAX_WORDS = 2, 8
 
 

@@ -24,7 +24,8 @@ def test_agent_benchmark_quick_mode(capsys, tmp_path):
     out = capsys.readouterr().out
     q = bench.QUICK
     assert results["questions"] == q.num_eval
-    for key in ("agent_exact_match", "direct_exact_match", "agent_called_calculator_exactly"):
+    for key in ("agent_exact_match", "direct_exact_match", "agent_called_calculator_exactly", "agent_called_calculator",
+                "agent_answer_is_tool_result"):
         assert 0.0 <= results[key] <= 1.0
         assert results[key] * q.num_eval == round(results[key] * q.num_eval)
     assert sum(results["agent_stop_reasons"].values()) == q.num_eval

@@ -53,10 +53,12 @@ def test_sft_lines_train_exactly_the_assistant_turns(prepared):
             expression = json.loads(calls[0]["function"]["arguments"])["expression"]
             assert calls[0]["function"]["name"] == "calculator" and evaluate_arithmetic(expression) == answer
             assert f"<tool_response>\n{answer}\n</tool_response>" in line["messages"][-2]["content"]
-    # Every digit is a token of its own, wherever a number appears.
+    # Every digit is a token of its own, wherever a number appears; the tools prompt is one token.
     ids, _ = render(tokenizer, with_tool[0]["messages"], template="chatml")
     pieces = [tokenizer.decode([t]) for t in ids]
-    assert all(len(p) == 1 for p in pieces if re.search(r"[0-9]", p))
+    assert pieces.count(tool_calls.tools_prompt_text()) == 1
+    assert all(len(p) == 1 for p in pieces if re.search(r"[0-9]", p) and p != tool_calls.tools_prompt_text())
+    assert sum(len(p) == 1 and p.isdigit() for p in pieces) >= 4 * 3  # question, call, result, answer
 
 
 def test_parse_answer():

@@ -1,6 +1,7 @@
 """rag.chunk: token windows with overlap cover every token, chunks keep exact token and character
 spans, documents load from txt/md/jsonl files and the embedded corpus, bad input is named."""
 
+import itertools
 import json
 
 import pytest
@@ -21,7 +22,7 @@ def test_spans_cover_every_token_with_the_overlap_asked(n, window, stride):
     spans = token_spans(n, window, stride)
     assert spans[0][0] == 0 and spans[-1][1] == n
     assert all(end - start == window for start, end in spans[:-1]) and spans[-1][1] - spans[-1][0] <= window
-    for (s0, e0), (s1, _) in zip(spans, spans[1:]):
+    for (s0, e0), (s1, _) in itertools.pairwise(spans):
         assert s1 - s0 == stride and e0 - s1 == window - stride  # overlap, and no gap
     assert len(spans) == 1 or spans[-2][1] < n  # no chunk wholly inside the previous one
 

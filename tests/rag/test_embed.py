@@ -5,10 +5,10 @@ max_seq_length must still match sentence-transformers loading that copy)."""
 import json
 import os
 import shutil
+from pydoc_data.topics import topics
 
 import numpy as np
 import pytest
-from pydoc_data.topics import topics
 
 from rag.embed import Embedder, read_recipe
 from tests.minilm import minilm_path
@@ -18,11 +18,6 @@ TOL = 1e-5  # the issue's bound; float32 sums over 384 dims of unit vectors diff
 TEXTS = ["hello world", "  The quick brown fox jumps over the lazy dog.  ", "", "x",
          "Ünïcödé façade — naïve café, 東京.", " ".join(["truncated"] * 400)]
 TEXTS += [text[:2500] for text in list(topics.values())[:14]]  # paragraphs, several > 256 tokens
-
-
-@pytest.fixture(scope="module")
-def embedder():
-    return Embedder.load(minilm_path())
 
 
 @pytest.fixture(scope="module")
