@@ -175,6 +175,7 @@
       return;
     }
     hideError();
+    $("prompt").value = "";
     conversation.push({ role: "user", content: text });
     const userItem = addMessage("user", text);
     const assistantItem = addMessage("assistant", "");
@@ -234,7 +235,8 @@
       assistantItem.dataset.finish = finish || (failure ? "error" : "");
     }
     if (failure) showError(failure);
-    $("stats").textContent = statsText(usage, pieces, startedAt, firstAt, endedAt, finish);
+    $("stats").textContent = assistantItem.isConnected
+      ? statsText(usage, pieces, startedAt, firstAt, endedAt, finish) : "";
     setBusy(false);
     $("prompt").focus();
   }
@@ -249,7 +251,6 @@
       event.preventDefault();
       const text = $("prompt").value;
       if (controller || text.trim() === "") return;
-      $("prompt").value = "";
       send(text);
     });
     $("prompt").addEventListener("keydown", (event) => {
@@ -271,7 +272,11 @@
       sessionStorage.setItem(KEY_STORAGE, $("api-key").value.trim());
       loadModels();
     });
-    $("reload-models").addEventListener("click", loadModels);
+    $("connection").addEventListener("submit", (event) => {
+      event.preventDefault();
+      sessionStorage.setItem(KEY_STORAGE, $("api-key").value.trim());
+      loadModels();
+    });
     setBusy(false);
     loadModels();
   }
