@@ -106,7 +106,8 @@
       if (input.value.trim() === "") continue;
       fields[field] = parse(input.value);
     }
-    const stop = $("stop").value.split("\n").filter((line) => line !== "");
+    // one per line; a typed \n stands for a line break (a line cannot hold one)
+    const stop = $("stop").value.split("\n").filter((line) => line !== "").map((line) => line.replace(/\\n/g, "\n"));
     if (stop.length) fields.stop = stop;
     return fields;
   }

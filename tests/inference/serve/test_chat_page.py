@@ -228,14 +228,15 @@ def test_chat_page_shows_a_rejected_request_and_undoes_the_turn(browser, server,
     page.fill("#api-key", API_KEY)
     page.press("#api-key", "Enter")
     page.wait_for_selector("#model option", state="attached")
-    too_many = 10**7  # far beyond any context: the server answers 400 with OpenAI's error JSON
-    page.fill("#max-tokens", str(too_many))
+    stops = ["\n", ".", "!", "?", ";"]  # one more than OpenAI's 4: the page passes them on, the server answers 400
+    page.fill("#stop", "\\n\n.\n!\n?\n;")  # the first line is a typed \n: a line break
     page.fill("#prompt", TURNS[0])
     page.click("#send")
     page.wait_for_selector("#error:not([hidden])")
     with pytest.raises(openai.BadRequestError) as raised:
-        client.chat.completions.create(model=page.input_value("#model"), max_tokens=too_many,
+        client.chat.completions.create(model=page.input_value("#model"), stop=stops,
                                        messages=[{"role": "user", "content": TURNS[0]}])
+    assert watch.chat_bodies[-1]["stop"] == stops
     assert page.text_content("#error") == f"error 400: {raised.value.body['message']}"
     assert watch.messages() == []  # the turn is undone, its text back in the box
     assert page.input_value("#prompt") == TURNS[0]
