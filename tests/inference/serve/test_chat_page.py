@@ -13,9 +13,12 @@ Without /usr/bin/chromium the test is skipped, or fails where LMLAB_REQUIRE_BROW
 
 import json
 import os
+import re
 import shutil
 import struct
+import time
 import urllib.parse
+import urllib.request
 
 import pytest
 
@@ -24,6 +27,7 @@ API_KEY = "page-test-key"
 SYSTEM = "You answer in one short sentence."
 TURNS = ("What does a cache hold?", "And a slot?")
 MAX_TOKENS = 24
+LONG = 4000  # tokens asked for in the stop test: far more than can arrive before the click
 VIEWPORT = {"width": 1100, "height": 720}
 
 # Records every text the last assistant message shows, as the page writes it.
@@ -88,7 +92,7 @@ def tiny_chat_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=256, bos_token_id=0, eos_token_id=2)
+                                      max_position_embeddings=4096, bos_token_id=0, eos_token_id=2)
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -99,9 +103,12 @@ def tiny_chat_checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_chat_checkpoint):
+    from inference.load import load
+    from inference.serve.app import create_app
     from inference.serve.testing import running_server
 
-    with running_server(tiny_chat_checkpoint, api_key=API_KEY) as base_url:
+    app = create_app(load(tiny_chat_checkpoint), api_key=API_KEY, num_slots=2, max_len=4096)
+    with running_server(app) as base_url:
         yield base_url
 
 
@@ -156,6 +163,12 @@ def _greedy(client, model, messages):
     return reply.choices[0].message.content
 
 
+def _metric(base_url, name):
+    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.split("{")[0].split(" ")[0] == name)
+
+
 def _png_size(path):
     with open(path, "rb") as f:
         head = f.read(24)
@@ -201,6 +214,7 @@ def test_chat_page_streams_the_apis_greedy_answers_and_keeps_the_conversation(br
         assert answer == _greedy(client, model, history)
         # It streamed: the answer grew through several partial texts, each a prefix of the final one.
         partial = [s for s in states if s and s != answer]
+        print(f"turn {turn}: the answer ({len(answer)} characters) was seen in {len(partial)} partial states")
         assert len(partial) >= 2, f"the answer appeared in {len(partial)} partial steps: {states}"
         assert all(answer.startswith(s) for s in states), states
         history.append({"role": "assistant", "content": answer})
@@ -241,4 +255,39 @@ def test_chat_page_shows_a_rejected_request_and_undoes_the_turn(browser, server,
     assert watch.messages() == []  # the turn is undone, its text back in the box
     assert page.input_value("#prompt") == TURNS[0]
     assert not page.is_disabled("#send")
+    watch.context.close()
+
+
+def test_chat_page_stop_button_cuts_the_answer_and_frees_the_request(browser, server, client):
+    watch = PageWatch(browser, server)
+    page = watch.page
+    page.fill("#api-key", API_KEY)
+    page.press("#api-key", "Enter")
+    page.wait_for_selector("#model option", state="attached")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", str(LONG))
+    cancelled = _metric(server, "lmlab_requests_cancelled_total")
+    page.fill("#prompt", TURNS[0])
+    page.click("#send")
+    page.locator("#messages .message.streaming .content").filter(has_text=re.compile(".")).wait_for()
+    page.click("#stop-generation")
+    page.wait_for_selector("#send:enabled")
+    (_, question), (_, stopped) = watch.messages()
+    assert question == TURNS[0] and stopped
+    finish = page.get_attribute("#messages .message.assistant", "data-finish")
+    assert finish == "stopped", f"the answer ended ({finish}) before the stop button was clicked: {page.text_content('#stats')}"
+    # The server saw the page go away and cancelled the request (its slot is free again).
+    deadline = time.monotonic() + 30
+    while _metric(server, "lmlab_requests_cancelled_total") < cancelled + 1 or _metric(server, "lmlab_running_requests"):
+        assert time.monotonic() < deadline, "the server did not cancel the request the page stopped"
+        time.sleep(0.05)
+    # What the page kept is the start of the API's greedy answer, which went on past it.
+    reference = ""
+    with client.chat.completions.create(model=page.input_value("#model"), temperature=0, max_tokens=LONG, stream=True,
+                                        messages=[{"role": "user", "content": TURNS[0]}]) as stream:
+        for chunk in stream:
+            reference += "".join(c.delta.content or "" for c in chunk.choices)
+            if len(reference) > len(stopped):
+                break
+    assert reference.startswith(stopped) and len(reference) > len(stopped), (stopped, reference)
     watch.context.close()
