@@ -68,21 +68,26 @@
     }
   }
 
+  let modelsRequest = 0; // only the latest model list request shows its answer
+
   async function loadModels() {
     const select = $("model");
+    const ticket = ++modelsRequest;
     try {
       const response = await fetch("/v1/models", { headers: requestHeaders() });
+      if (ticket !== modelsRequest) return; // a later request (say, with the key just typed) supersedes this one
       if (!response.ok) {
         showError(`models: ${await errorText(response)}`);
         return;
       }
       const models = (await response.json()).data || [];
+      if (ticket !== modelsRequest) return;
       const previous = select.value;
       select.replaceChildren(...models.map((m) => new Option(m.id, m.id)));
       if (models.some((m) => m.id === previous)) select.value = previous;
       hideError();
     } catch (error) {
-      showError(`models: ${error.message}`);
+      if (ticket === modelsRequest) showError(`models: ${error.message}`);
     }
   }
 

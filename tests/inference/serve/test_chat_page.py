@@ -25,7 +25,7 @@ import pytest
 CHROMIUM = "/usr/bin/chromium"
 API_KEY = "page-test-key"
 SYSTEM = "You answer in one short sentence."
-TURNS = ("What does a cache hold?", "And a slot?")
+TURNS = ("What does a cache hold?", "And a <b>slot</b>?")  # markup the page must show as text
 MAX_TOKENS = 24
 LONG = 4000  # tokens asked for in the stop test: far more than can arrive before the click
 VIEWPORT = {"width": 1100, "height": 720}
@@ -219,8 +219,10 @@ def test_chat_page_streams_the_apis_greedy_answers_and_keeps_the_conversation(br
         assert all(answer.startswith(s) for s in states), states
         history.append({"role": "assistant", "content": answer})
     assert watch.messages() == [[m["role"], m["content"]] for m in history[1:]]
+    assert page.eval_on_selector_all("#messages .content *", "nodes => nodes.length") == 0  # text, never HTML
     stats = page.text_content("#stats")
-    assert "completion tokens" in stats and "tokens/s" in stats, stats
+    assert re.fullmatch(rf"\d+ prompt \+ {MAX_TOKENS} completion tokens · first token after \d+ ms · [\d.]+ tokens/s · "
+                        r"finish: length", stats), stats
 
     path = str(tmp_path / "chat_page.png")
     page.screenshot(path=path, full_page=True)
@@ -255,6 +257,9 @@ def test_chat_page_shows_a_rejected_request_and_undoes_the_turn(browser, server,
     assert watch.messages() == []  # the turn is undone, its text back in the box
     assert page.input_value("#prompt") == TURNS[0]
     assert not page.is_disabled("#send")
+    page.reload()  # the key stays for the tab (sessionStorage): the models load without typing it again
+    page.wait_for_selector("#model option", state="attached")
+    assert page.input_value("#api-key") == API_KEY and page.is_hidden("#error")
     watch.context.close()
 
 
