@@ -12,6 +12,7 @@ queue full (with Retry-After), 500 a server fault (logged here, never sent).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hmac
 import logging
@@ -228,9 +229,13 @@ def _routes(app: FastAPI, handlers: Handlers, loop: EngineLoop, metrics: Metrics
                            param="dimensions")
         vectors = np.asarray(await hooks.embed(texts), np.float32)
         tokens = sum(len(hooks.embedder.tokenizer.encode(t)) for t in texts)
+        def encoded(v):  # the openai client asks for base64 (little-endian float32) and decodes it
+            return base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64" \
+                else v.tolist()
+
         return {"object": "list", "model": hooks.embedding_name, "usage": {"prompt_tokens": tokens,
                                                                             "total_tokens": tokens},
-                "data": [{"object": "embedding", "index": i, "embedding": v.tolist()} for i, v in enumerate(vectors)]}
+                "data": [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(vectors)]}
 
     @app.post("/v1/moderations")
     async def moderations(body: ModerationRequest):

@@ -237,6 +237,8 @@ class Handlers:
         """A finished answer as a stream (tools or moderation needed the whole text first)."""
         head = {**head, "object": "chat.completion.chunk"}
         for index, (message, finish, logprobs) in enumerate(answers):
+            if message.get("tool_calls"):  # a stream's tool calls carry their position
+                message = {**message, "tool_calls": [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]}
             yield _sse({**head, "choices": [{"index": index, "delta": message, "logprobs": logprobs,
                                              "finish_reason": None}], "usage": None})
             yield _sse({**head, "choices": [{"index": index, "delta": {}, "logprobs": None,

@@ -120,7 +120,7 @@ class ChatRequest(_Sampling):
 class EmbeddingRequest(_Strict):
     model: str
     input: str | list[str] = Field(min_length=1)
-    encoding_format: Literal["float"] = "float"
+    encoding_format: Literal["float", "base64"] = "float"  # base64: little-endian float32 bytes
     dimensions: int | None = None
     user: str | None = None
 

@@ -77,7 +77,10 @@ def completion_logprobs(tokenizer, entries, offset: int = 0) -> dict:
         offset += len(text)
         tokens.append(text)
         token_logprobs.append(chosen)
-        top.append({token_text(tokenizer, i): v for i, v in alternatives})
+        alternatives_by_text = {}
+        for i, v in alternatives:  # most likely first: tokens that decode alike keep the best value
+            alternatives_by_text.setdefault(token_text(tokenizer, i), v)
+        top.append(alternatives_by_text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
