@@ -107,7 +107,8 @@ def server(tiny_chat_checkpoint):
     from inference.serve.app import create_app
     from inference.serve.testing import running_server
 
-    app = create_app(load(tiny_chat_checkpoint), api_key=API_KEY, num_slots=2, max_len=4096)
+    app = create_app(load(tiny_chat_checkpoint), model_name="tiny-chat", api_key=API_KEY, num_slots=2,
+                     max_len=4096)
     with running_server(app) as base_url:
         yield base_url
 
