@@ -31,8 +31,14 @@ from inference.engine import Engine
 from inference.serve.handlers import Handlers
 from inference.serve.hooks import Hooks
 from inference.serve.metrics import Metrics
-from inference.serve.protocol import APIError, ChatRequest, CompletionRequest, EmbeddingRequest, ModerationRequest, \
-    error_body
+from inference.serve.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ModerationRequest,
+    error_body,
+)
 from inference.serve.worker import EngineLoop
 
 log = logging.getLogger(__name__)

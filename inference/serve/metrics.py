@@ -99,8 +99,8 @@ class Metrics:
         gauges = [("lmlab_queue_length", "Requests waiting for a slot.", queue),
                   ("lmlab_running_requests", "Requests decoding in a slot.", running),
                   ("lmlab_slots", "Decode slots (continuous batching width).", slots),
-                  ("lmlab_generation_tokens_per_second", f"Tokens generated per second over the last "
-                   f"{RATE_WINDOW_S:g} s.", self.tokens_per_second())]
+                  ("lmlab_generation_tokens_per_second", f"Tokens generated per second over the last {RATE_WINDOW_S:g} s.",
+                   self.tokens_per_second())]
         lines = []
         for name, help_, value in gauges:
             lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {value}"]

@@ -144,7 +144,7 @@ def test_greedy_completion_and_chat_equal_generate_and_streams_add_up(server, ti
 
 def test_32_concurrent_requests_of_mixed_lengths_equal_each_alone(server):
     url, _ = server
-    words = "the keys and values of every token seen so far join a free slot".split()
+    words = ["the", "keys", "and", "values", "of", "every", "token", "seen", "so", "far", "join", "a", "free", "slot"]
     jobs = [(" ".join(words[: 1 + i % 13]), 1 + (7 * i) % 23, 0.0 if i % 2 else 0.9, i) for i in range(32)]
 
     def ask(client, prompt, max_tokens, temperature, seed):
@@ -226,7 +226,7 @@ def test_logprobs_equal_log_softmax_of_the_models_logits(server, tiny_loaded):
 
 
 def test_bad_requests_get_openai_errors(server):
-    url, app = server
+    url, _ = server
     client = _client(url)
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
