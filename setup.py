@@ -97,8 +97,10 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["models*", "train*", "configs*", "sharding*", "data*", "inference*", "evals*", "rag*", "agents*",
                                              "safety*"]),
-    # The built-in evaluation tasks (evals/task_data/*.yaml) install with the package.
-    package_data={"evals": ["task_data/*.yaml"]},
+    # Data files that install with their packages: the built-in evaluation tasks, the chat page,
+    # the moderation set (and its documentation).
+    package_data={"evals": ["task_data/*.yaml"], "inference.serve": ["static/*"],
+                  "safety": ["data/*.jsonl", "data/README.md"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
 )
