@@ -30,6 +30,12 @@ The cache is contiguous ([B, S] per layer, `inference.kv_cache`) or paged (a blo
 `inference.paged`): with `block_size` set, slots take blocks from a shared pool as they
 grow and give them back when they leave, so the pool can be sized for the tokens in
 flight rather than for B * S.
+
+Every step also returns, per slot, the log-probability of the token it chose and the
+MAX_TOP_LOGPROBS most likely tokens with theirs, under the model's own distribution (the
+log-softmax of the raw logits, before temperature and filters, as vLLM reports them);
+`step_logprobs` holds them for the requests that asked (`Request.logprobs`). `cancel`
+drops a waiting request or frees a running one's slot at once (a client that went away).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from inference.sampling import RowSampling, SamplingConfig, sample_rows
 from models.gpt import GPT
 
 MIN_PREFILL_BUCKET = 8
+MAX_TOP_LOGPROBS = 20  # the most alternatives a request may ask logprobs for (OpenAI allows 20)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +70,8 @@ class Request:
         (`sampling.SamplingConfig`); temperature 0 is greedy.
       stop_tokens: ids that end the request (included in its output).
       seed: the request's sampling seed.
+      logprobs: None, or k in [0, MAX_TOP_LOGPROBS]: record each chosen token's log-probability
+        and the k most likely tokens' (`Engine.step_logprobs`, `Engine.logprobs`).
     """
 
     prompt: Sequence[int]
@@ -74,10 +83,13 @@ class Request:
     repetition_penalty: float | None = None
     stop_tokens: Sequence[int] = ()
     seed: int = 0
+    logprobs: int | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs={self.logprobs} must be in [0, {MAX_TOP_LOGPROBS}] or None")
         self.sampling  # noqa: B018 - raises now on bad settings, not at admission
 
     @property
@@ -130,17 +142,21 @@ def _decode_slots(model: GPT, params, cache, logits_BV, seen_BV, rows: RowSampli
                   positions_B, active_B, block_table_BM):
     """One token for every slot: sample from each slot's logits, feed it at the slot's position.
 
-    Returns (tokens [B] (PAD_ID for idle slots), cache, next logits [B, V], seen [B, V]).
+    Returns (tokens [B] (PAD_ID for idle slots), cache, next logits [B, V], seen [B, V],
+    (chosen token's logprob [B], top logprobs [B, K], their ids [B, K])), K = min(MAX_TOP_LOGPROBS, V).
     """
     keys_B = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(key_data_B), steps_B)
     token_B = jnp.where(active_B, sample_rows(logits_BV, rows, keys_B, seen_BV), PAD_ID)
+    logprobs_BV = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+    chosen_B = jnp.take_along_axis(logprobs_BV, token_B[:, None], axis=-1)[:, 0]
+    top_BK, top_ids_BK = jax.lax.top_k(logprobs_BV, min(MAX_TOP_LOGPROBS, logprobs_BV.shape[-1]))
     seen_BV = seen_BV.at[jnp.arange(token_B.shape[0]), token_B].set(True)
     if block_table_BM is not None:
         cache = paged_lib.with_block_table(cache, block_table_BM)
     logits_B1V, new = model.apply({"params": params, "cache": cache}, token_B[:, None],
                                   positions=positions_B[:, None], mutable=["cache"])
     cache = new["cache"] if block_table_BM is None else paged_lib.without_block_table(new["cache"])
-    return token_B, cache, logits_B1V[:, 0], seen_BV
+    return token_B, cache, logits_B1V[:, 0], seen_BV, (chosen_B, top_BK, top_ids_BK)
 
 
 class Engine:
@@ -188,6 +204,9 @@ class Engine:
         self.slots: list[_Running | None] = [None] * B
         self.waiting: collections.deque[tuple[int, Request]] = collections.deque()
         self.results: dict[int, list[int]] = {}
+        # request id -> [(chosen logprob, [(token, logprob)] * k)] per token, for requests with logprobs
+        self.logprobs: dict[int, list[tuple[float, list[tuple[int, float]]]]] = {}
+        self.step_logprobs: dict[int, tuple[float, list[tuple[int, float]]]] = {}  # the last step's
         self.history: list[SlotUse] = []
         self.steps = 0
         self._next_id = 0
@@ -235,15 +254,23 @@ class Engine:
             for slot in np.flatnonzero(active).tolist():  # the block the fed token is written into
                 self._ensure_block(slot, int(self.positions[slot]))
         steps = np.array([len(s.tokens) if s else 0 for s in self.slots], np.int32)
-        tokens, self.cache, self.logits_BV, self.seen_BV = _decode_slots(
+        tokens, self.cache, self.logits_BV, self.seen_BV, logprobs = _decode_slots(
             self.model, self.params, self.cache, self.logits_BV, self.seen_BV, self.rows, self.key_data, steps,
             self.positions, active, self.block_table if self.paged else None)
         tokens = np.asarray(tokens)
         self.steps += 1
         events = []
+        self.step_logprobs = {}
+        wants = [s is not None and s.request.logprobs is not None for s in self.slots]
+        chosen, top, top_ids = (np.asarray(x) for x in logprobs) if any(wants) else (None, None, None)
         for slot in np.flatnonzero(active).tolist():
             running, token = self.slots[slot], int(tokens[slot])
             running.tokens.append(token)
+            if wants[slot]:
+                k = running.request.logprobs
+                entry = (float(chosen[slot]), [(int(i), float(v)) for i, v in zip(top_ids[slot, :k], top[slot, :k])])
+                self.step_logprobs[running.request_id] = entry
+                self.logprobs.setdefault(running.request_id, []).append(entry)
             self.positions[slot] += 1
             r = running.request
             done = token in r.stop_tokens or len(running.tokens) == r.max_new_tokens
@@ -251,6 +278,28 @@ class Engine:
             if done:
                 self._leave(slot)
         return events
+
+    def cancel(self, request_id: int) -> bool:
+        """Drops a waiting request, or stops a running one and frees its slot (its blocks too).
+
+        The tokens it made so far stay in `results`. Returns whether the request was waiting or
+        running (False: unknown or already finished).
+        """
+        for i, (waiting_id, _) in enumerate(self.waiting):
+            if waiting_id == request_id:
+                del self.waiting[i]
+                self.results[request_id] = []
+                return True
+        for slot, running in enumerate(self.slots):
+            if running is not None and running.request_id == request_id:
+                self._leave(slot)
+                return True
+        return False
+
+    @property
+    def num_running(self) -> int:
+        """Requests in slots."""
+        return sum(s is not None for s in self.slots)
 
     def _admit(self) -> None:
         for slot in range(self.num_slots):
