@@ -14,7 +14,7 @@
    final answer repeats the calculator's result (the two copies the model must learn).
 
 Run:
-  python benchmarks/agent.py           # the default preset (Llama, 4 layers x 64), ~5-10 min on 2 cores
+  python benchmarks/agent.py           # the default preset (Llama, 4 layers x 64), ~12 min on 2 cores
   python benchmarks/agent.py --quick   # the tiny preset, a few steps (the test: runs, learns nothing)
 """
 
@@ -51,7 +51,7 @@ class Settings:
     max_new_tokens: int = 40  # per model call
 
 
-FULL = Settings(preset="default", steps=600, num_train=4000, num_eval=200, batch_size=16)  # configs/agent.py:default
+FULL = Settings(preset="default", steps=3000, num_train=4000, num_eval=200, batch_size=16)  # configs/agent.py:default
 QUICK = Settings(preset="tiny", steps=4, num_train=40, num_eval=6, batch_size=8, max_steps=2, max_new_tokens=12)
 
 

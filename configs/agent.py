@@ -16,7 +16,7 @@ copying numbers from the question into the call easy to learn. The recipe's toke
 one token, so the longest conversation is 109 tokens and fits seq_len = 128.
 
 Presets:
-    default: Llama, 4 layers, width 64, 600 steps of 16 x 128 tokens (a few minutes on 2 CPU cores)
+    default: Llama, 4 layers, width 64, 3000 steps of 16 x 128 tokens (~12 minutes on 2 CPU cores)
     tiny:    Llama, 2 layers, width 64, 30 steps (for tests: checks the pipeline, teaches nothing)
 """
 
@@ -44,10 +44,10 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     c.eval.update(num_samples=0)
     if preset == "default":
         c.model.update(num_layers=4, rope_theta=10000.0)
-        c.steps = 600
+        c.steps = 3000  # copying the numbers emerges late: 600 steps give 0%, 1500 give 4.5% (README)
         c.data.update(batch_size=16)
         c.optimizer.update(lr=5e-3)
         c.schedule.update(warmup_steps=50)
         c.eval.update(every_steps=0)
-        c.checkpoint.update(save_interval_steps=100)
+        c.checkpoint.update(save_interval_steps=500)
     return c
