@@ -1,6 +1,6 @@
 """A generated JSONL corpus prepared, tokenized and trained on for a few steps, with the run's peak RSS.
 
-Two corpora are run side by side, each in a fresh subprocess (so `ru_maxrss` is that run's
+Two corpora are run side by side, each in a fresh subprocess (so its peak RSS, VmHWM, is that run's
 own): a small one (1/10 of the size) and the full one. Each run prepares the `files:` source
 (array_record splits), trains a byte-level BPE on `tokenizer.train_bytes` of it, trains the
 tiny GPT for `--steps` steps and evaluates `eval.max_batches` batches. Printed: prepare time
@@ -76,8 +76,24 @@ def _child(corpus: str, workdir: str, overrides: list[str]) -> None:
         "prepare_s": prepared - start, "tokenizer_s": tokenized - prepared, "train_s": done - tokenized,
         "train_documents": len(train_split), "final_step": summary["final_step"],
         "val_bytes": summary["val_bytes"], "val_bits_per_byte": summary["val_bits_per_byte"],
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+        "peak_rss_mb": peak_rss_mb(),
     }), flush=True)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MB: VmHWM, the high-water mark of its own address space.
+
+    Not `ru_maxrss`: Linux carries that across exec from the process that forked it, so a run started
+    by a large parent (a pytest worker) would report the parent's size.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; no /proc: as reported
 
 
 def run_one(corpus_mb: float, root: str, overrides: list[str]) -> dict:

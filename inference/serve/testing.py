@@ -37,7 +37,10 @@ def running_server(app, *, host: str = "127.0.0.1", port: int | None = None,
       RuntimeError: the server did not become healthy in time.
     """
     port = port or free_port(host)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    # log_config=None: an embedded server must not reconfigure the host process's logging (uvicorn's
+    # dictConfig closes every existing handler, pytest's capture handlers and a notebook's included).
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+                                           log_config=None))
     thread = threading.Thread(target=server.run, name="lmlab-uvicorn", daemon=True)
     thread.start()
     url = f"http://{host}:{port}"
