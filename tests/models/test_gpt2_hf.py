@@ -9,6 +9,7 @@ import transformers
 
 from models.convert.gpt2 import config_from_hf, hf_to_params, params_to_hf
 from models.gpt import GPT
+from tests.torch_reference import assert_same_logits, assert_same_state_dict
 
 VOCAB = 57
 
@@ -47,7 +48,8 @@ def test_gpt2_hf_torch_logits_round_trip_and_count(tie):
 
     fresh = transformers.GPT2LMHeadModel(hf.config).eval()
     fresh.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in params_to_hf(params, cfg).items()}, strict=True)
-    np.testing.assert_array_equal(_hf_logits(fresh, ids), theirs)
+    assert_same_state_dict(fresh, hf)
+    assert_same_logits(_hf_logits(fresh, ids), theirs)
 
 
 def test_gpt2_missing_tensor_is_named():

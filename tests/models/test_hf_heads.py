@@ -13,6 +13,7 @@ import transformers
 from models import hf
 from models.bert import BertForQuestionAnswering, BertForSequenceClassification
 from tests.minilm import minilm_path
+from tests.torch_reference import assert_same_logits, assert_same_state_dict
 
 VOCAB, D, LAYERS, FF = 61, 32, 2, 48
 EPS32 = float(np.finfo(np.float32).eps)
@@ -84,7 +85,8 @@ def test_task_heads_match_transformers_on_padded_batches_hf_torch(arch, extra, t
 
     hf.save_pretrained(model, params, str(tmp_path / "out"), **({"id2label": LABELS} if extra else {}))
     reloaded = getattr(transformers, arch).from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
-    np.testing.assert_array_equal(_hf_logits(reloaded, batch), expected)
+    assert_same_state_dict(reloaded, reference)
+    assert_same_logits(_hf_logits(reloaded, batch), expected)
     if extra:
         assert reloaded.config.id2label == LABELS and reloaded.config.problem_type == "single_label_classification"
 

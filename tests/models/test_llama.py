@@ -16,6 +16,7 @@ import transformers
 
 from models.convert.llama import config_from_hf, hf_to_params, params_to_hf
 from models.gpt import GPT
+from tests.torch_reference import assert_same_logits, assert_same_state_dict
 
 VOCAB, D, LAYERS, FF = 61, 32, 2, 48
 COMMON = {"vocab_size": VOCAB, "hidden_size": D, "num_hidden_layers": LAYERS, "intermediate_size": FF,
@@ -104,7 +105,8 @@ def test_round_trip_through_hf_torch_state_dict(case):
     fresh = transformers.AutoModelForCausalLM.from_config(hf.config, attn_implementation="eager").eval()
     fresh.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in sd.items()}, strict=True)
     ids = _ids(seed=1)
-    np.testing.assert_array_equal(_hf_logits(fresh, ids), _hf_logits(hf, ids))
+    assert_same_state_dict(fresh, hf)
+    assert_same_logits(_hf_logits(fresh, ids), _hf_logits(hf, ids))
 
 
 def test_llama_gradients_match_hf_torch_autograd():

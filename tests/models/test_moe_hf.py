@@ -16,6 +16,7 @@ import transformers
 from models import hf as hf_io
 from models.convert.moe import config_from_hf, hf_to_params, params_to_hf
 from models.gpt import GPT
+from tests.torch_reference import assert_same_logits, assert_same_state_dict
 
 VOCAB, D, LAYERS = 61, 32, 2
 COMMON = {"vocab_size": VOCAB, "hidden_size": D, "num_hidden_layers": LAYERS, "max_position_embeddings": 64,
@@ -88,7 +89,8 @@ def test_moe_round_trip_through_hf_torch_state_dict(case):
     fresh = transformers.AutoModelForCausalLM.from_config(hf.config, attn_implementation="eager").eval()
     fresh.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in sd.items()}, strict=True)
     ids = _ids(seed=1)
-    np.testing.assert_array_equal(_hf_logits(fresh, ids), _hf_logits(hf, ids))
+    assert_same_state_dict(fresh, hf)
+    assert_same_logits(_hf_logits(fresh, ids), _hf_logits(hf, ids))
 
 
 @pytest.mark.parametrize("case", ["mixtral", "qwen3_moe"])
@@ -117,7 +119,8 @@ def test_moe_load_and_save_pretrained_round_trip_hf_torch(case, tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours",
                                                                  attn_implementation="eager").eval()
     assert type(reloaded) is type(hf)
-    np.testing.assert_array_equal(_hf_logits(reloaded, ids), theirs)
+    assert_same_state_dict(reloaded, hf)
+    assert_same_logits(_hf_logits(reloaded, ids), theirs)
 
 
 def test_mixtral_gradients_match_hf_torch_autograd():
