@@ -1,8 +1,8 @@
 """Training throughput and MFU of GPT sizes, against a matmul peak measured in the same run.
 
 Each size is a `configs/gpt.py` preset (plus overrides). Its optimizer and jitted train
-step are built the way `train.trainer.run` builds them (same `train_step`, shardings and
-donation, on a one-device mesh) and fed synthetic batches of the config's shape, so the
+step are built the way `train.trainer.run` builds them (`build_program`: the same
+`train.program.build_for_run`, shardings and donation, on a one-device mesh) and fed synthetic batches of the config's shape, so the
 numbers are the trainer's step alone: no data pipeline, metric reads or checkpoints.
 
     achieved FLOP/s = 3 * flops_per_token(seq_len) * tokens/s   (forward + backward)
@@ -54,32 +54,35 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int, seed: int = 
             "loss_mask": ones}
 
 
-def time_train_step(size: str, steps: int, warmup: int) -> dict[str, float]:
-    """Builds `size` as the trainer would and times `steps` train steps after `warmup` ones.
+def build_program(config, *, strategy: str = "dp", mesh_spec: str = "data=1", devices=None):
+    """The model and sharded program of `config` as `train.trainer.run` builds them.
+
+    Args:
+      config: a run config (`configs/base.py` keys).
+      strategy: a `sharding.strategies` name.
+      mesh_spec: the mesh (`sharding.mesh.make_mesh`), e.g. "data=1" or "fsdp=-1".
+      devices: the devices of the mesh (default: the first one).
 
     Returns:
-      num_params, tokens_per_step, step_seconds (mean over the timed steps),
-      compile_seconds (the first call: compilation and one step), tokens_per_second, flops_per_second.
+      (model, `sharding.step.ShardedProgram`).
     """
-    preset, overrides = SIZES[size]
-    config = load_config(str(_ROOT / "configs" / "gpt.py") + ":" + preset, overrides)
     model = build.model(config, config.tokenizer.vocab_size)  # no tokenizer: its configured size
     tx, schedule = build.optimizer(config)
-    mesh = mesh_lib.make_mesh("data=1", jax.devices()[:1])
-    program = program_lib.build(model, tx, schedule, strategy=get_strategy("dp"), mesh=mesh,
-                                seq_len=config.data.seq_len, grad_accum_steps=config.optimizer.grad_accum_steps,
-                                z_loss=config.optimizer.z_loss, label_smoothing=config.optimizer.label_smoothing)
-    init_fn, step_fn, batch_sharding = program.init, program.step, program.layout.batch
+    mesh = mesh_lib.make_mesh(mesh_spec, list(devices) if devices is not None else jax.devices()[:1])
+    program = program_lib.build_for_run(config, model, tx, schedule, strategy=get_strategy(strategy), mesh=mesh)
+    return model, program
 
-    B, T = config.data.batch_size, config.data.seq_len
-    batch = rules_lib.device_put_batch(synthetic_batch(B, T, model.config.vocab_size), batch_sharding)
-    state = init_fn(jax.random.key(config.seed))
-    rng = jax.random.key(config.seed + 1)
 
+def time_steps(step_fn, state, batch, rng, steps: int, warmup: int):
+    """Runs `warmup` untimed steps (the first also compiles a jitted step), then `steps` timed ones.
+
+    Returns:
+      (first_step_seconds, mean step_seconds of the timed steps, state, metrics of the last step).
+    """
     start = time.perf_counter()
     state, metrics = step_fn(state, batch, rng)
     jax.block_until_ready((state, metrics))
-    compile_seconds = time.perf_counter() - start
+    first_step_seconds = time.perf_counter() - start
     for _ in range(warmup - 1):
         state, metrics = step_fn(state, batch, rng)
     jax.block_until_ready((state, metrics))
@@ -89,9 +92,26 @@ def time_train_step(size: str, steps: int, warmup: int) -> dict[str, float]:
         state, metrics = step_fn(state, batch, rng)
     jax.block_until_ready((state, metrics))
     step_seconds = (time.perf_counter() - start) / steps
-
     if not np.isfinite(float(metrics["loss"])):
-        raise FloatingPointError(f"size {size!r}: the loss became {float(metrics['loss'])}")
+        raise FloatingPointError(f"the loss became {float(metrics['loss'])}")
+    return first_step_seconds, step_seconds, state, metrics
+
+
+def time_train_step(size: str, steps: int, warmup: int) -> dict[str, float]:
+    """Builds `size` as the trainer would and times `steps` train steps after `warmup` ones.
+
+    Returns:
+      num_params, tokens_per_step, step_seconds (mean over the timed steps),
+      compile_seconds (the first call: compilation and one step), tokens_per_second, flops_per_second.
+    """
+    preset, overrides = SIZES[size]
+    config = load_config(str(_ROOT / "configs" / "gpt.py") + ":" + preset, overrides)
+    model, program = build_program(config)
+    B, T = config.data.batch_size, config.data.seq_len
+    batch = rules_lib.device_put_batch(synthetic_batch(B, T, model.config.vocab_size), program.layout.batch)
+    state = program.init(jax.random.key(config.seed))
+    compile_seconds, step_seconds, _, _ = time_steps(program.step, state, batch, jax.random.key(config.seed + 1),
+                                                     steps, warmup)
     tokens_per_second = B * T / step_seconds
     return {
         "num_params": model.config.num_params(),
