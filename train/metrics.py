@@ -114,6 +114,14 @@ _DATASHEET_PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
     (r"NVIDIA H[12]00.*", {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12}),
     # A100 datasheet (SXM4 and PCIe, 40 and 80 GB): BF16/FP16 312, TF32 156 TFLOPS dense.
     (r"NVIDIA A100.*", {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12}),
+    # L40S datasheet: BF16 362.05 | 733 and TF32 183 | 366 TFLOPS (dense | sparse).
+    (r"NVIDIA L40S", {"bfloat16": 362e12, "float16": 362e12, "float32": 183e12}),
+    # L40 datasheet: BF16/FP16 181.05 | 362.1 and TF32 90.5 | 181 TFLOPS.
+    (r"NVIDIA L40", {"bfloat16": 181e12, "float16": 181e12, "float32": 90.5e12}),
+    # L4 datasheet: BF16/FP16 242 and TF32 120 TFLOPS with sparsity.
+    (r"NVIDIA L4", {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12}),
+    # A10 datasheet: BF16/FP16 125 | 250 and TF32 62.5 | 125 TFLOPS (not AWS's A10G).
+    (r"NVIDIA A10", {"bfloat16": 125e12, "float16": 125e12, "float32": 62.5e12}),
     # Cloud TPU system-architecture pages, bf16 per chip: v4 275, v5e 197, v5p 459, v6e 918.
     (r"TPU v4", {"bfloat16": 275e12, "float32": 275e12}),
     (r"TPU v5 lite|TPU v5e", {"bfloat16": 197e12, "float32": 197e12}),

@@ -150,6 +150,12 @@ def test_throughput_without_peak_reports_no_mfu():
     ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),
     ("NVIDIA A100-PCIE-40GB", "float16", 312e12),
     ("NVIDIA A100-SXM4-40GB", "float32", 156e12),
+    ("NVIDIA L40S", "bfloat16", 362e12),
+    ("NVIDIA L40", "bfloat16", 181e12),
+    ("NVIDIA L4", "bfloat16", 121e12),
+    ("NVIDIA L4", "float32", 60e12),
+    ("NVIDIA A10", "bfloat16", 125e12),
+    ("NVIDIA A10G", "bfloat16", None),  # AWS's variant: not the A10's datasheet, measured
     ("TPU v4", "bfloat16", 275e12),
     ("TPU v5 lite", "bfloat16", 197e12),
     ("TPU v5", "bfloat16", 459e12),
