@@ -118,7 +118,8 @@ def choose_batch(program, seq_len: int, budget: int, *, multiple: int, max_batch
     needs at most `budget` bytes.
 
     XLA's memory grows about linearly with the batch: two compiles (at `multiple` and twice
-    it) give the line, the predicted batch is compiled to check, and stepped down until it fits.
+    it) give the line, the predicted batch is compiled to check, and while it does not fit
+    the line is refit through it and the batch lowered (by `multiple` at least).
 
     Returns:
       (batch, its compiled step, [(batch, bytes) of every compile]) or (None, None, tried)
@@ -149,7 +150,10 @@ def choose_batch(program, seq_len: int, budget: int, *, multiple: int, max_batch
         if nbytes <= budget:
             best, best_compiled = batch, compiled
             break
-        batch = max(best, int(batch * 0.9) // multiple * multiple)
+        # Refit the line through the smallest batch and this one, which is nearer the budget.
+        per_row = (nbytes - small_bytes) / (batch - multiple)
+        predicted = int((budget - small_bytes) / per_row) // multiple * multiple + multiple
+        batch = max(best, min(batch - multiple, predicted))
     return best, best_compiled, tried
 
 
@@ -336,7 +340,7 @@ def parse_args(argv):
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     args.models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     if not sections <= {"mfu", "attention", "decode"} or not set(args.models or ()) <= set(MODELS):
-        parser.error(f"error: --sections={args.sections} / --models={','.join(args.models)}: expected some of "
+        parser.error(f"error: --sections={args.sections} / --models={','.join(args.models or ())}: expected some of "
                      f"mfu,attention,decode / {','.join(MODELS)}")
     if not 0 < args.memory_fraction <= 1 or args.devices < 1 or args.devices > jax.device_count():
         parser.error(f"error: --memory_fraction={args.memory_fraction} must be in (0, 1] and --devices="
