@@ -48,6 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
                    mlp_bias="auto",
                    qk_norm=False,  # RMSNorm on each query and key head before RoPE (Qwen3)
                    sliding_window=0,  # local attention over the last N keys; 0: none
+                   # How attention is computed (models/layers/attention.py attend): xla (the [B, N, T, S]
+                   # weights) | blockwise (flash-style, O(T) memory) | pallas (that as a Pallas kernel) |
+                   # cudnn (GPU and bf16/fp16 only). Not xla: needs attention_dropout_rate=0, no mla.
+                   attention_impl="xla",
                    ),
         type_vocab_size=2,  # bert only: rows of the token-type (sentence A/B) table
         # Mixture of experts in the MLP of every layer past model.first_dense_layers

@@ -152,3 +152,97 @@ def test_bad_shapes_are_refused():
     q, k, v, _ = inputs(2)
     with pytest.raises(ValueError, match="not broadcastable"):
         flash_attention(q, k, v, bias=jnp.zeros((B, 3, T, S)))
+
+
+def _tiny_llama(impl: str):
+    """configs/llama.py:tiny (GQA, RoPE) as a model, with the given attention_impl."""
+    import os
+
+    from configs.loader import load_config
+    from train import build
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    config = load_config(os.path.join(repo, "configs/llama.py:tiny"), [f"model.block.attention_impl={impl}"])
+    return build.model(config, vocab_size=97)
+
+
+def test_tiny_llama_blockwise_equals_xla_logits_and_loss_gradient():
+    """The same parameters through both implementations, on packed rows (segments, positions
+    restarting): logits and the gradient of the mean next-token loss agree to the f32
+    tolerance of `tolerance` over the 2 layers' attention (S = 37 keys)."""
+    xla, blockwise_model = _tiny_llama("xla"), _tiny_llama("blockwise")
+    assert blockwise_model.config.block.attention_impl == "blockwise"
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 97, (B, T)))
+    seg, pos = _segments(T)
+    params = xla.init(jax.random.PRNGKey(0), ids)
+
+    def loss_and_logits(model, params):
+        logits = model.apply(params, ids, positions=pos, segment_ids=seg)
+        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+        return -jnp.take_along_axis(logp, ids[:, 1:, None], -1).mean(), logits
+
+    (_, want), want_grads = jax.jit(jax.value_and_grad(lambda p: loss_and_logits(xla, p), has_aux=True))(params)
+    (_, got), got_grads = jax.jit(jax.value_and_grad(lambda p: loss_and_logits(blockwise_model, p),
+                                                     has_aux=True))(params)
+    np.testing.assert_allclose(got, want, rtol=0, atol=tolerance(np.asarray(want), T))
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(g, w, rtol=0, atol=tolerance(np.asarray(w), T), err_msg=str(path))
+
+
+def test_multihead_routes_weights_and_cache_to_xla_and_refuses_dropout():
+    """Sown weights and KV-cache decoding need the weight matrix: MultiHeadAttention with
+    attention_impl='blockwise' computes them by 'xla' (same results as an 'xla' module);
+    attention dropout in training is refused, not silently dropped."""
+    from models.layers.multihead import MultiHeadAttention
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(B, 9, 16)), jnp.float32)
+    xla = MultiHeadAttention(num_heads=4, num_kv_heads=2)
+    flash = MultiHeadAttention(num_heads=4, num_kv_heads=2, attention_impl="blockwise")
+    params = xla.init(jax.random.PRNGKey(0), x)
+    np.testing.assert_allclose(flash.apply(params, x, causal=True), xla.apply(params, x, causal=True),
+                               rtol=0, atol=tolerance(np.asarray(xla.apply(params, x, causal=True)), 9))
+    _, sown = flash.apply(params, x, causal=True, mutable=["intermediates"])
+    _, sown_xla = xla.apply(params, x, causal=True, mutable=["intermediates"])
+    np.testing.assert_array_equal(sown["intermediates"]["attention_weights"][0],
+                                  sown_xla["intermediates"]["attention_weights"][0])
+    out, cache = flash.apply(params, x, causal=True, mutable=["cache"])
+    want, want_cache = xla.apply(params, x, causal=True, mutable=["cache"])
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(cache["cache"]["key"], want_cache["cache"]["key"])
+    dropping = MultiHeadAttention(num_heads=4, num_kv_heads=2, dropout_rate=0.1, attention_impl="blockwise")
+    with pytest.raises(ValueError, match="no attention dropout"):
+        dropping.apply(params, x, causal=True, deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+
+
+def test_block_config_refuses_what_blockwise_cannot_do():
+    from models.layers.blocks import BlockConfig
+    from models.layers.mla import MLAConfig
+    from models.layers.positional import RopeConfig
+
+    with pytest.raises(ValueError, match="expected one of"):
+        BlockConfig(d_model=16, num_heads=4, d_ff=32, attention_impl="flash")
+    with pytest.raises(ValueError, match="attention_dropout_rate=0"):
+        BlockConfig(d_model=16, num_heads=4, d_ff=32, attention_dropout_rate=0.1, attention_impl="blockwise")
+    with pytest.raises(ValueError, match="latent attention"):
+        BlockConfig(d_model=16, num_heads=4, d_ff=32, rope=RopeConfig(), attention_impl="blockwise",
+                    mla=MLAConfig(q_lora_rank=None, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4))
+
+
+def test_attend_dispatches_and_refuses_what_an_impl_cannot_do():
+    from models.layers.attention import attend
+
+    q, k, v, _ = inputs(2, 9, 9)
+    np.testing.assert_array_equal(attend(q, k, v, impl="xla", causal=True),
+                                  dot_product_attention(q, k, v, causal=True))
+    np.testing.assert_array_equal(attend(q, k, v, impl="blockwise", causal=True),
+                                  flash_attention(q, k, v, causal=True))
+    with pytest.raises(ValueError, match="expected one of"):
+        attend(q, k, v, impl="flash")
+    with pytest.raises(ValueError, match="no attention dropout or returned weights"):
+        attend(q, k, v, impl="blockwise", return_weights=True)
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="attention impl='cudnn' needs a GPU"):
+            attend(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16), impl="cudnn")
+    else:
+        with pytest.raises(ValueError, match="takes bfloat16 or float16"):
+            attend(q, k, v, impl="cudnn")
