@@ -85,6 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
         mtp_depth=0,  # multi-token prediction modules (DeepSeek-V3): module k predicts token i + k + 1
         mtp_loss_weight=0.3,  # their mean cross-entropy's weight in the training loss
         scan_layers=False,  # one compiled layer run by nn.scan (faster compiles for deep models)
+        # objective lm | sft: the loss applies the LM head this many positions at a time (a scan whose
+        # backward recomputes each chunk), never holding the [batch, seq_len, vocab] logits; 0: off
+        loss_chunk_size=0,
     ))
     # Fine-tuning: what trains (train/trainable.py) and the parameter-efficient methods
     # (models/layers/peft.py). Parameter paths are '/'-joined, e.g. layer_0/self_attention/query.

@@ -39,7 +39,8 @@ KINDS = ("hf", "run")
 # Model keys the run decides, not the checkpoint: how the model computes, not its shapes.
 RUN_KEYS = ("dtype", "param_dtype", "remat", "scan_layers", "block.dropout_rate", "block.attention_dropout_rate",
             "moe.capacity_factor", "moe.dropless_impl", "moe.grouped_matmul", "moe.aux_loss_weight",
-            "moe.router_z_loss_weight", "moe.seq_aux_loss_weight", "moe.bias_update_rate", "mtp_loss_weight")
+            "moe.router_z_loss_weight", "moe.seq_aux_loss_weight", "moe.bias_update_rate", "mtp_loss_weight",
+            "loss_chunk_size")
 # Task heads a pretrained checkpoint lacks: they keep their init (a reward model's or value
 # head's `score` on a causal LM's trunk included).
 HEAD_NAMES = ("classifier", "qa_outputs", "score")

@@ -51,8 +51,9 @@ MINIMUMS = (
     ("optimizer.grad_accum_steps", 1), ("checkpoint.save_interval_steps", 1), ("checkpoint.max_to_keep", 1),
     ("logging.log_every_steps", 1), ("logging.peak_flops", 0), ("eval.every_steps", 0), ("eval.max_batches", 0),
     ("eval.num_samples", 0), ("eval.sample_tokens", 0), ("eval.temperature", 0), ("eval.task_limit", 0),
-    ("model.num_layers", 1),
+    ("model.num_layers", 1), ("model.loss_chunk_size", 0),
 )
+CHUNKED_LOSS_OBJECTIVES = ("lm", "sft")  # model.loss_chunk_size: the token cross-entropy of a decoder
 LOCAL_SPLITS = ("train", "validation")  # what the embedded and files: sources hold
 # (finetune key, smallest value, exclusive): the PEFT methods' sizes.
 FINETUNE_MINIMUMS = (
@@ -94,6 +95,11 @@ def _check_counts(config) -> None:
         if value < least:
             raise ValueError(f"config key `{key}`={value} must be >= {least}")
     process_rows(config.data.batch_size)  # the batch splits evenly over the processes
+    chunk, name = config.model.loss_chunk_size, objectives.name_of(config)
+    if chunk and (name not in CHUNKED_LOSS_OBJECTIVES or config.model.family == "bert"):
+        raise ValueError(f"config key `model.loss_chunk_size`={chunk} chunks a decoder's next-token loss, but "
+                         f"objective={name!r} with model.family={config.model.family!r}; use objective lm or sft "
+                         "with a decoder family, or set model.loss_chunk_size=0")
 
 
 def check_finetune(config) -> None:

@@ -9,13 +9,20 @@ x (D + V + B T) x eps32 x the magnitude of the quantity: for the loss 1 + S + ln
 every |logit|, z-loss added alike), for a gradient the sum of |terms| it accumulates.
 """
 
+import os
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs.loader import load_config
 from models.gpt import GPT, LMHead, llama_config
-from train import losses
+from sharding import mesh as mesh_lib
+from sharding.strategies import get_strategy
+from train import build, losses, objectives, validate
+from train import program as program_lib
 
 EPS32 = float(jnp.finfo(jnp.float32).eps)
 B, T, D, V = 2, 13, 16, 37
@@ -134,3 +141,88 @@ def test_model_hidden_and_head_give_its_logits_and_mtp_logits(tied):
     assert len(mtp_hidden) == 2 and "mtp_logits" not in hidden_state["intermediates"]
     for want, got in zip(mtp_logits, mtp_hidden):
         np.testing.assert_array_equal(head(got), want)
+
+
+# ---------------------------------------------------------------- the objectives and the run config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STEPS = 3
+
+
+def _tiny_llama(overrides):
+    """configs/llama.py:tiny at vocab 64, seq 12, with multi-token prediction and 2 micro-batches."""
+    return load_config(os.path.join(REPO, "configs/llama.py:tiny"), [
+        "model.vocab_size=64", "data.seq_len=12", "data.batch_size=16", "model.mtp_depth=1",
+        "optimizer.grad_accum_steps=2", "optimizer.label_smoothing=0.1", "optimizer.z_loss=1e-3", *overrides])
+
+
+def _program(chunk_size: int):
+    """The run config's sharded program (8 devices, dp) and objective."""
+    config = _tiny_llama([f"model.loss_chunk_size={chunk_size}"])
+    model = build.model(config, config.model.vocab_size)
+    objective = objectives.get(config, model, None)
+    assert objective.loss_chunk_size == chunk_size
+    tx, schedule = build.optimizer(config)
+    strategy = get_strategy(config.sharding.strategy)
+    program = program_lib.build_for_run(config, model, tx, schedule, strategy=strategy,
+                                        mesh=mesh_lib.make_mesh(strategy.default_mesh), objective=objective)
+    return config, program, objective
+
+
+def test_training_with_chunked_loss_follows_the_same_trajectory():
+    """STEPS AdamW steps of a tiny LLaMA (configs/llama.py:tiny) with MTP, label smoothing, z-loss,
+    a padding mask and 2 micro-batches: at every state of the plain run's trajectory, the chunked
+    run's step (chunk 5 of seq 12: a partial chunk) reports the same loss, MTP loss, z-loss and
+    gradient norm, and the same evaluation sums at the end. Both steps start from the same
+    state, so they differ by the float32 reordering of the module docstring (n = D + V + B T,
+    magnitude 1 + |value| + ln V: per-token losses and gradients, |p - y| summing to <= 2)."""
+    config, plain, plain_objective = _program(0)
+    _, chunked, chunked_objective = _program(5)
+    state = plain.init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    shape = (config.data.batch_size, config.data.seq_len)
+    V = config.model.vocab_size
+    n = config.model.block.d_model + V + shape[0] * shape[1]
+    for step in range(STEPS):
+        batch = {"inputs": rng.integers(0, V, shape), "targets": rng.integers(0, V, shape),
+                 "loss_mask": (rng.random(shape) < 0.8).astype(np.int32), "segment_ids": np.ones(shape),
+                 "positions": np.broadcast_to(np.arange(shape[1]), shape)}
+        batch = {k: jnp.asarray(v, jnp.int32) for k, v in batch.items()}
+        _, got = chunked.step(jax.tree_util.tree_map(jnp.copy, state), batch, jax.random.key(step))
+        state, want = plain.step(state, batch, jax.random.key(step))  # donates: after the copy
+        for key in ("loss", "mtp_loss", "z_loss", "grad_norm"):
+            want_v, got_v = float(want[key]), float(got[key])
+            tol = 4 * n * EPS32 * (1.0 + abs(want_v) + np.log(V))
+            assert abs(got_v - want_v) <= tol, (step, key, got_v, want_v, tol)
+    want_sums = plain_objective.eval_sums(state.params, batch, jax.random.key(0))
+    got_sums = chunked_objective.eval_sums(state.params, batch, jax.random.key(0))
+    for key, want_v in want_sums.items():
+        tol = 4 * n * EPS32 * (1.0 + abs(float(want_v)) + np.log(V))
+        assert abs(float(got_sums[key]) - float(want_v)) <= tol, (key, got_sums[key], want_v)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.loss_chunk_size=-1"], "`model.loss_chunk_size`=-1 must be >= 0"),
+    (["model.loss_chunk_size=8", "objective=dpo"], "objective='dpo'"),
+])
+def test_validate_refuses_bad_chunk_settings(overrides, message, tmp_path):
+    config = _tiny_llama(overrides)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate._check_counts(config)
+
+
+def test_lora_on_an_untied_lm_head_is_refused_with_chunking():
+    """The LoRA branch of an untied head lives in the module: the objective refuses to chunk it,
+    and the model refuses to return its hidden states; a tied head (the base table) is fine."""
+    config = _tiny_llama(["model.loss_chunk_size=8", "finetune.method=lora", "finetune.lora.targets=lm_head$"])
+    model = build.model(config, config.model.vocab_size)
+    with pytest.raises(ValueError, match="LoRA on the untied lm_head"):
+        objectives.get(config, model, None)
+    ids = jnp.zeros((1, 4), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), ids)
+    with pytest.raises(ValueError, match="LoRA targets the untied lm_head"):
+        jax.eval_shape(lambda p: model.apply(p, ids, return_hidden=True), params)
+    tied = _tiny_llama(["model.loss_chunk_size=8", "model.tie_embeddings=true", "finetune.method=lora",
+                        "finetune.lora.targets=lm_head$|query$"])
+    objective = objectives.get(tied, build.model(tied, 64), None)
+    assert objective.loss_chunk_size == 8
