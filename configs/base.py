@@ -48,6 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
                    mlp_bias="auto",
                    qk_norm=False,  # RMSNorm on each query and key head before RoPE (Qwen3)
                    sliding_window=0,  # local attention over the last N keys; 0: none
+                   # How attention is computed (models/layers/attention.py attend): xla (the [B, N, T, S]
+                   # weights) | blockwise (flash-style, O(T) memory) | pallas (that as a Pallas kernel) |
+                   # cudnn (GPU and bf16/fp16 only). Not xla: needs attention_dropout_rate=0, no mla.
+                   attention_impl="xla",
                    ),
         type_vocab_size=2,  # bert only: rows of the token-type (sentence A/B) table
         # Mixture of experts in the MLP of every layer past model.first_dense_layers
@@ -85,6 +89,9 @@ def get_config() -> ml_collections.ConfigDict:
         mtp_depth=0,  # multi-token prediction modules (DeepSeek-V3): module k predicts token i + k + 1
         mtp_loss_weight=0.3,  # their mean cross-entropy's weight in the training loss
         scan_layers=False,  # one compiled layer run by nn.scan (faster compiles for deep models)
+        # objective lm | sft: the loss applies the LM head this many positions at a time (a scan whose
+        # backward recomputes each chunk), never holding the [batch, seq_len, vocab] logits; 0: off
+        loss_chunk_size=0,
     ))
     # Fine-tuning: what trains (train/trainable.py) and the parameter-efficient methods
     # (models/layers/peft.py). Parameter paths are '/'-joined, e.g. layer_0/self_attention/query.

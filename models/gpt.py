@@ -39,13 +39,24 @@ its row (each row at its own length: prompts of different lengths need no left p
 and attends to the whole cache under the causal mask over positions. With
 `scan_layers=True` the cache is stacked on a leading layers axis like the params.
 Multi-token prediction modules do not run while decoding.
+
+A loss that applies the LM head itself, chunk by chunk (`train.losses.chunked_cross_entropy`,
+never holding the [B, T, V] logits), asks for the final normed hidden states instead:
+
+    hidden_BTD, head = model.apply({"params": p}, ids_BT, return_hidden=True)
+    logits_BCV = head(hidden_BTD[:, :C])   # `LMHead`: the tied table or lm_head, as data
+
+With multi-token prediction the modules' normed hidden states are then sown as
+`intermediates/mtp_hidden` (instead of `mtp_logits`), for the same head.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -188,6 +199,26 @@ def unscan_params(params: dict, config: GPTConfig) -> dict:
     return unstack_layers(params, layer_groups(config))
 
 
+@flax.struct.dataclass
+class LMHead:
+    """The output projection as data: logits = hidden @ kernel, float32 (`GPT(return_hidden=True)`).
+
+    Attributes:
+      kernel: the tied embedding table [V, D], or the untied `lm_head` [D, V].
+      tied: which of the two `kernel` is.
+      dtype: the compute dtype of the projection.
+    """
+
+    kernel: jax.Array
+    tied: bool = flax.struct.field(pytree_node=False)
+    dtype: Any = flax.struct.field(pytree_node=False, default=jnp.float32)
+
+    def __call__(self, h_BTD: jax.Array) -> jax.Array:
+        spec = "BTD,VD->BTV" if self.tied else "BTD,DV->BTV"
+        logits_BTV = jnp.einsum(spec, h_BTD.astype(self.dtype), self.kernel.astype(self.dtype))
+        return nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
+
+
 class MultiTokenPrediction(nn.Module):
     """One DeepSeek-V3 multi-token prediction module (DeepSeek-AI 2024, section 2.2).
 
@@ -223,14 +254,20 @@ class GPT(nn.Module):
 
     With a mutable `cache` collection it decodes with a KV cache (module docstring):
     `positions` [B, T] are then the tokens' positions and cache slots, default 0..T-1.
+
+    `return_hidden=True` (head "lm" only, no LoRA on an untied `lm_head`) returns
+    (final normed hidden states [B, T, D], `LMHead`) instead of the logits: the loss applies
+    the head (module docstring).
     """
 
     config: GPTConfig
 
     @nn.compact
     def __call__(self, ids_BT: jax.Array, *, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
+                 segment_ids: jax.Array | None = None, deterministic: bool = True, return_hidden: bool = False):
         cfg, b = self.config, self.config.block
+        if return_hidden and cfg.head != "lm":
+            raise ValueError(f"return_hidden=True returns the LM head's input, but head={cfg.head!r}; use head='lm'")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(ids_BT.shape[1]), ids_BT.shape)
         embed = Embed(cfg.vocab_size, b.d_model, dtype=b.dtype, param_dtype=b.param_dtype,
@@ -266,31 +303,41 @@ class GPT(nn.Module):
             scores_BTS = nn.with_logical_constraint(scores_BTS, ("act_batch", "act_seq", None))
             if cfg.head == "score":
                 return scores_BTS
+        head_lora = None
         if cfg.tie_embeddings:
-            head = embed.attend
+            # peft leaves a tied head on the base table, LoRA on the embedding or not.
+            lm_head = LMHead(embed.embedding, tied=True, dtype=b.dtype)
         else:
             kernel = self.param("lm_head", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                         ("embed", "vocab")),
                                 (b.d_model, cfg.vocab_size), b.param_dtype)
             head_lora = lora_factors(self, "lm_head", kernel, n_in=1, names=("embed", "vocab"), lora=b.lora)
-
-            def head(h_BTD):
-                y_BTV = jnp.einsum("BTD,DV->BTV", h_BTD, kernel.astype(b.dtype))
-                return lora_output(self, head_lora, kernel, h_BTD, y_BTV, deterministic=deterministic)
+            lm_head = LMHead(kernel, tied=False, dtype=b.dtype)
+        if return_hidden and head_lora is not None:
+            raise ValueError("return_hidden=True applies the LM head outside the model, but LoRA targets the untied "
+                             "lm_head; exclude lm_head from the LoRA targets")
 
         def logits(h_BTD):
-            return nn.with_logical_constraint(head(h_BTD).astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
+            if head_lora is None:
+                return lm_head(h_BTD)
+            y_BTV = jnp.einsum("BTD,DV->BTV", h_BTD, lm_head.kernel.astype(b.dtype))
+            y_BTV = lora_output(self, head_lora, lm_head.kernel, h_BTD, y_BTV, deterministic=deterministic)
+            return nn.with_logical_constraint(y_BTV.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
 
         # The multi-token prediction modules are a training signal; decoding uses the main head only.
         for depth in range(1, (0 if decoding else cfg.mtp_depth) + 1):
             # Input i sees token i + depth; past the row's end it sees padding (id 0), whose
             # predictions the loss masks out.
             ahead_BT = jnp.pad(ids_BT[:, depth:], ((0, 0), (0, depth)))
-            hidden_BTD, mtp_logits = MultiTokenPrediction(cfg, name=f"mtp_{depth}")(
-                hidden_BTD, embed(ahead_BT), logits, deterministic, positions, segment_ids, padding_BT)
-            self.sow("intermediates", "mtp_logits", mtp_logits)
+            # return_hidden: the module's "head" is the identity, its output the normed hidden state.
+            hidden_BTD, mtp_out = MultiTokenPrediction(cfg, name=f"mtp_{depth}")(
+                hidden_BTD, embed(ahead_BT), (lambda h: h) if return_hidden else logits, deterministic, positions,
+                segment_ids, padding_BT)
+            self.sow("intermediates", "mtp_hidden" if return_hidden else "mtp_logits", mtp_out)
         if self.is_initializing():
             check_lora_matched(b.lora, self.variables.get("params", {}))
+        if return_hidden:
+            return x_BTD, lm_head
         return logits(x_BTD) if scores_BTS is None else (logits(x_BTD), scores_BTS)
 
 

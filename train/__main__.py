@@ -10,6 +10,13 @@ which JAX detects); see train/distributed.py.
 
 import sys
 
+from train import xla_flags
+
+try:  # before jax is imported: XLA reads its flags once, when its backend starts
+    xla_flags.apply()
+except ValueError as e:
+    sys.exit(f"error: {e}")
+
 from absl import app, flags
 
 from configs.loader import ConfigError, load_config, split_override_args

@@ -6,6 +6,7 @@ to float32 first, so bf16 logits are reduced in f32 like the rest of the softmax
 Axis letters: B batch, T sequence length, V vocab.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -35,6 +36,44 @@ def _target_log_probs(log_probs_BTV, targets_BT, counted_BT):
     return jnp.take_along_axis(log_probs_BTV, safe_targets_BT[..., None], axis=-1)[..., 0]
 
 
+def _token_terms(logits_BTV, targets_BT, counted_BT, label_smoothing, z_loss):
+    """Per-token float32 [B, T] cross-entropy (with label smoothing), z-loss and argmax
+    correctness of logits [B, T, V]; masked targets may be out of range."""
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    log_probs_BTV = logits_BTV - log_z_BT[..., None]
+    nll_BT = -_target_log_probs(log_probs_BTV, targets_BT, counted_BT)
+    if isinstance(label_smoothing, (int, float)) and label_smoothing == 0:
+        ce_BT = nll_BT
+    else:
+        # -sum_v [(1-eps) onehot_v + eps/V] log p_v, without building the one-hot.
+        uniform_nll_BT = -jnp.mean(log_probs_BTV, axis=-1)
+        ce_BT = (1.0 - label_smoothing) * nll_BT + label_smoothing * uniform_nll_BT
+    z_BT = z_loss * jnp.square(log_z_BT)
+    correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
+    return ce_BT, z_BT, correct_BT
+
+
+def _reduce_token_terms(ce_BT, z_BT, correct_BT, counted_BT, weights_BT) -> tuple[jax.Array, dict[str, Any]]:
+    """(loss, aux) of `cross_entropy` from the per-token terms of `_token_terms`."""
+
+    # `where`, not a bare multiply: junk (inf/NaN) at padded positions must not reach
+    # the loss value.
+    def masked(x_BT):
+        return jnp.where(counted_BT, x_BT * weights_BT, 0.0)
+
+    per_token_BT = masked(ce_BT + z_BT)
+    num_tokens = jnp.sum(weights_BT)
+    aux = {
+        "per_token": per_token_BT,
+        "cross_entropy": _safe_mean(jnp.sum(masked(ce_BT)), num_tokens),
+        "z_loss": _safe_mean(jnp.sum(masked(z_BT)), num_tokens),
+        "num_tokens": num_tokens,
+        "accuracy": _safe_mean(jnp.sum(masked(correct_BT)), num_tokens),
+    }
+    return _safe_mean(jnp.sum(per_token_BT), num_tokens), aux
+
+
 def cross_entropy(
     logits_BTV: jax.Array,
     targets_BT: jax.Array,
@@ -62,36 +101,63 @@ def cross_entropy(
         counted tokens), `num_tokens`, and `accuracy` (argmax accuracy over counted
         tokens).
     """
-    logits_BTV = logits_BTV.astype(jnp.float32)
     counted_BT, weights_BT = _counted_and_weights(mask_BT, targets_BT.shape)
+    terms = _token_terms(logits_BTV, targets_BT, counted_BT, label_smoothing, z_loss)
+    return _reduce_token_terms(*terms, counted_BT, weights_BT)
 
-    log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    log_probs_BTV = logits_BTV - log_z_BT[..., None]
-    nll_BT = -_target_log_probs(log_probs_BTV, targets_BT, counted_BT)
-    if isinstance(label_smoothing, (int, float)) and label_smoothing == 0:
-        ce_BT = nll_BT
-    else:
-        # -sum_v [(1-eps) onehot_v + eps/V] log p_v, without building the one-hot.
-        uniform_nll_BT = -jnp.mean(log_probs_BTV, axis=-1)
-        ce_BT = (1.0 - label_smoothing) * nll_BT + label_smoothing * uniform_nll_BT
-    z_BT = z_loss * jnp.square(log_z_BT)
 
-    # `where`, not a bare multiply: junk (inf/NaN) at padded positions must not reach
-    # the loss value.
-    def masked(x_BT):
-        return jnp.where(counted_BT, x_BT * weights_BT, 0.0)
+def chunked_cross_entropy(
+    hidden_BTD: jax.Array,
+    head: Callable[[jax.Array], jax.Array],
+    targets_BT: jax.Array,
+    *,
+    chunk_size: int,
+    mask_BT: jax.Array | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+) -> tuple[jax.Array, dict[str, Any]]:
+    """`cross_entropy(head(hidden_BTD), ...)` without the [B, T, V] logits.
 
-    per_token_BT = masked(ce_BT + z_BT)
-    num_tokens = jnp.sum(weights_BT)
-    correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)
-    aux = {
-        "per_token": per_token_BT,
-        "cross_entropy": _safe_mean(jnp.sum(masked(ce_BT)), num_tokens),
-        "z_loss": _safe_mean(jnp.sum(masked(z_BT)), num_tokens),
-        "num_tokens": num_tokens,
-        "accuracy": _safe_mean(jnp.sum(masked(correct_BT)), num_tokens),
-    }
-    return _safe_mean(jnp.sum(per_token_BT), num_tokens), aux
+    The sequence is cut into chunks of C = `chunk_size` positions; a `lax.scan` applies the
+    head to one chunk at a time ([B, C, V] logits) and keeps only the per-token terms. The
+    chunk body is under `jax.checkpoint`, so the backward pass recomputes each chunk's logits
+    instead of storing them: the loss and its gradient hold O(B C V) memory, not O(B T V).
+    A last, partial chunk (T not a multiple of C) is padded with uncounted positions.
+
+    Args:
+        hidden_BTD: [B, T, D] final (normed) hidden states.
+        head: hidden [B, C, D] -> logits [B, C, V] (any float dtype), e.g. the model's
+            `models.gpt.LMHead`; the weights it closes over get their gradient too.
+        targets_BT, mask_BT, label_smoothing, z_loss: as `cross_entropy`.
+        chunk_size: C >= 1 (more than T: one chunk of T).
+
+    Returns:
+        (loss, aux) exactly as `cross_entropy` (`per_token` [B, T] included).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    B, T = targets_BT.shape
+    counted_BT, weights_BT = _counted_and_weights(mask_BT, (B, T))
+    C = min(chunk_size, T)
+    num_chunks = -(-T // C)
+    pad = num_chunks * C - T
+
+    def chunks(x_BT, fill):  # [B, T, ...] -> [num_chunks, B, C, ...]
+        if pad:
+            x_BT = jnp.pad(x_BT, ((0, 0), (0, pad)) + ((0, 0),) * (x_BT.ndim - 2), constant_values=fill)
+        return jnp.swapaxes(x_BT.reshape((B, num_chunks, C) + x_BT.shape[2:]), 0, 1)
+
+    @jax.checkpoint
+    def chunk_terms(h_BCD, targets_BC, counted_BC):
+        return _token_terms(head(h_BCD), targets_BC, counted_BC, label_smoothing, z_loss)
+
+    def body(carry, xs):
+        return carry, chunk_terms(*xs)
+
+    xs = (chunks(hidden_BTD, 0), chunks(targets_BT, 0), chunks(counted_BT, False))
+    _, terms_NBC = jax.lax.scan(body, None, xs)
+    terms = [jnp.swapaxes(x_NBC, 0, 1).reshape(B, num_chunks * C)[:, :T] for x_NBC in terms_NBC]
+    return _reduce_token_terms(*terms, counted_BT, weights_BT)
 
 
 def future_targets(
@@ -132,17 +198,21 @@ def multi_token_prediction_loss(
     segment_ids_BT: jax.Array,
     *,
     num_tokens: jax.Array | None = None,
+    token_loss: Callable[..., tuple[jax.Array, dict[str, Any]]] = cross_entropy,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean over depths of the multi-token-prediction cross-entropy (DeepSeek-V3 eq. 24-25).
 
     Args:
         mtp_logits: D arrays [B, T, V]; depth k (1-based) at position i predicts
-            targets[i + k], the token k + 1 places after input i.
+            targets[i + k], the token k + 1 places after input i. (With a `token_loss` that
+            applies the head itself: the depths' normed hidden states [B, T, D].)
         targets_BT, mask_BT, segment_ids_BT: the batch's next-token targets, loss mask and
             document ids (see `future_targets`).
         num_tokens: [D] normaliser of each depth (default: its counted positions here).
             Gradient accumulation passes the whole batch's counts, so that the
             micro-batches' losses sum to the whole batch's.
+        token_loss: (x, targets_BT, mask_BT=...) -> (loss, aux with `per_token`):
+            `cross_entropy` on logits, or `chunked_cross_entropy` bound to the head.
 
     Returns:
         (loss, aux): loss = mean_k sum(CE_k over counted positions) / num_tokens[k];
@@ -154,7 +224,7 @@ def multi_token_prediction_loss(
     per_depth = []
     for k, logits_BTV in enumerate(mtp_logits, start=1):
         ahead_BT, counted_BT = future_targets(targets_BT, mask_BT, segment_ids_BT, k)
-        _, aux = cross_entropy(logits_BTV, ahead_BT, mask_BT=counted_BT)
+        _, aux = token_loss(logits_BTV, ahead_BT, mask_BT=counted_BT)
         per_depth.append(_safe_mean(jnp.sum(aux["per_token"]), num_tokens[k - 1]))
     per_depth = jnp.stack(per_depth)
     return jnp.mean(per_depth), {"per_depth": per_depth, "num_tokens": num_tokens}

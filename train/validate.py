@@ -3,6 +3,8 @@
 `train.trainer.setup` calls it first, so that a bad value fails in a second, before data
 preparation, tokenizer training or compilation, and before `config.json` is written:
 
+  * `model.block.attention_impl` is known and fits the model (no attention dropout or
+    latent attention unless xla; cudnn: a GPU backend and a bf16/fp16 model.dtype);
   * counts are positive (steps, batch, intervals, ...) and every enum value is known:
     the model, optimizer and schedule are built from the config (`train.build`);
   * the objective is known and fits the model family; the fine-tuning keys (`finetune.*`:
@@ -39,6 +41,7 @@ import ml_collections
 from data import builders, sources
 from data.pipeline import process_rows
 from data.tokenizer import Tokenizer, load_tokenizer
+from models.layers.attention import ATTENTION_IMPLS
 from sharding import mesh as mesh_lib
 from sharding.strategies import get_strategy
 from train import build, init_from, objectives, task_eval
@@ -51,8 +54,9 @@ MINIMUMS = (
     ("optimizer.grad_accum_steps", 1), ("checkpoint.save_interval_steps", 1), ("checkpoint.max_to_keep", 1),
     ("logging.log_every_steps", 1), ("logging.peak_flops", 0), ("eval.every_steps", 0), ("eval.max_batches", 0),
     ("eval.num_samples", 0), ("eval.sample_tokens", 0), ("eval.temperature", 0), ("eval.task_limit", 0),
-    ("model.num_layers", 1),
+    ("model.num_layers", 1), ("model.loss_chunk_size", 0),
 )
+CHUNKED_LOSS_OBJECTIVES = ("lm", "sft")  # model.loss_chunk_size: the token cross-entropy of a decoder
 LOCAL_SPLITS = ("train", "validation")  # what the embedded and files: sources hold
 # (finetune key, smallest value, exclusive): the PEFT methods' sizes.
 FINETUNE_MINIMUMS = (
@@ -71,6 +75,7 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> None:
     """
     workdir = os.path.abspath(workdir)
     _check_counts(config)
+    _check_attention_impl(config)
     task_eval.check_tasks(config)  # an unknown task or a task file with missing fields
     check_finetune(config)
     _check_data(config, workdir)
@@ -94,6 +99,34 @@ def _check_counts(config) -> None:
         if value < least:
             raise ValueError(f"config key `{key}`={value} must be >= {least}")
     process_rows(config.data.batch_size)  # the batch splits evenly over the processes
+    chunk, name = config.model.loss_chunk_size, objectives.name_of(config)
+    if chunk and (name not in CHUNKED_LOSS_OBJECTIVES or config.model.family == "bert"):
+        raise ValueError(f"config key `model.loss_chunk_size`={chunk} chunks a decoder's next-token loss, but "
+                         f"objective={name!r} with model.family={config.model.family!r}; use objective lm or sft "
+                         "with a decoder family, or set model.loss_chunk_size=0")
+
+
+def _check_attention_impl(config) -> None:
+    """`model.block.attention_impl` is known, fits the rest of the model, and cudnn has a GPU."""
+    b = config.model.block
+    impl = b.attention_impl
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"config key `model.block.attention_impl`={impl!r}; expected one of {ATTENTION_IMPLS}")
+    if impl == "xla":
+        return
+    if b.attention_dropout_rate > 0:
+        raise ValueError(f"config key `model.block.attention_impl`={impl!r} has no weight matrix to drop out; set "
+                         f"model.block.attention_dropout_rate=0 (got {b.attention_dropout_rate}) or use xla")
+    if config.model.mla.kv_lora_rank:
+        raise ValueError(f"config key `model.block.attention_impl`={impl!r} is for standard attention; latent "
+                         "attention (model.mla.kv_lora_rank > 0) computes its own, use xla")
+    if impl == "cudnn":
+        if jax.default_backend() != "gpu":
+            raise ValueError(f"config key `model.block.attention_impl`='cudnn' needs a GPU, but the JAX backend is "
+                             f"{jax.default_backend()!r}; use blockwise or xla")
+        if config.model.dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"config key `model.block.attention_impl`='cudnn' needs model.dtype bfloat16 or "
+                             f"float16, got {config.model.dtype!r}; use blockwise for float32")
 
 
 def check_finetune(config) -> None:

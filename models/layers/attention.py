@@ -28,6 +28,14 @@ hides both the future and the slots not written yet. `write_pages` and `gather_p
 are the same for a paged cache (`inference/paged.py`): a pool of P blocks of Z positions
 shared by all rows, and a block table [B, M] naming the blocks of each row in order, so
 that position s of row b lives in block table[b, s // Z] at offset s % Z.
+
+`attend` is the one entry the layers call: `impl` picks the implementation of the same
+function (`ATTENTION_IMPLS`): "xla" is `dot_product_attention` below (the [B, N, T, S]
+matrix, O(T^2) memory; the only one with attention dropout and returned weights);
+"blockwise" is `flash_attention.flash_attention` (online softmax, recomputing backward,
+O(T) memory); "pallas" is `pallas_attention.pallas_attention` (the same algorithm as a
+Pallas kernel: compiled on GPU/TPU, interpreted on CPU); "cudnn" is
+`jax.nn.dot_product_attention(implementation="cudnn")`, GPU only, bf16/fp16 only.
 """
 
 from __future__ import annotations
@@ -35,7 +43,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from models.layers.flash_attention import flash_attention
+
 Array = jax.Array
+
+ATTENTION_IMPLS = ("xla", "blockwise", "pallas", "cudnn")
 
 
 def make_attention_mask(
@@ -240,4 +252,85 @@ def dot_product_attention(
     out_BTNH = out_BTKGH.reshape(B, T, N, H)
     if return_weights:
         return out_BTNH, weights_BNTS
+    return out_BTNH
+
+
+def attend(
+    q_BTNH: Array,
+    k_BSKH: Array,
+    v_BSKH: Array,
+    *,
+    impl: str = "xla",
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    return_weights: bool = False,
+    **masks,
+) -> Array | tuple[Array, Array]:
+    """`dot_product_attention` computed by the implementation `impl` (`ATTENTION_IMPLS`).
+
+    Args:
+      q_BTNH, k_BSKH, v_BSKH: as in `dot_product_attention`.
+      impl: "xla" | "blockwise" | "pallas" | "cudnn" (see the module docstring).
+      dropout_rate, dropout_rng, return_weights: "xla" only (they need the whole weight
+        matrix); the others raise ValueError. `MultiHeadAttention` asks for "xla" itself
+        when it returns weights or decodes with a KV cache.
+      **masks: causal, q_positions, kv_positions, kv_mask, q_segment_ids,
+        kv_segment_ids, sliding_window, mask, bias, scale (`dot_product_attention`).
+
+    Returns:
+      The attention output [B, T, N, H] (and the weights for "xla" with return_weights).
+    """
+    if impl == "xla":
+        return dot_product_attention(q_BTNH, k_BSKH, v_BSKH, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                                     return_weights=return_weights, **masks)
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl={impl!r}; expected one of {ATTENTION_IMPLS}")
+    if return_weights or dropout_rate > 0.0:
+        raise ValueError(f"attention impl={impl!r} computes no weight matrix, so it has no attention dropout or "
+                         "returned weights; use impl='xla'")
+    if impl == "blockwise":
+        return flash_attention(q_BTNH, k_BSKH, v_BSKH, **masks)
+    if impl == "pallas":
+        from models.layers.pallas_attention import pallas_attention  # Pallas is imported only when used
+
+        return pallas_attention(q_BTNH, k_BSKH, v_BSKH, **masks)
+    return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, **masks)
+
+
+def check_cudnn(dtype) -> None:
+    """ValueError unless cuDNN attention can run here: a GPU backend and bf16/fp16 inputs."""
+    if jax.default_backend() != "gpu":
+        raise ValueError(f"attention impl='cudnn' needs a GPU, but the JAX backend is {jax.default_backend()!r}; "
+                         "use 'blockwise' or 'xla'")
+    if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"attention impl='cudnn' takes bfloat16 or float16 inputs, got {jnp.dtype(dtype).name}; "
+                         "set model.dtype=bfloat16 or use 'blockwise'")
+
+
+def cudnn_attention(
+    q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, *, causal: bool = False, q_positions: Array | None = None,
+    kv_positions: Array | None = None, bias: Array | None = None, scale: float | None = None, **masks,
+) -> Array:
+    """cuDNN's fused attention (`jax.nn.dot_product_attention(implementation="cudnn")`).
+
+    Plain causal attention over default positions is cuDNN's own causal mode; any other
+    mask (padding, segments, a window, explicit positions) is combined by
+    `make_attention_mask` and passed as a boolean mask. Rows with no valid key are zeroed,
+    as `dot_product_attention` does.
+    """
+    check_cudnn(q_BTNH.dtype)
+    B, T, _, _ = q_BTNH.shape
+    S = k_BSKH.shape[1]
+    plain_causal = causal and q_positions is None and kv_positions is None and not any(
+        m is not None for m in masks.values())
+    mask_BNTS = None
+    if not plain_causal:
+        mask_BNTS = make_attention_mask(B, T, S, causal=causal, q_positions=q_positions,
+                                        kv_positions=kv_positions, **masks)
+    out_BTNH = jax.nn.dot_product_attention(
+        q_BTNH, k_BSKH, v_BSKH, bias=None if bias is None else bias.astype(q_BTNH.dtype), mask=mask_BNTS,
+        scale=scale, is_causal=plain_causal, implementation="cudnn")
+    if mask_BNTS is not None:
+        any_BT = jnp.broadcast_to(mask_BNTS, (B, mask_BNTS.shape[1], T, S)).any(-1).transpose(0, 2, 1)
+        out_BTNH = jnp.where(any_BT[..., None], out_BTNH, 0)
     return out_BTNH

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from models.layers.adapters import adapt
+from models.layers.attention import ATTENTION_IMPLS
 from models.layers.feedforward import GATED, MLP_ACTIVATIONS, FeedForward
 from models.layers.mla import MLAConfig, MultiHeadLatentAttention
 from models.layers.moe import MoEConfig, MoEFeedForward
@@ -62,6 +63,11 @@ class BlockConfig:
         `out_bias`, which must agree) are transformers' `attention_bias`. Decoder-only.
       peft: parameter-efficient fine-tuning in the layers (`models.layers.peft`): LoRA on
         matching kernels, prefix tuning, adapters; None: none.
+      attention_impl: how attention is computed, one of `attention.ATTENTION_IMPLS`:
+        "xla" (the [B, N, T, S] weight matrix), "blockwise" (flash-style, O(T) memory),
+        "pallas" (the blockwise algorithm as a Pallas kernel) or "cudnn" (GPU, bf16/fp16).
+        Anything but "xla" needs attention_dropout_rate = 0 and standard attention (not
+        mla); KV-cache decoding and returned weights use "xla" whatever is set here.
       dtype: compute dtype; param_dtype: storage dtype.
     """
 
@@ -86,6 +92,7 @@ class BlockConfig:
     moe: MoEConfig | None = None
     mla: MLAConfig | None = None
     peft: PeftConfig | None = None
+    attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -105,9 +112,21 @@ class BlockConfig:
             raise ValueError(f"norm={self.norm!r}; expected one of {NORMS}")
         if self.norm_position not in ("pre", "post"):
             raise ValueError(f"norm_position={self.norm_position!r}; expected 'pre' or 'post'")
+        self._check_attention_impl()
         if self.mla is not None and self.peft is not None and self.peft.prefix is not None:
             raise ValueError("finetune.prefix: prefix tuning needs multi-head attention; latent attention (mla "
                              "set) caches latents, not keys and values")
+
+    def _check_attention_impl(self):
+        impl = self.attention_impl
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={impl!r}; expected one of {ATTENTION_IMPLS}")
+        if impl != "xla" and self.mla is not None:
+            raise ValueError(f"attention_impl={impl!r} is for standard attention; latent attention (mla set) "
+                             "computes its own, use attention_impl='xla'")
+        if impl != "xla" and self.attention_dropout_rate > 0:
+            raise ValueError(f"attention_impl={impl!r} has no weight matrix to drop out; set "
+                             f"attention_dropout_rate=0 (got {self.attention_dropout_rate}) or use 'xla'")
 
     def _check_mla(self):
         for name in ("qk_norm", "sliding_window"):
@@ -226,7 +245,8 @@ def _attention(cfg: BlockConfig, name: str, *, rope: bool) -> MultiHeadAttention
         qkv_bias=cfg.has_qkv_bias, out_bias=cfg.has_out_bias, qk_norm=cfg.qk_norm, qk_norm_eps=cfg.norm_eps,
         dropout_rate=cfg.attention_dropout_rate, rope=cfg.rope if rope else None,
         sliding_window=cfg.sliding_window if rope else None, lora=cfg.lora,
-        prefix=cfg.peft.prefix if rope and cfg.peft is not None else None, dtype=cfg.dtype,
+        prefix=cfg.peft.prefix if rope and cfg.peft is not None else None, attention_impl=cfg.attention_impl,
+        dtype=cfg.dtype,
         param_dtype=cfg.param_dtype, name=name,
     )
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from models.layers.adapters import prefix_key_value, prepend_prefix
-from models.layers.attention import dot_product_attention, gather_pages, write_cache, write_pages
+from models.layers.attention import ATTENTION_IMPLS, attend, gather_pages, write_cache, write_pages
 from models.layers.peft import LoraConfig, PrefixConfig, lora_project
 from models.layers.positional import RopeConfig, apply_rope
 
@@ -52,6 +52,11 @@ class MultiHeadAttention(nn.Module):
       prefix: prefix tuning (`models.layers.adapters`): self-attention also attends to
         learned keys and values `prefix_key` / `prefix_value` [P, K, H], visible to every
         query, placed before the cache's (or the sequence's) keys; never cached.
+      attention_impl: how the attention itself is computed (`attention.attend`): "xla"
+        (the weight matrix), "blockwise" (O(T) memory), "pallas" or "cudnn". Decoding
+        with a KV cache and sowing the weights always use "xla" (a decode step has T = 1,
+        so the weight matrix is only [B, N, 1, S]); attention dropout in training needs
+        "xla" (the others raise).
 
     When the `cache` collection is mutable (`apply(..., mutable=["cache"])`, not at
     init), self-attention decodes with a KV cache: `cache/key` and `cache/value`
@@ -84,6 +89,7 @@ class MultiHeadAttention(nn.Module):
     sliding_window: int | None = None
     lora: LoraConfig | None = None
     prefix: PrefixConfig | None = None
+    attention_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -123,6 +129,8 @@ class MultiHeadAttention(nn.Module):
         H = self.head_dim or D // N
         if N % K:
             raise ValueError(f"num_heads={N} must be a multiple of num_kv_heads={K}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
 
         w_q = self._param("query", (D, N, H), ("embed", "heads", "head_dim"), _fan_init(0, (1, 2)))
         w_k = self._param("key", (y_BSD.shape[-1], K, H), ("embed", "kv_heads", "head_dim"), _fan_init(0, (1, 2)))
@@ -198,8 +206,8 @@ class MultiHeadAttention(nn.Module):
         if self.prefix is not None and self_attention:
             prefix_k, prefix_v = prefix_key_value(self, self.prefix, D, K, H, self.param_dtype)
             k_BSKH, v_BSKH, masks = prepend_prefix(k_BSKH, v_BSKH, prefix_k, prefix_v, T, masks)
-        result = dot_product_attention(
-            q_BTNH, k_BSKH, v_BSKH, **masks,
+        result = attend(
+            q_BTNH, k_BSKH, v_BSKH, **masks, impl="xla" if want_weights or decoding else self.attention_impl,
             dropout_rate=0.0 if deterministic else self.dropout_rate, dropout_rng=dropout_rng,
             return_weights=want_weights,
         )

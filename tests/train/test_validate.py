@@ -59,6 +59,13 @@ def _config(*overrides):
     (["finetune.method=lora", "finetune.lora.targets=no_such_kernel"],
      r"finetune.lora.targets='no_such_kernel' matches no kernel"),
     (["finetune.method=qlora", "finetune.lora.rank=100000"], r"finetune.lora.rank=100000 exceeds kernel"),
+    (["model.block.attention_impl=flash"], r"config key `model.block.attention_impl`='flash'; expected one of "
+                                          r"\('xla', 'blockwise', 'pallas', 'cudnn'\)"),
+    (["model.block.attention_impl=cudnn"], r"`model.block.attention_impl`='cudnn' needs a GPU, but the JAX "
+                                           r"backend is 'cpu'; use blockwise or xla"),
+    (["model.block.attention_impl=blockwise", "model.block.attention_dropout_rate=0.1"],
+     r"`model.block.attention_impl`='blockwise' has no weight matrix to drop out; set "
+     r"model.block.attention_dropout_rate=0"),
 ])
 def test_a_bad_config_is_named_before_anything_is_written(tmp_path, overrides, message):
     workdir = tmp_path / "run"

@@ -11,6 +11,11 @@ tokens `loss_mask` counts. To it the objective adds what the model sows into `in
   * `mtp_logits` (multi-token prediction, `model.config.mtp_depth > 0`):
     `mtp_loss_weight` times the mean over depths of their cross-entropy (`mtp_loss`).
 
+With `loss_chunk_size` C > 0 (config key `model.loss_chunk_size`) the model returns its final
+normed hidden states and its LM head (`GPT(return_hidden=True)`), and the cross-entropy (the
+multi-token terms' too, from `mtp_hidden`) applies the head C positions at a time
+(`train.losses.chunked_cross_entropy`): the same loss without ever holding [B, T, V] logits.
+
 Accumulation (`train.objectives.base`): each micro-batch's loss is sum(token losses) / (tokens
 in the whole batch), so an accumulated step is the same update as one step on the whole batch
 whatever the padding in each micro-batch; the multi-token terms are normalised by the whole
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
@@ -86,11 +92,36 @@ def routing_metrics(router_stats: Mapping) -> dict[str, jax.Array]:
             "moe_load_min": jnp.min(load_LE)}
 
 
-def token_eval_sums(model: nn.Module, params, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Summed NLL (nats, no z-loss or smoothing), correct argmax predictions and counted tokens."""
-    logits_BTV = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                             segment_ids=batch["segment_ids"], deterministic=True)
-    _, aux = losses.cross_entropy(logits_BTV, batch["targets"], mask_BT=batch["loss_mask"])
+def token_loss(chunk_size: int, head=None):
+    """The per-token loss of `train.losses` the model's output goes to: `cross_entropy` on
+    logits, or (chunk_size > 0) `chunked_cross_entropy` on hidden states through `head`."""
+    if not chunk_size:
+        return losses.cross_entropy
+
+    def chunked(hidden_BTD, targets_BT, **kw):
+        return losses.chunked_cross_entropy(hidden_BTD, head, targets_BT, chunk_size=chunk_size, **kw)
+
+    return chunked
+
+
+def apply_for_loss(model: nn.Module, params, inputs, chunk_size: int = 0, **kw):
+    """(model output, per-token loss of it): logits and `cross_entropy`, or (chunk_size > 0)
+    the final hidden states and `chunked_cross_entropy` through the model's head. With
+    `mutable` in `kw` the output is (output, variables) as `apply` gives it."""
+    if not chunk_size:
+        return model.apply({"params": params}, inputs, **kw), token_loss(0)
+    out = model.apply({"params": params}, inputs, return_hidden=True, **kw)
+    (hidden_BTD, head), rest = (out[0], out[1:]) if "mutable" in kw else (out, ())
+    return (hidden_BTD, *rest) if rest else hidden_BTD, token_loss(chunk_size, head)
+
+
+def token_eval_sums(model: nn.Module, params, batch: dict[str, jax.Array], chunk_size: int = 0
+                    ) -> dict[str, jax.Array]:
+    """Summed NLL (nats, no z-loss or smoothing), correct argmax predictions and counted tokens
+    (chunk_size > 0: the loss applies the head that many positions at a time)."""
+    out, loss_fn = apply_for_loss(model, params, batch["inputs"], chunk_size, positions=batch["positions"],
+                                  segment_ids=batch["segment_ids"], deterministic=True)
+    _, aux = loss_fn(out, batch["targets"], mask_BT=batch["loss_mask"])
     num_tokens = aux["num_tokens"].astype(jnp.float32)
     return {"nll_sum": jnp.sum(aux["per_token"]), "num_tokens": num_tokens, "correct_sum": aux["accuracy"] * num_tokens}
 
@@ -120,6 +151,8 @@ class LMObjective:
       label_smoothing: eps of the label smoothing.
       mtp_loss_weight: weight of the multi-token prediction loss, if the model sows one.
       bias_update_rate: step of the MoE correction biases after the update (0: none).
+      loss_chunk_size: C > 0: the loss applies the LM head C positions at a time (module
+        docstring); 0: on the model's whole logits.
     """
 
     model: nn.Module
@@ -127,6 +160,7 @@ class LMObjective:
     label_smoothing: float = 0.0
     mtp_loss_weight: float = 0.0
     bias_update_rate: float = 0.0
+    loss_chunk_size: int = 0
     name: str = "lm"
     token_nll: ClassVar[bool] = True  # the logged metrics add exp(loss) (`train.objectives.base`)
 
@@ -144,13 +178,15 @@ class LMObjective:
         model = self.model
         kw = {"positions": batch["positions"], "segment_ids": batch["segment_ids"], "deterministic": False,
               "rngs": {"dropout": rng}}
+        chunk = self.loss_chunk_size
         if _sows_losses(model):
-            logits_BTV, variables = model.apply({"params": params}, batch["inputs"], mutable=["intermediates"], **kw)
+            (out, variables), loss_fn = apply_for_loss(model, params, batch["inputs"], chunk,
+                                                       mutable=["intermediates"], **kw)
             intermediates = variables.get("intermediates", {})
         else:
-            logits_BTV, intermediates = model.apply({"params": params}, batch["inputs"], **kw), {}
-        _, aux = losses.cross_entropy(logits_BTV, batch["targets"], mask_BT=batch["loss_mask"],
-                                      label_smoothing=self.label_smoothing, z_loss=self.z_loss)
+            (out, loss_fn), intermediates = apply_for_loss(model, params, batch["inputs"], chunk, **kw), {}
+        _, aux = loss_fn(out, batch["targets"], mask_BT=batch["loss_mask"], label_smoothing=self.label_smoothing,
+                         z_loss=self.z_loss)
         share = aux["num_tokens"] / totals["num_tokens"]
         stats = {"loss": aux["cross_entropy"] * share, "z_loss": aux["z_loss"] * share,
                  "accuracy": aux["accuracy"] * share,
@@ -162,10 +198,11 @@ class LMObjective:
             # The accumulation count is the number of micro-batches the totals were split over.
             stats["moe_aux_loss"] = moe_lib.total_aux_loss(router) / totals["micro_batches"]
             loss += stats["moe_aux_loss"]
-        if "mtp_logits" in intermediates:
+        mtp_key = "mtp_hidden" if chunk else "mtp_logits"
+        if mtp_key in intermediates:
             stats["mtp_loss"], _ = losses.multi_token_prediction_loss(
-                jax.tree_util.tree_leaves(intermediates["mtp_logits"]), batch["targets"], batch["loss_mask"],
-                batch["segment_ids"], num_tokens=totals.get("mtp_tokens"))
+                jax.tree_util.tree_leaves(intermediates[mtp_key]), batch["targets"], batch["loss_mask"],
+                batch["segment_ids"], num_tokens=totals.get("mtp_tokens"), token_loss=loss_fn)
             loss += self.mtp_loss_weight * stats["mtp_loss"]
         return loss, (stats, router)
 
@@ -179,7 +216,7 @@ class LMObjective:
         return params, routing_metrics(router)
 
     def eval_sums(self, params, batch, rng):
-        return token_eval_sums(self.model, params, batch)
+        return token_eval_sums(self.model, params, batch, self.loss_chunk_size)
 
     def eval_metrics(self, sums):
         return token_eval_metrics(sums)
@@ -189,7 +226,7 @@ class LMObjective:
     def train_iterator(self, config, data_cfg: pipeline.DataConfig, tokenizer) -> Iterator[dict]:
         return pipeline.train_iterator(data_cfg, tokenizer)
 
-    def eval_batches(self, config, data_cfg: pipeline.DataConfig, tokenizer) -> "ValidationText":
+    def eval_batches(self, config, data_cfg: pipeline.DataConfig, tokenizer) -> ValidationText:
         # The text eval.max_batches covers, so that bits per byte and xz measure exactly it;
         # streamed: each evaluation reads and tokenizes it again, nothing is held in between.
         documents = pipeline.eval_documents(data_cfg, tokenizer, config.eval.max_batches)
@@ -235,5 +272,25 @@ def make(config, model, tokenizer) -> LMObjective:
     if isinstance(model, BertForMaskedLM) or config.model.family == "bert":
         raise ValueError("config key `objective`='lm' (next tokens) needs a decoder, but model.family='bert'; "
                          "use objective=mlm (or leave it empty)")
+    check_loss_chunking(config, model)
     return LMObjective(model, z_loss=config.optimizer.z_loss, label_smoothing=config.optimizer.label_smoothing,
-                       mtp_loss_weight=config.model.mtp_loss_weight, bias_update_rate=config.model.moe.bias_update_rate)
+                       mtp_loss_weight=config.model.mtp_loss_weight, bias_update_rate=config.model.moe.bias_update_rate,
+                       loss_chunk_size=config.model.loss_chunk_size)
+
+
+def check_loss_chunking(config, model) -> None:
+    """`model.loss_chunk_size` > 0 applies the LM head outside the model: a GPT with an LM head,
+    and no LoRA on an untied `lm_head` (its low-rank branch lives in the module)."""
+    from models.gpt import GPT
+
+    if not config.model.loss_chunk_size:
+        return
+    cfg = getattr(model, "config", None)
+    if not isinstance(model, GPT) or cfg.head != "lm":
+        raise ValueError(f"config key `model.loss_chunk_size`={config.model.loss_chunk_size} chunks a decoder's LM "
+                         "head, which this model does not have; set model.loss_chunk_size=0")
+    lora = cfg.block.lora
+    if lora is not None and not cfg.tie_embeddings and re.search(lora.targets, "lm_head"):
+        raise ValueError(f"config key `model.loss_chunk_size`={config.model.loss_chunk_size} applies the LM head "
+                         f"outside the model, but finetune.lora.targets={lora.targets!r} puts LoRA on the untied "
+                         "lm_head; exclude lm_head from the targets or set model.loss_chunk_size=0")

@@ -30,7 +30,7 @@ from typing import Any
 from data import chat, pipeline
 from data import sft as sft_data
 from train.objectives import register
-from train.objectives.lm import LMObjective
+from train.objectives.lm import LMObjective, check_loss_chunking
 
 
 def sft_config(config) -> sft_data.SFTConfig:
@@ -145,6 +145,8 @@ def make(config, model, tokenizer) -> SFTObjective:
     if config.model.family == "bert":
         raise ValueError("config key `objective`='sft' fine-tunes a decoder, but model.family='bert'; use a decoder "
                          "family (gpt, llama, qwen, ...)")
+    check_loss_chunking(config, model)
     return SFTObjective(model, z_loss=config.optimizer.z_loss, label_smoothing=config.optimizer.label_smoothing,
                         mtp_loss_weight=config.model.mtp_loss_weight,
-                        bias_update_rate=config.model.moe.bias_update_rate, sft=sft_config(config))
+                        bias_update_rate=config.model.moe.bias_update_rate,
+                        loss_chunk_size=config.model.loss_chunk_size, sft=sft_config(config))
