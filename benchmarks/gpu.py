@@ -33,11 +33,13 @@ Run:
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import pathlib
 import statistics
 import sys
+import tempfile
 import time
 
 import flax.linen as nn
@@ -55,7 +57,7 @@ from configs.loader import load_config
 from inference.generate import generate
 from models.layers import attention as attention_lib
 from sharding import rules as rules_lib
-from train import build
+from train import build, validate
 from train.metrics import datasheet_peak_flops, measure_matmul_peak
 
 LLAMA = str(_ROOT / "configs" / "llama.py")
@@ -70,7 +72,7 @@ COMMON = ["model.dtype=bfloat16", "model.scan_layers=true"]
 # --quick: the tiny preset in float32 stands in for both (bfloat16 matmuls on a CPU are emulated).
 QUICK_MODELS = {"1b": ("tiny", []), "8b": ("tiny", ["model.remat=full"])}
 QUICK_COMMON = ["model.dtype=float32", "model.scan_layers=true"]
-ATTENTION_IMPLS = ("xla", "blockwise", "pallas", "cudnn")
+ATTENTION_IMPLS = attention_lib.ATTENTION_IMPLS
 GIB = 2**30
 
 
@@ -95,21 +97,22 @@ def compiled_bytes(compiled) -> int:
 
 
 def model_config(name: str, seq_len: int, *, quick: bool, attention: str, extra: list[str] = ()):
-    """The run config of model `name` at `seq_len` and the notes on what the checkout lacks."""
+    """The run config of model `name` at `seq_len` (checked by `train.validate`: a bad
+    combination is a one-line error), and notes on what was changed to make it run."""
     preset, overrides, _ = (QUICK_MODELS[name] + (None,)) if quick else MODELS[name]
+    # The loss through the head 1024 positions at a time: never the [B, T, V] logits (V = 128256).
     config = load_config(LLAMA + ":" + preset, [*(QUICK_COMMON if quick else COMMON), *overrides,
-                                                f"data.seq_len={seq_len}", f"model.max_len={seq_len}", *extra])
+                                                f"data.seq_len={seq_len}", f"model.max_len={seq_len}",
+                                                f"model.block.attention_impl={attention}",
+                                                f"model.loss_chunk_size={min(seq_len, 1024)}", *extra])
+    with tempfile.TemporaryDirectory() as workdir:  # nothing is written there
+        try:
+            validate.check(config, workdir)
+        except ValueError as e:
+            raise SystemExit(f"error: {name}: {e}") from None
     notes = []
-    config.unlock()
-    if "attention_impl" in config.model.block:
-        config.model.block.attention_impl = attention
-    else:
-        notes.append("attention: xla (no model.block.attention_impl key in this checkout)")
-    if "loss_chunk_size" in config.model:
-        config.model.loss_chunk_size = min(seq_len, 1024)
-    else:
-        notes.append("loss: whole [B, T, V] logits (no model.loss_chunk_size key in this checkout)")
-    config.lock()
+    if name == "8b" and not quick:
+        notes.append("8B: parameters and Adam moments in bfloat16 (in float32 they alone take 128 GB), full remat")
     return config, notes
 
 
@@ -208,36 +211,25 @@ def lowered_real_models(args) -> list[dict]:
     return rows
 
 
-def attention_fn(impl: str, platform: str):
+def attention_fn(impl: str, dtype):
     """(the attention function of `impl`, None), or (None, why it cannot run here)."""
-    if impl == "xla":
-        return attention_lib.dot_product_attention, None
     if impl == "cudnn":
-        if platform != "gpu":
-            return None, f"cuDNN needs an NVIDIA GPU (this is {platform})"
-
-        def cudnn(q, k, v, *, causal):
-            return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
-
-        return cudnn, None
-    if impl == "blockwise":
         try:
-            from models.layers.flash_attention import flash_attention
+            attention_lib.check_cudnn(dtype)
+        except ValueError as e:
+            return None, str(e)
+    if impl == "pallas":
+        try:
+            import models.layers.pallas_attention  # noqa: F401
         except ImportError as e:
-            return None, f"models/layers/flash_attention.py is not in this checkout ({e})"
-        return flash_attention, None
-    try:
-        from models.layers import pallas_attention
-    except ImportError as e:
-        return None, f"models/layers/pallas_attention.py is not in this checkout ({e})"
-    return pallas_attention.pallas_attention, None
+            return None, f"models/layers/pallas_attention.py cannot be imported in this checkout ({e})"
+    return functools.partial(attention_lib.attend, impl=impl), None
 
 
 def attention_side_by_side(args, budget: int | None) -> list[dict]:
     """Section 2: forward + backward of each implementation by T; time, memory, difference from xla."""
     B, N, K, H = (1, 4, 2, 16) if args.quick else (1, 32, 8, 128)
     dtype = jnp.float32 if args.quick else jnp.bfloat16
-    platform = jax.devices()[0].platform
     rows = []
     for T in args.attention_lengths:
         kq, kk, kv, kc = jax.random.split(jax.random.key(T), 4)
@@ -247,7 +239,7 @@ def attention_side_by_side(args, budget: int | None) -> list[dict]:
         cotangent = jax.random.normal(kc, (B, T, N, H), jnp.float32)
         reference = None
         for impl in ATTENTION_IMPLS:
-            fn, reason = attention_fn(impl, platform)
+            fn, reason = attention_fn(impl, dtype)
             row = {"impl": impl, "seq_len": T, "batch": B, "heads": N, "kv_heads": K, "head_dim": H,
                    "dtype": jnp.dtype(dtype).name}
             if fn is None:
