@@ -157,7 +157,12 @@ def profile(width: int, layers: int, batch: int, seq_len: int, vocab: int, steps
     """Profiles `steps` trainer steps (after one untimed). Returns {"kinds": {kind: ms per step},
     "ops": [(name, kind, ms per step, shape, jax op name)] costliest first, "module": name}."""
     program, state, placed, rng = trainer_step(width, layers, batch, seq_len, vocab)
-    compiled = program.step.lower(state, placed, rng).compile()
+    return profile_compiled(program.step.lower(state, placed, rng).compile(), state, placed, rng, steps)
+
+
+def profile_compiled(compiled, state, placed, rng, steps: int) -> dict:
+    """`profile` of any compiled step(state, batch, rng) -> (state, metrics), e.g. another
+    configuration of the trainer's program (colabs/12_performance.ipynb: with and without remat)."""
     text = compiled.as_text()
     module = text.split()[1].rstrip(",")
     computations = parse_hlo(text)
