@@ -226,17 +226,31 @@ def attention_fn(impl: str, dtype):
     return functools.partial(attention_lib.attend, impl=impl), None
 
 
+def attention_inputs(batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int, dtype):
+    """Random q [B, T, N, H], k and v [B, T, K, H] in `dtype`, and a float32 cotangent like q."""
+    kq, kk, kv, kc = jax.random.split(jax.random.key(seq_len), 4)
+    return (jax.random.normal(kq, (batch, seq_len, heads, head_dim), dtype),
+            jax.random.normal(kk, (batch, seq_len, kv_heads, head_dim), dtype),
+            jax.random.normal(kv, (batch, seq_len, kv_heads, head_dim), dtype),
+            jax.random.normal(kc, (batch, seq_len, heads, head_dim), jnp.float32))
+
+
+def compile_attention(fn, q, k, v, cotangent):
+    """Compiled causal forward + backward of `fn`: (q, k, v) -> (sum(out * cotangent), (dq, dk, dv))."""
+
+    def loss(q, k, v):
+        return jnp.sum(fn(q, k, v, causal=True).astype(jnp.float32) * cotangent)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
+
+
 def attention_side_by_side(args, budget: int | None) -> list[dict]:
     """Section 2: forward + backward of each implementation by T; time, memory, difference from xla."""
     B, N, K, H = (1, 4, 2, 16) if args.quick else (1, 32, 8, 128)
     dtype = jnp.float32 if args.quick else jnp.bfloat16
     rows = []
     for T in args.attention_lengths:
-        kq, kk, kv, kc = jax.random.split(jax.random.key(T), 4)
-        q = jax.random.normal(kq, (B, T, N, H), dtype)
-        k = jax.random.normal(kk, (B, T, K, H), dtype)
-        v = jax.random.normal(kv, (B, T, K, H), dtype)
-        cotangent = jax.random.normal(kc, (B, T, N, H), jnp.float32)
+        q, k, v, cotangent = attention_inputs(B, T, N, K, H, dtype)
         reference = None
         for impl in ATTENTION_IMPLS:
             fn, reason = attention_fn(impl, dtype)
@@ -245,13 +259,8 @@ def attention_side_by_side(args, budget: int | None) -> list[dict]:
             if fn is None:
                 rows.append(emit("attention", **row, skipped=reason))
                 continue
-
-            def loss(q, k, v, fn=fn, cotangent=cotangent):
-                return jnp.sum(fn(q, k, v, causal=True).astype(jnp.float32) * cotangent)
-
-            fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
             try:
-                compiled = fwd_bwd.lower(q, k, v).compile()
+                compiled = compile_attention(fn, q, k, v, cotangent)
             except (ValueError, NotImplementedError, RuntimeError) as e:  # not these shapes, not on this device
                 rows.append(emit("attention", **row, skipped=f"does not compile: {str(e).splitlines()[0][:200]}"))
                 continue
