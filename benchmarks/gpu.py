@@ -10,7 +10,8 @@ One command on one GPU (or TPU) prints three tables and a JSON line per measurem
    keeps its preset's full remat and stores its parameters (and so its Adam moments) in
    bfloat16: in float32 they alone take 8.03e9 x 16 bytes = 128 GB. The batch is the
    largest whose compiled step (XLA's memory analysis of the trainer's own program)
-   needs at most `--memory_fraction` of the device's memory. The step is built and timed
+   needs at most `--memory_fraction` of the memory JAX's allocator may use (95% of the
+   device's here, unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise). The step is built and timed
    as `benchmarks/train_throughput.py` does (`build_program`, `time_steps`), and
        MFU = 3 * flops_per_token(T) * tokens/s / peak
    against the device's datasheet dense peak (`train.metrics.datasheet_peak_flops`) and
@@ -36,11 +37,16 @@ import argparse
 import functools
 import gc
 import json
+import os
 import pathlib
 import statistics
 import sys
 import tempfile
 import time
+
+# JAX's GPU allocator takes 75% of the memory by default; the batch search budgets against what
+# it may use (memory_stats' bytes_limit), so let it have nearly all (a value set by the user wins).
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
 
 import flax.linen as nn
 import jax
