@@ -64,7 +64,7 @@ def peak_bytes(impl: str, seq_len: int) -> int:
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes)
 
 
-def longest_fit(impl: str, budget_bytes: int, start: int = 1024, limit: int = 2**20) -> int:
+def longest_fit(impl: str, budget_bytes: int, start: int = 1024, limit: int = 2**22) -> int:
     """The longest T (a multiple of GRANULE) whose step fits the budget: doubling, then bisection."""
     if peak_bytes(impl, GRANULE) > budget_bytes:
         return 0
