@@ -41,7 +41,7 @@ from data.pipeline import process_rows
 from data.tokenizer import Tokenizer, load_tokenizer
 from sharding import mesh as mesh_lib
 from sharding.strategies import get_strategy
-from train import build, init_from, objectives, task_eval
+from train import build, compilation_cache, init_from, objectives, task_eval
 from train import program as program_lib
 from train import trainable as trainable_lib
 
@@ -71,6 +71,7 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> None:
       workdir: the run's directory (it may not exist yet; nothing is written).
     """
     workdir = os.path.abspath(workdir)
+    compilation_cache.check(config.train.compilation_cache_dir)
     _check_counts(config)
     task_eval.check_tasks(config)  # an unknown task or a task file with missing fields
     check_finetune(config)
