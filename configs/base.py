@@ -200,6 +200,13 @@ def get_config() -> ml_collections.ConfigDict:
         eval_split="validation",
         worker_count=0,
     ))
+    # How the trainer runs (train/trainer.py), beside what it trains.
+    c.train = ml_collections.ConfigDict(dict(
+        # JAX's persistent compilation cache (train/compilation_cache.py): a restart loads its compiled
+        # programs. auto: $LMLAB_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME/lmlab/jax_cache (~/.cache/...);
+        # a directory; "" or none: off
+        compilation_cache_dir="auto",
+    ))
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-3,  # peak learning rate
         b1=0.9, b2=0.95, eps=1e-8,

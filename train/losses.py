@@ -31,9 +31,17 @@ def _safe_mean(total, count):
 
 
 def _target_log_probs(log_probs_BTV, targets_BT, counted_BT):
-    """log p(target) per token; masked targets may be out of range (e.g. -1 padding)."""
+    """log p(target) per token; masked targets may be out of range (e.g. -1 padding).
+
+    A select against an iota compare, summed over V (exact: one term is non-zero), rather
+    than `take_along_axis`: its gradient is a select that fuses into the softmax gradient,
+    where a gather's is a scatter into a zero [B, T, V] (issue 15: -16% CPU time of the LM
+    head and loss, forward and backward, at B8 T256 D512 V4096 on 2 CPU cores).
+    """
     safe_targets_BT = jnp.where(counted_BT, targets_BT, 0)
-    return jnp.take_along_axis(log_probs_BTV, safe_targets_BT[..., None], axis=-1)[..., 0]
+    hit_BTV = jax.lax.broadcasted_iota(jnp.int32, log_probs_BTV.shape, log_probs_BTV.ndim - 1) == (
+        safe_targets_BT[..., None])
+    return jnp.sum(jnp.where(hit_BTV, log_probs_BTV, 0.0), axis=-1)
 
 
 def _token_terms(logits_BTV, targets_BT, counted_BT, label_smoothing, z_loss):

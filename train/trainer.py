@@ -47,7 +47,7 @@ from data import pipeline
 from sharding import mesh as mesh_lib
 from sharding import rules as rules_lib
 from sharding.strategies import get_strategy
-from train import build, distributed, init_from, objectives, task_eval, validate
+from train import build, compilation_cache, distributed, init_from, objectives, task_eval, validate
 from train import program as program_lib
 from train import step as step_lib
 from train import trainable as trainable_lib
@@ -153,6 +153,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, *, write_config: bool
     `config.sharding.mesh` (empty: the strategy's default mesh; see `sharding.strategies`).
     `write_config=False` (an evaluation of a finished run) leaves WORKDIR/config.json alone."""
     workdir = os.path.abspath(workdir)
+    # Before anything compiles: the restart of a run loads its programs from the cache.
+    compilation_cache.enable(config.train.compilation_cache_dir)
     validate.check(config, workdir)  # every key, before data, tokenizer or config.json are touched
     config = build.resolved(config, workdir)  # e.g. a classifier's classes, from its data
     os.makedirs(workdir, exist_ok=True)
@@ -201,7 +203,26 @@ def _prepare_data(config: ml_collections.ConfigDict, workdir: str, data_cfg: pip
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains (or resumes) the model of `config` in `workdir`; returns the summary dict."""
+    """Trains (or resumes) the model of `config` in `workdir`; returns the summary dict (its
+    `startup`: seconds from here to the first step's metrics, the programs compiled by then and
+    those loaded from the compilation cache instead, `train.compilation_cache`)."""
+    with compilation_cache.CompileCounter() as compiles:
+        return _run(config, workdir, Startup(time.time(), compiles))
+
+
+@dataclasses.dataclass
+class Startup:
+    """When the run began and its compilation counter; `report` is filled in at the first step."""
+
+    started: float
+    compiles: compilation_cache.CompileCounter
+    report: dict[str, Any] | None = None
+
+    def first_step(self, now: float) -> None:
+        self.report = {"seconds_to_first_step": now - self.started, **self.compiles.counts()}
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, startup: Startup) -> dict[str, Any]:
     r = setup(config, workdir)
     config, workdir = r.config, r.workdir  # the config as resolved (`build.resolved`)
     # The jitted steps trace under their layout's mesh and logical rules themselves
@@ -227,11 +248,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     tasks = task_eval.TaskEvaluator(r)  # eval.tasks, scored by the harness beside val_loss
     before = _eval_before(r, state, eval_batches, fresh=restored is None)
     try:
-        state, throughput, last_metrics = _train_loop(r, state, train_iter, checkpointer, eval_batches, tasks)
+        state, throughput, last_metrics = _train_loop(r, state, train_iter, checkpointer, eval_batches, tasks,
+                                                      startup)
     finally:
         checkpointer.close()
     sums, metrics = evaluate(r, state, eval_batches)
-    return _finish(r, state, sums, metrics, throughput, last_metrics, eval_batches, before, tasks(state))
+    return _finish(r, state, sums, metrics, throughput, last_metrics, eval_batches, before, tasks(state),
+                   startup.report)
 
 
 def _eval_before(r: Run, state, eval_batches, *, fresh: bool) -> dict[str, float] | None:
@@ -267,7 +290,7 @@ def _device_batches(r: Run, train_iter, state_fn):
 class _MetricsReader:
     """Reads a step's device metrics (one step late), guards against NaN, logs and times."""
 
-    def __init__(self, r: Run, start_step: int):
+    def __init__(self, r: Run, start_step: int, startup: Startup | None = None):
         config = r.config
         self.config, self.start_step = config, start_step
         num_params, flops_per_token = build.model_size(r.model, config.data.seq_len)
@@ -288,6 +311,7 @@ class _MetricsReader:
         self.writer = MetricsWriter(r.workdir, config.steps, use_tensorboard=config.logging.tensorboard,
                                     progress=config.logging.progress_bar) if r.is_lead else None
         self.last_time, self.last_metrics = time.time(), {}
+        self.startup = startup
         if r.is_lead:
             print(f"model: {num_params / 1e6:.2f}M parameters, {train_flops_per_token / 1e6:.1f} "
                   f"MFLOP per trained token; vocab {r.tokenizer.vocab_size}; {len(devices)} devices; steps "
@@ -300,6 +324,13 @@ class _MetricsReader:
         now = time.time()
         if step > self.start_step + 1:  # the first step's time is mostly compilation
             self.throughput.add(self.tokens_per_step, now - self.last_time)
+        elif self.startup is not None and self.startup.report is None:
+            self.startup.first_step(now)
+            if self.writer:
+                report, cache = self.startup.report, jax.config.jax_compilation_cache_dir
+                print(f"first step after {report['seconds_to_first_step']:.1f} s: {report['programs_compiled']} "
+                      f"programs compiled, {report['compilation_cache_hits']} loaded from the compilation cache"
+                      f"{f' ({cache})' if cache else ' (off)'}", flush=True)
         self.last_time, self.last_metrics = now, metrics
         if self.writer and (step % self.config.logging.log_every_steps == 0 or step == self.config.steps):
             rates = self.throughput.report()
@@ -313,13 +344,14 @@ class _MetricsReader:
 
 
 def _train_loop(r: Run, state, train_iter, checkpointer: Checkpointer, eval_batches,
-                tasks: task_eval.TaskEvaluator):
-    """Steps from the state's step to config.steps; returns (state, throughput, last metrics).
+                tasks: task_eval.TaskEvaluator, startup: Startup | None = None):
+    """Steps from the state's step to config.steps; returns (state, throughput, last metrics);
+    `startup` gets its report at the first step.
     The `tasks`' scores are logged at the start, and with the validation metrics every
     eval.every_steps."""
     config = r.config
     rng = jax.random.key(config.seed + 1)
-    reader = _MetricsReader(r, int(state.step))
+    reader = _MetricsReader(r, int(state.step), startup)
     if tasks.tasks:  # the scores the run starts from; a task the model cannot score fails now, not after training
         start = tasks(state)
         if reader.writer:
@@ -377,7 +409,7 @@ def validation_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 def _finish(r: Run, state, sums: dict[str, float], metrics: dict[str, float], throughput: Throughput,
             last_metrics, eval_data, before: dict[str, float] | None = None,
-            task_metrics: dict[str, float] | None = None) -> dict[str, Any]:
+            task_metrics: dict[str, float] | None = None, startup: dict[str, Any] | None = None) -> dict[str, Any]:
     """summary.json: the run's numbers, the validation metrics, the harness tasks' (`eval/<task>/
     <metric>`, `train.task_eval`) and what the objective reports beyond them (`report`: the lm's
     bits per byte against xz on the same text, and samples); with `before` (an objective's own
@@ -409,6 +441,8 @@ def _finish(r: Run, state, sums: dict[str, float], metrics: dict[str, float], th
         "num_params": build.model_size(model, config.data.seq_len)[0],
         **extra,
     })
+    if startup is not None:
+        summary["startup"] = startup
     if before is not None:
         summary["eval_before"], summary["eval_after"] = before, metrics
     if samples is not None:

@@ -44,7 +44,7 @@ from data.tokenizer import Tokenizer, load_tokenizer
 from models.layers.attention import ATTENTION_IMPLS
 from sharding import mesh as mesh_lib
 from sharding.strategies import get_strategy
-from train import build, init_from, objectives, task_eval
+from train import build, compilation_cache, init_from, objectives, task_eval
 from train import program as program_lib
 from train import trainable as trainable_lib
 
@@ -74,6 +74,7 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> None:
       workdir: the run's directory (it may not exist yet; nothing is written).
     """
     workdir = os.path.abspath(workdir)
+    compilation_cache.check(config.train.compilation_cache_dir)
     _check_counts(config)
     _check_attention_impl(config)
     task_eval.check_tasks(config)  # an unknown task or a task file with missing fields

@@ -421,13 +421,13 @@ def flash_attention(
     Returns:
       The attention output [B, T, N, H] in the dtype of `v`.
     """
-    return _attend(q_BTNH, k_BSKH, v_BSKH, forward="blockwise", causal=causal, q_positions=q_positions,
+    return blocked_attention(q_BTNH, k_BSKH, v_BSKH, forward="blockwise", causal=causal, q_positions=q_positions,
                    kv_positions=kv_positions, kv_mask=kv_mask, q_segment_ids=q_segment_ids,
                    kv_segment_ids=kv_segment_ids, sliding_window=sliding_window, mask=mask, bias=bias,
                    scale=scale, block_q=block_q, block_kv=block_kv)
 
 
-def _attend(q_BTNH, k_BSKH, v_BSKH, *, forward: str, bias, **kwargs) -> Array:
+def blocked_attention(q_BTNH, k_BSKH, v_BSKH, *, forward: str, bias, **kwargs) -> Array:
     """Pads, runs the custom-VJP core with the chosen forward kernel, and unpads."""
     B, T, N, _ = q_BTNH.shape
     st, q5, k, v, masks = prepare(q_BTNH, k_BSKH, v_BSKH, forward=forward, **kwargs)

@@ -129,7 +129,7 @@ def test_model_hidden_and_head_give_its_logits_and_mtp_logits(tied):
     """`GPT(return_hidden=True)`: head(hidden) is bitwise the model's logits, and the sown MTP
     hidden states give its sown MTP logits."""
     cfg = llama_config(vocab_size=V, d_model=D, num_layers=1, num_heads=2, d_ff=32, tie_embeddings=tied,
-                       mtp_depth=2)
+                       mtp_depth=1)
     model = GPT(cfg)
     ids = jax.random.randint(jax.random.key(5), (B, T), 0, V)
     params = model.init(jax.random.key(6), ids)["params"]
@@ -138,7 +138,7 @@ def test_model_hidden_and_head_give_its_logits_and_mtp_logits(tied):
     assert isinstance(head, LMHead) and head.tied == tied and hidden.shape == (B, T, D)
     np.testing.assert_array_equal(head(hidden), logits)
     mtp_logits, mtp_hidden = state["intermediates"]["mtp_logits"], hidden_state["intermediates"]["mtp_hidden"]
-    assert len(mtp_hidden) == 2 and "mtp_logits" not in hidden_state["intermediates"]
+    assert len(mtp_hidden) == 1 and "mtp_logits" not in hidden_state["intermediates"]
     for want, got in zip(mtp_logits, mtp_hidden):
         np.testing.assert_array_equal(head(got), want)
 
@@ -146,13 +146,13 @@ def test_model_hidden_and_head_give_its_logits_and_mtp_logits(tied):
 # ---------------------------------------------------------------- the objectives and the run config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STEPS = 3
+STEPS = 2
 
 
 def _tiny_llama(overrides):
-    """configs/llama.py:tiny at vocab 64, seq 12, with multi-token prediction and 2 micro-batches."""
+    """configs/llama.py:tiny at 1 layer, vocab 64, seq 12, with multi-token prediction and 2 micro-batches."""
     return load_config(os.path.join(REPO, "configs/llama.py:tiny"), [
-        "model.vocab_size=64", "data.seq_len=12", "data.batch_size=16", "model.mtp_depth=1",
+        "model.num_layers=1", "model.vocab_size=64", "data.seq_len=12", "data.batch_size=16", "model.mtp_depth=1",
         "optimizer.grad_accum_steps=2", "optimizer.label_smoothing=0.1", "optimizer.z_loss=1e-3", *overrides])
 
 
