@@ -6,12 +6,13 @@ One command on one GPU (or TPU) prints three tables and a JSON line per measurem
    SwiGLU 8192, tied embeddings: 1,235,814,400 parameters) and Llama-3-8B
    (`configs/llama.py:llama3_8b`, 8,030,261,248), in bfloat16 compute under the `fsdp`
    strategy (one device: a mesh of one), layers scanned, the attention implementation
-   cuDNN's on a GPU (else XLA's) and a chunked loss where the checkout has them. The 8B
-   keeps its preset's full remat and stores its parameters (and so its Adam moments) in
-   bfloat16: in float32 they alone take 8.03e9 x 16 bytes = 128 GB. The batch is the
-   largest whose compiled step (XLA's memory analysis of the trainer's own program)
-   needs at most `--memory_fraction` of the memory JAX's allocator may use (95% of the
-   device's here, unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise). The step is built and timed
+   cuDNN's on a GPU (else XLA's), the loss chunked through the head (`model.loss_chunk_size`).
+   The 1B runs without remat; the 8B keeps its preset's full remat and stores its parameters
+   (and so its Adam moments) in bfloat16: in float32 they alone take 8.03e9 x 16 bytes =
+   128 GB. The batch is the largest whose compiled step (XLA's memory analysis of the
+   trainer's own program) needs at most `--memory_fraction` of the memory JAX's allocator may
+   use (95% of the device's here, unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise). The
+   step is built and timed
    as `benchmarks/train_throughput.py` does (`build_program`, `time_steps`), and
        MFU = 3 * flops_per_token(T) * tokens/s / peak
    against the device's datasheet dense peak (`train.metrics.datasheet_peak_flops`) and
@@ -70,7 +71,7 @@ LLAMA = str(_ROOT / "configs" / "llama.py")
 # name -> (preset, overrides, parameters as published). The 1B is Llama-3.2-1B's shape.
 MODELS = {
     "1b": ("llama3_8b", ["model.num_layers=16", "model.block.d_model=2048", "model.block.d_ff=8192",
-                         "model.tie_embeddings=true"], 1_235_814_400),
+                         "model.tie_embeddings=true", "model.remat=none"], 1_235_814_400),
     "8b": ("llama3_8b", ["model.param_dtype=bfloat16"], 8_030_261_248),
 }
 # Every size: bfloat16 compute, one compiled layer under nn.scan.
@@ -102,7 +103,8 @@ def compiled_bytes(compiled) -> int:
                - m.alias_size_in_bytes + m.generated_code_size_in_bytes)
 
 
-def model_config(name: str, seq_len: int, *, quick: bool, attention: str, extra: list[str] = ()):
+def model_config(name: str, seq_len: int, *, quick: bool, attention: str, extra: list[str] = (),
+                 remat: str | None = None):
     """The run config of model `name` at `seq_len` (checked by `train.validate`: a bad
     combination is a one-line error), and notes on what was changed to make it run."""
     preset, overrides, _ = (QUICK_MODELS[name] + (None,)) if quick else MODELS[name]
@@ -110,7 +112,8 @@ def model_config(name: str, seq_len: int, *, quick: bool, attention: str, extra:
     config = load_config(LLAMA + ":" + preset, [*(QUICK_COMMON if quick else COMMON), *overrides,
                                                 f"data.seq_len={seq_len}", f"model.max_len={seq_len}",
                                                 f"model.block.attention_impl={attention}",
-                                                f"model.loss_chunk_size={min(seq_len, 1024)}", *extra])
+                                                f"model.loss_chunk_size={min(seq_len, 1024)}", *extra,
+                                                *([f"model.remat={remat}"] if remat else [])])
     with tempfile.TemporaryDirectory() as workdir:  # nothing is written there
         try:
             validate.check(config, workdir)
@@ -169,7 +172,7 @@ def choose_batch(program, seq_len: int, budget: int, *, multiple: int, max_batch
 def train_mfu(name: str, args, peaks: dict, budget: int) -> dict:
     """Section 1 for one model: memory-chosen batch, timed trainer steps, MFU against both peaks."""
     devices = jax.devices()[:args.devices]
-    config, notes = model_config(name, args.seq_len, quick=args.quick, attention=args.attention)
+    config, notes = model_config(name, args.seq_len, quick=args.quick, attention=args.attention, remat=args.remat)
     model, program = train_throughput.build_program(config, strategy="fsdp", mesh_spec=f"fsdp={len(devices)}",
                                                     devices=devices)
     cfg = model.config
@@ -341,6 +344,8 @@ def parse_args(argv):
                         help="device memory in GiB where the backend does not report it (CPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed train steps (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed train steps first")
+    parser.add_argument("--remat", default=None, help="model.remat of every trained model (default: the 1B "
+                        "none, the 8B full)")
     parser.add_argument("--attention", default=None, help="attention implementation of the trained models "
                         "(default cudnn on a GPU, else xla)")
     args = parser.parse_args(argv)
