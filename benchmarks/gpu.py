@@ -12,8 +12,8 @@ One command on one GPU (or TPU) prints three tables and a JSON line per measurem
    128 GB. The batch is the largest whose compiled step (XLA's memory analysis of the
    trainer's own program) needs at most `--memory_fraction` of the memory JAX's allocator may
    use (95% of the device's here, unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise). The
-   step is built and timed
-   as `benchmarks/train_throughput.py` does (`build_program`, `time_steps`), and
+   step is built and timed as `benchmarks/train_throughput.py` does (`build_program`,
+   `time_steps`), and
        MFU = 3 * flops_per_token(T) * tokens/s / peak
    against the device's datasheet dense peak (`train.metrics.datasheet_peak_flops`) and
    against a bfloat16 matmul measured in the same run (`train.metrics.measure_matmul_peak`).
