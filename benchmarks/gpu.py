@@ -172,16 +172,27 @@ def choose_batch(program, seq_len: int, budget: int, *, multiple: int, max_batch
 def train_mfu(name: str, args, peaks: dict, budget: int) -> dict:
     """Section 1 for one model: memory-chosen batch, timed trainer steps, MFU against both peaks."""
     devices = jax.devices()[:args.devices]
-    config, notes = model_config(name, args.seq_len, quick=args.quick, attention=args.attention, remat=args.remat)
-    model, program = train_throughput.build_program(config, strategy="fsdp", mesh_spec=f"fsdp={len(devices)}",
-                                                    devices=devices)
-    cfg = model.config
     rng = jax.random.key(1)
-    batch, compiled, tried = choose_batch(program, args.seq_len, budget, multiple=len(devices),
-                                          max_batch=args.max_batch, rng=rng)
+    attention, fallback = args.attention, []
+    while True:
+        config, notes = model_config(name, args.seq_len, quick=args.quick, attention=attention, remat=args.remat)
+        model, program = train_throughput.build_program(config, strategy="fsdp", mesh_spec=f"fsdp={len(devices)}",
+                                                        devices=devices)
+        try:
+            batch, compiled, tried = choose_batch(program, args.seq_len, budget, multiple=len(devices),
+                                                  max_batch=args.max_batch, rng=rng)
+            break
+        except (ValueError, NotImplementedError, RuntimeError) as e:
+            if attention == "xla":
+                raise
+            # cuDNN's fused attention needs a recent enough cuDNN and supported shapes.
+            fallback = [f"attention {attention} failed to compile ({str(e).splitlines()[0][:160]}); xla used"]
+            print(f"  {name}: {fallback[0]}")
+            attention = "xla"
+    cfg = model.config
     settings = {"strategy": "fsdp", "devices": len(devices), "dtype": config.model.dtype,
                 "param_dtype": config.model.param_dtype, "remat": config.model.remat,
-                "scan_layers": config.model.scan_layers, "notes": notes}
+                "scan_layers": config.model.scan_layers, "attention": attention, "notes": notes + fallback}
     if batch is None:
         print(f"{name}: skipped: {tried[0][1] / GIB:.1f} GiB compiled at batch {tried[0][0]} exceeds the budget "
               f"{budget / GIB:.1f} GiB")
@@ -360,7 +371,7 @@ def parse_args(argv):
     args.sections = sections
     platform = jax.devices()[0].platform
     if args.attention is None:
-        args.attention = "cudnn" if platform == "gpu" else "xla"
+        args.attention = "cudnn" if platform == "gpu" and not args.quick else "xla"  # cudnn: bf16 only
     if args.attention not in ATTENTION_IMPLS:
         parser.error(f"error: --attention={args.attention}; expected one of {ATTENTION_IMPLS}")
     if args.quick:

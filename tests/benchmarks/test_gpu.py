@@ -134,3 +134,22 @@ def test_bad_arguments_are_one_line_errors(capsys):
     with pytest.raises(SystemExit):
         gpu.main(["--quick", "--attention=fast"])
     assert "error: --attention=fast" in capsys.readouterr().err
+
+
+def test_attention_that_fails_to_compile_falls_back_to_xla(monkeypatch, capsys):
+    # On a GPU, cuDNN's attention can fail to compile (an old cuDNN, unsupported shapes); the
+    # benchmark then trains with xla and says so. Simulated here: the first compile fails.
+    choose_batch, calls = gpu.choose_batch, []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("cuDNN attention is not supported here\nmore detail")
+        return choose_batch(*args, **kwargs)
+
+    monkeypatch.setattr(gpu, "choose_batch", failing_once)
+    args = gpu.parse_args(["--quick", "--attention=blockwise", "--max_batch=1", "--steps=1"])
+    row = gpu.train_mfu("1b", args, {"datasheet": None, "measured": 1e12}, 2**28)
+    assert row["attention"] == "xla" and len(calls) == 2
+    assert "attention blockwise failed to compile (cuDNN attention is not supported here); xla used" in row["notes"]
+    assert "xla used" in capsys.readouterr().out
