@@ -363,17 +363,17 @@ def parse_args(argv):
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     args.models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     if not sections <= {"mfu", "attention", "decode"} or not set(args.models or ()) <= set(MODELS):
-        parser.error(f"error: --sections={args.sections} / --models={','.join(args.models or ())}: expected some of "
+        parser.error(f"--sections={args.sections} / --models={','.join(args.models or ())}: expected some of "
                      f"mfu,attention,decode / {','.join(MODELS)}")
     if not 0 < args.memory_fraction <= 1 or args.devices < 1 or args.devices > jax.device_count():
-        parser.error(f"error: --memory_fraction={args.memory_fraction} must be in (0, 1] and --devices="
+        parser.error(f"--memory_fraction={args.memory_fraction} must be in (0, 1] and --devices="
                      f"{args.devices} in [1, {jax.device_count()}]")
     args.sections = sections
     platform = jax.devices()[0].platform
     if args.attention is None:
         args.attention = "cudnn" if platform == "gpu" and not args.quick else "xla"  # cudnn: bf16 only
     if args.attention not in ATTENTION_IMPLS:
-        parser.error(f"error: --attention={args.attention}; expected one of {ATTENTION_IMPLS}")
+        parser.error(f"--attention={args.attention}; expected one of {ATTENTION_IMPLS}")
     if args.quick:
         # Few compiles (each takes seconds on a CPU): one timed model (the real 8B's remat and
         # bfloat16 parameters are lowered, not run), batch 1 or 2, one attention length.
