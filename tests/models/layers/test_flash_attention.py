@@ -245,3 +245,25 @@ def test_attend_dispatches_and_refuses_what_an_impl_cannot_do():
     else:
         with pytest.raises(ValueError, match="takes bfloat16 or float16"):
             attend(q, k, v, impl="cudnn")
+
+
+@pytest.mark.parametrize("name", ("causal_gqa", "padding"))
+def test_cudnn_path_masks_like_the_reference(monkeypatch, name):
+    """The cudnn impl's own work (plain causal as cuDNN's causal mode, other masks combined
+    into one boolean mask, rows with no valid key zeroed), checked off-GPU by running
+    `jax.nn.dot_product_attention`'s XLA implementation in cuDNN's place; bf16 inputs, as
+    cuDNN requires, within the bf16 tolerance of `test_bfloat16_inputs`."""
+    from models.layers import attention
+
+    fused = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, implementation, **k: fused(*a, **k))
+    kv_heads, t, s, masks, _ = _case(name)
+    q, k, v, _ = inputs(kv_heads, t, s, dtype=jnp.bfloat16)
+    exact = np.asarray(dot_product_attention(*(x.astype(jnp.float32) for x in (q, k, v)), **masks))
+    got = np.asarray(attention.attend(q, k, v, impl="cudnn", **masks), np.float32)
+    np.testing.assert_allclose(got, exact, rtol=0, atol=4 * EPS_BF16 * np.abs(exact).max())
+    if name == "padding":
+        assert not got[1].any()
+    with pytest.raises(ValueError, match="takes bfloat16 or float16 inputs, got float32"):
+        attention.attend(q.astype(jnp.float32), k, v, impl="cudnn", **masks)
