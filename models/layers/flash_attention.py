@@ -56,8 +56,6 @@ class Static:
     scale: float
     block_q: int
     block_kv: int
-    q_len: int  # T before padding
-    kv_len: int  # S before padding
     forward: str = "blockwise"  # which kernel runs the forward pass: blockwise | pallas
 
 
@@ -365,7 +363,7 @@ def prepare(
     block_kv = min(block_kv, -(-S // 8) * 8)
     Tp, Sp = -(-T // block_q) * block_q, -(-S // block_kv) * block_kv
     st = Static(causal=bool(causal), window=sliding_window, scale=float(H**-0.5 if scale is None else scale),
-                block_q=block_q, block_kv=block_kv, q_len=T, kv_len=S, forward=forward)
+                block_q=block_q, block_kv=block_kv, forward=forward)
 
     def positions(p, L, Lp):
         p = jnp.arange(L, dtype=jnp.int32) if p is None else p.astype(jnp.int32)
@@ -422,9 +420,9 @@ def flash_attention(
       The attention output [B, T, N, H] in the dtype of `v`.
     """
     return blocked_attention(q_BTNH, k_BSKH, v_BSKH, forward="blockwise", causal=causal, q_positions=q_positions,
-                   kv_positions=kv_positions, kv_mask=kv_mask, q_segment_ids=q_segment_ids,
-                   kv_segment_ids=kv_segment_ids, sliding_window=sliding_window, mask=mask, bias=bias,
-                   scale=scale, block_q=block_q, block_kv=block_kv)
+                             kv_positions=kv_positions, kv_mask=kv_mask, q_segment_ids=q_segment_ids,
+                             kv_segment_ids=kv_segment_ids, sliding_window=sliding_window, mask=mask, bias=bias,
+                             scale=scale, block_q=block_q, block_kv=block_kv)
 
 
 def blocked_attention(q_BTNH, k_BSKH, v_BSKH, *, forward: str, bias, **kwargs) -> Array:
