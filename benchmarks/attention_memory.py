@@ -18,7 +18,7 @@ q, k, v, the output, the row log-sum-exp and one tile per step (O(T)).
 
 Run:
   python benchmarks/attention_memory.py
-  python benchmarks/attention_memory.py --quick       # T = 512, 1024, 2048; no search, no timing
+  python benchmarks/attention_memory.py --quick       # T = 512, 1024; no search, no timing
 """
 
 import argparse
@@ -96,12 +96,12 @@ def time_step(impl: str, seq_len: int, repeats: int = 3) -> float:
 def main(argv=None) -> dict:
     """Prints the table (and the longest fits and timing unless quick); returns the numbers."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="T = 512, 1024, 2048 only; no search or timing")
+    parser.add_argument("--quick", action="store_true", help="T = 512, 1024 only; no search or timing")
     parser.add_argument("--max_len", type=int, default=32768)
     parser.add_argument("--budgets_gib", default="1,16", help="comma-separated memory budgets for the longest T")
     parser.add_argument("--time_len", type=int, default=2048, help="T of the one timed step; 0: no timing")
     args = parser.parse_args(argv)
-    lengths = [512, 1024, 2048] if args.quick else [2**e for e in range(10, args.max_len.bit_length())]
+    lengths = [512, 1024] if args.quick else [2**e for e in range(10, args.max_len.bit_length())]
     result = {"lengths": lengths, "peak_bytes": {impl: [peak_bytes(impl, t) for t in lengths] for impl in IMPLS}}
     print(f"causal attention forward + backward, B={BATCH} N={HEADS} H={HEAD_DIM} float32, "
           f"backend {jax.default_backend()}: compiled memory (arguments + outputs + temporaries)")

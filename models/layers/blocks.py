@@ -246,8 +246,7 @@ def _attention(cfg: BlockConfig, name: str, *, rope: bool) -> MultiHeadAttention
         dropout_rate=cfg.attention_dropout_rate, rope=cfg.rope if rope else None,
         sliding_window=cfg.sliding_window if rope else None, lora=cfg.lora,
         prefix=cfg.peft.prefix if rope and cfg.peft is not None else None, attention_impl=cfg.attention_impl,
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype, name=name,
+        dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
     )
 
 

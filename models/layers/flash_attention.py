@@ -56,8 +56,6 @@ class Static:
     scale: float
     block_q: int
     block_kv: int
-    q_len: int  # T before padding
-    kv_len: int  # S before padding
     forward: str = "blockwise"  # which kernel runs the forward pass: blockwise | pallas
 
 
@@ -360,12 +358,13 @@ def prepare(
     if block_q < 1 or block_kv < 1:
         raise ValueError(f"block sizes must be >= 1, got block_q={block_q}, block_kv={block_kv}")
     G = N // K
-    # Blocks no longer than the (8-rounded) sequence: a short sequence is one block.
-    block_q = min(block_q, -(-T // 8) * 8)
-    block_kv = min(block_kv, -(-S // 8) * 8)
+    # A short sequence is one block, of the next power of two >= 16 (the smallest tile
+    # Pallas' GPU backend multiplies; powers of two are what it tiles).
+    block_q = min(block_q, max(16, 1 << (T - 1).bit_length()))
+    block_kv = min(block_kv, max(16, 1 << (S - 1).bit_length()))
     Tp, Sp = -(-T // block_q) * block_q, -(-S // block_kv) * block_kv
     st = Static(causal=bool(causal), window=sliding_window, scale=float(H**-0.5 if scale is None else scale),
-                block_q=block_q, block_kv=block_kv, q_len=T, kv_len=S, forward=forward)
+                block_q=block_q, block_kv=block_kv, forward=forward)
 
     def positions(p, L, Lp):
         p = jnp.arange(L, dtype=jnp.int32) if p is None else p.astype(jnp.int32)
@@ -416,15 +415,16 @@ def flash_attention(
         sliding_window, mask: see `attention.make_attention_mask`.
       bias: additive float bias broadcastable to [B, N, T, S] (it gets a gradient).
       scale: logit scale, default 1/sqrt(H).
-      block_q, block_kv: query and key block sizes (capped at the 8-rounded lengths).
+      block_q, block_kv: query and key block sizes (a sequence shorter than a block is one
+        block of the next power of two >= 16).
 
     Returns:
       The attention output [B, T, N, H] in the dtype of `v`.
     """
     return blocked_attention(q_BTNH, k_BSKH, v_BSKH, forward="blockwise", causal=causal, q_positions=q_positions,
-                   kv_positions=kv_positions, kv_mask=kv_mask, q_segment_ids=q_segment_ids,
-                   kv_segment_ids=kv_segment_ids, sliding_window=sliding_window, mask=mask, bias=bias,
-                   scale=scale, block_q=block_q, block_kv=block_kv)
+                             kv_positions=kv_positions, kv_mask=kv_mask, q_segment_ids=q_segment_ids,
+                             kv_segment_ids=kv_segment_ids, sliding_window=sliding_window, mask=mask, bias=bias,
+                             scale=scale, block_q=block_q, block_kv=block_kv)
 
 
 def blocked_attention(q_BTNH, k_BSKH, v_BSKH, *, forward: str, bias, **kwargs) -> Array:

@@ -146,7 +146,8 @@ def pallas_attention(
     custom VJP's.
     """
     forward_kind = "blockwise" if mask is not None or bias is not None else "pallas"
-    return blocked_attention(q_BTNH, k_BSKH, v_BSKH, forward=forward_kind, causal=causal, q_positions=q_positions,
-                   kv_positions=kv_positions, kv_mask=kv_mask, q_segment_ids=q_segment_ids,
-                   kv_segment_ids=kv_segment_ids, sliding_window=sliding_window, mask=mask, bias=bias,
-                   scale=scale, block_q=block_q, block_kv=block_kv)
+    return blocked_attention(q_BTNH, k_BSKH, v_BSKH, forward=forward_kind, causal=causal,
+                             q_positions=q_positions, kv_positions=kv_positions, kv_mask=kv_mask,
+                             q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                             sliding_window=sliding_window, mask=mask, bias=bias, scale=scale, block_q=block_q,
+                             block_kv=block_kv)

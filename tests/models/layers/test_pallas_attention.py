@@ -17,9 +17,9 @@ def pallas(q, k, v, **kwargs):
 
 
 # The kernel's own mask kinds (positions, padding with a fully padded row, segments,
-# windows, decoding offsets); "bias" takes the documented blockwise route (as a dense mask would).
-@pytest.mark.parametrize("name", ("causal_gqa", "padding", "segments", "window_bidirectional", "decode_offset",
-                                  "bias"))
+# windows, decoding offsets). A bias or dense mask takes the blockwise route (see the next test),
+# which tests/models/layers/test_flash_attention.py covers.
+@pytest.mark.parametrize("name", ("causal_gqa", "padding", "segments", "window_bidirectional", "decode_offset"))
 def test_equals_reference_outputs_and_gradients(name):
     kv_heads, t, s, masks, bias = _case(name)
     q, k, v, cotangent = inputs(kv_heads, t, s)
@@ -48,7 +48,7 @@ def test_kernel_is_what_runs_and_matches_blockwise_forward():
 def test_bfloat16_inputs():
     """As tests/models/layers/test_flash_attention.py's bf16 test: within 4 bf16 ulps of
     the f32 result on the same rounded inputs."""
-    kv_heads, t, s, masks, _ = _case("causal_mqa")
+    kv_heads, t, s, masks, _ = _case("bias_broadcast_causal")  # MQA, causal (without the bias)
     q, k, v, _ = inputs(kv_heads, t, s, dtype=jnp.bfloat16)
     exact = np.asarray(dot_product_attention(*(x.astype(jnp.float32) for x in (q, k, v)), **masks))
     got = pallas(q, k, v, **masks)
