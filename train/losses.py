@@ -3,7 +3,10 @@
 Pure JAX functions (no modules), safe under `jax.jit`. Every loss casts its inputs
 to float32 first, so bf16 logits are reduced in f32 like the rest of the softmax path.
 
-Axis letters: B batch, T sequence length, V vocab.
+`chunked_cross_entropy` is `cross_entropy` through an LM head applied a few positions at a time
+(the [B, T, V] logits never exist, in the forward or the backward pass).
+
+Axis letters: B batch, T sequence length, D model width, C chunk length, V vocab.
 """
 
 from collections.abc import Callable
