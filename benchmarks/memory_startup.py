@@ -45,7 +45,7 @@ from train import build, losses
 MIB = 2**20
 # Chunks count positions of every row: C = 128 and 32 at B = 8 are chunks of 1024 and 256 tokens.
 FULL_SHAPES = {"batch": 8, "seq_len": 1024, "d_model": 1024, "vocabs": (32768, 151936), "chunks": (128, 32)}
-QUICK_SHAPES = {"batch": 2, "seq_len": 64, "d_model": 32, "vocabs": (512,), "chunks": (16,)}
+QUICK_SHAPES = {"batch": 2, "seq_len": 256, "d_model": 16, "vocabs": (2048,), "chunks": (16,)}
 STARTUP_OVERRIDES = ("steps=1", "schedule.warmup_steps=0", "eval.max_batches=1", "eval.num_samples=0",
                      "logging.progress_bar=false", "logging.peak_flops=1e11", "checkpoint.async_save=false")
 

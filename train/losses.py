@@ -3,7 +3,10 @@
 Pure JAX functions (no modules), safe under `jax.jit`. Every loss casts its inputs
 to float32 first, so bf16 logits are reduced in f32 like the rest of the softmax path.
 
-Axis letters: B batch, T sequence length, V vocab.
+`chunked_cross_entropy` is `cross_entropy` through an LM head applied a few positions at a time
+(the [B, T, V] logits never exist, in the forward or the backward pass).
+
+Axis letters: B batch, T sequence length, D model width, C chunk length, V vocab.
 """
 
 from collections.abc import Callable
@@ -31,7 +34,8 @@ def _safe_mean(total, count):
 
 
 def _target_log_probs(log_probs_BTV, targets_BT, counted_BT):
-    """log p(target) per token; masked targets may be out of range (e.g. -1 padding).
+    """log p(target) per token (of logits: the target's logit); masked targets may be out of
+    range (e.g. -1 padding).
 
     A select against an iota compare, summed over V (exact: one term is non-zero), rather
     than `take_along_axis`: its gradient is a select that fuses into the softmax gradient,
@@ -49,13 +53,13 @@ def _token_terms(logits_BTV, targets_BT, counted_BT, label_smoothing, z_loss):
     correctness of logits [B, T, V]; masked targets may be out of range."""
     logits_BTV = logits_BTV.astype(jnp.float32)
     log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    log_probs_BTV = logits_BTV - log_z_BT[..., None]
-    nll_BT = -_target_log_probs(log_probs_BTV, targets_BT, counted_BT)
+    # -log p(target) = log Z - logit(target): no [B, T, V] array of log-probabilities.
+    nll_BT = log_z_BT - _target_log_probs(logits_BTV, targets_BT, counted_BT)
     if isinstance(label_smoothing, (int, float)) and label_smoothing == 0:
         ce_BT = nll_BT
     else:
         # -sum_v [(1-eps) onehot_v + eps/V] log p_v, without building the one-hot.
-        uniform_nll_BT = -jnp.mean(log_probs_BTV, axis=-1)
+        uniform_nll_BT = log_z_BT - jnp.mean(logits_BTV, axis=-1)
         ce_BT = (1.0 - label_smoothing) * nll_BT + label_smoothing * uniform_nll_BT
     z_BT = z_loss * jnp.square(log_z_BT)
     correct_BT = (jnp.argmax(logits_BTV, axis=-1) == targets_BT).astype(jnp.float32)

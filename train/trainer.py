@@ -20,6 +20,10 @@ The state, the batches and the jitted steps are laid out by the sharding strateg
 `config.sharding.strategy` on the mesh `config.sharding.mesh` (`sharding.step.build`: dp,
 ZeRO-1/2/3, FSDP, Megatron TP/SP, EP and their composites).
 
+JAX's persistent compilation cache (`train.compilation_cache`, config key
+`train.compilation_cache_dir`) is on from the top of `setup`: a restarted run loads its compiled
+programs; the summary's `startup` says how long the first step took and what it compiled.
+
 The same command on the same workdir resumes: parameters, optimizer state, step and the
 data iterator's position all come from the checkpoint (restored shard by shard into the
 strategy's layout), so a resumed run ends with the same parameters as an uninterrupted one. SIGTERM saves a checkpoint, then stops

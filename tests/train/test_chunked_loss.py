@@ -226,3 +226,11 @@ def test_lora_on_an_untied_lm_head_is_refused_with_chunking():
                         "finetune.lora.targets=lm_head$|query$"])
     objective = objectives.get(tied, build.model(tied, 64), None)
     assert objective.loss_chunk_size == 8
+
+
+def test_sft_takes_the_chunk_size_and_bert_is_refused():
+    config = _tiny_llama(["model.loss_chunk_size=8", "objective=sft"])
+    assert objectives.get(config, build.model(config, 64), None).loss_chunk_size == 8
+    bert = load_config(os.path.join(REPO, "configs/bert.py:tiny"), ["model.loss_chunk_size=8"])
+    with pytest.raises(ValueError, match="objective='mlm' with model.family='bert'"):
+        validate._check_counts(bert)
