@@ -49,6 +49,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models.layers import linear
 from models.layers.blocks import BlockConfig
 from models.layers.embedding import Embed
 from models.layers.moe import MoEConfig
@@ -275,7 +276,7 @@ class GPT(nn.Module):
             head_lora = lora_factors(self, "lm_head", kernel, n_in=1, names=("embed", "vocab"), lora=b.lora)
 
             def head(h_BTD):
-                y_BTV = jnp.einsum("BTD,DV->BTV", h_BTD, kernel.astype(b.dtype))
+                y_BTV = linear.project(h_BTD, kernel.astype(b.dtype))  # einsum("BTD,DV->BTV")
                 return lora_output(self, head_lora, kernel, h_BTD, y_BTV, deterministic=deterministic)
 
         def logits(h_BTD):
