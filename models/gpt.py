@@ -60,6 +60,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from models.layers import linear
 from models.layers.blocks import BlockConfig
 from models.layers.embedding import Embed
 from models.layers.moe import MoEConfig
@@ -214,8 +215,10 @@ class LMHead:
     dtype: Any = flax.struct.field(pytree_node=False, default=jnp.float32)
 
     def __call__(self, h_BTD: jax.Array) -> jax.Array:
-        spec = "BTD,VD->BTV" if self.tied else "BTD,DV->BTV"
-        logits_BTV = jnp.einsum(spec, h_BTD.astype(self.dtype), self.kernel.astype(self.dtype))
+        # einsum("BTD,VD->BTV") or ("BTD,DV->BTV") as one 2-D dot: no transposed [V, B*T] gradient
+        # copy in the backward pass (models/layers/linear.py)
+        kernel_DV = self.kernel.astype(self.dtype).T if self.tied else self.kernel.astype(self.dtype)
+        logits_BTV = linear.project(h_BTD.astype(self.dtype), kernel_DV)
         return nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
 
 
@@ -320,7 +323,7 @@ class GPT(nn.Module):
         def logits(h_BTD):
             if head_lora is None:
                 return lm_head(h_BTD)
-            y_BTV = jnp.einsum("BTD,DV->BTV", h_BTD, lm_head.kernel.astype(b.dtype))
+            y_BTV = linear.project(h_BTD, lm_head.kernel.astype(b.dtype))  # einsum("BTD,DV->BTV")
             y_BTV = lora_output(self, head_lora, lm_head.kernel, h_BTD, y_BTV, deterministic=deterministic)
             return nn.with_logical_constraint(y_BTV.astype(jnp.float32), ("act_batch", "act_seq", "act_vocab"))
 

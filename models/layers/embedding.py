@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models.layers import linear
 from models.layers.peft import LoraConfig, lora_factors, lora_output
 
 Dtype = Any
@@ -48,4 +49,5 @@ class Embed(nn.Module):
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:
         """Logits [B, T, V] from hidden states, sharing the embedding matrix."""
-        return jnp.einsum("BTD,VD->BTV", x_BTD.astype(self.dtype), self.embedding.astype(self.dtype))
+        # einsum("BTD,VD->BTV") as one 2-D dot: no transposed [V, B*T] gradient copy (models/layers/linear.py)
+        return linear.project(x_BTD.astype(self.dtype), self.embedding.astype(self.dtype).T)

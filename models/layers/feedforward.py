@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models.layers import linear
 from models.layers.peft import LoraConfig, lora_project
 
 Dtype = Any
@@ -57,7 +58,7 @@ class FeedForward(nn.Module):
         kernel = self.param(
             name, nn.with_logical_partitioning(self.kernel_init, axes), (x.shape[-1], out), self.param_dtype
         )
-        y = jnp.einsum("...i,io->...o", x, kernel.astype(self.dtype))
+        y = linear.project(x, kernel.astype(self.dtype))  # einsum("...i,io->...o"), laid out for the backward
         y = lora_project(self, name, kernel, x, y, n_in=1, names=axes, lora=self.lora, deterministic=deterministic)
         if self.use_bias:
             bias = self.param(

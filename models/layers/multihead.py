@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models.layers import linear
 from models.layers.adapters import prefix_key_value, prepend_prefix
 from models.layers.attention import ATTENTION_IMPLS, attend, gather_pages, write_cache, write_pages
 from models.layers.peft import LoraConfig, PrefixConfig, lora_project
@@ -137,9 +138,9 @@ class MultiHeadAttention(nn.Module):
         w_v = self._param("value", (y_BSD.shape[-1], K, H), ("embed", "kv_heads", "head_dim"), _fan_init(0, (1, 2)))
         w_o = self._param("out", (N, H, D), ("heads", "head_dim", "embed"), _fan_init((0, 1), 2))
 
-        q_BTNH = jnp.einsum("BTD,DNH->BTNH", x_BTD, w_q.astype(self.dtype))
-        k_BSKH = jnp.einsum("BSD,DKH->BSKH", y_BSD, w_k.astype(self.dtype))
-        v_BSKH = jnp.einsum("BSD,DKH->BSKH", y_BSD, w_v.astype(self.dtype))
+        q_BTNH = linear.project(x_BTD, w_q.astype(self.dtype))  # einsum("BTD,DNH->BTNH")
+        k_BSKH = linear.project(y_BSD, w_k.astype(self.dtype))  # einsum("BSD,DKH->BSKH")
+        v_BSKH = linear.project(y_BSD, w_v.astype(self.dtype))
         lora = functools.partial(lora_project, self, n_in=1, lora=self.lora, deterministic=deterministic)
         q_BTNH = lora("query", w_q, x_BTD, q_BTNH, names=("embed", "heads", "head_dim"))
         k_BSKH = lora("key", w_k, y_BSD, k_BSKH, names=("embed", "kv_heads", "head_dim"))
@@ -217,7 +218,7 @@ class MultiHeadAttention(nn.Module):
         else:
             out_BTNH = result
 
-        out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, w_o.astype(self.dtype))
+        out_BTD = linear.project(out_BTNH, w_o.astype(self.dtype), in_dims=2)  # einsum("BTNH,NHD->BTD")
         out_BTD = lora_project(self, "out", w_o, out_BTNH, out_BTD, n_in=2, names=("heads", "head_dim", "embed"),
                                lora=self.lora, deterministic=deterministic)
         if out_bias:
