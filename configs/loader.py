@@ -8,6 +8,7 @@ A key that does not exist, or a value that does not parse as the key's type, rai
 
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib.util
 import os
@@ -130,3 +131,23 @@ def split_override_args(argv: list[str]) -> tuple[list[str], list[str]]:
         else:
             rest.append(arg)
     return rest, overrides
+
+
+def with_defaults(saved: dict) -> ml_collections.ConfigDict:
+    """A run config saved by an older lmlab, with the keys added since filled from `configs/base.py`.
+
+    Keys present in `saved` keep their saved values (what trained the run); only keys it lacks (a
+    section or switch newer than the checkpoint, such as `train.compilation_cache_dir` or
+    `model.loss_chunk_size`) take the defaults, which reproduce the behaviour before they existed.
+    """
+    from configs import base
+
+    def fill(into: dict, defaults: dict) -> dict:
+        for key, value in defaults.items():
+            if key not in into:
+                into[key] = value
+            elif isinstance(value, dict) and isinstance(into[key], dict):
+                fill(into[key], value)
+        return into
+
+    return ml_collections.ConfigDict(fill(copy.deepcopy(dict(saved)), base.get_config().to_dict()))

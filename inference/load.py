@@ -21,6 +21,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from configs import loader
 from data.tokenizer import Tokenizer, load_tokenizer
 from models.gpt import GPT
 
@@ -181,7 +182,7 @@ def _saved_config(workdir: str, step: int) -> ml_collections.ConfigDict:
         if os.path.isfile(path):
             try:
                 with open(path) as f:
-                    return ml_collections.ConfigDict(json.load(f))
+                    return loader.with_defaults(json.load(f))
             except ValueError as e:
                 raise ValueError(f"{path} is not valid JSON ({e}); the run config of step {step} is unreadable") \
                     from None

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from configs import loader
+
 EVAL_FILE = "eval.json"
 
 
@@ -32,7 +34,7 @@ def _config_of(workdir: str, step: int) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, "checkpoints", str(step), "config", "metadata")
     try:
         with open(path) as f:
-            return ml_collections.ConfigDict(json.load(f))
+            return loader.with_defaults(json.load(f))
     except (OSError, ValueError) as e:
         raise ValueError(f"the run config of checkpoint {step} ({path}) is unreadable ({e}); pick another --step") \
             from None

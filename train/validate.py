@@ -38,6 +38,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from configs import loader
 from data import builders, sources
 from data.pipeline import process_rows
 from data.tokenizer import Tokenizer, load_tokenizer
@@ -306,7 +307,7 @@ def saved_config(workdir: str) -> ml_collections.ConfigDict | None:
     for step in steps:
         try:
             with open(os.path.join(root, str(step), "config", "metadata")) as f:
-                return ml_collections.ConfigDict(json.load(f))
+                return loader.with_defaults(json.load(f))
         except (OSError, ValueError):
             continue  # an unreadable step: the restore moves it aside
     return None

@@ -77,3 +77,22 @@ def test_shipped_configs_load_from_any_directory(tmp_path, monkeypatch):
         load_config("configs/nope.py")
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("my_configs/gpt.py")
+
+
+def test_with_defaults_fills_keys_newer_than_a_saved_config_and_keeps_saved_values():
+    """A run config saved before `train.*`, `model.loss_chunk_size` and `model.block.attention_impl`
+    existed loads with their defaults, and every key it did save keeps the saved value."""
+    from configs import base
+    from configs.loader import with_defaults
+
+    saved = base.get_config().to_dict()
+    del saved["train"]
+    del saved["model"]["loss_chunk_size"]
+    del saved["model"]["block"]["attention_impl"]
+    saved["model"]["num_layers"] = 7
+    saved["model"]["block"]["d_model"] = 96
+    config = with_defaults(saved)
+    assert config.train.compilation_cache_dir == base.get_config().train.compilation_cache_dir
+    assert config.model.loss_chunk_size == 0 and config.model.block.attention_impl == "xla"
+    assert config.model.num_layers == 7 and config.model.block.d_model == 96
+    assert "train" not in saved and "loss_chunk_size" not in saved["model"]  # the caller's dict is unchanged
