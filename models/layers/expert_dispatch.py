@@ -136,7 +136,7 @@ def _capacity(x_BTD, experts_BTK, weights_BTK, gate_LDF, up_LDF, down_LFD, *, ex
     else:
         before_KE, total_KE = jnp.zeros_like(local_KE), local_KE
     earlier_KE = jnp.cumsum(total_KE, 0) - total_KE  # every device's assignments of earlier choices
-    slot_of = lambda offset_KE: jnp.sum((rank_KGE + offset_KE[:, None]) * mask_KGE, -1)  # noqa: E731
+    slot_of = lambda offset_KE: jnp.sum((rank_KGE + offset_KE[:, None]) * mask_KGE, -1)
     kept_KG = slot_of(earlier_KE + before_KE) < C
     # Kept assignments are a prefix of this device's choice-major order per expert: local rank < S.
     local_KG = slot_of(jnp.cumsum(local_KE, 0) - local_KE)
