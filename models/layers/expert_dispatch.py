@@ -9,8 +9,9 @@ the expert mesh axis.
 The layer names no mesh axis. At trace time `mesh_axes` reads the logical axis rules in
 force (`nn.logical_axis_rules`, set by `sharding.layout.Layout.tracing`): the mesh axis that
 logical `expert` maps to carries the all-to-alls, the axes of `act_batch` split the tokens.
-Without a mesh or rules the same code runs on one shard (every collective is the identity),
-which is what a single device computes.
+Without a mesh or rules, or for a batch whose rows do not split over the batch axes (the
+one-row sample `init` traces), the same code runs on one shard (every collective is the
+identity), which is what a single device computes.
 
 Capacity mode (`capacity`: C > 0), with exactly the single-device semantics of
 `models.layers.moe._dispatch` (C slots per expert over the WHOLE batch, filled choice-major:
@@ -43,6 +44,7 @@ only the counted rows, exists in this JAX but XLA:CPU cannot compile it ("HLO op
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -96,6 +98,8 @@ def routed_experts(x_BTD: jax.Array, experts_BTK: jax.Array, weights_BTK: jax.Ar
       assignments were kept (all of them when dropless).
     """
     mesh, expert, batch = mesh_axes()
+    if mesh is not None and x_BTD.shape[0] % math.prod(mesh.shape[a] for a in batch):
+        mesh, expert, batch = None, None, ()  # rows that do not split (init's one-row sample): one shard
     body = functools.partial(_capacity if capacity else _dropless, expert_axis=expert, batch_axes=batch,
                              capacity=capacity, impl=impl)
     if mesh is None:
