@@ -138,12 +138,13 @@ def test_forward_moves_tokens_by_all_to_all_and_gathers_no_expert_weights(case):
 def test_without_a_mesh_all_to_all_dispatch_is_the_layer_on_one_shard():
     """No mesh or axis rules in force: the shard_map body runs once on the whole batch (every
     collective the identity) and gives the single-device layer (capacity mode, tokens dropping)."""
-    x = jax.random.normal(jax.random.key(1), (2, 8, D))
     cfg = CASES["capacity"]
+    x = jax.random.normal(jax.random.key(1), (B, T, D))
     params = nn.unbox(_params(cfg, x))
-    y, _ = _compiled(MoEFeedForward(cfg).apply, params, x)(params, x)
-    y1, _ = _compiled(MoEFeedForward(dataclasses.replace(cfg, dispatch="all_to_all")).apply, params, x)(params, x)
-    _close(y1, y, "y")
+    apply = MoEFeedForward(dataclasses.replace(cfg, dispatch="all_to_all")).apply
+    y, _ = _compiled(apply, params, x)(params, x)
+    (_, (want, _)), _ = _runs("capacity")[0]
+    _close(y, want, "y")
 
 
 def test_dense_dropless_cannot_dispatch_by_all_to_all():
