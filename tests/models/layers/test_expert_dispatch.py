@@ -150,3 +150,13 @@ def test_without_a_mesh_all_to_all_dispatch_is_the_layer_on_one_shard():
 def test_dense_dropless_cannot_dispatch_by_all_to_all():
     with pytest.raises(ValueError, match="dispatch='all_to_all' .* dropless_impl='sparse'"):
         dataclasses.replace(CASES["dropless"], dropless_impl="dense", dispatch="all_to_all")
+
+
+def test_experts_split_over_an_axis_the_tokens_are_not_split_over_are_refused():
+    mesh = mesh_lib.make_mesh(MESH)
+    cfg = dataclasses.replace(CASES["dropless"], dispatch="all_to_all")
+    x = jnp.zeros((B, T, D))
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
+            nn.logical_axis_rules((("expert", "expert"), ("act_batch", "data"))), \
+            pytest.raises(ValueError, match="tokens split over the expert mesh axis `expert`"):
+        jax.eval_shape(MoEFeedForward(cfg).init, jax.random.key(0), x)
