@@ -2,7 +2,7 @@
 the devices that hold their experts and back, inside `jax.shard_map`.
 
 Axis letters: B batch rows, T length, D model width, F expert hidden width, E experts,
-L experts held per device (E / n), K choices per token, G tokens of one device (B * T),
+L experts held per device (E / N), K choices per token, G tokens of one device (B * T),
 A assignments of one device (G * K), S slots per expert per source device, N devices along
 the expert mesh axis.
 
