@@ -64,6 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
                  capacity_factor=0.0,  # 0: dropless; > 0: each expert takes ceil(f * tokens * k / E)
                  dropless_impl="sparse",  # dropless: sparse (grouped matmuls, routed experts only) | dense
                  grouped_matmul="auto",  # sparse: auto (tiled on CPU, else ragged_dot) | ragged_dot | tiled
+                 # auto: sharding constraints, the compiler picks the collectives | all_to_all: tokens
+                 # sent to their experts' devices by shard_map all-to-alls (needs sharding.strategy=ep)
+                 dispatch="auto",
                  aux_loss_weight=0.01,  # load-balancing loss (Switch) added to the training loss
                  router_z_loss_weight=0.0,  # router z-loss (ST-MoE) added to the training loss
                  seq_aux_loss_weight=0.0,  # DeepSeek-V3's sequence-wise balance loss (its alpha: 1e-4)

@@ -38,7 +38,10 @@ The table of strategies (N devices, Ψ parameters):
            all-reduces become all-gather / reduce-scatter pairs.
   fsdp_tp  2-D: fsdp over `fsdp`, tp over `tensor`.
   ep       expert parallelism: experts split over `expert`, the batch over data x expert;
-           tokens reach their experts by all-to-all (capacity mode).
+           tokens reach their experts by all-to-all (capacity mode). With
+           `model.moe.dispatch=all_to_all` the MoE layer sends them itself, by shard_map
+           all-to-alls over the mesh axis these rules give logical `expert`, in capacity and
+           dropless mode (models/layers/expert_dispatch.py).
 """
 
 from __future__ import annotations

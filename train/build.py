@@ -204,7 +204,7 @@ def _moe(m: ml_collections.ConfigDict) -> MoEConfig | None:
     return MoEConfig(num_experts=e.num_experts, num_experts_per_tok=e.num_experts_per_tok,
                      expert_d_ff=e.expert_d_ff or m.block.d_ff, score_func=e.score_func,
                      norm_topk_prob=e.norm_topk_prob, capacity_factor=e.capacity_factor,
-                     dropless_impl=e.dropless_impl, grouped_matmul=e.grouped_matmul,
+                     dropless_impl=e.dropless_impl, grouped_matmul=e.grouped_matmul, dispatch=e.dispatch,
                      router_z_loss_weight=e.router_z_loss_weight, aux_loss_weight=e.aux_loss_weight,
                      seq_aux_loss_weight=e.seq_aux_loss_weight, num_shared_experts=e.num_shared_experts,
                      shared_d_ff=e.shared_d_ff or None, routed_scaling_factor=e.routed_scaling_factor,

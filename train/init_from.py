@@ -39,7 +39,7 @@ KINDS = ("hf", "run")
 # Model keys the run decides, not the checkpoint: how the model computes, not its shapes.
 RUN_KEYS = ("dtype", "param_dtype", "remat", "scan_layers", "block.dropout_rate", "block.attention_dropout_rate",
             "block.attention_impl",
-            "moe.capacity_factor", "moe.dropless_impl", "moe.grouped_matmul", "moe.aux_loss_weight",
+            "moe.capacity_factor", "moe.dropless_impl", "moe.grouped_matmul", "moe.dispatch", "moe.aux_loss_weight",
             "moe.router_z_loss_weight", "moe.seq_aux_loss_weight", "moe.bias_update_rate", "mtp_loss_weight",
             "loss_chunk_size")
 # Task heads a pretrained checkpoint lacks: they keep their init (a reward model's or value
@@ -170,7 +170,7 @@ def model(config: ml_collections.ConfigDict, vocab_size: int) -> nn.Module:
         e = m.moe
         block = dataclasses.replace(block, moe=dataclasses.replace(
             block.moe, capacity_factor=e.capacity_factor, dropless_impl=e.dropless_impl,
-            grouped_matmul=e.grouped_matmul, aux_loss_weight=e.aux_loss_weight,
+            grouped_matmul=e.grouped_matmul, dispatch=e.dispatch, aux_loss_weight=e.aux_loss_weight,
             router_z_loss_weight=e.router_z_loss_weight, seq_aux_loss_weight=e.seq_aux_loss_weight))
     c = dataclasses.replace(c, block=block, remat=m.remat, scan_layers=m.scan_layers)
     if c.max_len < config.data.seq_len:

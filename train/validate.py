@@ -5,6 +5,7 @@ preparation, tokenizer training or compilation, and before `config.json` is writ
 
   * `model.block.attention_impl` is known and fits the model (no attention dropout or
     latent attention unless xla; cudnn: a GPU backend and a bf16/fp16 model.dtype);
+  * `model.moe.dispatch=all_to_all` has a strategy that splits the experts over devices (ep);
   * counts are positive (steps, batch, intervals, ...) and every enum value is known:
     the model, optimizer and schedule are built from the config (`train.build`);
   * the objective is known and fits the model family; the fine-tuning keys (`finetune.*`:
@@ -44,7 +45,7 @@ from data.pipeline import process_rows
 from data.tokenizer import Tokenizer, load_tokenizer
 from models.layers.attention import ATTENTION_IMPLS
 from sharding import mesh as mesh_lib
-from sharding.strategies import get_strategy
+from sharding.strategies import STRATEGIES, get_strategy
 from train import build, compilation_cache, init_from, objectives, task_eval
 from train import program as program_lib
 from train import trainable as trainable_lib
@@ -78,6 +79,7 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> None:
     compilation_cache.check(config.train.compilation_cache_dir)
     _check_counts(config)
     _check_attention_impl(config)
+    _check_moe_dispatch(config)
     task_eval.check_tasks(config)  # an unknown task or a task file with missing fields
     check_finetune(config)
     _check_data(config, workdir)
@@ -129,6 +131,19 @@ def _check_attention_impl(config) -> None:
         if config.model.dtype not in ("bfloat16", "float16"):
             raise ValueError(f"config key `model.block.attention_impl`='cudnn' needs model.dtype bfloat16 or "
                              f"float16, got {config.model.dtype!r}; use blockwise for float32")
+
+
+def _check_moe_dispatch(config) -> None:
+    """`model.moe.dispatch=all_to_all` sends tokens over the mesh axis that splits the experts: a
+    strategy must split them (and the batch) over one."""
+    moe, name = config.model.moe, config.sharding.strategy
+    if not moe.num_experts or moe.dispatch != "all_to_all" or name not in STRATEGIES:
+        return
+    if "expert" not in dict(STRATEGIES[name].model_rules):
+        users = [s.name for s in STRATEGIES.values() if "expert" in dict(s.model_rules)]
+        raise ValueError(f"config key `model.moe.dispatch`='all_to_all' sends tokens to the devices holding their "
+                         f"experts, but sharding.strategy={name!r} does not split the experts over devices; use "
+                         f"sharding.strategy={' or '.join(users)} or model.moe.dispatch=auto")
 
 
 def check_finetune(config) -> None:

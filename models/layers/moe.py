@@ -75,12 +75,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models.layers.expert_dispatch import routed_experts
 from models.layers.feedforward import FeedForward
 from models.layers.grouped_matmul import GROUPED_MATMULS, grouped_matmul
 
 Dtype = Any
 SCORE_FUNCS = ("softmax", "sigmoid")
 DROPLESS_IMPLS = ("sparse", "dense")
+DISPATCHES = ("auto", "all_to_all")
 # xavier_uniform per expert: fans from the last two axes, the expert axis is a batch axis.
 EXPERT_KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=-2, out_axis=-1,
                                                       batch_axis=(0,))
@@ -119,6 +121,10 @@ class MoEConfig:
       grouped_matmul: the sparse path's grouped matmul (models/layers/grouped_matmul.py):
         "ragged_dot" (`jax.lax.ragged_dot_general`, native on TPU/GPU), "tiled" (a scan over
         block-padded tiles, one expert per tile) or "auto" (tiled on CPU, ragged_dot elsewhere).
+      dispatch: how tokens reach experts that live on other devices under expert parallelism:
+        "auto" (sharding constraints; the compiler picks the collectives) or "all_to_all"
+        (an explicit `shard_map` with all-to-alls over the mesh axis of logical `expert`,
+        models/layers/expert_dispatch.py; capacity or sparse dropless mode). Same outputs.
     """
 
     num_experts: int
@@ -138,6 +144,7 @@ class MoEConfig:
     seq_aux_loss_weight: float = 0.0
     dropless_impl: str = "sparse"
     grouped_matmul: str = "auto"
+    dispatch: str = "auto"
 
     def __post_init__(self):
         if self.score_func not in SCORE_FUNCS:
@@ -146,6 +153,11 @@ class MoEConfig:
             raise ValueError(f"dropless_impl={self.dropless_impl!r}; expected one of {DROPLESS_IMPLS}")
         if self.grouped_matmul not in GROUPED_MATMULS:
             raise ValueError(f"grouped_matmul={self.grouped_matmul!r}; expected one of {GROUPED_MATMULS}")
+        if self.dispatch not in DISPATCHES:
+            raise ValueError(f"dispatch={self.dispatch!r}; expected one of {DISPATCHES}")
+        if self.dispatch == "all_to_all" and self.capacity_factor == 0 and self.dropless_impl == "dense":
+            raise ValueError("dispatch='all_to_all' sends each token to its k experts only, but dropless_impl='dense' "
+                             "runs every expert on every token; use dropless_impl='sparse' or dispatch='auto'")
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
             raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts="
                              f"{self.num_experts}]")
@@ -294,7 +306,13 @@ class MoEFeedForward(nn.Module):
         gate_EDF = self._expert_param("wi_gate", (E, D, F), ("expert", "embed", "mlp"))
         up_EDF = self._expert_param("wi_up", (E, D, F), ("expert", "embed", "mlp"))
         down_EFD = self._expert_param("wo", (E, F, D), ("expert", "mlp", "embed"))
-        if cfg.capacity_factor == 0 and cfg.dropless_impl == "sparse":
+        if cfg.dispatch == "all_to_all":
+            y_BTD, kept_BTK = routed_experts(
+                x_GD.reshape(B, T, D), experts_GK.reshape(B, T, -1), weights_GK.reshape(B, T, -1).astype(self.dtype),
+                gate_EDF, up_EDF, down_EFD, capacity=cfg.capacity(B * T) if cfg.capacity_factor else 0,
+                impl=cfg.grouped_matmul)
+            y_GD, kept_GK = y_BTD.reshape(B * T, D), kept_BTK.reshape(B * T, -1)
+        elif cfg.capacity_factor == 0 and cfg.dropless_impl == "sparse":
             y_GD = sorted_experts(x_GD.reshape(B, T, D), experts_GK.reshape(B, T, -1),
                                   weights_GK.reshape(B, T, -1).astype(self.dtype), gate_EDF, up_EDF,
                                   down_EFD, cfg.grouped_matmul).reshape(B * T, D)

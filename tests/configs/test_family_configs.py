@@ -113,6 +113,7 @@ def test_moe_tiny_is_a_mixtral_style_mixture():
 @pytest.mark.parametrize("key, default, other, bad", [
     ("dropless_impl", "sparse", "dense", "ragged"),
     ("grouped_matmul", "auto", "tiled", "megablocks"),
+    ("dispatch", "auto", "all_to_all", "alltoall"),
 ])
 def test_moe_execution_keys_reach_the_model(key, default, other, bad):
     spec = os.path.join(REPO, "configs/moe.py:tiny")

@@ -7,7 +7,9 @@ leaf splits evenly: Ψ of the LLaMA is 90,432.
 Models: "llama"; "moe", a Mixtral of 4 experts, top-2, dropless (every token reaches its
 experts: sorted by expert, grouped matmuls); "moe_dense", the same computed by the dense
 masked reference (dropless_impl="dense"); "moe_capacity", the same in capacity mode, whose
-one-hot dispatch of tokens to experts is what expert parallelism turns into all-to-alls.
+one-hot dispatch of tokens to experts is what expert parallelism turns into all-to-alls;
+"moe_a2a" and "moe_capacity_a2a", "moe" and "moe_capacity" with `dispatch="all_to_all"` (tokens
+sent to their experts' devices by explicit all-to-alls, models/layers/expert_dispatch.py).
 
 To keep the suite quick every run starts from the same initial state (one device's init,
 placed by the run's layout; `test_equivalence` checks that the sharded init equals it), and
@@ -43,7 +45,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitter
 # Adam's conditioning: the worst leaf then differs by about 2e-6 relative (6.5e-6 with eps 1e-6).
 ADAM_EPS = 1e-5
 SMALL = {"vocab_size": VOCAB, "d_model": 64, "num_heads": 4, "num_kv_heads": 2, "max_len": 32}
-MODELS = ("llama", "moe", "moe_dense", "moe_capacity")
+MODELS = ("llama", "moe", "moe_dense", "moe_capacity", "moe_a2a", "moe_capacity_a2a")
 
 
 def tiny_model(name: str, num_layers: int = 2) -> GPT:
@@ -51,11 +53,12 @@ def tiny_model(name: str, num_layers: int = 2) -> GPT:
         return GPT(llama_config(num_layers=num_layers, d_ff=128, **SMALL))
     if name not in MODELS:
         raise ValueError(f"tiny model {name!r}; expected one of {MODELS}")
-    config = mixtral_config(num_experts=4, capacity_factor=2.0 if name == "moe_capacity" else 0.0,
+    config = mixtral_config(num_experts=4, capacity_factor=2.0 if name.startswith("moe_capacity") else 0.0,
                             aux_loss_weight=0.01, num_layers=num_layers, d_ff=64, **SMALL)
-    if name == "moe_dense":
+    changes = {"moe_dense": {"dropless_impl": "dense"}}.get(name, {"dispatch": "all_to_all"} if "a2a" in name else {})
+    if changes:
         config = dataclasses.replace(config, block=dataclasses.replace(
-            config.block, moe=dataclasses.replace(config.block.moe, dropless_impl="dense")))
+            config.block, moe=dataclasses.replace(config.block.moe, **changes)))
     return GPT(config)
 
 

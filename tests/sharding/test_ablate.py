@@ -50,3 +50,17 @@ def test_cli_writes_the_documented_records(tmp_path):
     assert records[0]["collectives"]["all-reduce"]["count"] >= 1
     assert records[1]["collectives"]["all-gather"]["bytes"] > 0
     assert (tmp_path / "ablation.png").stat().st_size > 10_000
+
+
+def test_ablation_runs_the_all_to_all_dispatch_with_dropping_tokens():
+    """configs/moe.py:tiny at capacity factor 1 (assignments beyond capacity drop) with
+    model.moe.dispatch=all_to_all: ep moves the tokens by all-to-all and trains like dp (on which
+    the same layer sends nothing: no mesh axis splits the experts)."""
+    from configs.loader import load_config
+
+    config = load_config(os.path.join(ROOT, "configs/moe.py:tiny"),
+                         ["model.moe.dispatch=all_to_all", "model.moe.capacity_factor=1.0"])
+    dp, ep = ablate.ablate(config, [("ep", "")], steps=2, compiler_options=ablate.FAST_COMPILE, log=None)
+    assert ep["mesh"] == {"data": 2, "expert": 4}
+    assert ep["collectives"]["all-to-all"]["bytes"] > 0 and dp["collectives"]["all-to-all"]["count"] == 0
+    assert ep["max_abs_loss_diff_vs_dp"] < LOSS_RTOL * max(dp["losses"])

@@ -1,7 +1,8 @@
 """Collectives of the compiled steps: the parser on known HLO, then each strategy's signature
 (DP all-reduces gradients, ZeRO-2 scatters them, ZeRO-3 gathers parameters, Megatron TP
 all-reduces twice per layer each way, EP moves tokens with all-to-all in capacity mode and
-expert weights in dropless mode)."""
+expert weights in dropless mode; with model.moe.dispatch=all_to_all it moves tokens by
+all-to-all in the forward pass in both modes)."""
 
 import collections
 import functools
@@ -9,6 +10,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sharding import analysis
@@ -146,3 +148,18 @@ def test_ep_dropless_moves_expert_weights_not_tokens(tiny_run, make_tiny_model):
     assert len(whole_experts) == 3 * 2  # gate, up, down of both layers
     token_bytes = 4 * shape[1]
     assert all(op.bytes < token_bytes for op in ops if op.kind == "all-to-all")
+
+
+@pytest.mark.parametrize("model_name", ["moe_a2a", "moe_capacity_a2a"])
+def test_ep_all_to_all_dispatch_moves_tokens_forward_and_no_expert_weights(tiny_run, model_name):
+    """dispatch=all_to_all: per MoE layer the token buffer goes to the experts and back by
+    all-to-all over the 4 expert shards in the forward pass (and twice more backward); no
+    all-gather carries expert weights (one would hold a whole [E, D, F] tensor)."""
+    run = tiny_run(model_name, "ep", "data=2,expert=4")
+    ops = analysis.collectives(run.compiled)
+    shape = run.program.abstract_state.params["layer_0"]["mlp"]["wi_gate"].shape  # [E, D, F]
+    token_bytes = 4 * shape[1]
+    moved = [op for op in ops if op.kind == "all-to-all" and op.group_size == 4 and op.bytes >= token_bytes]
+    assert sum(op.phase == "forward" for op in moved) == 2 * 2  # there and back, both layers
+    assert sum(op.phase == "backward" for op in moved) == 2 * 2
+    assert all(op.bytes < 4 * np.prod(shape) for op in ops if op.kind == "all-gather")

@@ -31,6 +31,9 @@ def _config(*overrides):
     (["sharding.strategy=zero9"], r"unknown sharding strategy 'zero9'"),
     (["sharding.mesh=data=3"], r"config key `sharding.mesh`: .* 3 slots but there are 8 devices; .* product is 8"),
     (["sharding.strategy=tp", "sharding.mesh=tensor=8"], r"tensor"),  # 4 heads do not split 8 ways
+    (["model.moe.num_experts=4", "model.moe.dispatch=all_to_all"],
+     (r"`model.moe.dispatch`='all_to_all' .* sharding.strategy='dp' does not split the experts.* use "
+      r"sharding.strategy=ep")),
     (["data.batch_size=4"], r"of 8 devices, but the batch has 4 rows \(data.batch_size"),  # dp over 8
     (["optimizer.grad_accum_steps=3"], r"not divisible by optimizer.grad_accum_steps=3"),
     (["tokenizer.vocab_size=100"], r"config key `tokenizer.vocab_size`=100 is too small .* at least 257"),
