@@ -61,11 +61,11 @@ import jax
 import jax.numpy as jnp
 
 from models.layers import linear
+from models.layers import pipeline as pipeline_lib
 from models.layers.blocks import BlockConfig
 from models.layers.embedding import Embed
 from models.layers.moe import MoEConfig
 from models.layers.norms import make_norm
-from models.layers import pipeline as pipeline_lib
 from models.layers.peft import check_lora_matched, lora_factors, lora_output
 from models.layers.positional import LearnedPositionalEmbedding, RopeConfig
 from models.layers.stack import check_remat, layer_class, scanned_layers, stack_layers, unstack_layers
