@@ -101,10 +101,11 @@ class GPTConfig:
         without bias, and no LM head: transformers' *ForSequenceClassification, a reward
         model); "lm_score" (both, as (logits, scores): a policy with a value head on its trunk).
       num_scores: outputs of the `score` head (1 for a reward or value model).
-      pipeline_microbatches: M > 0: the scanned `layers` stack runs as a GPipe pipeline of M
-        micro-batches over as many stages as the logical axis `act_stage` is split over
-        where the model is traced (`models.layers.pipeline`; training and evaluation, not
-        decoding); same parameters, same outputs. 0: no pipeline.
+      pipeline_microbatches: where the model is traced with the logical axis `act_stage`
+        split over S > 1 devices (a pipeline strategy), the scanned `layers` stack runs as a
+        GPipe pipeline of S stages and this many micro-batches (`models.layers.pipeline`;
+        training and evaluation, not decoding): same parameters, same outputs. Elsewhere
+        unused.
     """
 
     vocab_size: int
@@ -125,11 +126,6 @@ class GPTConfig:
         check_remat(self.remat)
         if self.pipeline_microbatches < 0:
             raise ValueError(f"pipeline_microbatches={self.pipeline_microbatches} must be >= 0")
-        if self.pipeline_microbatches and not self.scan_layers:
-            raise ValueError("pipeline_microbatches > 0 pipelines the stacked layers: set scan_layers=True")
-        if self.pipeline_microbatches and self.first_dense_layers:
-            raise ValueError("pipeline_microbatches > 0 pipelines one stack of identical layers; first_dense_layers "
-                             "must be 0")
         if self.head not in HEADS:
             raise ValueError(f"head={self.head!r}; expected one of {HEADS}")
         if self.head != "lm" and self.num_scores < 1:
@@ -298,10 +294,13 @@ class GPT(nn.Module):
         decoding = self.is_mutable_collection("cache") and not self.is_initializing()
         if decoding and segment_ids is not None:
             raise ValueError("segment_ids (packed rows) cannot be used with a KV cache; decode one sequence per row")
+        stages = 1 if decoding or self.is_initializing() else pipeline_lib.stage_count()
+        if stages > 1:
+            _check_pipelined(cfg, stages)
         if cfg.scan_layers:
             for name, start, stop in layer_groups(cfg):
-                if cfg.pipeline_microbatches and not decoding and not self.is_initializing():
-                    x_BTD = self._pipelined(name, x_BTD, deterministic, positions, segment_ids, padding_BT)
+                if stages > 1:
+                    x_BTD = self._pipelined(name, stages, x_BTD, deterministic, positions, segment_ids, padding_BT)
                     continue
                 stack = scanned_layers(cfg.layer_block(start), length=stop - start, causal=True, remat=cfg.remat,
                                        name=name)
@@ -359,7 +358,7 @@ class GPT(nn.Module):
             return x_BTD, lm_head
         return logits(x_BTD) if scores_BTS is None else (logits(x_BTD), scores_BTS)
 
-    def _pipelined(self, name, x_BTD, deterministic, positions, segment_ids, padding_BT):
+    def _pipelined(self, name, stages, x_BTD, deterministic, positions, segment_ids, padding_BT):
         """The scanned stack `name` (its parameters as `nn.scan` made them) through
         `models.layers.pipeline`; sows the layers' router statistics where the scan would
         (leaves [L, ...], the mean over micro-batches) and the ticks each stage worked
@@ -382,13 +381,28 @@ class GPT(nn.Module):
 
         rng = None if deterministic else self.make_rng("dropout")
         out = pipeline_lib.pipeline(apply_layer, self.variables["params"][name], x_BTD, extras,
-                                    stages=pipeline_lib.stage_count(), microbatches=cfg.pipeline_microbatches,
+                                    stages=stages, microbatches=cfg.pipeline_microbatches,
                                     rng=rng)
         if out.stats:
             self.sow("intermediates", name, out.stats, init_fn=dict, reduce_fn=lambda _, new: new)
         self.sow("intermediates", "pipeline", {"useful_ticks": out.useful_ticks, "ticks": jnp.int32(out.ticks)},
                  init_fn=dict, reduce_fn=lambda _, new: new)
         return out.y_BTD
+
+
+def _check_pipelined(config: GPTConfig, stages: int) -> None:
+    """Raises unless `config` can run as a pipeline of `stages` stages."""
+    if not config.scan_layers:
+        raise ValueError(f"the layers are split into {stages} pipeline stages, which needs them stacked: set "
+                         "scan_layers=True (config key model.scan_layers)")
+    if config.first_dense_layers:
+        raise ValueError("a pipeline runs one stack of identical layers; first_dense_layers must be 0")
+    if config.pipeline_microbatches < 1:
+        raise ValueError(f"the layers are split into {stages} pipeline stages: set pipeline_microbatches >= 1 "
+                         "(config key sharding.pipeline_microbatches)")
+    if config.num_layers % stages:
+        raise ValueError(f"num_layers={config.num_layers} does not split into {stages} pipeline stages; use a "
+                         f"multiple of {stages}")
 
 
 def moe_stats_only(intermediates):
