@@ -267,6 +267,20 @@ def check_applies(strategy: Strategy, mesh: Mesh, boxed_params: Any = None, *, b
                          f"axis `{seq_axes}` of size {size}; use a seq_len that is a multiple of {size}")
 
 
+def check_pipeline_batch(strategy: Strategy, mesh_shape: dict[str, int], rows: int, microbatches: int) -> None:
+    """Raises a ValueError unless a pipeline strategy's `rows` (one step's, or accumulation
+    micro-batch's) split into `microbatches` pipeline micro-batches whose rows split evenly over
+    the batch axes; nothing to check without a `stage` axis."""
+    if STAGE not in strategy.mesh_axes or mesh_shape.get(STAGE, 1) == 1:
+        return
+    devices = math.prod(mesh_shape.get(a, 1) for a in strategy.batch_axes)
+    if microbatches < 1 or rows % (microbatches * devices):
+        raise ValueError(f"strategy `{strategy.name}` splits the batch's {rows} rows (data.batch_size / "
+                         f"optimizer.grad_accum_steps) into sharding.pipeline_microbatches={microbatches} micro-batches "
+                         f"over {devices} batch devices; use rows a multiple of {max(microbatches, 1) * devices} or "
+                         f"fewer micro-batches")
+
+
 def _check_params(strategy: Strategy, mesh: Mesh, boxed_params: Any) -> None:
     """Raises for the first model-parallel dimension (in DIMENSIONS order) that does not divide."""
     rules = dict(_filter(strategy.model_rules, mesh))

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 from typing import Any
 
@@ -114,7 +113,7 @@ def _check_counts(config) -> None:
 def _check_pipeline(config) -> None:
     """A pipeline strategy (a `stage` mesh axis): stacked identical decoder layers that split into
     the stages, and micro-batches that split the step's rows evenly over the batch axes."""
-    from sharding.strategies import STAGE, STRATEGIES
+    from sharding.strategies import STAGE, STRATEGIES, check_pipeline_batch
 
     sh = config.sharding
     if sh.pipeline_schedule not in PIPELINE_SCHEDULES:
@@ -141,13 +140,10 @@ def _check_pipeline(config) -> None:
         raise ValueError(f"config key `model.num_layers`={m.num_layers} does not split into the {stages} pipeline "
                          f"stages of mesh axis `stage`; use a multiple of {stages} or another stage size")
     rows = config.data.batch_size // config.optimizer.grad_accum_steps
-    batch_devices = math.prod(mesh.get(a, 1) for a in strategy.batch_axes)
-    micro = sh.pipeline_microbatches
-    if rows % (micro * batch_devices):
-        raise ValueError(f"config key `sharding.pipeline_microbatches`={micro}: the step's {rows} rows "
-                         f"(data.batch_size / optimizer.grad_accum_steps) must split into {micro} micro-batches of a "
-                         f"multiple of {batch_devices} rows (the batch axes' devices); use data.batch_size a multiple "
-                         f"of {micro * batch_devices * config.optimizer.grad_accum_steps} or fewer micro-batches")
+    try:
+        check_pipeline_batch(strategy, mesh, rows, sh.pipeline_microbatches)
+    except ValueError as e:
+        raise ValueError(f"config key `sharding.pipeline_microbatches`: {e}") from None
 
 
 def _check_attention_impl(config) -> None:
