@@ -1,7 +1,9 @@
-"""Pipeline parallelism (models/layers/pipeline.py, strategies pp*): trains the tiny LLaMA and the
-tiny Mixtral (4 layers, scanned) on 8 simulated devices to the losses and parameters of one
-device without a pipeline; composes with FSDP and tensor parallelism (stage x fsdp x tensor);
-its measured bubble is GPipe's (S - 1) / (M + S - 1).
+"""Pipeline parallelism (models/layers/pipeline.py, sharding/pipeline.py, strategies pp*): GPipe
+trains the tiny LLaMA and the tiny Mixtral (scanned) on 8 simulated devices to the losses and
+parameters of one device without a pipeline; composes with FSDP and tensor parallelism
+(stage x fsdp x tensor); its measured bubble is (S - 1) / (M + S - 1). The 1F1B schedule gives
+GPipe's loss and gradients with at most S micro-batches in flight per stage instead of M, and
+less compiled memory.
 
 The Mixtral's reference accumulates gradients over the same 4 micro-batches: a MoE layer's
 balance losses are those of the tokens it routed together (the pipeline's micro-batches, as
@@ -12,12 +14,19 @@ import functools
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec
 
 from models.gpt import GPT
 from models.layers import pipeline as pipeline_lib
+from models.layers.moe import total_aux_loss
+from models.layers.norms import make_norm
+from models.layers.stack import layer_class
 from sharding import mesh as mesh_lib
+from sharding import pipeline as schedules
 from sharding.strategies import get_strategy
 from tests.sharding.conftest import ADAM_EPS, BATCH, FAST_COMPILE, SEQ, STEPS, tiny_batch, tiny_model
 from train import program as program_lib
@@ -112,3 +121,121 @@ def test_measured_bubble_is_gpipes(stages, microbatches):
     assert useful.shape == (stages,) and ticks == microbatches + stages - 1
     measured = 1 - useful.sum() / (stages * ticks)
     assert measured == pytest.approx(pipeline_lib.bubble_fraction(stages, microbatches), abs=1e-12)
+
+
+@pytest.mark.parametrize("stages,microbatches", [(2, 4), (4, 8), (4, 2), (3, 5)])
+def test_schedules(stages, microbatches):
+    """Every micro-batch goes forward and backward once per stage, in dependency order; both tables
+    idle (S - 1) / (M + S - 1) of the stage-ticks; 1F1B holds at most S - s micro-batches at stage
+    s, GPipe all M."""
+    S, M = stages, microbatches
+    for name in schedules.SCHEDULES:
+        table = schedules.schedule(name, S, M)
+        assert table.shape == (2 * (M + S - 1), S, 2)
+        tick = {}
+        for t, s in np.ndindex(table.shape[:2]):
+            op, j = table[t, s]
+            if op != schedules.IDLE:
+                assert (op, s, j) not in tick
+                tick[(op, s, j)] = t
+        assert len(tick) == 2 * S * M
+        for s, j in np.ndindex(S, M):
+            F, B = schedules.FORWARD, schedules.BACKWARD
+            assert s == 0 or tick[(F, s - 1, j)] < tick[(F, s, j)]
+            assert tick[(F, s, j)] < tick[(B, s, j)] and (s == S - 1 or tick[(B, s + 1, j)] < tick[(B, s, j)])
+        assert schedules.bubble(table) == pytest.approx(pipeline_lib.bubble_fraction(S, M), abs=1e-12)
+        held = schedules.in_flight(table)
+        assert list(held) == ([min(S - s, M) for s in range(S)] if name == "1f1b" else [M] * S)
+
+
+def _stage_and_loss(name: str, microbatches: int, tokens: float):
+    """One stage's layers (a scan of the model's layer) returning (y, its MoE balance losses / M),
+    and the head's loss (final norm, LM head, cross-entropy summed over a micro-batch / tokens)."""
+    block = _model(name, 0, 2).config.block
+    layer = layer_class("none", scanned=True)(block, causal=True)
+    norm = make_norm(block.norm, epsilon=block.norm_eps, dtype=block.dtype, param_dtype=block.param_dtype,
+                     use_bias=block.use_bias)
+    moe = block.moe is not None
+
+    def apply_layer(params, x, extras, rng):
+        out = layer.apply({"params": params}, x, True, extras["positions"], extras["segment_ids"],
+                          extras["segment_ids"] != 0, mutable=["intermediates"] if moe else False)
+        return (out[0][0], total_aux_loss(out[1]["intermediates"])) if moe else (out[0], jnp.zeros(()))
+
+    def stage_fn(params, x, extras):
+        y, aux = jax.lax.scan(lambda h, p: apply_layer(p, h, extras, None), x, params)
+        return y, jnp.sum(aux) / microbatches
+
+    def loss_fn(head, y, targets):
+        logits = norm.apply({"params": head["final_norm"]}, y) @ head["lm_head"]
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets["targets"])
+        return jnp.sum(losses * targets["loss_mask"]) / tokens
+
+    return apply_layer, stage_fn, loss_fn
+
+
+@functools.cache
+def _one_f_one_b_vs_gpipe(name: str, stages: int, microbatches: int, data: int):
+    """(1F1B's and GPipe's compiled programs, losses and gradients) on stage=S,data=N: GPipe by
+    autodiff of models/layers/pipeline.py with remat (it keeps only layer inputs, as 1F1B)."""
+    S, M = stages, microbatches
+    batch = tiny_batch()
+    params = _start(name, 2).params
+    x_BTD = params["embed"]["embedding"][batch["inputs"]]
+    head = {"final_norm": params["final_norm"], "lm_head": params["lm_head"]}
+    apply_layer, stage_fn, loss_fn = _stage_and_loss(name, M, float((batch["loss_mask"] > 0).sum()))
+    mesh = mesh_lib.make_mesh(f"stage={S},data={data}", jax.devices()[:S * data])
+    rows = NamedSharding(mesh, PartitionSpec(None, "data"))
+
+    def micro(a):
+        return jax.device_put(np.asarray(a).reshape(M, -1, *a.shape[1:]), rows)
+
+    extras = {k: micro(batch[k]) for k in ("positions", "segment_ids")}
+    targets = {k: micro(batch[k]) for k in ("targets", "loss_mask")}
+    stacked = jax.device_put(jax.tree_util.tree_map(lambda w: w.reshape(S, -1, *w.shape[1:]), params["layers"]),
+                             NamedSharding(mesh, PartitionSpec("stage")))
+    one_f_one_b = jax.jit(functools.partial(schedules.one_f_one_b, stage_fn, loss_fn, mesh=mesh))
+    args = (stacked, head, micro(x_BTD), extras, targets)
+    compiled_1f1b = one_f_one_b.lower(*args).compile(FAST_COMPILE)
+    loss, grads, useful = compiled_1f1b(*args)
+
+    rules = get_strategy("pp").activation_rules(mesh)
+
+    def gpipe_loss(layers, head, x):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+            out = pipeline_lib.pipeline(jax.checkpoint(apply_layer, static_argnums=(3,)), layers, x,
+                                        {k: batch[k] for k in ("positions", "segment_ids")}, stages=S,
+                                        microbatches=M)
+        return loss_fn(head, out.y_BTD, {k: batch[k] for k in ("targets", "loss_mask")}) + jnp.sum(out.stats)
+
+    gpipe = jax.jit(jax.value_and_grad(gpipe_loss, argnums=(0, 1, 2)))
+    compiled_gpipe = gpipe.lower(params["layers"], head, x_BTD).compile(FAST_COMPILE)
+    want_loss, want_grads = compiled_gpipe(params["layers"], head, x_BTD)
+    got = (jax.tree_util.tree_map(lambda g: g.reshape(-1, *g.shape[2:]), grads[0]), grads[1],
+           grads[2].reshape(x_BTD.shape))
+    return compiled_1f1b, compiled_gpipe, (float(loss), jax.device_get(got), np.asarray(useful)), \
+        (float(want_loss), jax.device_get(want_grads))
+
+
+@pytest.mark.parametrize("name,stages,microbatches,data", [("llama", 2, 8, 2), ("moe", 2, 4, 4)])
+def test_one_f_one_b_equals_gpipe(name, stages, microbatches, data):
+    """Loss and gradients (layers, head, input) within 1e-5 relative (the same sums in another
+    order); the Mixtral's balance losses are those of each micro-batch's rows on all data devices.
+    The compiled loop's count of each stage's working ticks gives the bubble."""
+    _, _, (loss, grads, useful), (want_loss, want_grads) = _one_f_one_b_vs_gpipe(name, stages, microbatches, data)
+    assert loss == pytest.approx(want_loss, rel=TOLERANCE)
+    worst = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(_relative, grads, want_grads)))
+    assert worst < TOLERANCE, worst
+    ticks = 2 * (microbatches + stages - 1)
+    assert list(useful) == [2 * microbatches] * stages
+    assert 1 - useful.sum() / (stages * ticks) == pytest.approx(pipeline_lib.bubble_fraction(stages, microbatches))
+
+
+def test_one_f_one_b_needs_less_memory_than_gpipe():
+    """S = 2, M = 8: GPipe (remat: layer inputs only) keeps M + S - 1 = 9 ticks of each stage's
+    layer inputs for the backward pass, 1F1B at most S = 2 micro-batches' (and their incoming
+    gradients): XLA's buffer assignment of the compiled programs shows it."""
+    compiled_1f1b, compiled_gpipe, _, _ = _one_f_one_b_vs_gpipe("llama", 2, 8, 2)
+    one_f_one_b = compiled_1f1b.memory_analysis().temp_size_in_bytes
+    gpipe = compiled_gpipe.memory_analysis().temp_size_in_bytes
+    assert one_f_one_b < gpipe / 2, (one_f_one_b, gpipe)
