@@ -112,7 +112,7 @@ def pipeline(apply_layer: Callable, params_L: Any, x_BTD: jax.Array, extras: dic
         raise ValueError(f"a pipeline of {M} micro-batches needs the batch ({B} rows) to be a multiple of {M}")
     Ls, b = L // S, B // M
     params_S = jax.tree_util.tree_map(lambda w: w.reshape(S, Ls, *w.shape[1:]), params_L)
-    x_M = nn.with_logical_constraint(x_BTD.reshape(M, b, *x_BTD.shape[1:]), (None, *STATE_NAMES[1:]))
+    x_M = nn.with_logical_constraint(jnp.asarray(x_BTD).reshape(M, b, *x_BTD.shape[1:]), (None, *STATE_NAMES[1:]))
     extras_M = jax.tree_util.tree_map(lambda e: jnp.asarray(e).reshape(M, b, *e.shape[1:]), extras)
 
     def stage(params_l, x, extras_b, j, s):
