@@ -231,7 +231,9 @@ def get_config() -> ml_collections.ConfigDict:
         # pp*: micro-batches of each (accumulation) micro-batch in the pipeline; the bubble is
         # (stages - 1) / (pipeline_microbatches + stages - 1) (models/layers/pipeline.py)
         pipeline_microbatches=4,
-        pipeline_schedule="gpipe",  # pp*: gpipe (all forwards, then all backwards)
+        # pp*: gpipe (all forwards, then all backwards); 1F1B is the library schedule
+        # sharding.pipeline.one_f_one_b, not yet a training-step option
+        pipeline_schedule="gpipe",
     ))
     c.checkpoint = ml_collections.ConfigDict(dict(
         save_interval_steps=200,

@@ -116,6 +116,10 @@ def _check_pipeline(config) -> None:
     from sharding.strategies import STAGE, STRATEGIES, check_pipeline_batch
 
     sh = config.sharding
+    if sh.pipeline_schedule == "1f1b":
+        raise ValueError("config key `sharding.pipeline_schedule`='1f1b': the training step pipelines with gpipe; "
+                         "1F1B (its loss inside the pipeline) runs as the library schedule "
+                         "sharding.pipeline.one_f_one_b, not through train.step yet; use gpipe")
     if sh.pipeline_schedule not in PIPELINE_SCHEDULES:
         raise ValueError(f"config key `sharding.pipeline_schedule`={sh.pipeline_schedule!r}; expected one of "
                          f"{PIPELINE_SCHEDULES}")

@@ -64,6 +64,8 @@ def _config(*overrides):
     (["model.block.attention_impl=cudnn"], r"`model.block.attention_impl`='cudnn' needs a GPU, but the JAX "
                                            r"backend is 'cpu'; use blockwise or xla"),
     (["sharding.pipeline_schedule=zigzag"], r"config key `sharding.pipeline_schedule`='zigzag'; expected one of"),
+    (["sharding.pipeline_schedule=1f1b"], (r"`sharding.pipeline_schedule`='1f1b': the training step pipelines "
+                                           r"with gpipe; .* sharding.pipeline.one_f_one_b")),
     (["sharding.pipeline_microbatches=0"], r"config key `sharding.pipeline_microbatches`=0 must be >= 1"),
     (["sharding.strategy=pp"], r"`sharding.strategy`='pp' splits the stacked layers .* set model.scan_layers=True"),
     (["sharding.strategy=pp", "model.scan_layers=True", "model.num_layers=3"],
