@@ -175,17 +175,21 @@ def _stage_and_loss(name: str, microbatches: int, tokens: float):
 
 
 @functools.cache
-def _one_f_one_b_vs_gpipe(name: str, stages: int, microbatches: int, data: int):
-    """(1F1B's and GPipe's compiled programs, losses and gradients) on stage=S,data=N: GPipe by
-    autodiff of models/layers/pipeline.py with remat (it keeps only layer inputs, as 1F1B)."""
-    S, M = stages, microbatches
+def _one_f_one_b_vs_gpipe(name: str, strategy: str, mesh_text: str, microbatches: int):
+    """(1F1B's and GPipe's compiled programs, losses and gradients) under `strategy` on `mesh_text`,
+    the micro-batches' rows over its batch axes: GPipe by autodiff of models/layers/pipeline.py
+    with remat (it keeps only layer inputs, as 1F1B does)."""
+    M = microbatches
     batch = tiny_batch()
     params = _start(name, 2).params
     x_BTD = params["embed"]["embedding"][batch["inputs"]]
     head = {"final_norm": params["final_norm"], "lm_head": params["lm_head"]}
     apply_layer, stage_fn, loss_fn = _stage_and_loss(name, M, float((batch["loss_mask"] > 0).sum()))
-    mesh = mesh_lib.make_mesh(f"stage={S},data={data}", jax.devices()[:S * data])
-    rows = NamedSharding(mesh, PartitionSpec(None, "data"))
+    axes = {a: int(n) for a, n in (part.split("=") for part in mesh_text.split(","))}
+    mesh = mesh_lib.make_mesh(mesh_text, jax.devices()[:int(np.prod(list(axes.values())))])
+    S = axes["stage"]
+    rules = get_strategy(strategy).activation_rules(mesh)
+    rows = NamedSharding(mesh, PartitionSpec(None, nn.logical_to_mesh_axes(("act_batch",), rules)[0]))
 
     def micro(a):
         return jax.device_put(np.asarray(a).reshape(M, -1, *a.shape[1:]), rows)
@@ -194,12 +198,14 @@ def _one_f_one_b_vs_gpipe(name: str, stages: int, microbatches: int, data: int):
     targets = {k: micro(batch[k]) for k in ("targets", "loss_mask")}
     stacked = jax.device_put(jax.tree_util.tree_map(lambda w: w.reshape(S, -1, *w.shape[1:]), params["layers"]),
                              NamedSharding(mesh, PartitionSpec("stage")))
-    one_f_one_b = jax.jit(functools.partial(schedules.one_f_one_b, stage_fn, loss_fn, mesh=mesh))
+    def traced_1f1b(*args):  # the layers' logical constraints bind to the mesh (tensor parallel inside stages)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+            return schedules.one_f_one_b(stage_fn, loss_fn, *args, mesh=mesh)
+
+    one_f_one_b = jax.jit(traced_1f1b)
     args = (stacked, head, micro(x_BTD), extras, targets)
     compiled_1f1b = one_f_one_b.lower(*args).compile(FAST_COMPILE)
     loss, grads, useful = compiled_1f1b(*args)
-
-    rules = get_strategy("pp").activation_rules(mesh)
 
     def gpipe_loss(layers, head, x):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
@@ -217,12 +223,16 @@ def _one_f_one_b_vs_gpipe(name: str, stages: int, microbatches: int, data: int):
         (float(want_loss), jax.device_get(want_grads))
 
 
-@pytest.mark.parametrize("name,stages,microbatches,data", [("llama", 2, 8, 2), ("moe", 2, 4, 4)])
-def test_one_f_one_b_equals_gpipe(name, stages, microbatches, data):
+@pytest.mark.parametrize("name,strategy,mesh,microbatches", [
+    ("llama", "pp", "stage=2,data=2", 8), ("moe", "pp", "stage=2,data=4", 4),
+    ("llama", "pp_fsdp_tp", "stage=2,fsdp=2,tensor=2", 4),
+])
+def test_one_f_one_b_equals_gpipe(name, strategy, mesh, microbatches):
     """Loss and gradients (layers, head, input) within 1e-5 relative (the same sums in another
     order); the Mixtral's balance losses are those of each micro-batch's rows on all data devices.
     The compiled loop's count of each stage's working ticks gives the bubble."""
-    _, _, (loss, grads, useful), (want_loss, want_grads) = _one_f_one_b_vs_gpipe(name, stages, microbatches, data)
+    _, _, (loss, grads, useful), (want_loss, want_grads) = _one_f_one_b_vs_gpipe(name, strategy, mesh, microbatches)
+    stages = len(useful)
     assert loss == pytest.approx(want_loss, rel=TOLERANCE)
     worst = max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(_relative, grads, want_grads)))
     assert worst < TOLERANCE, worst
@@ -235,7 +245,7 @@ def test_one_f_one_b_needs_less_memory_than_gpipe():
     """S = 2, M = 8: GPipe (remat: layer inputs only) keeps M + S - 1 = 9 ticks of each stage's
     layer inputs for the backward pass, 1F1B at most S = 2 micro-batches' (and their incoming
     gradients): XLA's buffer assignment of the compiled programs shows it."""
-    compiled_1f1b, compiled_gpipe, _, _ = _one_f_one_b_vs_gpipe("llama", 2, 8, 2)
+    compiled_1f1b, compiled_gpipe, _, _ = _one_f_one_b_vs_gpipe("llama", "pp", "stage=2,data=2", 8)
     one_f_one_b = compiled_1f1b.memory_analysis().temp_size_in_bytes
     gpipe = compiled_gpipe.memory_analysis().temp_size_in_bytes
     assert one_f_one_b < gpipe / 2, (one_f_one_b, gpipe)
