@@ -18,9 +18,14 @@ Both run 2 (M + S - 1) ticks, the same bubble (S - 1) / (M + S - 1); 1F1B buys m
 
 `one_f_one_b` runs the 1F1B table: forward and backward of every micro-batch through S stages
 and the loss at the last one, returning the loss and its gradients (it is the training step's
-forward and backward at once). A stage stashes each micro-batch's input (a ring of S slots) and
-recomputes its forward inside the backward (`jax.vjp`); activations go to the next stage and
-gradients to the previous one by `ppermute` every tick.
+forward and backward at once). Only `stage` is manual in its `shard_map`: on the other mesh
+axes the compiler partitions each stage's work as the inputs' shardings and the layers' logical
+constraints say, so 1F1B composes with fsdp and tp. A stage stashes each micro-batch's input
+(a ring of S slots) and recomputes its forward inside the backward (`jax.vjp`); activations go
+to the next stage and gradients to the previous one by `ppermute` every tick.
+
+The training step (`sharding.pipeline_schedule`) pipelines with GPipe (`models.layers.pipeline`:
+the loss stays outside the model); 1F1B is this library schedule, not yet a step option.
 """
 
 from __future__ import annotations
