@@ -379,7 +379,7 @@ class GPT(nn.Module):
             (y_bTD, _), variables = out
             return y_bTD, moe_stats_only(variables.get("intermediates", {}))
 
-        rng = None if deterministic else self.make_rng("dropout")
+        rng = self.make_rng("dropout") if not deterministic and self.has_rng("dropout") else None
         out = pipeline_lib.pipeline(apply_layer, self.variables["params"][name], x_BTD, extras,
                                     stages=stages, microbatches=cfg.pipeline_microbatches,
                                     rng=rng)

@@ -23,6 +23,9 @@ outside [0, M): S - 1 of the M + S - 1 ticks, the bubble (S - 1) / (M + S - 1). 
 each stage's useful ticks (`PipelineOutput.useful_ticks`), which measures the bubble of the
 program that ran.
 
+Dropout masks are drawn per micro-batch and layer (the rng folded with both), so with dropout
+a pipelined run draws other masks than the unpipelined stack; without, the outputs are equal.
+
 What layers sow (a MoE layer's router statistics) is kept only for the useful ticks and
 averaged over the micro-batches: as under gradient accumulation over M micro-batches, a MoE
 layer's balance losses are those of the tokens it routed together, each micro-batch counting
