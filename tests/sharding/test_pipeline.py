@@ -11,6 +11,7 @@ gradient accumulation's), each counting 1/4; the dropless routing itself is per 
 
 import dataclasses
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -103,7 +104,8 @@ def test_pipeline_trains_like_one_device(name, strategy, mesh, accum, layers):
 
 @pytest.mark.parametrize("stages,microbatches", [(2, 2), (4, 4), (4, 2)])
 def test_measured_bubble_is_gpipes(stages, microbatches):
-    """Counted in the compiled tick loop: the ticks at which each stage held a micro-batch."""
+    """Counted in the compiled tick loop: the ticks at which each stage held a micro-batch, out of
+    the loop's trip count in the compiled HLO."""
     model = _model("llama", microbatches)
     mesh = mesh_lib.make_mesh(f"stage={stages},data=-1")
     rules = get_strategy("pp").activation_rules(mesh)
@@ -116,9 +118,12 @@ def test_measured_bubble_is_gpipes(stages, microbatches):
             return model.apply({"params": p}, ids, positions=batch["positions"], segment_ids=batch["segment_ids"],
                                mutable=["intermediates"])[1]["intermediates"]["pipeline"]
 
-    counts = jax.jit(forward).lower(params, batch["inputs"]).compile(FAST_COMPILE)(params, batch["inputs"])
+    compiled = jax.jit(forward).lower(params, batch["inputs"]).compile(FAST_COMPILE)
+    counts = compiled(params, batch["inputs"])
     useful, ticks = np.asarray(counts["useful_ticks"]), int(counts["ticks"])
     assert useful.shape == (stages,) and ticks == microbatches + stages - 1
+    # The compiled program's tick loop runs that many times.
+    assert ticks in [int(n) for n in re.findall(r'known_trip_count":\{"n":"(\d+)"', compiled.as_text())]
     measured = 1 - useful.sum() / (stages * ticks)
     assert measured == pytest.approx(pipeline_lib.bubble_fraction(stages, microbatches), abs=1e-12)
 
