@@ -377,7 +377,7 @@ class GPT(nn.Module):
             if not sows:
                 return out[0], {}
             (y_bTD, _), variables = out
-            return y_bTD, moe_stats_only(variables.get("intermediates", {}))
+            return y_bTD, _router_stats_only(variables.get("intermediates", {}))
 
         rng = self.make_rng("dropout") if not deterministic and self.has_rng("dropout") else None
         out = pipeline_lib.pipeline(apply_layer, self.variables["params"][name], x_BTD, extras,
@@ -405,14 +405,14 @@ def _check_pipelined(config: GPTConfig, stages: int) -> None:
                          f"multiple of {stages}")
 
 
-def moe_stats_only(intermediates):
+def _router_stats_only(intermediates):
     """An intermediates tree pruned to its `router_stats` entries (empty dicts dropped)."""
     out = {}
     for key, value in intermediates.items():
         if key == "router_stats":
             out[key] = value
         elif isinstance(value, dict):
-            kept = moe_stats_only(value)
+            kept = _router_stats_only(value)
             if kept:
                 out[key] = kept
     return out

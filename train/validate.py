@@ -44,7 +44,7 @@ from data.pipeline import process_rows
 from data.tokenizer import Tokenizer, load_tokenizer
 from models.layers.attention import ATTENTION_IMPLS
 from sharding import mesh as mesh_lib
-from sharding.strategies import get_strategy
+from sharding.strategies import STAGE, STRATEGIES, check_pipeline_batch, get_strategy
 from train import build, compilation_cache, init_from, objectives, task_eval
 from train import program as program_lib
 from train import trainable as trainable_lib
@@ -113,8 +113,6 @@ def _check_counts(config) -> None:
 def _check_pipeline(config) -> None:
     """A pipeline strategy (a `stage` mesh axis): stacked identical decoder layers that split into
     the stages, and micro-batches that split the step's rows evenly over the batch axes."""
-    from sharding.strategies import STAGE, STRATEGIES, check_pipeline_batch
-
     sh = config.sharding
     if sh.pipeline_schedule == "1f1b":
         raise ValueError("config key `sharding.pipeline_schedule`='1f1b': the training step pipelines with gpipe; "
