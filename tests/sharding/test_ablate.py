@@ -64,3 +64,20 @@ def test_ablation_runs_the_all_to_all_dispatch_with_dropping_tokens():
     assert ep["mesh"] == {"data": 2, "expert": 4}
     assert ep["collectives"]["all-to-all"]["bytes"] > 0 and dp["collectives"]["all-to-all"]["count"] == 0
     assert ep["max_abs_loss_diff_vs_dp"] < LOSS_RTOL * max(dp["losses"])
+
+
+def test_ablates_a_pipeline():
+    """A pipeline strategy in the list: every layout runs the stacked layers, the stages pass
+    micro-batches by collective-permute, the losses are dp's and the state is the formula
+    (the stacked layers 1/2 per stage)."""
+    from configs.loader import load_config
+
+    config = load_config("configs/llama.py:tiny", ["sharding.pipeline_microbatches=2"])
+    records = ablate.ablate(config, [("pp_fsdp_tp", "")], steps=2, compiler_options=ablate.FAST_COMPILE, log=None)
+    assert [(r["strategy"], r["mesh"]) for r in records] == [
+        ("dp", {"data": 8}), ("pp_fsdp_tp", {"stage": 2, "fsdp": 2, "tensor": 2})]
+    pipelined = records[1]
+    assert pipelined["max_abs_loss_diff_vs_dp"] < LOSS_RTOL * max(pipelined["losses"])
+    assert pipelined["collectives"]["collective-permute"]["count"] >= 2
+    assert records[0]["collectives"]["collective-permute"]["count"] == 0
+    assert pipelined["bytes_per_device"]["params"] == pipelined["measured_bytes_per_device"]["params"]
