@@ -306,13 +306,23 @@ def padded_bytes(name: str, shape: Sequence[int], itemsize: int, sizes: int | Se
 
 
 def fit_alpha_beta(costs: Sequence[Cost], seconds: Sequence[float]) -> tuple[float, float]:
-    """Least-squares alpha and beta of `seconds[k] ~ alpha * steps + beta * link_bytes`.
+    """Least-squares alpha >= 0 and beta >= 0 of `seconds[k] ~ alpha * steps + beta * link_bytes`.
 
     Rows are weighted by 1 / seconds, so the fit minimises relative errors (a microsecond
-    collective counts as much as a millisecond one). Returns (alpha, beta).
+    collective counts as much as a millisecond one). When the unconstrained optimum has a
+    negative coefficient (times that barely grow with bytes), the better of the two one-term
+    fits is returned (the constrained optimum then lies on that boundary). Returns (alpha, beta).
     """
     design = np.array([[c.steps, c.link_bytes] for c in costs], dtype=np.float64)
     target = np.asarray(seconds, dtype=np.float64)
-    weights = 1 / target
-    (alpha, beta), *_ = np.linalg.lstsq(design * weights[:, None], target * weights, rcond=None)
-    return float(alpha), float(beta)
+    weighted, goal = design / target[:, None], np.ones_like(target)
+    (alpha, beta), *_ = np.linalg.lstsq(weighted, goal, rcond=None)
+    if alpha >= 0 and beta >= 0:
+        return float(alpha), float(beta)
+    best = None
+    for column in (0, 1):
+        coef = max(0.0, float(weighted[:, column] @ goal / (weighted[:, column] @ weighted[:, column])))
+        residual = float(np.sum((weighted[:, column] * coef - goal) ** 2))
+        if best is None or residual < best[0]:
+            best = (residual, (coef, 0.0) if column == 0 else (0.0, coef))
+    return best[1]
