@@ -64,32 +64,42 @@ def _shift(x: jax.Array, axis_name: str, size: int, offset: int) -> jax.Array:
     return lax.ppermute(x, axis_name, perm=[(j, (j + offset) % size) for j in range(size)])
 
 
-def _ring_reduce_scatter_chunks(chunks: jax.Array, axis_name: str, direction: int = 1) -> jax.Array:
+def _ring_reduce_scatter_chunks(chunks: jax.Array, axis_name: str, direction: int = 1,
+                                trace: list | None = None) -> jax.Array:
     """chunks [N, ...] on every device -> the sum over devices of chunks[i] on device i.
 
     At step s device i sends its partial sum of chunk i - d(s+1) to device i + d and adds its
     own chunk i - d(s+2) to the partial sum that arrives from i - d (d = `direction`, +1 or
     -1); after N-1 steps the partial sum it holds is of chunk i - dN = i, complete.
+    `trace`, if a list, gets the device's chunks after each step, each with the partial sum
+    it holds in place of its own.
     """
     size, index = lax.axis_size(axis_name), lax.axis_index(axis_name)
     partial = chunks[(index - direction) % size]
     for step in range(size - 1):
         received = _shift(partial, axis_name, size, direction)
         partial = received + chunks[(index - direction * (step + 2)) % size]
+        if trace is not None:
+            chunks = chunks.at[(index - direction * (step + 2)) % size].set(partial)
+            trace.append(chunks)
     return partial
 
 
-def _ring_all_gather_blocks(block: jax.Array, axis_name: str, direction: int = 1) -> jax.Array:
+def _ring_all_gather_blocks(block: jax.Array, axis_name: str, direction: int = 1, *,
+                            start: jax.Array | None = None, trace: list | None = None) -> jax.Array:
     """block on every device -> [N, *block.shape], row j device j's block, on every device.
 
     At step s device i passes on the block it got at step s-1 (its own at s = 0), so what
-    arrives from i - d is device i - d(s+1)'s.
+    arrives from i - d is device i - d(s+1)'s. `start`: the rows to write into (zeros by
+    default); `trace`, if a list, gets the rows after each step.
     """
     size, index = lax.axis_size(axis_name), lax.axis_index(axis_name)
-    out = jnp.zeros((size, *block.shape), block.dtype).at[index].set(block)
+    out = (jnp.zeros((size, *block.shape), block.dtype) if start is None else start).at[index].set(block)
     for step in range(size - 1):
         block = _shift(block, axis_name, size, direction)
         out = out.at[(index - direction * (step + 1)) % size].set(block)
+        if trace is not None:
+            trace.append(out)
     return out
 
 
@@ -146,11 +156,21 @@ def all_gather(x: jax.Array, axis_name: str, axis: int = 0, tiled: bool = False)
     return gathered.reshape(shape)
 
 
-def ring_all_reduce(x: jax.Array, axis_name: str) -> jax.Array:
-    """The ring all-reduce (reduce-scatter, then all-gather): `lax.psum(x, axis_name)`, any shape."""
+def ring_all_reduce(x: jax.Array, axis_name: str, trace: list | None = None) -> jax.Array:
+    """The ring all-reduce (reduce-scatter, then all-gather): `lax.psum(x, axis_name)`, any shape.
+
+    Args:
+      x: this device's array.
+      axis_name: the mesh axis (of N devices) to sum over.
+      trace: if a list, it gets this device's N chunks ([N, ceil(size / N)], x flattened and
+        zero-padded) after each of the 2(N-1) steps: the partial sums of the reduce-scatter
+        phase, then the complete sums as the all-gather phase brings them in.
+    """
     size = lax.axis_size(axis_name)
-    summed = _ring_reduce_scatter_chunks(_padded_chunks(x, size), axis_name)
-    return _crop(_ring_all_gather_blocks(summed, axis_name), x)
+    chunks = _padded_chunks(x, size)
+    summed = _ring_reduce_scatter_chunks(chunks, axis_name, trace=trace)
+    start = trace[-1] if trace else None  # the device's chunks as the reduce-scatter left them
+    return _crop(_ring_all_gather_blocks(summed, axis_name, start=start, trace=trace), x)
 
 
 def bidirectional_all_reduce(x: jax.Array, axis_name: str) -> jax.Array:

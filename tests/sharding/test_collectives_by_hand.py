@@ -193,3 +193,42 @@ def test_bad_shapes_and_names():
         coll.cost("broadcast", 8, 4)
     with pytest.raises(ValueError, match="needs 16 devices"):
         coll.mesh_of({"data": 16}, jax.devices()[:8])
+
+
+def test_fit_stays_non_negative():
+    """Times that shrink as bytes grow would give beta < 0 unconstrained; the fit clips beta to
+    0 and fits alpha alone: the relative least-squares alpha, sum(s_k / t_k) / sum((s_k / t_k)^2)."""
+    costs = [coll.Cost(1, 1e3, 1e3), coll.Cost(1, 1e6, 1e6), coll.Cost(2, 1e3, 1e3)]
+    seconds = [2e-6, 1e-6, 4e-6]
+    alpha, beta = coll.fit_alpha_beta(costs, seconds)
+    ratios = np.array([c.steps / t for c, t in zip(costs, seconds)])
+    assert beta == 0.0
+    np.testing.assert_allclose(alpha, ratios.sum() / (ratios**2).sum(), rtol=1e-12)
+
+
+def test_ring_all_reduce_trace_follows_the_ring():
+    """Device d holds 2**d everywhere, so a chunk's value says which devices it has summed
+    (exact in float32). After reduce-scatter step s device i's chunk i-s-2 has the s+2 devices
+    i-s-1..i; after the all-gather step s it also has the complete chunk i-s-1; at the end every
+    chunk is the full sum 2**N - 1, and the traced all-reduce still returns lax's result."""
+    n, width = 4, 3
+    xs = np.broadcast_to(2.0 ** np.arange(n)[:, None], (n, n * width)).astype(np.float32)
+
+    def body(x, axis):
+        trace = []
+        out = coll.ring_all_reduce(x, axis, trace=trace)
+        return out, jax.numpy.stack(trace)
+
+    m = mesh((("data", n),))
+    f = jax.jit(jax.shard_map(lambda x: tuple(v[None] for v in body(x[0], "data")), mesh=m,
+                              in_specs=jax.sharding.PartitionSpec("data"),
+                              out_specs=jax.sharding.PartitionSpec("data"), check_vma=False))
+    out, trace = (np.asarray(v) for v in f(xs))
+    assert trace.shape == (n, 2 * (n - 1), n, width)
+    np.testing.assert_array_equal(out, np.full_like(xs, 2**n - 1))
+    for i in range(n):
+        for s in range(n - 1):
+            chunk = trace[i, s, (i - s - 2) % n]
+            np.testing.assert_array_equal(chunk, sum(2.0 ** ((i - k) % n) for k in range(s + 2)))
+            np.testing.assert_array_equal(trace[i, n - 1 + s, (i - s - 1) % n], 2**n - 1)
+    np.testing.assert_array_equal(trace[:, -1], 2**n - 1)
