@@ -129,7 +129,13 @@ def main(argv=None) -> dict:
                 rows.append(measure(name, axes, names, ours, ref, nbytes, repeats))
     alpha, beta = coll.fit_alpha_beta([r["cost"] for r in rows], [r["seconds_ours"] for r in rows])
     print_table(rows, alpha, beta)
-    return {"rows": rows, "alpha": alpha, "beta": beta}
+    # lax's collective is one op, not one per step: its fit says what XLA's own algorithm costs
+    # per (model) step and byte, for comparison.
+    lax_alpha, lax_beta = coll.fit_alpha_beta([r["cost"] for r in rows], [r["seconds_lax"] for r in rows])
+    print(f"fit to lax's times:  alpha = {1e6 * lax_alpha:.1f} us per step, beta = {1e9 * lax_beta:.3f} ns per byte")
+    ratios = [r["seconds_ours"] / r["cost"].time(alpha, beta) for r in rows]
+    print(f"ours measured / predicted: median {np.median(ratios):.2f}, range {min(ratios):.2f} .. {max(ratios):.2f}")
+    return {"rows": rows, "alpha": alpha, "beta": beta, "lax_alpha": lax_alpha, "lax_beta": lax_beta}
 
 
 if __name__ == "__main__":
