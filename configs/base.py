@@ -225,8 +225,15 @@ def get_config() -> ml_collections.ConfigDict:
         decay_shape="linear",  # wsd: linear | cosine | sqrt
     ))
     c.sharding = ml_collections.ConfigDict(dict(
-        strategy="dp",  # dp | zero1 | zero2 | zero3 | fsdp | tp | tp_sp | fsdp_tp | ep (sharding/strategies.py)
+        strategy="dp",  # dp | zero1 | zero2 | zero3 | fsdp | tp | tp_sp | fsdp_tp | ep | pp | pp_fsdp | pp_tp
+        # | pp_fsdp_tp (sharding/strategies.py)
         mesh="",  # e.g. "data=2,fsdp=2,tensor=2" (-1: the rest); "": the strategy's default mesh
+        # pp*: micro-batches of each (accumulation) micro-batch in the pipeline; the bubble is
+        # (stages - 1) / (pipeline_microbatches + stages - 1) (models/layers/pipeline.py)
+        pipeline_microbatches=4,
+        # pp*: gpipe (all forwards, then all backwards); 1F1B is the library schedule
+        # sharding.pipeline.one_f_one_b, not yet a training-step option
+        pipeline_schedule="gpipe",
     ))
     c.checkpoint = ml_collections.ConfigDict(dict(
         save_interval_steps=200,

@@ -61,6 +61,7 @@ import jax
 import jax.numpy as jnp
 
 from models.layers import linear
+from models.layers import pipeline as pipeline_lib
 from models.layers.blocks import BlockConfig
 from models.layers.embedding import Embed
 from models.layers.moe import MoEConfig
@@ -100,6 +101,11 @@ class GPTConfig:
         without bias, and no LM head: transformers' *ForSequenceClassification, a reward
         model); "lm_score" (both, as (logits, scores): a policy with a value head on its trunk).
       num_scores: outputs of the `score` head (1 for a reward or value model).
+      pipeline_microbatches: where the model is traced with the logical axis `act_stage`
+        split over S > 1 devices (a pipeline strategy), the scanned `layers` stack runs as a
+        GPipe pipeline of S stages and this many micro-batches (`models.layers.pipeline`;
+        training and evaluation, not decoding): same parameters, same outputs. Elsewhere
+        unused.
     """
 
     vocab_size: int
@@ -114,9 +120,12 @@ class GPTConfig:
     mtp_depth: int = 0
     head: str = "lm"
     num_scores: int = 1
+    pipeline_microbatches: int = 0
 
     def __post_init__(self):
         check_remat(self.remat)
+        if self.pipeline_microbatches < 0:
+            raise ValueError(f"pipeline_microbatches={self.pipeline_microbatches} must be >= 0")
         if self.head not in HEADS:
             raise ValueError(f"head={self.head!r}; expected one of {HEADS}")
         if self.head != "lm" and self.num_scores < 1:
@@ -285,8 +294,14 @@ class GPT(nn.Module):
         decoding = self.is_mutable_collection("cache") and not self.is_initializing()
         if decoding and segment_ids is not None:
             raise ValueError("segment_ids (packed rows) cannot be used with a KV cache; decode one sequence per row")
+        stages = 1 if decoding or self.is_initializing() else pipeline_lib.stage_count()
+        if stages > 1:
+            _check_pipelined(cfg, stages)
         if cfg.scan_layers:
             for name, start, stop in layer_groups(cfg):
+                if stages > 1:
+                    x_BTD = self._pipelined(name, stages, x_BTD, deterministic, positions, segment_ids, padding_BT)
+                    continue
                 stack = scanned_layers(cfg.layer_block(start), length=stop - start, causal=True, remat=cfg.remat,
                                        name=name)
                 x_BTD, _ = stack(x_BTD, deterministic, positions, segment_ids, padding_BT)
@@ -343,6 +358,65 @@ class GPT(nn.Module):
             return x_BTD, lm_head
         return logits(x_BTD) if scores_BTS is None else (logits(x_BTD), scores_BTS)
 
+    def _pipelined(self, name, stages, x_BTD, deterministic, positions, segment_ids, padding_BT):
+        """The scanned stack `name` (its parameters as `nn.scan` made them) through
+        `models.layers.pipeline`; sows the layers' router statistics where the scan would
+        (leaves [L, ...], the mean over micro-batches) and the ticks each stage worked
+        (`intermediates/pipeline`)."""
+        cfg = self.config
+        layer = layer_class(cfg.remat, scanned=True)(cfg.layer_block(0), causal=True)
+        sows = cfg.block.moe is not None and self.is_mutable_collection("intermediates")
+        extras = {"positions": positions, **({} if segment_ids is None else
+                                             {"segment_ids": segment_ids, "padding": padding_BT})}
+
+        def apply_layer(params, x_bTD, extras_b, rng):
+            out = layer.apply({"params": params}, x_bTD, deterministic, extras_b["positions"],
+                              extras_b.get("segment_ids"), extras_b.get("padding"),
+                              rngs={} if rng is None else {"dropout": rng},
+                              mutable=["intermediates"] if sows else False)
+            if not sows:
+                return out[0], {}
+            (y_bTD, _), variables = out
+            return y_bTD, _router_stats_only(variables.get("intermediates", {}))
+
+        rng = self.make_rng("dropout") if not deterministic and self.has_rng("dropout") else None
+        out = pipeline_lib.pipeline(apply_layer, self.variables["params"][name], x_BTD, extras,
+                                    stages=stages, microbatches=cfg.pipeline_microbatches,
+                                    rng=rng)
+        if out.stats:
+            self.sow("intermediates", name, out.stats, init_fn=dict, reduce_fn=lambda _, new: new)
+        self.sow("intermediates", "pipeline", {"useful_ticks": out.useful_ticks, "ticks": jnp.int32(out.ticks)},
+                 init_fn=dict, reduce_fn=lambda _, new: new)
+        return out.y_BTD
+
+
+def _check_pipelined(config: GPTConfig, stages: int) -> None:
+    """Raises unless `config` can run as a pipeline of `stages` stages."""
+    if not config.scan_layers:
+        raise ValueError(f"the layers are split into {stages} pipeline stages, which needs them stacked: set "
+                         "scan_layers=True (config key model.scan_layers)")
+    if config.first_dense_layers:
+        raise ValueError("a pipeline runs one stack of identical layers; first_dense_layers must be 0")
+    if config.pipeline_microbatches < 1:
+        raise ValueError(f"the layers are split into {stages} pipeline stages: set pipeline_microbatches >= 1 "
+                         "(config key sharding.pipeline_microbatches)")
+    if config.num_layers % stages:
+        raise ValueError(f"num_layers={config.num_layers} does not split into {stages} pipeline stages; use a "
+                         f"multiple of {stages}")
+
+
+def _router_stats_only(intermediates):
+    """An intermediates tree pruned to its `router_stats` entries (empty dicts dropped)."""
+    out = {}
+    for key, value in intermediates.items():
+        if key == "router_stats":
+            out[key] = value
+        elif isinstance(value, dict):
+            kept = _router_stats_only(value)
+            if kept:
+                out[key] = kept
+    return out
+
 
 def llama_config(*, vocab_size: int, d_model: int, num_layers: int, num_heads: int, d_ff: int,
                  num_kv_heads: int | None = None, head_dim: int | None = None, rope_theta: float = 10000.0,
@@ -368,7 +442,8 @@ def llama_config(*, vocab_size: int, d_model: int, num_layers: int, num_heads: i
     Returns:
       The GPTConfig.
     """
-    gpt_fields = {k: overrides.pop(k) for k in ("remat", "scan_layers", "mtp_depth", "first_dense_layers")
+    gpt_fields = {k: overrides.pop(k) for k in ("remat", "scan_layers", "mtp_depth", "first_dense_layers",
+                                                "pipeline_microbatches")
                   if k in overrides}
     block = {"d_model": d_model, "num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim,
              "d_ff": d_ff, "mlp_activation": "swiglu", "norm": "rmsnorm", "norm_position": "pre", "norm_eps": norm_eps,

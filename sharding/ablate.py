@@ -16,6 +16,11 @@ records:
   * the step time (median over the steps) and the losses, and the largest absolute loss
     difference against dp (dp is run first whether asked for or not).
 
+The pipeline strategies (pp, pp_fsdp, pp_tp, pp_fsdp_tp) split the stacked layers: with one of
+them in the list every layout runs with model.scan_layers=True (the same outputs), and
+sharding.pipeline_microbatches must split the batch (e.g. `--strategies=pp,pp_fsdp,pp_tp
+--config.sharding.pipeline_microbatches=2` on the tiny LLaMA's 8 rows over 8 devices).
+
 It prints a table and writes OUT/ablation.json (the records, schema in the README) and
 OUT/ablation.png (bar charts of memory and collective bytes per strategy).
 
@@ -100,7 +105,7 @@ def ablate(config, layouts: Sequence[tuple[str, str]], *, steps: int = 3, device
 
     from sharding import analysis
     from sharding import mesh as mesh_lib
-    from sharding.strategies import get_strategy
+    from sharding.strategies import STAGE, check_pipeline_batch, get_strategy
     from train import build
     from train import program as program_lib
 
@@ -113,6 +118,12 @@ def ablate(config, layouts: Sequence[tuple[str, str]], *, steps: int = 3, device
         layouts.insert(0, ("dp", ""))
     layouts.sort(key=lambda sm: not (sm[0] == "dp" and not sm[1]))  # the reference first
     vocab = config.model.vocab_size or config.tokenizer.vocab_size
+    if any(STAGE in get_strategy(s).mesh_axes for s, _ in layouts) and not config.model.scan_layers:
+        # A pipeline splits the stacked layers; every layout runs them stacked (the same outputs).
+        config = config.copy_and_resolve_references()
+        config.model.scan_layers = True
+        if log:
+            log("model.scan_layers=True for every layout: the pipeline strategies split the stacked layers")
     model = build.model(config, vocab)
     tx, schedule = build.optimizer(config)
     batch = random_batch(config.data.batch_size, config.data.seq_len, vocab)
@@ -121,6 +132,8 @@ def ablate(config, layouts: Sequence[tuple[str, str]], *, steps: int = 3, device
     for strategy_name, mesh_text in layouts:
         strategy = get_strategy(strategy_name)
         mesh = mesh_lib.make_mesh(mesh_text or strategy.default_mesh, devices)
+        check_pipeline_batch(strategy, dict(mesh.shape), config.data.batch_size // config.optimizer.grad_accum_steps,
+                             config.sharding.pipeline_microbatches)
         program = program_lib.build_for_run(config, model, tx, schedule, strategy=strategy, mesh=mesh)
         began = time.perf_counter()
         compiled = program.step.lower(program.abstract_state, program.abstract_batch(*batch["inputs"].shape),
@@ -133,7 +146,8 @@ def ablate(config, layouts: Sequence[tuple[str, str]], *, steps: int = 3, device
                                       steps, jax.random.key(config.seed + 1))
         num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(program.abstract_state.params))
         analytic = (None if strategy.name == "ep" else
-                    analysis.analytic_state_bytes(program.layout, num_params, precision))
+                    analysis.analytic_state_bytes(program.layout, num_params, precision,
+                                                  analysis.staged_params(program.layout, program.abstract_state.params)))
         records.append({
             "strategy": strategy.name,
             "summary": strategy.summary,

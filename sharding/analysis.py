@@ -47,7 +47,7 @@ import jax
 import numpy as np
 
 from sharding.layout import Layout
-from sharding.strategies import TENSOR, axis_size
+from sharding.strategies import STAGE, TENSOR, axis_size
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 # Bytes per parameter: (params, grads, optimizer state).
@@ -131,14 +131,52 @@ def zero_bytes(num_params: float, num_devices: int, stage: int | str, precision:
     return out
 
 
-def analytic_state_bytes(layout: Layout, num_params: float, precision: str = "f32") -> dict[str, float]:
+def analytic_state_bytes(layout: Layout, num_params: float, precision: str = "f32",
+                         staged: float = 0.0) -> dict[str, float]:
     """`zero_bytes` for the layout's strategy: N = the devices the ZeRO state is split over,
     everything further divided by the tensor-parallel degree (every weight but the norms is
-    split over `tensor`). Expert parallelism is not modelled (its experts' share varies)."""
+    split over `tensor`). Under pipeline parallelism the `staged` parameters (the stacked
+    layers, `staged_params`) count 1 / stages: each stage holds its own layers, every stage the
+    rest (embedding, head). Expert parallelism is not modelled (its experts' share varies)."""
     strategy, mesh = layout.strategy, layout.mesh
     zero_devices = axis_size(mesh, tuple(a for a in strategy.zero_axes if a in mesh.shape))
     tensor = mesh.shape[TENSOR] if TENSOR in strategy.mesh_axes and TENSOR in mesh.shape else 1
-    return {k: v / tensor for k, v in zero_bytes(num_params, zero_devices, strategy.zero_stage, precision).items()}
+    stages = mesh.shape[STAGE] if STAGE in strategy.mesh_axes and STAGE in mesh.shape else 1
+    held = num_params - staged + staged / stages
+    return {k: v / tensor for k, v in zero_bytes(held, zero_devices, strategy.zero_stage, precision).items()}
+
+
+def staged_params(layout: Layout, abstract_params: Any) -> int:
+    """Parameters in the leaves the layout splits over the `stage` mesh axis (the stacked layers
+    of a pipeline strategy; 0 without one)."""
+    def staged(sharding) -> bool:
+        return any(STAGE in ((entry,) if isinstance(entry, str) else tuple(entry or ())) for entry in sharding.spec)
+
+    return sum(math.prod(leaf.shape) for leaf, sharding in zip(jax.tree_util.tree_leaves(abstract_params),
+                                                              jax.tree_util.tree_leaves(layout.state.params))
+               if staged(sharding))
+
+
+def pipeline_activation_bytes(*, stages: int, microbatches: int, num_layers: int, rows: int, seq_len: int,
+                              d_model: int, bytes_per_element: int = 4) -> dict[str, float]:
+    """What a GPipe stage keeps for its backward pass, per device, as layer inputs ([b, T, D] per
+    layer and tick; `models.layers.pipeline`): the tick loop saves every one of its M + S - 1
+    ticks (S - 1 of them the bubble's placeholders), for each of the stage's L / S layers. With
+    remat "full" that is all a layer keeps; otherwise a lower bound (a layer keeps more inside).
+
+    Args:
+      stages, microbatches: S and M.
+      num_layers: L.
+      rows: rows of one micro-batch on one device (step rows / M / batch devices).
+      seq_len, d_model: T and D.
+      bytes_per_element: of the compute dtype.
+
+    Returns:
+      in_flight_ticks (M + S - 1), bubble ((S - 1) / (M + S - 1)) and layer_input_bytes.
+    """
+    ticks = microbatches + stages - 1
+    return {"in_flight_ticks": ticks, "bubble": (stages - 1) / ticks,
+            "layer_input_bytes": ticks * (num_layers // stages) * rows * seq_len * d_model * bytes_per_element}
 
 
 # ----------------------------------------------------------------------- communication

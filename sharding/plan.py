@@ -20,8 +20,10 @@ temporaries an estimate of what a GPU compile would assign, and for ZeRO-2/3 an 
 the CPU compiler reduces gradients with an all-reduce (the whole f32 gradient, 4Ψ, lives for
 a moment) where GPU compilers reduce-scatter, and it schedules ZeRO-3's all-gathers without
 a memory limit. It prints the per-device breakdown beside the analytic formulas and whether
-the peak fits. For example llama3_8b, zero3 on data=8, one 2048-token row per device
-(--config.data.batch_size=8 --config.data.seq_len=2048): state 16.06 GB, peak 101 GB.
+the peak fits. Under a pipeline strategy (a `stage` axis) the analytic state counts the
+stacked layers' share 1 / stages, and the plan adds the pipeline's bubble and the layer inputs
+its stages keep for the backward pass (`analysis.pipeline_activation_bytes`). For example
+llama3_8b, zero3 on data=8, one 2048-token row per device (--config.data.batch_size=8 --config.data.seq_len=2048): state 16.06 GB, peak 101 GB.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def compile_plan(config, *, strategy: str, mesh: str, device_memory_gb: float, d
 
     from sharding import analysis
     from sharding import mesh as mesh_lib
-    from sharding.strategies import get_strategy
+    from sharding.strategies import STAGE, axis_size, check_pipeline_batch, get_strategy
     from train import build
     from train import program as program_lib
 
@@ -85,6 +87,8 @@ def compile_plan(config, *, strategy: str, mesh: str, device_memory_gb: float, d
                          "supported")
     chosen = get_strategy(strategy)
     device_mesh = mesh_lib.make_mesh(mesh or chosen.default_mesh, devices)
+    check_pipeline_batch(chosen, dict(device_mesh.shape), config.data.batch_size // config.optimizer.grad_accum_steps,
+                         config.sharding.pipeline_microbatches)
     model = build.model(config, config.model.vocab_size or config.tokenizer.vocab_size)
     tx, schedule = build.optimizer(config)
     seq_len, batch_size = config.data.seq_len, config.data.batch_size
@@ -94,10 +98,21 @@ def compile_plan(config, *, strategy: str, mesh: str, device_memory_gb: float, d
     num_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(program.abstract_state.params))
     precision = "f32" if config.model.param_dtype == "float32" else "mixed"
     memory = analysis.compiled_memory(compiled)
+    staged = analysis.staged_params(program.layout, program.abstract_state.params)
+    stages = dict(device_mesh.shape).get(STAGE, 1) if STAGE in chosen.mesh_axes else 1
+    pipeline = None
+    if stages > 1:
+        micro = config.sharding.pipeline_microbatches
+        rows = batch_size // config.optimizer.grad_accum_steps // micro // axis_size(
+            device_mesh, tuple(a for a in chosen.batch_axes if a in device_mesh.shape))
+        pipeline = {"stages": stages, "microbatches": micro, **analysis.pipeline_activation_bytes(
+            stages=stages, microbatches=micro, num_layers=config.model.num_layers, rows=rows, seq_len=seq_len,
+            d_model=config.model.block.d_model, bytes_per_element=4 if config.model.dtype == "float32" else 2)}
     return {
         "config": config.model.family, "strategy": strategy, "mesh": dict(device_mesh.shape), "params": num_params,
         "state_bytes": analysis.state_bytes(program.layout, program.abstract_state),
-        "analytic_bytes": analysis.analytic_state_bytes(program.layout, num_params, precision),
+        "analytic_bytes": analysis.analytic_state_bytes(program.layout, num_params, precision, staged),
+        "pipeline": pipeline,
         "analytic_precision": precision,
         "compiled_bytes": memory,
         "device_memory_bytes": device_memory_gb * 1e9,
@@ -128,6 +143,11 @@ def _print_plan(r: dict) -> None:
     c = r["compiled_bytes"]
     print(f"  compiled: arguments {c['argument'] / gb:.4g}, outputs {c['output'] / gb:.4g} "
           f"(donated {c['alias'] / gb:.4g}), temporaries {c['temp'] / gb:.4g}, peak {c['peak'] / gb:.4g}")
+    p = r.get("pipeline")
+    if p:
+        print(f"  pipeline: {p['stages']} stages x {p['microbatches']} micro-batches, bubble {p['bubble']:.3f}; "
+              f"{p['in_flight_ticks']} ticks of layer inputs kept per stage: {p['layer_input_bytes'] / gb:.4g} "
+              "(the layers' own activations come on top unless remat=full)")
     verdict = "fits" if r["fits"] else "does NOT fit"
     print(f"  {verdict} in {r['device_memory_bytes'] / gb:.4g} GB"
           + ("" if r["fits"] else " (more devices, a higher ZeRO stage, remat, or gradient accumulation)"))

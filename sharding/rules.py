@@ -1,7 +1,7 @@
 """Helpers that map logical axis names to mesh shardings.
 
 Models name logical axes only (`embed`, `heads`, `mlp`, `vocab`, `act_batch`, ...). The
-tables that map them to mesh axes, one per strategy (dp, ZeRO-1/2/3, FSDP, Megatron
+tables that map them to mesh axes, one per strategy (dp, ZeRO-1/2/3, FSDP, pipeline, Megatron
 TP/SP, EP), live in `sharding/strategies.py`; `sharding/layout.py` turns them into the
 shardings of a train state and `sharding/step.py` jits the step with them.
 """

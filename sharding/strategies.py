@@ -16,7 +16,7 @@ split over, with three small pieces:
     such dimension stays replicated. ZeRO stages differ only in which of the three the
     table shards.
 
-The mesh axes are named `data`, `fsdp`, `tensor` and `expert` (`sharding.mesh` builds them
+The mesh axes are named `data`, `fsdp`, `tensor`, `expert` and `stage` (`sharding.mesh` builds them
 from strings such as "data=2,fsdp=2,tensor=2"). A strategy uses the subset of its axes
 that the mesh has, so the mesh shape picks the composite: `fsdp` on "data=2,fsdp=4" is
 hybrid sharding (parameters split over 4 and replicated over 2), `zero3` on the same mesh
@@ -39,6 +39,13 @@ The table of strategies (N devices, Ψ parameters):
   fsdp_tp  2-D: fsdp over `fsdp`, tp over `tensor`.
   ep       expert parallelism: experts split over `expert`, the batch over data x expert;
            tokens reach their experts by all-to-all (capacity mode).
+  pp       pipeline parallelism (GPipe) over `stage`: the stacked layers (`layers`) split into
+           consecutive stages, micro-batches passed stage to stage by collective-permutes
+           (`models.layers.pipeline`; the model needs scan_layers and pipeline_microbatches);
+           data parallel over `data`.
+  pp_fsdp  + FSDP over `fsdp` (each stage's parameters split further).
+  pp_tp    + Megatron tensor parallelism over `tensor` within each stage.
+  pp_fsdp_tp  3-D: stage x fsdp x tensor.
 """
 
 from __future__ import annotations
@@ -56,7 +63,8 @@ from jax.sharding import Mesh, PartitionSpec
 Rules = tuple[tuple[str, Any], ...]
 
 DATA, FSDP, TENSOR, EXPERT = "data", "fsdp", "tensor", "expert"
-MESH_AXES = (DATA, FSDP, TENSOR, EXPERT)
+STAGE = "stage"
+MESH_AXES = (DATA, FSDP, TENSOR, EXPERT, STAGE)
 
 # Megatron-LM (Shoeybi et al. 2019). Column-parallel layers split their output features
 # (q/k/v per head, the MLP's gate and up); row-parallel layers (attention output, MLP down)
@@ -74,6 +82,11 @@ SEQUENCE_PARALLEL: Rules = (("act_seq", TENSOR),)
 # (`act_expert` is the activation name of the dispatched tokens' expert dimension; the MoE
 # layer currently constrains them with the parameter name `expert`, which maps the same.)
 EXPERT_PARALLEL: Rules = (("expert", EXPERT), ("act_expert", EXPERT))
+
+# Pipeline parallelism (GPipe): the stacked layers split into consecutive stages over `stage`,
+# and the pipeline's state buffer [stages, micro-batch rows, T, D] with them
+# (`models.layers.pipeline`; the model runs it with `pipeline_microbatches` > 0).
+PIPELINE: Rules = (("layers", STAGE), ("act_stage", STAGE))
 
 # ZeRO splits a leaf along the first of these dimensions that divides evenly.
 ZERO_DIMS = ("embed", "vocab", "mlp", "heads", "kv_heads", "expert", "head_dim", "q_lora", "kv_lora")
@@ -181,6 +194,16 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("ep", "expert parallel: experts over expert, batch over data x expert",
              default_mesh="data=-1,expert=4", batch_axes=(DATA, EXPERT), model_rules=EXPERT_PARALLEL,
              required_axes=(EXPERT,)),
+    Strategy("pp", "pipeline parallel: layers in stages over stage, data parallel over data",
+             default_mesh="stage=2,data=-1", model_rules=PIPELINE, required_axes=(STAGE,)),
+    Strategy("pp_fsdp", "pipeline over stage, FSDP over fsdp", default_mesh="stage=2,fsdp=-1",
+             batch_axes=(DATA, FSDP), model_rules=PIPELINE, zero_stage=3, zero_axes=(FSDP,),
+             required_axes=(STAGE, FSDP)),
+    Strategy("pp_tp", "pipeline over stage, tensor parallel over tensor", default_mesh="stage=2,data=-1,tensor=2",
+             model_rules=PIPELINE + TENSOR_PARALLEL, required_axes=(STAGE, TENSOR)),
+    Strategy("pp_fsdp_tp", "3-D: pipeline over stage, FSDP over fsdp, tensor parallel over tensor",
+             default_mesh="stage=2,fsdp=-1,tensor=2", batch_axes=(DATA, FSDP), model_rules=PIPELINE + TENSOR_PARALLEL,
+             zero_stage=3, zero_axes=(FSDP,), required_axes=(STAGE, FSDP, TENSOR)),
 )}
 
 
@@ -242,6 +265,20 @@ def check_applies(strategy: Strategy, mesh: Mesh, boxed_params: Any = None, *, b
         size = axis_size(mesh, seq_axes)
         raise ValueError(f"strategy `{strategy.name}` splits the sequence (data.seq_len = {seq_len}) over mesh "
                          f"axis `{seq_axes}` of size {size}; use a seq_len that is a multiple of {size}")
+
+
+def check_pipeline_batch(strategy: Strategy, mesh_shape: dict[str, int], rows: int, microbatches: int) -> None:
+    """Raises a ValueError unless a pipeline strategy's `rows` (one step's, or accumulation
+    micro-batch's) split into `microbatches` pipeline micro-batches whose rows split evenly over
+    the batch axes; nothing to check without a `stage` axis."""
+    if STAGE not in strategy.mesh_axes or mesh_shape.get(STAGE, 1) == 1:
+        return
+    devices = math.prod(mesh_shape.get(a, 1) for a in strategy.batch_axes)
+    if microbatches < 1 or rows % (microbatches * devices):
+        raise ValueError(f"strategy `{strategy.name}` splits the batch's {rows} rows (data.batch_size / "
+                         f"optimizer.grad_accum_steps) into sharding.pipeline_microbatches={microbatches} micro-batches "
+                         f"over {devices} batch devices; use rows a multiple of {max(microbatches, 1) * devices} or "
+                         f"fewer micro-batches")
 
 
 def _check_params(strategy: Strategy, mesh: Mesh, boxed_params: Any) -> None:

@@ -325,7 +325,7 @@ def model(config: ml_collections.ConfigDict, vocab_size: int) -> nn.Module:
         vocab_size=m.vocab_size or vocab_size, block=block, num_layers=m.num_layers, max_len=m.max_len,
         tie_embeddings=m.tie_embeddings, remat=m.remat, positional=m.positional,
         first_dense_layers=m.first_dense_layers, scan_layers=m.scan_layers, mtp_depth=m.mtp_depth,
-        head=decoder_head(config))))
+        head=decoder_head(config), pipeline_microbatches=config.sharding.pipeline_microbatches)))
 
 
 def with_value_model(config: ml_collections.ConfigDict, decoder: nn.Module) -> nn.Module:

@@ -173,6 +173,8 @@ def model(config: ml_collections.ConfigDict, vocab_size: int) -> nn.Module:
             grouped_matmul=e.grouped_matmul, aux_loss_weight=e.aux_loss_weight,
             router_z_loss_weight=e.router_z_loss_weight, seq_aux_loss_weight=e.seq_aux_loss_weight))
     c = dataclasses.replace(c, block=block, remat=m.remat, scan_layers=m.scan_layers)
+    if hasattr(c, "pipeline_microbatches"):  # a decoder: pipelined under the pp strategies
+        c = dataclasses.replace(c, pipeline_microbatches=config.sharding.pipeline_microbatches)
     if c.max_len < config.data.seq_len:
         raise ValueError(f"config key `data.seq_len`={config.data.seq_len} exceeds the context of "
                          f"{spec} (max_len {c.max_len})")

@@ -44,7 +44,7 @@ from data.pipeline import process_rows
 from data.tokenizer import Tokenizer, load_tokenizer
 from models.layers.attention import ATTENTION_IMPLS
 from sharding import mesh as mesh_lib
-from sharding.strategies import get_strategy
+from sharding.strategies import STAGE, STRATEGIES, check_pipeline_batch, get_strategy
 from train import build, compilation_cache, init_from, objectives, task_eval
 from train import program as program_lib
 from train import trainable as trainable_lib
@@ -55,8 +55,9 @@ MINIMUMS = (
     ("optimizer.grad_accum_steps", 1), ("checkpoint.save_interval_steps", 1), ("checkpoint.max_to_keep", 1),
     ("logging.log_every_steps", 1), ("logging.peak_flops", 0), ("eval.every_steps", 0), ("eval.max_batches", 0),
     ("eval.num_samples", 0), ("eval.sample_tokens", 0), ("eval.temperature", 0), ("eval.task_limit", 0),
-    ("model.num_layers", 1), ("model.loss_chunk_size", 0),
+    ("model.num_layers", 1), ("model.loss_chunk_size", 0), ("sharding.pipeline_microbatches", 1),
 )
+PIPELINE_SCHEDULES = ("gpipe",)
 CHUNKED_LOSS_OBJECTIVES = ("lm", "sft")  # model.loss_chunk_size: the token cross-entropy of a decoder
 LOCAL_SPLITS = ("train", "validation")  # what the embedded and files: sources hold
 # (finetune key, smallest value, exclusive): the PEFT methods' sizes.
@@ -77,6 +78,7 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> None:
     workdir = os.path.abspath(workdir)
     compilation_cache.check(config.train.compilation_cache_dir)
     _check_counts(config)
+    _check_pipeline(config)
     _check_attention_impl(config)
     task_eval.check_tasks(config)  # an unknown task or a task file with missing fields
     check_finetune(config)
@@ -106,6 +108,44 @@ def _check_counts(config) -> None:
         raise ValueError(f"config key `model.loss_chunk_size`={chunk} chunks a decoder's next-token loss, but "
                          f"objective={name!r} with model.family={config.model.family!r}; use objective lm or sft "
                          "with a decoder family, or set model.loss_chunk_size=0")
+
+
+def _check_pipeline(config) -> None:
+    """A pipeline strategy (a `stage` mesh axis): stacked identical decoder layers that split into
+    the stages, and micro-batches that split the step's rows evenly over the batch axes."""
+    sh = config.sharding
+    if sh.pipeline_schedule == "1f1b":
+        raise ValueError("config key `sharding.pipeline_schedule`='1f1b': the training step pipelines with gpipe; "
+                         "1F1B (its loss inside the pipeline) runs as the library schedule "
+                         "sharding.pipeline.one_f_one_b, not through train.step yet; use gpipe")
+    if sh.pipeline_schedule not in PIPELINE_SCHEDULES:
+        raise ValueError(f"config key `sharding.pipeline_schedule`={sh.pipeline_schedule!r}; expected one of "
+                         f"{PIPELINE_SCHEDULES}")
+    strategy = STRATEGIES.get(sh.strategy)
+    if strategy is None or STAGE not in strategy.mesh_axes:
+        return
+    try:
+        mesh = mesh_lib.parse_mesh(sh.mesh or strategy.default_mesh, jax.device_count())
+    except ValueError:
+        return  # the mesh's own error comes with the shape checks
+    stages, m = mesh.get(STAGE, 1), config.model
+    if m.family == "bert":
+        raise ValueError(f"config key `sharding.strategy`={sh.strategy!r} pipelines a decoder's layers, but "
+                         "model.family='bert'; use a decoder family or a strategy without a stage axis")
+    if not m.scan_layers:
+        raise ValueError(f"config key `sharding.strategy`={sh.strategy!r} splits the stacked layers into pipeline "
+                         "stages: set model.scan_layers=True")
+    if m.first_dense_layers:
+        raise ValueError(f"config key `sharding.strategy`={sh.strategy!r} pipelines one stack of identical layers: "
+                         f"set model.first_dense_layers=0 (got {m.first_dense_layers})")
+    if m.num_layers % stages:
+        raise ValueError(f"config key `model.num_layers`={m.num_layers} does not split into the {stages} pipeline "
+                         f"stages of mesh axis `stage`; use a multiple of {stages} or another stage size")
+    rows = config.data.batch_size // config.optimizer.grad_accum_steps
+    try:
+        check_pipeline_batch(strategy, mesh, rows, sh.pipeline_microbatches)
+    except ValueError as e:
+        raise ValueError(f"config key `sharding.pipeline_microbatches`: {e}") from None
 
 
 def _check_attention_impl(config) -> None:

@@ -50,3 +50,20 @@ def test_cli_writes_the_documented_records(tmp_path):
     assert records[0]["collectives"]["all-reduce"]["count"] >= 1
     assert records[1]["collectives"]["all-gather"]["bytes"] > 0
     assert (tmp_path / "ablation.png").stat().st_size > 10_000
+
+
+def test_ablates_a_pipeline():
+    """A pipeline strategy in the list: every layout runs the stacked layers, the stages pass
+    micro-batches by collective-permute, the losses are dp's and the state is the formula
+    (the stacked layers 1/2 per stage)."""
+    from configs.loader import load_config
+
+    config = load_config("configs/llama.py:tiny", ["sharding.pipeline_microbatches=2"])
+    records = ablate.ablate(config, [("pp_fsdp_tp", "")], steps=2, compiler_options=ablate.FAST_COMPILE, log=None)
+    assert [(r["strategy"], r["mesh"]) for r in records] == [
+        ("dp", {"data": 8}), ("pp_fsdp_tp", {"stage": 2, "fsdp": 2, "tensor": 2})]
+    pipelined = records[1]
+    assert pipelined["max_abs_loss_diff_vs_dp"] < LOSS_RTOL * max(pipelined["losses"])
+    assert pipelined["collectives"]["collective-permute"]["count"] >= 2
+    assert records[0]["collectives"]["collective-permute"]["count"] == 0
+    assert pipelined["bytes_per_device"]["params"] == pipelined["measured_bytes_per_device"]["params"]

@@ -45,3 +45,19 @@ def test_cli_simulates_the_mesh_devices():
     result = _cli("--config=configs/llama.py:tiny", "--mesh=data=2,fsdp=2", "--strategy=fsdp",
                   "--device_memory_gb=1")
     assert result["mesh"] == {"data": 2, "fsdp": 2} and result["fits"]
+
+
+def test_plans_a_pipeline():
+    """pp_fsdp on stage=2,fsdp=4: the stacked layers count 1/2 (each stage holds its own), the
+    embedding and head whole on both stages; the sharded state is that formula. The plan adds
+    GPipe's bubble and the layer inputs a stage keeps: 2 micro-batches of 8 / 2 / 4 = 1 row,
+    64 tokens, width 64, f32, for 2 + 2 - 1 ticks of the stage's one layer."""
+    config = load_config("configs/llama.py:tiny", ["model.scan_layers=True",
+                                                   "sharding.pipeline_microbatches=2"])
+    result = plan.compile_plan(config, strategy="pp_fsdp", mesh="stage=2,fsdp=4", device_memory_gb=1.0)
+    for key in ("params", "grads", "opt_state"):
+        assert 0 <= result["state_bytes"][key] - result["analytic_bytes"][key] <= 16, key
+    # Between all of it split 8 ways and all of it split 4 ways: the layers are split 8, the rest 4.
+    assert 4 * result["params"] / 8 < result["state_bytes"]["params"] < 4 * result["params"] / 4
+    assert result["pipeline"] == {"stages": 2, "microbatches": 2, "bubble": 1 / 3, "in_flight_ticks": 3,
+                                  "layer_input_bytes": 3 * 1 * 1 * 64 * 64 * 4}

@@ -82,6 +82,19 @@ def test_megatron_and_composite_tables():
     assert nn.logical_to_mesh_axes(("act_batch", "act_seq", "act_mlp"), rules) == PartitionSpec("data", None, "tensor")
 
 
+def test_pipeline_tables():
+    """The stacked layers split into stages over `stage`, composed with FSDP and Megatron; the
+    embedding and head are on every stage."""
+    config = llama_config(num_heads=4, num_kv_heads=2, d_ff=128, scan_layers=True, **{**SMALL, "num_layers": 2})
+    layout = _layout("pp_fsdp_tp", "stage=2,fsdp=2,tensor=2", config)
+    p = layout.state.params["layers"]
+    assert p["self_attention"]["query"].spec == PartitionSpec("stage", "fsdp", "tensor", None)
+    assert p["mlp"]["wo"].spec == PartitionSpec("stage", "tensor", "fsdp")
+    assert layout.state.params["embed"]["embedding"].spec == PartitionSpec("tensor", "fsdp")
+    assert nn.logical_to_mesh_axes(("act_stage", "act_batch", "act_seq", "act_embed"), layout.rules) == \
+        PartitionSpec("stage", "fsdp", None, None)
+
+
 def test_every_strategy_runs_on_its_default_mesh():
     for strategy in STRATEGIES.values():
         if strategy.name != "ep":
@@ -106,6 +119,9 @@ def _error(strategy, mesh, config=None, **kwargs) -> str:
      ["`vocab`", "= 127", "`tensor` of size 2"]),
     ("ep", "expert=8", mixtral_config(num_experts=4, num_heads=4, num_kv_heads=2, d_ff=64, **SMALL),
      ["`expert`", "num_experts", "= 4", "`expert` of size 8", "expert=4"]),
+    ("pp", "stage=4,data=2", llama_config(num_heads=4, num_kv_heads=2, d_ff=128, scan_layers=True,
+                                          **{**SMALL, "num_layers": 6}),
+     ["`layers`", "model.num_layers", "= 6", "`stage` of size 4", "data=-1,stage=2"]),
 ])
 def test_model_dimension_errors(strategy, mesh, config, expected):
     message = _error(strategy, mesh, config)

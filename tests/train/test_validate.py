@@ -63,6 +63,15 @@ def _config(*overrides):
                                           r"\('xla', 'blockwise', 'pallas', 'cudnn'\)"),
     (["model.block.attention_impl=cudnn"], r"`model.block.attention_impl`='cudnn' needs a GPU, but the JAX "
                                            r"backend is 'cpu'; use blockwise or xla"),
+    (["sharding.pipeline_schedule=zigzag"], r"config key `sharding.pipeline_schedule`='zigzag'; expected one of"),
+    (["sharding.pipeline_schedule=1f1b"], (r"`sharding.pipeline_schedule`='1f1b': the training step pipelines "
+                                           r"with gpipe; .* sharding.pipeline.one_f_one_b")),
+    (["sharding.pipeline_microbatches=0"], r"config key `sharding.pipeline_microbatches`=0 must be >= 1"),
+    (["sharding.strategy=pp"], r"`sharding.strategy`='pp' splits the stacked layers .* set model.scan_layers=True"),
+    (["sharding.strategy=pp", "model.scan_layers=True", "model.num_layers=3"],
+     r"config key `model.num_layers`=3 does not split into the 2 pipeline stages"),
+    (["sharding.strategy=pp", "model.scan_layers=True", "model.num_layers=2"],  # 8 rows, 4 micro-batches, data=4
+     r"`sharding.pipeline_microbatches`: .* 8 rows .*pipeline_microbatches=4 .* 4 batch devices; .*multiple of 16"),
     (["model.block.attention_impl=blockwise", "model.block.attention_dropout_rate=0.1"],
      r"`model.block.attention_impl`='blockwise' has no weight matrix to drop out; set "
      r"model.block.attention_dropout_rate=0"),
@@ -107,6 +116,11 @@ def test_every_family_preset_passes(tmp_path, spec):
 
 def test_a_sharded_config_passes(tmp_path):
     validate.check(_config("sharding.strategy=fsdp_tp", "sharding.mesh=fsdp=4,tensor=2"), str(tmp_path / "b"))
+
+
+def test_a_pipelined_config_passes(tmp_path):
+    validate.check(_config("sharding.strategy=pp_fsdp_tp", "sharding.mesh=stage=2,fsdp=2,tensor=2",
+                           "model.scan_layers=True", "model.num_layers=2"), str(tmp_path / "b"))
 
 
 def _saved_run(workdir, config):
