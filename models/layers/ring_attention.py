@@ -92,13 +92,13 @@ def ring_attention(
     if mask is not None or bias is not None:
         raise ValueError("ring attention takes positions, padding, segments and a window, not a dense `mask` or "
                          "`bias`; use attention impl 'blockwise'")
-    flat = dict(causal=causal, q_positions=q_positions, kv_positions=kv_positions, kv_mask=kv_mask,
-                q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, sliding_window=sliding_window,
-                scale=scale, block_q=block_q, block_kv=block_kv)
+    flat = {"causal": causal, "q_positions": q_positions, "kv_positions": kv_positions, "kv_mask": kv_mask,
+            "q_segment_ids": q_segment_ids, "kv_segment_ids": kv_segment_ids, "sliding_window": sliding_window,
+            "scale": scale, "block_q": block_q, "block_kv": block_kv}
     axis, R, q_spec = ring_axis()
     if axis is None:
         return fa.flash_attention(q_BTNH, k_BSKH, v_BSKH, **flat)
-    B, T, N, H = q_BTNH.shape
+    B, T = q_BTNH.shape[:2]
     if k_BSKH.shape[1] != T:
         raise ValueError(f"ring attention is self-attention: {T} queries but {k_BSKH.shape[1]} keys")
     if T % R:
@@ -127,7 +127,7 @@ def ring_attention(
 
 def _ring_local(q_BTNH, k_BSKH, v_BSKH, vectors, *, axis, R, causal, sliding_window, scale, block_q, block_kv):
     """One device's part: its T/R queries against every chunk of the ring."""
-    B, T, N, H = q_BTNH.shape
+    B, T, N = q_BTNH.shape[:3]
     st, q5, k, v, masks = fa.prepare(
         q_BTNH, k_BSKH, v_BSKH, causal=causal, q_positions=vectors["q_positions"],
         kv_positions=vectors["kv_positions"], kv_mask=vectors["kv_mask"].astype(bool),
@@ -160,7 +160,7 @@ def _shift(tree, axis: str, R: int):
 
 def _ring_forward(st: fa.Static, axis: str, R: int, q, k, v, masks: fa.Masks):
     """(out [B, Tp, K, G, H] in v's dtype, lse [B, K, G, Tp] float32, +inf on rows with no key)."""
-    B, Tp, K, G, H = q.shape
+    B, Tp, K, G = q.shape[:4]
 
     def step(carry, _):
         part, out, lse = carry
