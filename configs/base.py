@@ -50,7 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
                    sliding_window=0,  # local attention over the last N keys; 0: none
                    # How attention is computed (models/layers/attention.py attend): xla (the [B, N, T, S]
                    # weights) | blockwise (flash-style, O(T) memory) | pallas (that as a Pallas kernel) |
-                   # cudnn (GPU and bf16/fp16 only). Not xla: needs attention_dropout_rate=0, no mla.
+                   # cudnn (GPU and bf16/fp16 only) | ring (blockwise with the sequence split over the
+                   # `context` mesh axis: strategies cp / fsdp_cp need it). Not xla: needs
+                   # attention_dropout_rate=0, no mla.
                    attention_impl="xla",
                    ),
         type_vocab_size=2,  # bert only: rows of the token-type (sentence A/B) table
@@ -225,7 +227,8 @@ def get_config() -> ml_collections.ConfigDict:
         decay_shape="linear",  # wsd: linear | cosine | sqrt
     ))
     c.sharding = ml_collections.ConfigDict(dict(
-        strategy="dp",  # dp | zero1 | zero2 | zero3 | fsdp | tp | tp_sp | fsdp_tp | ep (sharding/strategies.py)
+        # dp | zero1 | zero2 | zero3 | fsdp | tp | tp_sp | fsdp_tp | ep | cp | fsdp_cp (sharding/strategies.py)
+        strategy="dp",
         mesh="",  # e.g. "data=2,fsdp=2,tensor=2" (-1: the rest); "": the strategy's default mesh
     ))
     c.checkpoint = ml_collections.ConfigDict(dict(

@@ -31,6 +31,16 @@ def _config(*overrides):
     (["sharding.strategy=zero9"], r"unknown sharding strategy 'zero9'"),
     (["sharding.mesh=data=3"], r"config key `sharding.mesh`: .* 3 slots but there are 8 devices; .* product is 8"),
     (["sharding.strategy=tp", "sharding.mesh=tensor=8"], r"tensor"),  # 4 heads do not split 8 ways
+    # Context parallelism (sharding.strategy=cp: data=2 x context=4 by default).
+    (["sharding.strategy=cp"], r"`sharding.strategy`='cp' splits the sequence .* set model.block.attention_impl=ring"),
+    (["sharding.strategy=cp", "model.block.attention_impl=ring", "data.seq_len=12"],
+     r"cuts the sequence \(data.seq_len = 12\) into 2 x 4 zig-zag chunks .* a multiple of 8"),
+    (["sharding.strategy=cp", "model.block.attention_impl=ring", "model.block.attention_dropout_rate=0.1"],
+     r"`model.block.attention_impl`='ring' has no weight matrix to drop out"),
+    (["sharding.strategy=cp", "model.block.attention_impl=ring", "model.mtp_depth=1"],
+     r"reorders the tokens \(zig-zag\), but multi-token prediction .* set model.mtp_depth=0"),
+    (["sharding.strategy=tp_sp", "model.block.attention_impl=ring"],
+     r"'ring' passes key/value chunks around the `context` mesh axis, but strategy 'tp_sp'"),
     (["data.batch_size=4"], r"of 8 devices, but the batch has 4 rows \(data.batch_size"),  # dp over 8
     (["optimizer.grad_accum_steps=3"], r"not divisible by optimizer.grad_accum_steps=3"),
     (["tokenizer.vocab_size=100"], r"config key `tokenizer.vocab_size`=100 is too small .* at least 257"),
@@ -60,7 +70,7 @@ def _config(*overrides):
      r"finetune.lora.targets='no_such_kernel' matches no kernel"),
     (["finetune.method=qlora", "finetune.lora.rank=100000"], r"finetune.lora.rank=100000 exceeds kernel"),
     (["model.block.attention_impl=flash"], r"config key `model.block.attention_impl`='flash'; expected one of "
-                                          r"\('xla', 'blockwise', 'pallas', 'cudnn'\)"),
+                                          r"\('xla', 'blockwise', 'pallas', 'cudnn', 'ring'\)"),
     (["model.block.attention_impl=cudnn"], r"`model.block.attention_impl`='cudnn' needs a GPU, but the JAX "
                                            r"backend is 'cpu'; use blockwise or xla"),
     (["model.block.attention_impl=blockwise", "model.block.attention_dropout_rate=0.1"],
@@ -107,6 +117,8 @@ def test_every_family_preset_passes(tmp_path, spec):
 
 def test_a_sharded_config_passes(tmp_path):
     validate.check(_config("sharding.strategy=fsdp_tp", "sharding.mesh=fsdp=4,tensor=2"), str(tmp_path / "b"))
+    validate.check(_config("sharding.strategy=fsdp_cp", "sharding.mesh=fsdp=2,context=4",
+                           "model.block.attention_impl=ring"), str(tmp_path / "c"))
 
 
 def _saved_run(workdir, config):
