@@ -104,7 +104,9 @@ def ring_attention(
     if T % R:
         raise ValueError(f"ring attention splits the sequence ({T}) over mesh axis {axis!r} of {R} devices; use a "
                          f"length that is a multiple of {R}")
-    kv_spec = nn.logical_to_mesh_axes(("act_batch", "act_seq", "act_kv_heads", None))
+    mesh = jax.sharding.get_abstract_mesh()
+    q_spec = _dividing(q_spec, q_BTNH.shape, mesh)
+    kv_spec = _dividing(nn.logical_to_mesh_axes(("act_batch", "act_seq", "act_kv_heads", None)), k_BSKH.shape, mesh)
     row_spec = jax.sharding.PartitionSpec(q_spec[0], axis)
 
     def vector(x, fill):
@@ -119,10 +121,20 @@ def ring_attention(
     local = functools.partial(_ring_local, axis=axis, R=R, causal=causal, sliding_window=sliding_window,
                               scale=scale, block_q=block_q, block_kv=block_kv)
     return jax.shard_map(
-        local, mesh=jax.sharding.get_abstract_mesh(),
+        local, mesh=mesh,
         in_specs=(q_spec, kv_spec, kv_spec, {name: row_spec for name in vectors}),
         out_specs=q_spec, check_vma=False,
     )(q_BTNH, k_BSKH, v_BSKH, vectors)
+
+
+def _dividing(spec, shape, mesh) -> jax.sharding.PartitionSpec:
+    """`spec` without the mesh axes that do not divide their dimension (a batch of one row at
+    init time is whole on every device, not split over the batch axes)."""
+    def size(axes):
+        return int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+
+    return jax.sharding.PartitionSpec(*(None if axes is None or dim % size(axes) else axes
+                                        for axes, dim in zip(spec, shape)))
 
 
 def _ring_local(q_BTNH, k_BSKH, v_BSKH, vectors, *, axis, R, causal, sliding_window, scale, block_q, block_kv):
