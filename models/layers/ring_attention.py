@@ -25,8 +25,13 @@ Masks are rebuilt per tile from positions, padding and segment ids, so the resul
 depend on the order of the tokens: a causal mask compares positions, not indices. That is
 what causal load balancing relies on (`sharding.context` feeds each device the token chunks i
 and 2R-1-i, "zig-zag", with their positions). A chunk pair whose every entry is masked (a
-causal future chunk) is skipped whole (`lax.cond`), and inside a live pair
-`flash_attention`'s own tile skipping applies.
+causal future chunk in the natural order) is skipped whole (`lax.cond`); inside a live pair
+`flash_attention`'s own tile skipping applies, which is what skips the masked half of a
+zig-zag pair when a chunk (T / 2R tokens) is a whole number of 128-token blocks.
+
+Each step sends the next chunk before it computes on the current one, so XLA can overlap the
+transfer with the compute. The forward pass shifts R times (the last shift only brings each
+chunk home, unused); the backward pass needs all R, to bring dk and dv home.
 
 With no mesh axis for `act_seq` (no rules, or an axis of one device) this is `flash_attention`.
 The dense `mask` and `bias` inputs are not supported (they would have to travel the ring too).
@@ -196,12 +201,13 @@ def _ring_forward(st: fa.Static, axis: str, R: int, q, k, v, masks: fa.Masks):
 
 
 def _ring_backward(st: fa.Static, axis: str, R: int, res, d_out):
-    """dq stays home; each chunk's dk / dv accumulate as the chunk travels, and arrive home
-    with it after R shifts."""
+    """dq stays home; each chunk's dk / dv accumulate as they travel the ring beside the
+    chunk, and arrive home with it after R shifts."""
     q, k, v, masks, out, lse = res
 
     def step(carry, _):
         part, dq, dk, dv = carry
+        incoming = _shift(part, axis, R)  # the next chunk is sent while this one is computed
         m = _with_kv(masks, part)
 
         def visit():
@@ -210,8 +216,8 @@ def _ring_backward(st: fa.Static, axis: str, R: int, res, d_out):
 
         zeros = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
         dq_c, dk_c, dv_c = jax.lax.cond(_chunk_live(st, m), visit, lambda: zeros)
-        part, dk, dv = _shift((part, dk + dk_c, dv + dv_c), axis, R)
-        return (part, dq + dq_c, dk, dv), None
+        dk, dv = _shift((dk + dk_c, dv + dv_c), axis, R)  # they follow their chunk
+        return (incoming, dq + dq_c, dk, dv), None
 
     zeros_kv = jnp.zeros(k.shape, jnp.float32)
     init = (_kv_part(k, v, masks), jnp.zeros(q.shape, jnp.float32), zeros_kv, zeros_kv)

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from models.layers import flash_attention as fa
 from models.layers.attention import attend, dot_product_attention
-from models.layers.ring_attention import ring_attention
+from models.layers.ring_attention import _chunk_live, ring_attention
 from sharding.context import zigzag_order
 
 B, T, N, K, H = 2, 64, 4, 2, 8
@@ -130,3 +131,17 @@ def test_dense_mask_is_refused():
     q, k, v = _inputs()
     with pytest.raises(ValueError, match="dense `mask`"):
         ring_attention(q, k, v, mask=jnp.ones((T, T), bool))
+
+
+def test_a_causal_future_chunk_is_skipped_whole():
+    """Natural order, causal: queries 0..7 against keys 8..15 are all masked (skipped); against
+    keys 0..7, or without the causal mask, they are live."""
+    def live(q_pos, kv_pos, causal=True):
+        st, _, _, _, masks = fa.prepare(*_inputs(), causal=causal,
+                                        q_positions=q_pos, kv_positions=kv_pos, kv_mask=None, q_segment_ids=None,
+                                        kv_segment_ids=None, sliding_window=None, mask=None, scale=None,
+                                        block_q=4, block_kv=4, forward="blockwise")
+        return bool(_chunk_live(st, masks))
+
+    early, late = jnp.arange(T) % 8, jnp.arange(T) % 8 + 8
+    assert not live(early, late) and live(late, early) and live(early, late, causal=False)
