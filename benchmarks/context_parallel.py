@@ -18,7 +18,7 @@ The parameters and Adam state (replicated by cp) are a fixed cost, the activatio
 1 / C, so the longest T grows almost C-fold once they dominate.
 
 Run:
-  python benchmarks/context_parallel.py                 # C = 1, 2, 4, 8; 256 MiB per device
+  python benchmarks/context_parallel.py                 # C = 1, 2, 4, 8; 1 GiB per device
   python benchmarks/context_parallel.py --quick         # a tiny model, C = 1, 2, 4, T = 512, 1024
 """
 
@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
     """Prints the memory table (and the longest fits unless quick); returns the numbers."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny model, C = 1, 2, 4 at T = 512, 1024; no search")
-    parser.add_argument("--budget_mib", type=float, default=256.0, help="memory per device for the longest T")
+    parser.add_argument("--budget_mib", type=float, default=1024.0, help="memory per device for the longest T")
     parser.add_argument("--devices", default="1,2,4,8", help="comma-separated context sizes C")
     args = parser.parse_args(argv)
     model = "quick" if args.quick else "full"
