@@ -11,9 +11,9 @@ arguments + outputs - aliased (donated) + temporaries is what that device must h
 (`sharding.analysis.compiled_memory`'s `peak`). Nothing is allocated, so simulated CPU
 devices measure what real ones would need.
 
-Printed: per-device memory at a few T for each C, and the longest T (a multiple of 2 x 8 x
-128 tokens: zig-zag chunks for every C, whole attention blocks) whose step fits --budget_mib
-per device, found by doubling and then bisection on compiled memory; with its ratio to C = 1.
+Printed: per-device memory at a few T for each C, and the longest T (a multiple of 256
+tokens, so that 2 x 8 zig-zag chunks divide it) whose step fits --budget_mib per device, found
+by doubling from 2048 and then bisection on compiled memory; with its ratio to C = 1.
 The parameters and Adam state (replicated by cp) are a fixed cost, the activations shrink as
 1 / C, so the longest T grows almost C-fold once they dominate.
 
@@ -48,7 +48,8 @@ from train import program as program_lib
 from train.optimizer import make_optimizer
 
 MIB = 2**20
-GRANULE = 2 * 8 * 128  # zig-zag chunks of whole 128-token blocks on up to 8 devices
+GRANULE = 256  # the longest-T search's resolution: 2 x 8 zig-zag chunks divide it
+START = 2048  # where the doubling starts
 # Compile for the memory analysis only: LLVM -O0 and the older emitters (a third of the CPU
 # compile time); the HLO passes and the buffer assignment are unchanged.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
@@ -72,7 +73,7 @@ def peak_bytes(model: str, devices: int, seq_len: int) -> int:
     return analysis.compiled_memory(compiled)["peak"]
 
 
-def longest_fit(model: str, devices: int, budget_bytes: int, *, start: int = GRANULE, granule: int = GRANULE,
+def longest_fit(model: str, devices: int, budget_bytes: int, *, start: int = START, granule: int = GRANULE,
                 limit: int = 2**21) -> int:
     """The longest T (a multiple of `granule`) whose step fits the budget on each of `devices`:
     doubling from `start`, then bisection; 0 if not even `granule` fits."""
