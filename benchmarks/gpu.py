@@ -238,6 +238,8 @@ def attention_fn(impl: str, dtype):
             attention_lib.check_cudnn(dtype)
         except ValueError as e:
             return None, str(e)
+    if impl == "ring":
+        return None, "context parallelism: one device here; benchmarks/context_parallel.py measures it"
     if impl == "pallas":
         try:
             import models.layers.pallas_attention  # noqa: F401

@@ -50,7 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
                    sliding_window=0,  # local attention over the last N keys; 0: none
                    # How attention is computed (models/layers/attention.py attend): xla (the [B, N, T, S]
                    # weights) | blockwise (flash-style, O(T) memory) | pallas (that as a Pallas kernel) |
-                   # cudnn (GPU and bf16/fp16 only). Not xla: needs attention_dropout_rate=0, no mla.
+                   # cudnn (GPU and bf16/fp16 only) | ring (blockwise with the sequence split over the
+                   # `context` mesh axis: strategies cp / fsdp_cp need it). Not xla: needs
+                   # attention_dropout_rate=0, no mla.
                    attention_impl="xla",
                    ),
         type_vocab_size=2,  # bert only: rows of the token-type (sentence A/B) table
@@ -228,8 +230,9 @@ def get_config() -> ml_collections.ConfigDict:
         decay_shape="linear",  # wsd: linear | cosine | sqrt
     ))
     c.sharding = ml_collections.ConfigDict(dict(
-        strategy="dp",  # dp | zero1 | zero2 | zero3 | fsdp | tp | tp_sp | fsdp_tp | ep | pp | pp_fsdp | pp_tp
-        # | pp_fsdp_tp (sharding/strategies.py)
+        # dp | zero1 | zero2 | zero3 | fsdp | tp | tp_sp | fsdp_tp | ep | pp | pp_fsdp | pp_tp | pp_fsdp_tp
+        # | cp | fsdp_cp (sharding/strategies.py)
+        strategy="dp",
         mesh="",  # e.g. "data=2,fsdp=2,tensor=2" (-1: the rest); "": the strategy's default mesh
         # pp*: micro-batches of each (accumulation) micro-batch in the pipeline; the bubble is
         # (stages - 1) / (pipeline_microbatches + stages - 1) (models/layers/pipeline.py)

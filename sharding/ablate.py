@@ -29,6 +29,9 @@ Devices: on CPU the tool simulates `--devices` devices itself: it sets
 command, not after importing jax; in a notebook set XLA_FLAGS first). A backend with fewer
 devices than asked falls back to the CPU devices.
 
+Context parallelism (cp, fsdp_cp) runs the config's model with `model.block.attention_impl=ring`
+(ring attention, which those strategies need), the others the config's as it is.
+
 Data: one fixed batch of random tokens (data.batch_size rows of data.seq_len, seed 0), no
 tokenizer or corpus: the ablation measures layouts, not learning.
 """
@@ -105,7 +108,7 @@ def ablate(config, layouts: Sequence[tuple[str, str]], *, steps: int = 3, device
 
     from sharding import analysis
     from sharding import mesh as mesh_lib
-    from sharding.strategies import STAGE, check_pipeline_batch, get_strategy
+    from sharding.strategies import CONTEXT, STAGE, check_pipeline_batch, get_strategy
     from train import build
     from train import program as program_lib
 
@@ -128,13 +131,17 @@ def ablate(config, layouts: Sequence[tuple[str, str]], *, steps: int = 3, device
     tx, schedule = build.optimizer(config)
     batch = random_batch(config.data.batch_size, config.data.seq_len, vocab)
     precision = "f32" if config.model.param_dtype == "float32" else "mixed"
+    ring_config = config.copy_and_resolve_references()
+    ring_config.model.block.attention_impl = "ring"
+    ring_model = build.model(ring_config, vocab)  # context parallelism's attention
     records, start = [], None
     for strategy_name, mesh_text in layouts:
         strategy = get_strategy(strategy_name)
         mesh = mesh_lib.make_mesh(mesh_text or strategy.default_mesh, devices)
         check_pipeline_batch(strategy, dict(mesh.shape), config.data.batch_size // config.optimizer.grad_accum_steps,
                              config.sharding.pipeline_microbatches)
-        program = program_lib.build_for_run(config, model, tx, schedule, strategy=strategy, mesh=mesh)
+        program = program_lib.build_for_run(config, ring_model if CONTEXT in strategy.mesh_axes else model, tx,
+                                            schedule, strategy=strategy, mesh=mesh)
         began = time.perf_counter()
         compiled = program.step.lower(program.abstract_state, program.abstract_batch(*batch["inputs"].shape),
                                       jax.random.key(1)).compile(compiler_options)

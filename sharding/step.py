@@ -29,6 +29,9 @@ accumulation loop.
     state = program.init(jax.random.key(0))
     state, metrics = program.step(state, batch, rng)   # batch placed by program.layout.batch
 
+Under context parallelism (a `context` mesh axis) the step first reorders the batch's tokens
+zig-zag (`sharding.context`), so that causal ring attention is balanced over the devices.
+
 This module imports nothing from `train/` (a test checks it): the dependency runs one way.
 """
 
@@ -44,6 +47,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from sharding import context
 from sharding.layout import Layout, state_layout
 from sharding.strategies import Strategy, check_applies
 
@@ -118,8 +122,11 @@ def build(*, init_state: Callable, train_step: Callable, tx: optax.GradientTrans
             return _unbox(init_state(rng))
 
     grad_shardings = layout.grads if strategy.zero_stage >= 2 else None
+    ring = context.ring_size(strategy, mesh)
 
     def step(state, batch, rng):
+        if ring > 1 and seq_len is not None:  # causal load balance of context parallelism
+            batch = context.zigzag_batch(batch, seq_len, ring)
         with layout.tracing():
             return train_step(state, batch, rng, grad_shardings=grad_shardings)
 

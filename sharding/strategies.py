@@ -49,6 +49,11 @@ The table of strategies (N devices, Ψ parameters):
   pp_fsdp  + FSDP over `fsdp` (each stage's parameters split further).
   pp_tp    + Megatron tensor parallelism over `tensor` within each stage.
   pp_fsdp_tp  3-D: stage x fsdp x tensor.
+  cp       context parallelism: every activation split along the sequence over `context`, the
+           batch over `data`; attention impl "ring" passes key/value chunks around the
+           `context` ring (`models.layers.ring_attention`), and `sharding.context` feeds each
+           device the token chunks i and 2C-1-i (zig-zag) so causal work is balanced.
+  fsdp_cp  2-D: fsdp over `fsdp`, cp over `context`.
 """
 
 from __future__ import annotations
@@ -67,7 +72,8 @@ Rules = tuple[tuple[str, Any], ...]
 
 DATA, FSDP, TENSOR, EXPERT = "data", "fsdp", "tensor", "expert"
 STAGE = "stage"
-MESH_AXES = (DATA, FSDP, TENSOR, EXPERT, STAGE)
+CONTEXT = "context"
+MESH_AXES = (DATA, FSDP, TENSOR, EXPERT, STAGE, CONTEXT)
 
 # Megatron-LM (Shoeybi et al. 2019). Column-parallel layers split their output features
 # (q/k/v per head, the MLP's gate and up); row-parallel layers (attention output, MLP down)
@@ -85,6 +91,8 @@ SEQUENCE_PARALLEL: Rules = (("act_seq", TENSOR),)
 # (`act_expert` is the activation name of the dispatched tokens' expert dimension; the MoE
 # layer currently constrains them with the parameter name `expert`, which maps the same.)
 EXPERT_PARALLEL: Rules = (("expert", EXPERT), ("act_expert", EXPERT))
+# Context parallelism: the sequence of every activation over `context` (parameters whole).
+CONTEXT_PARALLEL: Rules = (("act_seq", CONTEXT),)
 
 # Pipeline parallelism (GPipe): the stacked layers split into consecutive stages over `stage`,
 # and the pipeline's state buffer [stages, micro-batch rows, T, D] with them
@@ -207,6 +215,11 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("pp_fsdp_tp", "3-D: pipeline over stage, FSDP over fsdp, tensor parallel over tensor",
              default_mesh="stage=2,fsdp=-1,tensor=2", batch_axes=(DATA, FSDP), model_rules=PIPELINE + TENSOR_PARALLEL,
              zero_stage=3, zero_axes=(FSDP,), required_axes=(STAGE, FSDP, TENSOR)),
+    Strategy("cp", "context parallel: sequence over context (ring attention), batch over data",
+             default_mesh="data=-1,context=4", model_rules=CONTEXT_PARALLEL, required_axes=(CONTEXT,)),
+    Strategy("fsdp_cp", "2-D: FSDP over fsdp, context parallel over context", default_mesh="fsdp=-1,context=4",
+             batch_axes=(DATA, FSDP), model_rules=CONTEXT_PARALLEL, zero_stage=3, zero_axes=(FSDP,),
+             required_axes=(FSDP, CONTEXT)),
 )}
 
 
@@ -240,7 +253,8 @@ def check_applies(strategy: Strategy, mesh: Mesh, boxed_params: Any = None, *, b
       boxed_params: the model's logically partitioned params (e.g. from `jax.eval_shape` of
         `model.init`); their model-parallel dimensions must divide evenly.
       batch_size: the global (micro-)batch, split over the strategy's batch axes.
-      seq_len: the sequence length, split over `tensor` by sequence parallelism.
+      seq_len: the sequence length, split over `tensor` by sequence parallelism and into 2 x
+        |context| zig-zag chunks by context parallelism.
     """
     mesh_text = ",".join(f"{a}={s}" for a, s in mesh.shape.items())
     unused = [a for a, s in mesh.shape.items() if a not in strategy.mesh_axes and s > 1]
@@ -268,6 +282,11 @@ def check_applies(strategy: Strategy, mesh: Mesh, boxed_params: Any = None, *, b
         size = axis_size(mesh, seq_axes)
         raise ValueError(f"strategy `{strategy.name}` splits the sequence (data.seq_len = {seq_len}) over mesh "
                          f"axis `{seq_axes}` of size {size}; use a seq_len that is a multiple of {size}")
+    ring = mesh.shape.get(CONTEXT, 1) if CONTEXT in strategy.mesh_axes else 1
+    if seq_len is not None and ring > 1 and seq_len % (2 * ring):
+        raise ValueError(f"strategy `{strategy.name}` cuts the sequence (data.seq_len = {seq_len}) into 2 x {ring} "
+                         f"zig-zag chunks for the {ring} devices of mesh axis `{CONTEXT}`; use a seq_len that is a "
+                         f"multiple of {2 * ring}")
 
 
 def check_pipeline_batch(strategy: Strategy, mesh_shape: dict[str, int], rows: int, microbatches: int) -> None:

@@ -6,6 +6,9 @@ preparation, tokenizer training or compilation, and before `config.json` is writ
   * `model.block.attention_impl` is known and fits the model (no attention dropout or
     latent attention unless xla; cudnn: a GPU backend and a bf16/fp16 model.dtype);
   * `model.moe.dispatch=all_to_all` has a strategy that splits the experts over devices (ep);
+  * context parallelism (a strategy with a `context` axis: cp, fsdp_cp) runs ring attention
+    on a decoder's token batch that may be reordered (no multi-token prediction, no
+    capacity-mode MoE), and ring attention runs under no other sequence split;
   * counts are positive (steps, batch, intervals, ...) and every enum value is known:
     the model, optimizer and schedule are built from the config (`train.build`);
   * the objective is known and fits the model family; the fine-tuning keys (`finetune.*`:
@@ -45,7 +48,7 @@ from data.pipeline import process_rows
 from data.tokenizer import Tokenizer, load_tokenizer
 from models.layers.attention import ATTENTION_IMPLS
 from sharding import mesh as mesh_lib
-from sharding.strategies import STAGE, STRATEGIES, check_pipeline_batch, get_strategy
+from sharding.strategies import CONTEXT, STAGE, STRATEGIES, check_pipeline_batch, get_strategy
 from train import build, compilation_cache, init_from, objectives, task_eval
 from train import program as program_lib
 from train import trainable as trainable_lib
@@ -82,6 +85,7 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> None:
     _check_pipeline(config)
     _check_attention_impl(config)
     _check_moe_dispatch(config)
+    _check_context_parallel(config)
     task_eval.check_tasks(config)  # an unknown task or a task file with missing fields
     check_finetune(config)
     _check_data(config, workdir)
@@ -184,6 +188,35 @@ def _check_moe_dispatch(config) -> None:
         raise ValueError(f"config key `model.moe.dispatch`='all_to_all' sends tokens to the devices holding their "
                          f"experts, but sharding.strategy={name!r} does not split the experts over devices; use "
                          f"sharding.strategy={' or '.join(users)} or model.moe.dispatch=auto")
+
+
+CONTEXT_PARALLEL_OBJECTIVES = ("lm", "sft")  # packed token batches with positions: reorderable
+
+
+def _check_context_parallel(config) -> None:
+    """A `context` strategy gets ring attention and a batch whose tokens it may reorder (zig-zag,
+    `sharding.context`); ring attention gets no sequence split but `context`'s."""
+    strategy = get_strategy(config.sharding.strategy)
+    impl = config.model.block.attention_impl
+    if CONTEXT not in strategy.mesh_axes:
+        if impl == "ring" and "act_seq" in dict(strategy.model_rules):
+            raise ValueError(f"config key `model.block.attention_impl`='ring' passes key/value chunks around the "
+                             f"`context` mesh axis, but strategy {strategy.name!r} splits the sequence over another "
+                             "axis; use sharding.strategy=cp or fsdp_cp, or attention_impl=blockwise")
+        return
+    why = f"config key `sharding.strategy`={strategy.name!r} splits the sequence over the `{CONTEXT}` mesh axis"
+    if impl != "ring":
+        raise ValueError(f"{why}, which needs ring attention; set model.block.attention_impl=ring (got {impl!r})")
+    name = objectives.name_of(config)
+    if name not in CONTEXT_PARALLEL_OBJECTIVES or config.model.family == "bert":
+        raise ValueError(f"{why} and reorders a decoder's token batch, but objective={name!r} with model.family="
+                         f"{config.model.family!r}; use objective lm or sft with a decoder family")
+    if config.model.mtp_depth:
+        raise ValueError(f"{why} and reorders the tokens (zig-zag), but multi-token prediction reads the next tokens "
+                         f"by index; set model.mtp_depth=0 (got {config.model.mtp_depth})")
+    if config.model.moe.num_experts and config.model.moe.capacity_factor > 0:
+        raise ValueError(f"{why} and reorders the tokens (zig-zag), but capacity-mode experts drop tokens by their "
+                         f"order; set model.moe.capacity_factor=0 (dropless; got {config.model.moe.capacity_factor})")
 
 
 def check_finetune(config) -> None:

@@ -35,7 +35,10 @@ matrix, O(T^2) memory; the only one with attention dropout and returned weights)
 "blockwise" is `flash_attention.flash_attention` (online softmax, recomputing backward,
 O(T) memory); "pallas" is `pallas_attention.pallas_attention` (the same algorithm as a
 Pallas kernel: compiled on GPU/TPU, interpreted on CPU); "cudnn" is
-`jax.nn.dot_product_attention(implementation="cudnn")`, GPU only, bf16/fp16 only.
+`jax.nn.dot_product_attention(implementation="cudnn")`, GPU only, bf16/fp16 only; "ring" is
+`ring_attention.ring_attention` (the blockwise kernel with the sequence split over the mesh
+axis that `act_seq` maps to, key/value chunks passed around a ring: context parallelism;
+"blockwise" where the sequence is not split).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from models.layers.flash_attention import flash_attention
 
 Array = jax.Array
 
-ATTENTION_IMPLS = ("xla", "blockwise", "pallas", "cudnn")
+ATTENTION_IMPLS = ("xla", "blockwise", "pallas", "cudnn", "ring")
 
 
 def make_attention_mask(
@@ -270,7 +273,7 @@ def attend(
 
     Args:
       q_BTNH, k_BSKH, v_BSKH: as in `dot_product_attention`.
-      impl: "xla" | "blockwise" | "pallas" | "cudnn" (see the module docstring).
+      impl: "xla" | "blockwise" | "pallas" | "cudnn" | "ring" (see the module docstring).
       dropout_rate, dropout_rng, return_weights: "xla" only (they need the whole weight
         matrix); the others raise ValueError. `MultiHeadAttention` asks for "xla" itself
         when it returns weights or decodes with a KV cache.
@@ -294,6 +297,10 @@ def attend(
         from models.layers.pallas_attention import pallas_attention  # Pallas is imported only when used
 
         return pallas_attention(q_BTNH, k_BSKH, v_BSKH, **masks)
+    if impl == "ring":
+        from models.layers.ring_attention import ring_attention
+
+        return ring_attention(q_BTNH, k_BSKH, v_BSKH, **masks)
     return cudnn_attention(q_BTNH, k_BSKH, v_BSKH, **masks)
 
 

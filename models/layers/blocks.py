@@ -65,7 +65,8 @@ class BlockConfig:
         matching kernels, prefix tuning, adapters; None: none.
       attention_impl: how attention is computed, one of `attention.ATTENTION_IMPLS`:
         "xla" (the [B, N, T, S] weight matrix), "blockwise" (flash-style, O(T) memory),
-        "pallas" (the blockwise algorithm as a Pallas kernel) or "cudnn" (GPU, bf16/fp16).
+        "pallas" (the blockwise algorithm as a Pallas kernel), "cudnn" (GPU, bf16/fp16) or
+        "ring" (blockwise with the sequence split over devices, `models.layers.ring_attention`).
         Anything but "xla" needs attention_dropout_rate = 0 and standard attention (not
         mla); KV-cache decoding and returned weights use "xla" whatever is set here.
       dtype: compute dtype; param_dtype: storage dtype.

@@ -11,12 +11,20 @@ in place; from a 3-D einsum it writes the [F, B*T] activation gradient transpose
 copy first (issue 15: the SwiGLU MLP's forward and backward at B8 T256 D512 F1344 took
 447 ms CPU as a 3-D einsum and 338 ms as this, bitwise-equal gradients, on 2 CPU cores).
 The merges are reshapes of contiguous axes: free in memory.
+
+Except under context parallelism: when the logical rules split the sequence (`act_seq`) over
+a mesh axis of its own while the batch takes another, B*T tokens merged into one axis cannot
+keep both splits (a device's tokens are not one contiguous run of the merged axis) and XLA
+would all-gather the sequence before every projection. There the dot keeps the token axes
+(`jnp.tensordot`, one dot_general: the einsum itself). Sequence parallelism (tp_sp) gives `act_seq` the axis
+that the feature dimensions also take, so it gathers the sequence by design and stays 2-D.
 """
 
 from __future__ import annotations
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -36,5 +44,13 @@ def project(x: jax.Array, w: jax.Array, *, in_dims: int = 1) -> jax.Array:
     if x.shape[x.ndim - in_dims:] != ins:
         raise ValueError(f"project: activations {x.shape} do not end in the kernel's input axes {ins}")
     lead = x.shape[:x.ndim - in_dims]
+    if len(lead) > 1 and sequence_split():
+        return jnp.tensordot(x, w, axes=in_dims)
     y = jnp.dot(x.reshape(math.prod(lead), math.prod(ins)), w.reshape(math.prod(ins), math.prod(outs)))
     return y.reshape(*lead, *outs)
+
+
+def sequence_split() -> bool:
+    """Whether the current logical rules keep the sequence split through a token-wise matmul:
+    `act_seq` maps to a mesh axis beside `act_batch` and `act_mlp` (context parallelism)."""
+    return nn.logical_to_mesh_axes(("act_batch", "act_seq", "act_mlp"))[1] is not None

@@ -10,6 +10,8 @@ masked reference (dropless_impl="dense"); "moe_capacity", the same in capacity m
 one-hot dispatch of tokens to experts is what expert parallelism turns into all-to-alls;
 "moe_a2a" and "moe_capacity_a2a", "moe" and "moe_capacity" with `dispatch="all_to_all"` (tokens
 sent to their experts' devices by explicit all-to-alls, models/layers/expert_dispatch.py).
+"llama_ring", the LLaMA with attention impl "ring" (context parallelism's; blockwise where
+the sequence is not split).
 
 To keep the suite quick every run starts from the same initial state (one device's init,
 placed by the run's layout; `test_equivalence` checks that the sharded init equals it), and
@@ -45,12 +47,13 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitter
 # Adam's conditioning: the worst leaf then differs by about 2e-6 relative (6.5e-6 with eps 1e-6).
 ADAM_EPS = 1e-5
 SMALL = {"vocab_size": VOCAB, "d_model": 64, "num_heads": 4, "num_kv_heads": 2, "max_len": 32}
-MODELS = ("llama", "moe", "moe_dense", "moe_capacity", "moe_a2a", "moe_capacity_a2a")
+MODELS = ("llama", "moe", "moe_dense", "moe_capacity", "moe_a2a", "moe_capacity_a2a", "llama_ring")
 
 
 def tiny_model(name: str, num_layers: int = 2) -> GPT:
-    if name == "llama":
-        return GPT(llama_config(num_layers=num_layers, d_ff=128, **SMALL))
+    if name in ("llama", "llama_ring"):
+        return GPT(llama_config(num_layers=num_layers, d_ff=128, **SMALL,
+                                **({"attention_impl": "ring"} if name == "llama_ring" else {})))
     if name not in MODELS:
         raise ValueError(f"tiny model {name!r}; expected one of {MODELS}")
     config = mixtral_config(num_experts=4, capacity_factor=2.0 if name.startswith("moe_capacity") else 0.0,

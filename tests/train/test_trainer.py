@@ -104,6 +104,23 @@ def test_blockwise_attention_runs_in_the_trainer(shared, tmp_path):
     assert abs(losses[0] - np.log(vocab)) < 0.5, (losses, vocab)
 
 
+def test_context_parallelism_runs_in_the_trainer(shared, tmp_path):
+    """sharding.strategy=cp with ring attention trains and evaluates through the trainer (data=2
+    x context=4): the first loss is an untrained model's, about ln(vocab); that cp equals one
+    device is tests/sharding/test_context.py's."""
+    config = _config(shared, "steps=1", "schedule.warmup_steps=0", "logging.log_every_steps=1",
+                     "eval.every_steps=0", "eval.num_samples=0", "eval.max_batches=1",
+                     "checkpoint.save_interval_steps=1000", "sharding.strategy=cp",
+                     "model.block.attention_impl=ring")
+    summary = trainer.run(config, str(tmp_path))
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if "loss" in x]
+    assert summary["final_step"] == 1 and len(losses) == 1 and np.isfinite(summary["val_loss"])
+    from data.tokenizer import load_tokenizer
+
+    assert abs(losses[0] - np.log(load_tokenizer(config.tokenizer.path).vocab_size)) < 0.5, losses
+
+
 def test_relative_workdir(shared, tmp_path, monkeypatch):
     """`python -m train` defaults to ./workdir: a relative path must checkpoint and resume."""
     monkeypatch.chdir(tmp_path)

@@ -34,6 +34,16 @@ def _config(*overrides):
     (["model.moe.num_experts=4", "model.moe.dispatch=all_to_all"],
      (r"`model.moe.dispatch`='all_to_all' .* sharding.strategy='dp' does not split the experts.* use "
       r"sharding.strategy=ep")),
+    # Context parallelism (sharding.strategy=cp: data=2 x context=4 by default).
+    (["sharding.strategy=cp"], r"`sharding.strategy`='cp' splits the sequence .* set model.block.attention_impl=ring"),
+    (["sharding.strategy=cp", "model.block.attention_impl=ring", "data.seq_len=12"],
+     r"cuts the sequence \(data.seq_len = 12\) into 2 x 4 zig-zag chunks .* a multiple of 8"),
+    (["sharding.strategy=cp", "model.block.attention_impl=ring", "model.block.attention_dropout_rate=0.1"],
+     r"`model.block.attention_impl`='ring' has no weight matrix to drop out"),
+    (["sharding.strategy=cp", "model.block.attention_impl=ring", "model.mtp_depth=1"],
+     r"reorders the tokens \(zig-zag\), but multi-token prediction .* set model.mtp_depth=0"),
+    (["sharding.strategy=tp_sp", "model.block.attention_impl=ring"],
+     r"'ring' passes key/value chunks around the `context` mesh axis, but strategy 'tp_sp'"),
     (["data.batch_size=4"], r"of 8 devices, but the batch has 4 rows \(data.batch_size"),  # dp over 8
     (["optimizer.grad_accum_steps=3"], r"not divisible by optimizer.grad_accum_steps=3"),
     (["tokenizer.vocab_size=100"], r"config key `tokenizer.vocab_size`=100 is too small .* at least 257"),
@@ -63,7 +73,7 @@ def _config(*overrides):
      r"finetune.lora.targets='no_such_kernel' matches no kernel"),
     (["finetune.method=qlora", "finetune.lora.rank=100000"], r"finetune.lora.rank=100000 exceeds kernel"),
     (["model.block.attention_impl=flash"], r"config key `model.block.attention_impl`='flash'; expected one of "
-                                          r"\('xla', 'blockwise', 'pallas', 'cudnn'\)"),
+                                          r"\('xla', 'blockwise', 'pallas', 'cudnn', 'ring'\)"),
     (["model.block.attention_impl=cudnn"], r"`model.block.attention_impl`='cudnn' needs a GPU, but the JAX "
                                            r"backend is 'cpu'; use blockwise or xla"),
     (["sharding.pipeline_schedule=zigzag"], r"config key `sharding.pipeline_schedule`='zigzag'; expected one of"),
@@ -119,6 +129,8 @@ def test_every_family_preset_passes(tmp_path, spec):
 
 def test_a_sharded_config_passes(tmp_path):
     validate.check(_config("sharding.strategy=fsdp_tp", "sharding.mesh=fsdp=4,tensor=2"), str(tmp_path / "b"))
+    validate.check(_config("sharding.strategy=fsdp_cp", "sharding.mesh=fsdp=2,context=4",
+                           "model.block.attention_impl=ring"), str(tmp_path / "c"))
 
 
 def test_a_pipelined_config_passes(tmp_path):
