@@ -61,6 +61,7 @@ import jax
 import jax.numpy as jnp
 
 from models.layers import linear
+from models.layers import moe as moe_lib
 from models.layers import pipeline as pipeline_lib
 from models.layers.blocks import BlockConfig
 from models.layers.embedding import Embed
@@ -377,7 +378,7 @@ class GPT(nn.Module):
             if not sows:
                 return out[0], {}
             (y_bTD, _), variables = out
-            return y_bTD, _router_stats_only(variables.get("intermediates", {}))
+            return y_bTD, moe_lib.router_stats_tree(variables.get("intermediates", {}))
 
         rng = self.make_rng("dropout") if not deterministic and self.has_rng("dropout") else None
         out = pipeline_lib.pipeline(apply_layer, self.variables["params"][name], x_BTD, extras,
@@ -405,17 +406,6 @@ def _check_pipelined(config: GPTConfig, stages: int) -> None:
                          f"multiple of {stages}")
 
 
-def _router_stats_only(intermediates):
-    """An intermediates tree pruned to its `router_stats` entries (empty dicts dropped)."""
-    out = {}
-    for key, value in intermediates.items():
-        if key == "router_stats":
-            out[key] = value
-        elif isinstance(value, dict):
-            kept = _router_stats_only(value)
-            if kept:
-                out[key] = kept
-    return out
 
 
 def llama_config(*, vocab_size: int, d_model: int, num_layers: int, num_heads: int, d_ff: int,

@@ -376,6 +376,19 @@ def routing_stats(logits_GE: jax.Array, experts_GK: jax.Array, kept_GK: jax.Arra
     }
 
 
+def router_stats_tree(intermediates) -> dict:
+    """The `router_stats` entries of an intermediates tree at their module paths, the rest pruned."""
+    out = {}
+    for key, value in intermediates.items():
+        if key == "router_stats":
+            out[key] = value
+        elif isinstance(value, Mapping):
+            found = router_stats_tree(value)
+            if found:
+                out[key] = found
+    return out
+
+
 def _router_stats(intermediates) -> dict[tuple[str, ...], dict]:
     """Module path -> the sown `router_stats` of every MoE layer in an intermediates tree."""
     found = {}

@@ -58,19 +58,6 @@ def _sows_losses(model: nn.Module) -> bool:
     return getattr(config, "mtp_depth", 0) > 0 or getattr(getattr(config, "block", None), "moe", None) is not None
 
 
-def _router_stats(intermediates) -> dict:
-    """The `router_stats` entries of an intermediates tree at their module paths, the rest pruned."""
-    out = {}
-    for key, value in intermediates.items():
-        if key == "router_stats":
-            out[key] = value
-        elif isinstance(value, Mapping):
-            found = _router_stats(value)
-            if found:
-                out[key] = found
-    return out
-
-
 def routing_metrics(router_stats: Mapping) -> dict[str, jax.Array]:
     """Mean dropped fraction over the MoE layers, and the most and least loaded expert of any
     layer as a multiple of its layer's mean load (1 and 1 when perfectly balanced)."""
@@ -193,7 +180,7 @@ class LMObjective:
                  "num_tokens": jnp.sum(batch["loss_mask"] > 0).astype(jnp.float32)}
         # per_token holds cross-entropy + z-loss, zero on masked tokens.
         loss = jnp.sum(aux["per_token"]) / totals["num_tokens"]
-        router = _router_stats(intermediates)
+        router = moe_lib.router_stats_tree(intermediates)
         if router:
             # The accumulation count is the number of micro-batches the totals were split over.
             stats["moe_aux_loss"] = moe_lib.total_aux_loss(router) / totals["micro_batches"]
