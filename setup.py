@@ -95,7 +95,7 @@ setup(
     version="0.1.0",
     description="The modern LLM stack written by hand in JAX/Flax, for reading, experiments and sharding ablations.",
     python_requires=">=3.11",
-    packages=find_packages(include=["models*", "train*", "configs*", "sharding*", "data*", "inference*", "evals*", "rag*", "agents*",
+    packages=find_packages(include=["models*", "train*", "configs*", "sharding*", "data*", "inference*", "evals*", "rag*", "agents*", "compress*",
                                              "safety*"]),
     # Data files that install with their packages: the built-in evaluation tasks, the chat page,
     # the moderation set (and its documentation).
