@@ -64,12 +64,14 @@ def _bytes_in(config, dtype, batch: int, length: int) -> int:
     return kv_cache_bytes(dataclasses.replace(config, block=block), batch, length)
 
 
-def _decode_seconds(model: GPT, params, ids, lengths, max_new_tokens: int, repeats: int) -> float:
+def _decode_seconds(model: GPT, params, ids_BT: np.ndarray, lengths_B: np.ndarray, max_new_tokens: int,
+                    repeats: int) -> float:
     """The fastest of `repeats` greedy decode loops of N tokens (prefill excluded), after one
     compiling run."""
     sampling = SamplingConfig()
     best = float("inf")
     for i in range(repeats + 1):
+        ids, lengths = jnp.asarray(ids_BT), jnp.asarray(lengths_B)  # fresh: the decode loop donates its state
         logits, cache = prefill(model, params, init_cache(model, ids.shape[0], ids.shape[1] + max_new_tokens),
                                 ids, lengths)
         state = initial_state(logits, cache, ids, lengths, max_new_tokens=max_new_tokens, sampling=sampling,
@@ -125,8 +127,7 @@ def kv_quant_report(model: GPT, params, prompts: Sequence[Sequence[int]], *, max
         return np.take_along_axis(logits, cont[:, :, None], axis=1)  # [B, N, V]
 
     reference = continuation_logits(models["float"])
-    ids_j, lengths_j = jnp.asarray(ids), jnp.asarray(lengths)
-    seconds = {f: _decode_seconds(m, params, ids_j, lengths_j, N, timing_repeats) if timing_repeats else None
+    seconds = {f: _decode_seconds(m, params, ids, lengths, N, timing_repeats) if timing_repeats else None
                for f, m in models.items()}
     rows = []
     for f in formats:
