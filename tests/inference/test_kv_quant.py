@@ -275,6 +275,12 @@ def test_quantized_cache_bytes_equal_the_formula(family, quant):
     assert cache_nbytes(cache) == kv_cache_bytes(cfg, 3, 24)
     pool = paged_lib.init_paged_cache(model, 7, 4)
     assert cache_nbytes(pool) == paged_lib.paged_cache_bytes(cfg, 7, 4)
+    # Each layer's block table sits beside its pools, [B, M] or [L, B, M] when scanned, whichever
+    # pool (codes or scales, of rank 4, 3 or 2) is met last.
+    tables = [leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(
+        paged_lib.with_block_table(pool, np.zeros((3, 5), np.int32))) if "block_table" in str(path)]
+    assert tables == [(cfg.num_layers, 3, 5) if cfg.scan_layers else (3, 5)] * (1 if cfg.scan_layers else
+                                                                                 cfg.num_layers)
     codes = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(cache) if "scale" not in str(path)]
     assert all(leaf.dtype.itemsize == 1 for leaf in codes)
     ratio = kv_cache_bytes(cfg, 3, 24) / kv_cache_bytes(base, 3, 24)  # float32 cache
