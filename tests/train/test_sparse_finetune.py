@@ -1,0 +1,105 @@
+"""Sparse fine-tuning (`finetune.keep_sparsity`): a trainer run from a pruned checkpoint keeps
+exactly its zeros while the weights and the loss move; without the switch AdamW revives them."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from compress import masks, methods
+from configs import loader
+from configs.loader import load_config
+from inference.load import load
+from train import trainer, validate
+from train.checkpoint import Checkpointer
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STEPS = 4
+
+
+def _config(root, *overrides):
+    return load_config(os.path.join(REPO, "configs/llama.py:tiny"), [
+        f"data.data_dir={root / 'tfds'}", "logging.progress_bar=false", "logging.peak_flops=1e11",
+        f"steps={STEPS}", "schedule.warmup_steps=1", f"checkpoint.save_interval_steps={STEPS}",
+        "eval.max_batches=1", "eval.num_samples=0", "logging.log_every_steps=1", *overrides])
+
+
+def save_workdir(path, params, config, tokenizer_dir):
+    """A `python -m train`-style workdir holding `params` at step 0 (what init_from=run: reads)."""
+    os.makedirs(path)
+    shutil.copytree(tokenizer_dir, path / "tokenizer")
+    (path / "config.json").write_text(config.to_json())
+    with Checkpointer(str(path / "checkpoints"), save_interval_steps=1) as ckpt:
+        ckpt.save(0, {"params": params}, data_state={}, config=config.to_dict(), force=True)
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sparse")
+    trainer.run(_config(root), str(root / "run"))
+    loaded = load(str(root / "run"))
+    config = loader.with_defaults(json.loads((root / "run" / "config.json").read_text()))
+    source = methods.Source(model=loaded.model, params=loaded.params, config=config, tokenizer=loaded.tokenizer)
+    out = methods.apply("magnitude", source, options={"sparsity": "0.5", "scope": "layer"})
+    save_workdir(root / "pruned", out.params, out.config, root / "run" / "tokenizer")
+    return root, out.params
+
+
+def _finetune(root, name, *overrides):
+    config = _config(root, f"init_from=run:{root / 'pruned'}", "optimizer.lr=0.01", "optimizer.weight_decay=0.5",
+                     *overrides)
+    summary = trainer.run(config, str(root / name))
+    return summary, load(str(root / name)).params
+
+
+def test_keep_sparsity_holds_the_zeros_while_the_loss_moves(pruned):
+    root, start = pruned
+    summary, params = _finetune(root, "sparse", "finetune.keep_sparsity=true")
+    before, after = masks.prunable(start), masks.prunable(params)
+    for path in before:
+        was_zero, is_zero = np.asarray(before[path]) == 0, np.asarray(after[path]) == 0
+        np.testing.assert_array_equal(is_zero, was_zero, err_msg="/".join(path))
+        live = ~was_zero
+        assert (np.asarray(after[path])[live] != np.asarray(before[path])[live]).mean() > 0.9  # they trained
+    assert masks.sparsity(params) == pytest.approx(0.5, abs=1e-3)
+    with open(root / "sparse" / "metrics.jsonl") as f:
+        losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
+    assert len(losses) == STEPS and losses[-1] < losses[0]  # it learns, within the fixed pattern
+
+
+def test_without_keep_sparsity_adamw_revives_the_pruned_weights(pruned):
+    root, start = pruned
+    _, params = _finetune(root, "dense")
+    after = masks.prunable(params)
+    pruned_weights = [np.asarray(w) == 0 for w in masks.prunable(start).values()]
+    revived = [(np.asarray(after[p]) != 0) & (np.asarray(w) == 0) for p, w in masks.prunable(start).items()]
+    # Weight decay alone leaves a zero at zero; the gradients through Adam move nearly every one.
+    assert sum(r.sum() for r in revived) > 0.9 * sum(z.sum() for z in pruned_weights)
+
+
+def test_keep_sparsity_needs_a_starting_checkpoint_and_full_finetuning(tmp_path):
+    config = _config(tmp_path, "finetune.keep_sparsity=true")
+    with pytest.raises(ValueError, match="init_from is empty"):
+        validate.check_finetune(config)
+    config = _config(tmp_path, "finetune.keep_sparsity=true", "finetune.method=lora", "init_from=run:/x")
+    with pytest.raises(ValueError, match="finetune.method='lora'"):
+        validate.check_finetune(config)
+
+
+def test_hold_zeros_masks_grads_and_updates_of_prunable_kernels_only():
+    import optax
+
+    from train.optimizer import make_optimizer
+    params = {"layer_0": {"mlp": {"wi": np.array([[0.0, 1.0], [2.0, 0.0]], np.float32),
+                                  "wi_bias": np.zeros(2, np.float32)}},
+              "embed": {"embedding": np.array([[0.0, 1.0]], np.float32)}}
+    grads = jax.tree_util.tree_map(lambda x: np.ones_like(x), params)
+    tx = make_optimizer(learning_rate=0.1, weight_decay=0.5, keep_zeros=True)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    np.testing.assert_array_equal(np.asarray(new["layer_0"]["mlp"]["wi"]) == 0, [[True, False], [False, True]])
+    assert (np.asarray(new["layer_0"]["mlp"]["wi_bias"]) != 0).all()  # not a prunable kernel: trains
+    assert np.asarray(new["embed"]["embedding"])[0, 0] != 0
