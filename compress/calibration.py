@@ -138,8 +138,8 @@ def collect(source, batches: Sequence[Any], stats: Sequence[str] = ("hessian", "
       stats: which of STATS to compute ("hessian" costs I^2 per kernel input).
 
     Returns:
-      {kernel path: {stat: float64 numpy array, "tokens": n}}; kernels that read the same
-      input share one dict. Paths are '/'-joined param paths (`models.quant.quantizable`'s).
+      {kernel path: {stat: float64 numpy array, "tokens": n, "lead": 0 or 1 (a scanned
+      stack's leading L axis)}}; kernels that read the same input share one dict. Paths are '/'-joined param paths (`models.quant.quantizable`'s).
 
     Raises:
       ValueError (one line, before the model runs): no batches, an unknown stat, or (with
@@ -178,7 +178,8 @@ def collect(source, batches: Sequence[Any], stats: Sequence[str] = ("hessian", "
                     acc[name] = acc[name] + value
     out: dict[str, dict] = {}
     for (module, names), acc in totals.items():
-        entry: dict[str, Any] = {"tokens": tokens}
+        # lead: 1 for a scanned stack's statistics ([L, ...]), else 0
+        entry: dict[str, Any] = {"tokens": tokens, "lead": acc["abssum"].ndim - 1}
         if "hessian" in stats:
             entry["hessian"] = acc["xtx"] / tokens
         if "absmean" in stats:
@@ -190,3 +191,46 @@ def collect(source, batches: Sequence[Any], stats: Sequence[str] = ("hessian", "
         for kernel in names.split("+"):
             out[f"{module}/{kernel}" if module else kernel] = entry
     return out
+
+
+def check_supported(config, method: str) -> None:
+    """One-line ValueError for an architecture whose kernels calibration does not see."""
+    m = config.model
+    if m.get("family", "gpt") == "moe" or ("moe" in m and m.moe.get("num_experts", 0)):
+        raise ValueError(f"--method={method} needs every kernel's calibration inputs, but mixture-of-experts "
+                         "layers route each expert its own tokens, which calibration does not collect; use "
+                         "--method=rtn for this model")
+    if m.get("family", "gpt") == "deepseek" or ("mla" in m and m.mla.get("kv_lora_rank", 0)):
+        raise ValueError(f"--method={method} does not see latent attention's (MLA) kernel inputs; use --method=rtn "
+                         "for this model")
+
+
+def flat_params(params) -> dict[str, Any]:
+    """{'/'-joined path: leaf} of a params tree (the paths `collect` keys its stats by)."""
+    return {jax.tree_util.keystr(p, simple=True, separator="/"): x
+            for p, x in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+    """The inverse of `flat_params` (nested dicts)."""
+    out: dict = {}
+    for path, x in flat.items():
+        node = out
+        *parents, name = path.split("/")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[name] = x
+    return out
+
+
+def matrix(w, lead: int, rows: int):
+    """The [*lead, I, O] view of a kernel [*lead, *I, *O] whose inputs hold `rows` values."""
+    return jnp.reshape(w, (*np.shape(w)[:lead], rows, -1))
+
+
+def input_groups(stats: Mapping[str, dict]) -> dict[int, list[str]]:
+    """Kernels grouped by their shared input: {id(stats dict): [kernel paths]} in sown order."""
+    groups: dict[int, list[str]] = {}
+    for path, entry in stats.items():
+        groups.setdefault(id(entry), []).append(path)
+    return groups

@@ -36,12 +36,15 @@ Inputs that never fire (H_ii = 0) get H_ii = 1 and weight 0, as the reference co
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from compress import calibration as calibration_lib
+from compress import kernels, methods
 from compress import masks as masks_lib
+from models import quant
 
 BLOCK = 128
 
@@ -216,3 +219,92 @@ def layer_error(w_IO, w_new_IO, h_II) -> float:
     num = jnp.sum(d * (h_II @ d))
     den = jnp.sum(w_IO * (h_II @ w_IO))
     return float(jnp.sqrt(num / jnp.where(den == 0, 1.0, den)))
+
+
+def rtn(w_IO: jax.Array, *, bits: int, group: int, sym: bool):
+    """Round to nearest on the same grid (no error feedback): (codes, scale, zero, w_q)."""
+    I, O = w_IO.shape
+    groups = w_IO.reshape(I // group, group, O)
+    scale_GO, zero_GO = jax.vmap(lambda g: grid_params(g, bits=bits, sym=sym))(groups)
+    rows = jnp.arange(I) // group
+    codes = quantize_codes(w_IO, scale_GO[rows], zero_GO[rows], bits=bits, sym=sym)
+    return codes.astype(jnp.int32), scale_GO, zero_GO, (codes - zero_GO[rows]) * scale_GO[rows]
+
+
+# ----------------------------------------------------------------------------- the methods
+
+
+def _per_slice(fn, w_LIO, h_LII):
+    """fn(w [I, O], h [I, I]) on each stacked slice (lead 1) or on the one matrix (lead 0)."""
+    if w_LIO.ndim == 2:
+        return fn(w_LIO, h_LII)
+    outs = [fn(w_LIO[i], h_LII[i]) for i in range(w_LIO.shape[0])]
+    return tuple(jnp.stack(parts) for parts in zip(*outs))
+
+
+def stacked_layer_error(w, w_new, h) -> float:
+    """`layer_error` of a [I, O] view, or its mean over the layers of a stacked [L, I, O] one."""
+    if w.ndim == 2:
+        return layer_error(w, w_new, h)
+    return float(np.mean([layer_error(w[i], w_new[i], h[i]) for i in range(w.shape[0])]))
+
+
+@methods.register("gptq", kind="quantize", needs_calibration=True,
+                  options={"bits": "4", "group": "128", "sym": "true", "damp": "0.01", "act_order": "false",
+                           "block": str(BLOCK)},
+                  families=("gpt", "llama", "qwen", "bert"))
+def gptq_method(source: methods.Source, calibration, options) -> methods.Compressed:
+    """GPTQ: group-wise int4 / per-channel int8 codes with Hessian-weighted error compensation."""
+    o = kernels.parse_quant_options(options, "gptq")
+    calibration_lib.check_supported(source.config, "gptq")
+    targets = kernels.quantized(source.params, o["group"], "gptq")
+    stats = calibration_lib.collect(source, calibration, stats=("hessian",))
+    flat = calibration_lib.flat_params(source.params)
+    errors, rtn_errors = {}, {}
+    for path, (lead, axes, g) in targets.items():
+        w = flat[path]
+        fmt = "int4" if o["bits"] == 4 else "int8"
+        if path not in stats:  # the token table: round to nearest on the same grid
+            flat[path] = quant.quantize_weight(w, fmt=fmt, group=g, sym=o["sym"], contract_axes=axes, lead=lead)
+            continue
+        h = jnp.asarray(stats[path]["hessian"], jnp.float32)
+        w_IO = calibration_lib.matrix(jnp.asarray(w, jnp.float32), lead, h.shape[-1])
+        codes, scale, zero, w_q = _per_slice(functools.partial(
+            gptq, bits=o["bits"], group=g, sym=o["sym"], damp=o["damp"], act_order=o["act_order"], block=o["block"]),
+            w_IO, h)
+        rtn_q = _per_slice(lambda a, _, g=g: rtn(a, bits=o["bits"], group=g, sym=o["sym"]), w_IO, h)[3]
+        errors[path], rtn_errors[path] = stacked_layer_error(w_IO, w_q, h), stacked_layer_error(w_IO, rtn_q, h)
+        flat[path] = quant.QuantizedTensor.from_int(codes, scale, None if o["sym"] else zero, bits=o["bits"],
+                                                    group=g, shape=tuple(w.shape), in_dims=len(axes),
+                                                    dtype=w.dtype)
+    info = {"bits": o["bits"], "group": o["group"], "layer_error": errors, "rtn_layer_error": rtn_errors,
+            "mean_layer_error": float(np.mean(list(errors.values()))),
+            "mean_rtn_layer_error": float(np.mean(list(rtn_errors.values())))}
+    return methods.Compressed(calibration_lib.unflatten(flat), kernels.recorded(source.config, "gptq", options), info)
+
+
+@methods.register("sparsegpt", kind="prune", needs_calibration=True,
+                  options={"sparsity": "0.5", "pattern": "unstructured", "damp": "0.01", "block": str(BLOCK)},
+                  families=("gpt", "llama", "qwen", "bert"))
+def sparsegpt_method(source: methods.Source, calibration, options) -> methods.Compressed:
+    """SparseGPT: unstructured or N:M sparsity with Hessian-weighted error compensation."""
+    sparsity, n, m = kernels.parse_sparsity(options, "sparsegpt")
+    damp, block = kernels.parse(options, "damp", float, "sparsegpt"), kernels.parse(options, "block", int, "sparsegpt")
+    calibration_lib.check_supported(source.config, "sparsegpt")
+    targets = kernels.prunable(source.params, m, "sparsegpt")
+    stats = calibration_lib.collect(source, calibration, stats=("hessian",))
+    flat = calibration_lib.flat_params(source.params)
+    errors, magnitude_errors = {}, {}
+    for path, (_, lead) in targets.items():
+        w = flat[path]
+        h = jnp.asarray(stats[path]["hessian"], jnp.float32)
+        w_IO = calibration_lib.matrix(jnp.asarray(w, jnp.float32), lead, h.shape[-1])
+        pruned, _ = _per_slice(functools.partial(sparsegpt, sparsity=sparsity, n=n, m=m, damp=damp, block=block),
+                               w_IO, h)
+        errors[path] = stacked_layer_error(w_IO, pruned, h)
+        magnitude_errors[path] = stacked_layer_error(w_IO, kernels.magnitude_matrix(w_IO, sparsity, n, m), h)
+        flat[path] = pruned.reshape(w.shape).astype(w.dtype)
+    info = {"sparsity": sparsity, "pattern": options["pattern"], "layer_error": errors,
+            "magnitude_layer_error": magnitude_errors, "mean_layer_error": float(np.mean(list(errors.values()))),
+            "mean_magnitude_layer_error": float(np.mean(list(magnitude_errors.values())))}
+    return methods.Compressed(calibration_lib.unflatten(flat), kernels.recorded(source.config, "sparsegpt", options), info)

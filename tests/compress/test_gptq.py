@@ -100,7 +100,7 @@ def reference_sparsegpt(W_OI, H, *, sparsity, n, m, damp, blocksize):
         prune = np.zeros_like(W1, bool)
         if not m:
             tmp = (W1 ** 2 / d[None, :] ** 2).T.reshape(-1)  # [in, out] order, as lmlab's masks rank
-            k = int(round(sparsity * tmp.size))
+            k = round(sparsity * tmp.size)
             drop = np.argsort(tmp, kind="stable")[:k]
             prune = np.zeros(tmp.size, bool)
             prune[drop] = True
