@@ -196,13 +196,13 @@ def collect(source, batches: Sequence[Any], stats: Sequence[str] = ("hessian", "
 def check_supported(config, method: str) -> None:
     """One-line ValueError for an architecture whose kernels calibration does not see."""
     m = config.model
+    if m.get("family", "gpt") == "deepseek" or ("mla" in m and m.mla.get("kv_lora_rank", 0)):
+        raise ValueError(f"--method={method} does not see latent attention's (MLA) kernel inputs; use --method=rtn "
+                         "for this model")
     if m.get("family", "gpt") == "moe" or ("moe" in m and m.moe.get("num_experts", 0)):
         raise ValueError(f"--method={method} needs every kernel's calibration inputs, but mixture-of-experts "
                          "layers route each expert its own tokens, which calibration does not collect; use "
                          "--method=rtn for this model")
-    if m.get("family", "gpt") == "deepseek" or ("mla" in m and m.mla.get("kv_lora_rank", 0)):
-        raise ValueError(f"--method={method} does not see latent attention's (MLA) kernel inputs; use --method=rtn "
-                         "for this model")
 
 
 def flat_params(params) -> dict[str, Any]:
