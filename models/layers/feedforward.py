@@ -59,9 +59,7 @@ class FeedForward(nn.Module):
     kernel_init: Callable = DEFAULT_KERNEL_INIT
 
     def _dense(self, x, name: str, out: int, axes: tuple[str, str], deterministic: bool = True):
-        kernel = self.param(
-            name, nn.with_logical_partitioning(self.kernel_init, axes), (x.shape[-1], out), self.param_dtype
-        )
+        kernel = linear.kernel_param(self, name, self.kernel_init, (x.shape[-1], out), self.param_dtype, axes)
         y = linear.project(x, kernel.astype(self.dtype))  # einsum("...i,io->...o"), laid out for the backward
         y = lora_project(self, name, kernel, x, y, n_in=1, names=axes, lora=self.lora, deterministic=deterministic)
         if self.use_bias:

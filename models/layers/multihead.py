@@ -100,7 +100,7 @@ class MultiHeadAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def _param(self, name, shape, axes, init):
-        return self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype)
+        return linear.kernel_param(self, name, init, shape, self.param_dtype, axes)
 
     def _head_rms_norm(self, name: str, x_BTNH: jax.Array) -> jax.Array:
         """RMSNorm over the head dim with a shared [H] scale; float32 statistics."""
