@@ -755,19 +755,82 @@ def contraction_rows(path: str, shape: tuple[int, ...]) -> int | None:
     return None if rule is None else math.prod(shape[a] for a in rule[1])
 
 
+def kernel_group(fmt: str, group: int | None, rows: int) -> int:
+    """The group of a kernel with `rows` contraction rows: int8/fp8 per output channel when
+    `group` is None or 0, int4/nf4 128 when None; a group >= rows is one group of all rows."""
+    if not group:
+        group = 128 if fmt in ("int4", "nf4") and group is None else rows
+    return min(int(group), rows)
+
+
+def check_groups(params: Any, fmt: str, group: int | None, option: str = "group") -> None:
+    """A one-line ValueError naming `option` if `group` does not divide some kernel's contraction
+    rows (checked from shapes, before any quantization)."""
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        rows = contraction_rows(_path(path), tuple(x.shape))
+        if rows is None:
+            continue
+        g = kernel_group(fmt, group, rows)
+        if rows % g or (fmt in ("int4", "nf4") and g % 2):
+            raise ValueError(f"{option}={group} does not divide the contraction dimension {rows} of {_path(path)} "
+                             f"{tuple(x.shape)}; groups that work: {[d for d in group_divisors(rows) if d <= 512]}")
+
+
 def quantize_params(params: Any, *, fmt: str, group: int | None = None, sym: bool = True,
                     double_quant: bool = True) -> Any:
     """`params` (unboxed float arrays) with every kernel `contraction` names quantized by
-    `quantize_weight` (the kernel layout), the rest as they are."""
+    `quantize_weight` (the kernel layout; each kernel's group by `kernel_group`), the rest as
+    they are."""
+    check_groups(params, fmt, group)
+
     def one(path, x):
         rule = contraction(_path(path), tuple(x.shape))
         if rule is None:
             return x
         lead, axes = rule
-        return quantize_weight(x, fmt=fmt, group=group, sym=sym, contract_axes=axes, lead=lead,
+        g = kernel_group(fmt, group, math.prod(x.shape[a] for a in axes))
+        return quantize_weight(x, fmt=fmt, group=g, sym=sym, contract_axes=axes, lead=lead,
                                double_quant=double_quant)
 
     return jax.tree_util.tree_map_with_path(one, params)
+
+
+def describe(tree: Any) -> dict[str, dict[str, Any]]:
+    """{path: what `abstract_stored` needs to rebuild it} for every kernel-layout QuantizedTensor
+    of a params tree: its format, group, zero point, double quantization, W8A8 flag and
+    contraction (lead, contract_axes). JSON-able: a compressed checkpoint's config records it."""
+    out = {}
+    for path, x in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_quantized):
+        if not is_quantized(x):
+            continue
+        if not x.is_kernel:
+            raise ValueError(f"{_path(path)}: a QLoRA-layout tensor is not an inference kernel")
+        lead = 0 if x.transposed else len(x.shape) - len(x.in_shape) - len(x.out_shape)
+        out[_path(path)] = {"format": x.kind, "group": x.block_size, "sym": x.zero is None,
+                            "double_quant": x.double_quant, "act_quant": x.act_quant, "lead": lead,
+                            "contract_axes": [1] if x.transposed else list(range(lead, lead + x.in_dims))}
+    return out
+
+
+def abstract_stored(abstract: Any, described: Mapping[str, Mapping[str, Any]]) -> Any:
+    """The stored tree of a compressed checkpoint: `abstract` (the float model's params as
+    ShapeDtypeStructs, shardings kept on the unquantized leaves) with each `described` path
+    replaced by its QuantizedTensor of ShapeDtypeStructs (on the first leaf's sharding)."""
+    def one(path, x):
+        d = described.get(_path(path))
+        if d is None:
+            return x
+        make = functools.partial(quantize_weight, fmt=d["format"], group=int(d["group"]), sym=bool(d["sym"]),
+                                 contract_axes=tuple(d["contract_axes"]), lead=int(d["lead"]),
+                                 double_quant=bool(d["double_quant"]))
+        q = jax.eval_shape(make, jax.ShapeDtypeStruct(x.shape, x.dtype)).replace(act_quant=bool(d["act_quant"]))
+        sharding = getattr(x, "sharding", None)
+        return jax.tree_util.tree_map(lambda f: jax.ShapeDtypeStruct(f.shape, f.dtype, sharding=sharding), q)
+
+    missing = set(described) - {_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract)}
+    if missing:
+        raise ValueError(f"the compressed checkpoint describes parameters the model does not have: {sorted(missing)[:3]}")
+    return jax.tree_util.tree_map_with_path(one, abstract)
 
 
 def tree_nbytes(tree: Any) -> int:
