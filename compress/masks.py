@@ -91,11 +91,11 @@ def unstructured_mask(scores: jax.Array, sparsity: float, axis: int | None = Non
     scores = jnp.asarray(scores)
     if axis is None:
         flat = scores.reshape(-1)
-        keep = flat.size - int(round(sparsity * flat.size))
+        keep = flat.size - round(sparsity * flat.size)
         return (_ranks_descending(flat, 0) < keep).reshape(scores.shape)
     axis = _axis(scores, axis)
     size = scores.shape[axis]
-    keep = size - int(round(sparsity * size))
+    keep = size - round(sparsity * size)
     return _ranks_descending(scores, axis) < keep
 
 

@@ -51,6 +51,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
@@ -144,13 +145,22 @@ def nm_masks(params: Any, n: int = 2, m: int = 4) -> dict[masks_lib.Path, jax.Ar
     return {path: masks_lib.kernel_nm_mask(path, jnp.abs(w), n, m) for path, w in kernels.items()}
 
 
-def _masked_result(source: Source, masks: Mapping, info: dict) -> Compressed:
+def _recorded(config, method: str, options: Mapping[str, str]):
+    """A copy of the run config whose `compress` section records the method and its options
+    (`compress.io` adds the stored tensors' description)."""
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.compress = ml_collections.ConfigDict({"method": method, "options": dict(options)})
+    return config
+
+
+def _masked_result(source: Source, masks: Mapping, info: dict, options: Mapping[str, str]) -> Compressed:
     params = masks_lib.apply_masks(source.params, masks)
     zeros, total = masks_lib.count_zeros(params)
     info = {**info, "sparsity": zeros / total, "zeros": zeros, "prunable": total,
             "params": _num_params(params), "params_before": _num_params(source.params),
             "nonzero_params": _num_params(params) - zeros}
-    return Compressed(params=params, config=copy.deepcopy(source.config), info=info)
+    return Compressed(params=params, config=_recorded(source.config, info["method"], options), info=info)
 
 
 @register("magnitude", kind="prune", options={"sparsity": "0.5", "scope": "layer"})
@@ -159,7 +169,7 @@ def magnitude(source: Source, calibration, options) -> Compressed:
     sparsity = _fraction(options)
     scope = _choice(options, "scope", SCOPES)
     return _masked_result(source, magnitude_masks(source.params, sparsity, scope),
-                          {"method": "magnitude", "scope": scope, "target_sparsity": sparsity})
+                          {"method": "magnitude", "scope": scope, "target_sparsity": sparsity}, options)
 
 
 @register("magnitude_nm", kind="prune", options={"n": "2", "m": "4"})
@@ -168,7 +178,7 @@ def magnitude_nm(source: Source, calibration, options) -> Compressed:
     n, m = _integer(options, "n"), _integer(options, "m")
     if not 0 < n < m:
         raise ValueError(f"--option=n={n} --option=m={m}: N:M pruning needs 0 < n < m (e.g. n=2, m=4)")
-    return _masked_result(source, nm_masks(source.params, n, m), {"method": "magnitude_nm", "n": n, "m": m})
+    return _masked_result(source, nm_masks(source.params, n, m), {"method": "magnitude_nm", "n": n, "m": m}, options)
 
 
 # ----------------------------------------------------------------------- structured
@@ -398,11 +408,11 @@ def structured_zeroing(params: dict, s: Shape, *, heads=None, neurons=None, laye
     return out
 
 
-def _structured_result(source: Source, params: dict, config, info: dict) -> Compressed:
+def _structured_result(source: Source, params: dict, config, info: dict, options: Mapping[str, str]) -> Compressed:
     before, after = _prunable_count(source.params), _prunable_count(params)
     info = {**info, "sparsity": 1 - after / before, "prunable_before": before, "prunable": after,
             "params": _num_params(params), "params_before": _num_params(source.params)}
-    return Compressed(params=params, config=config, info=info)
+    return Compressed(params=params, config=_recorded(config, info["method"], options), info=info)
 
 
 def _importance_option(options, calibration, method: str) -> str:
@@ -432,7 +442,7 @@ def prune_heads(source: Source, calibration, options) -> Compressed:
     config.model.block.head_dim = s.H  # no longer d_model // num_heads
     return _structured_result(source, params, config, {"method": "prune_heads", "importance": importance,
                                                        "kv_groups": [s.K, keep], "heads": [s.N, keep * s.G],
-                                                       "kept": kept.tolist()})
+                                                       "kept": kept.tolist()}, options)
 
 
 @register("prune_neurons", kind="prune", options={"sparsity": "0.5", "importance": "taylor"},
@@ -450,7 +460,7 @@ def prune_neurons(source: Source, calibration, options) -> Compressed:
     config = copy.deepcopy(source.config)
     config.model.block.d_ff = keep
     return _structured_result(source, params, config, {"method": "prune_neurons", "importance": importance,
-                                                       "d_ff": [s.F, keep], "kept": kept.tolist()})
+                                                       "d_ff": [s.F, keep], "kept": kept.tolist()}, options)
 
 
 @register("prune_layers", kind="prune", options={"sparsity": "0.25", "importance": "block_influence"},
@@ -469,5 +479,6 @@ def prune_layers(source: Source, calibration, options) -> Compressed:
     config = copy.deepcopy(source.config)
     config.model.num_layers = keep
     return _structured_result(source, params, config, {"method": "prune_layers", "block_influence":
-                                                       influence.tolist(), "layers": [s.L, keep], "kept": kept})
+                                                       influence.tolist(), "layers": [s.L, keep], "kept": kept},
+                              options)
 

@@ -5,11 +5,11 @@ SwiGLU and GPT-2-style, per-layer and scanned stacks)."""
 import copy
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import flax.linen as nn
 
 import configs.deepseek
 import configs.gpt

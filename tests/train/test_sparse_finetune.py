@@ -3,18 +3,15 @@ exactly its zeros while the weights and the loss move; without the switch AdamW 
 
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from compress import masks, methods
-from configs import loader
+from compress import io, masks
 from configs.loader import load_config
 from inference.load import load
 from train import trainer, validate
-from train.checkpoint import Checkpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 4
@@ -27,25 +24,14 @@ def _config(root, *overrides):
         "eval.max_batches=1", "eval.num_samples=0", "logging.log_every_steps=1", *overrides])
 
 
-def save_workdir(path, params, config, tokenizer_dir):
-    """A `python -m train`-style workdir holding `params` at step 0 (what init_from=run: reads)."""
-    os.makedirs(path)
-    shutil.copytree(tokenizer_dir, path / "tokenizer")
-    (path / "config.json").write_text(config.to_json())
-    with Checkpointer(str(path / "checkpoints"), save_interval_steps=1) as ckpt:
-        ckpt.save(0, {"params": params}, data_state={}, config=config.to_dict(), force=True)
-
-
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory):
+    """A tiny LLaMA run, pruned to 50% by `python -m compress`'s door (compress.io)."""
     root = tmp_path_factory.mktemp("sparse")
     trainer.run(_config(root), str(root / "run"))
-    loaded = load(str(root / "run"))
-    config = loader.with_defaults(json.loads((root / "run" / "config.json").read_text()))
-    source = methods.Source(model=loaded.model, params=loaded.params, config=config, tokenizer=loaded.tokenizer)
-    out = methods.apply("magnitude", source, options={"sparsity": "0.5", "scope": "layer"})
-    save_workdir(root / "pruned", out.params, out.config, root / "run" / "tokenizer")
-    return root, out.params
+    out = io.compress(str(root / "run"), "magnitude", str(root / "pruned"), options=["sparsity=0.5"])
+    assert out.info["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    return root, load(str(root / "pruned")).params
 
 
 def _finetune(root, name, *overrides):
@@ -57,7 +43,7 @@ def _finetune(root, name, *overrides):
 
 def test_keep_sparsity_holds_the_zeros_while_the_loss_moves(pruned):
     root, start = pruned
-    summary, params = _finetune(root, "sparse", "finetune.keep_sparsity=true")
+    _, params = _finetune(root, "sparse", "finetune.keep_sparsity=true")
     before, after = masks.prunable(start), masks.prunable(params)
     for path in before:
         was_zero, is_zero = np.asarray(before[path]) == 0, np.asarray(after[path]) == 0
