@@ -89,3 +89,28 @@ def test_hold_zeros_masks_grads_and_updates_of_prunable_kernels_only():
     np.testing.assert_array_equal(np.asarray(new["layer_0"]["mlp"]["wi"]) == 0, [[True, False], [False, True]])
     assert (np.asarray(new["layer_0"]["mlp"]["wi_bias"]) != 0).all()  # not a prunable kernel: trains
     assert np.asarray(new["embed"]["embedding"])[0, 0] != 0
+
+
+def test_a_shrunk_checkpoint_loads_and_generates_as_the_pruned_params(pruned):
+    """prune_heads through `python -m compress`'s door: the saved workdir loads (inference.load)
+    as the smaller model, its params are the method's, and it decodes with the KV cache the
+    tokens a full recompute of its own logits chooses (greedy)."""
+    from inference.generate import generate
+
+    root, _ = pruned
+    out = io.compress(str(root / "run"), "prune_heads", str(root / "heads"), options=["sparsity=0.5"],
+                      calibration_samples=4, calibration_seq_len=32)
+    loaded = load(str(root / "heads"))
+    block = loaded.model.config.block
+    assert (block.num_heads, block.num_kv_heads, block.head_dim) == (2, 1, 16)
+    for got, want in zip(jax.tree_util.tree_leaves(loaded.params), jax.tree_util.tree_leaves(out.params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    prompt = loaded.tokenizer.encode("def ")
+    tokens = generate(loaded.model, loaded.params, [prompt], max_new_tokens=6)[0]
+    ids = list(prompt)
+    for token in tokens:  # each cached-decode token is a greedy choice of the full recompute
+        logits = np.asarray(loaded.model.apply({"params": loaded.params}, np.asarray([ids], np.int32)))[0, -1]
+        # within float32 rounding of the best (the cache and the recompute sum in different orders)
+        assert logits[token] >= logits.max() - 64 * np.finfo(np.float32).eps * np.abs(logits).max()
+        ids.append(token)
+    assert len(tokens) == 6
