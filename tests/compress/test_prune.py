@@ -198,3 +198,8 @@ def test_refusals_are_one_line():
         methods.apply("prune_layers", source)
     out = methods.apply("magnitude", make_source(configs.moe, scan=True), options={"sparsity": "0.5"})
     assert out.info["sparsity"] == pytest.approx(0.5, abs=1e-3)  # experts' kernels pruned like any other
+    deepseek = make_source(configs.deepseek)  # MLA's projections and the experts take 2:4 too
+    out = methods.apply("magnitude_nm", deepseek)
+    pruned = masks.prunable(out.params)
+    assert out.info["sparsity"] == 0.5 and ("layer_1", "self_attention", "latent_kv", "kv_down") in pruned
+    assert ("layer_1", "mlp", "router") not in pruned
