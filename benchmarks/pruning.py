@@ -41,7 +41,8 @@ RUNS = [("magnitude", {"sparsity": "0"})] + \
        [("magnitude", {"scope": "layer", "sparsity": s}) for s in ("0.25", "0.5", "0.75")] + \
        [("magnitude", {"scope": "global", "sparsity": s}) for s in ("0.25", "0.5", "0.75")] + \
        [("magnitude_nm", {"n": "2", "m": "4"})] + \
-       [("prune_heads", {"sparsity": "0.5", "importance": i}) for i in ("taylor", "norm")] + \
+       [("prune_heads", {"sparsity": "0.5", "importance": i, "unit": u}) for u in ("kv_group", "query")
+        for i in ("taylor", "norm")] + \
        [("prune_neurons", {"sparsity": s, "importance": i}) for s in ("0.25", "0.5") for i in ("taylor", "norm")] + \
        [("prune_layers", {"sparsity": "0.5"})]
 QUICK_RUNS = [("magnitude", {"sparsity": "0"}), ("magnitude", {"sparsity": "0.5"}),
@@ -100,10 +101,10 @@ def main(argv=None) -> list[dict]:
                "val_loss": validation_loss(result.config, result.params, source.tokenizer, workdir)}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    print(f"\n{'method':<15}{'options':<38}{'sparsity':>9}{'params':>9}{'ckpt bytes':>12}{'val loss':>10}")
+    print(f"\n{'method':<15}{'options':<52}{'sparsity':>9}{'params':>9}{'ckpt bytes':>12}{'val loss':>10}")
     for r in rows:
         options = ",".join(f"{k}={v}" for k, v in r["options"].items())
-        print(f"{r['method']:<15}{options:<38}{r['sparsity']:>9.3f}{r['params']:>9}"
+        print(f"{r['method']:<15}{options:<52}{r['sparsity']:>9.3f}{r['params']:>9}"
               f"{r.get('checkpoint_bytes', 0):>12}{r['val_loss']:>10.4f}")
     return rows
 

@@ -15,10 +15,12 @@ Structured (the model gets smaller: the output config has fewer heads, a smaller
 fewer layers, and the params have the smaller shapes). Configs are uniform across layers, so
 every layer loses the same number of units, each layer choosing its own by importance:
 
-    prune_heads    key/value groups: a group is one key/value head with its G query heads
-                   (query[:, group], key[:, k], value[:, k], out[group] and their biases). With
-                   GQA whole groups go (K' = K - round(s * K), N' = G * K'), which also shrinks
-                   the KV cache; with MHA (G = 1) a group is one head.
+    prune_heads    unit=kv_group (default): whole key/value groups, a group being one key/value
+                   head with its G query heads (query[:, group], key[:, k], value[:, k], out[group]
+                   and their biases): K' = K - round(s * K), N' = G * K', which also shrinks the
+                   KV cache; with MHA (G = 1) a group is one head. unit=query (GQA only): the same
+                   number of query heads in every group, G' = G - round(s * G), N' = K * G'; the
+                   key/value heads and the KV cache stay.
     prune_neurons  MLP hidden units f (wi*[:, f], wo[f, :], wi_bias[f]): F' = F - round(s * F)
     prune_layers   whole blocks: L' = L - round(s * L)
 
@@ -62,6 +64,7 @@ from models import gpt as gpt_lib
 STRUCTURED_FAMILIES = ("gpt", "llama", "qwen")
 SCOPES = ("layer", "global")
 UNIT_IMPORTANCE = ("taylor", "norm")
+HEAD_UNITS = ("kv_group", "query")
 LAYER_IMPORTANCE = ("block_influence",)
 
 
@@ -261,22 +264,42 @@ def _unscanned_model(source: Source) -> gpt_lib.GPT:
 
 
 def head_importance(source: Source, batches: Sequence[Any] | None, importance: str) -> np.ndarray:
-    """[L, K] importance of each key/value group of each layer (module docstring)."""
+    """[L, N] importance of each query head of each layer, from its own weights (`query`,
+    `out` and its bias: norm) or its rows of `out` (taylor). A key/value group's importance
+    adds its G heads' and, for norm, its key and value weights (`group_importance`)."""
     s = _shape(source.config)
     if importance == "norm":
         params = _per_layer(source)
-        out = np.zeros((s.L, s.K))
+        out = np.zeros((s.L, s.N))
         for i in range(s.L):
             a = params[f"layer_{i}"]["self_attention"]
-            for name, value in a.items():
-                if name in ("query", "query_bias"):  # [D, N, H] / [N, H] -> per group
-                    sq = jnp.square(value).reshape(*value.shape[:-2], s.K, s.G, s.H)
-                    out[i] += np.asarray(sq.sum(axis=tuple(a for a in range(sq.ndim) if a != sq.ndim - 3)))
-                elif name in ("key", "value", "key_bias", "value_bias"):  # [D, K, H] / [K, H]
-                    out[i] += np.asarray(jnp.square(value).sum(axis=tuple(a for a in range(value.ndim)
-                                                                           if a != value.ndim - 2)))
-                elif name == "out":  # [N, H, D]
-                    out[i] += np.asarray(jnp.square(value).reshape(s.K, -1).sum(-1))
+            for name in ("query", "query_bias"):  # [D, N, H] / [N, H]
+                if name in a:
+                    sq = np.square(np.asarray(a[name], np.float64))
+                    out[i] += np.moveaxis(sq, -2, 0).reshape(s.N, -1).sum(-1)
+            out[i] += np.square(np.asarray(a["out"], np.float64)).reshape(s.N, -1).sum(-1)
+        return out
+    total = np.zeros((s.L, s.N))
+    for params, grads in _loss_grads(source, batches):
+        for i in range(s.L):
+            w, g = params[f"layer_{i}"]["self_attention"]["out"], grads[f"layer_{i}"]["self_attention"]["out"]
+            total[i] += np.square(np.asarray((w * g).reshape(s.N, -1).sum(-1), np.float64))
+    return total / len(batches)
+
+
+def group_importance(source: Source, batches: Sequence[Any] | None, importance: str) -> np.ndarray:
+    """[L, K] importance of each key/value group: taylor, (dLoss/da)^2 of one gate a on all G
+    heads' `out` rows (the sum of the heads' dLoss/da before squaring); norm, the heads' squared
+    norms plus the group's key and value weights."""
+    s = _shape(source.config)
+    if importance == "norm":
+        out = head_importance(source, batches, importance).reshape(s.L, s.K, s.G).sum(-1)
+        params = _per_layer(source)
+        for i in range(s.L):
+            a = params[f"layer_{i}"]["self_attention"]
+            for name in ("key", "value", "key_bias", "value_bias"):  # [D, K, H] / [K, H]
+                if name in a:
+                    out[i] += np.moveaxis(np.square(np.asarray(a[name], np.float64)), -2, 0).reshape(s.K, -1).sum(-1)
         return out
     total = np.zeros((s.L, s.K))
     for params, grads in _loss_grads(source, batches):
@@ -344,11 +367,11 @@ def _keep(scores_LU: np.ndarray, keep: int) -> np.ndarray:
     return np.sort(order, axis=1)
 
 
-def shrink_heads(params: dict, s: Shape, keep_groups_LK: np.ndarray) -> dict:
-    """Per-layer params keeping the given key/value groups (with their query heads) of each layer."""
+def shrink_heads(params: dict, s: Shape, heads_LN: np.ndarray, groups_LK: np.ndarray) -> dict:
+    """Per-layer params keeping, in each layer, the query heads `heads_LN[i]` and the key/value
+    heads `groups_LK[i]` (every kept query head's group among them, in order)."""
     out = dict(params)
-    for i, groups in enumerate(keep_groups_LK):
-        heads = (groups[:, None] * s.G + np.arange(s.G)).reshape(-1)  # query heads of the kept groups
+    for i, (heads, groups) in enumerate(zip(heads_LN, groups_LK)):
         a = dict(params[f"layer_{i}"]["self_attention"])
         for name in list(a):
             if name in ("query", "query_bias"):
@@ -385,7 +408,7 @@ def shrink_layers(params: dict, keep_layers: Sequence[int], num_layers: int) -> 
 
 def structured_zeroing(params: dict, s: Shape, *, heads=None, neurons=None, layers=None) -> dict:
     """Full-size per-layer params in which the removed units' outputs are zero: the removed
-    groups' rows of `out`, the removed neurons' rows of `wo`, and every output row and output
+    query heads' rows of `out` (`heads`: [L, N'] kept query heads), the removed neurons' rows of `wo`, and every output row and output
     bias of a removed layer. Its logits equal those of the shrunk model."""
     out = jax.tree_util.tree_map(lambda x: x, params)
     for i in range(s.L):
@@ -393,7 +416,7 @@ def structured_zeroing(params: dict, s: Shape, *, heads=None, neurons=None, laye
         a, mlp = layer["self_attention"], layer["mlp"]
         if heads is not None:
             keep = np.zeros(s.N, bool)
-            keep[(heads[i][:, None] * s.G + np.arange(s.G)).reshape(-1)] = True
+            keep[heads[i]] = True
             a["out"] = a["out"] * jnp.asarray(keep, a["out"].dtype)[:, None, None]
         if neurons is not None:
             keep = np.zeros(s.F, bool)
@@ -423,26 +446,40 @@ def _importance_option(options, calibration, method: str) -> str:
     return importance
 
 
-@register("prune_heads", kind="prune", options={"sparsity": "0.5", "importance": "taylor"},
+@register("prune_heads", kind="prune", options={"sparsity": "0.5", "importance": "taylor", "unit": "kv_group"},
           needs_calibration=True, families=STRUCTURED_FAMILIES)
 def prune_heads(source: Source, calibration, options) -> Compressed:
-    """Structured: removes the least important key/value head groups of every layer (fewer heads in the config)."""
+    """Structured: removes the least important attention heads of every layer (fewer heads in the config)."""
     check_structured(source, "heads")
     s, sparsity = _shape(source.config), _fraction(options)
     importance = _importance_option(options, calibration, "prune_heads")
-    keep = s.K - round(sparsity * s.K)
-    if keep < 1:
-        raise ValueError(f"--option=sparsity={sparsity} would remove every one of the {s.K} key/value groups of a "
-                         "layer; use a smaller sparsity")
-    kept = _keep(head_importance(source, calibration, importance), keep)
-    params = _restacked(shrink_heads(_per_layer(source), s, kept), source.config, s.L)
+    unit = _choice(options, "unit", HEAD_UNITS)
+    if unit == "query" and s.G == 1:
+        raise ValueError(f"--option=unit=query prunes query heads within key/value groups, but every one of the "
+                         f"{s.N} heads has its own key/value head; use unit=kv_group")
+    per_group = s.G - round(sparsity * s.G) if unit == "query" else s.G
+    groups = s.K - round(sparsity * s.K) if unit == "kv_group" else s.K
+    if per_group < 1 or groups < 1:
+        what = f"{s.G} query heads of a key/value group" if unit == "query" else f"{s.K} key/value groups"
+        raise ValueError(f"--option=sparsity={sparsity} would remove every one of the {what} of a layer; use a "
+                         "smaller sparsity" + (" or unit=kv_group" if unit == "query" else ""))
+    if unit == "kv_group":
+        kept_groups = _keep(group_importance(source, calibration, importance), groups)
+        kept_heads = (kept_groups[:, :, None] * s.G + np.arange(s.G)).reshape(s.L, -1)
+    else:  # the same number of query heads in every group, each group choosing its own
+        scores = head_importance(source, calibration, importance).reshape(s.L * s.K, s.G)
+        kept_heads = (_keep(scores, per_group).reshape(s.L, s.K, per_group) +
+                      (np.arange(s.K) * s.G)[None, :, None]).reshape(s.L, -1)
+        kept_groups = np.tile(np.arange(s.K), (s.L, 1))
+    params = _restacked(shrink_heads(_per_layer(source), s, kept_heads, kept_groups), source.config, s.L)
     config = copy.deepcopy(source.config)
-    config.model.block.num_heads = keep * s.G
-    config.model.block.num_kv_heads = keep if source.config.model.block.num_kv_heads else 0
+    config.model.block.num_heads = groups * per_group
+    config.model.block.num_kv_heads = groups if source.config.model.block.num_kv_heads else 0
     config.model.block.head_dim = s.H  # no longer d_model // num_heads
     return _structured_result(source, params, config, {"method": "prune_heads", "importance": importance,
-                                                       "kv_groups": [s.K, keep], "heads": [s.N, keep * s.G],
-                                                       "kept": kept.tolist()}, options)
+                                                       "unit": unit, "kv_groups": [s.K, groups],
+                                                       "heads": [s.N, groups * per_group],
+                                                       "kept": kept_heads.tolist()}, options)
 
 
 @register("prune_neurons", kind="prune", options={"sparsity": "0.5", "importance": "taylor"},

@@ -101,7 +101,7 @@ def test_two_four_groups_along_the_contraction_axis():
 
 
 SPARSITY = {"prune_heads": "0.5", "prune_neurons": "0.25", "prune_layers": "0.5"}
-CASES = [(configs.llama, False, "prune_heads", "taylor"), (configs.llama, False, "prune_neurons", "taylor"),
+CASES = [(configs.llama, False, "prune_heads", "taylor"), (configs.llama, True, "prune_heads:query", "taylor"), (configs.llama, False, "prune_neurons", "taylor"),
          (configs.llama, False, "prune_layers", "block_influence"), (configs.llama, True, "prune_heads", "norm"),
          (configs.gpt, True, "prune_heads", "norm"), (configs.gpt, True, "prune_neurons", "taylor"),
          (configs.gpt, True, "prune_layers", "block_influence"), (configs.gpt, False, "prune_neurons", "norm")]
@@ -111,8 +111,9 @@ CASES = [(configs.llama, False, "prune_heads", "taylor"), (configs.llama, False,
 def test_shrunk_model_equals_zeroed_full_model(family, scan, method, importance):
     source = make_source(family, scan=scan)
     calib = batches()
-    out = methods.apply(method, source, calibration=calib, options={"sparsity": SPARSITY[method],
-                                                                    "importance": importance})
+    method, _, unit = method.partition(":")
+    options = {"sparsity": SPARSITY[method], "importance": importance, **({"unit": unit} if unit else {})}
+    out = methods.apply(method, source, calibration=calib, options=options)
     before, after = prune._shape(source.config), prune._shape(out.config)
     kept = out.info["kept"]
     zeroing = {"prune_heads": {"heads": np.asarray(kept)}, "prune_neurons": {"neurons": np.asarray(kept)},
@@ -128,7 +129,10 @@ def test_shrunk_model_equals_zeroed_full_model(family, scan, method, importance)
     # It really shrank, and pruning changed the model (the zeroed units mattered).
     assert prune._num_params(out.params) < prune._num_params(source.params)
     assert np.abs(want - logits_of(full_config, prune._per_layer(source), ids)).max() > 100 * tol
-    if method == "prune_heads":
+    if method == "prune_heads" and unit == "query":  # one of the two query heads of each group
+        assert (after.K, after.N, after.H) == (before.K, before.N // 2, before.H)
+        assert all(len({h // before.G for h in heads}) == before.K for heads in kept)
+    elif method == "prune_heads":
         assert (after.K, after.N, after.H) == (before.K // 2, before.N // 2, before.H)
     elif method == "prune_neurons":
         assert after.F == before.F - round(0.25 * before.F)
@@ -150,6 +154,11 @@ def test_norm_importance_needs_no_data_and_keeps_the_largest():
     norms = (np.square(np.asarray(mlp["wi_gate"])).sum(0) + np.square(np.asarray(mlp["wi_up"])).sum(0) +
              np.square(np.asarray(mlp["wo"])).sum(1))
     assert set(out.info["kept"][0]) == set(np.argsort(-norms, kind="stable")[:norms.size // 2].tolist())
+    a = {k: np.asarray(v, np.float64) for k, v in params["layer_1"]["self_attention"].items()}  # G = 2
+    for k in range(2):
+        want = (np.square(a["query"][:, 2 * k:2 * k + 2]).sum() + np.square(a["out"][2 * k:2 * k + 2]).sum() +
+                np.square(a["key"][:, k]).sum() + np.square(a["value"][:, k]).sum())
+        assert prune.group_importance(source, None, "norm")[1, k] == pytest.approx(want, rel=1e-12)
 
 
 def test_taylor_importance_predicts_the_loss_change_of_removing_a_group():
@@ -157,7 +166,7 @@ def test_taylor_importance_predicts_the_loss_change_of_removing_a_group():
     finite difference of the loss with the group's out rows scaled by 1 +- h."""
     source = make_source(configs.llama)
     calib = batches(1)
-    scores = prune.head_importance(source, calib, "taylor")
+    scores = prune.group_importance(source, calib, "taylor")
     params = prune._per_layer(source)
     s = prune._shape(source.config)
     config = copy.deepcopy(source.config)
@@ -192,6 +201,8 @@ def test_refusals_are_one_line():
     source = make_source(configs.llama)
     with pytest.raises(ValueError, match="sparsity=0.9 would remove every one of the 2 key/value groups"):
         methods.apply("prune_heads", source, calibration=batches(1), options={"sparsity": "0.9"})
+    with pytest.raises(ValueError, match="unit=query prunes query heads within key/value groups"):
+        methods.apply("prune_heads", make_source(configs.gpt), calibration=batches(1), options={"unit": "query"})
     with pytest.raises(ValueError, match="scope='block'"):
         methods.apply("magnitude", source, options={"scope": "block"})
     with pytest.raises(ValueError, match="needs calibration data"):
