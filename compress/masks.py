@@ -38,6 +38,7 @@ tree are a flat {path: mask} dict over its prunable kernels.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -58,13 +59,13 @@ ATTENTION_SCOPES = ("self_attention", "cross_attention", "latent_kv")
 MLP_SCOPES = ("mlp", "shared")
 
 
-def _ranks_descending(scores: jax.Array, axis: int) -> jax.Array:
-    """Each score's place along `axis` in decreasing order (0 = largest), ties by position."""
-    scores = jnp.asarray(scores)
+@functools.partial(jax.jit, static_argnames=("axis", "keep"))
+def _keep_largest(scores: jax.Array, axis: int, keep: int) -> jax.Array:
+    """True for the `keep` largest scores along `axis`, ties by position (a stable sort's rank)."""
     if not jnp.issubdtype(scores.dtype, jnp.floating):
         scores = scores.astype(jnp.float32)
     order = jnp.argsort(-scores, axis=axis, stable=True)
-    return jnp.argsort(order, axis=axis, stable=True)
+    return jnp.argsort(order, axis=axis, stable=True) < keep
 
 
 def _check_sparsity(sparsity: float) -> float:
@@ -92,11 +93,11 @@ def unstructured_mask(scores: jax.Array, sparsity: float, axis: int | None = Non
     if axis is None:
         flat = scores.reshape(-1)
         keep = flat.size - round(sparsity * flat.size)
-        return (_ranks_descending(flat, 0) < keep).reshape(scores.shape)
+        return _keep_largest(flat, 0, keep).reshape(scores.shape)
     axis = _axis(scores, axis)
     size = scores.shape[axis]
     keep = size - round(sparsity * size)
-    return _ranks_descending(scores, axis) < keep
+    return _keep_largest(scores, axis, keep)
 
 
 def nm_mask(scores: jax.Array, n: int = 2, m: int = 4, axis: int = 0) -> jax.Array:
@@ -120,7 +121,7 @@ def nm_mask(scores: jax.Array, n: int = 2, m: int = 4, axis: int = 0) -> jax.Arr
                          f"size {size}")
     moved = jnp.moveaxis(scores, axis, -1)
     grouped = moved.reshape(*moved.shape[:-1], size // m, m)
-    keep = (_ranks_descending(grouped, -1) < n).reshape(moved.shape)
+    keep = _keep_largest(grouped, grouped.ndim - 1, n).reshape(moved.shape)
     return jnp.moveaxis(keep, -1, axis)
 
 
