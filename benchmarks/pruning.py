@@ -3,7 +3,7 @@
 1. Trains a tiny LLaMA (configs/llama.py:tiny: 2 layers, width 64, 4 query / 2 key-value heads,
    SwiGLU d_ff 176) with the one trainer for --steps steps on the embedded pydoc corpus (or reads
    --workdir if it holds a run).
-2. Applies each pruning method of `compress.prune` through `compress.methods.apply` (the
+2. Applies each pruning method (`compress.prune`, `compress.prune_structured`) through `compress.methods.apply` (the
    calibration batches of `compress.calibration` for the data-driven ones), writes each result
    with `compress.io.save` (the `python -m compress` output) and measures:
      sparsity     info["sparsity"]: zeros (or removed weights) among the prunable kernels

@@ -1,4 +1,4 @@
-"""compress.prune: exact sparsities, N:M groups, and structured pruning that shrinks the model
+"""compress.prune and compress.prune_structured: exact sparsities, N:M groups, and structured pruning that shrinks the model
 into one whose logits equal the full model's with the removed units zeroed (LLaMA-style GQA +
 SwiGLU and GPT-2-style, per-layer and scanned stacks)."""
 
@@ -15,7 +15,7 @@ import configs.deepseek
 import configs.gpt
 import configs.llama
 import configs.moe
-from compress import masks, methods, prune
+from compress import masks, methods, prune, prune_structured
 from train import build
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -114,11 +114,11 @@ def test_shrunk_model_equals_zeroed_full_model(family, scan, method, importance)
     method, _, unit = method.partition(":")
     options = {"sparsity": SPARSITY[method], "importance": importance, **({"unit": unit} if unit else {})}
     out = methods.apply(method, source, calibration=calib, options=options)
-    before, after = prune._shape(source.config), prune._shape(out.config)
+    before, after = prune_structured.shape_of(source.config), prune_structured.shape_of(out.config)
     kept = out.info["kept"]
     zeroing = {"prune_heads": {"heads": np.asarray(kept)}, "prune_neurons": {"neurons": np.asarray(kept)},
                "prune_layers": {"layers": kept}}[method]
-    zeroed = prune.structured_zeroing(prune._per_layer(source), before, **zeroing)
+    zeroed = prune_structured.structured_zeroing(prune_structured.per_layer_params(source), before, **zeroing)
     full_config = copy.deepcopy(source.config)
     full_config.model.scan_layers = False
     ids = calib[0]
@@ -127,8 +127,8 @@ def test_shrunk_model_equals_zeroed_full_model(family, scan, method, importance)
     tol = roundings(source.config, ids.shape[1]) * EPS32 * float(np.abs(want).max())
     np.testing.assert_allclose(got, want, rtol=0, atol=tol)
     # It really shrank, and pruning changed the model (the zeroed units mattered).
-    assert prune._num_params(out.params) < prune._num_params(source.params)
-    assert np.abs(want - logits_of(full_config, prune._per_layer(source), ids)).max() > 100 * tol
+    assert prune.num_params(out.params) < prune.num_params(source.params)
+    assert np.abs(want - logits_of(full_config, prune_structured.per_layer_params(source), ids)).max() > 100 * tol
     if method == "prune_heads" and unit == "query":  # one of the two query heads of each group
         assert (after.K, after.N, after.H) == (before.K, before.N // 2, before.H)
         assert all(len({h // before.G for h in heads}) == before.K for heads in kept)
@@ -138,7 +138,7 @@ def test_shrunk_model_equals_zeroed_full_model(family, scan, method, importance)
         assert after.F == before.F - round(0.25 * before.F)
     else:
         assert after.L == before.L - 1
-    assert out.info["sparsity"] > 0 and out.info["params"] == prune._num_params(out.params)
+    assert out.info["sparsity"] > 0 and out.info["params"] == prune.num_params(out.params)
     shapes = jax.eval_shape(lambda: build.model(out.config, VOCAB).init(jax.random.key(0),
                                                                         jnp.zeros((1, 8), jnp.int32))["params"])
     assert jax.tree_util.tree_map(lambda s: s.shape, nn.unbox(shapes)) == \
@@ -149,7 +149,7 @@ def test_norm_importance_needs_no_data_and_keeps_the_largest():
     source = make_source(configs.llama)
     out = methods.apply("prune_neurons", source, calibration=batches(1),
                         options={"sparsity": "0.5", "importance": "norm"})
-    params = prune._per_layer(source)
+    params = prune_structured.per_layer_params(source)
     mlp = params["layer_0"]["mlp"]
     norms = (np.square(np.asarray(mlp["wi_gate"])).sum(0) + np.square(np.asarray(mlp["wi_up"])).sum(0) +
              np.square(np.asarray(mlp["wo"])).sum(1))
@@ -158,7 +158,7 @@ def test_norm_importance_needs_no_data_and_keeps_the_largest():
     for k in range(2):
         want = (np.square(a["query"][:, 2 * k:2 * k + 2]).sum() + np.square(a["out"][2 * k:2 * k + 2]).sum() +
                 np.square(a["key"][:, k]).sum() + np.square(a["value"][:, k]).sum())
-        assert prune.group_importance(source, None, "norm")[1, k] == pytest.approx(want, rel=1e-12)
+        assert prune_structured.group_importance(source, None, "norm")[1, k] == pytest.approx(want, rel=1e-12)
 
 
 def test_taylor_importance_predicts_the_loss_change_of_removing_a_group():
@@ -166,9 +166,9 @@ def test_taylor_importance_predicts_the_loss_change_of_removing_a_group():
     finite difference of the loss with the group's out rows scaled by 1 +- h."""
     source = make_source(configs.llama)
     calib = batches(1)
-    scores = prune.group_importance(source, calib, "taylor")
-    params = prune._per_layer(source)
-    s = prune._shape(source.config)
+    scores = prune_structured.group_importance(source, calib, "taylor")
+    params = prune_structured.per_layer_params(source)
+    s = prune_structured.shape_of(source.config)
     config = copy.deepcopy(source.config)
 
     def loss(scale):
