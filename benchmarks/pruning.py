@@ -3,8 +3,9 @@
 1. Trains a tiny LLaMA (configs/llama.py:tiny: 2 layers, width 64, 4 query / 2 key-value heads,
    SwiGLU d_ff 176) with the one trainer for --steps steps on the embedded pydoc corpus (or reads
    --workdir if it holds a run).
-2. Applies each pruning method (`compress.prune`, `compress.prune_structured`) through `compress.methods.apply` (the
-   calibration batches of `compress.calibration` for the data-driven ones), writes each result
+2. Applies each pruning method (`compress.prune`, `compress.prune_structured`) through
+   `compress.methods.apply` (the calibration batches of `compress.calibration` for the data-driven
+   ones), writes each result
    with `compress.io.save` (the `python -m compress` output) and measures:
      sparsity     info["sparsity"]: zeros (or removed weights) among the prunable kernels
      params       parameters stored, and bytes of the checkpoint directory on disk (magnitude at
@@ -31,11 +32,11 @@ _ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-import jax  # noqa: E402
+import jax
 
-from compress import calibration, io, methods  # noqa: E402
-from configs.loader import load_config  # noqa: E402
-from train import build, objectives, trainer  # noqa: E402
+from compress import calibration, io, methods
+from configs.loader import load_config
+from train import build, objectives, trainer
 
 RUNS = [("magnitude", {"sparsity": "0"})] + \
        [("magnitude", {"scope": "layer", "sparsity": s}) for s in ("0.25", "0.5", "0.75")] + \
@@ -80,18 +81,15 @@ def main(argv=None) -> list[dict]:
     steps = 4 if args.quick else args.steps
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         config = load_config("configs/llama.py:tiny", [
-            f"steps={steps}", f"schedule.warmup_steps={min(5, steps - 1)}", f"checkpoint.save_interval_steps={steps}", "logging.progress_bar=false",
+            f"steps={steps}", f"schedule.warmup_steps={min(5, steps - 1)}", f"checkpoint.save_interval_steps={steps}",
+            "logging.progress_bar=false",
             "eval.num_samples=0", "eval.max_batches=8", f"data.data_dir={os.path.join(root, 'tfds')}"])
         trainer.run(config, workdir)
     config, step = io.source_config(workdir)
     source = io.load_source(workdir, config, step)
     batches = calibration.calibration_batches(config, source.tokenizer, samples=args.calibration_samples,
                                               seq_len=config.data.seq_len, seed=1, workdir=workdir)
-    dense = {"method": "dense", "options": {}, "sparsity": 0.0, "params": sum(x.size for x in
-                                                                                 jax.tree_util.tree_leaves(source.params)),
-             "val_loss": validation_loss(config, source.params, source.tokenizer, workdir)}
-    print(json.dumps(dense), flush=True)
-    rows = [dense]
+    rows = []
     for i, (name, options) in enumerate(QUICK_RUNS if args.quick else RUNS):
         result = methods.apply(name, source, calibration=batches, options=options)
         out = os.path.join(root, f"out_{i}")

@@ -280,8 +280,8 @@ def shrink_layers(params: dict, keep_layers: Sequence[int], num_layers: int) -> 
 
 def structured_zeroing(params: dict, s: Shape, *, heads=None, neurons=None, layers=None) -> dict:
     """Full-size per-layer params in which the removed units' outputs are zero: the removed
-    query heads' rows of `out` (`heads`: [L, N'] kept query heads), the removed neurons' rows of `wo`, and every output row and output
-    bias of a removed layer. Its logits equal those of the shrunk model."""
+    query heads' rows of `out` (`heads`: [L, N'] kept query heads), the removed neurons' rows
+    of `wo`, and every output row and output bias of a removed layer. Its logits equal those of the shrunk model."""
     out = jax.tree_util.tree_map(lambda x: x, params)
     for i in range(s.L):
         layer = {k: dict(v) for k, v in out[f"layer_{i}"].items()}

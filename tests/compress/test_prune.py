@@ -1,5 +1,5 @@
-"""compress.prune and compress.prune_structured: exact sparsities, N:M groups, and structured pruning that shrinks the model
-into one whose logits equal the full model's with the removed units zeroed (LLaMA-style GQA +
+"""compress.prune and compress.prune_structured: exact sparsities, N:M groups, and structured
+pruning that shrinks the model into one whose logits equal the full model's with the removed units zeroed (LLaMA-style GQA +
 SwiGLU and GPT-2-style, per-layer and scanned stacks)."""
 
 import copy
@@ -101,7 +101,8 @@ def test_two_four_groups_along_the_contraction_axis():
 
 
 SPARSITY = {"prune_heads": "0.5", "prune_neurons": "0.25", "prune_layers": "0.5"}
-CASES = [(configs.llama, False, "prune_heads", "taylor"), (configs.llama, True, "prune_heads:query", "taylor"), (configs.llama, False, "prune_neurons", "taylor"),
+CASES = [(configs.llama, False, "prune_heads", "taylor"), (configs.llama, True, "prune_heads:query", "taylor"),
+         (configs.llama, False, "prune_neurons", "taylor"),
          (configs.llama, False, "prune_layers", "block_influence"), (configs.llama, True, "prune_heads", "norm"),
          (configs.gpt, True, "prune_heads", "norm"), (configs.gpt, True, "prune_neurons", "taylor"),
          (configs.gpt, True, "prune_layers", "block_influence"), (configs.gpt, False, "prune_neurons", "norm")]
