@@ -29,8 +29,10 @@ Importance (`importance=`):
 A removed unit is equivalent to a zeroed one: `structured_zeroing` returns the full-size
 params with the removed units' output rows (and, for a layer, its output biases) zeroed, a
 model whose logits equal the shrunk model's (tests/compress/test_prune.py). Removing a layer
-is only equivalent to zeroing it in a pre-norm stack (x + f(norm(x))); post-norm blocks are
-refused. Mixture-of-experts MLPs, MLA attention and multi-token prediction are refused by
+is only equivalent to zeroing it in a pre-norm stack (x + f(norm(x))): prune_layers takes
+the pre-norm decoders (gpt, llama, qwen); heads and neurons sit inside a sublayer, so they
+are also pruned from BERT (post-norm; importance=norm, since Taylor here differentiates the
+next-token loss). Mixture-of-experts MLPs, MLA attention and multi-token prediction are refused by
 the structured methods (one line); magnitude and N:M prune their kernels like any other.
 
 Every method's `info` holds `sparsity` (the fraction of the prunable weights, `compress.masks`,
@@ -53,7 +55,8 @@ from compress.methods import Compressed, Source, register
 from compress.prune import choice_option, fraction_option, num_params, prunable_count, recorded_config
 from models import gpt as gpt_lib
 
-STRUCTURED_FAMILIES = ("gpt", "llama", "qwen")
+DECODER_FAMILIES = ("gpt", "llama", "qwen")
+UNIT_FAMILIES = (*DECODER_FAMILIES, "bert")  # heads and neurons; layers: pre-norm decoders only
 UNIT_IMPORTANCE = ("taylor", "norm")
 HEAD_UNITS = ("kv_group", "query")
 LAYER_IMPORTANCE = ("block_influence",)
@@ -84,9 +87,10 @@ def shape_of(config) -> Shape:
 def check_structured(source: Source, what: str) -> None:
     """One-line refusals of what the structured methods do not shrink."""
     m = source.config.model
-    if m.family not in STRUCTURED_FAMILIES:
-        raise ValueError(f"--method=prune_{what} shrinks dense decoders {STRUCTURED_FAMILIES}; model.family="
-                         f"{m.family!r} is not one")
+    families = DECODER_FAMILIES if what == "layers" else UNIT_FAMILIES
+    if m.family not in families:
+        raise ValueError(f"--method=prune_{what} shrinks the families {families}; model.family={m.family!r} is "
+                         "not one")
     if m.moe.num_experts:
         raise ValueError(f"--method=prune_{what} does not prune mixture-of-experts MLPs (model.moe.num_experts="
                          f"{m.moe.num_experts}); use magnitude or magnitude_nm")
@@ -96,23 +100,30 @@ def check_structured(source: Source, what: str) -> None:
     if m.mtp_depth:
         raise ValueError(f"--method=prune_{what} does not prune multi-token prediction modules (model.mtp_depth="
                          f"{m.mtp_depth})")
-    if m.block.norm_position != "pre":
+    if what == "layers" and m.block.norm_position != "pre":
         raise ValueError(f"--method=prune_{what} needs a pre-norm stack (model.block.norm_position="
                          f"{m.block.norm_position!r})")
 
 
 def per_layer_params(source: Source) -> dict:
-    """The params with one `layer_{i}` subtree per layer (unscanned)."""
+    """The params subtree with one `layer_{i}` entry per layer: a decoder's whole params
+    (unscanned), a BERT's `bert` subtree."""
     params = source.params.unfreeze() if hasattr(source.params, "unfreeze") else dict(source.params)
+    if source.config.model.family == "bert":
+        return dict(params["bert"])
     if source.config.model.scan_layers:
         params = gpt_lib.unscan_params(params, source.model.config)
     return params
 
 
-def _restacked(params: dict, config, num_layers: int) -> dict:
-    if not config.model.scan_layers:
-        return params
-    return gpt_lib.stack_layers(params, [("layers", 0, num_layers)])
+def assembled(source: Source, layers: dict, num_layers: int, *, scan: bool | None = None) -> dict:
+    """The whole params tree around a `per_layer_params` subtree of `num_layers` layers,
+    stacked again if the model scans its layers (`scan`: None follows the source's config)."""
+    if source.config.model.family == "bert":
+        return {**source.params, "bert": layers}
+    if not (source.config.model.scan_layers if scan is None else scan):
+        return layers
+    return gpt_lib.stack_layers(layers, [("layers", 0, num_layers)])
 
 
 def _loss_grads(source: Source, batches: Sequence[Any]):
@@ -310,8 +321,11 @@ def _structured_result(source: Source, params: dict, config, info: dict, options
     return Compressed(params=params, config=recorded_config(config, info["method"], options), info=info)
 
 
-def _importance_option(options, calibration, method: str) -> str:
+def _importance_option(options, calibration, method: str, family: str) -> str:
     importance = choice_option(options, "importance", UNIT_IMPORTANCE)
+    if importance == "taylor" and family == "bert":
+        raise ValueError(f"--method={method} with importance=taylor differentiates the next-token loss; "
+                         "model.family='bert' (a masked LM) needs --option=importance=norm")
     if importance == "taylor" and not calibration:
         raise ValueError(f"--method={method} with importance=taylor needs calibration batches; pass "
                          "--calibration_samples > 0 or --option=importance=norm")
@@ -319,12 +333,12 @@ def _importance_option(options, calibration, method: str) -> str:
 
 
 @register("prune_heads", kind="prune", options={"sparsity": "0.5", "importance": "taylor", "unit": "kv_group"},
-          needs_calibration=True, families=STRUCTURED_FAMILIES)
+          needs_calibration=True, families=UNIT_FAMILIES)
 def prune_heads(source: Source, calibration, options) -> Compressed:
     """Structured: removes the least important attention heads of every layer (fewer heads in the config)."""
     check_structured(source, "heads")
     s, sparsity = shape_of(source.config), fraction_option(options)
-    importance = _importance_option(options, calibration, "prune_heads")
+    importance = _importance_option(options, calibration, "prune_heads", source.config.model.family)
     unit = choice_option(options, "unit", HEAD_UNITS)
     if unit == "query" and s.G == 1:
         raise ValueError(f"--option=unit=query prunes query heads within key/value groups, but every one of the "
@@ -343,7 +357,7 @@ def prune_heads(source: Source, calibration, options) -> Compressed:
         kept_heads = (_keep(scores, per_group).reshape(s.L, s.K, per_group) +
                       (np.arange(s.K) * s.G)[None, :, None]).reshape(s.L, -1)
         kept_groups = np.tile(np.arange(s.K), (s.L, 1))
-    params = _restacked(shrink_heads(per_layer_params(source), s, kept_heads, kept_groups), source.config, s.L)
+    params = assembled(source, shrink_heads(per_layer_params(source), s, kept_heads, kept_groups), s.L)
     config = copy.deepcopy(source.config)
     config.model.block.num_heads = groups * per_group
     config.model.block.num_kv_heads = groups if source.config.model.block.num_kv_heads else 0
@@ -355,17 +369,17 @@ def prune_heads(source: Source, calibration, options) -> Compressed:
 
 
 @register("prune_neurons", kind="prune", options={"sparsity": "0.5", "importance": "taylor"},
-          needs_calibration=True, families=STRUCTURED_FAMILIES)
+          needs_calibration=True, families=UNIT_FAMILIES)
 def prune_neurons(source: Source, calibration, options) -> Compressed:
     """Structured: removes the least important MLP hidden units of every layer (a smaller d_ff in the config)."""
     check_structured(source, "neurons")
     s, sparsity = shape_of(source.config), fraction_option(options)
-    importance = _importance_option(options, calibration, "prune_neurons")
+    importance = _importance_option(options, calibration, "prune_neurons", source.config.model.family)
     keep = s.F - round(sparsity * s.F)
     if keep < 1:
         raise ValueError(f"--option=sparsity={sparsity} would remove all {s.F} MLP units of a layer")
     kept = _keep(neuron_importance(source, calibration, importance), keep)
-    params = _restacked(shrink_neurons(per_layer_params(source), kept), source.config, s.L)
+    params = assembled(source, shrink_neurons(per_layer_params(source), kept), s.L)
     config = copy.deepcopy(source.config)
     config.model.block.d_ff = keep
     return _structured_result(source, params, config, {"method": "prune_neurons", "importance": importance,
@@ -373,7 +387,7 @@ def prune_neurons(source: Source, calibration, options) -> Compressed:
 
 
 @register("prune_layers", kind="prune", options={"sparsity": "0.25", "importance": "block_influence"},
-          needs_calibration=True, families=STRUCTURED_FAMILIES)
+          needs_calibration=True, families=DECODER_FAMILIES)
 def prune_layers(source: Source, calibration, options) -> Compressed:
     """Structured: removes the layers of lowest ShortGPT block influence (fewer layers in the config)."""
     check_structured(source, "layers")
@@ -384,7 +398,7 @@ def prune_layers(source: Source, calibration, options) -> Compressed:
         raise ValueError(f"--option=sparsity={sparsity} would remove all {s.L} layers")
     influence = block_influence(source, calibration)
     kept = sorted(_keep(influence[None], keep)[0].tolist())
-    params = _restacked(shrink_layers(per_layer_params(source), kept, s.L), source.config, keep)
+    params = assembled(source, shrink_layers(per_layer_params(source), kept, s.L), keep)
     config = copy.deepcopy(source.config)
     config.model.num_layers = keep
     return _structured_result(source, params, config, {"method": "prune_layers", "block_influence":

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import configs.bert
 import configs.deepseek
 import configs.gpt
 import configs.llama
@@ -105,7 +106,8 @@ CASES = [(configs.llama, False, "prune_heads", "taylor"), (configs.llama, True, 
          (configs.llama, False, "prune_neurons", "taylor"),
          (configs.llama, False, "prune_layers", "block_influence"), (configs.llama, True, "prune_heads", "norm"),
          (configs.gpt, True, "prune_heads", "norm"), (configs.gpt, True, "prune_neurons", "taylor"),
-         (configs.gpt, True, "prune_layers", "block_influence"), (configs.gpt, False, "prune_neurons", "norm")]
+         (configs.gpt, True, "prune_layers", "block_influence"), (configs.gpt, False, "prune_neurons", "norm"),
+         (configs.bert, False, "prune_heads", "norm"), (configs.bert, False, "prune_neurons", "norm")]
 
 
 @pytest.mark.parametrize("family,scan,method,importance", CASES)
@@ -119,7 +121,8 @@ def test_shrunk_model_equals_zeroed_full_model(family, scan, method, importance)
     kept = out.info["kept"]
     zeroing = {"prune_heads": {"heads": np.asarray(kept)}, "prune_neurons": {"neurons": np.asarray(kept)},
                "prune_layers": {"layers": kept}}[method]
-    zeroed = prune_structured.structured_zeroing(prune_structured.per_layer_params(source), before, **zeroing)
+    zeroed = prune_structured.assembled(source, prune_structured.structured_zeroing(
+        prune_structured.per_layer_params(source), before, **zeroing), before.L, scan=False)
     full_config = copy.deepcopy(source.config)
     full_config.model.scan_layers = False
     ids = calib[0]
@@ -129,7 +132,8 @@ def test_shrunk_model_equals_zeroed_full_model(family, scan, method, importance)
     np.testing.assert_allclose(got, want, rtol=0, atol=tol)
     # It really shrank, and pruning changed the model (the zeroed units mattered).
     assert prune.num_params(out.params) < prune.num_params(source.params)
-    assert np.abs(want - logits_of(full_config, prune_structured.per_layer_params(source), ids)).max() > 100 * tol
+    unpruned = prune_structured.assembled(source, prune_structured.per_layer_params(source), before.L, scan=False)
+    assert np.abs(want - logits_of(full_config, unpruned, ids)).max() > 100 * tol
     if method == "prune_heads" and unit == "query":  # one of the two query heads of each group
         assert (after.K, after.N, after.H) == (before.K, before.N // 2, before.H)
         assert all(len({h // before.G for h in heads}) == before.K for heads in kept)
@@ -202,6 +206,10 @@ def test_refusals_are_one_line():
     source = make_source(configs.llama)
     with pytest.raises(ValueError, match="sparsity=0.9 would remove every one of the 2 key/value groups"):
         methods.apply("prune_heads", source, calibration=batches(1), options={"sparsity": "0.9"})
+    with pytest.raises(ValueError, match="model.family='bert' .* needs --option=importance=norm"):
+        methods.apply("prune_neurons", make_source(configs.bert), calibration=batches(1))
+    with pytest.raises(ValueError, match="does not apply to model family 'bert'"):
+        methods.apply("prune_layers", make_source(configs.bert), calibration=batches(1))
     with pytest.raises(ValueError, match="unit=query prunes query heads within key/value groups"):
         methods.apply("prune_heads", make_source(configs.gpt), calibration=batches(1), options={"unit": "query"})
     with pytest.raises(ValueError, match="scope='block'"):
