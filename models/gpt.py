@@ -253,9 +253,9 @@ class MultiTokenPrediction(nn.Module):
                              use_bias=b.use_bias, name=name)
 
         joined = jnp.concatenate([norm("embed_norm")(e_BTD), norm("hidden_norm")(h_BTD)], -1)
-        proj = self.param("proj", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("mlp", "embed")),
-                          (2 * b.d_model, b.d_model), b.param_dtype)
-        h_BTD = jnp.einsum("BTE,ED->BTD", joined, proj.astype(b.dtype))
+        proj = linear.kernel_param(self, "proj", nn.initializers.normal(0.02), (2 * b.d_model, b.d_model),
+                                   b.param_dtype, ("mlp", "embed"))
+        h_BTD = linear.project(joined.astype(b.dtype), proj.astype(b.dtype))  # einsum("BTE,ED->BTD")
         h_BTD = layer_class(cfg.remat)(cfg.layer_block(cfg.num_layers), causal=True, name="layer")(
             h_BTD, deterministic, positions=positions, segment_ids=segment_ids, padding_mask=padding_mask)
         return h_BTD, head(norm("final_norm")(h_BTD))
@@ -327,14 +327,16 @@ class GPT(nn.Module):
             # peft leaves a tied head on the base table, LoRA on the embedding or not.
             lm_head = LMHead(embed.embedding, tied=True, dtype=b.dtype)
         else:
-            kernel = self.param("lm_head", nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                                        ("embed", "vocab")),
-                                (b.d_model, cfg.vocab_size), b.param_dtype)
+            kernel = linear.kernel_param(self, "lm_head", nn.initializers.normal(0.02), (b.d_model, cfg.vocab_size),
+                                         b.param_dtype, ("embed", "vocab"))
             head_lora = lora_factors(self, "lm_head", kernel, n_in=1, names=("embed", "vocab"), lora=b.lora)
             lm_head = LMHead(kernel, tied=False, dtype=b.dtype)
         if return_hidden and head_lora is not None:
             raise ValueError("return_hidden=True applies the LM head outside the model, but LoRA targets the untied "
                              "lm_head; exclude lm_head from the LoRA targets")
+
+        if not cfg.tie_embeddings:
+            self.sow("layer_inputs", "lm_head", x_BTD)  # the untied head's input, for calibration
 
         def logits(h_BTD):
             if head_lora is None:

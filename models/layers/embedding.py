@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models import quant
 from models.layers import linear
 from models.layers.peft import LoraConfig, lora_factors, lora_output
 
@@ -34,17 +35,15 @@ class Embed(nn.Module):
     lora: LoraConfig | None = None
 
     def setup(self):
-        self.embedding = self.param(
-            "embedding", nn.with_logical_partitioning(self.embedding_init, ("vocab", "embed")),
-            (self.num_embeddings, self.features), self.param_dtype,
-        )
+        self.embedding = linear.kernel_param(self, "embedding", self.embedding_init,
+                                             (self.num_embeddings, self.features), self.param_dtype, ("vocab", "embed"))
         self.lora_factors = lora_factors(self, "embedding", self.embedding, n_in=1, names=("vocab", "embed"),
                                          lora=self.lora, lookup=True)
 
     def __call__(self, ids_BT: jax.Array) -> jax.Array:
         if not jnp.issubdtype(ids_BT.dtype, jnp.integer):
             raise ValueError(f"token ids must be integers, got {ids_BT.dtype}")
-        x_BTD = jnp.take(self.embedding, ids_BT, axis=0).astype(self.dtype)
+        x_BTD = quant.take_rows(self.embedding, ids_BT, self.dtype)  # a quantized table: the rows dequantized
         return lora_output(self, self.lora_factors, self.embedding, ids_BT, x_BTD, lookup=True)
 
     def attend(self, x_BTD: jax.Array) -> jax.Array:

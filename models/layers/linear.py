@@ -12,6 +12,13 @@ copy first (issue 15: the SwiGLU MLP's forward and backward at B8 T256 D512 F134
 447 ms CPU as a 3-D einsum and 338 ms as this, bitwise-equal gradients, on 2 CPU cores).
 The merges are reshapes of contiguous axes: free in memory.
 
+A quantized kernel (`models.quant.QuantizedTensor`, what the layers pass as they got it from
+`kernel_param`) is dequantized here, inside the caller's jitted computation: the jit takes the
+integer codes and scales as arguments and no float copy of the weights exists outside it.
+With `act_quant` (W8A8, SmoothQuant's execution) the activations are quantized per token
+instead, s_x[t] = max_i |x[t, i]| / 127, and the dot runs in integers,
+    y[t, o] = (sum_i q_x[t, i] q_w[i, o]) * s_x[t] * s_w[o]      (int8 x int8 -> int32).
+
 Except under context parallelism: when the logical rules split the sequence (`act_seq`) over
 a mesh axis of its own while the batch takes another, B*T tokens merged into one axis cannot
 keep both splits (a device's tokens are not one contiguous run of the merged axis) and XLA
@@ -27,6 +34,9 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import meta
+
+from models import quant
 
 
 def project(x: jax.Array, w: jax.Array, *, in_dims: int = 1) -> jax.Array:
@@ -40,6 +50,13 @@ def project(x: jax.Array, w: jax.Array, *, in_dims: int = 1) -> jax.Array:
     Returns:
       x's leading axes followed by w's output axes, in the result dtype of the einsum.
     """
+    if quant.is_quantized(w):
+        if w.transposed or w.lead_shape or w.in_dims != in_dims:
+            raise ValueError(f"project: a quantized kernel of shape {w.logical_shape} (in_dims={w.in_dims}, transposed="
+                             f"{w.transposed}) cannot contract {in_dims} axes as a plain kernel")
+        if w.act_quant:
+            return _project_w8a8(x, w)
+        w = w.dequantize()
     ins, outs = w.shape[:in_dims], w.shape[in_dims:]
     if x.shape[x.ndim - in_dims:] != ins:
         raise ValueError(f"project: activations {x.shape} do not end in the kernel's input axes {ins}")
@@ -54,3 +71,27 @@ def sequence_split() -> bool:
     """Whether the current logical rules keep the sequence split through a token-wise matmul:
     `act_seq` maps to a mesh axis beside `act_batch` and `act_mlp` (context parallelism)."""
     return nn.logical_to_mesh_axes(("act_batch", "act_seq", "act_mlp"))[1] is not None
+
+
+def _project_w8a8(x: jax.Array, w: quant.QuantizedTensor) -> jax.Array:
+    """W8A8: per-token dynamic int8 activations times int8 per-channel weights, int32 accumulation."""
+    if x.shape[x.ndim - w.in_dims:] != w.in_shape:
+        raise ValueError(f"project: activations {x.shape} do not end in the kernel's input axes {w.in_shape}")
+    lead = x.shape[:x.ndim - w.in_dims]
+    x_MI = x.reshape(math.prod(lead), math.prod(w.in_shape)).astype(jnp.float32)
+    scale_M = jnp.max(jnp.abs(x_MI), axis=-1) / 127.0
+    q_MI = jnp.round(x_MI / jnp.where(scale_M > 0, scale_M, 1.0)[:, None]).astype(jnp.int8)
+    acc_MO = jax.lax.dot(q_MI, w.codes, preferred_element_type=jnp.int32)
+    y_MO = acc_MO.astype(jnp.float32) * scale_M[:, None] * w.scales[0][None, :]
+    return y_MO.astype(x.dtype).reshape(*lead, *w.out_shape)
+
+
+def kernel_param(module: nn.Module, name: str, init, shape: tuple, dtype, axes: tuple | None = None):
+    """`module.param(name, ...)` (with logical `axes` when given), or the stored QuantizedTensor
+    as it is: flax checks a stored param's first leaf against the init's shape, and a quantized
+    kernel's codes are packed (and per-slice under nn.scan), so the check would refuse it."""
+    if module.has_variable("params", name):
+        stored = meta.unbox(module.get_variable("params", name))
+        if quant.is_quantized(stored):
+            return stored
+    return module.param(name, nn.with_logical_partitioning(init, axes) if axes is not None else init, shape, dtype)

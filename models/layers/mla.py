@@ -51,6 +51,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models.layers import linear
 from models.layers.attention import make_attention_mask
 from models.layers.kv_cache import check_quant, fake_quantize, update_cache
 from models.layers.positional import RopeConfig, apply_rope
@@ -158,7 +159,7 @@ class LatentKVProjection(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def _param(self, name, shape, axes, init):
-        return self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype)
+        return linear.kernel_param(self, name, init, shape, self.param_dtype, axes)
 
     @nn.compact
     def __call__(self, x_BSD: jax.Array, positions_BS: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -166,8 +167,8 @@ class LatentKVProjection(nn.Module):
         D, C, R = x_BSD.shape[-1], self.kv_lora_rank, self.qk_rope_head_dim
         w_down = self._param("kv_down", (D, C), ("embed", "kv_lora"), _fan_init(0, 1))
         w_rope = self._param("key_rope", (D, R), ("embed", "head_dim"), _fan_init(0, 1))
-        c_BSC = jnp.einsum("BSD,DC->BSC", x_BSD, w_down.astype(self.dtype))
-        k_rope_BSR = jnp.einsum("BSD,DR->BSR", x_BSD, w_rope.astype(self.dtype))
+        c_BSC = linear.project(x_BSD, w_down.astype(self.dtype))
+        k_rope_BSR = linear.project(x_BSD, w_rope.astype(self.dtype))
         if self.use_bias:
             zeros = nn.initializers.zeros
             c_BSC += self._param("kv_down_bias", (C,), ("kv_lora",), zeros).astype(self.dtype)
@@ -275,7 +276,7 @@ class MultiHeadLatentAttention(nn.Module):
         return c_BSC, k_rope_BSR, jnp.broadcast_to(jnp.arange(S), (B, S))  # slot s holds position s
 
     def _param(self, name, shape, axes, init):
-        return self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype)
+        return linear.kernel_param(self, name, init, shape, self.param_dtype, axes)
 
     def _queries(self, x_BTD: jax.Array) -> jax.Array:
         """[B, T, N, P+R] queries, through the low-rank latent when q_lora_rank is set."""
@@ -283,15 +284,15 @@ class MultiHeadLatentAttention(nn.Module):
         Q = self.qk_nope_head_dim + self.qk_rope_head_dim
         if not self.q_lora_rank:
             w_q = self._param("query", (D, N, Q), ("embed", "heads", "head_dim"), _fan_init(0, (1, 2)))
-            return jnp.einsum("BTD,DNQ->BTNQ", x_BTD, w_q.astype(self.dtype))
+            return linear.project(x_BTD, w_q.astype(self.dtype))
         L = self.q_lora_rank
         w_down = self._param("query_down", (D, L), ("embed", "q_lora"), _fan_init(0, 1))
         w_up = self._param("query_up", (L, N, Q), ("q_lora", "heads", "head_dim"), _fan_init(0, (1, 2)))
-        cq_BTL = jnp.einsum("BTD,DL->BTL", x_BTD, w_down.astype(self.dtype))
+        cq_BTL = linear.project(x_BTD, w_down.astype(self.dtype))
         if self.use_bias:
             cq_BTL += self._param("query_down_bias", (L,), ("q_lora",), nn.initializers.zeros).astype(self.dtype)
         cq_BTL = _rms_norm(self, "query_norm", cq_BTL, "q_lora", self.norm_eps, self.dtype)
-        return jnp.einsum("BTL,LNQ->BTNQ", cq_BTL, w_up.astype(self.dtype))
+        return linear.project(cq_BTL, w_up.astype(self.dtype))
 
     @nn.compact
     def __call__(
@@ -349,8 +350,8 @@ class MultiHeadLatentAttention(nn.Module):
         w_k = self._param("key_up", (C, N, P), ("kv_lora", "heads", "head_dim"), _fan_init(0, (1, 2)))
         w_v = self._param("value_up", (C, N, H), ("kv_lora", "heads", "head_dim"), _fan_init(0, (1, 2)))
         w_o = self._param("out", (N, H, D), ("heads", "head_dim", "embed"), _fan_init((0, 1), 2))
-        k_nope_BSNP = jnp.einsum("BSC,CNP->BSNP", c_BSC, w_k.astype(self.dtype))
-        v_BSNH = jnp.einsum("BSC,CNH->BSNH", c_BSC, w_v.astype(self.dtype))
+        k_nope_BSNP = linear.project(c_BSC, w_k.astype(self.dtype))
+        v_BSNH = linear.project(c_BSC, w_v.astype(self.dtype))
         q_nope_BTNP = nn.with_logical_constraint(q_nope_BTNP, ("act_batch", "act_seq", "act_heads", None))
         k_nope_BSNP = nn.with_logical_constraint(k_nope_BSNP, ("act_batch", "act_seq", "act_heads", None))
         v_BSNH = nn.with_logical_constraint(v_BSNH, ("act_batch", "act_seq", "act_heads", None))
@@ -373,7 +374,7 @@ class MultiHeadLatentAttention(nn.Module):
             keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout_rate, probs_BNTS.shape)
             probs_BNTS = jnp.where(keep, probs_BNTS / (1.0 - self.dropout_rate), 0.0)
         out_BTNH = jnp.einsum("BNTS,BSNH->BTNH", probs_BNTS.astype(self.dtype), v_BSNH)
-        out_BTD = jnp.einsum("BTNH,NHD->BTD", out_BTNH, w_o.astype(self.dtype))
+        out_BTD = linear.project(out_BTNH, w_o.astype(self.dtype), in_dims=2)
         if self.use_bias:
             out_BTD += self._param("out_bias", (D,), ("embed",), nn.initializers.zeros).astype(self.dtype)
         return out_BTD

@@ -75,6 +75,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models import quant
+from models.layers import linear
 from models.layers.expert_dispatch import routed_experts
 from models.layers.feedforward import FeedForward
 from models.layers.grouped_matmul import GROUPED_MATMULS, grouped_matmul
@@ -284,8 +286,9 @@ class MoEFeedForward(nn.Module):
     kernel_init: Any = EXPERT_KERNEL_INIT
 
     def _expert_param(self, name, shape, axes):
-        return self.param(name, nn.with_logical_partitioning(self.kernel_init, axes), shape,
-                          self.param_dtype).astype(self.dtype)
+        # A quantized expert stack is dequantized here, inside the jitted step (`models.quant`).
+        return quant.materialize(linear.kernel_param(self, name, self.kernel_init, shape, self.param_dtype, axes),
+                                 self.dtype)
 
     @nn.compact
     def __call__(self, x_BTD: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, dict]:

@@ -80,6 +80,11 @@ class MultiHeadAttention(nn.Module):
     (`models.layers.kv_cache`); self-attention without a cache attends over the same
     quantized-then-dequantized keys and values, so cached decoding equals a recompute.
 
+    When the `layer_inputs` collection is mutable (calibration, `compress.calibration`), the
+    input of each projection is sown there under the '+'-joined names of the kernels that
+    read it: `query+key+value` [B, T, D] (self-attention; `query` and `key+value` for
+    cross-attention) and `out` [B, T, N * H].
+
     When the `intermediates` collection is mutable, the attention weights [B, N, T, S]
     are sown there as `attention_weights`, a 1-tuple (flax's sow appends), for
     inspection and plots. In the Transformer they sit at, e.g.,
@@ -105,7 +110,7 @@ class MultiHeadAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def _param(self, name, shape, axes, init):
-        return self.param(name, nn.with_logical_partitioning(init, axes), shape, self.param_dtype)
+        return linear.kernel_param(self, name, init, shape, self.param_dtype, axes)
 
     def _head_rms_norm(self, name: str, x_BTNH: jax.Array) -> jax.Array:
         """RMSNorm over the head dim with a shared [H] scale; float32 statistics."""
@@ -148,6 +153,12 @@ class MultiHeadAttention(nn.Module):
         w_v = self._param("value", (y_BSD.shape[-1], K, H), ("embed", "kv_heads", "head_dim"), _fan_init(0, (1, 2)))
         w_o = self._param("out", (N, H, D), ("heads", "head_dim", "embed"), _fan_init((0, 1), 2))
 
+        # Calibration (`compress.calibration`) reads each kernel's input when `layer_inputs` is mutable.
+        if self_attention:
+            self.sow("layer_inputs", "query+key+value", x_BTD)
+        else:
+            self.sow("layer_inputs", "query", x_BTD)
+            self.sow("layer_inputs", "key+value", y_BSD)
         q_BTNH = linear.project(x_BTD, w_q.astype(self.dtype))  # einsum("BTD,DNH->BTNH")
         k_BSKH = linear.project(y_BSD, w_k.astype(self.dtype))  # einsum("BSD,DKH->BSKH")
         v_BSKH = linear.project(y_BSD, w_v.astype(self.dtype))
@@ -218,6 +229,7 @@ class MultiHeadAttention(nn.Module):
         else:
             out_BTNH = result
 
+        self.sow("layer_inputs", "out", out_BTNH.reshape(B, T, N * H))
         out_BTD = linear.project(out_BTNH, w_o.astype(self.dtype), in_dims=2)  # einsum("BTNH,NHD->BTD")
         out_BTD = lora_project(self, "out", w_o, out_BTNH, out_BTD, n_in=2, names=("heads", "head_dim", "embed"),
                                lora=self.lora, deterministic=deterministic)
