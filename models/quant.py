@@ -836,3 +836,32 @@ def abstract_stored(abstract: Any, described: Mapping[str, Mapping[str, Any]]) -
 def tree_nbytes(tree: Any) -> int:
     """Bytes of every stored array of a params tree (QuantizedTensor fields included)."""
     return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+ARRAY_FIELDS = ("codes", "scales", "scale_absmax", "scale_offset", "zero")
+
+
+def to_plain(tree: Any) -> Any:
+    """`tree` with each QuantizedTensor replaced by a dict of its arrays ({"codes": ..., "scales":
+    ...}): nested dicts only, for formats that store no pytree classes (`jax.export`, npz)."""
+    return jax.tree_util.tree_map(
+        lambda x: {f: getattr(x, f) for f in ARRAY_FIELDS if getattr(x, f) is not None} if is_quantized(x) else x,
+        tree, is_leaf=is_quantized)
+
+
+def from_plain(plain: Any, like: Any) -> Any:
+    """The inverse of `to_plain`: `like`'s QuantizedTensors (their static fields) with the arrays
+    of `plain` (traced or concrete)."""
+    def one(path, x):
+        if not is_quantized(x):
+            return _lookup(plain, path)
+        arrays = _lookup(plain, path)
+        return x.replace(**{f: arrays.get(f) for f in ARRAY_FIELDS})
+
+    return jax.tree_util.tree_map_with_path(one, like, is_leaf=is_quantized)
+
+
+def _lookup(tree: Any, path) -> Any:
+    for key in path:
+        tree = tree[getattr(key, "key", getattr(key, "idx", None))]
+    return tree
