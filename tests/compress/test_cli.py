@@ -1,0 +1,156 @@
+"""`python -m compress` (compress/__main__.py, compress/io.py) end to end: a tiny `python -m train`
+run compressed by rtn int4 loads in `python -m inference`, decodes through `generate`, the
+engine and the server, exports through `jax.export`, and scores in `evals`; bad input is one
+line before any work."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from compress import io, methods
+from configs.loader import load_config
+from inference.generate import generate, generate_text
+from inference.load import load
+from models import quant
+from train import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def _run(module, *args):
+    env = {**os.environ, "PYTHONPATH": REPO}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=env, check=False)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A 3-step tiny GPT run (tied embeddings, learned positions)."""
+    root = tmp_path_factory.mktemp("run")
+    config = load_config(os.path.join(REPO, "configs/gpt.py:tiny"),
+                         ["steps=3", "schedule.warmup_steps=1", "logging.progress_bar=false", "logging.peak_flops=1e11",
+                          "eval.num_samples=1", "eval.sample_tokens=2", "eval.max_batches=1",
+                          "checkpoint.async_save=false"])
+    trainer.run(config, str(root))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def compressed(workdir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("q") / "int4")
+    result = _run("compress", f"--checkpoint={workdir}", "--method=rtn", "--option=format=int4",
+                  "--option=group=32", "--option=sym=false", f"--out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[0])["bits_per_weight"] == pytest.approx(4 + (32 + 8) / 32)
+    return out
+
+
+def test_the_output_is_a_workdir_inference_loads_quantized(workdir, compressed):
+    with open(os.path.join(compressed, "config.json")) as f:
+        section = json.load(f)["compress"]
+    assert section["method"] == "rtn" and section["options"] == {"format": "int4", "group": "32", "sym": "false"}
+    assert section["tensors"]["layer_0/self_attention/out"] == {
+        "format": "int4", "group": 32, "sym": False, "double_quant": False, "act_quant": False, "lead": 0,
+        "contract_axes": [0, 1]}
+    loaded, original = load(compressed), load(workdir)
+    kernels = [x for x in jax.tree_util.tree_leaves(loaded.params, is_leaf=quant.is_quantized)
+               if quant.is_quantized(x)]
+    assert len(kernels) == len(section["tensors"]) and all(k.codes.dtype == jnp.uint8 for k in kernels)
+    # The stored tree is rtn's own: equal to quantizing the original params again.
+    again = quant.quantize_params(original.params, fmt="int4", group=32, sym=False)
+    for a, b in zip(jax.tree_util.tree_leaves(loaded.params), jax.tree_util.tree_leaves(again), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    texts = generate_text(loaded.model, loaded.params, loaded.tokenizer, ["The "], max_new_tokens=12)
+    result = _run("inference", f"--checkpoint={compressed}", "--prompt=The ", "--max_new_tokens=12")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == "The " + texts[0] + "\n"
+
+
+def test_engine_server_and_export_decode_the_quantized_model(compressed, tmp_path):
+    from inference.engine import Engine, Request
+    from inference.export import export_decoder
+    from inference.run_exported import greedy
+    from inference.serve.app import create_app
+    from inference.serve.testing import running_server
+
+    loaded = load(compressed)
+    prompt = [loaded.tokenizer.bos_id] + loaded.tokenizer.encode("The cache")
+    alone = generate(loaded.model, loaded.params, [prompt], max_new_tokens=8)[0]
+
+    engine = Engine(loaded.model, loaded.params, num_slots=2, max_len=48)
+    rid = engine.submit(Request(prompt, max_new_tokens=8))
+    while engine.busy:
+        engine.step()
+    assert engine.results[rid] == alone
+
+    export_decoder(loaded.model, loaded.params, str(tmp_path / "export"), max_len=32)
+    assert greedy(str(tmp_path / "export"), [prompt], 8) == [alone]
+
+    import openai
+
+    eos = loaded.tokenizer.eos_id
+    tokens = generate(loaded.model, loaded.params, [prompt], max_new_tokens=8, stop_tokens=(eos,))[0]
+    with running_server(create_app(loaded, model_name="q", num_slots=2, max_len=48)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        out = client.completions.create(model="q", prompt="The cache", max_tokens=8, temperature=0)
+    assert out.choices[0].text == loaded.tokenizer.decode([t for t in tokens if t != eos])
+
+
+def test_evals_scores_the_quantized_model_as_its_dequantized_float_model(compressed):
+    from evals.lm import ModelLM
+
+    lm = ModelLM.from_path(compressed, batch_size=2)
+    text = "The cache holds the keys and the values."
+    quantized = lm.loglikelihood_rolling([text])[0]
+    loaded = load(compressed)
+    float_lm = ModelLM(loaded.model, quant.dequantize_tree(loaded.params), loaded.tokenizer, batch_size=2)
+    dequantized = float_lm.loglikelihood_rolling([text])[0]
+    # Bit-identical weights: only float32 summation order differs (tests/models/test_quant_kernels.py's
+    # bound per logit); a log-probability moves by at most twice its logits' error, summed over tokens.
+    ids = jnp.asarray([[loaded.tokenizer.bos_id] + loaded.tokenizer.encode(text)])
+    logits = loaded.model.apply({"params": loaded.params}, ids)
+    cfg = loaded.model.config
+    per_logit = (2 * cfg.num_layers + 1) * max(cfg.block.d_ff, cfg.vocab_size) * EPS32 * float(jnp.abs(logits).max())
+    assert math.isfinite(quantized) and abs(quantized - dequantized) <= 2 * per_logit * ids.shape[1]
+
+
+def test_bad_input_is_one_line_before_any_work(workdir, compressed, tmp_path):
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "kept.txt").write_text("x")
+    cases = [
+        (dict(checkpoint=str(tmp_path / "missing"), method="rtn", out=str(tmp_path / "o")), "is not a directory"),
+        (dict(checkpoint=workdir, method="gptqq", out=str(tmp_path / "o")), "--method='gptqq' is not a compression"),
+        (dict(checkpoint=workdir, method="rtn", out=str(tmp_path / "o"), options=["bits=4"]), "has no option 'bits'"),
+        (dict(checkpoint=workdir, method="rtn", out=str(full)), "exists and is not empty; pick a new directory or "
+                                                                 "pass --overwrite"),
+        (dict(checkpoint=workdir, method="rtn", out=str(tmp_path / "o"), options=["group=48"]),
+         "--option=group=48 does not divide"),
+        (dict(checkpoint=compressed, method="rtn", out=str(tmp_path / "o")), "is already quantized"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError) as e:
+            io.compress(**kwargs)
+        assert message in str(e.value) and "\n" not in str(e.value)
+    assert (full / "kept.txt").read_text() == "x" and not (tmp_path / "o").exists()
+
+    @methods.register("bert_only_for_test", kind="prune", families=("bert",))
+    def bert_only(source, calibration, options):  # never runs: refused by family first
+        raise AssertionError("ran")
+
+    try:
+        with pytest.raises(ValueError, match="does not apply to model family 'gpt'"):
+            io.compress(workdir, "bert_only_for_test", str(tmp_path / "o"))
+    finally:
+        del methods.METHODS["bert_only_for_test"]
+    result = _run("compress", f"--checkpoint={workdir}", "--method=nope", f"--out={tmp_path / 'o'}")
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith("error: --method='nope'")
