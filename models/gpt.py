@@ -335,6 +335,9 @@ class GPT(nn.Module):
             raise ValueError("return_hidden=True applies the LM head outside the model, but LoRA targets the untied "
                              "lm_head; exclude lm_head from the LoRA targets")
 
+        if not cfg.tie_embeddings:
+            self.sow("layer_inputs", "lm_head", x_BTD)  # the untied head's input, for calibration
+
         def logits(h_BTD):
             if head_lora is None:
                 return lm_head(h_BTD)

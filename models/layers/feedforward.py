@@ -43,6 +43,10 @@ class FeedForward(nn.Module):
       use_bias: biases on the projections.
       dropout_rate: dropout on the hidden activation (as torch.nn.TransformerEncoderLayer).
       lora: LoRA on the kernels its `targets` regex matches (`models.layers.peft`).
+
+    When the `layer_inputs` collection is mutable (calibration), each kernel's input is sown
+    there under the '+'-joined names of the kernels that read it (`wi_gate+wi_up` or `wi`,
+    then `wo`).
     """
 
     hidden_dim: int
@@ -72,6 +76,8 @@ class FeedForward(nn.Module):
             raise ValueError(f"unknown activation {self.activation!r}; expected one of {MLP_ACTIVATIONS}")
         D = x_BTD.shape[-1]
         x_BTD = x_BTD.astype(self.dtype)
+        # Calibration (`compress.calibration`) reads each kernel's input when `layer_inputs` is mutable.
+        self.sow("layer_inputs", "wi_gate+wi_up" if self.activation in GATED else "wi", x_BTD)
         if self.activation in GATED:
             act = ACTIVATIONS[GATED[self.activation]]
             gate_BTF = self._dense(x_BTD, "wi_gate", self.hidden_dim, ("embed", "mlp"), deterministic)
@@ -82,4 +88,5 @@ class FeedForward(nn.Module):
                                                              deterministic))
         h_BTF = nn.with_logical_constraint(h_BTF, ("act_batch", "act_seq", "act_mlp"))
         h_BTF = nn.Dropout(self.dropout_rate)(h_BTF, deterministic=deterministic)
+        self.sow("layer_inputs", "wo", h_BTF)
         return self._dense(h_BTF, "wo", D, ("mlp", "embed"), deterministic)

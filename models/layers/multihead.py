@@ -71,6 +71,11 @@ class MultiHeadAttention(nn.Module):
     rows' blocks (`attention.write_pages`) and attention reads a gathered [B, M * Z, K, H]
     view (`attention.gather_pages`), then runs as with a contiguous cache of S = M * Z.
 
+    When the `layer_inputs` collection is mutable (calibration, `compress.calibration`), the
+    input of each projection is sown there under the '+'-joined names of the kernels that
+    read it: `query+key+value` [B, T, D] (self-attention; `query` and `key+value` for
+    cross-attention) and `out` [B, T, N * H].
+
     When the `intermediates` collection is mutable, the attention weights [B, N, T, S]
     are sown there as `attention_weights`, a 1-tuple (flax's sow appends), for
     inspection and plots. In the Transformer they sit at, e.g.,
@@ -138,6 +143,12 @@ class MultiHeadAttention(nn.Module):
         w_v = self._param("value", (y_BSD.shape[-1], K, H), ("embed", "kv_heads", "head_dim"), _fan_init(0, (1, 2)))
         w_o = self._param("out", (N, H, D), ("heads", "head_dim", "embed"), _fan_init((0, 1), 2))
 
+        # Calibration (`compress.calibration`) reads each kernel's input when `layer_inputs` is mutable.
+        if self_attention:
+            self.sow("layer_inputs", "query+key+value", x_BTD)
+        else:
+            self.sow("layer_inputs", "query", x_BTD)
+            self.sow("layer_inputs", "key+value", y_BSD)
         q_BTNH = linear.project(x_BTD, w_q.astype(self.dtype))  # einsum("BTD,DNH->BTNH")
         k_BSKH = linear.project(y_BSD, w_k.astype(self.dtype))  # einsum("BSD,DKH->BSKH")
         v_BSKH = linear.project(y_BSD, w_v.astype(self.dtype))
@@ -218,6 +229,7 @@ class MultiHeadAttention(nn.Module):
         else:
             out_BTNH = result
 
+        self.sow("layer_inputs", "out", out_BTNH.reshape(B, T, N * H))
         out_BTD = linear.project(out_BTNH, w_o.astype(self.dtype), in_dims=2)  # einsum("BTNH,NHD->BTD")
         out_BTD = lora_project(self, "out", w_o, out_BTNH, out_BTD, n_in=2, names=("heads", "head_dim", "embed"),
                                lora=self.lora, deterministic=deterministic)

@@ -23,7 +23,7 @@ from models.layers.blocks import BlockConfig, EncoderLayer
 
 REMAT_POLICIES = ("none", "full", "dots_saveable", "nothing_saveable")
 # Collections whose variables each layer has its own of: stacked on scan's leading axis.
-PER_LAYER_COLLECTIONS = {"params": 0, "intermediates": 0, "cache": 0}
+PER_LAYER_COLLECTIONS = {"params": 0, "intermediates": 0, "cache": 0, "layer_inputs": 0}
 
 
 class ScanStep(EncoderLayer):
