@@ -60,8 +60,12 @@ Two layouts of the same pytree, told apart by the static `in_dims`:
   [E, F, D] axis 1 (E leads); a token embedding [V, D] is stored as its tied head's kernel
   [D, V] (`transposed`: groups along D, a lookup gathers columns); a stacked group
   (`layers/...`, `dense_layers/...` under `scan_layers=True`) adds one leading axis. Norm
-  scales, biases, routers, position and token-type embeddings stay float; any other matrix is
-  refused with a one-line error.
+  scales, biases, routers, position and token-type embeddings and nn.Dense `kernel`s (BERT's
+  MLM transform, task heads) stay float; any other matrix is refused with a one-line error.
+  `quantize_params` applies the rule to a params tree, `describe` records what it quantized
+  (a compressed checkpoint's config keeps it) and `abstract_stored` rebuilds the stored tree
+  from that record; `to_plain`/`from_plain` turn the tensors into dicts of arrays and back
+  (`jax.export`).
 
   W8A8 (SmoothQuant's execution): an int8 per-channel tensor with `act_quant=True` makes
   `linear.project` quantize the activations per token (dynamic absmax int8, s_x = max|x|/127)
@@ -717,9 +721,9 @@ EXPERT_KERNELS = ("wi_gate", "wi_up", "wo")
 STACKED = ("layers", "dense_layers")  # `scan_layers=True` groups: one leading [L] axis
 TOKEN_TABLES = re.compile(r"(^|/)(embed|word_embeddings)/embedding$")
 # Stay float: norm scales, biases, routers and score heads, position and token-type tables,
-# BERT's MLM transform (an nn.Dense), the value/score heads.
+# nn.Dense kernels (BERT's MLM transform, pooler and task heads), the value/score heads.
 FLOAT_LEAVES = re.compile(r"((^|/)scale$)|(bias$)|((^|/)router$)|((^|/)score$)|(position)|(token_type)|"
-                          r"(transform/kernel$)|(_lora_)|(value_head)")
+                          r"((^|/)kernel$)|(_lora_)|(value_head)")
 
 
 def contraction(path: str, shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]] | None:

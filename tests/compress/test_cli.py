@@ -154,3 +154,36 @@ def test_bad_input_is_one_line_before_any_work(workdir, compressed, tmp_path):
         del methods.METHODS["bert_only_for_test"]
     result = _run("compress", f"--checkpoint={workdir}", "--method=nope", f"--out={tmp_path / 'o'}")
     assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith("error: --method='nope'")
+
+
+def test_a_hugging_face_directory_compresses_to_a_workdir(tmp_path):
+    import torch
+    import transformers
+
+    from data.tokenizer import ByteLevelBPE
+    from data.tokenizer.hf_json import export_bpe
+
+    hf_dir = tmp_path / "hf"
+    bpe = ByteLevelBPE.train("The cache holds the keys and the values of every token seen so far. " * 8, 280)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=bpe.vocab_size, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, bos_token_id=None, eos_token_id=None)
+    transformers.LlamaForCausalLM(config).save_pretrained(hf_dir, safe_serialization=True)
+    export_bpe(bpe, hf_dir / "tokenizer.json")
+
+    out = tmp_path / "nf4"
+    result = io.compress(str(hf_dir), "rtn", str(out), options=["format=nf4", "group=16"])
+    assert result.config.model.family == "llama" and result.config.init_from == f"hf:{hf_dir}"
+    loaded, original = load(str(out)), load(str(hf_dir))
+    assert loaded.tokenizer.vocab_size == bpe.vocab_size
+    assert all(x.kind == "nf4" for x in jax.tree_util.tree_leaves(loaded.params, is_leaf=quant.is_quantized)
+               if quant.is_quantized(x))
+    # The stored model is the original's nf4 quantization: its logits equal the dequantized float model's.
+    again = quant.dequantize_tree(quant.quantize_params(original.params, fmt="nf4", group=16))
+    ids = jnp.asarray([bpe.encode("The cache holds")])
+    ours = np.asarray(loaded.model.apply({"params": loaded.params}, ids))
+    theirs = np.asarray(original.model.apply({"params": again}, ids))
+    cfg = loaded.model.config
+    bound = (2 * cfg.num_layers + 1) * max(cfg.block.d_ff, cfg.vocab_size) * EPS32 * np.abs(theirs).max()
+    assert np.abs(ours - theirs).max() <= bound
