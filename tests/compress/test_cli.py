@@ -43,17 +43,25 @@ def workdir(tmp_path_factory):
     return str(root)
 
 
-@pytest.fixture(scope="module")
-def compressed(workdir, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("q") / "int4")
+def test_train_compress_infer_round_trip(workdir, tmp_path):
+    """One test (one trained run per xdist worker): the CLI, the loaded tree, generate, the
+    engine, the server, jax.export, evals and the refusals, all on the same compressed workdir."""
+    compressed = str(tmp_path / "int4")
     result = _run("compress", f"--checkpoint={workdir}", "--method=rtn", "--option=format=int4",
-                  "--option=group=32", "--option=sym=false", f"--out={out}")
+                  "--option=group=32", "--option=sym=false", f"--out={compressed}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.splitlines()[0])["bits_per_weight"] == pytest.approx(4 + (32 + 8) / 32)
-    return out
+    loaded = _check_loads_quantized(workdir, compressed)
+    texts = generate_text(loaded.model, loaded.params, loaded.tokenizer, ["The "], max_new_tokens=12)
+    result = _run("inference", f"--checkpoint={compressed}", "--prompt=The ", "--max_new_tokens=12")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout == "The " + texts[0] + "\n"
+    _check_engine_server_export(loaded, tmp_path)
+    _check_evals(loaded, compressed)
+    _check_refusals(workdir, compressed, tmp_path)
 
 
-def test_the_output_is_a_workdir_inference_loads_quantized(workdir, compressed):
+def _check_loads_quantized(workdir, compressed):
     with open(os.path.join(compressed, "config.json")) as f:
         section = json.load(f)["compress"]
     assert section["method"] == "rtn" and section["options"] == {"format": "int4", "group": "32", "sym": "false"}
@@ -68,24 +76,20 @@ def test_the_output_is_a_workdir_inference_loads_quantized(workdir, compressed):
     again = quant.quantize_params(original.params, fmt="int4", group=32, sym=False)
     for a, b in zip(jax.tree_util.tree_leaves(loaded.params), jax.tree_util.tree_leaves(again), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-    texts = generate_text(loaded.model, loaded.params, loaded.tokenizer, ["The "], max_new_tokens=12)
-    result = _run("inference", f"--checkpoint={compressed}", "--prompt=The ", "--max_new_tokens=12")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout == "The " + texts[0] + "\n"
+    return loaded
 
 
-def test_engine_server_and_export_decode_the_quantized_model(compressed, tmp_path):
+def _check_engine_server_export(loaded, tmp_path):
+    import openai
+
     from inference.engine import Engine, Request
     from inference.export import export_decoder
     from inference.run_exported import greedy
     from inference.serve.app import create_app
     from inference.serve.testing import running_server
 
-    loaded = load(compressed)
     prompt = [loaded.tokenizer.bos_id] + loaded.tokenizer.encode("The cache")
     alone = generate(loaded.model, loaded.params, [prompt], max_new_tokens=8)[0]
-
     engine = Engine(loaded.model, loaded.params, num_slots=2, max_len=48)
     rid = engine.submit(Request(prompt, max_new_tokens=8))
     while engine.busy:
@@ -95,8 +99,6 @@ def test_engine_server_and_export_decode_the_quantized_model(compressed, tmp_pat
     export_decoder(loaded.model, loaded.params, str(tmp_path / "export"), max_len=32)
     assert greedy(str(tmp_path / "export"), [prompt], 8) == [alone]
 
-    import openai
-
     eos = loaded.tokenizer.eos_id
     tokens = generate(loaded.model, loaded.params, [prompt], max_new_tokens=8, stop_tokens=(eos,))[0]
     with running_server(create_app(loaded, model_name="q", num_slots=2, max_len=48)) as url:
@@ -105,25 +107,24 @@ def test_engine_server_and_export_decode_the_quantized_model(compressed, tmp_pat
     assert out.choices[0].text == loaded.tokenizer.decode([t for t in tokens if t != eos])
 
 
-def test_evals_scores_the_quantized_model_as_its_dequantized_float_model(compressed):
+def _check_evals(loaded, compressed):
+    """evals' rolling log-likelihood of a text equals the sum of the quantized model's own
+    log-probabilities, to float32 summation order (the bound of tests/models/test_quant_kernels.py
+    per logit; a log-probability moves by at most twice its logits' error)."""
     from evals.lm import ModelLM
 
-    lm = ModelLM.from_path(compressed, batch_size=2)
     text = "The cache holds the keys and the values."
-    quantized = lm.loglikelihood_rolling([text])[0]
-    loaded = load(compressed)
-    float_lm = ModelLM(loaded.model, quant.dequantize_tree(loaded.params), loaded.tokenizer, batch_size=2)
-    dequantized = float_lm.loglikelihood_rolling([text])[0]
-    # Bit-identical weights: only float32 summation order differs (tests/models/test_quant_kernels.py's
-    # bound per logit); a log-probability moves by at most twice its logits' error, summed over tokens.
-    ids = jnp.asarray([[loaded.tokenizer.bos_id] + loaded.tokenizer.encode(text)])
-    logits = loaded.model.apply({"params": loaded.params}, ids)
+    scored = ModelLM.from_path(compressed, batch_size=2).loglikelihood_rolling([text])[0]
+    ids = [loaded.tokenizer.bos_id] + loaded.tokenizer.encode(text)
+    logits = jax.jit(lambda p, x: loaded.model.apply({"params": p}, x))(loaded.params, jnp.asarray([ids]))[0]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    direct = float(sum(logp[t, ids[t + 1]] for t in range(len(ids) - 1)))
     cfg = loaded.model.config
     per_logit = (2 * cfg.num_layers + 1) * max(cfg.block.d_ff, cfg.vocab_size) * EPS32 * float(jnp.abs(logits).max())
-    assert math.isfinite(quantized) and abs(quantized - dequantized) <= 2 * per_logit * ids.shape[1]
+    assert math.isfinite(scored) and abs(scored - direct) <= 2 * per_logit * len(ids)
 
 
-def test_bad_input_is_one_line_before_any_work(workdir, compressed, tmp_path):
+def _check_refusals(workdir, compressed, tmp_path):
     full = tmp_path / "full"
     full.mkdir()
     (full / "kept.txt").write_text("x")
@@ -182,8 +183,8 @@ def test_a_hugging_face_directory_compresses_to_a_workdir(tmp_path):
     # The stored model is the original's nf4 quantization: its logits equal the dequantized float model's.
     again = quant.dequantize_tree(quant.quantize_params(original.params, fmt="nf4", group=16))
     ids = jnp.asarray([bpe.encode("The cache holds")])
-    ours = np.asarray(loaded.model.apply({"params": loaded.params}, ids))
-    theirs = np.asarray(original.model.apply({"params": again}, ids))
+    ours = np.asarray(jax.jit(lambda p: loaded.model.apply({"params": p}, ids))(loaded.params))
+    theirs = np.asarray(jax.jit(lambda p: original.model.apply({"params": p}, ids))(again))
     cfg = loaded.model.config
     bound = (2 * cfg.num_layers + 1) * max(cfg.block.d_ff, cfg.vocab_size) * EPS32 * np.abs(theirs).max()
     assert np.abs(ours - theirs).max() <= bound

@@ -220,3 +220,28 @@ def test_w8a8_equals_the_integer_arithmetic_reference():
     assert np.all(y[0, 0] == 0)
     with pytest.raises(ValueError, match="W8A8"):
         quant.quantize_weight(jnp.asarray(w), fmt="int4", group=16).with_act_quant()
+
+
+@pytest.mark.parametrize("family,scan", [("deepseek", False), ("llama", True)])
+def test_experts_mla_and_scanned_stacks_read_their_codes(family, scan):
+    """DeepSeek's MoE expert stacks [E, D, F], MLA projections and multi-token head, and a
+    scanned [L, ...] LLaMA stack: quantized logits equal the dequantized float model's."""
+    import importlib
+
+    from train import build
+
+    config = importlib.import_module(f"configs.{family}").get_config("tiny")
+    config.model.scan_layers = scan
+    model = build.model(config, 128)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 8)), jnp.int32)
+    params = nn.unbox(model.init(jax.random.key(0), ids)["params"])
+    q = quant.quantize_params(params, fmt="nf4" if scan else "int4", group=16)
+    kinds = {path.split("/")[-1] for path in quant.describe(q)}
+    assert {"deepseek": {"wi_gate", "wo", "kv_down", "key_up", "value_up", "query_up", "proj"},
+            "llama": {"query", "out", "wi_up"}}[family] <= kinds
+    if family == "deepseek":  # the experts' stack: E leads
+        assert q["mtp_1"]["layer"]["mlp"]["wi_gate"].lead_shape == (params["mtp_1"]["layer"]["mlp"]["wi_gate"].shape[0],)
+    run = jax.jit(lambda p: model.apply({"params": p}, ids))
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731 - (logits, aux) for MoE/MTP
+    quantized, dequantized = np.asarray(first(run(q))), np.asarray(first(run(quant.dequantize_tree(q))))
+    assert np.abs(quantized - dequantized).max() <= _logit_bound(model.config) * np.abs(dequantized).max()
