@@ -91,11 +91,11 @@ def unstructured_mask(scores: jax.Array, sparsity: float, axis: int | None = Non
     scores = jnp.asarray(scores)
     if axis is None:
         flat = scores.reshape(-1)
-        keep = flat.size - int(round(sparsity * flat.size))
+        keep = flat.size - round(sparsity * flat.size)
         return (_ranks_descending(flat, 0) < keep).reshape(scores.shape)
     axis = _axis(scores, axis)
     size = scores.shape[axis]
-    keep = size - int(round(sparsity * size))
+    keep = size - round(sparsity * size)
     return _ranks_descending(scores, axis) < keep
 
 
@@ -153,11 +153,15 @@ def prunable(params: Any) -> dict[Path, jax.Array]:
     return {path: w for path, w in flat.items() if kernel_layout(path, np.shape(w)) is not None}
 
 
+def matrix_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape [*lead, I, O] of a kernel's matrix view (`kernel_matrix`)."""
+    lead, n_in, _ = kernel_layout(path, shape)
+    return (*shape[:lead], math.prod(shape[lead:lead + n_in]), math.prod(shape[lead + n_in:]))
+
+
 def kernel_matrix(path: Path, w: jax.Array) -> jax.Array:
     """The [*lead, I, O] view of a kernel: its input axes merged into I (axis -2), outputs into O."""
-    lead, n_in, _ = kernel_layout(path, w.shape)
-    shape = w.shape
-    return w.reshape(*shape[:lead], math.prod(shape[lead:lead + n_in]), math.prod(shape[lead + n_in:]))
+    return w.reshape(matrix_shape(path, w.shape))
 
 
 def kernel_nm_mask(path: Path, scores: jax.Array, n: int = 2, m: int = 4) -> jax.Array:

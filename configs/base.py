@@ -110,6 +110,9 @@ def get_config() -> ml_collections.ConfigDict:
                    block_size=64, double_quant=True),
         prefix=dict(length=16, mlp_hidden=0),  # mlp_hidden > 0: MLP reparameterization
         adapter=dict(kind="houlsby", hidden=64),  # houlsby (serial) | parallel
+        # Sparse fine-tuning of a pruned checkpoint (init_from, compress/prune.py): the zero weights of
+        # the blocks' attention and MLP kernels stay zero (train/optimizer.py hold_zeros)
+        keep_sparsity=False,
     ))
     # Supervised fine-tuning data (objective=sft, data/sft.py): chat JSONL from data.source.
     c.sft = ml_collections.ConfigDict(dict(

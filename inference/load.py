@@ -133,7 +133,9 @@ def _check_generates(model: GPT, where: str) -> None:
 def run_params(workdir: str, step: int, config: ml_collections.ConfigDict, model, abstract=None):
     """The whole params of checkpoint `step` of a run: what trained (`params`) and, for a
     fine-tuning run, what stayed frozen (`frozen`, `train.trainable`), combined; a QLoRA base
-    is read as stored (quantized) and dequantized.
+    is read as stored (quantized) and dequantized; a `python -m compress` output's quantized
+    kernels are read as stored and stay quantized (QuantizedTensor leaves: the layers
+    dequantize them inside the jitted step).
 
     Args:
       workdir: the run's workdir.
@@ -154,6 +156,11 @@ def run_params(workdir: str, step: int, config: ml_collections.ConfigDict, model
 
     directory = os.path.join(workdir, WORKDIR_CHECKPOINTS)
     abstract = _abstract_params(model) if abstract is None else abstract
+    described = quantized_tensors(config)
+    if described:  # a `python -m compress` output: restored quantized, as stored (compress/io.py)
+        from models import quant
+
+        return restore_params(directory, step, quant.abstract_stored(abstract, described))
     if config.get("finetune", {}).get("method", "full") == "full" and not config.finetune.get("freeze"):
         return restore_params(directory, step, abstract)
     head = getattr(objectives.get(config, model, None), "trainable_head", "")
@@ -173,6 +180,14 @@ def run_params(workdir: str, step: int, config: ml_collections.ConfigDict, model
         return jax.make_array_from_callback(host.shape, like.sharding, lambda index: host[index])
 
     return trainable.combine(params, jax.tree_util.tree_map(placed, values, frozen))
+
+
+def quantized_tensors(config: ml_collections.ConfigDict) -> dict:
+    """{path: format record} of a compressed run's quantized kernels (`models.quant.describe`),
+    from its config's `compress.tensors`; {} for a float model."""
+    section = config.get("compress")
+    tensors = section.get("tensors") if section else None
+    return tensors.to_dict() if hasattr(tensors, "to_dict") else dict(tensors or {})
 
 
 def _saved_config(workdir: str, step: int) -> ml_collections.ConfigDict:

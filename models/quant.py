@@ -60,8 +60,12 @@ Two layouts of the same pytree, told apart by the static `in_dims`:
   [E, F, D] axis 1 (E leads); a token embedding [V, D] is stored as its tied head's kernel
   [D, V] (`transposed`: groups along D, a lookup gathers columns); a stacked group
   (`layers/...`, `dense_layers/...` under `scan_layers=True`) adds one leading axis. Norm
-  scales, biases, routers, position and token-type embeddings stay float; any other matrix is
-  refused with a one-line error.
+  scales, biases, routers, position and token-type embeddings and nn.Dense `kernel`s (BERT's
+  MLM transform, task heads) stay float; any other matrix is refused with a one-line error.
+  `quantize_params` applies the rule to a params tree, `describe` records what it quantized
+  (a compressed checkpoint's config keeps it) and `abstract_stored` rebuilds the stored tree
+  from that record; `to_plain`/`from_plain` turn the tensors into dicts of arrays and back
+  (`jax.export`).
 
   W8A8 (SmoothQuant's execution): an int8 per-channel tensor with `act_quant=True` makes
   `linear.project` quantize the activations per token (dynamic absmax int8, s_x = max|x|/127)
@@ -717,9 +721,9 @@ EXPERT_KERNELS = ("wi_gate", "wi_up", "wo")
 STACKED = ("layers", "dense_layers")  # `scan_layers=True` groups: one leading [L] axis
 TOKEN_TABLES = re.compile(r"(^|/)(embed|word_embeddings)/embedding$")
 # Stay float: norm scales, biases, routers and score heads, position and token-type tables,
-# BERT's MLM transform (an nn.Dense), the value/score heads.
+# nn.Dense kernels (BERT's MLM transform, pooler and task heads), the value/score heads.
 FLOAT_LEAVES = re.compile(r"((^|/)scale$)|(bias$)|((^|/)router$)|((^|/)score$)|(position)|(token_type)|"
-                          r"(transform/kernel$)|(_lora_)|(value_head)")
+                          r"((^|/)kernel$)|(_lora_)|(value_head)")
 
 
 def contraction(path: str, shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]] | None:
@@ -755,21 +759,113 @@ def contraction_rows(path: str, shape: tuple[int, ...]) -> int | None:
     return None if rule is None else math.prod(shape[a] for a in rule[1])
 
 
+def kernel_group(fmt: str, group: int | None, rows: int) -> int:
+    """The group of a kernel with `rows` contraction rows: int8/fp8 per output channel when
+    `group` is None or 0, int4/nf4 128 when None; a group >= rows is one group of all rows."""
+    if not group:
+        group = 128 if fmt in ("int4", "nf4") and group is None else rows
+    return min(int(group), rows)
+
+
+def check_groups(params: Any, fmt: str, group: int | None, option: str = "group") -> None:
+    """A one-line ValueError naming `option` if `group` does not divide some kernel's contraction
+    rows (checked from shapes, before any quantization)."""
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        rows = contraction_rows(_path(path), tuple(x.shape))
+        if rows is None:
+            continue
+        g = kernel_group(fmt, group, rows)
+        if rows % g or (fmt in ("int4", "nf4") and g % 2):
+            raise ValueError(f"{option}={group} does not divide the contraction dimension {rows} of {_path(path)} "
+                             f"{tuple(x.shape)}; groups that work: {[d for d in group_divisors(rows) if d <= 512]}")
+
+
 def quantize_params(params: Any, *, fmt: str, group: int | None = None, sym: bool = True,
                     double_quant: bool = True) -> Any:
     """`params` (unboxed float arrays) with every kernel `contraction` names quantized by
-    `quantize_weight` (the kernel layout), the rest as they are."""
+    `quantize_weight` (the kernel layout; each kernel's group by `kernel_group`), the rest as
+    they are."""
+    check_groups(params, fmt, group)
+
     def one(path, x):
         rule = contraction(_path(path), tuple(x.shape))
         if rule is None:
             return x
         lead, axes = rule
-        return quantize_weight(x, fmt=fmt, group=group, sym=sym, contract_axes=axes, lead=lead,
+        g = kernel_group(fmt, group, math.prod(x.shape[a] for a in axes))
+        return quantize_weight(x, fmt=fmt, group=g, sym=sym, contract_axes=axes, lead=lead,
                                double_quant=double_quant)
 
     return jax.tree_util.tree_map_with_path(one, params)
 
 
+def describe(tree: Any) -> dict[str, dict[str, Any]]:
+    """{path: what `abstract_stored` needs to rebuild it} for every kernel-layout QuantizedTensor
+    of a params tree: its format, group, zero point, double quantization, W8A8 flag and
+    contraction (lead, contract_axes). JSON-able: a compressed checkpoint's config records it."""
+    out = {}
+    for path, x in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_quantized):
+        if not is_quantized(x):
+            continue
+        if not x.is_kernel:
+            raise ValueError(f"{_path(path)}: a QLoRA-layout tensor is not an inference kernel")
+        lead = 0 if x.transposed else len(x.shape) - len(x.in_shape) - len(x.out_shape)
+        out[_path(path)] = {"format": x.kind, "group": x.block_size, "sym": x.zero is None,
+                            "double_quant": x.double_quant, "act_quant": x.act_quant, "lead": lead,
+                            "contract_axes": [1] if x.transposed else list(range(lead, lead + x.in_dims))}
+    return out
+
+
+def abstract_stored(abstract: Any, described: Mapping[str, Mapping[str, Any]]) -> Any:
+    """The stored tree of a compressed checkpoint: `abstract` (the float model's params as
+    ShapeDtypeStructs, shardings kept on the unquantized leaves) with each `described` path
+    replaced by its QuantizedTensor of ShapeDtypeStructs (on the first leaf's sharding)."""
+    def one(path, x):
+        d = described.get(_path(path))
+        if d is None:
+            return x
+        make = functools.partial(quantize_weight, fmt=d["format"], group=int(d["group"]), sym=bool(d["sym"]),
+                                 contract_axes=tuple(d["contract_axes"]), lead=int(d["lead"]),
+                                 double_quant=bool(d["double_quant"]))
+        q = jax.eval_shape(make, jax.ShapeDtypeStruct(x.shape, x.dtype)).replace(act_quant=bool(d["act_quant"]))
+        sharding = getattr(x, "sharding", None)
+        return jax.tree_util.tree_map(lambda f: jax.ShapeDtypeStruct(f.shape, f.dtype, sharding=sharding), q)
+
+    missing = set(described) - {_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract)}
+    if missing:
+        raise ValueError(f"the compressed checkpoint describes parameters the model does not have: {sorted(missing)[:3]}")
+    return jax.tree_util.tree_map_with_path(one, abstract)
+
+
 def tree_nbytes(tree: Any) -> int:
     """Bytes of every stored array of a params tree (QuantizedTensor fields included)."""
     return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+ARRAY_FIELDS = ("codes", "scales", "scale_absmax", "scale_offset", "zero")
+
+
+def to_plain(tree: Any) -> Any:
+    """`tree` with each QuantizedTensor replaced by a dict of its arrays ({"codes": ..., "scales":
+    ...}): nested dicts only, for formats that store no pytree classes (`jax.export`, npz)."""
+    return jax.tree_util.tree_map(
+        lambda x: {f: getattr(x, f) for f in ARRAY_FIELDS if getattr(x, f) is not None} if is_quantized(x) else x,
+        tree, is_leaf=is_quantized)
+
+
+def from_plain(plain: Any, like: Any) -> Any:
+    """The inverse of `to_plain`: `like`'s QuantizedTensors (their static fields) with the arrays
+    of `plain` (traced or concrete)."""
+    def one(path, x):
+        if not is_quantized(x):
+            return _lookup(plain, path)
+        arrays = _lookup(plain, path)
+        return x.replace(**{f: arrays.get(f) for f in ARRAY_FIELDS})
+
+    return jax.tree_util.tree_map_with_path(one, like, is_leaf=is_quantized)
+
+
+def _lookup(tree: Any, path) -> Any:
+    for key in path:
+        tree = tree[getattr(key, "key", getattr(key, "idx", None))]
+    return tree

@@ -356,5 +356,6 @@ def optimizer(config: ml_collections.ConfigDict):
                              min_lr_ratio=s.min_lr_ratio, decay_fraction=s.decay_fraction,
                              decay_shape=s.decay_shape)
     tx = make_optimizer(learning_rate=schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                        grad_clip_norm=o.grad_clip_norm, decay_embeddings=o.decay_embeddings)
+                        grad_clip_norm=o.grad_clip_norm, decay_embeddings=o.decay_embeddings,
+                        keep_zeros=config.finetune.keep_sparsity)
     return tx, schedule

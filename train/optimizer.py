@@ -14,6 +14,18 @@ and its shape:
   * everything else is decayed.
 
 The gradient norm for logging is `optax.global_norm(grads)`.
+
+Sparse fine-tuning (`keep_zeros=True`, config key `finetune.keep_sparsity`): a run started
+from a pruned checkpoint (`compress.prune`, `init_from`) keeps its zeros. `hold_zeros()` sets
+the gradient of every prunable kernel weight (`compress.masks.prunable`: the blocks' attention
+and MLP kernels) that is exactly zero in the current params to zero, before clipping, so the
+clipping norm and AdamW's moments see only the live weights; a zero weight then receives
+the update -lr * (0 / (0 + eps) + weight_decay * 0) = 0 and stays zero, and a second
+`hold_zeros()` after AdamW zeroes whatever else would reach it. The mask is the params' own
+zero pattern, so it needs no state: it survives checkpoints and resumes, and on the first
+step it is the pruned checkpoint's pattern. (A live weight that an update set to exactly
+0.0 would be held at zero from then on; in float32 that needs the update to equal the weight
+to the last bit.)
 """
 
 from typing import Any
@@ -36,6 +48,7 @@ def make_optimizer(
     weight_decay: float = 0.1,
     grad_clip_norm: float | None = 1.0,
     decay_embeddings: bool = False,
+    keep_zeros: bool = False,
 ) -> optax.GradientTransformation:
     """Global-norm clipping followed by AdamW with decoupled, masked weight decay.
 
@@ -50,6 +63,7 @@ def make_optimizer(
       weight_decay: decoupled decay coefficient (multiplied by the learning rate).
       grad_clip_norm: clip gradients to this global norm; 0 or None turns clipping off.
       decay_embeddings: whether embedding tables are decayed.
+      keep_zeros: hold the zero weights of the prunable kernels at zero (`hold_zeros()`).
 
     Returns:
       An optax GradientTransformation over plain or `nn.Partitioned`-boxed param trees.
@@ -66,9 +80,34 @@ def make_optimizer(
         weight_decay=weight_decay,
         mask=lambda params: weight_decay_mask(params, decay_embeddings),
     )
-    if not grad_clip_norm:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(grad_clip_norm), adamw)
+    chain = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
+    chain.append(adamw)
+    if keep_zeros:
+        chain = [hold_zeros(), *chain, hold_zeros()]
+    return chain[0] if len(chain) == 1 else optax.chain(*chain)
+
+
+def hold_zeros() -> optax.GradientTransformation:
+    """Zeroes the updates of the prunable kernels' weights that are zero in `params` (module
+    docstring: sparse fine-tuning). Stateless; `update` needs `params`."""
+    from compress.masks import kernel_layout  # the pruners' own definition of a prunable kernel
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("hold_zeros needs the params (the zero pattern) in update(updates, state, params)")
+
+        def held(path, u, p):
+            p = p.unbox() if isinstance(p, meta.AxisMetadata) else p
+            if kernel_layout(tuple(_key_name(k) for k in path), p.shape) is None:
+                return u
+            if isinstance(u, meta.AxisMetadata):
+                return u.replace_boxed(jax.numpy.where(p == 0, jax.numpy.zeros((), u.dtype), u.unbox()))
+            return jax.numpy.where(p == 0, jax.numpy.zeros((), u.dtype), u)
+
+        return jax.tree_util.tree_map_with_path(held, updates, params,
+                                                is_leaf=lambda x: isinstance(x, meta.AxisMetadata)), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def weight_decay_mask(params: Any, decay_embeddings: bool = False) -> Any:

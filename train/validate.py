@@ -232,6 +232,12 @@ def check_finetune(config) -> None:
     if f.train and f.method == "full":
         raise ValueError("config key `finetune.train` is set but finetune.method='full' trains everything not "
                          "frozen; use finetune.freeze, or a PEFT method (lora, qlora, prefix, adapter)")
+    if f.keep_sparsity and f.method != "full":
+        raise ValueError(f"config key `finetune.keep_sparsity` holds the zeros of fully fine-tuned weights, but "
+                         f"finetune.method={f.method!r} trains adapters over a frozen base; use method=full")
+    if f.keep_sparsity and not config.init_from:
+        raise ValueError("config key `finetune.keep_sparsity` keeps the zeros of the starting weights, but "
+                         "init_from is empty (a random init has none); set init_from=run:DIR of a pruned model")
     if f.method == "full":
         return
     for key, least, exclusive in FINETUNE_MINIMUMS:
