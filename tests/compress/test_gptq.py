@@ -230,3 +230,20 @@ def test_gptq_bad_options_are_one_line_errors_before_any_work():
     moe = methods.Source(model=None, params=None, config=load_config("configs/moe.py:tiny"))
     with pytest.raises(ValueError, match="does not apply to model family 'moe'"):
         methods.apply("gptq", moe, calibration=one_token)
+
+
+def test_gptq_method_on_a_scanned_stack():
+    source = tiny_source("configs/gpt.py:tiny", ["model.scan_layers=true"])
+    batches = token_batches(rows=16, seq_len=32)
+    out = methods.apply("gptq", source, calibration=batches, options={"group": "32", "act_order": "true",
+                                                                      "sym": "false"})
+    q = out.params["layers"]["mlp"]["wo"]
+    assert q.lead_shape == (2,) and q.zero is not None and q.group == 32
+    for path, error in out.info["layer_error"].items():  # the mean over the stack's two layers
+        assert error < out.info["rtn_layer_error"][path], path
+    stats = calibration.collect(source, batches, stats=("hessian",))
+    h = stats["layers/mlp/wo"]["hessian"]
+    w = np.asarray(source.params["layers"]["mlp"]["wo"], np.float64)
+    measured = np.mean([gptq_lib.layer_error(w[i], _dequantized_view(q, 1, 256)[i], h[i]) for i in range(2)])
+    assert measured == pytest.approx(out.info["layer_error"]["layers/mlp/wo"], rel=1e-4)
+    assert np.isfinite(np.asarray(source.model.apply({"params": out.params}, batches[0][:2]))).all()
