@@ -89,7 +89,7 @@ def awq_method(source: methods.Source, calibration, options) -> methods.Compress
     stats = calibration_lib.collect(source, calibration, stats=("hessian", "absmean"))
     original = calibration_lib.flat_params(source.params)
     flat = dict(original)
-    scales, folded = {}, []
+    scales, column_scales, folded = {}, {}, []
     for paths in calibration_lib.input_groups(stats).values():
         entry = stats[paths[0]]
         module = paths[0].rsplit("/", 1)[0] if "/" in paths[0] else ""
@@ -99,6 +99,8 @@ def awq_method(source: methods.Source, calibration, options) -> methods.Compress
         if fold is not None:
             smoothing.fold(flat, *fold, s)
             folded += paths
+            if fold[0] == "columns":  # value / wi_up now output y / s: errors are measured times s
+                column_scales[fold[1][0]] = s
         for p in paths:
             scales[p] = s
     errors, rtn_errors = {}, {}
@@ -116,10 +118,14 @@ def awq_method(source: methods.Source, calibration, options) -> methods.Compress
         quantize = jax.vmap(functools.partial(rtn, bits=o["bits"], group=g, sym=o["sym"])) if lead else \
             functools.partial(rtn, bits=o["bits"], group=g, sym=o["sym"])
         codes, scale, zero, w_q = quantize(scaled)
-        plain = quantize(w_IO)[3]
-        h = jnp.asarray(h, jnp.float32)
-        errors[path] = stacked_layer_error(w_IO, w_q / s[..., :, None], h)
-        rtn_errors[path] = stacked_layer_error(w_IO, plain, h)
+        # errors in the original model's terms: the kernel's own outputs before any column fold,
+        # against plain round to nearest of the original kernel
+        approx = w_q / s[..., :, None]
+        if path in column_scales:
+            approx = approx * jnp.asarray(column_scales[path], jnp.float32)[..., None, :]
+        w_orig = calibration_lib.matrix(jnp.asarray(original[path], jnp.float32), lead, h.shape[-1])
+        errors[path] = stacked_layer_error(w_orig, approx, h)
+        rtn_errors[path] = stacked_layer_error(w_orig, quantize(w_orig)[3], h)
         flat[path] = quant.QuantizedTensor.from_int(codes, scale, None if o["sym"] else zero, bits=o["bits"],
                                                     group=g, shape=tuple(w.shape), in_dims=len(axes), dtype=w.dtype)
     info = {"bits": o["bits"], "group": o["group"], "folded": folded, "layer_error": errors,

@@ -11,7 +11,7 @@ merged into I, the output axes into O) whose input over n calibration tokens is 
 
     batches = calibration_batches(config, tokenizer, samples=128, seq_len=128, seed=0, workdir=w)
     stats = collect(source, batches, stats=("hessian", "absmean"))
-    stats["layer_0/attention_block/self_attention/query"]["hessian"]   # [D, D]
+    stats["layer_0/self_attention/query"]["hessian"]   # [D, D]
 
 `calibration_batches` draws packed rows of the run's own training data (`data.pipeline`: the
 embedded pydoc corpus by default), shuffled with their own seed. `collect` runs the float
@@ -26,7 +26,9 @@ in float64 over the batches.
 Scanned stacks (`scan_layers=True`) sow [L, B, T, I]: their statistics carry the same leading
 L axis as their kernels ([L, I, I], [L, I]). The embedding table (its input is a token id) and
 a tied LM head get no statistics; mixture-of-experts layers (each expert sees only its routed
-tokens) and latent attention (MLA) sow nothing: the methods refuse those architectures.
+tokens) and latent attention (MLA) sow nothing: the methods refuse those architectures
+(`check_supported`). `flat_params`, `input_groups` and `matrix` are the views of the params
+and statistics the methods work on.
 """
 
 from __future__ import annotations

@@ -214,13 +214,14 @@ def sparsegpt(w_IO: jax.Array, h_II: jax.Array, *, sparsity: float = 0.5, n: int
 
 def layer_error(w_IO, w_new_IO, h_II) -> float:
     """Relative layer reconstruction error ||X W - X W'|| / ||X W|| from H = X^T X / n:
-    sqrt(tr(dW^T H dW) / tr(W^T H W))."""
-    d = w_IO - w_new_IO
-    num = jnp.sum(d * (h_II @ d))
-    den = jnp.sum(w_IO * (h_II @ w_IO))
-    return float(jnp.sqrt(num / jnp.where(den == 0, 1.0, den)))
+    sqrt(tr(dW^T H dW) / tr(W^T H W)), in float64 on the host."""
+    w, h = np.asarray(w_IO, np.float64), np.asarray(h_II, np.float64)
+    d = w - np.asarray(w_new_IO, np.float64)
+    den = np.sum(w * (h @ w))
+    return float(np.sqrt(np.sum(d * (h @ d)) / (den if den > 0 else 1.0)))
 
 
+@functools.partial(jax.jit, static_argnames=("bits", "group", "sym"))
 def rtn(w_IO: jax.Array, *, bits: int, group: int, sym: bool):
     """Round to nearest on the same grid (no error feedback): (codes, scale, zero, w_q)."""
     I, O = w_IO.shape

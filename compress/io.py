@@ -65,9 +65,13 @@ def source_config(checkpoint: str, step: int | None = None) -> tuple[ml_collecti
     from configs import base
     from models import hf
 
+    model = hf.model_of(checkpoint)
     config = base.get_config()
     config.init_from = f"hf:{os.path.abspath(checkpoint)}"
-    config.model.family = _hf_family(hf.model_of(checkpoint))
+    config.model.family = _hf_family(model)
+    max_len = getattr(getattr(model, "config", None), "max_len", None)
+    if max_len:  # the defaults' sequence length must fit the checkpoint's context
+        config.data.seq_len = min(config.data.seq_len, max_len)
     return config, 0
 
 

@@ -57,6 +57,7 @@ from evals.lm_requests import (
 from inference.generate import PAD_ID, decode_rows, initial_state, lm_logits, prefill_rows
 from inference.kv_cache import init_cache
 from inference.sampling import SamplingConfig
+from models import quant
 from sharding import mesh as mesh_lib
 from sharding.layout import param_shardings
 from sharding.strategies import STRATEGIES, Strategy, axis_size, check_applies, get_strategy
@@ -391,11 +392,13 @@ def place_params(model, params, mesh: Mesh | None, strategy: str | None) -> tupl
     check_applies(chosen, mesh, boxed)
     shardings = param_shardings(chosen, mesh, boxed, zero=chosen.zero_stage >= 3)
     abstract = nn.unbox(boxed)
-    if jax.tree.structure(params) != jax.tree.structure(abstract):
+    if jax.tree.structure(params, is_leaf=quant.is_quantized) != jax.tree.structure(abstract):
         raise ValueError("the params do not match the model's parameter tree (other names or nesting); pass the "
                          "params of this model, unboxed (nn.unbox)")
 
     def place(path, x, like, sharding):
+        if quant.is_quantized(x):  # a compressed model's kernel (`python -m compress`): its arrays replicated
+            return jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, jax.sharding.PartitionSpec())), x)
         if tuple(np.shape(x)) != like.shape:
             raise ValueError(f"param {jax.tree_util.keystr(path, simple=True, separator='/')} has shape "
                              f"{tuple(np.shape(x))}; the model expects {like.shape}")
@@ -404,7 +407,8 @@ def place_params(model, params, mesh: Mesh | None, strategy: str | None) -> tupl
         host = np.asarray(x)  # one leaf at a time; each device then receives its slice
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
-    return jax.tree_util.tree_map_with_path(place, params, abstract, shardings), mesh, chosen
+    return (jax.tree_util.tree_map_with_path(place, params, abstract, shardings, is_leaf=quant.is_quantized),
+            mesh, chosen)
 
 
 def _mesh_of(params) -> Mesh | None:

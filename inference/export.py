@@ -36,6 +36,11 @@ KB whatever the model size, serve any weights of that config (a fine-tune, a lat
 step), and the loader decides where the weights live (device, sharding, dtype); the
 price is a second file and keeping the params tree's structure, which the serialized
 in_tree checks at call time.
+
+A quantized model (`python -m compress`) exports as it is stored: each QuantizedTensor is a
+dict of its arrays ({"codes": uint8, "scales": float32, ...}, `models.quant.to_plain`) in
+params.npz and in the exported functions' inputs, which rebuild the tensors and dequantize
+inside (float8 codes are stored as their bits, as above).
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ import numpy as np
 from inference.generate import PAD_ID
 from inference.kv_cache import cache_shapes
 from inference.paged import batch_axis
+from models import quant
 from models.gpt import GPT
 
 LOADER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_exported.py")
@@ -137,14 +143,21 @@ def export_decoder(model: GPT, params, directory: str, *, max_len: int | None = 
     if existing:
         raise FileExistsError(f"{directory!r} already holds {existing}; choose an empty directory")
     params = jax.tree.map(jnp.asarray, params)
+    # Quantized kernels travel as dicts of their arrays (codes, scales...): the exported functions
+    # take nested dicts only and rebuild the QuantizedTensors inside, so they dequantize in the kernel.
+    like = jax.eval_shape(lambda: params)
+    params = quant.to_plain(params)
     params_spec = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
     B, T = jax.export.symbolic_shape("B, T")
     ids_spec = jax.ShapeDtypeStruct((B, T), jnp.int32)
     rows_spec = jax.ShapeDtypeStruct((B,), jnp.int32)
     kw = {} if platforms is None else {"platforms": platforms}
-    prefill = jax.export.export(jax.jit(prefill_fn(model, max_len)), **kw)(params_spec, ids_spec, rows_spec)
+    prefill_q, decode_q = prefill_fn(model, max_len), decode_fn(model)
+    prefill = jax.export.export(jax.jit(lambda p, *a: prefill_q(quant.from_plain(p, like), *a)), **kw)(
+        params_spec, ids_spec, rows_spec)
     cache_spec = jax.tree.unflatten(prefill.out_tree, prefill.out_avals)[1]
-    decode = jax.export.export(jax.jit(decode_fn(model)), **kw)(params_spec, cache_spec, rows_spec, rows_spec)
+    decode = jax.export.export(jax.jit(lambda p, *a: decode_q(quant.from_plain(p, like), *a)), **kw)(
+        params_spec, cache_spec, rows_spec, rows_spec)
 
     for name, exported in (("prefill.jax", prefill), ("decode.jax", decode)):
         with open(os.path.join(directory, name), "wb") as f:

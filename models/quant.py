@@ -60,8 +60,12 @@ Two layouts of the same pytree, told apart by the static `in_dims`:
   [E, F, D] axis 1 (E leads); a token embedding [V, D] is stored as its tied head's kernel
   [D, V] (`transposed`: groups along D, a lookup gathers columns); a stacked group
   (`layers/...`, `dense_layers/...` under `scan_layers=True`) adds one leading axis. Norm
-  scales, biases, routers, position and token-type embeddings stay float; any other matrix is
-  refused with a one-line error.
+  scales, biases, routers, position and token-type embeddings and nn.Dense `kernel`s (BERT's
+  MLM transform, task heads) stay float; any other matrix is refused with a one-line error.
+  `quantize_params` applies the rule to a params tree, `describe` records what it quantized
+  (a compressed checkpoint's config keeps it) and `abstract_stored` rebuilds the stored tree
+  from that record; `to_plain`/`from_plain` turn the tensors into dicts of arrays and back
+  (`jax.export`).
 
   W8A8 (SmoothQuant's execution): an int8 per-channel tensor with `act_quant=True` makes
   `linear.project` quantize the activations per token (dynamic absmax int8, s_x = max|x|/127)
@@ -717,9 +721,9 @@ EXPERT_KERNELS = ("wi_gate", "wi_up", "wo")
 STACKED = ("layers", "dense_layers")  # `scan_layers=True` groups: one leading [L] axis
 TOKEN_TABLES = re.compile(r"(^|/)(embed|word_embeddings)/embedding$")
 # Stay float: norm scales, biases, routers and score heads, position and token-type tables,
-# BERT's MLM transform (an nn.Dense), the value/score heads.
+# nn.Dense kernels (BERT's MLM transform, pooler and task heads), the value/score heads.
 FLOAT_LEAVES = re.compile(r"((^|/)scale$)|(bias$)|((^|/)router$)|((^|/)score$)|(position)|(token_type)|"
-                          r"(transform/kernel$)|(_lora_)|(value_head)")
+                          r"((^|/)kernel$)|(_lora_)|(value_head)")
 
 
 def contraction(path: str, shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]] | None:
@@ -836,3 +840,32 @@ def abstract_stored(abstract: Any, described: Mapping[str, Mapping[str, Any]]) -
 def tree_nbytes(tree: Any) -> int:
     """Bytes of every stored array of a params tree (QuantizedTensor fields included)."""
     return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+ARRAY_FIELDS = ("codes", "scales", "scale_absmax", "scale_offset", "zero")
+
+
+def to_plain(tree: Any) -> Any:
+    """`tree` with each QuantizedTensor replaced by a dict of its arrays ({"codes": ..., "scales":
+    ...}): nested dicts only, for formats that store no pytree classes (`jax.export`, npz)."""
+    return jax.tree_util.tree_map(
+        lambda x: {f: getattr(x, f) for f in ARRAY_FIELDS if getattr(x, f) is not None} if is_quantized(x) else x,
+        tree, is_leaf=is_quantized)
+
+
+def from_plain(plain: Any, like: Any) -> Any:
+    """The inverse of `to_plain`: `like`'s QuantizedTensors (their static fields) with the arrays
+    of `plain` (traced or concrete)."""
+    def one(path, x):
+        if not is_quantized(x):
+            return _lookup(plain, path)
+        arrays = _lookup(plain, path)
+        return x.replace(**{f: arrays.get(f) for f in ARRAY_FIELDS})
+
+    return jax.tree_util.tree_map_with_path(one, like, is_leaf=is_quantized)
+
+
+def _lookup(tree: Any, path) -> Any:
+    for key in path:
+        tree = tree[getattr(key, "key", getattr(key, "idx", None))]
+    return tree

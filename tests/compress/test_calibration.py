@@ -13,7 +13,6 @@ import pytest
 
 from compress import calibration
 from configs.loader import load_config
-from models.gpt import scan_params
 from models.layers.feedforward import FeedForward
 from models.layers.multihead import MultiHeadAttention
 from tests.compress.tiny_models import tiny_source, token_batches
@@ -91,8 +90,8 @@ def test_statistics_equal_independently_captured_inputs():
 
 def test_scanned_stack_statistics_carry_the_layers_axis():
     source = tiny_source("configs/gpt.py:tiny")  # LayerNorm, gelu MLP, biases, tied embeddings
-    scanned = tiny_source("configs/gpt.py:tiny", ["model.scan_layers=true"])
-    scanned.params = scan_params(source.params, scanned.model.config)
+    scanned = tiny_source("configs/gpt.py:tiny", ["model.scan_layers=true"])  # the same params, stacked
+    np.testing.assert_array_equal(scanned.params["layers"]["mlp"]["wo"][1], source.params["layer_1"]["mlp"]["wo"])
     batches = token_batches(rows=8, seq_len=32)
     loop = calibration.collect(source, batches, stats=("hessian", "absmax"))
     stack = calibration.collect(scanned, batches, stats=("hessian", "absmax"))

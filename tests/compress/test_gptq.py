@@ -13,7 +13,12 @@ import jax
 import numpy as np
 import pytest
 
+from compress import calibration, methods
 from compress import gptq as gptq_lib
+from configs.loader import load_config
+from inference.generate import generate
+from models import quant
+from tests.compress.tiny_models import tiny_source, token_batches
 
 EPS64 = np.finfo(np.float64).eps
 
@@ -130,7 +135,7 @@ def _tolerance(H, scale, damp=0.01):
     return len(H) * np.linalg.cond(damped[live][:, live]) * EPS64 * scale
 
 
-def _problem(I=80, O=24, n=400, seed=0, dead=True):
+def _problem(I=64, O=24, n=400, seed=0, dead=True):
     """Correlated inputs with uneven channel scales (and one dead input), and a weight."""
     rng = np.random.default_rng(seed)
     mix = rng.normal(size=(I, I)) / np.sqrt(I) + np.eye(I)
@@ -141,9 +146,7 @@ def _problem(I=80, O=24, n=400, seed=0, dead=True):
     return X, W, X.T @ X / n
 
 
-@pytest.mark.parametrize("bits,group,sym,act_order", [(4, 16, True, False), (4, 16, False, False),
-                                                      (8, 0, True, False), (4, 16, True, True),
-                                                      (3, 40, False, True)])
+@pytest.mark.parametrize("bits,group,sym,act_order", [(4, 16, True, False), (4, 16, False, True), (8, 0, True, False)])
 def test_gptq_equals_the_float64_reference(bits, group, sym, act_order):
     _, W, H = _problem()
     with jax.enable_x64(True):
@@ -161,7 +164,7 @@ def test_gptq_equals_the_float64_reference(bits, group, sym, act_order):
     assert codes[5].tolist() == [0 if sym else zero[5 // g, o] for o in range(W.shape[1])]  # the dead input
 
 
-@pytest.mark.parametrize("sparsity,n,m", [(0.5, 0, 0), (0.7, 0, 0), (0.5, 2, 4)])
+@pytest.mark.parametrize("sparsity,n,m", [(0.6, 0, 0), (0.5, 2, 4)])
 def test_sparsegpt_equals_the_float64_reference(sparsity, n, m):
     _, W, H = _problem(dead=False)
     with jax.enable_x64(True):
@@ -176,3 +179,71 @@ def test_sparsegpt_equals_the_float64_reference(sparsity, n, m):
         for i1 in range(0, W.shape[0], 32):
             block = keep[i1:i1 + 32]
             assert (~block).sum() == round(sparsity * block.size)
+
+
+# ------------------------------------------------------------------ the method on a tiny model
+
+
+def _dequantized_view(q, lead, rows):
+    return np.asarray(q.dequantize(np.float32), np.float64).reshape(*q.shape[:lead], rows, -1)
+
+
+def test_gptq_method_beats_round_to_nearest_on_every_layer_and_generates():
+    source = tiny_source("configs/gpt.py:tiny")
+    batches = token_batches(rows=16, seq_len=32)
+    out = methods.apply("gptq", source, calibration=batches, options={"bits": "4", "group": "16"})
+    stats = calibration.collect(source, batches, stats=("hessian",))
+    flat = calibration.flat_params(source.params)
+    stored = _flat_quantized(out.params)
+    assert sorted(out.info["layer_error"]) == sorted(stats)
+    for path, error in out.info["layer_error"].items():
+        assert error < out.info["rtn_layer_error"][path], path  # the issue's check, same bits, group and data
+        q = stored[path]
+        assert quant.is_quantized(q) and q.kind == "int4" and q.group == 16
+        h = stats[path]["hessian"]
+        w = np.asarray(flat[path], np.float64).reshape(h.shape[-1], -1)
+        # what is stored reproduces the error GPTQ measured (its codes and scales went through from_int)
+        assert gptq_lib.layer_error(w, _dequantized_view(q, 0, h.shape[-1]), h) == pytest.approx(error, rel=1e-4)
+    assert quant.is_quantized(stored["embed/embedding"])  # no inputs to calibrate: round to nearest
+    assert out.config.compress.method == "gptq" and out.config.compress.options["group"] == "16"
+    ids = batches[0][:2]
+    logits = source.model.apply({"params": out.params}, ids)
+    assert np.isfinite(np.asarray(logits)).all()
+    tokens = generate(source.model, out.params, [[1, 2, 3]], max_new_tokens=4)
+    assert len(tokens[0]) == 4
+
+
+def _flat_quantized(params):
+    return {jax.tree_util.keystr(p, simple=True, separator="/"): x
+            for p, x in jax.tree_util.tree_leaves_with_path(params, is_leaf=quant.is_quantized)}
+
+
+def test_gptq_bad_options_are_one_line_errors_before_any_work():
+    source = tiny_source("configs/llama.py:tiny")  # d_ff 176 = 16 * 11
+    one_token = [np.zeros((1, 1), np.int32)]  # far too few for a Hessian: the option errors come first
+    for options, words in (({"group": "32"}, "group=32 does not divide the contraction dimension 176 of layer_0/mlp"),
+                           ({"bits": "3"}, "bits=3; expected 4 or 8"), ({"bits": "8", "sym": "false"}, "sym=true"),
+                           ({"group": "15"}, "even"), ({"damp": "x"}, "damp='x' is not a valid float")):
+        with pytest.raises(ValueError, match=words) as e:
+            methods.apply("gptq", source, calibration=one_token, options=options)
+        assert "\n" not in str(e.value)
+    moe = methods.Source(model=None, params=None, config=load_config("configs/moe.py:tiny"))
+    with pytest.raises(ValueError, match="does not apply to model family 'moe'"):
+        methods.apply("gptq", moe, calibration=one_token)
+
+
+def test_gptq_method_on_a_scanned_stack():
+    source = tiny_source("configs/gpt.py:tiny", ["model.scan_layers=true"])
+    batches = token_batches(rows=16, seq_len=32)
+    out = methods.apply("gptq", source, calibration=batches, options={"group": "32", "act_order": "true",
+                                                                      "sym": "false"})
+    q = out.params["layers"]["mlp"]["wo"]
+    assert q.lead_shape == (2,) and q.zero is not None and q.group == 32
+    for path, error in out.info["layer_error"].items():  # the mean over the stack's two layers
+        assert error < out.info["rtn_layer_error"][path], path
+    stats = calibration.collect(source, batches, stats=("hessian",))
+    h = stats["layers/mlp/wo"]["hessian"]
+    w = np.asarray(source.params["layers"]["mlp"]["wo"], np.float64)
+    measured = np.mean([gptq_lib.layer_error(w[i], _dequantized_view(q, 1, 256)[i], h[i]) for i in range(2)])
+    assert measured == pytest.approx(out.info["layer_error"]["layers/mlp/wo"], rel=1e-4)
+    assert np.isfinite(np.asarray(source.model.apply({"params": out.params}, batches[0][:2]))).all()

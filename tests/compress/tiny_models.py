@@ -1,23 +1,27 @@
 """Tiny models and token batches for the calibrated compression tests (compress/calibration.py
-and the methods built on it): random-init params of a `configs/*:tiny` preset, no training."""
+and the methods built on it): random params of a `configs/*:tiny` preset, no training."""
 
 from __future__ import annotations
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from compress.methods import Source
 from configs.loader import load_config
+from models.gpt import scan_params
+from models.random_params import random_params
 from train import build
 
 
 def tiny_source(spec: str = "configs/llama.py:tiny", overrides=(), seed: int = 0, vocab: int = 512) -> Source:
-    """A Source of a tiny preset with random-init params (its tokenizer is not built: None)."""
+    """A Source of a tiny preset with random params (`models.random_params`, drawn for the
+    per-layer layout and stacked when the preset scans its layers); no tokenizer."""
     config = load_config(spec, list(overrides))
     model = build.model(config, vocab)
-    params = nn.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 8), jnp.int32))["params"])
+    if config.model.scan_layers:
+        loop = build.model(load_config(spec, [*overrides, "model.scan_layers=false"]), vocab)
+        params = scan_params(random_params(loop, seed), model.config)
+    else:
+        params = random_params(model, seed)
     return Source(model, params, config, None)
 
 
