@@ -332,7 +332,7 @@ def take_rows(table: Any, ids: jax.Array, dtype: Any) -> jax.Array:
     if not (table.is_kernel and table.transposed):
         return jnp.take(table.dequantize(dtype), ids, axis=0)
     flat = ids.reshape(-1)
-    pick = lambda a: None if a is None else jnp.take(a, flat, axis=-1)  # noqa: E731
+    pick = lambda a: None if a is None else jnp.take(a, flat, axis=-1)
     if table.double_quant:
         scales = _dequantize_lead_scales(table.scales, table.scale_absmax, table.scale_offset)
         columns = table.replace(scales=scales, scale_absmax=None, scale_offset=None)
