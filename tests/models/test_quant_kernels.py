@@ -69,6 +69,8 @@ def test_round_trip_is_within_the_format_bound(fmt, group, sym):
     if fmt == "fp8":  # e4m3: 3 mantissa bits, half a spacing 2^-4 relative; subnormals 2^-9 apart (x scale)
         bound = np.maximum(np.abs(w) * 2.0 ** -4, per(scale) * 2.0 ** -10) * (1 + 4 * EPS32)
     else:
+        # Half a step of the grid, plus float32 rounding: the stored scale is off by ~eps relative,
+        # which a code of magnitude q (<= 127) multiplies; the ratio w / s by ~eps |w| / s.
         half = NF4_HALF_STEP if fmt == "nf4" else 0.5
         bound = per(scale) * (half + 8 * EPS32 * (16 if fmt != "nf4" else 1)) + 4 * EPS32 * np.abs(w)
     np.testing.assert_array_less(error, bound + 1e-30)
