@@ -144,6 +144,12 @@ def _check_refusals(workdir, compressed, tmp_path):
             io.compress(**kwargs)
         assert message in str(e.value) and "\n" not in str(e.value)
     assert (full / "kept.txt").read_text() == "x" and not (tmp_path / "o").exists()
+    # --overwrite replaces only what a compress run writes
+    io.compress(workdir, "rtn", str(full), options=["format=int8"], overwrite=True)
+    io.compress(workdir, "rtn", str(full), options=["format=fp8"], overwrite=True)
+    assert (full / "kept.txt").read_text() == "x"
+    assert {x.kind for x in jax.tree_util.tree_leaves(load(str(full)).params, is_leaf=quant.is_quantized)
+            if quant.is_quantized(x)} == {"fp8"}
 
     @methods.register("bert_only_for_test", kind="prune", families=("bert",))
     def bert_only(source, calibration, options):  # never runs: refused by family first
