@@ -32,7 +32,7 @@ def main(argv):
     result = io.compress(_CHECKPOINT.value, _METHOD.value, _OUT.value, options=_OPTION.value, step=_STEP.value,
                          calibration_samples=_SAMPLES.value, calibration_seq_len=_SEQ_LEN.value,
                          overwrite=_OVERWRITE.value)
-    print(json.dumps(io._jsonable(result.info)))
+    print(json.dumps(io.jsonable(result.info)))
     print(f"# wrote {_OUT.value}")
 
 

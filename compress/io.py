@@ -106,8 +106,6 @@ def load_source(checkpoint: str, config: ml_collections.ConfigDict, step: int) -
 
 def save(out: str, result: Compressed, source: Source, step: int, *, overwrite: bool = False) -> str:
     """Writes the compressed workdir (module docstring); returns its checkpoints directory."""
-    import jax
-
     from models import quant
     from train import distributed
     from train.checkpoint import Checkpointer
@@ -131,24 +129,24 @@ def save(out: str, result: Compressed, source: Source, step: int, *, overwrite: 
             json.dump(config.to_dict(), f, indent=2)
         source.tokenizer.save(os.path.join(out, "tokenizer"))
         with open(os.path.join(out, "compress_info.json"), "w") as f:
-            json.dump(_jsonable(result.info), f, indent=2)
+            json.dump(jsonable(result.info), f, indent=2)
     distributed.barrier("compress_files")
     directory = os.path.join(out, "checkpoints")
     checkpointer = Checkpointer(directory, max_to_keep=None, save_interval_steps=1, async_save=False)
     try:
-        params = jax.tree_util.tree_map(lambda x: x, result.params)
-        checkpointer.save(step, {"params": params}, data_state={}, config=config, force=True)
+        checkpointer.save(step, {"params": result.params}, data_state={}, config=config, force=True)
     finally:
         checkpointer.close()
     distributed.barrier("compress_saved")
     return directory
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """`value` with numpy/jax scalars as Python numbers and anything else unknown as its str."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
         return value.item()
     if isinstance(value, (str, int, float, bool)) or value is None:

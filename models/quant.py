@@ -332,7 +332,7 @@ def take_rows(table: Any, ids: jax.Array, dtype: Any) -> jax.Array:
     if not (table.is_kernel and table.transposed):
         return jnp.take(table.dequantize(dtype), ids, axis=0)
     flat = ids.reshape(-1)
-    pick = lambda a: None if a is None else jnp.take(a, flat, axis=-1)  # noqa: E731
+    pick = lambda a: None if a is None else jnp.take(a, flat, axis=-1)
     if table.double_quant:
         scales = _dequantize_lead_scales(table.scales, table.scale_absmax, table.scale_offset)
         columns = table.replace(scales=scales, scale_absmax=None, scale_offset=None)
@@ -819,7 +819,8 @@ def describe(tree: Any) -> dict[str, dict[str, Any]]:
 def abstract_stored(abstract: Any, described: Mapping[str, Mapping[str, Any]]) -> Any:
     """The stored tree of a compressed checkpoint: `abstract` (the float model's params as
     ShapeDtypeStructs, shardings kept on the unquantized leaves) with each `described` path
-    replaced by its QuantizedTensor of ShapeDtypeStructs (on the first leaf's sharding)."""
+    replaced by its QuantizedTensor of ShapeDtypeStructs (on the float leaf's device, or
+    replicated over its mesh: a kernel's split does not fit its packed fields)."""
     def one(path, x):
         d = described.get(_path(path))
         if d is None:
@@ -829,6 +830,8 @@ def abstract_stored(abstract: Any, described: Mapping[str, Mapping[str, Any]]) -
                                  double_quant=bool(d["double_quant"]))
         q = jax.eval_shape(make, jax.ShapeDtypeStruct(x.shape, x.dtype)).replace(act_quant=bool(d["act_quant"]))
         sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):  # the kernel's split does not fit its fields: replicate
+            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
         return jax.tree_util.tree_map(lambda f: jax.ShapeDtypeStruct(f.shape, f.dtype, sharding=sharding), q)
 
     missing = set(described) - {_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract)}

@@ -15,7 +15,8 @@ import numpy as np
 def random_params(model: nn.Module, seed: int = 0, scale: float = 1.0) -> dict:
     """Params for `model.apply` (a model taking int ids [B, T]): kernels N(0, scale^2 / fan_in)
     with fan-in the first axis, 1-D leaves (norm scales, biases) 1 + N(0, 0.1^2)."""
-    shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))))
+    # Only the params: draws for another collection that init fills (a sown one) would shift them all.
+    shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]))
     rng = np.random.default_rng(seed)
 
     def draw(leaf):
@@ -23,4 +24,4 @@ def random_params(model: nn.Module, seed: int = 0, scale: float = 1.0) -> dict:
             return jnp.asarray(1.0 + 0.1 * rng.standard_normal(leaf.shape), leaf.dtype)
         return jnp.asarray(scale * rng.standard_normal(leaf.shape) / np.sqrt(leaf.shape[0]), leaf.dtype)
 
-    return jax.tree.map(draw, shapes)["params"]
+    return jax.tree.map(draw, shapes)

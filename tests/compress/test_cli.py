@@ -128,21 +128,28 @@ def _check_refusals(workdir, compressed, tmp_path):
     full = tmp_path / "full"
     full.mkdir()
     (full / "kept.txt").write_text("x")
+    other = str(tmp_path / "o")
     cases = [
-        (dict(checkpoint=str(tmp_path / "missing"), method="rtn", out=str(tmp_path / "o")), "is not a directory"),
-        (dict(checkpoint=workdir, method="gptqq", out=str(tmp_path / "o")), "--method='gptqq' is not a compression"),
-        (dict(checkpoint=workdir, method="rtn", out=str(tmp_path / "o"), options=["bits=4"]), "has no option 'bits'"),
-        (dict(checkpoint=workdir, method="rtn", out=str(full)), "exists and is not empty; pick a new directory or "
-                                                                 "pass --overwrite"),
-        (dict(checkpoint=workdir, method="rtn", out=str(tmp_path / "o"), options=["group=48"]),
+        ({"checkpoint": str(tmp_path / "missing"), "method": "rtn", "out": other}, "is not a directory"),
+        ({"checkpoint": workdir, "method": "gptqq", "out": other}, "--method='gptqq' is not a compression"),
+        ({"checkpoint": workdir, "method": "rtn", "out": other, "options": ["bits=4"]}, "has no option 'bits'"),
+        ({"checkpoint": workdir, "method": "rtn", "out": str(full)},
+         "exists and is not empty; pick a new directory or pass --overwrite"),
+        ({"checkpoint": workdir, "method": "rtn", "out": other, "options": ["group=48"]},
          "--option=group=48 does not divide"),
-        (dict(checkpoint=compressed, method="rtn", out=str(tmp_path / "o")), "is already quantized"),
+        ({"checkpoint": compressed, "method": "rtn", "out": other}, "is already quantized"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError) as e:
             io.compress(**kwargs)
         assert message in str(e.value) and "\n" not in str(e.value)
     assert (full / "kept.txt").read_text() == "x" and not (tmp_path / "o").exists()
+    # --overwrite replaces only what a compress run writes
+    io.compress(workdir, "rtn", str(full), options=["format=int8"], overwrite=True)
+    io.compress(workdir, "rtn", str(full), options=["format=fp8"], overwrite=True)
+    assert (full / "kept.txt").read_text() == "x"
+    assert {x.kind for x in jax.tree_util.tree_leaves(load(str(full)).params, is_leaf=quant.is_quantized)
+            if quant.is_quantized(x)} == {"fp8"}
 
     @methods.register("bert_only_for_test", kind="prune", families=("bert",))
     def bert_only(source, calibration, options):  # never runs: refused by family first

@@ -6,7 +6,6 @@ MLA, scanned stacks), W8A8 against a numpy re-implementation of its integer arit
 
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -20,6 +19,13 @@ from models.random_params import random_params
 
 EPS32 = float(np.finfo(np.float32).eps)
 NF4_HALF_STEP = float(np.diff(quant.NF4_CODE.astype(np.float64)).max() / 2)
+# As tests/models/test_quant.py: quicker compiles of the same computation.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+
+
+def compiled(fn, *args):
+    """fn(*args) through a fast-compiled jit (the dequantization stays inside it)."""
+    return jax.jit(fn).lower(*args).compile(FAST_COMPILE)(*args)
 
 
 def kernel(shape, seed=0) -> np.ndarray:
@@ -59,10 +65,12 @@ def test_round_trip_is_within_the_format_bound(fmt, group, sym):
     np.testing.assert_allclose(np.asarray(q.scales, np.float64), scale, rtol=2 * EPS32, atol=0)
     deq = np.asarray(q.dequantize(), np.float64)
     error = np.abs(deq - w)
-    per = lambda a: np.repeat(a, g, axis=0)  # noqa: E731
+    per = lambda a: np.repeat(a, g, axis=0)
     if fmt == "fp8":  # e4m3: 3 mantissa bits, half a spacing 2^-4 relative; subnormals 2^-9 apart (x scale)
         bound = np.maximum(np.abs(w) * 2.0 ** -4, per(scale) * 2.0 ** -10) * (1 + 4 * EPS32)
     else:
+        # Half a step of the grid, plus float32 rounding: the stored scale is off by ~eps relative,
+        # which a code of magnitude q (<= 127) multiplies; the ratio w / s by ~eps |w| / s.
         half = NF4_HALF_STEP if fmt == "nf4" else 0.5
         bound = per(scale) * (half + 8 * EPS32 * (16 if fmt != "nf4" else 1)) + 4 * EPS32 * np.abs(w)
     np.testing.assert_array_less(error, bound + 1e-30)
@@ -167,7 +175,7 @@ def test_quantized_model_matches_its_dequantized_float_model(fmt):
     params = random_params(model)
     q = quant.quantize_params(params, fmt=fmt, group=32)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 12)), jnp.int32)
-    run = jax.jit(lambda p: model.apply({"params": p}, ids))
+    run = lambda p: compiled(lambda p: model.apply({"params": p}, ids), p)
     quantized, dequantized = np.asarray(run(q)), np.asarray(run(quant.dequantize_tree(q)))
     bound = _logit_bound(cfg) * np.abs(dequantized).max()
     print(f"\n{fmt}: |quantized - dequantized float| = {np.abs(quantized - dequantized).max():.2e} "
@@ -234,14 +242,14 @@ def test_experts_mla_and_scanned_stacks_read_their_codes(family, scan):
     config.model.scan_layers = scan
     model = build.model(config, 128)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 8)), jnp.int32)
-    params = nn.unbox(model.init(jax.random.key(0), ids)["params"])
+    params = random_params(model)
     q = quant.quantize_params(params, fmt="nf4" if scan else "int4", group=16)
     kinds = {path.split("/")[-1] for path in quant.describe(q)}
     assert {"deepseek": {"wi_gate", "wo", "kv_down", "key_up", "value_up", "query_up", "proj"},
             "llama": {"query", "out", "wi_up"}}[family] <= kinds
     if family == "deepseek":  # the experts' stack: E leads
         assert q["mtp_1"]["layer"]["mlp"]["wi_gate"].lead_shape == (params["mtp_1"]["layer"]["mlp"]["wi_gate"].shape[0],)
-    run = jax.jit(lambda p: model.apply({"params": p}, ids))
-    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731 - (logits, aux) for MoE/MTP
+    run = lambda p: compiled(lambda p: model.apply({"params": p}, ids), p)
+    first = lambda out: out[0] if isinstance(out, tuple) else out
     quantized, dequantized = np.asarray(first(run(q))), np.asarray(first(run(quant.dequantize_tree(q))))
     assert np.abs(quantized - dequantized).max() <= _logit_bound(model.config) * np.abs(dequantized).max()
