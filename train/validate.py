@@ -248,7 +248,6 @@ def check_finetune(config) -> None:
 
 
 def _check_data(config, workdir: str) -> None:
-    d = config.data
     if build.objective_name(config) in build.TASK_OBJECTIVES:
         _check_task_data(config, workdir)
         return
@@ -256,6 +255,13 @@ def _check_data(config, workdir: str) -> None:
     if own is not None:  # an objective that reads data of its own (sft's chat JSONL, preferences, tasks)
         own(config, workdir)
         return
+    check_text_data(config, workdir)
+
+
+def check_text_data(config, workdir: str) -> None:
+    """`data.source` for `data.pipeline`'s packed text (lm, mlm, distill): it parses, a tfds
+    source's splits open, local files exist and are readable text."""
+    d = config.data
     try:
         spec = sources.parse_source(d.source)
     except (ValueError, FileNotFoundError) as e:
