@@ -5,6 +5,9 @@
 
 Presets:
     tiny:      2 layers, width 64, 4 query / 2 key-value heads, untied head, for tests (seconds)
+    small:     6 layers, width 256, 8 query / 2 key-value heads, SwiGLU 688, BPE vocab 2048,
+               context 128, 600 steps of 16 rows on the embedded corpus: 5,205,248 parameters, the
+               larger trained model of benchmarks/compression.py (about 10 minutes on 2 cores)
     llama3_8b: Llama-3-8B shape (32 layers, width 4096, 32 / 8 heads, SwiGLU 14336,
                RoPE theta 5e5, context 8192, vocab 128256, untied): 8,030,261,248 parameters
 """
@@ -15,7 +18,7 @@ import ml_collections
 
 from configs import base
 
-PRESETS = ("tiny", "llama3_8b")
+PRESETS = ("tiny", "small", "llama3_8b")
 
 
 def llama_switches(c: ml_collections.ConfigDict) -> None:
@@ -35,6 +38,15 @@ def get_config(preset: str = "tiny") -> ml_collections.ConfigDict:
         # SwiGLU's three matrices: F ~ 8/3 D keeps the MLP the size of a 4D gelu MLP.
         c.model.block.update(d_model=64, num_heads=4, num_kv_heads=2, d_ff=176, norm_eps=1e-5)
         base.tiny_run(c)
+    elif preset == "small":
+        c.steps = 600
+        c.model.update(num_layers=6, max_len=128, rope_theta=10000.0)
+        c.model.block.update(d_model=256, num_heads=8, num_kv_heads=2, d_ff=688, norm_eps=1e-5)
+        c.tokenizer.vocab_size = 2048
+        c.data.update(seq_len=128, batch_size=16)
+        c.optimizer.update(lr=2e-3)
+        c.schedule.update(warmup_steps=60)
+        c.eval.update(every_steps=200)
     elif preset == "llama3_8b":
         c.steps = 100_000
         c.model.update(vocab_size=128256, num_layers=32, max_len=8192, rope_theta=500000.0, dtype="bfloat16",
