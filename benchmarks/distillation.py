@@ -63,7 +63,8 @@ class Settings:
 FULL = Settings()
 QUICK = Settings(teacher="configs/gpt.py:tiny", student="configs/gpt.py:tiny", teacher_steps=6, steps=4, eval_every=2,
                  eval_batches=1, shape=("data.seq_len=32", "model.max_len=32", "data.batch_size=8",
-                                        "logging.peak_flops=1e11", "schedule.warmup_steps=1"),
+                                        "logging.peak_flops=1e11", "schedule.warmup_steps=1",
+                                        "logging.log_every_steps=1"),
                  teacher_shape=("model.num_layers=3", "model.block.d_model=96", "model.block.num_heads=6",
                                 "model.block.d_ff=192", "tokenizer.vocab_size=300"))
 
