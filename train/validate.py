@@ -23,6 +23,8 @@ preparation, tokenizer training or compilation, and before `config.json` is writ
     kind (a `tfds:` source: its prepared splits open; sft's chat sources:
     `train.objectives.sft.check_data`); a classification or qa run's examples all hold the
     fields its task reads (`data.tasks.check`);
+  * objective=distill: its keys, the teacher checkpoint, the mode against both models, and one
+    vocabulary and tokenizer for teacher and student (`train.objectives.distill.check_config`);
   * a configured tokenizer loads (a masked LM's has a mask token);
   * a resumed workdir: the saved run's parameters have the shapes this config gives them,
     or the error names the config keys that changed them.
