@@ -18,6 +18,7 @@ import pytest
 from configs.loader import load_config
 from inference.load import load
 from tests.cli_output import REPO
+from tests.minilm import minilm_path
 from tests.train.test_dpo import _leaves, _state
 from train import build, trainer, validate
 from train.objectives import distill
@@ -158,9 +159,10 @@ def test_minilm_transfer_between_berts_of_other_widths_lowers_the_relation_kls(b
     (["model.vocab_size=320"], "vocabulary of 300 logits, the student 320"),
     (["sharding.strategy=pp", "model.scan_layers=true", "sharding.pipeline_microbatches=1"], "teacher's forward is not pipelined"),
     (["tokenizer.path={bert_teacher}/tokenizer"], "the student's tokenizer differs from the teacher's"),
+    (["distill.teacher={minilm}"], "a tokenizer without an end-of-text token"),  # WordPiece: no packing
 ])
 def test_bad_distill_keys_fail_before_any_work(teacher, bert_teacher, tmp_path, overrides, message):
-    overrides = [o.format(bert_teacher=bert_teacher) for o in overrides]
+    overrides = [o.format(bert_teacher=bert_teacher, minilm=minilm_path()) for o in overrides]
     with pytest.raises((ValueError, FileNotFoundError)) as e:
         validate.check(_student(teacher, *overrides), str(tmp_path / "bad"))
     assert message in str(e.value) and "\n" not in str(e.value)

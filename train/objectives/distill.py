@@ -403,6 +403,10 @@ def check_config(config, workdir: str) -> None:
     teacher_model, teacher_tokenizer = teacher_lib.checkpoint(spec)
     bert, teacher_bert = config.model.family == "bert", not hasattr(teacher_model.config, "mtp_depth")
     where = f"config key `distill.teacher`={d.teacher!r}"
+    if teacher_tokenizer.eos_id is None:
+        raise ValueError(f"{where} has a tokenizer without an end-of-text token, which the packed text the student "
+                         "trains on separates documents with (data.pipeline); distil from a teacher whose tokenizer "
+                         "has one (e.g. one trained by `python -m train`)")
     if bert != teacher_bert:
         raise ValueError(f"{where} is {'a BERT' if teacher_bert else 'a decoder'} but the student (model.family="
                          f"{config.model.family!r}) is not; distill a {'BERT' if teacher_bert else 'decoder'} student")
