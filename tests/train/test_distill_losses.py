@@ -79,7 +79,7 @@ def test_the_objectives_loss_is_the_mix_of_numpy_kl_and_cross_entropy(direction,
     divided by the whole batch's count; a micro-batch's share adds up to the whole."""
     rng = np.random.default_rng(1)
     model = _tiny_gpt()
-    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
     batch = _batch(rng)
     teacher = rng.normal(0, 2, (*batch["inputs"].shape, 41)).astype(np.float32)
     batch = {k: jnp.asarray(v) for k, v in {**batch, "teacher_logits": teacher}.items()}
@@ -87,10 +87,11 @@ def test_the_objectives_loss_is_the_mix_of_numpy_kl_and_cross_entropy(direction,
     objective = DistillObjective(lm.LMObjective(model, z_loss=z_loss), None, alpha=alpha, temperature=temperature,
                                  direction=direction)
     totals = {**objective.totals(batch), "micro_batches": 1}
-    loss, (stats, _) = objective.loss(params, batch, jax.random.key(0), totals)
+    loss_fn = jax.jit(lambda b: objective.loss(params, b, jax.random.key(0), totals))
+    loss, (stats, _) = loss_fn(batch)
 
-    logits = np.asarray(model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                                    segment_ids=batch["segment_ids"]), np.float64)
+    logits = np.asarray(jax.jit(model.apply)({"params": params}, batch["inputs"], positions=batch["positions"],
+                                              segment_ids=batch["segment_ids"]), np.float64)
     mask = np.asarray(batch["loss_mask"]) > 0
     count = mask.sum()
     kl, size = _kl64(logits, teacher, temperature, direction)
@@ -109,7 +110,7 @@ def test_the_objectives_loss_is_the_mix_of_numpy_kl_and_cross_entropy(direction,
     assert abs(float(loss) - want) < tol
 
     halves = [jax.tree_util.tree_map(lambda x, i=i: x[2 * i:2 * i + 2], batch) for i in range(2)]
-    shares = [objective.loss(params, h, jax.random.key(0), totals)[0] for h in halves]
+    shares = [loss_fn(h)[0] for h in halves]
     assert abs(float(sum(shares)) - float(loss)) < tol
 
 
@@ -164,9 +165,9 @@ def test_relations_of_the_student_heads_are_the_bert_attention_weights():
     rng = np.random.default_rng(3)
     ids = jnp.asarray(rng.integers(0, 50, (2, 9)), jnp.int32)
     segments = jnp.asarray([[1] * 5 + [2] * 4, [1] * 6 + [0] * 3], jnp.int32)
-    params = model.init(jax.random.key(1), ids)["params"]
-    _, variables = model.apply({"params": params}, ids, segment_ids=segments,
-                               mutable=["attention_qkv", "intermediates"])
+    params = jax.jit(model.init)(jax.random.key(1), ids)["params"]
+    _, variables = jax.jit(lambda p: model.apply({"params": p}, ids, segment_ids=segments,
+                                                 mutable=["attention_qkv", "intermediates"]))(params)
     qkv = last_layer_qkv(variables["attention_qkv"])
     weights = variables["intermediates"]["bert"]["layer_1"]["self_attention"]["attention_weights"][0]
     mask = distill_losses.relation_mask(segments)
