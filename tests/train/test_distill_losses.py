@@ -1,8 +1,9 @@
 """The distillation losses against float64 numpy re-implementations: the token KL (forward and
 reverse, at a temperature) and the objective's mix with the cross-entropy over a padded,
 partly masked batch; MiniLM's attention and value relation KLs between models of different
-head counts over packed rows with padding; and the relation of R = N heads is the model's own
-attention (the sown q/k/v agree with the sown attention weights).
+head counts over packed rows with padding; the relation of R = N heads is the model's own
+attention (the sown q/k/v agree with the sown attention weights); a BERT batch is masked once,
+for both models, and its KL counts the masked positions.
 
 Tolerances: float32 rounding of what is computed, eps32 times the sum of the absolute values
 of the terms (each log-softmax and product), times a count of roundings per term."""
@@ -177,3 +178,39 @@ def test_relations_of_the_student_heads_are_the_bert_attention_weights():
                                np.asarray(weights)[real[:, None, :, None].repeat(4, 1).repeat(9, 3)],
                                atol=64 * EPS32)
     assert qkv["query"].shape == (2, 9, 32)
+
+
+def test_a_bert_batch_is_masked_once_and_the_kl_counts_the_masked_positions():
+    """BERT logit distillation: `teacher_batch` corrupts the batch (`train.mlm.mask_batch` with
+    the given rng) and scores the corrupted ids with the teacher; the student's KL is then over
+    exactly the masked positions (its loss_mask), equal to the numpy KL there."""
+    from train import mlm as mlm_lib
+    from train.objectives import mlm
+    from train.objectives.distill import teacher_batch
+
+    block = BlockConfig(d_model=32, num_heads=4, d_ff=64, norm_position="post", dropout_rate=0.0)
+    teacher = BertForMaskedLM(BertConfig(vocab_size=41, block=block, num_layers=2, max_len=16))
+    student = BertForMaskedLM(BertConfig(vocab_size=41, block=block, num_layers=1, max_len=16))
+    rng = np.random.default_rng(4)
+    batch = {k: jnp.asarray(v) for k, v in _batch(rng).items()}
+    t_params = jax.jit(teacher.init)(jax.random.key(0), batch["inputs"])["params"]
+    s_params = jax.jit(student.init)(jax.random.key(1), batch["inputs"])["params"]
+    config = mlm_lib.MLMConfig(mask_id=40, vocab_size=41, prob=0.3)
+    out = jax.jit(lambda p, b: teacher_batch(teacher, p, b, jax.random.key(5), mode="logits", mlm=config))(
+        t_params, batch)
+    masked = mlm_lib.mask_batch(jax.random.key(5), batch, config)
+    for key in masked:
+        np.testing.assert_array_equal(np.asarray(out[key]), np.asarray(masked[key]))
+    want_logits = jax.jit(lambda p: teacher.apply({"params": p}, masked["inputs"], positions=masked["positions"],
+                                                  segment_ids=masked["segment_ids"]))(t_params)
+    np.testing.assert_array_equal(np.asarray(out["teacher_logits"]), np.asarray(want_logits))
+    objective = DistillObjective(mlm.MLMObjective(student, mlm=config), None, temperature=2.0)
+    totals = {**objective.totals(out), "micro_batches": 1}
+    _, (stats, _) = jax.jit(lambda b: objective.loss(s_params, b, jax.random.key(0), totals))(out)
+    s_logits = np.asarray(jax.jit(lambda p: student.apply({"params": p}, out["inputs"], positions=out["positions"],
+                                                          segment_ids=out["segment_ids"]))(s_params))
+    kl, size = _kl64(s_logits, np.asarray(want_logits), 2.0, "forward")
+    chosen = np.asarray(out["loss_mask"]) > 0
+    assert 0 < chosen.sum() < (np.asarray(batch["segment_ids"]) > 0).sum()
+    want = kl[chosen].sum() / chosen.sum()
+    assert abs(float(stats["kl"]) - want) < 16 * EPS32 * np.log2(41) * (size[chosen].sum() / chosen.sum() + 1)
