@@ -54,6 +54,10 @@ def get_config() -> ml_collections.ConfigDict:
                    # `context` mesh axis: strategies cp / fsdp_cp need it). Not xla: needs
                    # attention_dropout_rate=0, no mla.
                    attention_impl="xla",
+                   # KV-cache storage of self-attention (models/layers/kv_cache.py): "" (the compute dtype) |
+                   # int8 | fp8 (e4m3), per-head scales; decoders only. A run setting (`python -m inference
+                   # --kv_cache=int8` switches it on for a model trained without it).
+                   kv_cache_quant="",
                    ),
         type_vocab_size=2,  # bert only: rows of the token-type (sentence A/B) table
         # Mixture of experts in the MLP of every layer past model.first_dense_layers

@@ -5,6 +5,8 @@
 
 Modules:
   kv_cache     preallocated per-layer caches (`init_cache`) and their size (`kv_cache_bytes`)
+  kv_quant     int8 / fp8 KV caches for a trained model (`with_kv_cache_quant`) and what they
+               save and cost (`kv_quant_report`)
   sampling     logits filters as pure functions (repetition penalty, temperature, top-k,
                top-p, min-p), in transformers' order, and the sampler (also per-row settings)
   generate     batched prefill + decode loop (`jax.lax.while_loop`, or a jitted step per

@@ -5,6 +5,7 @@ model directory (config.json, model.safetensors, tokenizer.json). Greedy by defa
 
     python -m inference --checkpoint=/tmp/tiny --prompt="The " --max_new_tokens=40
     python -m inference --checkpoint=/tmp/tiny --prompt="The " --prompt="A list" --temperature=0.8 --top_p=0.95
+    python -m inference --checkpoint=/tmp/tiny --prompt="The " --kv_cache=int8   # or fp8: a quantized KV cache
 """
 
 import sys
@@ -12,6 +13,7 @@ import sys
 from absl import app, flags
 
 from inference.generate import generate_text
+from inference.kv_quant import KV_CACHE_CHOICES, with_kv_cache_quant
 from inference.load import DTYPES, load
 from train import cli
 
@@ -26,6 +28,8 @@ _REPETITION_PENALTY = flags.DEFINE_float("repetition_penalty", None, "> 1 makes 
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _STEP = flags.DEFINE_integer("step", None, "The workdir checkpoint step (default: the latest).")
 _DTYPE = flags.DEFINE_enum("dtype", None, list(DTYPES), "Params and computation in this dtype (default: as saved).")
+_KV_CACHE = flags.DEFINE_enum("kv_cache", None, list(KV_CACHE_CHOICES),
+                              "KV-cache storage: float (the compute dtype), int8 or fp8 (default: as trained).")
 flags.mark_flag_as_required("checkpoint")
 
 
@@ -33,7 +37,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     loaded = load(_CHECKPOINT.value, step=_STEP.value, dtype=_DTYPE.value)
-    texts = generate_text(loaded.model, loaded.params, loaded.tokenizer, _PROMPT.value,
+    model = with_kv_cache_quant(loaded.model, _KV_CACHE.value)
+    texts = generate_text(model, loaded.params, loaded.tokenizer, _PROMPT.value,
                           max_new_tokens=_MAX_NEW_TOKENS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                           top_p=_TOP_P.value, min_p=_MIN_P.value, repetition_penalty=_REPETITION_PENALTY.value,
                           seed=_SEED.value)

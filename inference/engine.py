@@ -52,6 +52,7 @@ import numpy as np
 from inference import paged as paged_lib
 from inference.generate import PAD_ID, check_prompts, seen_tokens
 from inference.kv_cache import cache_nbytes, init_cache, kv_cache_bytes
+from inference.kv_quant import with_kv_cache_quant
 from inference.sampling import RowSampling, SamplingConfig, sample_rows
 from models.gpt import GPT
 
@@ -170,10 +171,14 @@ class Engine:
       block_size: Z; set it for a paged cache (S must be a multiple of it).
       num_blocks: P, the pool's blocks (block 0 is reserved); default enough for every
         slot at full length, B * S / Z + 1, i.e. no saving: size it for your traffic.
+      kv_cache: the cache's storage, "float" (the compute dtype), "int8" or "fp8"
+        (`inference.kv_quant`: codes plus per-head scales, contiguous or paged); None: the
+        model's own `kv_cache_quant`.
     """
 
     def __init__(self, model: GPT, params, *, num_slots: int = 4, max_len: int | None = None,
-                 block_size: int | None = None, num_blocks: int | None = None):
+                 block_size: int | None = None, num_blocks: int | None = None, kv_cache: str | None = None):
+        model = with_kv_cache_quant(model, kv_cache)
         cfg = model.config
         self.model, self.params, self.num_slots = model, params, num_slots
         self.max_len = max_len or cfg.max_len

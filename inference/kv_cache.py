@@ -10,6 +10,11 @@ that mirrors the layers, preallocated here and threaded through `apply`:
     per layer, latent attention (MLA):      latent [B, S, C], key_rope [B, S, R]
     scan_layers=True: the same leaves stacked on a leading [L, ...] axis
 
+With `config.block.kv_cache_quant` = "int8" | "fp8" each leaf holds 1-byte codes and has a
+float32 scale beside it, one per vector: key_scale, value_scale [B, S, K]; MLA's
+latent_scale, key_rope_scale [B, S] (`models.layers.kv_cache`; `inference.kv_quant` switches
+a model's cache format and measures what it costs).
+
 Why the collection rather than a cache argument to every layer: the cache follows the
 layers through `nn.scan` and `nn.remat` by naming it in `variable_axes`, exactly as the
 params do, with no change to the layer signatures; the caller still holds it as a plain
@@ -28,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from models.gpt import GPT, GPTConfig
+from models.layers.kv_cache import CODE_DTYPES, SCALE_DTYPE
 
 
 def init_cache(model: GPT, batch: int, max_len: int) -> dict:
@@ -65,19 +71,29 @@ def cache_shapes(model: GPT, batch: int, max_len: int):
 
 
 def kv_cache_bytes(config: GPTConfig, batch: int, length: int) -> int:
-    """The cache's size by formula, in bytes, in the compute dtype `config.block.dtype`.
+    """The cache's size by formula, in bytes, as `init_cache` allocates it.
 
-    Multi-head / grouped-query attention stores a key and a value per kv head:
-        2 * layers * kv_heads * head_dim * length * batch * bytes.
-    Latent attention (MLA) stores the latent and the shared rotary key:
-        layers * (kv_lora_rank + qk_rope_head_dim) * length * batch * bytes.
+    In the compute dtype `config.block.dtype` (`kv_cache_quant` = ""), with e bytes a number:
+    multi-head / grouped-query attention stores a key and a value per kv head,
+        2 * layers * kv_heads * head_dim * length * batch * e;
+    latent attention (MLA) stores the latent and the shared rotary key,
+        layers * (kv_lora_rank + qk_rope_head_dim) * length * batch * e.
+    Quantized ("int8" | "fp8"), each number is a 1-byte code and each vector (a position's
+    key or value of one kv head; MLA: a position's latent, and its rotary key) adds a
+    float32 scale:
+        2 * layers * kv_heads * (head_dim + 4) * length * batch,
+        layers * (kv_lora_rank + 4 + qk_rope_head_dim + 4) * length * batch.
     """
     b = config.block
-    if b.mla is not None:
-        per_token_per_layer = b.mla.kv_lora_rank + b.mla.qk_rope_head_dim
+    if b.kv_cache_quant:
+        number, scale = jnp.dtype(CODE_DTYPES[b.kv_cache_quant]).itemsize, jnp.dtype(SCALE_DTYPE).itemsize
     else:
-        per_token_per_layer = 2 * b.kv_heads * b.head_size
-    return config.num_layers * per_token_per_layer * length * batch * jnp.dtype(b.dtype).itemsize
+        number, scale = jnp.dtype(b.dtype).itemsize, 0
+    if b.mla is not None:
+        per_token_per_layer = (b.mla.kv_lora_rank * number + scale) + (b.mla.qk_rope_head_dim * number + scale)
+    else:
+        per_token_per_layer = 2 * b.kv_heads * (b.head_size * number + scale)
+    return config.num_layers * per_token_per_layer * length * batch
 
 
 def cache_nbytes(cache) -> int:

@@ -12,7 +12,9 @@ A contiguous cache preallocates every slot for the longest sequence it may ever 
                                                           key_rope_pages [P, Z, R])
     per call:   block_table              [B, M]         int32
 
-and position s of row b lives in block table[b, s // Z] at offset s % Z. Blocks are handed
+and position s of row b lives in block table[b, s // Z] at offset s % Z. A quantized cache
+(`BlockConfig.kv_cache_quant`) pools its scales the same way: `key_scale_pages`,
+`value_scale_pages` [P, Z, K] (MLA: `latent_scale_pages`, `key_rope_scale_pages` [P, Z]). Blocks are handed
 out when a row reaches them and returned when its request leaves (`BlockAllocator`), so
 the pool is sized for the tokens actually in flight, not for B * S. Block 0 is never
 handed out: unallocated table entries point at it, so the writes of idle slots and of
@@ -39,11 +41,11 @@ import math
 import jax
 import jax.numpy as jnp
 
-from inference.kv_cache import cache_shapes
-from models.gpt import GPT
+from inference.kv_cache import cache_shapes, kv_cache_bytes
+from models.gpt import GPT, GPTConfig
+from models.layers.kv_cache import PAGE_SUFFIX, SCALE_SUFFIX
 
 NULL_BLOCK = 0  # never allocated; unallocated table entries point here
-PAGE_SUFFIX = "_pages"
 
 
 def batch_axis(model: GPT) -> int:
@@ -82,6 +84,13 @@ def init_paged_cache(model: GPT, num_blocks: int, block_size: int) -> dict:
     return pages(cache_shapes(model, 1, block_size))
 
 
+def paged_cache_bytes(config: GPTConfig, num_blocks: int, block_size: int) -> int:
+    """The pools' size by formula, in bytes: P blocks of Z positions hold what a contiguous
+    cache of P rows of Z positions holds (`kv_cache_bytes`, quantized codes and scales
+    included); the block tables travel with each call and are not counted."""
+    return kv_cache_bytes(config, num_blocks, block_size)
+
+
 def with_block_table(pages: dict, block_table_BM: jax.Array) -> dict:
     """The pools plus `block_table` [B, M] beside each layer's pages (broadcast over L)."""
     out = {}
@@ -96,9 +105,16 @@ def with_block_table(pages: dict, block_table_BM: jax.Array) -> dict:
     return out
 
 
+_PAGE_RANKS = {"key": 4, "value": 4, "latent": 3, "key_rope": 3}
+
+
 def _page_rank(name: str) -> int:
-    """Rank of one layer's pool: [P, Z, K, H] for keys and values, [P, Z, C] for MLA's latents."""
-    return 4 if name in ("key" + PAGE_SUFFIX, "value" + PAGE_SUFFIX) else 3
+    """Rank of one layer's pool: [P, Z, K, H] for keys and values, [P, Z, C] for MLA's latents,
+    one less for their scales ([P, Z, K], [P, Z]) when the cache is quantized."""
+    buffer = name.removesuffix(PAGE_SUFFIX)
+    if buffer.endswith(SCALE_SUFFIX):
+        return _PAGE_RANKS[buffer.removesuffix(SCALE_SUFFIX)] - 1
+    return _PAGE_RANKS[buffer]
 
 
 def without_block_table(cache: dict) -> dict:

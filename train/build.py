@@ -26,6 +26,7 @@ from data.tokenizer import Tokenizer, load_tokenizer, training
 from models.bert import BertConfig, BertForMaskedLM, BertForQuestionAnswering, BertForSequenceClassification
 from models.gpt import GPT, POSITIONALS, GPTConfig
 from models.layers.blocks import BlockConfig
+from models.layers.kv_cache import KV_CACHE_QUANTS
 from models.layers.mla import MLAConfig
 from models.layers.moe import MoEConfig
 from models.layers.peft import AdapterConfig, LoraConfig, PeftConfig, PrefixConfig
@@ -42,7 +43,8 @@ BIAS_SWITCHES = {"auto": None, "true": True, "false": False}
 # Keys that mean something only with model.positional="rope".
 ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_factor", "rope_original_max_len")
 # Decoder-only keys, which must keep their defaults for bert.
-DECODER_KEYS = ("remat", "scan_layers", "first_dense_layers", "mtp_depth", "moe.num_experts", "mla.kv_lora_rank")
+DECODER_KEYS = ("remat", "scan_layers", "first_dense_layers", "mtp_depth", "moe.num_experts", "mla.kv_lora_rank",
+                "block.kv_cache_quant")
 # Objectives that train a BERT task head on data.tasks' examples (not data.pipeline's text).
 TASK_OBJECTIVES = ("classification", "qa")
 # The special tokens of a BPE the trainer trains; bert adds the mask token of its objective.
@@ -238,6 +240,9 @@ def _block(m: ml_collections.ConfigDict) -> BlockConfig:
         raise ValueError(f"config key `model.block.sliding_window`={block['sliding_window']}; "
                          "expected a number of keys, or 0 for none")
     block["sliding_window"] = block["sliding_window"] or None
+    if block["kv_cache_quant"] not in KV_CACHE_QUANTS:
+        raise ValueError(f"config key `model.block.kv_cache_quant`={block['kv_cache_quant']!r}; expected one of "
+                         f"{KV_CACHE_QUANTS} ('' keeps the cache in model.dtype)")
     return BlockConfig(**block, rope=_rope(m), moe=_moe(m), mla=_mla(m), dtype=_dtype(m.dtype, "model.dtype"),
                        param_dtype=_dtype(m.param_dtype, "model.param_dtype"))
 
@@ -264,7 +269,7 @@ def _bert(config: ml_collections.ConfigDict, vocab_size: int, block: BlockConfig
     changed = _changed(m, DECODER_KEYS)
     if changed:
         raise ValueError(f"config key `model.{changed[0]}` is set but model.family='bert' (an encoder without "
-                         "remat, scan, MoE, MLA or multi-token prediction); leave it at its default")
+                         "remat, scan, MoE, MLA, multi-token prediction or a KV cache); leave it at its default")
     if m.positional != "learned" or not m.tie_embeddings:
         raise ValueError(f"model.family='bert' has learned positions and a tied decoder; got model.positional="
                          f"{m.positional!r}, model.tie_embeddings={m.tie_embeddings}")

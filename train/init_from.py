@@ -38,7 +38,7 @@ from models.layers.peft import is_peft_path
 KINDS = ("hf", "run")
 # Model keys the run decides, not the checkpoint: how the model computes, not its shapes.
 RUN_KEYS = ("dtype", "param_dtype", "remat", "scan_layers", "block.dropout_rate", "block.attention_dropout_rate",
-            "block.attention_impl",
+            "block.attention_impl", "block.kv_cache_quant",
             "moe.capacity_factor", "moe.dropless_impl", "moe.grouped_matmul", "moe.dispatch", "moe.aux_loss_weight",
             "moe.router_z_loss_weight", "moe.seq_aux_loss_weight", "moe.bias_update_rate", "mtp_loss_weight",
             "loss_chunk_size")
@@ -165,7 +165,8 @@ def model(config: ml_collections.ConfigDict, vocab_size: int) -> nn.Module:
     c = checkpoint.config
     block = dataclasses.replace(c.block, dtype=dtype, param_dtype=param_dtype, dropout_rate=m.block.dropout_rate,
                                 attention_dropout_rate=m.block.attention_dropout_rate,
-                                attention_impl=m.block.attention_impl, peft=_peft(config))
+                                attention_impl=m.block.attention_impl, kv_cache_quant=m.block.kv_cache_quant,
+                                peft=_peft(config))
     if block.moe is not None:
         e = m.moe
         block = dataclasses.replace(block, moe=dataclasses.replace(

@@ -12,6 +12,7 @@ import sys
 import uvicorn
 from absl import app, flags
 
+from inference.kv_quant import KV_CACHE_CHOICES
 from inference.load import DTYPES, load
 from inference.serve.app import MAX_BODY_BYTES, create_app
 from inference.serve.hooks import Hooks
@@ -37,6 +38,8 @@ _MODERATION = flags.DEFINE_string("moderation", None, "A moderation model dir or
 _TOOLS = flags.DEFINE_string("tools", None, "pkg.mod:attr,... user tools offered to chat requests without `tools`.")
 _STEP = flags.DEFINE_integer("step", None, "The workdir checkpoint step (default: the latest).")
 _DTYPE = flags.DEFINE_enum("dtype", None, list(DTYPES), "Params and computation in this dtype (default: as saved).")
+_KV_CACHE = flags.DEFINE_enum("kv_cache", None, list(KV_CACHE_CHOICES),
+                              "KV-cache storage: float (the compute dtype), int8 or fp8 (default: as trained).")
 flags.mark_flag_as_required("checkpoint")
 
 
@@ -59,7 +62,7 @@ def main(argv):
     server = create_app(loaded, model_name=_MODEL_NAME.value, num_slots=_NUM_SLOTS.value,
                         max_queue=_MAX_QUEUE.value, timeout_s=_TIMEOUT_S.value, api_key=_API_KEY.value,
                         max_body_bytes=_MAX_BODY.value, chat_template=_CHAT_TEMPLATE.value, max_len=_MAX_LEN.value,
-                        block_size=_BLOCK_SIZE.value, hooks=hooks)
+                        block_size=_BLOCK_SIZE.value, kv_cache=_KV_CACHE.value, hooks=hooks)
     print(f"# {loaded.source}; serving on http://{_HOST.value}:{_PORT.value}", file=sys.stderr)
     uvicorn.run(server, host=_HOST.value, port=_PORT.value, log_level="warning")
 

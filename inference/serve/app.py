@@ -138,7 +138,7 @@ def _errors(app: FastAPI) -> None:
 def create_app(loaded, *, model_name: str | None = None, num_slots: int = 8, max_queue: int = 64,
                timeout_s: float = 600.0, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
                chat_template: str | None = None, max_len: int | None = None, block_size: int | None = None,
-               hooks: Hooks | None = None) -> FastAPI:
+               hooks: Hooks | None = None, kv_cache: str | None = None) -> FastAPI:
     """The server's app over `loaded` (`inference.load.Loaded`); the engine thread starts now.
 
     Args:
@@ -152,6 +152,7 @@ def create_app(loaded, *, model_name: str | None = None, num_slots: int = 8, max
       chat_template: None: the tokenizer's; "chatml", "llama3" or a Jinja string.
       max_len, block_size: the engine's positions per slot and paged-cache block size.
       hooks: embeddings, retrieval, moderation (`Hooks.load`).
+      kv_cache: the engine's KV-cache storage, "float" | "int8" | "fp8" (None: the model's own).
     """
     if max_queue < 0 or timeout_s <= 0 or max_body_bytes < 1:
         raise ValueError(f"max_queue={max_queue} must be >= 0, timeout_s={timeout_s} and "
@@ -162,7 +163,8 @@ def create_app(loaded, *, model_name: str | None = None, num_slots: int = 8, max
     hooks = hooks or Hooks()
     model_name = model_name or os.path.basename(os.path.normpath(loaded.source.split(",")[0].split()[-1]))
     metrics = Metrics()
-    engine = Engine(loaded.model, loaded.params, num_slots=num_slots, max_len=max_len, block_size=block_size)
+    engine = Engine(loaded.model, loaded.params, num_slots=num_slots, max_len=max_len, block_size=block_size,
+                    kv_cache=kv_cache)
     loop = EngineLoop(engine, max_queue=max_queue, metrics=metrics)
     handlers = Handlers(loaded, loop, model_name=model_name, timeout_s=timeout_s, chat_template=chat_template,
                         hooks=hooks)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from models.layers.adapters import adapt
 from models.layers.attention import ATTENTION_IMPLS
 from models.layers.feedforward import GATED, MLP_ACTIVATIONS, FeedForward
+from models.layers.kv_cache import check_quant
 from models.layers.mla import MLAConfig, MultiHeadLatentAttention
 from models.layers.moe import MoEConfig, MoEFeedForward
 from models.layers.multihead import MultiHeadAttention
@@ -69,6 +70,11 @@ class BlockConfig:
         "ring" (blockwise with the sequence split over devices, `models.layers.ring_attention`).
         Anything but "xla" needs attention_dropout_rate = 0 and standard attention (not
         mla); KV-cache decoding and returned weights use "xla" whatever is set here.
+      kv_cache_quant: how self-attention's KV cache is stored (`models.layers.kv_cache`):
+        "" (the compute dtype), "int8" or "fp8" (e4m3), codes with a float32 scale per
+        position and kv head (MLA: per position); a forward pass without a cache attends
+        over the same quantized keys and values. A run setting: switch it on at inference
+        with `inference.kv_quant.with_kv_cache_quant`.
       dtype: compute dtype; param_dtype: storage dtype.
     """
 
@@ -94,6 +100,7 @@ class BlockConfig:
     mla: MLAConfig | None = None
     peft: PeftConfig | None = None
     attention_impl: str = "xla"
+    kv_cache_quant: str = ""
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -114,6 +121,7 @@ class BlockConfig:
         if self.norm_position not in ("pre", "post"):
             raise ValueError(f"norm_position={self.norm_position!r}; expected 'pre' or 'post'")
         self._check_attention_impl()
+        check_quant(self.kv_cache_quant)
         if self.mla is not None and self.peft is not None and self.peft.prefix is not None:
             raise ValueError("finetune.prefix: prefix tuning needs multi-head attention; latent attention (mla "
                              "set) caches latents, not keys and values")
@@ -238,8 +246,8 @@ def _attention(cfg: BlockConfig, name: str, *, rope: bool) -> MultiHeadAttention
         return MultiHeadLatentAttention(
             num_heads=cfg.num_heads, q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank,
             qk_nope_head_dim=m.qk_nope_head_dim, qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim,
-            rope=cfg.rope, use_bias=cfg.has_qkv_bias, dropout_rate=cfg.attention_dropout_rate, dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype, name=name,
+            rope=cfg.rope, use_bias=cfg.has_qkv_bias, dropout_rate=cfg.attention_dropout_rate,
+            kv_cache_quant=cfg.kv_cache_quant, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
         )
     return MultiHeadAttention(
         num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, use_bias=cfg.use_bias,
@@ -247,7 +255,7 @@ def _attention(cfg: BlockConfig, name: str, *, rope: bool) -> MultiHeadAttention
         dropout_rate=cfg.attention_dropout_rate, rope=cfg.rope if rope else None,
         sliding_window=cfg.sliding_window if rope else None, lora=cfg.lora,
         prefix=cfg.peft.prefix if rope and cfg.peft is not None else None, attention_impl=cfg.attention_impl,
-        dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
+        kv_cache_quant=cfg.kv_cache_quant if rope else "", dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
     )
 
 

@@ -51,7 +51,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.layers.attention import gather_pages, make_attention_mask, write_cache, write_pages
+from models.layers.attention import make_attention_mask
+from models.layers.kv_cache import check_quant, fake_quantize, update_cache
 from models.layers.positional import RopeConfig, apply_rope
 
 Dtype = Any
@@ -192,6 +193,7 @@ class MultiHeadLatentAttention(nn.Module):
         with its default 1e-6, not the config's `rms_norm_eps`.
       use_bias: biases on query_down, kv_down/key_rope and out (HF `attention_bias`).
       dropout_rate: dropout on the attention weights.
+      kv_cache_quant: "" (the latent cache in the compute dtype), "int8" or "fp8".
 
     When the `cache` collection is mutable (`apply(..., mutable=["cache"])`, not at init)
     and `kv_latent` is not given, it decodes with the compressed cache: `cache/latent`
@@ -201,6 +203,10 @@ class MultiHeadLatentAttention(nn.Module):
     `inference.kv_cache.init_cache` preallocates one. A paged cache (`inference.paged`)
     holds `latent_pages` [P, Z, C], `key_rope_pages` [P, Z, R] and `block_table` [B, M]
     instead, written with `attention.write_pages` and read as a gathered view.
+    With `kv_cache_quant` ("int8" | "fp8") both are stored as codes with a float32 scale per
+    position (`latent_scale`, `key_rope_scale` [B, S]; paged: `*_scale_pages` [P, Z]) and
+    read dequantized (`models.layers.kv_cache`); attention without a cache uses the same
+    quantized-then-dequantized latents, so cached decoding equals a recompute.
 
     When the `intermediates` collection is mutable, the attention weights [B, N, T, S]
     are sown as `attention_weights`.
@@ -216,10 +222,12 @@ class MultiHeadLatentAttention(nn.Module):
     norm_eps: float = 1e-6
     use_bias: bool = False
     dropout_rate: float = 0.0
+    kv_cache_quant: str = ""
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
+        check_quant(self.kv_cache_quant)
         # A submodule declared in setup (the rest stays compact) so that `latent_kv` can be
         # called on its own through `apply(..., method=...)`, sharing __call__'s params.
         self.latent_kv_proj = LatentKVProjection(
@@ -260,19 +268,9 @@ class MultiHeadLatentAttention(nn.Module):
             # latent_kv rotates each call's keys with frequencies sized by that call's length.
             raise ValueError("dynamic RoPE scaling is not supported with a latent KV cache; use yarn or default")
         c_BTC, k_rope_BTR = self.latent_kv(x_BTD, positions_BT)
-        if self.has_variable("cache", "block_table"):  # paged (`inference.paged`)
-            table_BM = self.get_variable("cache", "block_table")
-            c_pages = write_pages(self.get_variable("cache", "latent_pages"), c_BTC, positions_BT, table_BM)
-            r_pages = write_pages(self.get_variable("cache", "key_rope_pages"), k_rope_BTR, positions_BT, table_BM)
-            self.put_variable("cache", "latent_pages", c_pages)
-            self.put_variable("cache", "key_rope_pages", r_pages)
-            c_BSC, k_rope_BSR = gather_pages(c_pages, table_BM), gather_pages(r_pages, table_BM)
-        else:
-            cached_c = self.variable("cache", "latent", jnp.zeros, c_BTC.shape, self.dtype)
-            cached_r = self.variable("cache", "key_rope", jnp.zeros, k_rope_BTR.shape, self.dtype)
-            cached_c.value = write_cache(cached_c.value, c_BTC, positions_BT)
-            cached_r.value = write_cache(cached_r.value, k_rope_BTR, positions_BT)
-            c_BSC, k_rope_BSR = cached_c.value, cached_r.value
+        quant = self.kv_cache_quant
+        c_BSC = update_cache(self, "latent", c_BTC.astype(self.dtype), positions_BT, quant=quant)
+        k_rope_BSR = update_cache(self, "key_rope", k_rope_BTR.astype(self.dtype), positions_BT, quant=quant)
         B, S = c_BSC.shape[:2]
         return c_BSC, k_rope_BSR, jnp.broadcast_to(jnp.arange(S), (B, S))  # slot s holds position s
 
@@ -337,6 +335,8 @@ class MultiHeadLatentAttention(nn.Module):
             c_BSC, k_rope_BSR, kv_positions = self._update_latent_cache(x_BTD, q_positions, causal)
         elif kv_latent is None:
             c_BSC, k_rope_BSR = self.latent_kv(x_BTD, q_positions)
+            if self.kv_cache_quant:  # what a cache would hold
+                c_BSC, k_rope_BSR = (fake_quantize(a, self.kv_cache_quant) for a in (c_BSC, k_rope_BSR))
             kv_positions = q_positions
         else:
             if kv_positions is None:

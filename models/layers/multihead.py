@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 from models.layers import linear
 from models.layers.adapters import prefix_key_value, prepend_prefix
-from models.layers.attention import ATTENTION_IMPLS, attend, gather_pages, write_cache, write_pages
+from models.layers.attention import ATTENTION_IMPLS, attend
+from models.layers.kv_cache import cache_length, check_quant, fake_quantize, update_cache
 from models.layers.peft import LoraConfig, PrefixConfig, lora_project
 from models.layers.positional import RopeConfig, apply_rope
 
@@ -53,6 +54,9 @@ class MultiHeadAttention(nn.Module):
       prefix: prefix tuning (`models.layers.adapters`): self-attention also attends to
         learned keys and values `prefix_key` / `prefix_value` [P, K, H], visible to every
         query, placed before the cache's (or the sequence's) keys; never cached.
+      kv_cache_quant: "" (keys and values cached in the compute dtype), "int8" or "fp8"
+        (`models.layers.kv_cache`): self-attention's keys and values are quantized per
+        position and kv head, in the cache and in a forward pass without one.
       attention_impl: how the attention itself is computed (`attention.attend`): "xla"
         (the weight matrix), "blockwise" (O(T) memory), "pallas" or "cudnn". Decoding
         with a KV cache and sowing the weights always use "xla" (a decode step has T = 1,
@@ -70,6 +74,11 @@ class MultiHeadAttention(nn.Module):
     [P, Z, K, H] and `cache/block_table` [B, M] instead: the keys are written into the
     rows' blocks (`attention.write_pages`) and attention reads a gathered [B, M * Z, K, H]
     view (`attention.gather_pages`), then runs as with a contiguous cache of S = M * Z.
+    With `kv_cache_quant` set, the cache stores int8 or fp8 codes plus a float32 scale per
+    position and kv head (`cache/key_scale`, `cache/value_scale` [B, S, K]; paged:
+    `key_scale_pages`, `value_scale_pages` [P, Z, K]) and attention reads them dequantized
+    (`models.layers.kv_cache`); self-attention without a cache attends over the same
+    quantized-then-dequantized keys and values, so cached decoding equals a recompute.
 
     When the `intermediates` collection is mutable, the attention weights [B, N, T, S]
     are sown there as `attention_weights`, a 1-tuple (flax's sow appends), for
@@ -96,6 +105,7 @@ class MultiHeadAttention(nn.Module):
     lora: LoraConfig | None = None
     prefix: PrefixConfig | None = None
     attention_impl: str = "xla"
+    kv_cache_quant: str = ""
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -171,38 +181,28 @@ class MultiHeadAttention(nn.Module):
         if kv_positions is None:
             kv_positions = q_positions if self_attention else jnp.broadcast_to(jnp.arange(S), (B, S))
         decoding = self_attention and self.is_mutable_collection("cache") and not self.is_initializing()
+        check_quant(self.kv_cache_quant)
         rope_len = None
         if decoding:
             if not causal:
                 raise ValueError("a KV cache needs causal self-attention: its unwritten slots are hidden by the "
                                  "causal mask over positions")
-            paged = self.has_variable("cache", "block_table")
-            if paged:  # a block pool and this call's block tables (`inference.paged`)
-                table_BM = self.get_variable("cache", "block_table")
-                rope_len = table_BM.shape[1] * self.get_variable("cache", "key_pages").shape[1]
-            else:
-                # Created on the first call (shaped like this call's keys, see `inference.kv_cache.init_cache`).
-                cached_k = self.variable("cache", "key", jnp.zeros, k_BSKH.shape, self.dtype)
-                cached_v = self.variable("cache", "value", jnp.zeros, v_BSKH.shape, self.dtype)
-                # One length for q and every cached k, so that dynamic RoPE rotates them alike.
-                rope_len = cached_k.value.shape[1]
+            # One length for q and every cached k, so that dynamic RoPE rotates them alike.
+            rope_len = cache_length(self, "key", T)
         if self.rope is not None:
             q_BTNH = apply_rope(q_BTNH, q_positions, self.rope, seq_len=rope_len)
             k_BSKH = apply_rope(k_BSKH, kv_positions, self.rope, seq_len=rope_len)
         if decoding:
             # Keys are cached after RoPE and QK-norm: a decode step only rotates its own key.
-            if paged:
-                k_pages = write_pages(self.get_variable("cache", "key_pages"), k_BSKH, q_positions, table_BM)
-                v_pages = write_pages(self.get_variable("cache", "value_pages"), v_BSKH, q_positions, table_BM)
-                self.put_variable("cache", "key_pages", k_pages)
-                self.put_variable("cache", "value_pages", v_pages)
-                k_BSKH, v_BSKH = gather_pages(k_pages, table_BM), gather_pages(v_pages, table_BM)
-            else:
-                cached_k.value = write_cache(cached_k.value, k_BSKH, q_positions)
-                cached_v.value = write_cache(cached_v.value, v_BSKH, q_positions)
-                k_BSKH, v_BSKH = cached_k.value, cached_v.value
+            # The cache is contiguous [B, S, K, H] or a block pool (`inference.paged`), quantized or not.
+            quant = self.kv_cache_quant
+            k_BSKH = update_cache(self, "key", k_BSKH.astype(self.dtype), q_positions, quant=quant)
+            v_BSKH = update_cache(self, "value", v_BSKH.astype(self.dtype), q_positions, quant=quant)
             S = k_BSKH.shape[1]
             kv_positions = jnp.broadcast_to(jnp.arange(S), (B, S))  # slot s holds position s
+        elif self_attention and self.kv_cache_quant:  # what a cache would hold
+            k_BSKH = fake_quantize(k_BSKH, self.kv_cache_quant)
+            v_BSKH = fake_quantize(v_BSKH, self.kv_cache_quant)
 
         want_weights = self.is_mutable_collection("intermediates")
         dropout_rng = None
