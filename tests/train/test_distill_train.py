@@ -37,7 +37,7 @@ def teacher(tmp_path_factory):
     """A GPT wider and deeper than the tiny student (3 layers, width 96, 6 heads), 8 steps."""
     workdir = tmp_path_factory.mktemp("teacher")
     trainer.run(load_config(os.path.join(REPO, "configs/gpt.py:tiny"), [
-        *RUN, "steps=8", "tokenizer.vocab_size=300", "model.num_layers=3", "model.block.d_model=96",
+        *RUN, "steps=8", "checkpoint.save_interval_steps=8", "tokenizer.vocab_size=300", "model.num_layers=3", "model.block.d_model=96",
         "model.block.num_heads=6", "model.block.d_ff=192"]), str(workdir))
     return workdir
 
