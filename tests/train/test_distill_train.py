@@ -20,7 +20,7 @@ from inference.load import load
 from tests.cli_output import REPO
 from tests.minilm import minilm_path
 from tests.train.test_dpo import _leaves, _state
-from train import build, trainer, validate
+from train import build, teacher_sequences, trainer, validate
 from train.objectives import distill
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -102,7 +102,7 @@ def test_sequence_distillation_trains_on_the_teachers_greedy_continuations(teach
     summary = trainer.run(config, str(workdir))
     assert summary["final_step"] == 1
     data_cfg = build.data_config(config, str(workdir))
-    path = os.path.join(data_cfg.data_dir, distill.sequence_file(config))
+    path = os.path.join(data_cfg.data_dir, teacher_sequences.sequence_file(config))
     with open(path) as f:
         texts = [json.loads(line)["text"] for line in f]
     assert len(texts) == 6
@@ -110,7 +110,7 @@ def test_sequence_distillation_trains_on_the_teachers_greedy_continuations(teach
     # ignores what follows a row's end), each row stopped at eos.
     t = load(str(teacher))
     tok = t.tokenizer
-    prompts = distill.prompts_from(data_cfg, tok, num_prompts=6, prompt_tokens=8, seed=config.seed)
+    prompts = teacher_sequences.prompts_from(data_cfg, tok, num_prompts=6, prompt_tokens=8, seed=config.seed)
     ids = np.zeros((6, 1 + 8 + 6), np.int32)
     ids[:, 0], ids[:, 1:9] = tok.eos_id, prompts
     ends, done = np.full(6, 9), np.zeros(6, bool)

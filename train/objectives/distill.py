@@ -28,8 +28,8 @@ equal it, and the teacher's vocabulary must be the student's (one error before a
   * sequence (decoders; Kim & Rush 2016): before training, the lead has the teacher continue
     `distill.num_prompts` training documents cut to their first `prompt_tokens` tokens, by
     `max_new_tokens` (greedy, or sampled at `sample_temperature`; `inference.generate`), and
-    writes prompt + continuation as JSONL under data.data_dir (WORKDIR/tfds by default,
-    `sequence_file`: named by a digest of its settings; written once, a resumed run reads it
+    writes prompt + continuation as JSONL under data.data_dir (WORKDIR/tfds by default; named
+    by a digest of its settings, `train.teacher_sequences`; written once, a resumed run reads it
     again); the student trains on them with the lm objective's
     cross-entropy (`SequenceDistillObjective`), packed as pretraining text is.
 
@@ -50,8 +50,6 @@ follows, on the student's cross-entropy.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -59,12 +57,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from data import pipeline
 from sharding import rules as rules_lib
 from train import distill_losses, losses
 from train import mlm as mlm_lib
+from train import teacher_sequences as sequences_lib
 from train.objectives import lm, register
 
 MODES = ("logits", "sequence", "minilm")
@@ -301,73 +299,10 @@ class SequenceDistillObjective(lm.LMObjective):
     the evaluation stays on the run's own validation text."""
 
     name: str = "distill"
-    sequences: str = ""  # the file name of the teacher's sequences under data_dir (`sequence_file`)
+    sequences: str = ""  # their file under data_dir (`train.teacher_sequences.sequence_file`)
 
     def train_iterator(self, config, data_cfg: pipeline.DataConfig, tokenizer):
-        return pipeline.train_iterator(sequence_data_config(data_cfg, self.sequences), tokenizer)
-
-
-def sequence_file(config) -> str:
-    """The name of a run's teacher sequences: distill/teacher_sequences_<digest>.jsonl, the
-    digest of what makes them (teacher, prompts, generation, seed, source), so that a run with
-    other settings never reads another's."""
-    d = config.distill
-    made_of = json.dumps([d.teacher, d.num_prompts, d.prompt_tokens, d.max_new_tokens, d.sample_temperature,
-                          config.seed, config.data.source, config.data.text_key], sort_keys=True)
-    return os.path.join("distill", f"teacher_sequences_{hashlib.sha256(made_of.encode()).hexdigest()[:12]}.jsonl")
-
-
-def sequence_data_config(data_cfg: pipeline.DataConfig, name: str) -> pipeline.DataConfig:
-    """`data_cfg` reading the teacher's sequences (JSONL `text`, under data_dir) instead of the
-    run's source."""
-    return dataclasses.replace(data_cfg, source=f"files:{os.path.join(data_cfg.data_dir, name)}", text_key="text",
-                               split_paragraphs=False)
-
-
-def prompts_from(data_cfg: pipeline.DataConfig, tokenizer, *, num_prompts: int, prompt_tokens: int,
-                 seed: int) -> list[list[int]]:
-    """The first `prompt_tokens` ids of `num_prompts` training documents (those that have as
-    many), in an order seeded by `seed`."""
-    documents = pipeline.open_split(data_cfg, data_cfg.train_split)
-    prompts = []
-    for i in np.random.default_rng(seed).permutation(len(documents)):
-        ids = tokenizer.encode(documents[int(i)])
-        if len(ids) >= prompt_tokens:
-            prompts.append(ids[:prompt_tokens])
-            if len(prompts) == num_prompts:
-                break
-    if not prompts:
-        raise ValueError(f"config key `distill.prompt_tokens`={prompt_tokens}: no training document has that many "
-                         "tokens; lower it")
-    return prompts
-
-
-def write_teacher_sequences(path: str, loaded, prompts: list[list[int]], *, max_new_tokens: int,
-                            temperature: float, seed: int, batch_size: int = 64) -> int:
-    """Continues every prompt with the teacher (`inference.generate.generate`, after the
-    document separator the pipeline starts documents with) and writes prompt + continuation as
-    JSONL lines {"text": ...} to `path` (atomically); returns the lines written."""
-    from inference.generate import generate
-
-    tokenizer, model = loaded.tokenizer, loaded.model
-    start = tokenizer.eos_id if tokenizer.bos_id is None else tokenizer.bos_id
-    stop = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
-    new = min(max_new_tokens, model.config.max_len - 1 - max(len(p) for p in prompts))
-    if new < 1:
-        raise ValueError(f"config key `distill.prompt_tokens`={max(len(p) for p in prompts)} fills the teacher's "
-                         f"context of {model.config.max_len}; lower it")
-    lines = []
-    for first in range(0, len(prompts), batch_size):
-        chunk = prompts[first:first + batch_size]
-        outs = generate(model, loaded.params, [[start] + p for p in chunk], max_new_tokens=new,
-                        temperature=temperature, stop_tokens=stop, seed=seed + first)
-        for prompt, out in zip(chunk, outs):
-            lines.append({"text": tokenizer.decode(prompt + [t for t in out if t not in stop])})
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(line) + "\n" for line in lines)
-    os.replace(path + ".tmp", path)
-    return len(lines)
+        return pipeline.train_iterator(sequences_lib.sequence_data_config(data_cfg, self.sequences), tokenizer)
 
 
 # ------------------------------------------------------------------------------ config
@@ -467,7 +402,7 @@ def prepare_data(config, workdir: str, data_cfg: pipeline.DataConfig):
 
     own = config.tokenizer.path or config.init_from
     saved = os.path.join(workdir, "tokenizer")
-    path = os.path.join(data_cfg.data_dir, sequence_file(config))
+    path = os.path.join(data_cfg.data_dir, sequences_lib.sequence_file(config))
     if distributed.is_lead():
         if not own and not os.path.isdir(saved):
             teacher_lib.checkpoint(teacher_lib.parse(config.distill.teacher))[1].save(saved)
@@ -484,9 +419,9 @@ def prepare_data(config, workdir: str, data_cfg: pipeline.DataConfig):
 
         d, spec = config.distill, teacher_lib.parse(config.distill.teacher)
         loaded = load(spec.path, step=spec.step)
-        prompts = prompts_from(data_cfg, tokenizer, num_prompts=d.num_prompts, prompt_tokens=d.prompt_tokens,
+        prompts = sequences_lib.prompts_from(data_cfg, tokenizer, num_prompts=d.num_prompts, prompt_tokens=d.prompt_tokens,
                                seed=config.seed)
-        count = write_teacher_sequences(path, loaded, prompts, max_new_tokens=d.max_new_tokens,
+        count = sequences_lib.write_teacher_sequences(path, loaded, prompts, max_new_tokens=d.max_new_tokens,
                                         temperature=d.sample_temperature, seed=config.seed)
         print(f"distill: the teacher continued {count} training prompts into {path}", flush=True)
     return tokenizer
@@ -505,7 +440,7 @@ def make(config, model, tokenizer):
     student = objectives.OBJECTIVES["mlm" if config.model.family == "bert" else "lm"](config, model, tokenizer)
     if d.mode == "sequence":
         return SequenceDistillObjective(**{f.name: getattr(student, f.name) for f in dataclasses.fields(student)
-                                           if f.name != "name"}, sequences=sequence_file(config))
+                                           if f.name != "name"}, sequences=sequences_lib.sequence_file(config))
     spec = teacher_lib.parse(d.teacher)
     teacher_model, _ = teacher_lib.checkpoint(spec)
     return DistillObjective(student, spec, mode=d.mode, alpha=d.alpha, temperature=d.temperature, direction=d.kl,
