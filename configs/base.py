@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.steps = 1000  # optimizer steps in the whole run
     # What the run optimizes (train/objectives/): lm | mlm | sft | classification | qa | reward | dpo |
-    # ppo | grpo | rloo;
+    # ppo | grpo | rloo | distill;
     # "": lm for the decoder families, mlm for bert.
     c.objective = ""
     c.init_from = ""  # "": random init; hf:DIR (a Hugging Face directory) | run:WORKDIR[@STEP] (a train run)
@@ -182,6 +182,21 @@ def get_config() -> ml_collections.ConfigDict:
         vf_coef=0.1, vf_clip=0.2,
         gamma=1.0, lam=0.95,
         whiten_rewards=False,
+    ))
+    # Knowledge distillation (objective=distill, train/objectives/distill.py): the student (this run's
+    # model) learns from a frozen teacher that shares its tokenizer.
+    c.distill = ml_collections.ConfigDict(dict(
+        teacher="",  # PATH[@STEP] of a `python -m train` workdir, or a Hugging Face directory
+        mode="logits",  # logits (KL to the teacher's token distributions) | sequence (decoders: CE on the
+        # teacher's generations, Kim & Rush 2016) | minilm (bert: last-layer attention and value
+        # relations, Wang et al. 2020)
+        alpha=0.5,  # logits, minilm: weight of the distillation term; 1 - alpha: the hard-label cross-entropy
+        temperature=2.0,  # logits: T of both softmaxes; the KL is scaled by T^2
+        kl="forward",  # logits: forward KL(teacher || student) | reverse KL(student || teacher)
+        relation_heads=0,  # minilm: R relation heads of the concatenated q, k, v; 0: the student's num_heads
+        # sequence: num_prompts training documents cut to their first prompt_tokens tokens, continued
+        # by the teacher for max_new_tokens (greedy if sample_temperature is 0), written once under WORKDIR
+        num_prompts=256, prompt_tokens=32, max_new_tokens=96, sample_temperature=0.0,
     ))
     # The verifiable tasks (data/verifiable.py): train and held-out problems split by seed.
     c.verifiable = ml_collections.ConfigDict(dict(

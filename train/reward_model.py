@@ -211,21 +211,24 @@ def _checkpoint(parsed, spec: str):
     return check(build.model(config, tokenizer.vocab_size)), tokenizer, preference.preference_config(config)
 
 
-def check_same_tokenizer(policy, reward, spec: str) -> None:
-    """Raises ValueError (one line) unless the two tokenizers map text to the same ids: the same
-    vocabulary size, special ids, text of every id and ids of a probe text."""
-    def differs() -> str:
-        if policy.vocab_size != reward.vocab_size:
-            return f"vocabulary {reward.vocab_size} vs the policy's {policy.vocab_size}"
-        for role in ("bos", "eos", "pad"):
-            if getattr(policy, f"{role}_id") != getattr(reward, f"{role}_id"):
-                return f"{role} id {getattr(reward, f'{role}_id')} vs the policy's {getattr(policy, f'{role}_id')}"
-        if policy.encode(PROBE_TEXT) != reward.encode(PROBE_TEXT):
-            return "it splits a probe text into other ids"
-        bad = next((i for i in range(policy.vocab_size) if policy.decode([i]) != reward.decode([i])), None)
-        return "" if bad is None else f"id {bad} is {reward.decode([bad])!r}, the policy's {policy.decode([bad])!r}"
+def tokenizer_difference(ours, theirs, whose: str = "the policy's") -> str:
+    """How `theirs` maps text to other ids than `ours` ("" if it does not): the vocabulary size,
+    special ids, text of every id and ids of a probe text; `whose` names `ours` in the reason."""
+    if ours.vocab_size != theirs.vocab_size:
+        return f"vocabulary {theirs.vocab_size} vs {whose} {ours.vocab_size}"
+    for role in ("bos", "eos", "pad"):
+        if getattr(ours, f"{role}_id") != getattr(theirs, f"{role}_id"):
+            return f"{role} id {getattr(theirs, f'{role}_id')} vs {whose} {getattr(ours, f'{role}_id')}"
+    if ours.encode(PROBE_TEXT) != theirs.encode(PROBE_TEXT):
+        return "it splits a probe text into other ids"
+    bad = next((i for i in range(ours.vocab_size) if ours.decode([i]) != theirs.decode([i])), None)
+    return "" if bad is None else f"id {bad} is {theirs.decode([bad])!r}, {whose} {ours.decode([bad])!r}"
 
-    reason = differs()
+
+def check_same_tokenizer(policy, reward, spec: str) -> None:
+    """Raises ValueError (one line) unless the two tokenizers map text to the same ids
+    (`tokenizer_difference`)."""
+    reason = tokenizer_difference(policy, reward)
     if reason:
         raise ValueError(f"reward model {spec!r}: its tokenizer differs from the policy's ({reason}); train the reward "
                          "model from the policy's checkpoint (init_from) so that both read the same ids")

@@ -23,6 +23,8 @@ preparation, tokenizer training or compilation, and before `config.json` is writ
     kind (a `tfds:` source: its prepared splits open; sft's chat sources:
     `train.objectives.sft.check_data`); a classification or qa run's examples all hold the
     fields its task reads (`data.tasks.check`);
+  * objective=distill: its keys, the teacher checkpoint, the mode against both models, and one
+    vocabulary and tokenizer for teacher and student (`train.objectives.distill.check_config`);
   * a configured tokenizer loads (a masked LM's has a mask token);
   * a resumed workdir: the saved run's parameters have the shapes this config gives them,
     or the error names the config keys that changed them.
@@ -254,7 +256,6 @@ def check_finetune(config) -> None:
 
 
 def _check_data(config, workdir: str) -> None:
-    d = config.data
     if build.objective_name(config) in build.TASK_OBJECTIVES:
         _check_task_data(config, workdir)
         return
@@ -262,6 +263,13 @@ def _check_data(config, workdir: str) -> None:
     if own is not None:  # an objective that reads data of its own (sft's chat JSONL, preferences, tasks)
         own(config, workdir)
         return
+    check_text_data(config, workdir)
+
+
+def check_text_data(config, workdir: str) -> None:
+    """`data.source` for `data.pipeline`'s packed text (lm, mlm, distill): it parses, a tfds
+    source's splits open, local files exist and are readable text."""
+    d = config.data
     try:
         spec = sources.parse_source(d.source)
     except (ValueError, FileNotFoundError) as e:

@@ -89,6 +89,11 @@ class MultiHeadAttention(nn.Module):
     are sown there as `attention_weights`, a 1-tuple (flax's sow appends), for
     inspection and plots. In the Transformer they sit at, e.g.,
     `intermediates['decoder_1']['cross_attention']['attention_weights'][0]`.
+
+    When the `attention_qkv` collection is mutable (not at init), the projected (q [B, T, N, H], k [B, S, K, H],
+    v [B, S, K, H]) (after the biases and QK-norm, before RoPE and any cache) are sown there as
+    `qkv`, a 1-tuple: what MiniLM-style distillation compares (`train.distill_losses`). It
+    does not change how attention is computed.
     """
 
     num_heads: int
@@ -179,6 +184,10 @@ class MultiHeadAttention(nn.Module):
         q_BTNH = nn.with_logical_constraint(q_BTNH, ("act_batch", "act_seq", "act_heads", None))
         k_BSKH = nn.with_logical_constraint(k_BSKH, ("act_batch", "act_seq", "act_kv_heads", None))
         v_BSKH = nn.with_logical_constraint(v_BSKH, ("act_batch", "act_seq", "act_kv_heads", None))
+        # MiniLM-style distillation reads them; never at init, whose variables (every collection
+        # is mutable there) some callers take whole (models.random_params).
+        if self.is_mutable_collection("attention_qkv") and not self.is_initializing():
+            self.sow("attention_qkv", "qkv", (q_BTNH, k_BSKH, v_BSKH))
 
         if q_positions is None:
             q_positions = jnp.broadcast_to(jnp.arange(T), (B, T))
