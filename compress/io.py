@@ -76,8 +76,10 @@ def source_config(checkpoint: str, step: int | None = None) -> tuple[ml_collecti
 
 
 def _hf_family(model) -> str:
+    from models.bert import BertConfig
+
     cfg = getattr(model, "config", None)
-    if cfg is None or not hasattr(cfg, "block"):
+    if cfg is None or isinstance(cfg, BertConfig) or not hasattr(cfg, "block"):
         return "bert"
     if getattr(cfg, "mla", None) is not None:
         return "deepseek"
@@ -91,6 +93,12 @@ def load_source(checkpoint: str, config: ml_collections.ConfigDict, step: int) -
     from inference import load as load_lib
 
     if not load_lib.is_workdir(checkpoint):
+        if methods.family_of(config) == "bert":  # an encoder: inference.load reads causal LMs only
+            from data.tokenizer import load_tokenizer
+            from models import hf
+
+            model, params = hf.load_pretrained(checkpoint)
+            return Source(model=model, params=params, config=config, tokenizer=load_tokenizer(checkpoint))
         loaded = load_lib.load(checkpoint)
         return Source(model=loaded.model, params=loaded.params, config=config, tokenizer=loaded.tokenizer)
     if config.get("compress") and config.compress.get("tensors"):
@@ -175,9 +183,11 @@ def compress(checkpoint: str, method: str, out: str, *, options=None, step: int 
     batches = None
     if spec.needs_calibration:
         from compress import calibration
+        from inference.load import is_workdir
 
         batches = calibration.calibration_batches(source.config, source.tokenizer, samples=calibration_samples,
-                                                  seq_len=calibration_seq_len, seed=seed)
+                                                  seq_len=calibration_seq_len, seed=seed,
+                                                  workdir=checkpoint if is_workdir(checkpoint) else "")
     result = methods.apply(method, source, calibration=batches, options=parsed)
     save(out, result, source, step, overwrite=overwrite)
     return result

@@ -336,7 +336,7 @@ class GPT(nn.Module):
                              "lm_head; exclude lm_head from the LoRA targets")
 
         if not cfg.tie_embeddings:
-            self.sow("layer_inputs", "lm_head", x_BTD)  # the untied head's input, for calibration
+            linear.sow_input(self, "lm_head", x_BTD)  # the untied head's input, for calibration
 
         def logits(h_BTD):
             if head_lora is None:

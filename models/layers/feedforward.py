@@ -77,7 +77,7 @@ class FeedForward(nn.Module):
         D = x_BTD.shape[-1]
         x_BTD = x_BTD.astype(self.dtype)
         # Calibration (`compress.calibration`) reads each kernel's input when `layer_inputs` is mutable.
-        self.sow("layer_inputs", "wi_gate+wi_up" if self.activation in GATED else "wi", x_BTD)
+        linear.sow_input(self, "wi_gate+wi_up" if self.activation in GATED else "wi", x_BTD)
         if self.activation in GATED:
             act = ACTIVATIONS[GATED[self.activation]]
             gate_BTF = self._dense(x_BTD, "wi_gate", self.hidden_dim, ("embed", "mlp"), deterministic)
@@ -88,5 +88,5 @@ class FeedForward(nn.Module):
                                                              deterministic))
         h_BTF = nn.with_logical_constraint(h_BTF, ("act_batch", "act_seq", "act_mlp"))
         h_BTF = nn.Dropout(self.dropout_rate)(h_BTF, deterministic=deterministic)
-        self.sow("layer_inputs", "wo", h_BTF)
+        linear.sow_input(self, "wo", h_BTF)
         return self._dense(h_BTF, "wo", D, ("mlp", "embed"), deterministic)

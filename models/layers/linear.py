@@ -95,3 +95,12 @@ def kernel_param(module: nn.Module, name: str, init, shape: tuple, dtype, axes: 
         if quant.is_quantized(stored):
             return stored
     return module.param(name, nn.with_logical_partitioning(init, axes) if axes is not None else init, shape, dtype)
+
+
+def sow_input(module: nn.Module, name: str, x: jax.Array) -> None:
+    """Records `x`, the input of kernel(s) `name`, in the `layer_inputs` collection when the caller
+    made it mutable (calibration, `compress.calibration`); a no-op otherwise. Never at init, so
+    `model.init` returns the params collection alone (and random draws over its collections, e.g.
+    `models.random_params`, do not depend on it)."""
+    if not module.is_initializing():
+        module.sow("layer_inputs", name, x)

@@ -160,10 +160,10 @@ class MultiHeadAttention(nn.Module):
 
         # Calibration (`compress.calibration`) reads each kernel's input when `layer_inputs` is mutable.
         if self_attention:
-            self.sow("layer_inputs", "query+key+value", x_BTD)
+            linear.sow_input(self, "query+key+value", x_BTD)
         else:
-            self.sow("layer_inputs", "query", x_BTD)
-            self.sow("layer_inputs", "key+value", y_BSD)
+            linear.sow_input(self, "query", x_BTD)
+            linear.sow_input(self, "key+value", y_BSD)
         q_BTNH = linear.project(x_BTD, w_q.astype(self.dtype))  # einsum("BTD,DNH->BTNH")
         k_BSKH = linear.project(y_BSD, w_k.astype(self.dtype))  # einsum("BSD,DKH->BSKH")
         v_BSKH = linear.project(y_BSD, w_v.astype(self.dtype))
@@ -238,7 +238,7 @@ class MultiHeadAttention(nn.Module):
         else:
             out_BTNH = result
 
-        self.sow("layer_inputs", "out", out_BTNH.reshape(B, T, N * H))
+        linear.sow_input(self, "out", out_BTNH.reshape(B, T, N * H))
         out_BTD = linear.project(out_BTNH, w_o.astype(self.dtype), in_dims=2)  # einsum("BTNH,NHD->BTD")
         out_BTD = lora_project(self, "out", w_o, out_BTNH, out_BTD, n_in=2, names=("heads", "head_dim", "embed"),
                                lora=self.lora, deterministic=deterministic)
