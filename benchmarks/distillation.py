@@ -1,6 +1,6 @@
 """Distillation against training from scratch: one student, the same steps and tokens, two losses.
 
-A larger teacher (`configs/llama.py:small`: 6 layers, width 256, 8 / 2 heads, 5.2M parameters) is
+A larger teacher (`configs/llama.py:small`: 6 layers, width 256, 8 / 2 heads, 5.6M parameters) is
 pretrained by the one trainer (`python -m train`'s loop, objective lm) on the embedded pydoc
 corpus. Then the student (`configs/gpt.py:default`'s shape: 4 layers, width 128, 4 heads, the model
 `python -m train` trains by default) is trained twice from the same seed, on the same batches
