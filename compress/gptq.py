@@ -291,21 +291,30 @@ def sparsegpt_method(source: methods.Source, calibration, options) -> methods.Co
     """SparseGPT: unstructured or N:M sparsity with Hessian-weighted error compensation."""
     sparsity, n, m = kernels.parse_sparsity(options, "sparsegpt")
     damp, block = kernels.parse(options, "damp", float, "sparsegpt"), kernels.parse(options, "block", int, "sparsegpt")
-    calibration_lib.check_supported(source.config, "sparsegpt")
-    targets = kernels.prunable(source.params, m, "sparsegpt")
-    stats = calibration_lib.collect(source, calibration, stats=("hessian",))
+    prune = functools.partial(sparsegpt, sparsity=sparsity, n=n, m=m, damp=damp, block=block)
+    return prune_kernels(source, calibration, options, "sparsegpt", ("hessian",),
+                         lambda w_IO, entry, h: _per_slice(prune, w_IO, h)[0], sparsity, n, m)
+
+
+def prune_kernels(source: methods.Source, calibration, options, method: str, stats: tuple[str, ...], prune,
+                  sparsity: float, n: int, m: int) -> methods.Compressed:
+    """Every prunable kernel of `source` replaced by `prune(w_IO, its statistics, its Hessian)`
+    ([*lead, I, O] views), with each kernel's layer error against magnitude pruning at the same
+    pattern in `info` (SparseGPT's and Wanda's shared loop)."""
+    calibration_lib.check_supported(source.config, method)
+    targets = kernels.prunable(source.params, m, method)
+    entries = calibration_lib.collect(source, calibration, stats=tuple(dict.fromkeys(("hessian", *stats))))
     flat = calibration_lib.flat_params(source.params)
     errors, magnitude_errors = {}, {}
     for path, (_, lead) in targets.items():
-        w = flat[path]
-        h = jnp.asarray(stats[path]["hessian"], jnp.float32)
+        w, entry = flat[path], entries[path]
+        h = jnp.asarray(entry["hessian"], jnp.float32)
         w_IO = calibration_lib.matrix(jnp.asarray(w, jnp.float32), lead, h.shape[-1])
-        pruned, _ = _per_slice(functools.partial(sparsegpt, sparsity=sparsity, n=n, m=m, damp=damp, block=block),
-                               w_IO, h)
+        pruned = prune(w_IO, entry, h)
         errors[path] = stacked_layer_error(w_IO, pruned, h)
         magnitude_errors[path] = stacked_layer_error(w_IO, kernels.magnitude_matrix(w_IO, sparsity, n, m), h)
         flat[path] = pruned.reshape(w.shape).astype(w.dtype)
     info = {"sparsity": sparsity, "pattern": options["pattern"], "layer_error": errors,
             "magnitude_layer_error": magnitude_errors, "mean_layer_error": float(np.mean(list(errors.values()))),
             "mean_magnitude_layer_error": float(np.mean(list(magnitude_errors.values())))}
-    return methods.Compressed(calibration_lib.unflatten(flat), kernels.recorded(source.config, "sparsegpt", options), info)
+    return methods.Compressed(calibration_lib.unflatten(flat), kernels.recorded(source.config, method, options), info)

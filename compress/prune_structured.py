@@ -162,11 +162,19 @@ def head_importance(source: Source, batches: Sequence[Any] | None, importance: s
                     out[i] += np.moveaxis(sq, -2, 0).reshape(s.N, -1).sum(-1)
             out[i] += np.square(np.asarray(a["out"], np.float64)).reshape(s.N, -1).sum(-1)
         return out
-    total = np.zeros((s.L, s.N))
+    return _out_taylor(source, batches, s.N)
+
+
+def _out_taylor(source: Source, batches: Sequence[Any], units: int) -> np.ndarray:
+    """[L, units] first-order Taylor importance of `units` equal slices of each layer's attention
+    `out` rows (heads, or key/value groups of G heads): (sum of W * dLoss/dW over the slice)^2,
+    averaged over the batches."""
+    s = shape_of(source.config)
+    total = np.zeros((s.L, units))
     for params, grads in _loss_grads(source, batches):
         for i in range(s.L):
             w, g = params[f"layer_{i}"]["self_attention"]["out"], grads[f"layer_{i}"]["self_attention"]["out"]
-            total[i] += np.square(np.asarray((w * g).reshape(s.N, -1).sum(-1), np.float64))
+            total[i] += np.square(np.asarray((w * g).reshape(units, -1).sum(-1), np.float64))
     return total / len(batches)
 
 
@@ -184,12 +192,7 @@ def group_importance(source: Source, batches: Sequence[Any] | None, importance: 
                 if name in a:
                     out[i] += np.moveaxis(np.square(np.asarray(a[name], np.float64)), -2, 0).reshape(s.K, -1).sum(-1)
         return out
-    total = np.zeros((s.L, s.K))
-    for params, grads in _loss_grads(source, batches):
-        for i in range(s.L):
-            w, g = params[f"layer_{i}"]["self_attention"]["out"], grads[f"layer_{i}"]["self_attention"]["out"]
-            total[i] += np.square(np.asarray((w * g).reshape(s.K, -1).sum(-1), np.float64))
-    return total / len(batches)
+    return _out_taylor(source, batches, s.K)
 
 
 def neuron_importance(source: Source, batches: Sequence[Any] | None, importance: str) -> np.ndarray:

@@ -19,11 +19,9 @@ same sparsity, from the calibration Hessian.
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 
-from compress import calibration as calibration_lib
 from compress import kernels, masks, methods
-from compress.gptq import stacked_layer_error
+from compress.gptq import prune_kernels
 
 
 def wanda_matrix(w_IO, l2_I, sparsity: float, n: int = 0, m: int = 0):
@@ -38,20 +36,5 @@ def wanda_matrix(w_IO, l2_I, sparsity: float, n: int = 0, m: int = 0):
 def wanda_method(source: methods.Source, calibration, options) -> methods.Compressed:
     """Wanda: prune by |weight| x input activation norm, per output, unstructured or N:M."""
     sparsity, n, m = kernels.parse_sparsity(options, "wanda")
-    calibration_lib.check_supported(source.config, "wanda")
-    targets = kernels.prunable(source.params, m, "wanda")
-    stats = calibration_lib.collect(source, calibration, stats=("l2", "hessian"))
-    flat = calibration_lib.flat_params(source.params)
-    errors, magnitude_errors = {}, {}
-    for path, (_, lead) in targets.items():
-        w, entry = flat[path], stats[path]
-        h = jnp.asarray(entry["hessian"], jnp.float32)
-        w_IO = calibration_lib.matrix(jnp.asarray(w, jnp.float32), lead, h.shape[-1])
-        pruned, _ = wanda_matrix(w_IO, entry["l2"], sparsity, n, m)
-        errors[path] = stacked_layer_error(w_IO, pruned, h)
-        magnitude_errors[path] = stacked_layer_error(w_IO, kernels.magnitude_matrix(w_IO, sparsity, n, m), h)
-        flat[path] = pruned.reshape(w.shape).astype(w.dtype)
-    info = {"sparsity": sparsity, "pattern": options["pattern"], "layer_error": errors,
-            "magnitude_layer_error": magnitude_errors, "mean_layer_error": float(np.mean(list(errors.values()))),
-            "mean_magnitude_layer_error": float(np.mean(list(magnitude_errors.values())))}
-    return methods.Compressed(calibration_lib.unflatten(flat), kernels.recorded(source.config, "wanda", options), info)
+    return prune_kernels(source, calibration, options, "wanda", ("l2",),
+                         lambda w_IO, entry, h: wanda_matrix(w_IO, entry["l2"], sparsity, n, m)[0], sparsity, n, m)
