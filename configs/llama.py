@@ -8,7 +8,7 @@ Presets:
     small:     6 layers, width 256, 8 query / 2 key-value heads, SwiGLU 768 (LLaMA's rule: 8/3 D
                rounded up to a multiple of 256, so 128-row quantization groups divide every
                kernel), BPE vocab 2048, context 128, 600 steps of 16 rows on the embedded corpus:
-               5,573,888 parameters, the larger trained model of benchmarks/compression.py (about
+               5,573,888 parameters, the larger trained model of benchmarks/compression_table.py (about
                10 minutes on 2 cores)
     llama3_8b: Llama-3-8B shape (32 layers, width 4096, 32 / 8 heads, SwiGLU 14336,
                RoPE theta 5e5, context 8192, vocab 128256, untied): 8,030,261,248 parameters

@@ -16,7 +16,7 @@ with a quantized cache:
 cache in the compute dtype: the cache's bytes (`kv_cache_bytes`, codes + scales) and their
 ratio to float32 and bf16 caches; the logit error under teacher forcing on the float
 cache's greedy continuation; greedy-token agreement over N generated tokens; and decode
-tokens/s. Those are the KV-cache rows of `benchmarks/compression.py`.
+tokens/s. Those are the KV-cache rows of `benchmarks/compression_table.py`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""benchmarks/compression.py runs in quick mode and its columns hold what each method must give:
+"""benchmarks/compression_table.py runs in quick mode and its columns hold what each method must give:
 the original's bits per byte is the trainer's own evaluation of the run, the stored bits per
 weight and the pruned sparsities follow from the formats and patterns, the saved checkpoints
 shrink where the method stores less, and the KV cache bytes follow the cache formula.
@@ -19,7 +19,7 @@ EPS32 = float(np.finfo(np.float32).eps)
 
 def _benchmark():
     spec = importlib.util.spec_from_file_location("compression_benchmark",
-                                                  os.path.join(REPO, "benchmarks", "compression.py"))
+                                                  os.path.join(REPO, "benchmarks", "compression_table.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
@@ -70,3 +70,14 @@ def test_compression_benchmark_quick_mode(tmp_path, capsys):
     for path in results["_plots"]:
         assert os.path.getsize(path) > 0
     assert "| tiny | int8 per-channel |" in out and (tmp_path / "out" / "table.md").exists()
+
+
+def test_the_benchmark_scripts_run_as_scripts():
+    """`python benchmarks/X.py` puts benchmarks/ first on sys.path, where a file named like a module
+    jax imports (e.g. `compression`, the zstd package) would shadow it and break every script."""
+    import subprocess
+
+    for script in ("compression_table.py", "distillation.py"):
+        run = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", script), "--help"], cwd=REPO,
+                             capture_output=True, text=True, timeout=300, check=False)
+        assert run.returncode == 0, run.stderr[-2000:]

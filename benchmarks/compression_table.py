@@ -30,8 +30,8 @@ Plots (PNG, in --out): bits per weight vs bits per byte for the quantization met
 sparsity vs bits per byte for the pruning methods.
 
 Run:
-  python benchmarks/compression.py --out=/tmp/compression          # ~20-30 min on 2 cores
-  python benchmarks/compression.py --quick --out=/tmp/compression  # the tiny preset (the test)
+  python benchmarks/compression_table.py --out=/tmp/compression          # ~20-30 min on 2 cores
+  python benchmarks/compression_table.py --quick --out=/tmp/compression  # the tiny preset (the test)
   --workdir=DIR keeps the trained models (and reuses them on the next run).
 """
 
@@ -50,15 +50,10 @@ import tempfile
 import time
 from typing import Any
 
-# Run as a script, this file's directory leads sys.path and its name would shadow the standard
-# `compression` package (zstd) that jax imports: take the directory off the path first.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
 # Let the script run from a bare checkout, without lmlab pip-installed.
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -363,30 +358,39 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _series(label: str) -> str:
+    """A row's curve: its label without the trailing setting (`magnitude layer 0.5` is a point of
+    `magnitude layer`); an N:M pattern or a format stays a curve of its own."""
+    head, _, last = label.rpartition(" ")
+    return head if head and last.replace(".", "").replace("%", "").isdigit() else label
+
+
 def plots(results: dict[str, Any], out: str) -> list[str]:
-    """bits per weight vs bits per byte (quantization), sparsity vs bits per byte (pruning)."""
+    """bits per weight vs bits per byte (quantization), sparsity vs bits per byte (pruning), one
+    panel per decoder model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    models = [name for name in results if name != "minilm" and not name.startswith("_")]
     written = []
     for kind, x_key, x_label in (("quantize", "bits", "bits per weight"), ("prune", "sparsity", "sparsity")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, table in results.items():
-            if name in ("minilm",) or name.startswith("_"):
-                continue
-            by_method: dict[str, list] = {}
+        fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+        for ax, name in zip(axes[0], models):
+            table = results[name]
+            curves: dict[str, list] = {}
             for label, r in table["rows"].items():
                 if r["kind"] == kind and r[x_key] is not None:
-                    by_method.setdefault(r["method"], []).append((r[x_key], r["bpb"], label))
-            for method, points in sorted(by_method.items()):
+                    curves.setdefault(_series(label), []).append((r[x_key], r["bpb"]))
+            for series, points in curves.items():
                 points.sort()
-                ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"{name}: {method}")
-            ax.axhline(table["base"]["bpb"], linestyle=":", color="gray")
-        ax.set_xlabel(x_label)
-        ax.set_ylabel("bits per byte (held-out pydoc)")
-        ax.legend(fontsize=7)
+                ax.plot([p[0] for p in points], [p[1] for p in points], "o-" if len(points) > 1 else "o", label=series)
+            ax.axhline(table["base"]["bpb"], linestyle=":", color="gray", label="original")
+            ax.set_title(name)
+            ax.set_xlabel(x_label)
+            ax.set_ylabel("bits per byte (held-out pydoc)")
+            ax.legend(fontsize=7)
         path = os.path.join(out, f"{'bits' if kind == 'quantize' else 'sparsity'}_vs_bpb.png")
         fig.tight_layout()
         fig.savefig(path, dpi=100)
