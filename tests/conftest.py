@@ -16,3 +16,23 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["LMLAB_COMPILATION_CACHE_DIR"] = "none"
 # Notebooks and demos read this to pick their small sizes when run by the suite.
 os.environ.setdefault("LMLAB_QUICK", "1")
+
+
+import pytest  # after the environment above, which must precede any jax import
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt_workdir(tmp_path_factory):
+    """A 3-step `configs/gpt.py:tiny` run (GPT-2 switches: LayerNorm, gelu_tanh, learned positions,
+    tied embeddings), trained once per test process and only read by the tests that take it."""
+    from configs.loader import load_config
+    from train import trainer
+
+    root = tmp_path_factory.mktemp("tiny_gpt_run")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = load_config(os.path.join(repo, "configs/gpt.py:tiny"),
+                         ["steps=3", "schedule.warmup_steps=1", "logging.progress_bar=false", "logging.peak_flops=1e11",
+                          "eval.num_samples=1", "eval.sample_tokens=2", "eval.max_batches=1",
+                          "checkpoint.async_save=false"])
+    trainer.run(config, str(root))
+    return str(root)

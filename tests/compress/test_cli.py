@@ -15,11 +15,9 @@ import numpy as np
 import pytest
 
 from compress import io, methods
-from configs.loader import load_config
 from inference.generate import generate, generate_text
 from inference.load import load
 from models import quant
-from train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EPS32 = float(np.finfo(np.float32).eps)
@@ -32,15 +30,9 @@ def _run(module, *args):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A 3-step tiny GPT run (tied embeddings, learned positions)."""
-    root = tmp_path_factory.mktemp("run")
-    config = load_config(os.path.join(REPO, "configs/gpt.py:tiny"),
-                         ["steps=3", "schedule.warmup_steps=1", "logging.progress_bar=false", "logging.peak_flops=1e11",
-                          "eval.num_samples=1", "eval.sample_tokens=2", "eval.max_batches=1",
-                          "checkpoint.async_save=false"])
-    trainer.run(config, str(root))
-    return str(root)
+def workdir(tiny_gpt_workdir):
+    """A 3-step tiny GPT run (tests/conftest.py)."""
+    return tiny_gpt_workdir
 
 
 def test_train_compress_infer_round_trip(workdir, tmp_path):

@@ -22,7 +22,6 @@ import pytest
 import torch
 import transformers
 
-from configs.loader import load_config
 from data.tokenizer import ByteLevelBPE
 from data.tokenizer.hf_json import export_bpe
 from inference import generate, run_onnx
@@ -32,7 +31,6 @@ from models.deepseek import deepseek_v3_config
 from models.gpt import GPT, llama_config, mixtral_config, qwen3_config
 from models.layers.positional import RopeConfig
 from models.random_params import random_params
-from train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOL = 1e-4
@@ -109,15 +107,9 @@ def _check_parity(name, model, params, directory):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A 3-step tiny GPT run (GPT-2 switches: LayerNorm, gelu_tanh, learned positions, tied)."""
-    root = tmp_path_factory.mktemp("run")
-    config = load_config(os.path.join(REPO, "configs/gpt.py:tiny"),
-                         ["steps=3", "schedule.warmup_steps=1", "logging.progress_bar=false", "logging.peak_flops=1e11",
-                          "eval.num_samples=1", "eval.sample_tokens=2", "eval.max_batches=1",
-                          "checkpoint.async_save=false"])
-    trainer.run(config, str(root))
-    return str(root)
+def workdir(tiny_gpt_workdir):
+    """A 3-step tiny GPT run (tests/conftest.py)."""
+    return tiny_gpt_workdir
 
 
 @pytest.fixture(scope="module")
