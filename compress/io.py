@@ -168,14 +168,8 @@ def compress(checkpoint: str, method: str, out: str, *, options=None, step: int 
     """Checks everything cheap first (paths, method, options, family), then loads, compresses
     (with calibration batches when the method needs them) and saves to `out`."""
     check_paths(checkpoint, out, overwrite=overwrite)
-    spec = methods.get(method)
-    parsed = methods.parse_options(spec, options)
     config, step = source_config(checkpoint, step)
-    family = methods.family_of(config)
-    if family not in spec.families:
-        raise ValueError(f"--method={method} does not apply to model family {family!r}; it applies to {spec.families}")
-    if spec.needs_calibration and calibration_samples < 1:
-        raise ValueError(f"--method={method} needs calibration data; pass --calibration_samples=N (N > 0)")
+    spec, parsed = methods.check(method, config, options, calibration=calibration_samples > 0)
     if calibration_samples < 0 or calibration_seq_len < 2:
         raise ValueError(f"--calibration_samples={calibration_samples} must be >= 0 and --calibration_seq_len="
                          f"{calibration_seq_len} >= 2")

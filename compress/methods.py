@@ -114,17 +114,25 @@ def family_of(config: ml_collections.ConfigDict) -> str:
     return str(config.model.get("family", "gpt")) if "model" in config else "gpt"
 
 
-def apply(name: str, source: Source, *, calibration: Sequence[Any] | None = None,
-          options: Mapping[str, str] | Sequence[str] | None = None) -> Compressed:
-    """Runs method `name` on `source` (options checked, calibration required where needed)."""
+def check(name: str, config: ml_collections.ConfigDict, options: Mapping[str, str] | Sequence[str] | None,
+          *, calibration: bool) -> tuple[Method, dict[str, str]]:
+    """(the method, its parsed options) if method `name` applies to a model of run `config` with
+    or without calibration data; ValueError (one line) otherwise. Cheap: no params are read."""
     method = get(name)
     parsed = parse_options(method, options)
-    family = family_of(source.config)
+    family = family_of(config)
     if family not in method.families:
         raise ValueError(f"--method={name} does not apply to model family {family!r}; it applies to "
                          f"{method.families}")
     if method.needs_calibration and not calibration:
-        raise ValueError(f"--method={name} needs calibration data; pass --calibration_samples > 0")
+        raise ValueError(f"--method={name} needs calibration data; pass --calibration_samples=N (N > 0)")
+    return method, parsed
+
+
+def apply(name: str, source: Source, *, calibration: Sequence[Any] | None = None,
+          options: Mapping[str, str] | Sequence[str] | None = None) -> Compressed:
+    """Runs method `name` on `source` (options checked, calibration required where needed)."""
+    method, parsed = check(name, source.config, options, calibration=bool(calibration))
     return method.fn(source, calibration if method.needs_calibration else None, parsed)
 
 
