@@ -47,7 +47,15 @@ INSTALL_REQUIRES = [
     "onnxruntime==1.32.0",
 ]
 
-TEST_REQUIRES = [
+# Corpus preparation (data/prepare/, `python -m data.prepare`): an Apache Beam pipeline that runs on
+# the DirectRunner here and on Flink, Spark or Dataflow; langid identifies languages (its model
+# ships in the wheel). An extra, `pip install -e '.[data]'`, since pretraining does not need it.
+DATA_REQUIRES = [
+    "apache-beam==2.77.0",
+    "langid==1.1.6",
+]
+
+TEST_REQUIRES = DATA_REQUIRES + [
     "pytest",
     "pytest-xdist",
     # The CPU wheel; an unpinned torch pulls a multi-GB CUDA build.
@@ -88,6 +96,14 @@ TEST_REQUIRES = [
     "nbmake",
     "nbclient",
     "ipykernel",
+    # Corpus preparation (tests/data/prepare): MinHash signatures against datasketch's, language
+    # ID precision on Faker's per-locale text (and its e-mails, phone numbers and IP addresses
+    # for PII scrubbing), HTML stripping against BeautifulSoup's text, the cluster launch
+    # manifests against Kubernetes' JSON schemas (shipped in kubernetes-validate, offline).
+    "datasketch==2.0.0",
+    "Faker==40.63.0",
+    "beautifulsoup4==4.15.0",
+    "kubernetes-validate==1.37.0",
 ]
 
 setup(
@@ -102,5 +118,5 @@ setup(
     package_data={"evals": ["task_data/*.yaml"], "inference.serve": ["static/*"],
                   "safety": ["data/*.jsonl", "data/README.md"]},
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"data": DATA_REQUIRES, "test": TEST_REQUIRES},
 )
