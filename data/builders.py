@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -280,20 +280,35 @@ def iter_lines(path: str, start: tuple[int, int] = (0, 1)) -> Iterator[tuple[int
         (byte offset, line number, the line with its ending). A byte that is not UTF-8
         raises a ValueError naming its offset in the file.
     """
-    offset, line_number = start
     with open(path, "rb") as f:
-        f.seek(offset)
-        for raw in f:
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                bad = raw[e.start : e.start + 4]
-                raise ValueError(
-                    f"text file {path} is not valid UTF-8: byte offset {offset + e.start} ({bad!r}...); "
-                    "re-encode it as UTF-8 (for example `iconv -f latin1 -t utf-8`)"
-                ) from None
-            yield offset, line_number, line
-            offset, line_number = offset + len(raw), line_number + 1
+        f.seek(start[0])
+        yield from decode_lines(f, path, start)
+
+
+def decode_lines(raw_lines: Iterable[bytes], path: str, start: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, int, str]]:
+    """`iter_lines` over lines already read as bytes (e.g. from a decompressing stream).
+
+    Args:
+        raw_lines: the file's lines, each ending in `\n` but perhaps the last.
+        path: the file's name, for errors.
+        start: (byte offset, line number) of the first of `raw_lines`.
+
+    Yields:
+        (byte offset, line number, the decoded line); a byte that is not UTF-8 raises a
+        ValueError naming its offset.
+    """
+    offset, line_number = start
+    for raw in raw_lines:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad = raw[e.start : e.start + 4]
+            raise ValueError(
+                f"text file {path} is not valid UTF-8: byte offset {offset + e.start} ({bad!r}...); "
+                "re-encode it as UTF-8 (for example `iconv -f latin1 -t utf-8`)"
+            ) from None
+        yield offset, line_number, line
+        offset, line_number = offset + len(raw), line_number + 1
 
 
 def iter_documents(
@@ -346,19 +361,32 @@ def _whole_file(path: str) -> Iterator[tuple[tuple[int, int, int], str, str]]:
 
 
 def _paragraphs(path: str, start: tuple[int, int, int]) -> Iterator[tuple[tuple[int, int, int], str, str]]:
-    """Paragraphs: runs of lines between whitespace-only lines, joined by `\n` (`\r\n` too)."""
     offset, line_number, index = start
-    lines, position = [], None
-    for offset, line_number, line in iter_lines(path, (offset, line_number)):
+    for position, text in paragraphs(iter_lines(path, (offset, line_number)), index):
+        yield position, f"{path}#{position[2]}", text
+
+
+def paragraphs(lines: Iterable[tuple[int, int, str]], index: int = 0) -> Iterator[tuple[tuple[int, int, int], str]]:
+    """Paragraphs: runs of lines between whitespace-only lines, joined by `\n` (`\r\n` too).
+
+    Args:
+        lines: (byte offset, line number, line) as `iter_lines` / `decode_lines` give them.
+        index: the index of the first paragraph.
+
+    Yields:
+        ((byte offset, line number, paragraph index) of the paragraph's first line, its text).
+    """
+    lines_of_paragraph, position = [], None
+    for offset, line_number, line in lines:
         if line.strip():
-            if not lines:
+            if not lines_of_paragraph:
                 position = (offset, line_number, index)
-            lines.append(line.removesuffix("\n").removesuffix("\r") if line.endswith("\n") else line)
-        elif lines:
-            yield position, f"{path}#{index}", "\n".join(lines)
-            index, lines = index + 1, []
-    if lines:
-        yield position, f"{path}#{index}", "\n".join(lines)
+            lines_of_paragraph.append(line.removesuffix("\n").removesuffix("\r") if line.endswith("\n") else line)
+        elif lines_of_paragraph:
+            yield position, "\n".join(lines_of_paragraph)
+            index, lines_of_paragraph = index + 1, []
+    if lines_of_paragraph:
+        yield position, "\n".join(lines_of_paragraph)
 
 
 def _jsonl_documents(
