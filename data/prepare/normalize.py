@@ -23,7 +23,7 @@ text. In order:
    (ligatures, full-width forms, superscripts) changes meaning in code and mathematics.
 5. Whitespace: runs of spaces, tabs and other horizontal white space (NBSP, ...) inside a line
    become one space (leading indentation is kept as it is with `--normalize_keep_indent=true`,
-   the default, so code and verse keep their shape); trailing white space is stripped from
+   the default, so code and verse keep their shape; removed with false); trailing white space is stripped from
    every line; three or more line breaks become two (one blank line); the text is stripped of
    blank lines at both ends.
 
@@ -77,7 +77,7 @@ _MANY_NEWLINES = re.compile(r"\n{3,}")
 class NormalizeOptions:
     strip_html: bool = stage.field(False, "treat documents as HTML and keep only their visible text")
     keep_indent: bool = stage.field(True, "keep each line's leading indentation (code, verse); "
-                                          "false collapses it like any other run of spaces")
+                                          "false removes it")
 
 
 class _TextExtractor(html.parser.HTMLParser):
@@ -146,11 +146,14 @@ def html_to_text(markup: str) -> str:
 
 
 def normalize_whitespace(text: str, keep_indent: bool = True) -> str:
-    """Step 5: one space for each run inside a line, no trailing spaces, at most one blank line."""
+    """Step 5: one space for each run inside a line, no trailing spaces, at most one blank line.
+
+    Leading indentation is kept as it is, or removed with `keep_indent=False`.
+    """
     lines = []
     for line in text.split("\n"):
         indent = _LEADING_SPACE.match(line).group() if keep_indent else ""
-        body = _HORIZONTAL_RUN.sub(" ", line[len(indent):]).rstrip()
+        body = _HORIZONTAL_RUN.sub(" ", line[len(indent):]).strip()
         lines.append(indent + body if body else "")
     return _MANY_NEWLINES.sub("\n\n", "\n".join(lines)).strip("\n")
 
