@@ -5,6 +5,11 @@
     eval:  source[validation] (the text eval_documents selects) -> tokenize -> PackedRows
            -> batch, last one padded -> this process's rows (each pass re-reads and re-tokenizes)
 
+A `prepared:DIR` source (`data.prepared`) trains on the token ids stored at preparation when
+the tokenizer is the one it was prepared with (checked by fingerprint; another tokenizer is an
+error naming both), instead of tokenizing again; evaluation reads its validation text like any
+other source, so bits per byte measure exactly that text.
+
 A batch is a dict of int32 arrays of shape [batch_size / process_count, seq_len]: `inputs`,
 `targets`, `segment_ids`, `positions`, `loss_mask` (see `data.packing`). Every process
 builds the same global batch and keeps its own contiguous slice of rows, so the slices of
@@ -22,7 +27,7 @@ import grain
 import jax
 import numpy as np
 
-from data import packing, sources
+from data import packing, prepared, sources
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +35,9 @@ class DataConfig:
     """What to read and how to cut it into batches.
 
     Attributes:
-        source: 'embedded', 'files:PATH[,PATH...]' or 'tfds:NAME[:CONFIG]'
-            (see `data.sources.SOURCE_FORMS`).
+        source: 'embedded', 'files:PATH[,PATH...]', 'tfds:NAME[:CONFIG]' or 'prepared:DIR'
+            (see `data.sources.SOURCE_FORMS`; a prepared source has its own splits and tokens:
+            text_key, split_paragraphs and validation_fraction do not apply to it).
         text_key: the JSONL key of the text (files) or the text feature (tfds).
         split_paragraphs: one document per blank-line separated paragraph of a .txt file.
         seq_len: tokens per row.
@@ -100,8 +106,20 @@ def process_rows(batch_size: int, process_index: int | None = None, process_coun
     return slice(process_index * per_process, (process_index + 1) * per_process)
 
 
-def _tokenize(text: str, *, tokenizer: Any, start_id: int, eos_id: int) -> dict[str, np.ndarray]:
-    return packing.document_pairs(tokenizer.encode(text), start_id=start_id, eos_id=eos_id)
+def _tokenize(document: str | np.ndarray, *, tokenizer: Any, start_id: int, eos_id: int) -> dict[str, np.ndarray]:
+    """A document's (inputs, targets); a prepared source's documents are token ids already."""
+    ids = document.tolist() if isinstance(document, np.ndarray) else tokenizer.encode(document)
+    return packing.document_pairs(ids, start_id=start_id, eos_id=eos_id)
+
+
+def train_documents(config: DataConfig, tokenizer: Any) -> Sequence:
+    """The training split as grain reads it: texts, or a prepared source's stored token ids
+    (after checking that `tokenizer` is the one they were made with)."""
+    source = sources.parse_source(config.source)
+    if source.kind != "prepared":
+        return open_split(config, config.train_split)
+    prepared.check_tokenizer(source.paths[0], tokenizer)
+    return prepared.TokenSource(source.paths[0], config.train_split)
 
 
 def _take_rows(batch: dict[str, np.ndarray], rows: slice) -> dict[str, np.ndarray]:
@@ -151,7 +169,7 @@ def train_dataset(
         partial global batch is dropped.
     """
     rows = process_rows(config.batch_size, process_index, process_count)
-    documents = grain.MapDataset.source(open_split(config, config.train_split))
+    documents = grain.MapDataset.source(train_documents(config, tokenizer))
     if config.shuffle:
         documents = documents.shuffle(seed=config.seed)
     documents = documents.repeat(config.num_epochs)

@@ -6,6 +6,9 @@ Accepted specs (`SOURCE_FORMS`):
     be a glob such as `/data/*.jsonl`.
   * `tfds:NAME[:CONFIG]`: a registered TFDS dataset already prepared in the array_record
     format under `data_dir`; its text is the feature `text_key`.
+  * `prepared:DIR`: a dataset written by `python -m data.prepare` (`data.prepared`): its
+    `train` and `validation` splits; the pipeline trains on its stored token ids when the
+    run's tokenizer is the one it was prepared with.
 
 Every source reads through `tfds.data_source`-style array_record readers, so TensorFlow
 is never needed and nothing is downloaded.
@@ -13,22 +16,24 @@ is never needed and nothing is downloaded.
 
 import dataclasses
 import glob
+import os
 from collections.abc import Sequence
 
 import tensorflow_datasets as tfds
 
-from data import builders
+from data import builders, prepared
 
 SOURCE_FORMS = (
     "'embedded' (CPython's documentation), "
     "'files:PATH[,PATH...]' (.txt or .jsonl files, globs allowed), "
-    "'tfds:NAME[:CONFIG]' (a TFDS dataset prepared as array_record under data_dir)"
+    "'tfds:NAME[:CONFIG]' (a TFDS dataset prepared as array_record under data_dir), "
+    "'prepared:DIR' (written by `python -m data.prepare`)"
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class SourceSpec:
-    """A parsed source spec: `kind` is 'embedded', 'files' or 'tfds'."""
+    """A parsed source spec: `kind` is 'embedded', 'files', 'tfds' or 'prepared' (`paths` = (DIR,))."""
 
     kind: str
     paths: tuple[str, ...] = ()
@@ -44,6 +49,8 @@ def parse_source(spec: str) -> SourceSpec:
         return SourceSpec("files", paths=_expand_paths(rest))
     if kind == "tfds" and rest and rest.count(":") <= 1 and all(rest.split(":")):
         return SourceSpec("tfds", tfds_name=rest.replace(":", "/"))
+    if kind == "prepared" and rest:
+        return SourceSpec("prepared", paths=(os.path.expanduser(rest),))
     raise ValueError(f"unknown data source {spec!r}; accepted forms: {SOURCE_FORMS}")
 
 
@@ -97,8 +104,8 @@ def open_split(
 
     Args:
         spec: the source spec (see `SOURCE_FORMS`).
-        split: the split to read ('train' or 'validation' for embedded and files sources;
-            any split of the TFDS dataset, slices such as 'train[:10%]' included).
+        split: the split to read ('train' or 'validation' for embedded, files and prepared
+            sources; any split of the TFDS dataset, slices such as 'train[:10%]' included).
         data_dir: where the array_record files live (tfds's default when None).
         text_key: the JSONL key of the text (files source) or the TFDS text feature.
         split_paragraphs: one document per blank-line separated paragraph of a .txt file.
@@ -110,6 +117,8 @@ def open_split(
     source = parse_source(spec)
     if source.kind == "tfds":
         return _open_tfds(source.tfds_name, split, data_dir=data_dir, text_key=text_key)
+    if source.kind == "prepared":
+        return TextSource(prepared.open_records(source.paths[0], split), "text", f"{spec}[{split}]")
     if source.kind == "embedded":
         builder = builders.embedded_builder(data_dir, validation_fraction=validation_fraction)
     else:

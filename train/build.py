@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from configs import base
-from data import pipeline
+from data import pipeline, prepared, sources
 from data.tokenizer import Tokenizer, load_tokenizer, training
 from models.bert import BertConfig, BertForMaskedLM, BertForQuestionAnswering, BertForSequenceClassification
 from models.gpt import GPT, POSITIONALS, GPTConfig
@@ -99,7 +99,8 @@ def num_labels(config: ml_collections.ConfigDict) -> int:
 
 
 def tokenizer(config: ml_collections.ConfigDict, workdir: str, data: pipeline.DataConfig) -> Tokenizer:
-    """The configured tokenizer; or a BPE trained on a sample of the training split, saved in the workdir.
+    """The configured tokenizer; a `prepared:DIR` source's own; or a BPE trained on a sample of the
+    training split, saved in the workdir.
 
     The sample is `tokenizer.train_bytes` of text from the training documents in an order
     seeded by `data.shuffle_seed`, streamed into `tokenizer.trainer` (see
@@ -111,8 +112,14 @@ def tokenizer(config: ml_collections.ConfigDict, workdir: str, data: pipeline.Da
         from train import init_from
 
         return init_from.tokenizer(config)
+    prepared_dir = _prepared_dir(config)
     if config.tokenizer.path:
-        return load_tokenizer(config.tokenizer.path)
+        loaded = load_tokenizer(config.tokenizer.path)
+        if prepared_dir:
+            prepared.check_tokenizer(prepared_dir, loaded, name=f"tokenizer.path={config.tokenizer.path}")
+        return loaded
+    if prepared_dir:  # the tokenizer the data was prepared with
+        return load_tokenizer(prepared.tokenizer_path(prepared_dir))
     if t.trainer not in training.TRAINERS:
         raise ValueError(f"config key `tokenizer.trainer`={t.trainer!r}; expected one of {training.TRAINERS}")
     if t.train_bytes < 0:
@@ -127,6 +134,12 @@ def tokenizer(config: ml_collections.ConfigDict, workdir: str, data: pipeline.Da
                  f"{t.train_bytes:,} bytes" if t.train_bytes else "all", len(documents))
     sample = training.sample_documents(documents, t.train_bytes, seed=data.seed)
     return training.train_tokenizer(sample, t.vocab_size, special, trainer=t.trainer, directory=saved)
+
+
+def _prepared_dir(config: ml_collections.ConfigDict) -> str:
+    """The directory of a `prepared:DIR` data source ("" for any other source)."""
+    spec = sources.parse_source(config.data.source)
+    return spec.paths[0] if spec.kind == "prepared" else ""
 
 
 def mlm(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> MLMConfig | None:

@@ -279,6 +279,10 @@ def check_text_data(config, workdir: str) -> None:
         for split in dict.fromkeys((d.train_split, d.eval_split)):
             sources.open_split(d.source, split, data_dir=data_dir, text_key=d.text_key)
         return
+    if spec.kind == "prepared":  # its splits open (a missing or foreign directory says what to run)
+        for split in dict.fromkeys((d.train_split, d.eval_split)):
+            sources.open_split(d.source, split)
+        return
     if not 0.0 < d.validation_fraction < 1.0:
         raise ValueError(f"config key `data.validation_fraction`={d.validation_fraction} must lie in (0, 1): the "
                          "share of the text held out for validation")
