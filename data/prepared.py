@@ -4,8 +4,8 @@
       prepared.json          what this is: name, version, splits, the tokenizer's fingerprint
       tokenizer/             the tokenizer the shards were tokenized with (`load_tokenizer`)
       NAME/1.0.0/            a TFDS dataset: NAME-{train,validation}.array_record-SSSSS-of-NNNNN,
-                             dataset_info.json, features.json; features {"text": Text,
-                             "tokens": Sequence(int32)}, the ids of `tokenizer.encode(text)`
+                             dataset_info.json, features.json; features {"id": Text,
+                             "text": Text, "tokens": Sequence(int32)} (`tokenizer.encode(text)`)
       report.json            counters, documents and bytes per stage, throughput
       dead_letter/, dropped/ JSONL: what could not be read; what the stages dropped and why
 
@@ -78,7 +78,7 @@ def tokenizer_path(directory: str) -> str:
 
 
 def open_records(directory: str, split: str):
-    """The records ({"text", "tokens"}) of one split: a random-access array_record data source."""
+    """The records ({"id", "text", "tokens"}) of one split: a random-access array_record data source."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
     builder = tfds.builder_from_directory(dataset_dir(directory))

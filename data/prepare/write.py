@@ -14,7 +14,8 @@ number of workers or the order documents arrive in: the shard files are byte for
 same on 1 and on 2 workers. A shard's records are held in memory by its writer to be sorted:
 choose `--num_shards` so that a shard is a few hundred MB at most.
 
-Records are TFDS examples of the features {"text": Text, "tokens": Sequence(int32)}, serialized
+Records are TFDS examples of the features {"id": Text, "text": Text, "tokens": Sequence(int32)}
+(the id traces a record to its file and line; tokens are `tokenizer.encode(text)`), serialized
 by `FeaturesDict.serialize_example` (no TensorFlow needed), so `tfds.builder_from_directory`,
 `tfds.data_source(NAME, data_dir=DIR)` and grain read them. Counters (namespace
 `data.prepare.write`): `documents.<split>`, `tokens.<split>`, `bytes.<split>`, `shards_written`.
@@ -40,7 +41,8 @@ def features():
     """The TFDS features of a prepared record."""
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-    return tfds.features.FeaturesDict({"text": tfds.features.Text(), "tokens": tfds.features.Sequence(np.int32)})
+    return tfds.features.FeaturesDict({"id": tfds.features.Text(), "text": tfds.features.Text(),
+                                       "tokens": tfds.features.Sequence(np.int32)})
 
 
 def split_and_shard(document_id: str, validation_fraction: float, num_shards: int) -> tuple[str, int]:
@@ -106,8 +108,8 @@ class WriteShardFn(beam.DoFn):
         partial = f"{path}.partial"  # a retried bundle rewrites it; the rename makes it whole
         writer = ArrayRecordWriter(partial, WRITER_OPTIONS)
         count = 0
-        for _, text, ids in sorted(records, key=lambda record: record[0]):
-            writer.write(self._features.serialize_example({"text": text, "tokens": ids}))
+        for document_id, text, ids in sorted(records, key=lambda record: record[0]):
+            writer.write(self._features.serialize_example({"id": document_id, "text": text, "tokens": ids}))
             count += 1
         writer.close()
         os.replace(partial, path)
