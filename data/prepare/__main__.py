@@ -29,6 +29,8 @@ def main(argv) -> None:
     from data.prepare import pipeline  # pylint: disable=g-import-not-at-top
 
     config, args, beam_args = prepare_cli.config_from(argv)
+    if not cli.wants_debug(sys.argv) and not any(a.startswith("--default_sdk_harness_log_level") for a in beam_args):
+        beam_args = [*beam_args, "--default_sdk_harness_log_level=ERROR"]  # worker processes' logs too
     report = pipeline.run(config, args.output, overwrite=args.overwrite, beam_args=beam_args)
     for row in report["stages"]:
         dropped = f", dropped {row['documents_dropped']}" if "documents_dropped" in row else ""
