@@ -16,7 +16,8 @@ choose `--num_shards` so that a shard is a few hundred MB at most.
 
 Records are TFDS examples of the features {"id": Text, "text": Text, "tokens": Sequence(int32)}
 (the id traces a record to its file and line; tokens are `tokenizer.encode(text)`), serialized
-by `FeaturesDict.serialize_example` (no TensorFlow needed), so `tfds.builder_from_directory`,
+as `FeaturesDict.serialize_example` does but with the feature map in key order (`serialize`;
+no TensorFlow needed), so `tfds.builder_from_directory`,
 `tfds.data_source(NAME, data_dir=DIR)` and grain read them. Counters (namespace
 `data.prepare.write`): `documents.<split>`, `tokens.<split>`, `bytes.<split>`, `shards_written`.
 """
@@ -43,6 +44,18 @@ def features():
 
     return tfds.features.FeaturesDict({"id": tfds.features.Text(), "text": tfds.features.Text(),
                                        "tokens": tfds.features.Sequence(np.int32)})
+
+
+def serialize(features_dict, record: dict) -> bytes:
+    """A record as tf.train.Example bytes, its feature map in key order.
+
+    `FeaturesDict.serialize_example` writes the map in the order of its hash table, which
+    differs between processes (the same record gave different bytes on 1 and 2 workers);
+    protobuf's deterministic serialization sorts map keys.
+    """
+    encoded = features_dict.encode_example(record)
+    return features_dict._example_serializer.get_tf_example(encoded).SerializeToString(  # pylint: disable=protected-access
+        deterministic=True)
 
 
 def split_and_shard(document_id: str, validation_fraction: float, num_shards: int) -> tuple[str, int]:
@@ -109,7 +122,7 @@ class WriteShardFn(beam.DoFn):
         writer = ArrayRecordWriter(partial, WRITER_OPTIONS)
         count = 0
         for document_id, text, ids in sorted(records, key=lambda record: record[0]):
-            writer.write(self._features.serialize_example({"id": document_id, "text": text, "tokens": ids}))
+            writer.write(serialize(self._features, {"id": document_id, "text": text, "tokens": ids}))
             count += 1
         writer.close()
         os.replace(partial, path)
