@@ -140,3 +140,21 @@ def test_scrubbing_is_idempotent():
 def test_bad_kind_fails_with_a_message():
     with pytest.raises(ValueError, match="--pii_kinds has ssn; choose among email,ip,phone"):
         ScrubPii.Options(kinds=("email", "ssn"))
+
+
+def test_no_matches_in_fakers_other_numbers():
+    fake = _faker("en_US", 5)
+    makers = {
+        "date": fake.date, "iso8601": fake.iso8601, "time": fake.time, "isbn10": fake.isbn10,
+        "isbn13": fake.isbn13, "ean13": fake.ean13, "zipcode": fake.zipcode,
+        "credit card": fake.credit_card_number, "iban": fake.iban, "mac": fake.mac_address,
+        "uuid": lambda: str(fake.uuid4()), "float": lambda: str(fake.pyfloat()),
+        "coordinates": lambda: f"{fake.latitude()}, {fake.longitude()}",
+        "version": lambda: f"{fake.random_int(0, 20)}.{fake.random_int(0, 30)}.{fake.random_int(0, 99)}",
+        "price": lambda: f"${fake.random_int(1, 10**6):,}.{fake.random_int(0, 99):02d}",
+        "year range": lambda: f"{fake.year()}-{fake.year()}",
+    }
+    for name, make in makers.items():
+        for _ in range(300):
+            text = f"The value is {make()} here."
+            assert ScrubPii()(text).text == text, name
