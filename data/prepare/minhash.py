@@ -29,6 +29,7 @@ P(0.9) ≈ 1.0.
 """
 
 import hashlib
+import itertools
 import re
 
 import numpy as np
@@ -137,6 +138,25 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> list[tuple[int, int]]:
     return [(band, int.from_bytes(hashlib.blake2b(raw[band * width:(band + 1) * width], digest_size=8).digest(),
                                   "little"))
             for band in range(bands)]
+
+
+def candidate_pairs(signatures: dict[str, np.ndarray | None], bands: int, rows: int,
+                    verify: float = 0.0) -> set[tuple[str, str]]:
+    """LSH on one machine: the pairs (smaller id, larger id) sharing a bucket in some band.
+
+    The definition `near_dedup.NearDedup` computes in Beam, for measurements and tests.
+    Documents without a signature (no words) take no part; with `verify` > 0 only pairs whose
+    estimated Jaccard is at least `verify` are returned.
+    """
+    buckets = {}
+    for doc_id, sig in signatures.items():
+        if sig is not None:
+            for key in band_keys(sig, bands, rows):
+                buckets.setdefault(key, []).append(doc_id)
+    pairs = {(a, b) for members in buckets.values() for a, b in itertools.combinations(sorted(members), 2)}
+    if verify > 0:
+        pairs = {(a, b) for a, b in pairs if estimate_jaccard(signatures[a], signatures[b]) >= verify}
+    return pairs
 
 
 def candidate_probability(s, bands: int, rows: int):
