@@ -6,8 +6,9 @@ shipped with CPython, ~65k words) of at least `words_per_doc` words each, or giv
 A near-duplicate at target similarity t replaces words of its base by words drawn from the
 corpus vocabulary, at positions in a seeded random order; the number of replacements m is
 found by bisection so that the exact shingle Jaccard J(m) (which falls as m grows, each
-replacement removing up to k shingles) is the closest to t (`near_duplicate`); the achieved
-J is recorded. An exact copy differs from its base only in case and spacing, which exact
+replacement removing up to k shingles) brackets t, then refined by also replacing the first
+e < 2k words (the first e words only take part in e shingles), and the closest to t is kept
+(`near_duplicate`); the achieved J is recorded. An exact copy differs from its base only in case and spacing, which exact
 deduplication's normalization ignores.
 
 `measure` runs the LSH of `near_dedup.Options` locally on the corpus and reports
@@ -90,12 +91,15 @@ def near_duplicate(text: str, target: float, shingle: int, rng: np.random.Genera
     pieces = _SPACES.split(text)  # words at even indices, the whitespace between at odd ones
     positions = rng.permutation(np.arange(0, len(pieces), 2))
     replacements = [vocab[i] for i in rng.integers(0, len(vocab), size=positions.size)]
+    leading = [vocab[i] for i in rng.integers(0, len(vocab), size=2 * shingle)]
     original = minhash.shingles(text, shingle)
 
-    def edited(m: int) -> tuple[str, float]:
+    def edited(m: int, prefix: int = 0) -> tuple[str, float]:
         out = list(pieces)
-        for pos, word in zip(positions[:m], replacements[:m]):
-            out[pos] = word if word != out[pos].lower() else word + "s"
+        edits = list(zip(positions[:m], replacements[:m])) + list(zip(range(0, 2 * prefix, 2), leading))
+        for pos, word in edits:
+            if pos < len(out):
+                out[pos] = word if word != out[pos].lower() else word + "s"
         result = "".join(out)
         return result, minhash.exact_jaccard(original, minhash.shingles(result, shingle))
 
@@ -106,7 +110,8 @@ def near_duplicate(text: str, target: float, shingle: int, rng: np.random.Genera
             low = middle
         else:
             high = middle
-    candidates = [edited(low), edited(high)]
+    # A replaced word inside the text removes up to k shingles; the first e words only e: finer steps.
+    candidates = [edited(high)] + [edited(low, prefix) for prefix in range(2 * shingle + 1)]
     return min(candidates, key=lambda c: abs(c[1] - target))
 
 
