@@ -177,13 +177,21 @@ class LevelRow:
 
 @dataclasses.dataclass(frozen=True)
 class ThresholdRow:
-    """Candidate pairs against the truth "exact Jaccard >= threshold" over all sampled pairs."""
+    """Detected pairs against the truth "exact Jaccard >= threshold" over all sampled pairs.
+
+    Candidates are the LSH pairs (after `verify`); clustered pairs are those that near
+    deduplication puts in one cluster (connected components of the candidates, which adds
+    the pairs linked through a chain).
+    """
 
     threshold: float
     true_pairs: int
     candidate_pairs: int
     precision: float
     recall: float
+    clustered_pairs: int
+    cluster_precision: float
+    cluster_recall: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,18 +229,45 @@ def measure(corpus: PlantedCorpus, options: Options = Options(), thresholds: tup
                                float(np.mean(found))))
     sample = _sample_clusters(corpus, sample_documents, seed)
     shingle_sets = {i: minhash.shingles(text, corpus.shingle) for i, text in sample}
-    jaccards, predicted = [], []
+    cluster = _cluster_labels(signatures, candidates)
+    jaccards, predicted, clustered = [], [], []
     for a, b in itertools.combinations(sorted(shingle_sets), 2):
         jaccards.append(minhash.exact_jaccard(shingle_sets[a], shingle_sets[b]))
         predicted.append((a, b) in candidates)
-    jaccards, predicted = np.array(jaccards), np.array(predicted, dtype=bool)
+        clustered.append(cluster[a] == cluster[b])
+    jaccards = np.array(jaccards)
+    predicted, clustered = np.array(predicted, dtype=bool), np.array(clustered, dtype=bool)
     rows = []
     for t in thresholds:
         truth = jaccards >= t
-        hits = int(np.count_nonzero(truth & predicted))
-        rows.append(ThresholdRow(t, int(truth.sum()), int(predicted.sum()),
-                                 hits / max(int(predicted.sum()), 1), hits / max(int(truth.sum()), 1)))
+        rows.append(ThresholdRow(t, int(truth.sum()), int(predicted.sum()), *_precision_recall(predicted, truth),
+                                 int(clustered.sum()), *_precision_recall(clustered, truth)))
     return Measurement(levels, rows, len(sample), len(jaccards))
+
+
+def _precision_recall(detected: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """(precision, recall) of boolean detections; nan where a denominator is empty."""
+    hits = int(np.count_nonzero(detected & truth))
+    precision = hits / int(detected.sum()) if detected.any() else float("nan")
+    recall = hits / int(truth.sum()) if truth.any() else float("nan")
+    return precision, recall
+
+
+def _cluster_labels(ids, pairs) -> dict[str, str]:
+    """id -> the smallest id of its connected component over `pairs` (union-find)."""
+    parent = {i: i for i in ids}
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in pairs:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return {i: root(i) for i in ids}
 
 
 def _sample_clusters(corpus: PlantedCorpus, size: int, seed: int) -> list[tuple[str, str]]:
@@ -247,3 +282,41 @@ def _sample_clusters(corpus: PlantedCorpus, size: int, seed: int) -> list[tuple[
             break
         sample += [(d.id, d.text) for d in members[int(cluster)]]
     return sample
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasketchComparison:
+    """Our Jaccard estimates against datasketch.MinHash's on the planted pairs' shingles.
+
+    Both are unbiased with standard deviation sqrt(J (1 - J) / num_perm) and use independent
+    hash functions, so their difference has standard deviation sqrt(2 J (1 - J) / num_perm);
+    `expected_mean_abs_difference` is the mean over pairs of sqrt(2/pi) times that.
+    """
+
+    pairs: int
+    mean_difference: float
+    mean_abs_difference: float
+    expected_mean_abs_difference: float
+    ours_mean_abs_error: float
+    datasketch_mean_abs_error: float
+
+
+def compare_with_datasketch(corpus: PlantedCorpus, options: Options = Options()) -> DatasketchComparison:
+    """Estimates of every planted pair's Jaccard by our MinHash and by datasketch's (test extra)."""
+    import datasketch  # the reference implementation, in setup.py's test extras
+
+    hasher = minhash.MinHasher(corpus.shingle, options.num_perm, options.seed)
+    texts = {d.id: d.text for d in corpus.documents}
+    rows = []
+    for pair in corpus.pairs:
+        sets = [minhash.shingles(texts[i], corpus.shingle) for i in (pair.base, pair.duplicate)]
+        ours = minhash.estimate_jaccard(*(hasher(texts[i]) for i in (pair.base, pair.duplicate)))
+        sketches = [datasketch.MinHash(num_perm=options.num_perm, seed=options.seed) for _ in sets]
+        for sketch, items in zip(sketches, sets):
+            sketch.update_batch([s.encode("utf-8") for s in items])
+        rows.append((minhash.exact_jaccard(*sets), ours, sketches[0].jaccard(sketches[1])))
+    exact, ours, theirs = (np.array(column) for column in zip(*rows))
+    expected = np.sqrt(2 / np.pi) * np.sqrt(2 * exact * (1 - exact) / options.num_perm)
+    return DatasketchComparison(len(rows), float(np.mean(ours - theirs)), float(np.mean(np.abs(ours - theirs))),
+                                float(expected.mean()), float(np.mean(np.abs(ours - exact))),
+                                float(np.mean(np.abs(theirs - exact))))

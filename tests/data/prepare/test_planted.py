@@ -52,13 +52,18 @@ def test_measure_counts_and_s_curve(corpus):
     signatures = {i: hasher(texts[i]) for i in sample}
     candidates = minhash.candidate_pairs(signatures, options.bands, options.rows)
     pairs = list(itertools.combinations(sample, 2))
+    clusters = flood_clusters(signatures, candidates)
     assert result.sampled_documents == len(sample) and result.sampled_pairs == len(pairs)
     for row in result.thresholds:
         truth = {(a, b) for a, b in pairs
                  if minhash.exact_jaccard(minhash.shingles(texts[a], 5), minhash.shingles(texts[b], 5)) >= row.threshold}
         assert row.true_pairs == len(truth) and row.candidate_pairs == len(candidates)
-        assert row.recall == pytest.approx(len(truth & candidates) / max(len(truth), 1))
-        assert row.precision == pytest.approx(len(truth & candidates) / max(len(candidates), 1))
+        assert row.recall == pytest.approx(len(truth & candidates) / len(truth))
+        assert row.precision == pytest.approx(len(truth & candidates) / len(candidates))
+        clustered = {(a, b) for a, b in pairs if clusters[a] == clusters[b]}
+        assert row.clustered_pairs == len(clustered) >= len(candidates & set(pairs))
+        assert row.cluster_recall == pytest.approx(len(truth & clustered) / len(truth))
+        assert row.cluster_precision == pytest.approx(len(truth & clustered) / len(clustered))
     # detection per level: a Poisson-binomial count, within z (Bonferroni over the levels) sd of the S-curve
     z = stats.norm.ppf(1 - 1e-3 / len(result.levels) / 2)
     for row in result.levels:
@@ -66,6 +71,37 @@ def test_measure_counts_and_s_curve(corpus):
         p = minhash.candidate_probability(achieved, options.bands, options.rows)
         assert row.predicted == pytest.approx(p.mean())
         assert abs(row.measured * row.pairs - p.sum()) <= z * np.sqrt(np.sum(p * (1 - p))) + 1
+
+
+def flood_clusters(ids, pairs):
+    """id -> a frozenset of its component, by breadth-first flooding (independent of union-find)."""
+    neighbours = {i: set() for i in ids}
+    for a, b in pairs:
+        neighbours[a].add(b)
+        neighbours[b].add(a)
+    out = {}
+    for start in ids:
+        if start not in out:
+            component, frontier = {start}, [start]
+            while frontier:
+                for v in neighbours[frontier.pop()] - component:
+                    component.add(v)
+                    frontier.append(v)
+            out.update(dict.fromkeys(component, frozenset(component)))
+    return out
+
+
+def test_compare_with_datasketch(corpus):
+    """The mean difference is within 5 of its sd; the mean |difference| near its expectation."""
+    result = planted.compare_with_datasketch(corpus)
+    texts = {d.id: d.text for d in corpus.documents}
+    js = np.array([minhash.exact_jaccard(*(minhash.shingles(texts[i], 5) for i in (p.base, p.duplicate)))
+                   for p in corpus.pairs])
+    variance = 2 * js * (1 - js) / 128
+    assert result.pairs == len(corpus.pairs)
+    assert abs(result.mean_difference) <= 5 * np.sqrt(variance.sum()) / len(js)
+    # |d| has variance <= E d^2 = 2 J (1 - J) / k per pair: the mean of |d| is within 5 sd of its mean
+    assert abs(result.mean_abs_difference - result.expected_mean_abs_difference) <= 5 * np.sqrt(variance.sum()) / len(js)
 
 
 def result_sample_ids(corpus, size, seed):
