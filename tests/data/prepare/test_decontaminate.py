@@ -6,6 +6,7 @@ import json
 import operator
 
 import apache_beam as beam
+import numpy as np
 import faker
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
@@ -140,3 +141,18 @@ def test_bad_options(tmp_path):
         decontaminate.Decontaminate(decontaminate.Options(eval_files=str(tmp_path / "*.jsonl")))
     with pytest.raises(ValueError, match="--decontam_ngram must be >= 1"):
         decontaminate.Options(ngram=0)
+
+
+def test_union_of_eval_hashes_equals_numpy_unique():
+    """The combiner (compacting every 1024 arrays, merged across accumulators) = np.unique of all."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 5000, size=rng.integers(0, 20), dtype=np.uint64) for _ in range(3000)]
+    combine = decontaminate._UnionSorted()
+    parts = []
+    for chunk in (arrays[:1700], arrays[1700:]):
+        accumulator = combine.create_accumulator()
+        for a in chunk:
+            accumulator = combine.add_input(accumulator, a)
+        parts.append(accumulator)
+    got = combine.extract_output(combine.merge_accumulators(parts))
+    assert got.dtype == np.uint64 and got.tolist() == np.unique(np.concatenate(arrays)).tolist()
