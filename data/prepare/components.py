@@ -11,7 +11,8 @@ its neighbours Γ(u):
 
 Both keep every component connected and never join two components; their fixed point is a
 set of stars, each centred on its component's smallest node, reached in O(log^2 n) rounds
-(in practice a few: a 1,000-node path takes about 10). Beam's graph is static, so the
+(in practice few: measured with this code, a path of 1,000 nodes numbered in order takes 10
+rounds, of 10,000 nodes 14; in random order 8 and 11). Beam's graph is static, so the
 rounds are unrolled `rounds` times; each costs two shuffles of the edges. The last step
 labels every node with min(u, Γ(u)) and checks the fixed point: a node whose neighbours
 carry another label is counted in `unconverged_nodes` (then raise `rounds`). Stopping early

@@ -92,13 +92,20 @@ def read_examples(path: str, text_key: str):
     jsonl = _format(path) == ".jsonl"
     with FileSystems.open(path) as handle:
         for number, raw in enumerate(iter(handle.readline, b""), 1):
-            line = raw.decode("utf-8").strip()
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{number}: evaluation file line is not valid UTF-8; "
+                                 "re-encode the file as UTF-8") from None
             if not line:
                 continue
             if not jsonl:
                 yield line
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: evaluation line is not valid JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
                 raise ValueError(f"{path}:{number}: an evaluation record needs a string under {text_key!r}; "
                                  f"set --{NAME}_text_key")
@@ -124,19 +131,30 @@ class _EvalHashes(beam.DoFn):
 
 
 class _UnionSorted(beam.CombineFn):
-    """Arrays of hashes -> one sorted array of the distinct hashes."""
+    """Arrays of hashes -> one sorted array of the distinct hashes.
+
+    The accumulator is a list of arrays, compacted (concatenated and deduplicated) every
+    `_COMPACT` additions, so the work is O(total log total) rather than a union per example.
+    """
+
+    _COMPACT = 1024
 
     def create_accumulator(self):
-        return np.zeros(0, np.uint64)
+        return []
 
     def add_input(self, accumulator, hashes):
-        return np.union1d(accumulator, hashes).astype(np.uint64)
+        accumulator.append(hashes)
+        return [_unique(accumulator)] if len(accumulator) >= self._COMPACT else accumulator
 
     def merge_accumulators(self, accumulators):
-        return np.unique(np.concatenate([np.zeros(0, np.uint64), *accumulators])).astype(np.uint64)
+        return [_unique([a for acc in accumulators for a in acc])]
 
     def extract_output(self, accumulator):
-        return accumulator
+        return _unique(accumulator)
+
+
+def _unique(arrays) -> np.ndarray:
+    return np.unique(np.concatenate([np.zeros(0, np.uint64), *arrays])).astype(np.uint64)
 
 
 class _Filter(beam.DoFn):
@@ -164,14 +182,19 @@ class _Filter(beam.DoFn):
 class Decontaminate(beam.PTransform):
     """Documents -> `.kept` and `.dropped` ((id, "decontam", "contaminated")).
 
-    The evaluation glob is matched when the transform is built, so a glob that matches
-    nothing fails before the pipeline runs.
+    The evaluation files are matched and read once when the transform is built, so a glob
+    that matches nothing, or a record that is not UTF-8, not JSON or lacks `text_key`, is a
+    one-line ValueError before the pipeline runs; the pipeline reads them again to hash
+    (evaluation sets are small; hashing there keeps a large n-gram set out of the job graph).
     """
 
     def __init__(self, options: Options | None = None, label: str = NAME):
         super().__init__(label=label)
         self._options = options or Options()
         self._paths = eval_paths(self._options.eval_files) if self._options.eval_files else []
+        for path in self._paths:  # small files: reading them here turns a bad record into an early error
+            for _ in read_examples(path, self._options.text_key):
+                pass
 
     def expand(self, documents):
         eval_hashes = (documents.pipeline

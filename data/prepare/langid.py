@@ -17,7 +17,7 @@ Why `min_prob` = 0.5 by default: a posterior below one half means the model find
 more likely NOT to be its top language than to be it; such documents are mostly short,
 mixed-language or non-prose (tables, code, lists of names), which the keep-list cannot
 vouch for. On clean paragraphs the posterior is ~1.0, so the threshold costs little recall
-(measured on the labelled sample below and reported by `evaluate`).
+(measured below).
 
 `--langid_candidates` restricts the model to a subset of its languages (e.g. `en,de,fr`),
 which removes confusions with languages the corpus cannot contain; empty means all 97.
@@ -33,6 +33,10 @@ it, nl, pl, ru, cs, da and uk. Faker's lorem text is random words drawn from a p
 word list, not natural prose (no syntax, little function-word structure), which makes the
 task somewhat harder than real text in the same language. Faker has no lorem word list for
 some locales (pt_PT, sv_SE, en_GB, ... fall back to Latin), so those are not used.
+Measured (seed 0, the defaults keep=en, min_prob=0.5): on paragraphs (60 per language, 660 in
+all) the English keep-list's precision and recall are both 1.0 at any min_prob from 0 to
+0.99; on single sentences (5..15 English words vs 8 lorem words, 100 per language) precision
+0.990 and recall 0.970 (min_prob 0: 0.990 / 0.980; 0.8: 1.0 / 0.960).
 
     >>> from data.prepare.langid import LanguageId
     >>> language_id = LanguageId(LanguageId.Options(keep=("en",)))
@@ -43,16 +47,18 @@ some locales (pt_PT, sv_SE, en_GB, ... fall back to Latin), so those are not use
 """
 
 import collections
+import copy
 import dataclasses
 import functools
 import random
+import re
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from data.prepare import stage
 
 __all__ = ["LanguageId", "LanguageIdOptions", "Report", "evaluate", "labelled_sample",
-           "FAKER_LOCALES"]
+           "english_paragraphs", "english_sentences", "FAKER_LOCALES"]
 
 # Faker locales with their own lorem word list, and the language code langid.py gives them.
 FAKER_LOCALES = {"de_DE": "de", "fr_FR": "fr", "es_ES": "es", "it_IT": "it", "nl_NL": "nl",
@@ -94,12 +100,13 @@ def _languages() -> tuple[str, ...]:
 @functools.cache
 def _identifier(candidates: tuple[str, ...]):
     """The process's langid.py model (read-only once built; one per candidate set)."""
+    if candidates:  # a copy of the full model, restricted (copying beats unpacking it again)
+        identifier = copy.deepcopy(_identifier(()))
+        identifier.set_languages(list(candidates))
+        return identifier
     from langid.langid import LanguageIdentifier, model
 
-    identifier = LanguageIdentifier.from_modelstring(model, norm_probs=True)
-    if candidates:
-        identifier.set_languages(list(candidates))
-    return identifier
+    return LanguageIdentifier.from_modelstring(model, norm_probs=True)
 
 
 def classify(text: str, candidates: tuple[str, ...] = ()) -> tuple[str, float]:
@@ -194,13 +201,27 @@ def english_paragraphs(min_words: int = 20) -> list[str]:
     return paragraphs
 
 
-def labelled_sample(per_language: int, seed: int = 0,
-                    locales: Sequence[str] = tuple(FAKER_LOCALES)) -> list[tuple[str, str]]:
-    """A seeded labelled sample: `per_language` English pydoc paragraphs and Faker paragraphs.
+def english_sentences(min_words: int = 5, max_words: int = 15) -> list[str]:
+    """Sentences of `english_paragraphs()` with min_words..max_words words."""
+    sentences = []
+    for paragraph in english_paragraphs():
+        for sentence in re.split(r"(?<=[.!?])\s+", paragraph):
+            if min_words <= len(sentence.split()) <= max_words:
+                sentences.append(sentence)
+    return sentences
 
-    English: a seeded choice of `english_paragraphs()`. Other languages: `Faker(locale)
-    .paragraph(nb_sentences=5)` (random words from the locale's lorem word list; Faker is a
-    test extra of setup.py). Returns (text, language code) pairs, English first.
+
+def labelled_sample(per_language: int, seed: int = 0, locales: Sequence[str] = tuple(FAKER_LOCALES),
+                    unit: str = "paragraph") -> list[tuple[str, str]]:
+    """A seeded labelled sample: `per_language` English texts from pydoc and Faker texts.
+
+    English: a seeded choice of `english_paragraphs()` (unit="paragraph") or of
+    `english_sentences()` (unit="sentence", 5..15 words: the harder case). Other languages:
+    `Faker(locale).paragraph(nb_sentences=5)` or `.sentence(nb_words=8)` (random words from the
+    locale's lorem word list; Faker is a test extra of setup.py).
+
+    Returns:
+      (text, language code) pairs, English first.
     """
     try:
         from faker import Faker
@@ -210,12 +231,15 @@ def labelled_sample(per_language: int, seed: int = 0,
     if unknown:
         raise ValueError(f"locales {unknown} have no Faker lorem word list of their own; "
                          f"use some of {sorted(FAKER_LOCALES)}")
+    if unit not in ("paragraph", "sentence"):
+        raise ValueError(f"unit={unit!r}; use paragraph or sentence")
     rng = random.Random(seed)
-    english = english_paragraphs()
+    english = english_paragraphs() if unit == "paragraph" else english_sentences()
     sample = [(text, "en") for text in rng.sample(english, min(per_language, len(english)))]
     for index, locale in enumerate(locales):
         fake = Faker(locale)
         fake.seed_instance(seed * 1000 + index)
-        sample += [(fake.paragraph(nb_sentences=5), FAKER_LOCALES[locale])
-                   for _ in range(per_language)]
+        make = (lambda: fake.paragraph(nb_sentences=5)) if unit == "paragraph" else (
+            lambda: fake.sentence(nb_words=8))
+        sample += [(make(), FAKER_LOCALES[locale]) for _ in range(per_language)]
     return sample

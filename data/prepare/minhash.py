@@ -29,6 +29,7 @@ P(0.9) ≈ 1.0.
 """
 
 import hashlib
+import itertools
 import re
 
 import numpy as np
@@ -74,17 +75,23 @@ def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+def _mod_mersenne(t: np.ndarray) -> np.ndarray:
+    """t mod p for uint64 t, by the Mersenne fold t = (t mod 2^61) + (t >> 61) (mod p)."""
+    p = np.uint64(MERSENNE_PRIME)
+    folded = (t & p) + (t >> np.uint64(61))  # < 2^61 + 8: at most one subtraction left
+    return np.where(folded >= p, folded - p, folded)
+
+
 def _mul_mod(a: np.ndarray, x: np.ndarray) -> np.ndarray:
     """(a x) mod p, exact, for a < p (shape [P, 1]) and 32-bit x (shape [1, N]) in uint64.
 
     a = a_hi 2^32 + a_lo: a_lo x < 2^64 fits; y = a_hi x < 2^61 and y 2^32 mod p is
     (y >> 29) + (y mod 2^29) 2^32 because 2^61 ≡ 1 (mod p).
     """
-    p = np.uint64(MERSENNE_PRIME)
-    low = (a & _LOW32) * x % p
+    low = _mod_mersenne((a & _LOW32) * x)
     y = (a >> np.uint64(32)) * x
-    high = ((y >> np.uint64(29)) + ((y & np.uint64((1 << 29) - 1)) << np.uint64(32))) % p
-    return (low + high) % p
+    high = (y >> np.uint64(29)) + ((y & np.uint64((1 << 29) - 1)) << np.uint64(32))  # < 2^61 + 2^32
+    return _mod_mersenne(low + high)
 
 
 def signature(hashes: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -96,10 +103,9 @@ def signature(hashes: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """
     result = np.full(a.shape, EMPTY, dtype=np.uint64)
     hashes = np.asarray(hashes, dtype=np.uint64)
-    p = np.uint64(MERSENNE_PRIME)
     for start in range(0, hashes.size, _CHUNK):
         x = hashes[None, start:start + _CHUNK]
-        permuted = (_mul_mod(a[:, None], x) + b[:, None]) % p
+        permuted = _mod_mersenne(_mul_mod(a[:, None], x) + b[:, None])
         np.minimum(result, permuted.min(axis=1), out=result)
     return result
 
@@ -137,6 +143,25 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> list[tuple[int, int]]:
     return [(band, int.from_bytes(hashlib.blake2b(raw[band * width:(band + 1) * width], digest_size=8).digest(),
                                   "little"))
             for band in range(bands)]
+
+
+def candidate_pairs(signatures: dict[str, np.ndarray | None], bands: int, rows: int,
+                    verify: float = 0.0) -> set[tuple[str, str]]:
+    """LSH on one machine: the pairs (smaller id, larger id) sharing a bucket in some band.
+
+    The definition `near_dedup.NearDedup` computes in Beam, for measurements and tests.
+    Documents without a signature (no words) take no part; with `verify` > 0 only pairs whose
+    estimated Jaccard is at least `verify` are returned.
+    """
+    buckets = {}
+    for doc_id, sig in signatures.items():
+        if sig is not None:
+            for key in band_keys(sig, bands, rows):
+                buckets.setdefault(key, []).append(doc_id)
+    pairs = {(a, b) for members in buckets.values() for a, b in itertools.combinations(sorted(members), 2)}
+    if verify > 0:
+        pairs = {(a, b) for a, b in pairs if estimate_jaccard(signatures[a], signatures[b]) >= verify}
+    return pairs
 
 
 def candidate_probability(s, bands: int, rows: int):

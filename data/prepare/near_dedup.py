@@ -45,7 +45,7 @@ class Options:
     rows: int = field(8, "Signature entries per LSH band.")
     seed: int = field(1, "Seed of the MinHash permutations.")
     verify: float = field(0.0, "Keep only candidate pairs whose estimated Jaccard is >= this (0: no check).")
-    rounds: int = field(12, "Connected-components rounds (each two shuffles); see unconverged_nodes.")
+    rounds: int = field(16, "Connected-components rounds (each two shuffles); raise if unconverged_nodes > 0.")
 
     def __post_init__(self):
         check(self)

@@ -24,8 +24,13 @@ amount, a year: ambiguous in running text, so Faker's bare-digit formats like `0
 are missed, measured in the tests), dates (`2024-01-15`, `15.01.2024`, `01/15/2024`: `/`
 is no separator, and 3 groups shaped like a date are skipped), versions and decimals
 (`3.10.12`, `3.14159`: too few digits), thousands groupings (`10 000 000`: groups of
-exactly 3 after a first of 1-3), IPv4 addresses. Counts: `email`, `phone`, `ip` (one per
-replacement).
+exactly 3 after a first of 1-3, unless 9+ digits not ending in 000), IPv4 addresses, ISBNs.
+Measured on Faker's other numeric values in a sentence (300 each, tested): no match in dates,
+ISO 8601 times, ISBN-10/13, EAN-13, zip codes, credit-card numbers, floats, versions, prices,
+UUIDs, MAC addresses, IBANs, coordinates and year ranges; but US social security numbers
+(`123-45-6789`) are replaced as phone numbers, so are three numbers in a row separated by
+spaces (`643 860 961`), and a network address (`10.0.0.0/8`) as an IP address. Counts:
+`email`, `phone`, `ip` (one per replacement).
 
     >>> from data.prepare.pii import ScrubPii
     >>> ScrubPii(ScrubPii.Options())("Mail jane.doe@example.org or call +1-202-555-0147 from 10.0.0.1.")
@@ -64,7 +69,7 @@ PHONE = re.compile(
     rf"|(?:\d{{1,2}}{_SEP}?)?\(\d{{2,5}}\){_SEP}?\d{{2,9}}(?:{_SEP}\d{{2,5}}){{0,3}}"  # (area) ...
     rf"|\d{{1,5}}{_SEP}\d{{2,5}}(?P<sep>{_SEP})\d{{2,5}}(?:(?P=sep)\d{{2,5}}){{0,3}}"  # 3+ groups
     rf"|0\d{{1,4}}{_SEP}\d{{4,8}}"  # trunk-0 area code + number
-    r")(?:\s?(?:x|ext\.?)\s?\d{1,5})?(?![\w/]|[.\-]\d)")
+    r")(?:\s?(?:x|ext\.?)\s?\d{1,5})?(?![\w/]|[.\-]\w)")
 
 _DATE = re.compile(r"\d{4}[.\-]\d{1,2}[.\-]\d{1,2}|\d{1,2}[.\-]\d{1,2}[.\-]\d{2,4}")
 _THOUSANDS = re.compile(r"\d{1,3}(?:[ .]\d{3})+")

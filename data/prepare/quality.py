@@ -36,7 +36,7 @@ Gopher (Rae et al. 2021, appendix A.1.1):
 
 | reason                 | the document is dropped when                                       | default      |
 |------------------------|--------------------------------------------------------------------|--------------|
-| too_few_words          | words < min_words                                                  | 50           |
+| too_few_words          | words < min_words (or no words at all)                             | 50           |
 | too_many_words         | words > max_words                                                  | 100,000      |
 | mean_word_length       | mean word length (chars / words) outside [min, max]                | [3, 10]      |
 | hash_ratio             | count of `#` / words > max                                         | 0.1          |
@@ -50,7 +50,8 @@ Gopher (Rae et al. 2021, appendix A.1.1):
 | dup_line_chars         | chars of those duplicate lines / chars of all lines > max           | 0.2          |
 | dup_paragraph_chars    | chars of those duplicate paragraphs / chars of all paragraphs > max | 0.2          |
 | top_{2,3,4}gram        | chars of the most frequent n-gram x its count / word chars > max   | .20 .18 .16  |
-|                        | (only an n-gram occurring at least twice counts)                   |              |
+|                        | (only an n-gram occurring at least twice counts; of equally        |              |
+|                        | frequent ones, the one with the most characters)                   |              |
 | dup_{5..10}gram        | chars of the words covered by some n-gram occurring 2+ times (all  | .15 .14 .13  |
 |                        | its occurrences, overlaps once) / word chars > max                 | .12 .11 .10  |
 
@@ -190,7 +191,9 @@ def _top_ngram_chars(words: list[str], n: int, word_chars: int) -> float:
     counts = collections.Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
     if not counts:
         return 0.0
-    ngram, count = counts.most_common(1)[0]
+    # The most frequent n-gram; of equally frequent ones, the longest (ties must not depend on
+    # the order the n-grams were seen in).
+    ngram, count = max(counts.items(), key=lambda item: (item[1], sum(map(len, item[0]))))
     return sum(map(len, ngram)) * count / word_chars if count > 1 else 0.0
 
 
@@ -208,7 +211,7 @@ def _dup_ngram_chars(words: list[str], n: int, word_chars: int) -> float:
 
 def _gopher_reason(text: str, o: QualityOptions) -> str:  # noqa: C901 (one rule per line)
     words = text.split()
-    if len(words) < o.min_words:
+    if len(words) < max(o.min_words, 1):  # no words at all: nothing to measure
         return "too_few_words"
     if len(words) > o.max_words:
         return "too_many_words"

@@ -3,6 +3,7 @@ white space follow the documented rules; HTML text agrees with BeautifulSoup's (
 backend) on varied documents; normalizing twice equals once; the four per-document stages
 run in a Beam pipeline give what they give locally, counters included."""
 
+import collections
 import random
 import re
 import unicodedata
@@ -151,3 +152,55 @@ def test_options_become_flags():
     stage.add_arguments(parser, Normalize.name, Normalize.Options)
     args = parser.parse_args(["--normalize_strip_html=true"])
     assert stage.options_from(args, Normalize.name, Normalize.Options) == Normalize.Options(strip_html=True)
+
+
+def test_the_four_stages_in_beam_equal_the_stages_run_locally():
+    import apache_beam as beam
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.testing.util import assert_that, equal_to
+    from faker import Faker
+
+    from data.prepare import transforms
+    from data.prepare.langid import LanguageId
+    from data.prepare.pii import ScrubPii
+    from data.prepare.quality import QualityFilter
+
+    fake = Faker("de_DE")
+    fake.seed_instance(0)
+    texts = [topics[k] + f"\n\nWrite to a{i}@example.org or call +1-202-555-01{i:02d}."
+             for i, k in enumerate(sorted(topics)[:30])]
+    texts += ["<p>" + topics["pass"] + "</p><script>x()</script>", "", "\u200b\n\t",
+              "Buy now!\nBuy now!", fake.paragraph(nb_sentences=30)]
+    documents = [stage.Document(f"doc:{i:03d}", t) for i, t in enumerate(texts)]
+    stages = [Normalize(Normalize.Options(strip_html=True)), LanguageId(), QualityFilter(), ScrubPii()]
+
+    expected_kept, expected_dropped, expected_counts = [], [], {}
+    for document in documents:
+        text = document.text
+        for s in stages:
+            outcome = s(text)
+            counts = expected_counts.setdefault(s.name, collections.Counter())
+            stage.count_outcome(outcome, counts.update)
+            if outcome.text is None:
+                expected_dropped.append((document.id, s.name, outcome.reason))
+                break
+            text = outcome.text
+        else:
+            expected_kept.append(stage.Document(document.id, text))
+    assert expected_kept and {d[1] for d in expected_dropped} == {"normalize", "langid", "quality"}
+
+    pipeline = beam.Pipeline(runner="DirectRunner")
+    collection = pipeline | beam.Create(documents)
+    dropped = []
+    for s in stages:
+        outputs = collection | transforms.ApplyStage(s)
+        collection = outputs.kept
+        dropped.append(outputs[transforms.DROPPED])
+    assert_that(collection, equal_to(expected_kept), label="kept")
+    assert_that(dropped | beam.Flatten(), equal_to(expected_dropped), label="dropped")
+    result = pipeline.run()
+    result.wait_until_finish()
+    for s in stages:
+        query = result.metrics().query(MetricsFilter().with_namespace(f"{transforms.NAMESPACE}.{s.name}"))
+        counters = {r.key.metric.name: r.committed for r in query["counters"]}
+        assert counters == {k: v for k, v in expected_counts[s.name].items() if v}, s.name
