@@ -279,9 +279,11 @@ def check_text_data(config, workdir: str) -> None:
         for split in dict.fromkeys((d.train_split, d.eval_split)):
             sources.open_split(d.source, split, data_dir=data_dir, text_key=d.text_key)
         return
-    if spec.kind == "prepared":  # its splits open (a missing or foreign directory says what to run)
+    if spec.kind == "prepared":  # its splits open, and a tokenizer.path is the one it was prepared with
         for split in dict.fromkeys((d.train_split, d.eval_split)):
             sources.open_split(d.source, split)
+        if config.tokenizer.path and not config.init_from:
+            build.tokenizer(config, workdir, build.data_config(config, workdir))
         return
     if not 0.0 < d.validation_fraction < 1.0:
         raise ValueError(f"config key `data.validation_fraction`={d.validation_fraction} must lie in (0, 1): the "

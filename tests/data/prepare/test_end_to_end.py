@@ -16,7 +16,7 @@ from data import pipeline as data_pipeline
 from data import prepared
 from data.tokenizer import load_tokenizer
 from data.tokenizer.bpe import ByteLevelBPE
-from tests.cli_output import REPO, run_module
+from tests.cli_output import REPO, assert_one_line_error, run_module
 from tests.data.prepare.raw_corpus import EMAILS, IPS, PHONES, write_corpus
 from train import build
 
@@ -112,3 +112,13 @@ def test_python_m_train_trains_on_the_prepared_directory(prepared_run, tmp_path)
     assert re.search(r"step 2: val loss [\d.]+, [\d.]+ bits/byte", result.stdout), result.stdout
     vocab = load_tokenizer(prepared.tokenizer_path(str(directory))).vocab_size
     assert f"vocab {vocab};" in result.stdout
+
+
+def test_another_tokenizer_is_one_line_before_the_workdir_exists(prepared_run, tmp_path):
+    other = tmp_path / "other"
+    ByteLevelBPE.train(prepared_run["planted"].base, 280, special_tokens=("<|endoftext|>",)).save(other)
+    directory = prepared_run["root"] / "out"
+    result = run_module("train", "--config=configs/gpt.py:tiny", f"--workdir={tmp_path / 'run'}",
+                        f"--config.data.source=prepared:{directory}", f"--config.tokenizer.path={other}")
+    assert_one_line_error(result, f"tokenized with {directory}/tokenizer", f"tokenizer.path={other} differs")
+    assert not (tmp_path / "run").exists()
