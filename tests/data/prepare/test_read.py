@@ -114,6 +114,9 @@ def test_bad_files_and_records_go_to_the_dead_letter(read_run):
     assert "unknown format" in by_file[paths["notes.md"]][0]["error"]
     kept = [text for doc_id, text in read_run["whole", "docs"] if doc_id.startswith(paths["bad.jsonl"])]
     assert sorted(kept) == ["also kept", "kept"]
+    # A file that breaks partway keeps what was read before the fault: its first paragraph.
+    before_fault = [text for doc_id, text in read_run["paragraphs", "docs"] if doc_id.startswith(paths["latin1.txt"])]
+    assert before_fault == ["ok line"]
 
 
 def test_counters_match_the_outputs(read_run):

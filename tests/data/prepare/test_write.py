@@ -1,5 +1,5 @@
-"""data.prepare.write and the run around it (stages off): shards identical on 1 and 2 worker
-processes, every record's tokens equal to the tokenizer's encoding of its text, shards sorted by
+"""data.prepare.write and the run around it (stages off): shards identical on the DirectRunner's
+three modes (in memory, 2 processes, 2 threads), every record's tokens equal to the tokenizer's encoding of its text, shards sorted by
 id, tfds reading the dataset by directory and by name, the split fraction within its binomial
 spread, and --overwrite that never loses the old dataset."""
 
@@ -44,6 +44,8 @@ def corpus(tmp_path_factory):
         "in_memory": pipeline.run(config, str(root / "one")),
         "two_processes": pipeline.run(config, str(root / "two"), beam_args=[
             "--direct_running_mode=multi_processing", "--direct_num_workers=2"]),
+        "two_threads": pipeline.run(config, str(root / "threads"), beam_args=[
+            "--direct_running_mode=multi_threading", "--direct_num_workers=2"]),
     }
     return {"root": root, "texts": texts, "config": config, "reports": reports}
 
@@ -53,9 +55,9 @@ def _shard_digests(directory) -> dict[str, str]:
     return {os.path.basename(p): hashlib.sha256(open(p, "rb").read()).hexdigest() for p in paths}
 
 
-def test_shards_are_byte_identical_on_one_and_two_worker_processes(corpus):
+def test_shards_are_byte_identical_on_one_worker_two_processes_and_two_threads(corpus):
     one, two = _shard_digests(corpus["root"] / "one"), _shard_digests(corpus["root"] / "two")
-    assert len(one) == 2 * 3 and one == two
+    assert len(one) == 2 * 3 and one == two == _shard_digests(corpus["root"] / "threads")
 
 
 def test_records_hold_every_document_once_with_its_tokens_sorted_by_id(corpus):
