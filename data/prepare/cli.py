@@ -16,6 +16,7 @@ failure is a ValueError / OSError with one line naming the flag and the fix, whi
 """
 
 import argparse
+import os
 import re
 from collections.abc import Sequence
 
@@ -148,7 +149,7 @@ def config_from(argv: Sequence[str]) -> tuple[pipeline.PrepareConfig, argparse.N
     _check_values(args)
     stages = pipeline.parse_stages(args.stages)
     stage_options = _stage_options(args, stages)
-    inputs = tuple(p.strip() for p in args.input.split(",") if p.strip())
+    inputs = tuple(os.path.expanduser(p.strip()) for p in args.input.split(",") if p.strip())
     _check_inputs(inputs)
     _check_tokenizer(args.tokenizer)
     output.check_output(args.output, args.overwrite)

@@ -14,7 +14,9 @@ decompressed as a stream through Beam's file systems):
 A document's id is `<path>:<record index>` with the index zero-padded to `INDEX_WIDTH`
 digits (the paragraph or line index, counting from 0; 0 for a whole file), so ids are unique,
 stable across runs and workers, and sort in file order. Files are streamed line by line: a
-worker holds one document at a time (a whole `.txt` file when it is one document).
+worker holds one document at a time (a whole `.txt` file when it is one document). Each file
+is read by one worker (compressed streams cannot be split), so a corpus that should be read in
+parallel comes as many files.
 
 Bad input never stops the pipeline. A file that cannot be opened, is not valid UTF-8, or
 whose compressed stream is corrupt is a dead-letter entry with `record` null (the documents
@@ -26,7 +28,6 @@ documents are skipped and counted. Counters (namespace `data.prepare.read`): `fi
 """
 
 import json
-import os
 
 import apache_beam as beam
 from apache_beam.io import fileio
@@ -183,5 +184,4 @@ def matching_files(pattern: str) -> list[str]:
     """The files a pattern matches (Beam's file systems), for the checks before a run."""
     from apache_beam.io.filesystems import FileSystems
 
-    pattern = os.path.expanduser(pattern)
     return sorted(m.path for r in FileSystems.match([pattern]) for m in r.metadata_list)
