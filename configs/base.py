@@ -214,7 +214,7 @@ def get_config() -> ml_collections.ConfigDict:
         train_bytes=10_000_000,  # text sampled (seeded by data.shuffle_seed) to train on; 0: the whole split
     ))
     c.data = ml_collections.ConfigDict(dict(
-        source="embedded",  # embedded | files:PATH[,PATH] | tfds:NAME[:CONFIG]
+        source="embedded",  # embedded | files:PATH[,PATH] | tfds:NAME[:CONFIG] | prepared:DIR (python -m data.prepare)
         text_key="text",
         split_paragraphs=False,
         seq_len=128,
