@@ -137,9 +137,11 @@ def tokenizer(config: ml_collections.ConfigDict, workdir: str, data: pipeline.Da
 
 
 def _prepared_dir(config: ml_collections.ConfigDict) -> str:
-    """The directory of a `prepared:DIR` data source ("" for any other source)."""
-    spec = sources.parse_source(config.data.source)
-    return spec.paths[0] if spec.kind == "prepared" else ""
+    """The directory of a `prepared:DIR` data source ("" for any other source, whichever objective
+    reads it: sft, preference and task sources are not `data.sources` specs)."""
+    if not config.data.source.startswith("prepared:"):
+        return ""
+    return sources.parse_source(config.data.source).paths[0]
 
 
 def mlm(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> MLMConfig | None:
