@@ -268,3 +268,12 @@ def test_every_threshold_is_a_flag():
                               "--quality_min_words=10"])
     options = stage.options_from(args, QualityFilter.name, Options)
     assert options == Options(max_dup_5gram_chars=0.2, c4_lines=False, min_words=10)
+
+
+def test_docstring_example():
+    import doctest
+
+    from data.prepare import quality as module
+
+    result = doctest.testmod(module)
+    assert result.attempted and not result.failed
