@@ -120,6 +120,11 @@ class QualityOptions:
                                                     "10-grams")
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, (bool, str)) and value < 0:
+                raise ValueError(f"--quality_{f.name}={value} is negative; thresholds are counts or "
+                                 f"fractions, >= 0")
         if self.c4_unit not in ("line", "paragraph"):
             raise ValueError(f"--quality_c4_unit={self.c4_unit!r}; use line or paragraph")
         if self.min_words > self.max_words:
