@@ -107,8 +107,9 @@ def read_examples(path: str, text_key: str):
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{number}: evaluation line is not valid JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                raise ValueError(f"{path}:{number}: an evaluation record needs a string under {text_key!r}; "
-                                 f"set --{NAME}_text_key")
+                raise ValueError(  # noqa: TRY004 (bad file content, not a bad argument)
+                    f"{path}:{number}: an evaluation record needs a string under {text_key!r}; "
+                    f"set --{NAME}_text_key")
             yield record[text_key]
 
 

@@ -15,6 +15,14 @@ Documents without words have no shingles and pass through (counted `no_shingles`
 clusters are the connected components of the candidate graph, so two documents can share a
 cluster through a chain A~B~C with A and C dissimilar: the standard single-linkage choice.
 
+What scales: signatures are computed per document on any worker; the shuffles carry ids
+(16 bands x a few dozen bytes per document; with `verify`, each also carries its 1 KB
+signature); the components shuffle only the candidate edges (`components`); the last
+step joins the labels with the documents, one shuffle of the corpus. What does not: one
+bucket's members meet in one worker (its ids in memory, and with `verify` its m^2 / 2
+comparisons), so a text repeated in millions of slight variants makes one large bucket;
+exact deduplication, which runs first, removes verbatim repeats so they never get here.
+
 Counters (namespace `data.prepare.minhash`): `documents`, `no_shingles`, `candidate_pairs`
 (distinct edges into the components), `rejected_pairs` (bucket pairs below `verify`,
 counted per bucket), `clusters`, `unconverged_nodes`, `kept`, `dropped`,

@@ -202,17 +202,19 @@ class Measurement:
     sampled_pairs: int
 
 
-def measure(corpus: PlantedCorpus, options: Options = Options(), thresholds: tuple[float, ...] = LEVELS,
+def measure(corpus: PlantedCorpus, options: Options | None = None, thresholds: tuple[float, ...] = LEVELS,
             sample_documents: int = 400, seed: int = 0) -> Measurement:
     """LSH candidates on the planted corpus: detection per level, precision/recall per threshold.
 
     Args:
       corpus: from `generate`, with `corpus.shingle == options.shingle`.
-      options: the near-deduplication options (shingle, num_perm, bands, rows, seed, verify).
+      options: the near-deduplication options (shingle, num_perm, bands, rows, seed, verify; default:
+        the defaults).
       thresholds: the Jaccard values defining "true duplicate" for precision and recall.
       sample_documents: about how many documents (whole clusters) to compare pairwise.
       seed: seeds the sample.
     """
+    options = options or Options()
     if corpus.shingle != options.shingle:
         raise ValueError(f"the corpus was planted with {corpus.shingle}-word shingles but the options use "
                          f"{options.shingle}; generate it with shingle={options.shingle}")
@@ -301,8 +303,9 @@ class DatasketchComparison:
     datasketch_mean_abs_error: float
 
 
-def compare_with_datasketch(corpus: PlantedCorpus, options: Options = Options()) -> DatasketchComparison:
+def compare_with_datasketch(corpus: PlantedCorpus, options: Options | None = None) -> DatasketchComparison:
     """Estimates of every planted pair's Jaccard by our MinHash and by datasketch's (test extra)."""
+    options = options or Options()
     import datasketch  # the reference implementation, in setup.py's test extras
 
     hasher = minhash.MinHasher(corpus.shingle, options.num_perm, options.seed)

@@ -6,8 +6,8 @@ import json
 import operator
 
 import apache_beam as beam
-import numpy as np
 import faker
+import numpy as np
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.util import assert_that, equal_to
@@ -27,8 +27,7 @@ def eval_dir(tmp_path_factory):
     questions = [fake.sentence(nb_words=22, variable_nb_words=False).rstrip(".") + "?" for _ in range(20)]
     answers = [fake.sentence(nb_words=18, variable_nb_words=False) for _ in range(10)] + ["Too short to match."]
     with open(root / "questions.jsonl", "w") as f:
-        for q in questions:
-            f.write(json.dumps({"question": q, "id": 0}) + "\n")
+        f.writelines(json.dumps({"question": q, "id": 0}) + "\n" for q in questions)
     with gzip.open(root / "answers.txt.gz", "wt") as f:
         f.write("\n".join(answers) + "\n\n")
     return root, questions + answers

@@ -186,9 +186,9 @@ def test_connected_components_on_chains_and_random_graphs(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(bands=20, rows=8), "bands \\* --minhash_rows = 160 exceeds --minhash_num_perm = 128"),
-    (dict(rows=0), "--minhash_rows must be >= 1"),
-    (dict(verify=1.5), "--minhash_verify must be a Jaccard in \\[0, 1\\]"),
+    ({"bands": 20, "rows": 8}, "bands \\* --minhash_rows = 160 exceeds --minhash_num_perm = 128"),
+    ({"rows": 0}, "--minhash_rows must be >= 1"),
+    ({"verify": 1.5}, "--minhash_verify must be a Jaccard in \\[0, 1\\]"),
 ])
 def test_bad_options_fail_with_the_flag_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
