@@ -37,6 +37,8 @@ _METRICS = f"{NAMESPACE}.{NAME}"
 
 @dataclasses.dataclass(frozen=True)
 class Options:
+    """Decontamination settings, the flags `--decontam_<field>`."""
+
     eval_files: str = field("", "Glob of evaluation files (.txt: one example per line; .jsonl), "
                                 "optionally .gz/.zst; empty: the stage keeps every document.")
     text_key: str = field("text", "The key of an example's text in JSONL evaluation files.")
