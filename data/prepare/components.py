@@ -72,7 +72,7 @@ class _LabelAndCheck(beam.DoFn):
 
     def process(self, item):
         u, labels = item
-        own = [label for kind, label in labels if kind == "self"][0]
+        own = next(label for kind, label in labels if kind == "self")
         if any(label != own for kind, label in labels if kind == "neighbour"):
             self._unconverged.inc()
         if own == u:

@@ -37,6 +37,8 @@ _METRICS = f"{NAMESPACE}.{NAME}"
 
 @dataclasses.dataclass(frozen=True)
 class Options:
+    """Decontamination settings, the flags `--decontam_<field>`."""
+
     eval_files: str = field("", "Glob of evaluation files (.txt: one example per line; .jsonl), "
                                 "optionally .gz/.zst; empty: the stage keeps every document.")
     text_key: str = field("text", "The key of an example's text in JSONL evaluation files.")
@@ -107,8 +109,9 @@ def read_examples(path: str, text_key: str):
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{number}: evaluation line is not valid JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                raise ValueError(f"{path}:{number}: an evaluation record needs a string under {text_key!r}; "
-                                 f"set --{NAME}_text_key")
+                raise ValueError(  # noqa: TRY004 (bad file content, not a bad argument)
+                    f"{path}:{number}: an evaluation record needs a string under {text_key!r}; "
+                    f"set --{NAME}_text_key")
             yield record[text_key]
 
 

@@ -33,6 +33,8 @@ _WHITESPACE = re.compile(r"\s+")
 
 @dataclasses.dataclass(frozen=True)
 class Options:
+    """Exact-deduplication settings, the flags `--exact_<field>`."""
+
     casefold: bool = field(True, "Ignore case (str.casefold) when comparing contents.")
 
 

@@ -15,6 +15,14 @@ Documents without words have no shingles and pass through (counted `no_shingles`
 clusters are the connected components of the candidate graph, so two documents can share a
 cluster through a chain A~B~C with A and C dissimilar: the standard single-linkage choice.
 
+What scales: signatures are computed per document on any worker; the shuffles carry ids
+(16 bands x a few dozen bytes per document; with `verify`, each also carries its 1 KB
+signature); the components shuffle only the candidate edges (`components`); the last
+step joins the labels with the documents, one shuffle of the corpus. What does not: one
+bucket's members meet in one worker (its ids in memory, and with `verify` its m^2 / 2
+comparisons), so a text repeated in millions of slight variants makes one large bucket;
+exact deduplication, which runs first, removes verbatim repeats so they never get here.
+
 Counters (namespace `data.prepare.minhash`): `documents`, `no_shingles`, `candidate_pairs`
 (distinct edges into the components), `rejected_pairs` (bucket pairs below `verify`,
 counted per bucket), `clusters`, `unconverged_nodes`, `kept`, `dropped`,
@@ -39,6 +47,8 @@ _METRICS = f"{NAMESPACE}.{NAME}"
 
 @dataclasses.dataclass(frozen=True)
 class Options:
+    """Near-deduplication settings, the flags `--minhash_<field>`; checked when built."""
+
     shingle: int = field(5, "Words per shingle.")
     num_perm: int = field(128, "MinHash permutations (signature length).")
     bands: int = field(16, "LSH bands; bands * rows <= num_perm. Threshold ~ (1/bands)^(1/rows).")
@@ -104,21 +114,25 @@ class _BucketEdges(beam.DoFn):
             return
         unique = sorted(dict(members).items())
         for (id_a, sig_a), (id_b, sig_b) in itertools.combinations(unique, 2):
-            if bucket_pair_passes(sig_a, sig_b, self._verify):
+            if _agree_enough(sig_a, sig_b, self._verify):
                 yield id_a, id_b
             else:
                 self._rejected.inc()
 
 
-def bucket_pair_passes(sig_a: bytes, sig_b: bytes, verify: float) -> bool:
+def _agree_enough(sig_a: bytes, sig_b: bytes, verify: float) -> bool:
     """Whether two signatures (as bytes) agree on at least a `verify` fraction of entries."""
     a, b = np.frombuffer(sig_a, np.uint64), np.frombuffer(sig_b, np.uint64)
     return minhash.estimate_jaccard(a, b) >= verify
 
 
-def _count_edge(edge):
-    Metrics.counter(_METRICS, "candidate_pairs").inc()
-    return edge
+class _CountEdges(beam.DoFn):
+    def setup(self):
+        self._edges = Metrics.counter(_METRICS, "candidate_pairs")
+
+    def process(self, edge):
+        self._edges.inc()
+        yield edge
 
 
 class _KeepSmallest(beam.DoFn):
@@ -156,7 +170,7 @@ class NearDedup(beam.PTransform):
                  | "bucket" >> beam.GroupByKey()
                  | "bucket edges" >> beam.ParDo(_BucketEdges(o.verify))
                  | "distinct edges" >> beam.Distinct()
-                 | "count edges" >> beam.Map(_count_edge))
+                 | "count edges" >> beam.ParDo(_CountEdges()))
         labels = edges | "components" >> ConnectedComponents(o.rounds, _METRICS)
         by_id = documents | "by id" >> beam.Map(lambda d: (d.id, d))
         return ({"document": by_id, "label": labels}

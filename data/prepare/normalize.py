@@ -13,19 +13,20 @@ text. In order:
 2. Line breaks unified: `\\r\\n`, `\\r` and the other Unicode line boundaries (`\\v`, `\\f`,
    U+0085, U+2028, U+2029, ...) become `\\n`.
 3. Control characters removed (before NFC, so that a character removed from between a letter
-   and its combining accent cannot leave an uncomposed pair behind): every `Cc` except `\\n` and `\\t`, and the invisible format
-   characters that carry no meaning in running text: zero-width space U+200B, word joiner
-   U+2060, byte-order mark / zero-width no-break space U+FEFF, soft hyphen U+00AD. Other `Cf`
-   characters are kept: ZWJ / ZWNJ (U+200C/D) are part of emoji sequences and of Persian and
-   Indic spelling, and the bidirectional marks order right-to-left text.
+   and its combining accent cannot leave an uncomposed pair behind): every `Cc` except `\\n`
+   and `\\t`, and the invisible format characters that carry no meaning in running text:
+   zero-width space U+200B, word joiner U+2060, byte-order mark / zero-width no-break space
+   U+FEFF, soft hyphen U+00AD. Other `Cf` characters are kept: ZWJ / ZWNJ (U+200C/D) are part
+   of emoji sequences and of Persian and Indic spelling, and the bidirectional marks order
+   right-to-left text.
 4. Unicode NFC (canonical composition: `e` + U+0301 -> `é`), so that the same word has one
    code-point sequence whatever the source's encoder did. NFC, not NFKC: compatibility folding
    (ligatures, full-width forms, superscripts) changes meaning in code and mathematics.
 5. Whitespace: runs of spaces, tabs and other horizontal white space (NBSP, ...) inside a line
-   become one space (leading indentation is kept as it is with `--normalize_keep_indent=true`,
-   the default, so code and verse keep their shape; removed with false); trailing white space is stripped from
-   every line; three or more line breaks become two (one blank line); the text is stripped of
-   blank lines at both ends.
+   become one space; leading indentation is kept as it is (`--normalize_keep_indent=true`, the
+   default, so code and verse keep their shape) or removed (false); trailing white space is
+   stripped from every line; three or more line breaks become two (one blank line); the text
+   is stripped of blank lines at both ends.
 
 A document that is empty afterwards is dropped ("empty"). Counts: `nfc_changed` (documents
 that NFC changed), `control_removed` (characters removed in step 3), `html_stripped`
@@ -58,7 +59,7 @@ _PARAGRAPH_ELEMENTS = frozenset({
 # Start and end a line.
 _LINE_ELEMENTS = frozenset({
     "div", "li", "dt", "dd", "tr", "td", "th", "caption", "figcaption", "thead", "tbody",
-    "tfoot", "summary", "option", "textarea", "body", "html", "title", "br",
+    "tfoot", "summary", "option", "textarea", "body", "html", "br",
 })
 _VOID_ELEMENTS = frozenset({
     "area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",

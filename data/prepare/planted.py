@@ -8,15 +8,16 @@ corpus vocabulary, at positions in a seeded random order; the number of replacem
 found by bisection so that the exact shingle Jaccard J(m) (which falls as m grows, each
 replacement removing up to k shingles) brackets t, then refined by also replacing the first
 e < 2k words (the first e words only take part in e shingles), and the closest to t is kept
-(`near_duplicate`); the achieved J is recorded. An exact copy differs from its base only in case and spacing, which exact
-deduplication's normalization ignores.
+(`near_duplicate`); the achieved J is recorded. An exact copy differs from its base only in
+its first letter's case and in spacing, which exact deduplication's normalization ignores.
 
 `measure` runs the LSH of `near_dedup.Options` locally on the corpus and reports
   * per planted level: the fraction of planted pairs that became candidates, next to the
     S-curve's prediction at their achieved Jaccard;
-  * per threshold t: precision and recall of the candidate pairs against the truth
-    "exact Jaccard >= t", computed exactly over every pair of a sample of documents (whole
-    planted clusters, so the planted pairs are in it).
+  * per threshold t: precision and recall of the candidate pairs, and of the pairs that
+    share a cluster, against the truth "exact Jaccard >= t", computed exactly over every pair
+    of a sample of documents (whole planted clusters, so the planted pairs are in it).
+`compare_with_datasketch` sets our Jaccard estimates beside `datasketch.MinHash`'s.
 """
 
 import dataclasses
@@ -116,8 +117,8 @@ def near_duplicate(text: str, target: float, shingle: int, rng: np.random.Genera
 
 
 def _exact_copy(text: str) -> str:
-    """The same content to exact deduplication: other case, doubled spaces, trailing newline."""
-    return text.upper().replace(" ", "  ") + "\n"
+    """The same content to exact deduplication: first letter's case swapped, doubled spaces, a newline."""
+    return text[:1].swapcase() + text[1:].replace(" ", "  ") + "\n"
 
 
 def generate(num_bases: int = 200, levels: tuple[float, ...] = LEVELS, duplicates_per_level: int = 20,
@@ -202,17 +203,19 @@ class Measurement:
     sampled_pairs: int
 
 
-def measure(corpus: PlantedCorpus, options: Options = Options(), thresholds: tuple[float, ...] = LEVELS,
+def measure(corpus: PlantedCorpus, options: Options | None = None, thresholds: tuple[float, ...] = LEVELS,
             sample_documents: int = 400, seed: int = 0) -> Measurement:
     """LSH candidates on the planted corpus: detection per level, precision/recall per threshold.
 
     Args:
       corpus: from `generate`, with `corpus.shingle == options.shingle`.
-      options: the near-deduplication options (shingle, num_perm, bands, rows, seed, verify).
+      options: the near-deduplication options (shingle, num_perm, bands, rows, seed, verify; default:
+        the defaults).
       thresholds: the Jaccard values defining "true duplicate" for precision and recall.
       sample_documents: about how many documents (whole clusters) to compare pairwise.
       seed: seeds the sample.
     """
+    options = options or Options()
     if corpus.shingle != options.shingle:
         raise ValueError(f"the corpus was planted with {corpus.shingle}-word shingles but the options use "
                          f"{options.shingle}; generate it with shingle={options.shingle}")
@@ -301,8 +304,9 @@ class DatasketchComparison:
     datasketch_mean_abs_error: float
 
 
-def compare_with_datasketch(corpus: PlantedCorpus, options: Options = Options()) -> DatasketchComparison:
+def compare_with_datasketch(corpus: PlantedCorpus, options: Options | None = None) -> DatasketchComparison:
     """Estimates of every planted pair's Jaccard by our MinHash and by datasketch's (test extra)."""
+    options = options or Options()
     import datasketch  # the reference implementation, in setup.py's test extras
 
     hasher = minhash.MinHasher(corpus.shingle, options.num_perm, options.seed)

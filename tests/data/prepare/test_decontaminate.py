@@ -6,9 +6,10 @@ import json
 import operator
 
 import apache_beam as beam
-import numpy as np
 import faker
+import numpy as np
 import pytest
+import zstandard
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.util import assert_that, equal_to
 
@@ -20,15 +21,16 @@ N = 13
 
 @pytest.fixture(scope="module")
 def eval_dir(tmp_path_factory):
-    """Questions in JSONL (under "question"), answers in gzipped text, one answer too short to match."""
+    """Questions in JSONL (under "question"; 5 of them zstd-compressed), answers in gzipped text, one too short."""
     fake = faker.Faker()
     fake.seed_instance(1)
     root = tmp_path_factory.mktemp("eval")
     questions = [fake.sentence(nb_words=22, variable_nb_words=False).rstrip(".") + "?" for _ in range(20)]
     answers = [fake.sentence(nb_words=18, variable_nb_words=False) for _ in range(10)] + ["Too short to match."]
     with open(root / "questions.jsonl", "w") as f:
-        for q in questions:
-            f.write(json.dumps({"question": q, "id": 0}) + "\n")
+        f.writelines(json.dumps({"question": q, "id": 0}) + "\n" for q in questions[:15])
+    lines = "".join(json.dumps({"question": q}) + "\n" for q in questions[15:])
+    (root / "more.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
     with gzip.open(root / "answers.txt.gz", "wt") as f:
         f.write("\n".join(answers) + "\n\n")
     return root, questions + answers

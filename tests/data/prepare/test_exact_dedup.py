@@ -64,14 +64,14 @@ def run():
 
 def test_beam_equals_reference_grouping(run):
     """(assert_that inside the pipeline compared kept and dropped with the reference.)"""
-    documents, corpus, kept, counters = run
+    documents, _corpus, kept, counters = run
     assert counters["exact:documents"] == len(documents)
     assert counters["exact:groups"] == counters["exact:kept"] == len(kept)
     assert counters["exact:dropped"] == counters["exact:dropped.exact_duplicate"] == len(documents) - len(kept)
 
 
 def test_the_planted_and_variant_copies_are_dropped(run):
-    documents, corpus, kept, _ = run
+    _documents, corpus, kept, _ = run
     kept = set(kept)
     for base, copy in corpus.exact:
         assert (base in kept) != (copy in kept) and min(base, copy) in kept

@@ -130,3 +130,12 @@ def test_english_keep_list_precision_on_sentences():
     # in a hundred foreign sentences taken for English is what the stage allows there.
     assert report.keep_precision >= 0.95
     assert report.keep_recall >= 0.9
+
+
+def test_docstring_example():
+    import doctest
+
+    from data.prepare import langid as module
+
+    result = doctest.testmod(module)
+    assert result.attempted and not result.failed

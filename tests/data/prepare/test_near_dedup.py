@@ -1,6 +1,7 @@
 """near_dedup: the Beam pipeline equals plain-Python union-find over the same LSH candidate pairs,
 deterministically, with 2 workers as with 1; components on long chains; option errors."""
 
+import argparse
 import json
 import operator
 
@@ -10,7 +11,7 @@ import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from data.prepare import minhash, near_dedup, planted
+from data.prepare import minhash, near_dedup, planted, stage
 from data.prepare.components import ConnectedComponents
 from data.prepare.stage import Document
 
@@ -186,10 +187,20 @@ def test_connected_components_on_chains_and_random_graphs(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(bands=20, rows=8), "bands \\* --minhash_rows = 160 exceeds --minhash_num_perm = 128"),
-    (dict(rows=0), "--minhash_rows must be >= 1"),
-    (dict(verify=1.5), "--minhash_verify must be a Jaccard in \\[0, 1\\]"),
+    ({"bands": 20, "rows": 8}, "bands \\* --minhash_rows = 160 exceeds --minhash_num_perm = 128"),
+    ({"rows": 0}, "--minhash_rows must be >= 1"),
+    ({"verify": 1.5}, "--minhash_verify must be a Jaccard in \\[0, 1\\]"),
 ])
 def test_bad_options_fail_with_the_flag_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         near_dedup.Options(**kwargs)
+
+
+def test_flags_round_trip_and_check():
+    """The options as `--minhash_<field>` flags (stage.add_arguments); a bad combination fails when built."""
+    parser = argparse.ArgumentParser()
+    stage.add_arguments(parser, "minhash", near_dedup.Options)
+    args = parser.parse_args(["--minhash_bands=8", "--minhash_rows=16", "--minhash_verify=0.8"])
+    assert stage.options_from(args, "minhash", near_dedup.Options) == near_dedup.Options(bands=8, rows=16, verify=0.8)
+    with pytest.raises(ValueError, match="lower bands or rows, or raise num_perm"):
+        stage.options_from(parser.parse_args(["--minhash_bands=32"]), "minhash", near_dedup.Options)

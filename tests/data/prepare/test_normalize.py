@@ -204,3 +204,12 @@ def test_the_four_stages_in_beam_equal_the_stages_run_locally():
         query = result.metrics().query(MetricsFilter().with_namespace(f"{transforms.NAMESPACE}.{s.name}"))
         counters = {r.key.metric.name: r.committed for r in query["counters"]}
         assert counters == {k: v for k, v in expected_counts[s.name].items() if v}, s.name
+
+
+def test_docstring_example():
+    import doctest
+
+    from data.prepare import normalize as module
+
+    result = doctest.testmod(module)
+    assert result.attempted and not result.failed

@@ -158,3 +158,12 @@ def test_no_matches_in_fakers_other_numbers():
         for _ in range(300):
             text = f"The value is {make()} here."
             assert ScrubPii()(text).text == text, name
+
+
+def test_docstring_example():
+    import doctest
+
+    from data.prepare import pii as module
+
+    result = doctest.testmod(module)
+    assert result.attempted and not result.failed

@@ -255,6 +255,7 @@ def test_boilerplate_lines_are_removed_and_counted():
     (dict(c4_unit="page"), "--quality_c4_unit='page'"),
     (dict(min_words=10, max_words=5), "--quality_min_words=10 exceeds"),
     (dict(min_mean_word_length=5.0, max_mean_word_length=4.0), "min_mean_word_length exceeds"),
+    (dict(max_hash_ratio=-0.1), "--quality_max_hash_ratio=-0.1 is negative"),
 ])
 def test_bad_options_fail_with_a_message(options, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -268,3 +269,12 @@ def test_every_threshold_is_a_flag():
                               "--quality_min_words=10"])
     options = stage.options_from(args, QualityFilter.name, Options)
     assert options == Options(max_dup_5gram_chars=0.2, c4_lines=False, min_words=10)
+
+
+def test_docstring_example():
+    import doctest
+
+    from data.prepare import quality as module
+
+    result = doctest.testmod(module)
+    assert result.attempted and not result.failed
