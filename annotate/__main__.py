@@ -1,0 +1,45 @@
+"""Serve the labeling page for one annotator: `python -m annotate --tasks=FILE --out=DIR --annotator=NAME`.
+
+    python -m annotate --tasks=pairs.jsonl --out=labels/ --annotator=alice --port=8100
+    python -m annotate --tasks=items.jsonl --labels=negative,neutral,positive --out=labels/ --annotator=bob
+
+Open http://127.0.0.1:PORT/ and judge with the buttons or the keys. Each judgment is appended
+to DIR/NAME.jsonl at once; starting again with the same flags resumes at the first item not
+judged. The task file's forms: `annotate.tasks`; what to do with DIR: `annotate.agreement`,
+`annotate.merge`.
+"""
+
+import sys
+
+import uvicorn
+from absl import app, flags
+
+from annotate import tasks as tasks_lib
+from annotate.app import create_app
+from annotate.store import AnnotatorFile, check_annotator
+from train import cli
+
+_TASKS = flags.DEFINE_string("tasks", None, "The JSONL task file (preference pairs or items to label).")
+_OUT = flags.DEFINE_string("out", None, "The directory of the annotators' files (DIR/NAME.jsonl).")
+_ANNOTATOR = flags.DEFINE_string("annotator", None, "Your name: letters, digits, '_', '.', '-'.")
+_LABELS = flags.DEFINE_list("labels", [], "The label set of a class-label task, in order (or the file's first line).")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind (loopback by default).")
+_PORT = flags.DEFINE_integer("port", 8100, "Port to listen on.")
+flags.mark_flags_as_required(["tasks", "out", "annotator"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not 0 <= _PORT.value < 65536:
+        raise ValueError(f"--port={_PORT.value} must be in [0, 65535]")
+    check_annotator(_ANNOTATOR.value)
+    tasks = tasks_lib.read(_TASKS.value, _LABELS.value)
+    store = AnnotatorFile(_OUT.value, _ANNOTATOR.value, tasks)
+    print(f"# {len(tasks.items)} {tasks.kind} tasks, {len(store.rows)} judged by {store.annotator} "
+          f"({store.path}); open http://{_HOST.value}:{_PORT.value}/", file=sys.stderr)
+    uvicorn.run(create_app(tasks, store), host=_HOST.value, port=_PORT.value, log_level="warning")
+
+
+if __name__ == "__main__":
+    cli.run(main)  # errors as one line `error: ...`
