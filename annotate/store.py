@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Sequence
 
 from annotate.tasks import LABEL, PREFERENCE, SKIP, Item, TaskSet
 
@@ -179,19 +180,29 @@ class AnnotatorFile:
 
 
 def read_directory(directory: str) -> dict[str, list[dict]]:
-    """Every annotator's judgments under `directory` ({name: rows}, names sorted), read-only.
-
-    Raises:
-      ValueError: no annotator file, a line that is no judgment, a row whose annotator is not
-        its file's name, an item judged twice, or judgments of both kinds.
-    """
+    """Every annotator's judgments under `directory` (`read_files` of its NAME.jsonl files)."""
     paths = sorted(glob.glob(os.path.join(glob.escape(directory), "*.jsonl")))
     if not os.path.isdir(directory) or not paths:
         raise ValueError(f"{directory} holds no annotator file (NAME.jsonl); give the --out directory of "
                          "`python -m annotate`")
+    return read_files(paths)
+
+
+def read_files(paths: Sequence[str]) -> dict[str, list[dict]]:
+    """The judgments of annotator files ({name: rows}, names sorted), read-only; a partial last
+    line (a write in progress) is left out.
+
+    Raises:
+      ValueError: a missing file, two files of one name, a line that is no judgment, a row whose
+        annotator is not its file's name, an item judged twice, or judgments of both kinds.
+    """
     out, kinds = {}, {}
     for path in paths:
-        name = os.path.basename(path)[:-len(".jsonl")]
+        name = os.path.basename(path).removesuffix(".jsonl")
+        if not os.path.isfile(path):
+            raise ValueError(f"annotator file {path} does not exist; give files written by `python -m annotate`")
+        if name in out:
+            raise ValueError(f"two annotator files are named {name}.jsonl; an annotator's judgments are one file")
         with open(path, "rb") as f:
             rows = _parse(_complete_lines(f.read()), path)
         seen = set()
@@ -204,7 +215,12 @@ def read_directory(directory: str) -> dict[str, list[dict]]:
             seen.add(row["id"])
             kinds.setdefault(judgment_kind(row), f"{path}:{number}")
         if len(kinds) > 1:
-            raise ValueError(f"{directory} mixes preference judgments ({kinds[PREFERENCE]}) and label judgments "
-                             f"({kinds[LABEL]}); keep one task's annotator files per directory")
+            raise ValueError(f"the annotator files mix preference judgments ({kinds[PREFERENCE]}) and label "
+                             f"judgments ({kinds[LABEL]}); keep one task's files per directory")
         out[name] = rows
-    return out
+    return dict(sorted(out.items()))
+
+
+def kind_of(judgments: dict[str, list[dict]]) -> str | None:
+    """PREFERENCE or LABEL, the kind of every judgment (`read_files` checked they agree); None: none."""
+    return next((judgment_kind(row) for rows in judgments.values() for row in rows), None)
