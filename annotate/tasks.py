@@ -22,7 +22,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from data import jsonl, preference
+from data import jsonl
 
 PREFERENCE, LABEL = "preference", "label"
 SKIP = "skip"
@@ -81,6 +81,8 @@ def _item_id(record: dict) -> str:
 
 
 def _preference_fields(record: dict) -> dict[str, Any]:
+    from data import preference  # (imports grain: only files of pairs need it)
+
     for key in ("a", "b"):
         if key not in record:
             raise ValueError(f'missing key "{key}"; a preference pair is {{"id", "prompt", "a", "b"}}')
