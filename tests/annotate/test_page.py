@@ -30,6 +30,9 @@ CHROMIUM = "/usr/bin/chromium"
 VIEWPORT = {"width": 1100, "height": 720}
 PAIRS = [{"id": f"p{i}", "prompt": f"Which reply to <b>question {i}</b> is better?",
           "a": f"Reply A{i} <img src=x onerror=alert(1)>", "b": f"Reply B{i}\nsecond line"} for i in range(1, 6)]
+USER = {"role": "user", "content": "Help me <u>now</u>"}
+PAIRS.append({"id": "p6", "a": [USER, {"role": "assistant", "content": "Sure: <b>done</b>"}],
+              "b": [USER, {"role": "assistant", "content": "No."}]})  # messages: the prompt is what both share
 ITEMS = [{"labels": ["negative", "neutral", "positive"]}] + [
     {"id": f"t{i}", "text": f"Review {i}: <script>alert('x')</script> fine", "text_pair": f"<i>product {i}</i>"}
     for i in range(1, 4)]
@@ -147,7 +150,7 @@ def test_two_annotators_judge_pairs_with_keys_and_clicks_undo_and_resume(browser
         assert page.eval_on_selector_all("#item .text *", "nodes => nodes.length") == 0
         for done, key in enumerate(("1", "ArrowRight", "t"), start=1):
             page.keyboard.press(key)
-            watch.wait_done(done, 5)
+            watch.wait_done(done, 6)
         assert watch.shown_item() == "p4"
         path = str(tmp_path / "annotate_page.png")
         page.screenshot(path=path, full_page=True)
@@ -157,44 +160,53 @@ def test_two_annotators_judge_pairs_with_keys_and_clicks_undo_and_resume(browser
     assert _lines(out / "alice.jsonl") == _expected_lines(task_path, "alice", [("p1", "a"), ("p2", "b"),
                                                                               ("p3", "tie")])
     # alice again, a new server: resumes at p4; p4 a (ArrowLeft), undo (u) shows p4 again, p4 b (b),
-    # p5 skip (s), undo with the button, p5 a (a).
+    # p5 skip (s), undo with the button, p5 a (a), p6 b (2).
     with annotator_server(task_path, out, "alice") as url:
         watch = PageWatch(browser, url)
         page = watch.page
-        assert watch.shown_item() == "p4" and page.text_content("#progress-text") == "3 / 5 judged"
+        assert watch.shown_item() == "p4" and page.text_content("#progress-text") == "3 / 6 judged"
         assert page.text_content("#last") == "last: item p3 → tie"
         page.keyboard.press("ArrowLeft")
-        watch.wait_done(4, 5)
+        watch.wait_done(4, 6)
         page.keyboard.press("u")
-        watch.wait_done(3, 5)
+        watch.wait_done(3, 6)
         assert watch.shown_item() == "p4" and len(_lines(out / "alice.jsonl")) == 3
         for done, key in ((4, "b"), (5, "s")):
             page.keyboard.press(key)
-            watch.wait_done(done, 5)
-        assert page.is_visible("#finished") and not page.is_visible("#item")
-        assert page.is_disabled("[data-choice='a']")
+            watch.wait_done(done, 6)
+        # messages: one box per message, its role and its text (markup as text)
+        assert watch.shown_item() == "p6"
+        messages = "#%s .message"
+        read = "ms => ms.map(m => [m.querySelector('.role').textContent, m.lastChild.textContent, m.children.length])"
+        assert page.eval_on_selector_all(messages % "prompt", read) == [["user", USER["content"], 1]]
+        assert page.eval_on_selector_all(messages % "response-a", read) == [["assistant", "Sure: <b>done</b>", 1]]
+        assert page.eval_on_selector_all(messages % "response-b", read) == [["assistant", "No.", 1]]
         page.click("#undo")
-        watch.wait_done(4, 5)
+        watch.wait_done(4, 6)
         assert watch.shown_item() == "p5"
         page.keyboard.press("a")
-        watch.wait_done(5, 5)
+        watch.wait_done(5, 6)
+        page.keyboard.press("2")
+        watch.wait_done(6, 6)
+        assert page.is_visible("#finished") and not page.is_visible("#item")
+        assert page.is_disabled("[data-choice='a']")
         watch.close()
-    alice = [("p1", "a"), ("p2", "b"), ("p3", "tie"), ("p4", "b"), ("p5", "a")]
+    alice = [("p1", "a"), ("p2", "b"), ("p3", "tie"), ("p4", "b"), ("p5", "a"), ("p6", "b")]
     assert _lines(out / "alice.jsonl") == _expected_lines(task_path, "alice", alice)
     # bob, clicks, on his own server writing beside alice's file.
-    bob = [("p1", "a"), ("p2", "a"), ("p3", "tie"), ("p4", "b"), ("p5", "skip")]
+    bob = [("p1", "a"), ("p2", "a"), ("p3", "tie"), ("p4", "b"), ("p5", "skip"), ("p6", "a")]
     with annotator_server(task_path, out, "bob") as url:
         watch = PageWatch(browser, url)
         for done, (item, choice) in enumerate(bob, start=1):
             assert watch.shown_item() == item
             watch.page.click(f"#choices [data-choice='{choice}']")
-            watch.wait_done(done, 5)
+            watch.wait_done(done, 6)
         watch.close()
     assert _lines(out / "bob.jsonl") == _expected_lines(task_path, "bob", bob)
     result = agreement.report(store.read_directory(str(out)))
     (pair,) = result["pairs"]
-    want = kappa.cohen_kappa(["a", "b", "tie", "b"], ["a", "a", "tie", "b"])  # p1-p4: bob skipped p5
-    assert pair["items"] == 4 and pair["kappa"] == pytest.approx(want.kappa, abs=1e-12)
+    want = kappa.cohen_kappa(["a", "b", "tie", "b", "b"], ["a", "a", "tie", "b", "a"])  # bob skipped p5
+    assert pair["items"] == 5 and pair["kappa"] == pytest.approx(want.kappa, abs=1e-12)
 
 
 def test_labels_by_number_keys_and_a_stale_tab_sees_the_conflict(browser, tmp_path):
