@@ -23,7 +23,7 @@ _TASKS = flags.DEFINE_string("tasks", None, "The JSONL task file (preference pai
 _OUT = flags.DEFINE_string("out", None, "The directory of the annotators' files (DIR/NAME.jsonl).")
 _ANNOTATOR = flags.DEFINE_string("annotator", None, "Your name: letters, digits, '_', '.', '-'.")
 _LABELS = flags.DEFINE_list("labels", [], "The label set of a class-label task, in order (or the file's first line).")
-_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind (loopback by default).")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind (loopback by default; the page has no login).")
 _PORT = flags.DEFINE_integer("port", 8100, "Port to listen on.")
 flags.mark_flags_as_required(["tasks", "out", "annotator"])
 

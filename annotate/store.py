@@ -72,8 +72,8 @@ def _parse(data: bytes, path: str) -> list[dict]:
             raise ValueError(f"{path}:{number}: not valid JSON ({e.msg}); an annotator file holds one judgment per "
                              "line, written by `python -m annotate`") from None
         if not isinstance(row, dict) or not isinstance(row.get("id"), str) or not isinstance(row.get("choice"), str):
-            raise ValueError(f'{path}:{number}: a judgment is a JSON object with string "id" and "choice"; this file '
-                             "was not written by `python -m annotate`: move it out of the directory")
+            raise ValueError(f'{path}:{number}: a judgment is a JSON object with string "id" and "choice"; this '  # noqa: TRY004
+                             "file was not written by `python -m annotate`: move it out of the directory")
         rows.append(row)
     return rows
 

@@ -138,7 +138,7 @@ def read(path: str, labels: Sequence[str] = ()) -> TaskSet:
     items, kind, first_kind_line, file_labels, seen = [], None, 0, None, set()
     for _, number, record in jsonl.records([path], kind="task", forms=FORMS):
         if not isinstance(record, dict):
-            raise ValueError(f"{path}:{number}: a line must be a JSON object, {FORMS}")
+            raise ValueError(f"{path}:{number}: a line must be a JSON object, {FORMS}")  # noqa: TRY004
         if number == 1 and set(record) == {"labels"}:
             file_labels = check_labels(record["labels"] if isinstance(record["labels"], list) else (),
                                        f"{path}:{number}")
