@@ -11,7 +11,11 @@ annotator files fail at start in one line naming the problem, as does the comman
 """
 
 import json
+import os
+import subprocess
+import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -22,7 +26,7 @@ from annotate import app as app_lib
 from annotate import store, tasks
 from data import preference
 from data import tasks as data_tasks
-from tests.cli_output import assert_one_line_error, run_module
+from tests.cli_output import REPO, assert_one_line_error, run_module
 
 PAIRS = [{"id": i, "prompt": f"Question {i} <b>bold?</b>", "a": f" answer A{i}", "b": f" answer B{i}"}
          for i in range(1, 6)]
@@ -254,3 +258,37 @@ def test_command_line_errors_are_one_line(pair_file, label_file, tmp_path):
     assert_one_line_error(run_module("annotate", f"--tasks={label_file}", f"--out={tmp_path}/o", "--annotator=bob",
                                      "--labels=good,bad"), "--labels=good,bad differs from the label set")
     assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_the_command_serves_the_page_and_records_judgments(label_file, tmp_path):
+    from inference.serve.testing import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "LMLAB_DEBUG"} | {"PYTHONPATH": REPO}
+    server = subprocess.Popen([sys.executable, "-m", "annotate", f"--tasks={label_file}", f"--out={tmp_path}/out",
+                               "--annotator=dana", f"--port={port}"], cwd=REPO, env=env, stderr=subprocess.PIPE,
+                              text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                with urllib.request.urlopen(url + "/api/state", timeout=2) as response:
+                    state = json.load(response)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "python -m annotate did not answer within 60 s"
+                time.sleep(0.1)
+        assert (state["annotator"], state["item"]["id"], state["total"]) == ("dana", "t0", 6)
+        with urllib.request.urlopen(url + "/", timeout=10) as response:
+            assert b"/static/annotate.js" in response.read()
+        request = urllib.request.Request(url + "/api/label", data=json.dumps({"id": "t0", "choice": "neutral"}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert json.load(response)["item"]["id"] == "t1"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert [(x["id"], x["label"]) for x in _lines(tmp_path / "out" / "dana.jsonl")] == [("t0", "neutral")]
+    assert "6 label tasks, 0 judged by dana" in server.stderr.read()

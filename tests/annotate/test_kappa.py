@@ -138,6 +138,10 @@ def test_report_aligns_items_both_judged_and_leaves_skips_out(tmp_path):
     # Fleiss on the items all three judged: 1, 2, 3, 6
     fleiss = kappa.fleiss_kappa([["a", "a", "a"], ["b", "b", "a"], ["tie", "a", "tie"], ["b", "b", "b"]])
     assert result["fleiss"]["kappa"] == pytest.approx(fleiss.kappa, abs=TOL) and result["fleiss"]["items"] == 4
+    lines = agreement.render(result).splitlines()
+    assert lines[0].startswith(f"alice vs bob: kappa {ab['kappa']:.3f} (observed 0.750, expected ")
+    assert lines[-1] == (f"Fleiss (alice, bob, carol): kappa {fleiss.kappa:.3f} (observed {fleiss.observed:.3f}, "
+                         f"expected {fleiss.expected:.3f}) on 4 items all judged")
 
 
 def test_agreement_command_prints_each_pair_and_refuses_one_annotator(tmp_path):
