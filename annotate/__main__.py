@@ -9,6 +9,7 @@ judged. The task file's forms: `annotate.tasks`; what to do with DIR: `annotate.
 `annotate.merge`.
 """
 
+import socket
 import sys
 
 import uvicorn
@@ -35,10 +36,26 @@ def main(argv):
         raise ValueError(f"--port={_PORT.value} must be in [0, 65535]")
     check_annotator(_ANNOTATOR.value)
     tasks = tasks_lib.read(_TASKS.value, _LABELS.value)
+    listener = _listen(_HOST.value, _PORT.value)
     store = AnnotatorFile(_OUT.value, _ANNOTATOR.value, tasks)
+    port = listener.getsockname()[1]
     print(f"# {len(tasks.items)} {tasks.kind} tasks, {len(store.rows)} judged by {store.annotator} "
-          f"({store.path}); open http://{_HOST.value}:{_PORT.value}/", file=sys.stderr)
-    uvicorn.run(create_app(tasks, store), host=_HOST.value, port=_PORT.value, log_level="warning")
+          f"({store.path}); open http://{_HOST.value}:{port}/", file=sys.stderr)
+    server = uvicorn.Server(uvicorn.Config(create_app(tasks, store), log_level="warning"))
+    server.run(sockets=[listener])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, so that a port in use is one line before the file is opened."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+    except OSError as e:
+        raise ValueError(f"cannot listen on --host={host} --port={port} ({e.strerror or e}); pick another port "
+                         "(another annotator's server may have it)") from None
+    return listener
 
 
 if __name__ == "__main__":

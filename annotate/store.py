@@ -93,6 +93,8 @@ class AnnotatorFile:
 
     def __init__(self, directory: str, annotator: str, tasks: TaskSet):
         self.annotator, self.tasks = check_annotator(annotator), tasks
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise ValueError(f"--out={directory} is a file; --out names the directory of the annotators' files")
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, f"{annotator}.jsonl")
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)

@@ -135,6 +135,13 @@ def read(path: str, labels: Sequence[str] = ()) -> TaskSet:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"task file {path} does not exist; --tasks names a JSONL file of {FORMS}")
+    try:
+        return _read(path, labels)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save the task file as UTF-8") from None
+
+
+def _read(path: str, labels: Sequence[str]) -> TaskSet:
     items, kind, first_kind_line, file_labels, seen = [], None, 0, None, set()
     for _, number, record in jsonl.records([path], kind="task", forms=FORMS):
         if not isinstance(record, dict):

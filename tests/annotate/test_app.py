@@ -12,6 +12,7 @@ annotator files fail at start in one line naming the problem, as does the comman
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -257,6 +258,19 @@ def test_command_line_errors_are_one_line(pair_file, label_file, tmp_path):
                           "--annotator='../x' must be")
     assert_one_line_error(run_module("annotate", f"--tasks={label_file}", f"--out={tmp_path}/o", "--annotator=bob",
                                      "--labels=good,bad"), "--labels=good,bad differs from the label set")
+    (tmp_path / "file").write_text("")
+    assert_one_line_error(run_module("annotate", f"--tasks={label_file}", f"--out={tmp_path}/file", "--annotator=bob"),
+                          f"--out={tmp_path}/file is a file")
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes('{"id": 1, "text": "caf\u00e9"}\n'.encode("latin-1"))
+    assert_one_line_error(run_module("annotate", f"--tasks={latin}", f"--out={tmp_path}/o", "--annotator=bob",
+                                     "--labels=x,y"), "latin1.jsonl is not UTF-8 text")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert_one_line_error(run_module("annotate", f"--tasks={label_file}", f"--out={tmp_path}/o",
+                                         "--annotator=bob", f"--port={port}"), f"--port={port}", "pick another port")
     assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
