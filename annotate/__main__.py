@@ -24,6 +24,8 @@ _TASKS = flags.DEFINE_string("tasks", None, "The JSONL task file (preference pai
 _OUT = flags.DEFINE_string("out", None, "The directory of the annotators' files (DIR/NAME.jsonl).")
 _ANNOTATOR = flags.DEFINE_string("annotator", None, "Your name: letters, digits, '_', '.', '-'.")
 _LABELS = flags.DEFINE_list("labels", [], "The label set of a class-label task, in order (or the file's first line).")
+_SHUFFLE_SIDES = flags.DEFINE_bool("shuffle_sides", False, "Pairs: show b on the left for about half of the items "
+                                   "(against position bias); the files still say a and b of the task file.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind (loopback by default; the page has no login).")
 _PORT = flags.DEFINE_integer("port", 8100, "Port to listen on.")
 flags.mark_flags_as_required(["tasks", "out", "annotator"])
@@ -41,7 +43,7 @@ def main(argv):
     port = listener.getsockname()[1]
     print(f"# {len(tasks.items)} {tasks.kind} tasks, {len(store.rows)} judged by {store.annotator} "
           f"({store.path}); open http://{_HOST.value}:{port}/", file=sys.stderr)
-    server = uvicorn.Server(uvicorn.Config(create_app(tasks, store), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(tasks, store, shuffle_sides=_SHUFFLE_SIDES.value), log_level="warning"))
     server.run(sockets=[listener])
 
 

@@ -14,11 +14,18 @@
 Items are shown in the task file's order; the current item is the first one not judged, so a
 restarted server resumes where the annotator left off and an undone item comes back first.
 Errors are `{"error": message}` with their status.
+
+Position bias: with `shuffle_sides`, each pair is shown with its responses swapped for about
+half the items, chosen by a hash of (annotator, item id), so the same annotator always sees an
+item the same way (after a restart too) and two annotators see different layouts. The page
+only knows what it shows: the API speaks of the shown sides ("a" is the left one) and the
+server maps them back, so the files always speak of the task file's a and b.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import threading
 
@@ -28,7 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
 from annotate.store import AnnotatorFile
-from annotate.tasks import TaskSet
+from annotate.tasks import PREFERENCE, TaskSet
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
@@ -38,27 +45,46 @@ class LabelRequest(BaseModel):
     choice: str
 
 
-def state(tasks: TaskSet, store: AnnotatorFile) -> dict:
-    """What the page shows: the current item (None when all are judged), progress, the last judgment."""
+def swapped_sides(annotator: str, item_id: str) -> bool:
+    """Whether `annotator` sees the pair `item_id` with b on the left (a fixed coin per pair)."""
+    return hashlib.sha256(f"{annotator}\0{item_id}".encode()).digest()[0] & 1 == 1
+
+
+def _flip(choice: str) -> str:
+    return {"a": "b", "b": "a"}.get(choice, choice)
+
+
+def state(tasks: TaskSet, store: AnnotatorFile, shuffle_sides: bool = False) -> dict:
+    """What the page shows: the current item (None when all are judged), progress, the last
+    judgment; a and b as shown (swapped for some pairs with `shuffle_sides`)."""
+    swapped = (lambda item_id: swapped_sides(store.annotator, item_id)) if shuffle_sides else (lambda item_id: False)
     item = store.next_item()
+    shown = None
+    if item is not None:
+        shown = {"id": item.id, **item.fields}
+        if tasks.kind == PREFERENCE and swapped(item.id):
+            shown["a"], shown["b"] = item.fields["b"], item.fields["a"]
     last = store.rows[-1] if store.rows else None
+    if last is not None:
+        last = {"id": last["id"], "choice": _flip(last["choice"]) if swapped(last["id"]) else last["choice"]}
     return {"kind": tasks.kind, "annotator": store.annotator, "choices": list(tasks.choices),
-            "labels": list(tasks.labels), "total": len(tasks.items), "done": len(store.rows),
-            "item": None if item is None else {"id": item.id, **item.fields},
-            "last": None if last is None else {"id": last["id"], "choice": last["choice"]}}
+            "labels": list(tasks.labels), "total": len(tasks.items), "done": len(store.rows), "item": shown,
+            "last": last}
 
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(tasks: TaskSet, store: AnnotatorFile) -> FastAPI:
+def create_app(tasks: TaskSet, store: AnnotatorFile, *, shuffle_sides: bool = False) -> FastAPI:
     """The app serving `store.annotator`'s page over `tasks`; it closes `store` on shutdown.
 
     Args:
       tasks: the checked task file (`annotate.tasks.read`).
       store: the annotator's file (`annotate.store.AnnotatorFile` of the same tasks).
+      shuffle_sides: show about half of the pairs with b on the left (see the module docstring).
     """
+    shuffle_sides = shuffle_sides and tasks.kind == PREFERENCE
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -81,7 +107,7 @@ def create_app(tasks: TaskSet, store: AnnotatorFile) -> FastAPI:
     # Plain `def` routes run in a thread pool: the file's lock orders concurrent requests.
     @app.get("/api/state")
     def get_state():
-        return state(tasks, store)
+        return state(tasks, store, shuffle_sides)
 
     @app.post("/api/label")
     def label(body: LabelRequest):
@@ -94,14 +120,15 @@ def create_app(tasks: TaskSet, store: AnnotatorFile) -> FastAPI:
             if current is None or current.id != body.id:
                 shown = "every item is judged" if current is None else f"the current item is {current.id!r}"
                 return _error(409, f"item {body.id!r} is not the current item ({shown}); reload")
-            store.append(current, body.choice)
-            return state(tasks, store)
+            flip = shuffle_sides and swapped_sides(store.annotator, current.id)
+            store.append(current, _flip(body.choice) if flip else body.choice)
+            return state(tasks, store, shuffle_sides)
 
     @app.post("/api/undo")
     def undo():
         with turn:
             if store.undo() is None:
                 return _error(409, "there is no judgment to undo")
-            return state(tasks, store)
+            return state(tasks, store, shuffle_sides)
 
     return app

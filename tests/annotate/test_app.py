@@ -306,3 +306,29 @@ def test_the_command_serves_the_page_and_records_judgments(label_file, tmp_path)
         server.wait(timeout=30)
     assert [(x["id"], x["label"]) for x in _lines(tmp_path / "out" / "dana.jsonl")] == [("t0", "neutral")]
     assert "6 label tasks, 0 judged by dana" in server.stderr.read()
+
+
+def test_shuffled_sides_show_some_pairs_swapped_and_record_the_task_files_a_and_b(tmp_path):
+    pairs = [{"id": i, "prompt": f"Q{i}", "a": f" first {i}", "b": f" second {i}"} for i in range(24)]
+    task_path = _write(tmp_path / "pairs.jsonl", pairs)
+    task_set = tasks.read(task_path)
+    layouts = {}
+    for name in ("alice", "bob"):
+        client = TestClient(app_lib.create_app(task_set, store.AnnotatorFile(str(tmp_path / "out"), name, task_set),
+                                               shuffle_sides=True))
+        with client:
+            shown_left = []
+            for _ in pairs:
+                item = client.get("/api/state").json()["item"]
+                shown_left.append(item["a"])
+                state = client.post("/api/label", json={"id": item["id"], "choice": "a"}).json()  # always the left
+                assert state["last"] == {"id": item["id"], "choice": "a"}  # as shown, not as recorded
+        lines = _lines(tmp_path / "out" / f"{name}.jsonl")
+        # the file records the response that was on the left as chosen, in the task file's terms
+        assert [line["chosen"] for line in lines] == shown_left
+        assert [line["choice"] for line in lines] == ["a" if left.startswith(" first") else "b" for left in shown_left]
+        layouts[name] = [left.startswith(" second") for left in shown_left]
+        assert layouts[name] == [app_lib.swapped_sides(name, str(i)) for i in range(24)]
+    # both layouts occur for each annotator, and the two annotators' layouts differ (a fair coin per pair
+    # and annotator: each of these fails with probability 2^-23)
+    assert all(0 < sum(layout) < 24 for layout in layouts.values()) and layouts["alice"] != layouts["bob"]
