@@ -190,15 +190,25 @@ def read_directory(directory: str) -> dict[str, list[dict]]:
     return read_files(paths)
 
 
+def item_content(row: dict) -> str:
+    """What a judgment was made on, whatever the choice: the prompt and the two responses (in
+    either order), or the text and its pair; as canonical JSON, to compare across annotators."""
+    if judgment_kind(row) == LABEL:
+        return json.dumps([row.get("text"), row.get("text_pair")], sort_keys=True)
+    responses = [row.get("chosen"), row.get("rejected")] if "chosen" in row else [row.get("a"), row.get("b")]
+    return json.dumps([row.get("prompt"), sorted(json.dumps(r, sort_keys=True) for r in responses)], sort_keys=True)
+
+
 def read_files(paths: Sequence[str]) -> dict[str, list[dict]]:
     """The judgments of annotator files ({name: rows}, names sorted), read-only; a partial last
     line (a write in progress) is left out.
 
     Raises:
       ValueError: a missing file, two files of one name, a line that is no judgment, a row whose
-        annotator is not its file's name, an item judged twice, or judgments of both kinds.
+        annotator is not its file's name, an item judged twice, judgments of both kinds, or one
+        item id whose text differs between two files (judged on different task files).
     """
-    out, kinds = {}, {}
+    out, kinds, contents = {}, {}, {}
     for path in paths:
         name = os.path.basename(path).removesuffix(".jsonl")
         if not os.path.isfile(path):
@@ -216,6 +226,10 @@ def read_files(paths: Sequence[str]) -> dict[str, list[dict]]:
                 raise ValueError(f"{path}:{number}: item {row['id']!r} is judged twice; the file is damaged")
             seen.add(row["id"])
             kinds.setdefault(judgment_kind(row), f"{path}:{number}")
+            where = contents.setdefault(row["id"], (item_content(row), f"{path}:{number}"))
+            if where[0] != item_content(row):
+                raise ValueError(f"{path}:{number}: item {row['id']!r} differs from the item of that id at {where[1]}; "
+                                 "these files were judged on different task files")
         if len(kinds) > 1:
             raise ValueError(f"the annotator files mix preference judgments ({kinds[PREFERENCE]}) and label "
                              f"judgments ({kinds[LABEL]}); keep one task's files per directory")

@@ -138,3 +138,11 @@ def test_merge_command_writes_once_and_refuses_bad_output(tmp_path):
     assert_one_line_error(run_module("annotate.merge", directory, f"--out={out}", "--overwrite", "--min_votes=4"),
                           "no item passed the policy (0 of 7 items kept, 7 too few votes)")
     assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["1", "5", "6", "7"]  # untouched
+
+
+def test_files_judged_on_different_task_files_are_refused(tmp_path):
+    alice, bob = _pair_rows("alice", {"1": "a", "2": "tie"}), _pair_rows("bob", {"1": "b", "2": "skip"})
+    merge.merge(store.read_directory(_write_dir(tmp_path / "same", {"alice": alice, "bob": bob})))
+    bob[1]["b"] = " a response alice never saw"
+    with pytest.raises(ValueError, match=r"bob.jsonl:2: item '2' differs from the item of that id at .*alice.jsonl:2"):
+        store.read_directory(_write_dir(tmp_path / "different", {"alice": alice, "bob": bob}))
