@@ -227,9 +227,11 @@ def test_labels_by_number_keys_and_a_stale_tab_sees_the_conflict(browser, tmp_pa
         assert stale.page.text_content("#error") == (
             "error 409: item 't1' is not the current item (the current item is 't2'); reload")
         stale.page.locator("#item[data-id='t2']").wait_for()
-        for done, key in ((2, "1"), (3, "2")):
+        for done, key in ((2, "1"), (3, "2"), (2, "Backspace"), (3, "2")):  # Backspace undoes too
             page.keyboard.press(key)
             first.wait_done(done, 3)
+            if key == "Backspace":
+                assert first.shown_item() == "t3"
         assert page.is_visible("#finished")
         first.close()
         stale.close()
