@@ -112,10 +112,10 @@ setup(
     description="The modern LLM stack written by hand in JAX/Flax, for reading, experiments and sharding ablations.",
     python_requires=">=3.11",
     packages=find_packages(include=["models*", "train*", "configs*", "sharding*", "data*", "inference*", "evals*", "rag*", "agents*", "compress*",
-                                             "safety*"]),
+                                             "safety*", "annotate*"]),
     # Data files that install with their packages: the built-in evaluation tasks, the chat page,
-    # the moderation set (and its documentation).
-    package_data={"evals": ["task_data/*.yaml"], "inference.serve": ["static/*"],
+    # the moderation set (and its documentation), the labeling page.
+    package_data={"evals": ["task_data/*.yaml"], "inference.serve": ["static/*"], "annotate": ["static/*"],
                   "safety": ["data/*.jsonl", "data/README.md"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"data": DATA_REQUIRES, "test": TEST_REQUIRES},
