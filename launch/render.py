@@ -74,9 +74,8 @@ def check_values(template: catalog.Template, given: Mapping[str, str]) -> dict[s
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
-                             autoescape=False)  # noqa: S701 - shell and YAML, quoted by the templates
+                             autoescape=False)  # shell and YAML, not HTML: the templates quote (q, tojson)
     env.filters["q"] = lambda x: shlex.quote(str(x))
-    env.filters["qwords"] = lambda words: " ".join(shlex.quote(w) for w in words)
     return env
 
 

@@ -25,4 +25,4 @@ def parse(argv: list[str]) -> tuple[po.PipelineOptions, environments.Environment
     unknown = [f for f in flags if f.split("=", 1)[0].lstrip("-") not in options.get_all_options()]
     assert not unknown, f"flags apache-beam does not know: {unknown}"
     options.get_all_options(retain_unknown_options=False)  # argparse checks every value (choices, types)
-    return options, PortableRunner._create_environment(options)  # noqa: SLF001 - what the runner would start
+    return options, PortableRunner._create_environment(options)  # the environment the runner would start

@@ -62,9 +62,11 @@ def install(bin_dir) -> str:
     return f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
 
 
-def job_env(bin_dir, nodelist: str, nodes: int, tasks_per_node: int) -> dict[str, str]:
-    """The environment of a batch script in an allocation of `nodes` x `tasks_per_node` tasks."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+def job_env(bin_dir, nodelist: str, nodes: int, tasks_per_node: int,
+            base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a batch script in an allocation of `nodes` x `tasks_per_node` tasks:
+    `base` (default: this process's environment) with the stand-ins first on PATH."""
+    env = {k: v for k, v in (os.environ if base is None else base).items() if not k.startswith("SLURM_")}
     env.update(PATH=install(bin_dir), SLURM_JOB_ID="4242", SLURM_JOB_NODELIST=nodelist, SLURM_NNODES=str(nodes),
                SLURM_NTASKS=str(nodes * tasks_per_node), SLURM_NTASKS_PER_NODE=str(tasks_per_node))
     return env

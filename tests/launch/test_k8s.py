@@ -37,7 +37,7 @@ def _kind(docs, kind, name_suffix=""):
 
 
 @pytest.mark.parametrize("path", [p for p in catalog.TEMPLATES if p.startswith("k8s/")])
-@pytest.mark.parametrize("change", [{}, dict(gpus_per_pod="0", xla_flags="", overrides="", namespace="ml")])
+@pytest.mark.parametrize("change", [{}, {"gpus_per_pod": "0", "xla_flags": "", "overrides": "", "namespace": "ml"}])
 def test_every_document_is_valid_for_kubernetes(path, change):
     change = {k: x for k, x in change.items() if k in {v.name for v in catalog.TEMPLATES[path].values}}
     docs = _docs(path, **change)

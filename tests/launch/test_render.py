@@ -26,25 +26,25 @@ def test_a_template_reading_an_undeclared_value_fails_by_name(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("path,change,complaint", [
-    ("slurm/train.sbatch", dict(nodes=None), "slurm/train.sbatch needs nodes: add --set nodes=..."),
-    ("slurm/train.sbatch", dict(noeds="2"), "has no value 'noeds'; did you mean nodes?"),
-    ("slurm/train.sbatch", dict(nodes="0"), "nodes='0' must be a positive integer"),
-    ("slurm/train.sbatch", dict(nodes="two"), "nodes='two' must be a positive integer"),
-    ("slurm/train.sbatch", dict(tasks_per_node="4"), "tasks_per_node=4 with gpus_per_node=8"),
-    ("slurm/train.sbatch", dict(time="1 day"), "time='1 day' is not a SLURM time limit"),
-    ("slurm/train.sbatch", dict(workdir="runs/small"), "workdir='runs/small' must be an absolute path"),
-    ("slurm/train.sbatch", dict(overrides="--steps=3"), "it takes config overrides --config.KEY=VALUE"),
-    ("slurm/train.sbatch", dict(overrides="steps=3"), "'steps=3', which is not a --name or --name=value flag"),
-    ("slurm/train.sbatch", dict(port="70000"), "port='70000' must be a TCP port"),
-    ("k8s/train-indexed-job.yaml", dict(image="Bad Image"), "is not a container image reference"),
-    ("k8s/train-indexed-job.yaml", dict(name="Train_1"), "name='Train_1' must be a Kubernetes name"),
-    ("k8s/train-indexed-job.yaml", dict(name="1train"), "must be a Kubernetes name"),
-    ("k8s/train-indexed-job.yaml", dict(name="a" * 62), "pod hostnames"),
-    ("k8s/train-indexed-job.yaml", dict(workdir="/runs/small"), "workdir='/runs/small' is not on the shared volume"),
-    ("k8s/prepare-flink.yaml", dict(flink_version="1.18"), "Beam's FlinkRunner runs on Flink 1.19, 1.20"),
-    ("k8s/prepare-flink.yaml", dict(output="/tmp/out"), "output='/tmp/out' is not on the shared volume"),
-    ("k8s/prepare-flink.yaml", dict(taskmanagers="-1"), "taskmanagers='-1' must be a positive integer"),
-    ("slurm/prepare_spark.sbatch", dict(spark_home="spark"), "spark_home='spark' must be an absolute path"),
+    ("slurm/train.sbatch", {"nodes": None}, "slurm/train.sbatch needs nodes: add --set nodes=..."),
+    ("slurm/train.sbatch", {"noeds": "2"}, "has no value 'noeds'; did you mean nodes?"),
+    ("slurm/train.sbatch", {"nodes": "0"}, "nodes='0' must be a positive integer"),
+    ("slurm/train.sbatch", {"nodes": "two"}, "nodes='two' must be a positive integer"),
+    ("slurm/train.sbatch", {"tasks_per_node": "4"}, "tasks_per_node=4 with gpus_per_node=8"),
+    ("slurm/train.sbatch", {"time": "1 day"}, "time='1 day' is not a SLURM time limit"),
+    ("slurm/train.sbatch", {"workdir": "runs/small"}, "workdir='runs/small' must be an absolute path"),
+    ("slurm/train.sbatch", {"overrides": "--steps=3"}, "it takes config overrides --config.KEY=VALUE"),
+    ("slurm/train.sbatch", {"overrides": "steps=3"}, "'steps=3', which is not a --name or --name=value flag"),
+    ("slurm/train.sbatch", {"port": "70000"}, "port='70000' must be a TCP port"),
+    ("k8s/train-indexed-job.yaml", {"image": "Bad Image"}, "is not a container image reference"),
+    ("k8s/train-indexed-job.yaml", {"name": "Train_1"}, "name='Train_1' must be a Kubernetes name"),
+    ("k8s/train-indexed-job.yaml", {"name": "1train"}, "must be a Kubernetes name"),
+    ("k8s/train-indexed-job.yaml", {"name": "a" * 62}, "pod hostnames"),
+    ("k8s/train-indexed-job.yaml", {"workdir": "/runs/small"}, "workdir='/runs/small' is not on the shared volume"),
+    ("k8s/prepare-flink.yaml", {"flink_version": "1.18"}, "Beam's FlinkRunner runs on Flink 1.19, 1.20"),
+    ("k8s/prepare-flink.yaml", {"output": "/tmp/out"}, "output='/tmp/out' is not on the shared volume"),
+    ("k8s/prepare-flink.yaml", {"taskmanagers": "-1"}, "taskmanagers='-1' must be a positive integer"),
+    ("slurm/prepare_spark.sbatch", {"spark_home": "spark"}, "spark_home='spark' must be an absolute path"),
 ])
 def test_bad_values_are_refused_naming_them(path, change, complaint):
     values = {**SAMPLES[path], **change}
@@ -56,8 +56,8 @@ def test_bad_values_are_refused_naming_them(path, change, complaint):
 
 def test_defaults_stand_for_what_is_not_given():
     values = render.check_values(catalog.TEMPLATES["k8s/train-indexed-job.yaml"],
-                                 dict(num_processes="2", image="lmlab:dev", pvc="runs", config="configs/gpt.py:tiny",
-                                      workdir="/shared/run"))
+                                 {"num_processes": "2", "image": "lmlab:dev", "pvc": "runs", "config": "configs/gpt.py:tiny",
+                                      "workdir": "/shared/run"})
     assert values["name"] == "lmlab-train" and values["port"] == 12345 and values["gpus_per_pod"] == 8
     assert values["overrides"] == [] and values["num_processes"] == 2
     # gs:// and s3:// are reachable from every pod too
