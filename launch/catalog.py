@@ -86,6 +86,20 @@ def _check_train_job(values: dict[str, Any]) -> None:
                             "63 characters")
 
 
+# Beam 2.77's FlinkRunnerOptions.PUBLISHED_FLINK_VERSIONS (tests/launch checks the two agree).
+FLINK_VERSIONS = ("1.19", "1.20", "2.0", "2.1", "2.2")
+
+
+def _check_flink(values: dict[str, Any]) -> None:
+    _check_on_volume("input", "output")(values)
+    if values["flink_version"] not in FLINK_VERSIONS:
+        raise v.LaunchError(f"flink_version={values['flink_version']!r}: Beam's FlinkRunner runs on Flink "
+                            f"{', '.join(FLINK_VERSIONS)}")
+    if len(values["name"] + "-taskmanager") > 63:
+        raise v.LaunchError(f"name={values['name']!r} is too long: {values['name']}-taskmanager must fit in 63 "
+                            "characters")
+
+
 _TRAIN_FLAGS = (
     Value("config", v.word, "The training config, FILE.py:PRESET (relative to the checkout)."),
     Value("workdir", v.abs_path, "The run's workdir on shared storage (checkpoints, metrics, data)."),
@@ -157,17 +171,5 @@ TEMPLATES = {t.path: t for t in (
             Value("flink_job_server_jar", v.optional(v.word), "Beam's Flink job server jar (path or URL; empty: "
                   "Beam downloads the one of its version from Maven Central).", ""),
         ),
-        lambda values: (_check_on_volume("input", "output")(values), _check_flink(values))),
+        _check_flink),
 )}
-
-# Beam 2.77's FlinkRunnerOptions.PUBLISHED_FLINK_VERSIONS (tests/launch checks the two agree).
-FLINK_VERSIONS = ("1.19", "1.20", "2.0", "2.1", "2.2")
-
-
-def _check_flink(values: dict[str, Any]) -> None:
-    if values["flink_version"] not in FLINK_VERSIONS:
-        raise v.LaunchError(f"flink_version={values['flink_version']!r}: Beam's FlinkRunner runs on Flink "
-                            f"{', '.join(FLINK_VERSIONS)}")
-    if len(values["name"] + "-taskmanager") > 63:
-        raise v.LaunchError(f"name={values['name']!r} is too long: {values['name']}-taskmanager must fit in 63 "
-                            "characters")
