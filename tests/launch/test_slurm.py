@@ -91,7 +91,7 @@ SPARK_STUBS = {  # name -> script; each appends what it was asked to $RECORD
 # (the Beam worker pool) is the real Python.
 PYTHON_SHIM = """#!/bin/bash
 if [ "$1 $2" = "-m data.prepare" ]; then
-  printf 'prepare' >> "$RECORD"; printf ' %q' "$@" >> "$RECORD"; echo >> "$RECORD"; exit "${PREPARE_EXIT:-0}"
+  line=$(printf ' %q' "$@"); echo "prepare$line" >> "$RECORD"; exit "${PREPARE_EXIT:-0}"
 fi
 exec REAL_PYTHON "$@"
 """
@@ -160,3 +160,34 @@ def test_spark_script_fails_with_prepare_and_still_stops_the_cluster(tmp_path):
     result, record, pool_port = _run_spark_script(tmp_path, prepare_exit=3)
     assert result.returncode == 3, result.stderr[-3000:]
     assert record[-1] == "stop-master" and not _listening(pool_port)
+
+
+def test_train_script_gives_each_task_its_process_id_and_gpu(tmp_path):
+    # 2 nodes x 2 GPUs, one process per GPU, under the stand-in SLURM; `python` records each
+    # task's command line and CUDA_VISIBLE_DEVICES instead of training.
+    record = tmp_path / "record.txt"
+    # One write per task (tasks run at once): the line is built first.
+    _stub(tmp_path / "python", 'line=$(printf %q "${CUDA_VISIBLE_DEVICES-unset}"; printf " %q" "$@")\n'
+                               'echo "$line" >> "$RECORD"\n')
+    text = render.render("slurm/train.sbatch", {
+        **SAMPLES["slurm/train.sbatch"], "nodes": "2", "tasks_per_node": "2", "gpus_per_node": "2", "repo": ROOT,
+        "python": str(tmp_path / "python"), "port": "23456", "setup": "", "nccl_socket_ifname": ""})
+    script = tmp_path / "train.sbatch"
+    script.write_text(text)
+    env = fake_slurm.job_env(tmp_path / "bin", "gpu-a,gpu-b", nodes=2, tasks_per_node=2)
+    env["RECORD"] = str(record)
+    result = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tasks = {}
+    for line in record.read_text().splitlines():
+        gpu, *argv = shlex.split(line)
+        flags = dict(a.split("=", 1) for a in argv if a.startswith("--"))
+        tasks[int(flags["--process_id"])] = (gpu, flags)
+    assert sorted(tasks) == [0, 1, 2, 3]
+    for process_id, (gpu, flags) in tasks.items():
+        assert gpu == str(process_id % 2)  # SLURM_LOCALID: the process's GPU on its node
+        assert flags["--coordinator_address"] == "gpu-a:23456"  # the allocation's first node
+        assert flags["--num_processes"] == "4"
+        assert flags["--config"] == "configs/llama.py:small" and flags["--workdir"] == "/shared/runs/small"
+        assert flags["--config.data.source"] == "files:/shared/raw data/*.txt"  # quoted through bash and srun
