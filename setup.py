@@ -112,11 +112,11 @@ setup(
     description="The modern LLM stack written by hand in JAX/Flax, for reading, experiments and sharding ablations.",
     python_requires=">=3.11",
     packages=find_packages(include=["models*", "train*", "configs*", "sharding*", "data*", "inference*", "evals*", "rag*", "agents*", "compress*",
-                                             "safety*", "annotate*"]),
+                                             "safety*", "annotate*", "launch*"]),
     # Data files that install with their packages: the built-in evaluation tasks, the chat page,
-    # the moderation set (and its documentation), the labeling page.
+    # the moderation set (and its documentation), the labeling page, the cluster launch templates.
     package_data={"evals": ["task_data/*.yaml"], "inference.serve": ["static/*"], "annotate": ["static/*"],
-                  "safety": ["data/*.jsonl", "data/README.md"]},
+                  "safety": ["data/*.jsonl", "data/README.md"], "launch": ["templates/*/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"data": DATA_REQUIRES, "test": TEST_REQUIRES},
 )

@@ -23,7 +23,8 @@ from absl import logging as absl_logging
 
 DEBUG_ENV = "LMLAB_DEBUG"
 # Our packages: their log records and Python warnings are for the user.
-OWN_PACKAGES = ("train", "inference", "sharding", "data", "configs", "models", "evals", "benchmarks")
+OWN_PACKAGES = ("train", "inference", "sharding", "data", "configs", "models", "evals", "benchmarks", "rag", "agents",
+                "compress", "safety", "annotate", "launch")
 # Libraries whose INFO and WARNING lines are diagnostics for developers, not answers for the user.
 LIBRARY_LOGGERS = ("absl", "jax", "jaxlib", "orbax", "tensorflow_datasets", "etils", "grain", "tensorstore",
                    "matplotlib", "PIL", "urllib3", "filelock", "fsspec")
