@@ -58,8 +58,16 @@ from typing import NamedTuple
 
 from data.prepare import stage
 
-__all__ = ["LanguageId", "LanguageIdOptions", "Report", "evaluate", "labelled_sample",
-           "english_paragraphs", "english_sentences", "FAKER_LOCALES"]
+__all__ = [
+    "FAKER_LOCALES",
+    "LanguageId",
+    "LanguageIdOptions",
+    "Report",
+    "english_paragraphs",
+    "english_sentences",
+    "evaluate",
+    "labelled_sample",
+]
 
 # Faker locales with their own lorem word list, and the language code langid.py gives them.
 FAKER_LOCALES = {"de_DE": "de", "fr_FR": "fr", "es_ES": "es", "it_IT": "it", "nl_NL": "nl",

@@ -42,7 +42,7 @@ import re
 
 from data.prepare import stage
 
-__all__ = ["ScrubPii", "ScrubPiiOptions", "find", "KINDS"]
+__all__ = ["KINDS", "ScrubPii", "ScrubPiiOptions", "find"]
 
 KINDS = ("email", "ip", "phone")  # the order they are applied in
 

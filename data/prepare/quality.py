@@ -72,7 +72,7 @@ import string
 
 from data.prepare import stage
 
-__all__ = ["QualityFilter", "QualityOptions", "c4_filter_lines", "BULLETS", "STOP_WORDS"]
+__all__ = ["BULLETS", "STOP_WORDS", "QualityFilter", "QualityOptions", "c4_filter_lines"]
 
 BULLETS = ("•", "-", "*", "‣", "◦", "▪", "●", "–")
 STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
@@ -217,7 +217,7 @@ def _dup_ngram_chars(words: list[str], n: int, word_chars: int) -> float:
     return sum(len(w) for w, c in zip(words, covered) if c) / word_chars
 
 
-def _gopher_reason(text: str, o: QualityOptions) -> str:  # noqa: C901 (one rule per line)
+def _gopher_reason(text: str, o: QualityOptions) -> str:
     words = text.split()
     if len(words) < max(o.min_words, 1):  # no words at all: nothing to measure
         return "too_few_words"

@@ -51,7 +51,7 @@ def drop(reason: str, **counts: int) -> Outcome:
     return Outcome(None, reason, tuple((k, v) for k, v in counts.items() if v))
 
 
-def field(default: Any, help: str) -> Any:  # noqa: A002 (argparse's word)
+def field(default: Any, help: str) -> Any:
     """A stage option with its documentation (shown by `--help`)."""
     return dataclasses.field(default=default, metadata={"help": help})
 

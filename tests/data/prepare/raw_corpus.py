@@ -96,8 +96,7 @@ def write_corpus(directory: str, num_base: int = 18) -> Planted:
     pii = [with_pii(t, i) for i, t in enumerate(base[:4])]
     # Plain JSONL: the first third (4 with PII); gzip JSONL: the second third; zstd .txt paragraphs: the rest.
     with open(os.path.join(directory, "a.jsonl"), "w", encoding="utf-8") as f:
-        for text in pii + base[4:third]:
-            f.write(json.dumps({"text": text, "source": "docs"}) + "\n")
+        f.writelines(json.dumps({"text": text, "source": "docs"}) + "\n" for text in pii + base[4:third])
     with gzip.open(os.path.join(directory, "b.jsonl.gz"), "wt", encoding="utf-8") as f:
         for text in base[third:2 * third]:
             f.write(json.dumps({"text": text}) + "\n")

@@ -20,8 +20,7 @@ def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     (root / "in").mkdir()
     with open(root / "in" / "a.jsonl", "w", encoding="utf-8") as f:
-        for i in range(4):
-            f.write(json.dumps({"text": f"document number {i}"}) + "\n")
+        f.writelines(json.dumps({"text": f"document number {i}"}) + "\n" for i in range(4))
     ByteLevelBPE.train(["document number"] * 4, 270, special_tokens=("<|endoftext|>",)).save(root / "tok")
     return root
 

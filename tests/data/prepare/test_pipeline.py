@@ -28,8 +28,7 @@ def run(tmp_path_factory):
              base[5].replace(" ", "   "), GERMAN, *JUNK]
     (root / "in").mkdir()
     with open(root / "in" / "docs.jsonl", "w", encoding="utf-8") as f:
-        for text in texts:
-            f.write(json.dumps({"text": text}) + "\n")
+        f.writelines(json.dumps({"text": text}) + "\n" for text in texts)
     ByteLevelBPE.train(base, 300, special_tokens=("<|endoftext|>",)).save(root / "tok")
     config = pipeline.PrepareConfig(inputs=(str(root / "in" / "*.jsonl"),), tokenizer=str(root / "tok"),
                                     stages=PER_DOCUMENT, validation_fraction=0.3, num_shards=2)

@@ -18,8 +18,7 @@ from data.prepare import pipeline, write
 from data.tokenizer import load_tokenizer
 from data.tokenizer.bpe import ByteLevelBPE
 
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
-         "upsilon phi chi psi omega").split()
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu", "xi", "omicron", "pi", "rho", "sigma", "tau", "upsilon", "phi", "chi", "psi", "omega"]
 
 
 def _texts(count: int) -> list[str]:
@@ -34,8 +33,7 @@ def corpus(tmp_path_factory):
     (root / "in").mkdir()
     for part in range(3):
         with open(root / "in" / f"part{part}.jsonl", "w", encoding="utf-8") as f:
-            for text in texts[part::3]:
-                f.write(json.dumps({"text": text}) + "\n")
+            f.writelines(json.dumps({"text": text}) + "\n" for text in texts[part::3])
     tokenizer = ByteLevelBPE.train(texts, 300, special_tokens=("<|endoftext|>",))
     tokenizer.save(root / "tokenizer")
     config = pipeline.PrepareConfig(inputs=(str(root / "in" / "*.jsonl"),), tokenizer=str(root / "tokenizer"),
