@@ -168,6 +168,9 @@ def test_the_worker_pool_sidecar_runs_the_pipelines_python(tmp_path):
     (sidecar,) = [c for c in taskmanager["spec"]["template"]["spec"]["containers"] if c["name"] == "beam-worker-pool"]
     (submit,) = _kind(docs, "Job")["spec"]["template"]["spec"]["containers"]
     env = {k: x for k, x in os.environ.items() if k != "PYTHONPATH"}  # lmlab importable from the working dir only
+    # The pool starts each SDK worker as plain `python` from PATH (the image's python in the pod):
+    # this interpreter's directory first, as in an activated virtual environment.
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     procs = [subprocess.Popen(sidecar["command"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL),
              subprocess.Popen([sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main",
