@@ -45,7 +45,7 @@ _ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from data.prepare import langid, near_dedup, pipeline, planted  # noqa: E402
+from data.prepare import langid, near_dedup, pipeline, planted
 
 # Symbols and few words: the quality filter's symbol-to-word, alphabetic-word and length rules.
 _SYMBOLS = list("$#%@!^&*~|<>")
@@ -129,8 +129,7 @@ def write_jsonl(kinds: dict[str, list[str]], directory: str, files: int = 4) -> 
     os.makedirs(directory, exist_ok=True)
     for f in range(files):
         with open(os.path.join(directory, f"part{f}.jsonl"), "w", encoding="utf-8") as out:
-            for i in order[f::files]:
-                out.write(json.dumps({"text": texts[i]}, ensure_ascii=False) + "\n")
+            out.writelines(json.dumps({"text": texts[i]}, ensure_ascii=False) + "\n" for i in order[f::files])
     return len(texts), sum(len(t.encode("utf-8")) for t in texts)
 
 
@@ -159,6 +158,7 @@ def measure_langid(per_language: int) -> dict | None:
         return None
     report = langid.evaluate(langid.LanguageId(langid.LanguageId.Options()), sample)
     return {"keep_precision": report.keep_precision, "keep_recall": report.keep_recall, "total": report.total,
+            "per_language": per_language, "keep": list(langid.LanguageId.Options().keep),
             "precision": report.precision, "recall": report.recall}
 
 
@@ -180,7 +180,8 @@ def run_pipeline(inputs: str, tokenizer: str, output: str, workers: int, stages:
             "documents_read": flow[0]["documents_out"], "documents_dropped": report["documents_dropped"],
             "documents_kept": sum(s["documents"] for s in report["splits"].values()),
             "dropped_by_stage": {row["stage"]: row["documents_dropped"] for row in flow[1:]},
-            "dead_letter_entries": report["dead_letter"]["entries"], "shards": _file_digests(output)}
+            "dead_letter_entries": report["dead_letter"]["entries"],
+            "pii_counters": report["counters"].get("data.prepare.pii", {}), "shards": _file_digests(output)}
 
 
 def run_pipelines(inputs: str, tokenizer: str, root: str, scale: Scale) -> dict:
@@ -204,8 +205,9 @@ def print_tables(results: dict) -> None:
               f"{run['wall_seconds']:>8.1f}{run['documents_per_second']:>9.1f}{run['megabytes_per_second']:>8.3f}")
     print(f"scaling, 2 workers / 1 worker (docs/s): {results['scaling']:.2f}; 1 and 2 workers wrote "
           f"{'byte-identical' if results['identical_shards'] else 'DIFFERENT'} shards")
-    print("dropped by stage (all_2): " + ", ".join(f"{k} {v}" for k, v in
-                                                    results["runs"]["all_2"]["dropped_by_stage"].items()))
+    all_2 = results["runs"]["all_2"]
+    print("dropped by stage (all_2): " + ", ".join(f"{k} {v}" for k, v in all_2["dropped_by_stage"].items()))
+    print("PII stage counters (all_2): " + ", ".join(f"{k} {v}" for k, v in all_2["pii_counters"].items()))
     lsh = results["lsh"]
     print(f"\nMinHash LSH ({lsh['num_perm']} permutations, {lsh['bands']} bands x {lsh['rows']} rows): planted pairs")
     print(f"{'level':>8}{'pairs':>7}{'mean J':>8}{'S-curve':>9}{'found':>7}")
