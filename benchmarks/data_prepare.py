@@ -14,7 +14,7 @@ Measured side by side in one run:
   * documents/s and MB/s (of the input read) of the whole pipeline, `pipeline.run` with every stage,
     on Beam's DirectRunner in multi_processing mode with 1 and with 2 workers, and the ratio; in
     full mode also with 2 workers and no stages (read -> tokenize -> write) and with every stage but
-    langid, the slow one (~8 ms per document), for the per-stage picture, and with 1 worker and
+    langid, the slow one, for the per-stage picture, and with 1 worker and
     no stages: the wall time of every stage less that of none is the stages' own time, without
     Beam's start-up, reading, tokenizing and writing, and its 1 / 2 worker ratio their scaling.
 
