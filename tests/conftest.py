@@ -21,6 +21,25 @@ os.environ.setdefault("LMLAB_QUICK", "1")
 import pytest  # after the environment above, which must precede any jax import
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium, headless through playwright, for the pages' browser tests (the chat page, the
+    labeling page): skipped where it is missing, a failure instead when LMLAB_REQUIRE_BROWSER is set."""
+    from tests.browser import CHROMIUM
+
+    if not os.path.exists(CHROMIUM):
+        reason = f"{CHROMIUM} is missing: the browser tests need Debian's chromium (apt-get install chromium)"
+        if os.environ.get("LMLAB_REQUIRE_BROWSER"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM)
+        yield browser
+        browser.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt_workdir(tmp_path_factory):
     """A 3-step `configs/gpt.py:tiny` run (GPT-2 switches: LayerNorm, gelu_tanh, learned positions,

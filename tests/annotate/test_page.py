@@ -16,17 +16,14 @@ Without /usr/bin/chromium the test is skipped, or fails where LMLAB_REQUIRE_BROW
 
 import contextlib
 import json
-import os
-import shutil
-import struct
 import urllib.parse
 
 import pytest
 
 from annotate import agreement, kappa, store, tasks
 from annotate.app import create_app
+from tests.browser import keep_screenshot, png_size
 
-CHROMIUM = "/usr/bin/chromium"
 VIEWPORT = {"width": 1100, "height": 720}
 PAIRS = [{"id": f"p{i}", "prompt": f"Which reply to <b>question {i}</b> is better?",
           "a": f"Reply A{i} <img src=x onerror=alert(1)>", "b": f"Reply B{i}\nsecond line"} for i in range(1, 6)]
@@ -36,26 +33,6 @@ PAIRS.append({"id": "p6", "a": [USER, {"role": "assistant", "content": "Sure: <b
 ITEMS = [{"labels": ["negative", "neutral", "positive"]}] + [
     {"id": f"t{i}", "text": f"Review {i}: <script>alert('x')</script> fine", "text_pair": f"<i>product {i}</i>"}
     for i in range(1, 4)]
-
-
-def _require_browser():
-    if os.path.exists(CHROMIUM):
-        return
-    reason = f"{CHROMIUM} is missing: the labeling page's browser test needs Debian's chromium (apt-get install chromium)"
-    if os.environ.get("LMLAB_REQUIRE_BROWSER"):
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    _require_browser()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM)
-        yield browser
-        browser.close()
 
 
 @contextlib.contextmanager
@@ -121,21 +98,6 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _png_size(path):
-    with open(path, "rb") as f:
-        head = f.read(24)
-    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
-    return struct.unpack(">II", head[16:24])
-
-
-def _save_artifact(path):
-    print(f"labeling page screenshot: {path}")
-    target = os.environ.get("LMLAB_ARTIFACTS")
-    if target:
-        os.makedirs(target, exist_ok=True)
-        print(f"labeling page screenshot copied to: {shutil.copy(path, os.path.join(target, os.path.basename(path)))}")
-
-
 def test_two_annotators_judge_pairs_with_keys_and_clicks_undo_and_resume(browser, tmp_path):
     task_path, out = _write(tmp_path / "pairs.jsonl", PAIRS), tmp_path / "labels"
     # alice, keys: p1 a (1), p2 b (ArrowRight), p3 tie (t); then her server restarts.
@@ -154,8 +116,8 @@ def test_two_annotators_judge_pairs_with_keys_and_clicks_undo_and_resume(browser
         assert watch.shown_item() == "p4"
         path = str(tmp_path / "annotate_page.png")
         page.screenshot(path=path, full_page=True)
-        assert _png_size(path) == (VIEWPORT["width"], VIEWPORT["height"])
-        _save_artifact(path)
+        assert png_size(path) == (VIEWPORT["width"], VIEWPORT["height"])
+        keep_screenshot(path, "labeling page")
         watch.close()
     assert _lines(out / "alice.jsonl") == _expected_lines(task_path, "alice", [("p1", "a"), ("p2", "b"),
                                                                               ("p3", "tie")])

@@ -12,17 +12,15 @@ Without /usr/bin/chromium the test is skipped, or fails where LMLAB_REQUIRE_BROW
 """
 
 import json
-import os
 import re
-import shutil
-import struct
 import time
 import urllib.parse
 import urllib.request
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
+from tests.browser import keep_screenshot, png_size
+
 API_KEY = "page-test-key"
 SYSTEM = "You answer in one short sentence."
 TURNS = ("What does a cache hold?", "And a <b>slot</b>?")  # markup the page must show as text
@@ -42,27 +40,6 @@ RECORD_STATES = """() => {
     if (states[states.length - 1] !== text) states.push(text);
   }).observe(log, {childList: true, subtree: true, characterData: true});
 }"""
-
-
-
-def _require_browser():
-    if os.path.exists(CHROMIUM):
-        return
-    reason = f"{CHROMIUM} is missing: the chat page's browser test needs Debian's chromium (apt-get install chromium)"
-    if os.environ.get("LMLAB_REQUIRE_BROWSER"):
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    _require_browser()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture(scope="module")
@@ -170,22 +147,6 @@ def _metric(base_url, name):
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.split("{")[0].split(" ")[0] == name)
 
 
-def _png_size(path):
-    with open(path, "rb") as f:
-        head = f.read(24)
-    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
-    return struct.unpack(">II", head[16:24])
-
-
-def _save_artifact(path):
-    print(f"chat page screenshot: {path}")
-    target = os.environ.get("LMLAB_ARTIFACTS")
-    if target:
-        os.makedirs(target, exist_ok=True)
-        copy = shutil.copy(path, os.path.join(target, os.path.basename(path)))
-        print(f"chat page screenshot copied to: {copy}")
-
-
 def test_chat_page_streams_the_apis_greedy_answers_and_keeps_the_conversation(browser, server, client, tmp_path):
     watch = PageWatch(browser, server)
     page = watch.page
@@ -227,8 +188,8 @@ def test_chat_page_streams_the_apis_greedy_answers_and_keeps_the_conversation(br
 
     path = str(tmp_path / "chat_page.png")
     page.screenshot(path=path, full_page=True)
-    assert _png_size(path) == (VIEWPORT["width"], VIEWPORT["height"])
-    _save_artifact(path)
+    assert png_size(path) == (VIEWPORT["width"], VIEWPORT["height"])
+    keep_screenshot(path, "chat page")
 
     origin = urllib.parse.urlsplit(server)[:2]
     external = [u for u in watch.urls if urllib.parse.urlsplit(u)[:2] != origin and not u.startswith("data:")]
