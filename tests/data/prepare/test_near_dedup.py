@@ -2,6 +2,7 @@
 deterministically, with 2 workers as with 1; components on long chains; option errors."""
 
 import argparse
+import collections
 import json
 import operator
 
@@ -36,22 +37,11 @@ def make_corpus():
 
 
 def union_find_kept(ids, pairs):
-    parent = {i: i for i in ids}
-
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for a, b in pairs:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    members = {}
-    for i in ids:
-        members.setdefault(find(i), []).append(i)
-    return {min(m) for m in members.values()}, sum(len(m) > 1 for m in members.values())
+    """(kept ids, clusters of 2+) by plain union-find: planted's ground-truth clustering, which shares
+    no code with the Beam stage's large-star/small-star rounds."""
+    labels = planted._cluster_labels(ids, pairs)
+    sizes = collections.Counter(labels.values())
+    return set(sizes), sum(n > 1 for n in sizes.values())
 
 
 def run_dedup(documents, options, out_dir, workers=1):
