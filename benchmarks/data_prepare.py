@@ -119,7 +119,8 @@ def build_corpus(scale: Scale) -> tuple[planted.PlantedCorpus, dict[str, list[st
     rng = np.random.default_rng(SEED + 2)
     texts = planted.base_texts()
     vocab = planted.vocabulary(texts)
-    bases = [d.text for d in corpus.documents if not any(d.id == p.duplicate for p in corpus.pairs)]
+    duplicates = {p.duplicate for p in corpus.pairs}
+    bases = [d.text for d in corpus.documents if d.id not in duplicates]
     edited = [planted.near_duplicate(text, 0.3, corpus.shingle, rng, vocab)[0]
               for _ in range(scale.edited_rounds) for text in bases]
     edited[:scale.pii] = [with_pii(text, i) for i, text in enumerate(edited[:scale.pii])]
@@ -204,7 +205,7 @@ def run_pipelines(inputs: str, tokenizer: str, root: str, scale: Scale) -> dict:
             if label in runs and runs[label]["shards"] != run["shards"]:
                 raise RuntimeError(f"the {label} runs wrote different shards: the pipeline is not deterministic")
             if label not in runs or run["wall_seconds"] < runs[label]["wall_seconds"]:
-                runs[label] = {**run, "repeats": repeat + 1}
+                runs[label] = run
             runs[label]["repeats"] = repeat + 1
     return runs
 

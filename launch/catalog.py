@@ -32,9 +32,6 @@ class Template:
     values: tuple[Value, ...]
     check: Callable[[dict[str, Any]], None] = lambda _: None  # cross-value checks
 
-    def value(self, name: str) -> Value | None:
-        return next((x for x in self.values if x.name == name), None)
-
 
 # Values every SLURM script takes.
 _SLURM = (
@@ -158,7 +155,7 @@ TEMPLATES = {t.path: t for t in (
         "SDK worker-pool sidecar, and a Job that submits the pipeline.",
         _K8S + _PREPARE_FLAGS + (
             Value("name", v.dns_label, "Prefix of every object's name.", "lmlab-prepare"),
-            Value("flink_version", v.word, "Flink's version: Beam's FlinkRunner speaks 1.19, 1.20, 2.0, 2.1, 2.2.",
+            Value("flink_version", v.word, f"Flink's version: Beam's FlinkRunner speaks {', '.join(FLINK_VERSIONS)}.",
                   "1.20"),
             Value("flink_image", v.optional(v.image), "The Flink image (empty: flink:<flink_version>).", ""),
             Value("taskmanagers", v.positive_int, "TaskManager pods."),

@@ -27,12 +27,17 @@ from launch.values import LaunchError
 TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
 
 
+def _did_you_mean(name: str, known) -> str:
+    """'did you mean X? ' for the known name closest to a misspelt one, or ''."""
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"did you mean {close[0]}? " if close else ""
+
+
 def find(path: str) -> catalog.Template:
     """The catalog entry of `path` (e.g. 'slurm/train.sbatch'), or LaunchError listing them."""
     if path not in catalog.TEMPLATES:
-        close = difflib.get_close_matches(path, catalog.TEMPLATES, n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
-        raise LaunchError(f"no launch template {path!r}; {hint}templates: {', '.join(catalog.TEMPLATES)}")
+        raise LaunchError(f"no launch template {path!r}; {_did_you_mean(path, catalog.TEMPLATES)}templates: "
+                          f"{', '.join(catalog.TEMPLATES)}")
     return catalog.TEMPLATES[path]
 
 
@@ -59,9 +64,8 @@ def check_values(template: catalog.Template, given: Mapping[str, str]) -> dict[s
     names = [x.name for x in template.values]
     for key in given:
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"did you mean {close[0]}? " if close else ""
-            raise LaunchError(f"{template.path} has no value {key!r}; {hint}its values: {', '.join(names)}")
+            raise LaunchError(f"{template.path} has no value {key!r}; {_did_you_mean(key, names)}its values: "
+                              f"{', '.join(names)}")
     missing = [x.name for x in template.values if x.default is None and x.name not in given]
     if missing:
         sets = " ".join(f"--set {m}=..." for m in missing)
